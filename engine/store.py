@@ -1,0 +1,594 @@
+"""The results store: training runs and their metric series, on disk.
+
+Layout under the store root::
+
+    index.json                        TinyDB table of run records, shared by all processes
+    index.lock                        FileLock held for every read-modify-write of the index
+    runs/<run_id>/                    per-run directory (checkpoints, logs, metrics)
+    runs/<run_id>/metrics.lock        held by the run's single MetricsWriter
+    runs/<run_id>/metrics/NNNNNN.json metric segments of at most ``segment_points`` points
+
+Every file is written to a temporary file in the same directory, fsynced and then
+``os.replace``-d onto its name, so readers in other processes need no lock and never
+see a half-written file, and a process killed at any instant leaves the old or the
+new contents. The TUI imports this module, so it must not import torch, transformers,
+timm or textual.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+import re
+import secrets
+import shutil
+import socket
+import time
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Literal, get_args
+
+import psutil
+from filelock import FileLock, Timeout
+from tinydb import Query, TinyDB
+from tinydb.storages import Storage
+from tinydb.table import Table
+
+from engine.errors import RunNotFound, StoreError
+
+Stage = Literal["pretrain", "finetune"]
+Status = Literal["created", "running", "finished", "failed", "cancelled", "crashed"]
+STAGES: tuple[str, ...] = get_args(Stage)
+STATUSES: tuple[str, ...] = get_args(Status)
+END_STATUSES: tuple[str, ...] = ("finished", "failed", "cancelled", "crashed")
+
+INDEX_LOCK_TIMEOUT_S = 30.0
+# psutil derives create_time from the boot time, which some kernels report with a
+# one-second jitter; a pid reused within a second of the original start is implausible.
+PID_START_TOLERANCE_S = 1.0
+
+_RUNS_TABLE = "runs"
+_TMP_SUFFIX = ".tmp"
+_SEGMENT_RE = re.compile(r"^(\d{6,})\.json$")
+
+
+def default_root() -> Path:
+    """``$REN_HOME``, else ``$XDG_DATA_HOME/ren``, else ``~/.local/share/ren``."""
+    if ren_home := os.environ.get("REN_HOME"):
+        return Path(ren_home).expanduser()
+    xdg = os.environ.get("XDG_DATA_HOME")
+    base = Path(xdg).expanduser() if xdg else Path.home() / ".local" / "share"
+    return base / "ren"
+
+
+def _reason(exc: OSError) -> str:
+    return exc.strerror or str(exc)
+
+
+def _fsync_dir(directory: Path) -> None:
+    """Make a rename in ``directory`` durable; filesystems that refuse are skipped."""
+    with contextlib.suppress(OSError):
+        fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _atomic_write_json(path: Path, data: Any) -> None:
+    """Replace ``path`` with ``data`` as JSON, all or nothing; OSError becomes StoreError."""
+    text = json.dumps(data, separators=(",", ":"))
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}{_TMP_SUFFIX}")
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        with open(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise StoreError(
+            f"Cannot write {path}: {_reason(exc)}; its previous contents are unchanged."
+        ) from exc
+    _fsync_dir(path.parent)
+
+
+def _read_json(path: Path) -> Any | None:
+    """The parsed contents of ``path``, or None when it does not exist."""
+    try:
+        with open(path, encoding="utf-8") as fh:
+            return json.load(fh)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise StoreError(f"Cannot read {path}: {_reason(exc)}.") from exc
+    except ValueError as exc:
+        raise StoreError(f"Cannot read {path}: it is not valid JSON ({exc}).") from exc
+
+
+def _remove_stale_temps(directory: Path, name: str = "*") -> None:
+    """Delete temp files left by writers killed mid-write; call only while holding the lock."""
+    for tmp in directory.glob(f".{name}.*{_TMP_SUFFIX}"):
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+
+
+class AtomicJSONStorage(Storage):
+    """TinyDB storage that replaces its file atomically on every write.
+
+    The file is opened per call, so several processes may share it (writers must
+    serialise their read-modify-write cycles with a lock). ``read_only`` storages
+    never create or change a file.
+    """
+
+    def __init__(self, path: str | Path, read_only: bool = False) -> None:
+        self.path = Path(path)
+        self.read_only = read_only
+
+    def read(self) -> dict[str, dict[str, Any]] | None:
+        """The whole database, or None when the file does not exist yet."""
+        return _read_json(self.path)
+
+    def write(self, data: dict[str, dict[str, Any]]) -> None:
+        """Atomically replace the file with ``data``."""
+        if self.read_only:
+            raise StoreError(f"Cannot write {self.path}: the store was opened read-only.")
+        _atomic_write_json(self.path, data)
+
+
+def process_start_time(pid: int) -> float | None:
+    """psutil's create_time of ``pid``, or None when no such process exists."""
+    try:
+        return psutil.Process(pid).create_time()
+    except psutil.NoSuchProcess:
+        return None
+
+
+def is_alive(pid: int, started: float | None = None) -> bool:
+    """Whether ``pid`` runs (not a zombie) and, when ``started`` is given, is the same process."""
+    try:
+        proc = psutil.Process(pid)
+        if proc.status() == psutil.STATUS_ZOMBIE:
+            return False
+        return started is None or abs(proc.create_time() - started) < PID_START_TOLERANCE_S
+    except psutil.NoSuchProcess:
+        return False
+    except psutil.AccessDenied:
+        return True
+
+
+@dataclass(frozen=True)
+class RunRecord:
+    """One training run as recorded in the index."""
+
+    id: str
+    name: str
+    stage: Stage
+    kind: str
+    status: Status
+    preset_path: str | None = None
+    config: dict[str, Any] = field(default_factory=dict)
+    tags: tuple[str, ...] = ()
+    notes: str = ""
+    pid: int | None = None
+    pid_started: float | None = None
+    host: str | None = None
+    device: str | None = None
+    created_at: float | None = None
+    started_at: float | None = None
+    ended_at: float | None = None
+    step: int = 0
+    max_steps: int | None = None
+    params: dict[str, Any] = field(default_factory=dict)
+    best_scores: dict[str, float] = field(default_factory=dict)
+    final_scores: dict[str, float] = field(default_factory=dict)
+    error: str | None = None
+    init_from: str | None = None
+
+    @property
+    def duration_s(self) -> float | None:
+        """Seconds from start to end (to now while running); None when unknown."""
+        if self.started_at is None:
+            return None
+        if self.ended_at is not None:
+            return self.ended_at - self.started_at
+        if self.status == "running":
+            return time.time() - self.started_at
+        return None
+
+    def to_doc(self) -> dict[str, Any]:
+        """The JSON-ready document stored in the index."""
+        doc = dataclasses.asdict(self)
+        doc["tags"] = list(self.tags)
+        return doc
+
+    @classmethod
+    def from_doc(cls, doc: Mapping[str, Any]) -> RunRecord:
+        """Build a record from an index document, ignoring keys it does not know."""
+        values = {k: v for k, v in doc.items() if k in _FIELDS}
+        values["tags"] = tuple(values.get("tags", ()))
+        return cls(**values)
+
+
+_FIELDS = frozenset(f.name for f in dataclasses.fields(RunRecord))
+
+
+def _slug(name: str) -> str:
+    slug = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")[:40].strip("-")
+    return slug or "run"
+
+
+def _new_run_id(name: str, created_at: float) -> str:
+    stamp = datetime.fromtimestamp(created_at, tz=timezone.utc).strftime("%Y%m%d-%H%M%S")
+    return f"{stamp}-{_slug(name)}-{secrets.token_hex(2)}"
+
+
+def _as_tags(tags: Iterable[str]) -> tuple[str, ...]:
+    if isinstance(tags, str):
+        raise TypeError(f"tags must be a sequence of strings, not the string {tags!r}.")
+    return tuple(tags)
+
+
+def _check_fields(fields: dict[str, Any]) -> dict[str, Any]:
+    """Validate ``update_run`` fields; returns them with tags normalised to a tuple."""
+    unknown = sorted(set(fields) - _FIELDS)
+    if unknown:
+        raise ValueError(
+            f"Unknown run field(s) {', '.join(unknown)}; known fields: {', '.join(sorted(_FIELDS))}."
+        )
+    if "id" in fields:
+        raise ValueError("A run's id cannot be changed.")
+    if "stage" in fields and fields["stage"] not in STAGES:
+        raise ValueError(f"Unknown stage {fields['stage']!r}; expected one of {', '.join(STAGES)}.")
+    if "status" in fields and fields["status"] not in STATUSES:
+        raise ValueError(
+            f"Unknown status {fields['status']!r}; expected one of {', '.join(STATUSES)}."
+        )
+    if "tags" in fields:
+        return {**fields, "tags": _as_tags(fields["tags"])}
+    return fields
+
+
+def _segment_path(metrics_dir: Path, index: int) -> Path:
+    return metrics_dir / f"{index:06d}.json"
+
+
+def _segment_indices(metrics_dir: Path) -> list[int]:
+    try:
+        names = os.listdir(metrics_dir)
+    except FileNotFoundError:
+        return []
+    except OSError as exc:
+        raise StoreError(f"Cannot list {metrics_dir}: {_reason(exc)}.") from exc
+    return sorted(int(m.group(1)) for name in names if (m := _SEGMENT_RE.match(name)))
+
+
+def _read_segment(path: Path) -> list[dict[str, Any]]:
+    data = _read_json(path)
+    if data is None:
+        return []
+    if not isinstance(data, dict) or not isinstance(data.get("points"), list):
+        raise StoreError(f"Cannot read {path}: it is not a metrics segment.")
+    return data["points"]
+
+
+def _read_points(metrics_dir: Path) -> list[dict[str, Any]]:
+    """All flushed points in order.
+
+    Segments are filled in order and a new one appears only once the previous one is
+    full, so a listing taken mid-flush still yields a prefix of the series.
+    """
+    points: list[dict[str, Any]] = []
+    for index in _segment_indices(metrics_dir):
+        points.extend(_read_segment(_segment_path(metrics_dir, index)))
+    return points
+
+
+class MetricsWriter:
+    """The single writer of one run's metric series.
+
+    Points are buffered in memory and flushed every ``flush_every_s`` seconds (checked
+    on ``log``), on ``flush()``, ``close()`` and context-manager exit. A flush rewrites
+    only the last, partly filled segment and adds new ones, so its cost is bounded by
+    ``segment_points``. Opening a writer on a run with metrics appends after them.
+    """
+
+    def __init__(self, run_dir: Path, *, flush_every_s: float = 2.0, segment_points: int = 5000) -> None:
+        if segment_points < 1:
+            raise ValueError(f"segment_points must be at least 1, got {segment_points}.")
+        if flush_every_s < 0:
+            raise ValueError(f"flush_every_s must not be negative, got {flush_every_s}.")
+        self.run_id = run_dir.name
+        self.metrics_dir = run_dir / "metrics"
+        self.flush_every_s = flush_every_s
+        self.segment_points = segment_points
+        lock_path = run_dir / "metrics.lock"
+        # Not thread-local: the writer may be closed by another thread than opened it.
+        self._lock = FileLock(lock_path, thread_local=False)
+        try:
+            self.metrics_dir.mkdir(parents=True, exist_ok=True)
+            self._lock.acquire(blocking=False)
+        except Timeout as exc:
+            raise StoreError(
+                f"Run {self.run_id} already has a metrics writer: {lock_path} is held by "
+                "another process or by a writer that was not closed."
+            ) from exc
+        except OSError as exc:
+            raise StoreError(f"Cannot open metrics of run {self.run_id}: {_reason(exc)}.") from exc
+        try:
+            _remove_stale_temps(self.metrics_dir)
+            self._segment, self._points = self._resume_segment()
+        except BaseException:
+            self._lock.release()
+            raise
+        self._pending: list[dict[str, Any]] = []
+        self._last_flush = time.monotonic()
+        self._closed = False
+
+    def _resume_segment(self) -> tuple[int, list[dict[str, Any]]]:
+        """The segment to append to and the points already in it."""
+        indices = _segment_indices(self.metrics_dir)
+        if not indices:
+            return 0, []
+        last = indices[-1]
+        points = _read_segment(_segment_path(self.metrics_dir, last))
+        if len(points) >= self.segment_points:
+            return last + 1, []
+        return last, points
+
+    def log(self, step: int, **values: float) -> None:
+        """Buffer one point; flush when ``flush_every_s`` has passed since the last flush."""
+        if self._closed:
+            raise ValueError(f"The metrics writer of run {self.run_id} is closed.")
+        if "time" in values:
+            raise ValueError("'time' is recorded with every point; give the metric another name.")
+        point: dict[str, Any] = {"step": int(step), "time": time.time()}
+        point.update((key, float(value)) for key, value in values.items())
+        self._pending.append(point)
+        if time.monotonic() - self._last_flush >= self.flush_every_s:
+            self.flush()
+
+    def flush(self) -> None:
+        """Write buffered points; on StoreError the unwritten points stay buffered."""
+        while self._pending:
+            room = self.segment_points - len(self._points)
+            points = self._points + self._pending[:room]
+            _atomic_write_json(_segment_path(self.metrics_dir, self._segment), {"points": points})
+            self._pending = self._pending[room:]
+            if len(points) >= self.segment_points:
+                self._segment, self._points = self._segment + 1, []
+            else:
+                self._points = points
+        self._last_flush = time.monotonic()
+
+    def close(self) -> None:
+        """Flush and release the run's writer lock; closing twice is harmless."""
+        if self._closed:
+            return
+        try:
+            self.flush()
+        finally:
+            self._closed = True
+            self._lock.release()
+
+    def __enter__(self) -> MetricsWriter:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+class Store:
+    """Façade over the run index and the per-run directories.
+
+    Reads take no lock; every read-modify-write of the index holds ``index.lock``.
+    Records of runs that are "running" on this host but whose process is gone are
+    reported as "crashed" (the index itself is not changed by a read).
+    """
+
+    def __init__(self, root: Path | str | None = None, *, read_only: bool = False) -> None:
+        self.root = Path(root).expanduser() if root is not None else default_root()
+        self.read_only = read_only
+        self.index_path = self.root / "index.json"
+        self._lock = FileLock(self.root / "index.lock", timeout=INDEX_LOCK_TIMEOUT_S)
+        if not read_only:
+            try:
+                (self.root / "runs").mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise StoreError(f"Cannot create the store at {self.root}: {_reason(exc)}.") from exc
+
+    def _table(self) -> Table:
+        db = TinyDB(self.index_path, storage=AtomicJSONStorage, read_only=self.read_only)
+        return db.table(_RUNS_TABLE)
+
+    def _check_writable(self) -> None:
+        if self.read_only:
+            raise StoreError(f"The store at {self.root} was opened read-only.")
+
+    @contextlib.contextmanager
+    def _locked_table(self) -> Iterator[Table]:
+        """The runs table, read fresh, while holding the index lock."""
+        self._check_writable()
+        try:
+            self._lock.acquire()
+        except Timeout as exc:
+            raise StoreError(
+                f"Waited {INDEX_LOCK_TIMEOUT_S:.0f} s for {self._lock.lock_file}; "
+                "another ren process is holding it."
+            ) from exc
+        except OSError as exc:
+            raise StoreError(f"Cannot lock {self._lock.lock_file}: {_reason(exc)}.") from exc
+        try:
+            _remove_stale_temps(self.root, self.index_path.name)
+            yield self._table()
+        finally:
+            self._lock.release()
+
+    def _find(self, docs: list[dict[str, Any]], key: str) -> RunRecord:
+        """The record whose id is ``key`` or, failing that, the only one starting with it."""
+        for doc in docs:
+            if doc.get("id") == key:
+                return RunRecord.from_doc(doc)
+        matches = [doc for doc in docs if key and str(doc.get("id", "")).startswith(key)]
+        if len(matches) == 1:
+            return RunRecord.from_doc(matches[0])
+        if not matches:
+            raise RunNotFound(
+                f"No run with id {key!r} in the store at {self.root}; `ren runs` lists the runs."
+            )
+        ids = sorted(str(doc["id"]) for doc in matches)
+        raise RunNotFound(
+            f"The id prefix {key!r} matches {len(ids)} runs ({', '.join(ids)}); "
+            "give more of the id (`ren runs` lists them)."
+        )
+
+    def _report(self, record: RunRecord) -> RunRecord:
+        """The record as it should be shown: a vanished local process means "crashed"."""
+        if (
+            record.status == "running"
+            and record.pid is not None
+            and record.host == socket.gethostname()
+            and not is_alive(record.pid, record.pid_started)
+        ):
+            return dataclasses.replace(record, status="crashed")
+        return record
+
+    def _run_path(self, run_id: str) -> Path:
+        return self.root / "runs" / run_id
+
+    def create_run(
+        self,
+        *,
+        name: str,
+        stage: Stage,
+        kind: str,
+        config: Mapping[str, Any],
+        preset_path: str | None = None,
+        tags: Iterable[str] = (),
+        notes: str = "",
+        max_steps: int | None = None,
+        init_from: str | None = None,
+    ) -> RunRecord:
+        """Record a new run with status "created" and make its directory."""
+        if stage not in STAGES:
+            raise ValueError(f"Unknown stage {stage!r}; expected one of {', '.join(STAGES)}.")
+        created_at = time.time()
+        with self._locked_table() as table:
+            taken = {doc.get("id") for doc in table.all()}
+            run_id = _new_run_id(name, created_at)
+            while run_id in taken:
+                run_id = _new_run_id(name, created_at)
+            record = RunRecord(
+                id=run_id,
+                name=name,
+                stage=stage,
+                kind=kind,
+                status="created",
+                preset_path=preset_path,
+                config=dict(config),
+                tags=_as_tags(tags),
+                notes=notes,
+                created_at=created_at,
+                max_steps=max_steps,
+                init_from=init_from,
+            )
+            try:
+                self._run_path(run_id).mkdir(parents=True)
+            except OSError as exc:
+                raise StoreError(
+                    f"Cannot create {self._run_path(run_id)}: {_reason(exc)}."
+                ) from exc
+            table.insert(record.to_doc())
+        return record
+
+    def get_run(self, run_id: str) -> RunRecord:
+        """The run with this id or unique id prefix; RunNotFound otherwise."""
+        return self._report(self._find(self._table().all(), run_id))
+
+    def list_runs(self) -> list[RunRecord]:
+        """All runs, newest first."""
+        records = [self._report(RunRecord.from_doc(doc)) for doc in self._table().all()]
+        return sorted(records, key=lambda r: (r.created_at or 0.0, r.id), reverse=True)
+
+    def update_run(self, run_id: str, **fields: Any) -> RunRecord:
+        """Set record fields; an unknown field name raises ValueError."""
+        fields = _check_fields(fields)
+        with self._locked_table() as table:
+            record = dataclasses.replace(self._find(table.all(), run_id), **fields)
+            table.update(record.to_doc(), Query().id == record.id)
+        return self._report(record)
+
+    def mark_running(self, run_id: str, *, pid: int, host: str, device: str) -> RunRecord:
+        """Record that process ``pid`` on ``host`` is now training the run."""
+        return self.update_run(
+            run_id,
+            status="running",
+            pid=pid,
+            pid_started=process_start_time(pid),
+            host=host,
+            device=device,
+            started_at=time.time(),
+            ended_at=None,
+            error=None,
+        )
+
+    def mark_ended(self, run_id: str, status: Status, error: str | None = None) -> RunRecord:
+        """Record the end of the run with a terminal status."""
+        if status not in END_STATUSES:
+            raise ValueError(
+                f"{status!r} is not an end status; expected one of {', '.join(END_STATUSES)}."
+            )
+        return self.update_run(run_id, status=status, error=error, ended_at=time.time())
+
+    def delete_run(self, run_id: str) -> None:
+        """Remove the record and the run directory; refuses a run that is still running."""
+        with self._locked_table() as table:
+            record = self._report(self._find(table.all(), run_id))
+            if record.status == "running":
+                raise StoreError(
+                    f"Run {record.id} is still running (pid {record.pid} on {record.host}); "
+                    "stop it before deleting it."
+                )
+            table.remove(Query().id == record.id)
+        path = self._run_path(record.id)
+        try:
+            shutil.rmtree(path)
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            raise StoreError(
+                f"Removed run {record.id} from the index but cannot delete {path}: {_reason(exc)}."
+            ) from exc
+
+    def run_dir(self, run_id: str) -> Path:
+        """The directory of the run with this id or unique id prefix."""
+        return self._run_path(self._find(self._table().all(), run_id).id)
+
+    def metrics_writer(
+        self, run_id: str, flush_every_s: float = 2.0, segment_points: int = 5000
+    ) -> MetricsWriter:
+        """The run's single metrics writer; StoreError if another one is open."""
+        self._check_writable()
+        return MetricsWriter(
+            self.run_dir(run_id), flush_every_s=flush_every_s, segment_points=segment_points
+        )
+
+    def read_metrics(self, run_id: str) -> list[dict[str, Any]]:
+        """Every flushed point in order: dicts with "step", "time" and the logged keys."""
+        return _read_points(self.run_dir(run_id) / "metrics")
+
+    def series(self, run_id: str, key: str) -> list[tuple[int, float]]:
+        """``(step, value)`` for the points that have ``key``."""
+        return [(p["step"], p[key]) for p in self.read_metrics(run_id) if key in p]
