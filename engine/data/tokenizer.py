@@ -1,0 +1,99 @@
+"""Tokenizers: a word-level one built from a corpus, and pretrained ones loaded offline."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+
+from tokenizers import Tokenizer, normalizers, pre_tokenizers, processors
+from tokenizers.models import WordLevel
+from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
+
+from engine.errors import ModelLoadError
+
+PAD, UNK, CLS, SEP, MASK = "[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"
+SPECIAL_TOKENS = (PAD, UNK, CLS, SEP, MASK)
+
+
+def build_word_tokenizer(texts: Iterable[str], *, lowercase: bool = True) -> PreTrainedTokenizerFast:
+    """Build a word-level fast tokenizer whose vocabulary is every word in ``texts``.
+
+    Text is (optionally) lowercased and split on whitespace and punctuation;
+    each word or punctuation mark is one token. Ids: [PAD]=0, [UNK]=1,
+    [CLS]=2, [SEP]=3, [MASK]=4, then the words in sorted order. Encoding adds
+    ``[CLS] ... [SEP]`` (``[CLS] a [SEP] b [SEP]`` for pairs), like BERT.
+    """
+    pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation(behavior="isolated")]
+    )
+    normalizer = normalizers.Lowercase() if lowercase else None
+    words: set[str] = set()
+    for text in texts:
+        normalized = normalizer.normalize_str(text) if normalizer else text
+        words.update(word for word, _ in pre_tokenizer.pre_tokenize_str(normalized))
+    vocab = {token: index for index, token in enumerate(SPECIAL_TOKENS)}
+    for word in sorted(words - set(SPECIAL_TOKENS)):
+        vocab[word] = len(vocab)
+
+    tokenizer = Tokenizer(WordLevel(vocab, unk_token=UNK))
+    if normalizer:
+        tokenizer.normalizer = normalizer
+    tokenizer.pre_tokenizer = pre_tokenizer
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single=f"{CLS} $A {SEP}",
+        pair=f"{CLS} $A {SEP} $B:1 {SEP}:1",
+        special_tokens=[(CLS, vocab[CLS]), (SEP, vocab[SEP])],
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer,
+        pad_token=PAD,
+        unk_token=UNK,
+        cls_token=CLS,
+        sep_token=SEP,
+        mask_token=MASK,
+        padding_side="right",
+        clean_up_tokenization_spaces=True,
+    )
+
+
+def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
+    """Load a fast tokenizer from a Hugging Face Hub id or a local directory.
+
+    Raises:
+        ModelLoadError: The tokenizer cannot be loaded (hub unreachable or no
+            such model, directory missing or incomplete) or has no fast version.
+    """
+    local = Path(name_or_path).expanduser()
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(local) if local.is_dir() else name_or_path, use_fast=True)
+    except (OSError, ValueError) as error:
+        raise ModelLoadError(_load_failure(name_or_path, local, error)) from error
+    if not tokenizer.is_fast:
+        raise ModelLoadError(
+            f"The tokenizer {name_or_path!r} has no fast (Rust) version, which whole-word masking "
+            "needs (word_ids()); choose a model whose tokenizer ships a tokenizer.json."
+        )
+    return tokenizer
+
+
+def _load_failure(name_or_path: str, local: Path, error: Exception) -> str:
+    """The one-paragraph message for a tokenizer that could not be loaded."""
+    cause = " ".join(str(error).split())
+    fix = 'point the preset at a local directory holding it, e.g. model.text.name = "/path/to/dir"'
+    if local.is_dir():
+        return (
+            f"Could not load the tokenizer {name_or_path!r}: the directory {local} exists but holds no "
+            f"loadable tokenizer ({cause}). It needs the files save_pretrained() writes "
+            f"(tokenizer.json, tokenizer_config.json); {fix}."
+        )
+    if name_or_path.startswith(("/", ".", "~")) or name_or_path.count("/") > 1 or "\\" in name_or_path:
+        return (
+            f"Could not load the tokenizer {name_or_path!r}: the directory {local} does not exist. "
+            f"Check the path, or {fix}."
+        )
+    return (
+        f"Could not load the tokenizer {name_or_path!r}: it is not a local directory, and the "
+        f"Hugging Face Hub could not be reached or has no such model ({cause}). To work offline, "
+        f"download it once where the network is available (e.g. `hf download {name_or_path} "
+        f"--local-dir /path/to/dir`) and {fix}."
+    )
