@@ -1,0 +1,189 @@
+"""The work behind each ``ren`` command. Only the store façade touches run data."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import tomli_w
+from rich.console import Console
+from rich.table import Table
+
+from engine.config import RunConfig, config_from_dict, load_preset
+from engine.errors import RenError
+from engine.store import RunRecord, Store
+
+console = Console()
+
+
+def run(preset: Path | None, overrides: list[str], *, resume: str | None, name: str | None, gpus: int) -> None:
+    store = Store()
+    if resume:
+        if preset is not None or overrides:
+            raise RenError("--resume continues a stored run with its stored config; drop the preset and --set.")
+        record = store.get_run(resume)
+        if record.status == "running":
+            raise RenError(f"run {record.id} is still running (pid {record.pid}); stop it before resuming.")
+        cfg = config_from_dict(record.config, source=f"run {record.id}")
+        console.print(f"resuming [bold]{record.id}[/] from step {record.step}")
+    else:
+        if preset is None:
+            raise RenError("give a preset file (e.g. `ren run presets/quickstart.toml`) or --resume RUN_ID.")
+        if name:
+            overrides = [*overrides, f"run.name={json.dumps(name)}"]
+        cfg = load_preset(preset, overrides)
+        record = store.create_run(
+            name=cfg.run.name, stage=cfg.stage, kind=cfg.model.kind, config=cfg.to_dict(),
+            preset_path=str(preset), tags=cfg.run.tags, notes=cfg.run.notes,
+            max_steps=cfg.train.max_steps, init_from=cfg.train.init_from,
+        )
+        run_dir = store.run_dir(record.id)
+        (run_dir / "config.toml").write_text(tomli_w.dumps(cfg.to_dict()))
+        console.print(f"run [bold]{record.id}[/] ({cfg.stage}, {cfg.model.kind}) in {run_dir}")
+    if gpus > 1:
+        _launch_distributed(record.id, gpus, resume=bool(resume))
+    else:
+        from engine.cli.progress import make_reporter
+        from engine.train import train
+
+        t0 = time.time()
+        scores = train(cfg, store, record.id, resume=bool(resume), reporter=make_reporter(console))
+        final = store.get_run(record.id)
+        console.print(
+            f"[bold]{final.status}[/] {final.id} in {time.time() - t0:.0f}s"
+            + ("".join(f"  {k} {v:.4f}" for k, v in scores.items() if k != "eval_samples"))
+        )
+
+
+def _launch_distributed(run_id: str, gpus: int, *, resume: bool) -> None:
+    launcher = shutil.which("accelerate")
+    if launcher is None:
+        raise RenError("--gpus > 1 needs the `accelerate` command on PATH (pip install accelerate).")
+    cmd = [launcher, "launch", "--num_processes", str(gpus), "-m", "engine.train", run_id]
+    if resume:
+        cmd.append("--resume")
+    console.print(" ".join(cmd))
+    code = subprocess.call(cmd, env={**os.environ})
+    if code:
+        sys.exit(code)
+
+
+def validate(preset: Path, overrides: list[str], *, as_json: bool, all_groups: bool) -> None:
+    cfg = load_preset(preset, overrides)
+    summary = model_summary(cfg)
+    if as_json:
+        print(json.dumps({"config": cfg.to_dict(), "params": summary}, indent=2))
+        return
+    console.print(f"[bold]{preset}[/]: valid ({cfg.stage}, {cfg.model.kind})\n")
+    console.print(tomli_w.dumps(cfg.to_dict()), highlight=False, markup=False)
+    _print_params(summary, all_groups)
+
+
+def model_summary(cfg: RunConfig) -> dict:
+    """Parameter report of the preset's model, built on the meta device (no weights
+    are allocated or downloaded; pretrained towers need only their config)."""
+    import torch
+
+    from engine.data.pipeline import build_tokenizer, num_answers
+    from engine.freeze import apply_freeze
+    from engine.models import build_model
+
+    tokenizer = build_tokenizer(cfg)
+    with torch.device("meta"):
+        model = build_model(_as_random(cfg), vocab_size=len(tokenizer), num_answers=num_answers(cfg))
+    return apply_freeze(model, cfg.freeze).to_dict()
+
+
+def _as_random(cfg: RunConfig) -> RunConfig:
+    """The same architecture with pretrained towers switched to random init."""
+    raw = cfg.to_dict()
+    for tower in ("backbone", "text", "vision"):
+        section = raw["model"].get(tower)
+        if section and section.get("source") == "pretrained":
+            section["source"] = "random"
+    return config_from_dict(raw)
+
+
+def _print_params(summary: dict, all_groups: bool) -> None:
+    table = Table(title="parameters", show_edge=False)
+    for col in ("group", "total", "trainable", "frozen"):
+        table.add_column(col, justify="left" if col == "group" else "right")
+    rows: dict[str, list[int]] = {}
+    for name, g in summary["groups"].items():
+        key = name if all_groups else _collapse(name)
+        row = rows.setdefault(key, [0, 0])
+        row[0] += g["total"]
+        row[1] += g["trainable"]
+    for key, (total, trainable) in rows.items():
+        table.add_row(key, f"{total:,}", f"{trainable:,}", f"{total - trainable:,}")
+    table.add_row("[bold]all", f"[bold]{summary['total']:,}", f"[bold]{summary['trainable']:,}",
+                  f"[bold]{summary['frozen']:,}")
+    console.print(table)
+
+
+def _collapse(name: str) -> str:
+    """``text.layers[3]`` -> ``text.layers[*]`` for the compact table."""
+    head, sep, _ = name.partition("[")
+    return f"{head}[*]" if sep else name
+
+
+def list_runs(limit: int) -> None:
+    records = Store().list_runs()[:limit]
+    if not records:
+        console.print("no runs yet: try `ren run presets/quickstart.toml`")
+        return
+    table = Table(show_edge=False)
+    for col in ("id", "name", "stage", "status", "steps", "best", "duration"):
+        table.add_column(col)
+    for r in records:
+        table.add_row(r.id, r.name, r.stage, _status(r), _steps(r), _scores(r.best_scores), _duration(r))
+    console.print(table)
+
+
+def show(run_id: str) -> None:
+    store = Store()
+    r = store.get_run(run_id)
+    console.print(f"[bold]{r.id}[/]  {r.name}  {r.stage}/{r.kind}  {_status(r)}")
+    console.print(f"steps {_steps(r)}  duration {_duration(r)}  device {r.device or '-'}  host {r.host or '-'}")
+    if r.tags:
+        console.print("tags: " + ", ".join(r.tags))
+    if r.error:
+        console.print(f"[red]error:[/] {r.error}")
+    if r.params:
+        _print_params(r.params, all_groups=False)
+    if r.best_scores or r.final_scores:
+        console.print(f"best: {_scores(r.best_scores)}   final: {_scores(r.final_scores)}")
+    points = store.read_metrics(r.id)
+    train_points = [p for p in points if "loss" in p]
+    if train_points:
+        last = train_points[-1]
+        console.print("last logged: " + "  ".join(
+            f"{k} {v:.4g}" for k, v in last.items() if k not in ("time",) and isinstance(v, (int, float))))
+    console.print(f"\nrun directory: {store.run_dir(r.id)}\nconfig:")
+    console.print(tomli_w.dumps(r.config), highlight=False, markup=False)
+
+
+def _status(r: RunRecord) -> str:
+    colour = {"finished": "green", "running": "cyan", "failed": "red", "crashed": "red",
+              "cancelled": "yellow"}.get(r.status, "white")
+    return f"[{colour}]{r.status}[/]"
+
+
+def _steps(r: RunRecord) -> str:
+    return f"{r.step}/{r.max_steps}" if r.max_steps else str(r.step)
+
+
+def _scores(scores: dict[str, float]) -> str:
+    return ", ".join(f"{k.removeprefix('eval/')} {v:.4f}" for k, v in scores.items()) or "-"
+
+
+def _duration(r: RunRecord) -> str:
+    d = r.duration_s
+    if d is None:
+        return "-"
+    return f"{int(d // 3600)}h{int(d % 3600 // 60):02d}m" if d >= 3600 else f"{int(d // 60)}m{int(d % 60):02d}s"

@@ -1,0 +1,575 @@
+"""Presets: TOML files turned into one frozen, validated run config.
+
+A preset is read with :mod:`tomllib`, merged over the preset it ``extends``,
+patched with ``--set key=value`` overrides and validated into :class:`RunConfig`.
+Every section forbids unknown keys, and the architecture kind is a tagged
+choice, so a key that does not apply to the chosen kind is an error rather
+than silently ignored. All errors are :class:`~engine.errors.ConfigError`
+with a message that names the key and, where it can, suggests the fix.
+
+This module imports neither torch nor transformers.
+"""
+
+from __future__ import annotations
+
+import difflib
+import tomllib
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from engine.errors import ConfigError
+
+# ----------------------------------------------------------------------------
+# Schema
+# ----------------------------------------------------------------------------
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+_MANUAL_ONLY = ("hidden_size", "layers", "heads", "mlp_ratio", "patch_size")
+
+
+class _Tower(_Section):
+    source: Literal["manual", "pretrained", "random"] = "manual"
+    """``manual``: sized by the keys below, random init, no download.
+    ``pretrained``: weights from ``name`` (a hub id or a local directory).
+    ``random``: the architecture of ``name``'s config, randomly initialised."""
+    name: str | None = None
+    """Hub id or local directory (HF format) for ``pretrained``/``random``."""
+    hidden_size: int = Field(128, ge=8, le=16384)
+    layers: int = Field(2, ge=0, le=128)
+    heads: int = Field(4, ge=1, le=256)
+    mlp_ratio: float = Field(4.0, gt=0, le=16)
+    dropout: float = Field(0.0, ge=0, lt=1)
+    """Dropout inside the tower (all sources)."""
+    gradient_checkpointing: bool = False
+
+    @model_validator(mode="after")
+    def _source_consistency(self) -> "_Tower":
+        if self.source == "manual":
+            if self.name is not None and not self._allows_manual_name():
+                raise ValueError(
+                    "'name' only applies when source is 'pretrained' or 'random'; "
+                    "remove it or set source = \"pretrained\""
+                )
+            if self.hidden_size % self.heads:
+                raise ValueError(
+                    f"hidden_size ({self.hidden_size}) must be divisible by heads ({self.heads})"
+                )
+        else:
+            if not self.name:
+                raise ValueError(
+                    f"source = {self.source!r} needs 'name': a hub id such as "
+                    "\"google/electra-small-discriminator\" or a local model directory"
+                )
+            sized = sorted(set(self.model_fields_set) & set(_MANUAL_ONLY))
+            if sized:
+                raise ValueError(
+                    f"{', '.join(sized)} only appl{'ies' if len(sized) == 1 else 'y'} when "
+                    f"source = \"manual\"; the size of {self.name!r} comes from its config"
+                )
+        return self
+
+    def _allows_manual_name(self) -> bool:
+        return False
+
+
+class TextTower(_Tower):
+    """A text encoder (BERT, ELECTRA, RoBERTa, ... or a manual BERT-style stack)."""
+
+    max_positions: int = Field(64, ge=8, le=8192)
+    """Manual towers only: size of the position table (>= data.max_text_len)."""
+
+
+class VisionTower(_Tower):
+    """A vision encoder: a HF vision model (ViT, DeiT, ...) or any timm model."""
+
+    library: Literal["hf", "timm"] = "hf"
+    """``timm`` builds ``name`` with timm.create_model (CNNs included: their last
+    feature map becomes a token sequence)."""
+    patch_size: int = Field(16, ge=1, le=64)
+    image_size: int = Field(224, ge=8, le=2048)
+    """Input resolution. For pretrained towers this sets the data resolution;
+    position embeddings are interpolated when it differs from the checkpoint."""
+
+    def _allows_manual_name(self) -> bool:
+        return False
+
+    @model_validator(mode="after")
+    def _timm_source(self) -> "VisionTower":
+        if self.library == "timm" and self.source == "manual":
+            raise ValueError(
+                "library = \"timm\" needs source = \"pretrained\" or \"random\" and a timm "
+                "model name (e.g. name = \"resnet18\")"
+            )
+        if self.image_size % self.patch_size and self.source == "manual":
+            raise ValueError(
+                f"image_size ({self.image_size}) must be a multiple of patch_size ({self.patch_size})"
+            )
+        return self
+
+
+class Backbone(_Tower):
+    """The single shared encoder of a one-tower model.
+
+    ``modality`` says which modality the backbone was built for: its own
+    embeddings are kept for that modality and a fresh embedding is added for
+    the other. For pretrained/random backbones it is read from the config.
+    """
+
+    modality: Literal["text", "vision"] | None = None
+    patch_size: int = Field(16, ge=1, le=64)
+    """Patch size of the image embedding (fresh for text backbones; must match a
+    vision backbone's own patch size when given)."""
+    image_size: int = Field(224, ge=8, le=2048)
+    max_text_positions: int = Field(64, ge=8, le=8192)
+    """Size of the text position table when the text embedding is fresh."""
+
+    @model_validator(mode="after")
+    def _manual_modality(self) -> "Backbone":
+        if self.source == "manual" and self.modality is None:
+            object.__setattr__(self, "modality", "text")
+        if self.image_size % self.patch_size:
+            raise ValueError(
+                f"image_size ({self.image_size}) must be a multiple of patch_size ({self.patch_size})"
+            )
+        return self
+
+
+class Fusion(_Section):
+    """Co-attention fusion layers (METER-style): each layer runs self-attention,
+    cross-attention to the other modality and an MLP, for both streams."""
+
+    layers: int = Field(2, ge=1, le=48)
+    hidden_size: int = Field(256, ge=8, le=16384)
+    heads: int = Field(4, ge=1, le=256)
+    mlp_ratio: float = Field(4.0, gt=0, le=16)
+    dropout: float = Field(0.1, ge=0, lt=1)
+
+    @model_validator(mode="after")
+    def _divisible(self) -> "Fusion":
+        if self.hidden_size % self.heads:
+            raise ValueError(
+                f"hidden_size ({self.hidden_size}) must be divisible by heads ({self.heads})"
+            )
+        return self
+
+
+class OneTowerModel(_Section):
+    """ViLT-style single stream: [text tokens ; image patches] through one encoder."""
+
+    kind: Literal["one_tower"]
+    backbone: Backbone = Backbone()
+    pooler: Literal["single", "double"] = "single"
+    """``single``: the first (text CLS) token; ``double``: text CLS and image CLS concatenated."""
+
+
+class TwoTowerModel(_Section):
+    """METER-style: a text tower and a vision tower joined by co-attention fusion."""
+
+    kind: Literal["two_tower"]
+    text: TextTower = TextTower()
+    vision: VisionTower = VisionTower()
+    fusion: Fusion = Fusion()
+    pooler: Literal["double"] = "double"
+
+
+class DualEncoderModel(_Section):
+    """CLIP-style: two towers with projection heads, compared by cosine similarity."""
+
+    kind: Literal["dual_encoder"]
+    text: TextTower = TextTower()
+    vision: VisionTower = VisionTower()
+    projection_dim: int = Field(256, ge=8, le=8192)
+
+
+ModelConfig = Annotated[
+    Union[OneTowerModel, TwoTowerModel, DualEncoderModel], Field(discriminator="kind")
+]
+MODEL_KINDS = {"one_tower": OneTowerModel, "two_tower": TwoTowerModel, "dual_encoder": DualEncoderModel}
+
+
+class FreezeConfig(_Section):
+    """Which parameter groups are frozen. Patterns match group names produced by
+    the builder (``ren validate`` lists them), e.g. ``"vision.*"``,
+    ``"text.layers[0:6]"``, ``"backbone.embeddings"``."""
+
+    groups: tuple[str, ...] = ()
+    unfreeze: tuple[str, ...] = ()
+    """Exceptions to ``groups`` (applied after it)."""
+
+
+class MLMObjective(_Section):
+    weight: float = Field(1.0, ge=0)
+    mask_prob: float = Field(0.15, gt=0, lt=1)
+    whole_word: bool = True
+
+
+class ITMObjective(_Section):
+    weight: float = Field(1.0, ge=0)
+    negative_ratio: float = Field(0.5, gt=0, lt=1)
+    """Share of pairs in a batch whose image is replaced by another image."""
+
+
+class ITCObjective(_Section):
+    weight: float = Field(1.0, ge=0)
+    temperature: float = Field(0.07, gt=0, le=10)
+    learn_temperature: bool = True
+
+
+class Objectives(_Section):
+    """Pretraining objectives; the loss is the weighted sum of the enabled ones."""
+
+    mlm: MLMObjective | None = None
+    itm: ITMObjective | None = None
+    itc: ITCObjective | None = None
+
+    @model_validator(mode="after")
+    def _at_least_one(self) -> "Objectives":
+        if not (self.mlm or self.itm or self.itc):
+            raise ValueError(
+                "enable at least one objective, e.g. [objectives.mlm] or [objectives.itm]"
+            )
+        return self
+
+
+class TaskConfig(_Section):
+    """A downstream task to finetune and evaluate on."""
+
+    name: Literal["vqa"] = "vqa"
+    head_hidden_mult: float = Field(2.0, gt=0, le=8)
+    """Width of the task head's hidden layer, in units of the pooled feature size."""
+
+
+class DataConfig(_Section):
+    dataset: Literal["easy_vqa"] = "easy_vqa"
+    """``easy_vqa``: the embedded default (VQA for tasks, derived captions for pretraining)."""
+    tokenizer: str = "auto"
+    """``auto``: the text backbone's own tokenizer when it is pretrained, else a
+    word-level tokenizer built from the data set's text. Or a hub id / directory."""
+    max_text_len: int = Field(40, ge=4, le=4096)
+    eval_split: Literal["test"] = "test"
+    eval_max_samples: int | None = Field(None, ge=1)
+    """Evaluate on the first N samples of the eval split during training (the
+    final evaluation always uses the whole split)."""
+    cache_dir: str | None = None
+    """Where decoded images are cached; default ``$REN_HOME/cache``."""
+
+
+class OptimConfig(_Section):
+    lr: float = Field(1e-4, gt=0, le=10)
+    weight_decay: float = Field(0.01, ge=0, le=1)
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = Field(1e-8, gt=0, le=1)
+    schedule: Literal["linear", "cosine", "constant"] = "linear"
+    warmup_ratio: float = Field(0.1, ge=0, lt=1)
+    """Share of the optimizer steps spent warming up linearly from 0."""
+    head_lr_mult: float = Field(1.0, gt=0, le=1000)
+    fusion_lr_mult: float = Field(1.0, gt=0, le=1000)
+    grad_clip: float | None = Field(1.0, gt=0)
+
+
+class TrainConfig(_Section):
+    max_steps: int = Field(1000, ge=1)
+    """Optimizer steps."""
+    batch_size: int = Field(64, ge=1)
+    """Global batch size (samples per optimizer step, over all processes)."""
+    micro_batch_size: int | None = Field(None, ge=1)
+    """Per-process batch per forward pass; gradient accumulation makes up the
+    rest. Default: batch_size / number of processes."""
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    log_every: int = Field(20, ge=1)
+    eval_every: int = Field(500, ge=1)
+    checkpoint_every: int = Field(500, ge=1)
+    keep_checkpoints: int = Field(2, ge=1)
+    init_from: str | None = None
+    """Start from a previous run's weights: ``"run:<id>"`` or a checkpoint directory."""
+    cpu_threads: int | None = Field(None, ge=1)
+
+
+class RunMeta(_Section):
+    name: str = Field("run", min_length=1, max_length=80)
+    tags: tuple[str, ...] = ()
+    notes: str = ""
+    seed: int = Field(0, ge=0)
+
+
+class RunConfig(_Section):
+    """One fully resolved run."""
+
+    run: RunMeta = RunMeta()
+    model: ModelConfig
+    freeze: FreezeConfig = FreezeConfig()
+    objectives: Objectives | None = None
+    task: TaskConfig | None = None
+    data: DataConfig = DataConfig()
+    optim: OptimConfig = OptimConfig()
+    train: TrainConfig = TrainConfig()
+
+    @model_validator(mode="after")
+    def _stage(self) -> "RunConfig":
+        if (self.objectives is None) == (self.task is None):
+            raise ValueError(
+                "a preset either pretrains ([objectives]) or finetunes ([task]); "
+                + ("both are set" if self.objectives else "neither is set")
+            )
+        if self.objectives and self.objectives.itc and self.model.kind == "one_tower":
+            raise ValueError(
+                "objectives.itc needs separate text and image embeddings; use "
+                "kind = \"two_tower\" or \"dual_encoder\", or drop [objectives.itc]"
+            )
+        if self.model.kind == "dual_encoder" and self.objectives and (
+            self.objectives.mlm or self.objectives.itm
+        ):
+            raise ValueError(
+                "a dual_encoder has no fusion layers, so only objectives.itc applies; "
+                "remove [objectives.mlm]/[objectives.itm]"
+            )
+        if self.model.kind == "dual_encoder" and self.task:
+            raise ValueError(
+                "task 'vqa' needs fusion; finetune a one_tower or two_tower model instead"
+            )
+        return self
+
+    @property
+    def stage(self) -> str:
+        return "pretrain" if self.objectives else "finetune"
+
+    def to_dict(self) -> dict[str, Any]:
+        """The resolved config as plain TOML/JSON-compatible data."""
+        return _drop_none(self.model_dump(mode="json"))
+
+
+def _drop_none(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {k: _drop_none(v) for k, v in obj.items() if v is not None}
+    if isinstance(obj, list):
+        return [_drop_none(v) for v in obj]
+    return obj
+
+
+# ----------------------------------------------------------------------------
+# Loading: files, extends, overrides
+# ----------------------------------------------------------------------------
+
+
+def load_preset(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
+    """Read ``path`` (following ``extends``), apply ``key=value`` overrides, validate."""
+    path = Path(path)
+    raw = _read_with_extends(path, chain=())
+    for item in overrides:
+        _apply_override(raw, item)
+    return config_from_dict(raw, source=str(path))
+
+
+def config_from_dict(raw: dict[str, Any], source: str = "<config>") -> RunConfig:
+    """Validate an already-merged dict (a preset, or a run's stored config)."""
+    try:
+        return RunConfig.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(_format_validation(exc, raw, source)) from None
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    if not path.exists():
+        hint = ""
+        presets = Path(__file__).resolve().parent.parent / "presets"
+        near = difflib.get_close_matches(path.name, [p.name for p in presets.glob("*.toml")], n=1)
+        if near:
+            hint = f" Did you mean presets/{near[0]}?"
+        raise ConfigError(f"Preset file not found: {path}.{hint}")
+    if path.is_dir():
+        raise ConfigError(f"Preset path {path} is a directory; give a .toml file.")
+    try:
+        with path.open("rb") as fh:
+            return tomllib.load(fh)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path} is not valid TOML: {exc}.") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path} is not UTF-8 text: {exc}.") from None
+
+
+def _read_with_extends(path: Path, chain: tuple[Path, ...]) -> dict[str, Any]:
+    resolved = path.resolve()
+    if resolved in chain:
+        loop = " -> ".join(str(p) for p in (*chain, resolved))
+        raise ConfigError(f"Presets extend each other in a loop: {loop}.")
+    data = _read_toml(path)
+    parent = data.pop("extends", None)
+    if parent is None:
+        return data
+    if not isinstance(parent, str):
+        raise ConfigError(f"{path}: 'extends' must be a file name string, got {parent!r}.")
+    parent_path = (path.parent / parent) if not Path(parent).is_absolute() else Path(parent)
+    if not parent_path.exists():
+        raise ConfigError(
+            f"{path}: extends = {parent!r}, but {parent_path} does not exist "
+            "(paths are relative to the extending preset)."
+        )
+    base = _read_with_extends(parent_path, (*chain, resolved))
+    return deep_merge(base, data)
+
+
+def deep_merge(base: dict[str, Any], patch: dict[str, Any]) -> dict[str, Any]:
+    """Tables merge key by key; any other value in ``patch`` replaces the base's."""
+    out = dict(base)
+    for key, value in patch.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """``"optim.lr=3e-4"`` -> (["optim", "lr"], 0.0003). Values are TOML values;
+    anything that does not parse as TOML is taken as a plain string."""
+    if "=" not in item:
+        raise ConfigError(
+            f"--set {item!r} is not of the form KEY=VALUE (e.g. --set optim.lr=3e-4)."
+        )
+    key, _, text = item.partition("=")
+    parts = [p.strip() for p in key.strip().split(".")]
+    if not all(parts):
+        raise ConfigError(f"--set {item!r}: {key!r} is not a dotted key such as train.max_steps.")
+    try:
+        value = tomllib.loads(f"v = {text.strip()}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = text.strip()
+    return parts, value
+
+
+def _apply_override(raw: dict[str, Any], item: str) -> None:
+    parts, value = parse_override(item)
+    node = raw
+    for i, part in enumerate(parts[:-1]):
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            where = ".".join(parts[: i + 1])
+            raise ConfigError(f"--set {item!r}: {where} is a value, not a table.")
+        node = child
+    node[parts[-1]] = value
+
+
+# ----------------------------------------------------------------------------
+# Error messages
+# ----------------------------------------------------------------------------
+
+
+def _format_validation(exc: ValidationError, raw: dict[str, Any], source: str) -> str:
+    lines = [f"{source}: invalid preset."]
+    for err in exc.errors():
+        lines.append(_describe(err, raw))
+    return "\n  ".join(lines)
+
+
+def _display_loc(loc: tuple[Any, ...]) -> list[str]:
+    """Drop pydantic's tag segment (``model.one_tower.backbone`` -> ``model.backbone``)."""
+    out: list[str] = []
+    for i, part in enumerate(loc):
+        if i == 1 and loc[0] == "model" and part in MODEL_KINDS:
+            continue
+        out.append(str(part))
+    return out
+
+
+def _schema_at(path: list[str], raw: dict[str, Any]) -> type[BaseModel] | None:
+    """The pydantic model describing the table at ``path`` (None if unknown)."""
+    model: Any = RunConfig
+    for part in path:
+        if model is RunConfig and part == "model":
+            kind = raw.get("model", {}).get("kind") if isinstance(raw.get("model"), dict) else None
+            model = MODEL_KINDS.get(kind)
+            if model is None:
+                return None
+            continue
+        field = model.model_fields.get(part) if model else None
+        if field is None:
+            return None
+        model = _model_type(field.annotation)
+    return model
+
+
+def _model_type(annotation: Any) -> type[BaseModel] | None:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in getattr(annotation, "__args__", ()) or ():
+        found = _model_type(arg)
+        if found:
+            return found
+    return None
+
+
+def _describe(err: dict[str, Any], raw: dict[str, Any]) -> str:
+    loc = _display_loc(tuple(err["loc"]))
+    key = ".".join(loc) or "(top level)"
+    kind = err["type"]
+    if kind == "extra_forbidden":
+        parent, name = loc[:-1], loc[-1]
+        schema = _schema_at(parent, raw)
+        where = ".".join(parent) or "the top level"
+        msg = f"unknown key '{key}'"
+        if schema is not None:
+            near = difflib.get_close_matches(name, list(schema.model_fields), n=1, cutoff=0.6)
+            if near:
+                msg += f" — did you mean '{'.'.join([*parent, near[0]])}'?"
+            elif parent and parent[0] == "model":
+                users = [k for k, m in MODEL_KINDS.items() if _accepts(m, parent[1:], name)]
+                if users:
+                    msg += (
+                        f" — it does not apply to kind '{raw['model'].get('kind')}' "
+                        f"(it belongs to: {', '.join(users)})"
+                    )
+                else:
+                    msg += f"; valid keys in {where}: {', '.join(schema.model_fields)}"
+            else:
+                msg += f"; valid keys in {where}: {', '.join(schema.model_fields)}"
+        return msg if msg.endswith("?") else msg + "."
+    if kind == "union_tag_invalid" or kind == "union_tag_not_found":
+        return (
+            f"{key}: 'kind' must be one of {', '.join(repr(k) for k in MODEL_KINDS)} "
+            f"(got {err.get('input', {}).get('kind') if isinstance(err.get('input'), dict) else None!r})."
+        )
+    if kind == "missing":
+        return f"missing required key '{key}'."
+    ctx = err.get("ctx") or {}
+    value = err.get("input")
+    if kind in ("greater_than_equal", "greater_than", "less_than_equal", "less_than"):
+        bound = _range_text(loc, raw)
+        return f"{key} = {value!r} is out of range: {err['msg'].lower()}{bound}."
+    if kind == "literal_error":
+        return f"{key} = {value!r} is not allowed: expected {ctx.get('expected')}."
+    if kind == "value_error":
+        return f"{key or 'preset'}: {str(ctx.get('error', err['msg']))}."
+    if kind.endswith("_type") or kind.endswith("_parsing"):
+        return f"{key} = {value!r} has the wrong type: {err['msg'].lower()}."
+    return f"{key}: {err['msg']}."
+
+
+def _accepts(model: type[BaseModel], path: list[str], name: str) -> bool:
+    for part in path:
+        field = model.model_fields.get(part)
+        model = _model_type(field.annotation) if field else None
+        if model is None:
+            return False
+    return name in model.model_fields
+
+
+def _range_text(loc: list[str], raw: dict[str, Any]) -> str:
+    schema = _schema_at(loc[:-1], raw)
+    field = schema.model_fields.get(loc[-1]) if schema else None
+    if field is None:
+        return ""
+    lo = hi = None
+    for meta in field.metadata:
+        lo = getattr(meta, "ge", None) if getattr(meta, "ge", None) is not None else lo
+        lo = getattr(meta, "gt", None) if getattr(meta, "gt", None) is not None else lo
+        hi = getattr(meta, "le", None) if getattr(meta, "le", None) is not None else hi
+        hi = getattr(meta, "lt", None) if getattr(meta, "lt", None) is not None else hi
+    if lo is not None and hi is not None:
+        return f" (allowed range {lo} to {hi})"
+    return ""

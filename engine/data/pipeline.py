@@ -1,0 +1,115 @@
+"""From a run config to datasets and a tokenizer.
+
+``build_tokenizer`` is cheap (it reads only text) so ``ren validate`` can use it;
+``build_data`` also decodes (or loads the cached) images.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+from torch.utils.data import Dataset
+from transformers import PreTrainedTokenizerBase
+
+from engine.config import RunConfig
+from engine.data.datasets import CaptionDataset, VQADataset
+from engine.data.easyvqa import easy_vqa_captions, load_easy_vqa
+from engine.data.tokenizer import build_word_tokenizer, load_tokenizer
+
+
+@dataclass
+class DataBundle:
+    train: Dataset
+    eval: Dataset
+    tokenizer: PreTrainedTokenizerBase
+    num_answers: int | None
+    answers: list[str] | None
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.tokenizer)
+
+    @property
+    def mask_token_id(self) -> int:
+        return int(self.tokenizer.mask_token_id)
+
+    @property
+    def num_special_tokens(self) -> int:
+        """Ids below this are special tokens (never drawn as random MLM replacements)."""
+        return max(self.tokenizer.all_special_ids) + 1
+
+
+def image_size_of(cfg: RunConfig) -> int:
+    model = cfg.model
+    if model.kind == "one_tower":
+        return model.backbone.image_size
+    return model.vision.image_size
+
+
+def pretrained_text_source(cfg: RunConfig) -> str | None:
+    """The hub id/directory whose tokenizer the text side uses, if pretrained."""
+    model = cfg.model
+    if model.kind == "one_tower":
+        b = model.backbone
+        return b.name if b.source != "manual" and b.modality != "vision" and _is_text_model(b.name) else None
+    return model.text.name if model.text.source != "manual" else None
+
+
+def _is_text_model(name: str | None) -> bool:
+    from engine.models.hf import load_hf_config, modality_of
+
+    return name is not None and modality_of(load_hf_config(name, "model.backbone.name")) == "text"
+
+
+def build_tokenizer(cfg: RunConfig) -> PreTrainedTokenizerBase:
+    if cfg.data.tokenizer != "auto":
+        return load_tokenizer(cfg.data.tokenizer)
+    source = pretrained_text_source(cfg)
+    if source is not None:
+        return load_tokenizer(source)
+    return _easy_vqa_word_tokenizer()
+
+
+@lru_cache(maxsize=1)
+def _easy_vqa_word_tokenizer() -> PreTrainedTokenizerBase:
+    """Word-level tokenizer over all easy-VQA questions and derived captions.
+
+    Built from the package's text only (deterministic, no images needed)."""
+    import easy_vqa
+
+    from engine.data.easyvqa import CAPTION_TEMPLATES, PALETTE, SHAPES
+
+    texts = list(easy_vqa.get_train_questions()[0]) + list(easy_vqa.get_test_questions()[0])
+    texts += [t.format(colour=c, shape=s) for t in CAPTION_TEMPLATES for c in PALETTE for s in SHAPES]
+    return build_word_tokenizer(texts)
+
+
+def num_answers(cfg: RunConfig) -> int | None:
+    if cfg.task is None:
+        return None
+    import easy_vqa
+
+    return len(easy_vqa.get_answers())
+
+
+def build_data(cfg: RunConfig, *, cache_dir: Path) -> DataBundle:
+    tokenizer = build_tokenizer(cfg)
+    data = load_easy_vqa(cache_dir)
+    size = image_size_of(cfg)
+    max_len = cfg.data.max_text_len
+    if cfg.task is not None:
+        splits = [data.train, data.split(cfg.data.eval_split)]
+        train_ds, eval_ds = (
+            VQADataset(s.images, s.image_index, s.questions, s.answer_ids, len(data.answers), tokenizer, max_len, size)
+            for s in splits
+        )
+        return DataBundle(train_ds, eval_ds, tokenizer, len(data.answers), list(data.answers))
+    corpora = [("train", data.train), (cfg.data.eval_split, data.split(cfg.data.eval_split))]
+    train_ds, eval_ds = (
+        CaptionDataset(split.images, corpus.image_index, corpus.texts, tokenizer, max_len, size)
+        for name, split in corpora
+        for corpus in [easy_vqa_captions(data, name)]
+    )
+    return DataBundle(train_ds, eval_ds, tokenizer, None, None)

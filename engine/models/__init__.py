@@ -1,0 +1,113 @@
+"""Architectures, heads and the model builder.
+
+``build_model`` maps the preset's architecture kind to its module (a small
+registry, like timm's) and attaches the heads the run needs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from torch import Tensor, nn
+
+from engine import config as C
+from engine.models.dual_encoder import DualEncoder
+from engine.models.heads import ClassifierHead, ITCHead, ITMHead, MLMHead
+from engine.models.one_tower import OneTower
+from engine.models.towers import Groups
+from engine.models.two_tower import TwoTower
+from engine.models.types import Features
+
+ARCHITECTURES: dict[str, type[nn.Module]] = {
+    "one_tower": OneTower,
+    "two_tower": TwoTower,
+    "dual_encoder": DualEncoder,
+}
+
+
+@dataclass
+class Outputs:
+    features: Features
+    logits: dict[str, Tensor] = field(default_factory=dict)
+
+
+class VLModel(nn.Module):
+    """An encoder plus its heads. Everything runs inside ``forward`` so that
+    distributed wrappers (DDP, FSDP) see every parameter use."""
+
+    def __init__(self, encoder: nn.Module, heads: dict[str, nn.Module]):
+        super().__init__()
+        self.encoder = encoder
+        self.heads = nn.ModuleDict(heads)
+        self.frozen_modules: list[nn.Module] = []
+
+    def forward(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor,
+        pixel_values: Tensor,
+        *,
+        mlm_positions: Tensor | None = None,
+        itm_rows: slice | None = None,
+        itc: bool = False,
+        task: bool = False,
+    ) -> Outputs:
+        feats = self.encoder(input_ids, attention_mask, pixel_values)
+        out = Outputs(features=feats)
+        if mlm_positions is not None:
+            out.logits["mlm"] = self.heads["mlm"](feats.text[mlm_positions])
+        if itm_rows is not None:
+            out.logits["itm"] = self.heads["itm"](feats.pooled[itm_rows])
+        if itc:
+            out.logits["itc"] = self.heads["itc"](feats.text_cls, feats.image_cls)
+        if task:
+            out.logits["task"] = self.heads["task"](feats.pooled)
+        return out
+
+    def groups(self) -> Groups:
+        groups = dict(self.encoder.groups())
+        for name, head in self.heads.items():
+            groups[f"heads.{name}"] = [head]
+        return groups
+
+    def train(self, mode: bool = True) -> "VLModel":
+        """Frozen groups stay in eval mode (no dropout, frozen norm statistics)."""
+        super().train(mode)
+        for module in self.frozen_modules:
+            module.eval()
+        return self
+
+
+def build_model(cfg: C.RunConfig, *, vocab_size: int, num_answers: int | None = None) -> VLModel:
+    """The encoder for ``cfg.model`` with the heads for its objectives or task."""
+    encoder = ARCHITECTURES[cfg.model.kind](cfg.model, vocab_size)
+    heads: dict[str, nn.Module] = {}
+    if cfg.objectives is not None:
+        obj = cfg.objectives
+        if obj.mlm:
+            heads["mlm"] = MLMHead(encoder.text_dim, encoder.vocab_size)
+        if obj.itm:
+            heads["itm"] = ITMHead(encoder.pooled_dim)
+        if obj.itc:
+            dim = cfg.model.projection_dim if cfg.model.kind == "dual_encoder" else encoder.hidden_size
+            heads["itc"] = ITCHead(*encoder.unimodal_dims, dim, obj.itc.temperature, obj.itc.learn_temperature)
+    if cfg.task is not None:
+        assert num_answers is not None, "a task model needs its number of classes"
+        heads["task"] = ClassifierHead(encoder.pooled_dim, num_answers, cfg.task.head_hidden_mult)
+    return VLModel(encoder, heads)
+
+
+def count_parameters(module: nn.Module) -> tuple[int, int]:
+    """(total, trainable) parameter counts, shared parameters counted once."""
+    seen: set[int] = set()
+    total = trainable = 0
+    for p in module.parameters():
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        total += p.numel()
+        trainable += p.numel() if p.requires_grad else 0
+    return total, trainable
+
+
+__all__ = ["ARCHITECTURES", "Outputs", "VLModel", "build_model", "count_parameters"]

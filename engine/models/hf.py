@@ -1,0 +1,222 @@
+"""Loading Hugging Face and timm backbones, offline-friendly.
+
+Every tower is a real HF model (or a timm model): ``pretrained`` loads weights
+from a hub id or a local directory, ``random`` builds the same architecture
+from its config with fresh weights, and ``manual`` builds a BERT-style text
+encoder or a ViT-style vision encoder of the requested size. Manual models
+therefore run exactly the same code path as pretrained ones.
+"""
+
+from __future__ import annotations
+
+import inspect
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from engine.errors import ModelLoadError
+
+_LOCAL_HINT = (
+    "To use a model without network access, download it once elsewhere "
+    "(e.g. `huggingface-cli download {name} --local-dir /models/{short}`), copy "
+    "the directory here and point the preset at it: {key} = \"/models/{short}\"."
+)
+
+
+def _looks_like_path(name: str) -> bool:
+    return name.startswith(("/", "./", "../", "~")) or Path(name).expanduser().exists()
+
+
+def _load_error(name: str, key: str, exc: Exception) -> ModelLoadError:
+    short = name.rstrip("/").split("/")[-1]
+    if _looks_like_path(name):
+        where = Path(name).expanduser()
+        if not where.exists():
+            return ModelLoadError(
+                f"{key} = {name!r}: the directory {where} does not exist. Give the path "
+                "of a directory in Hugging Face format (config.json and the weights)."
+            )
+        return ModelLoadError(
+            f"{key} = {name!r}: could not load a model from {where}: {exc}. The directory "
+            "must hold a Hugging Face model (config.json plus model.safetensors or "
+            "pytorch_model.bin)."
+        )
+    return ModelLoadError(
+        f"{key} = {name!r}: the model could not be loaded from the Hugging Face hub "
+        f"(the hub could not be reached, or no such model: {type(exc).__name__}). "
+        + _LOCAL_HINT.format(name=name, short=short, key=key)
+    )
+
+
+def load_hf_config(name: str, key: str) -> Any:
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(str(Path(name).expanduser()) if _looks_like_path(name) else name)
+    except (OSError, ValueError) as exc:
+        raise _load_error(name, key, exc) from None
+
+
+def build_hf_model(config: Any, *, name: str | None, pretrained: bool, key: str) -> nn.Module:
+    """An ``AutoModel`` (no pooling layer where the class allows) from a config."""
+    from transformers import AutoModel
+
+    kwargs: dict[str, Any] = {"attn_implementation": "sdpa"}
+    model_cls = _model_class(config)
+    if model_cls is not None and "add_pooling_layer" in inspect.signature(model_cls.__init__).parameters:
+        kwargs["add_pooling_layer"] = False
+    try:
+        if pretrained:
+            assert name is not None
+            path = str(Path(name).expanduser()) if _looks_like_path(name) else name
+            return AutoModel.from_pretrained(path, config=config, **kwargs)
+        return AutoModel.from_config(config, **kwargs)
+    except (OSError, ValueError) as exc:
+        if pretrained and name is not None:
+            raise _load_error(name, key, exc) from None
+        if "attn_implementation" in str(exc) or "sdpa" in str(exc).lower():
+            kwargs.pop("attn_implementation")
+            return AutoModel.from_config(config, **kwargs)
+        raise
+
+
+def _model_class(config: Any) -> type | None:
+    from transformers import AutoModel
+
+    try:
+        return AutoModel._model_mapping[type(config)]
+    except KeyError:
+        return None
+
+
+def manual_text_config(*, vocab_size: int, hidden_size: int, layers: int, heads: int,
+                       mlp_ratio: float, dropout: float, max_positions: int) -> Any:
+    from transformers import BertConfig
+
+    return BertConfig(
+        vocab_size=vocab_size,
+        hidden_size=hidden_size,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        intermediate_size=int(hidden_size * mlp_ratio),
+        hidden_dropout_prob=dropout,
+        attention_probs_dropout_prob=dropout,
+        max_position_embeddings=max_positions,
+        type_vocab_size=1,
+        pad_token_id=0,
+    )
+
+
+def manual_vision_config(*, hidden_size: int, layers: int, heads: int, mlp_ratio: float,
+                         dropout: float, patch_size: int, image_size: int) -> Any:
+    from transformers import ViTConfig
+
+    return ViTConfig(
+        hidden_size=hidden_size,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        intermediate_size=int(hidden_size * mlp_ratio),
+        hidden_dropout_prob=dropout,
+        attention_probs_dropout_prob=dropout,
+        patch_size=patch_size,
+        image_size=image_size,
+        qkv_bias=True,
+    )
+
+
+def set_dropout(config: Any, dropout: float) -> None:
+    """Apply the preset's dropout to a loaded config (the common HF field names)."""
+    for field in ("hidden_dropout_prob", "attention_probs_dropout_prob", "dropout",
+                  "attention_dropout", "hidden_dropout"):
+        if hasattr(config, field) and isinstance(getattr(config, field), float):
+            setattr(config, field, dropout)
+
+
+def text_config_of(config: Any) -> Any:
+    """The text part of a composite config (CLIP-like), else the config itself."""
+    return getattr(config, "text_config", None) or config
+
+
+def vision_config_of(config: Any) -> Any:
+    return getattr(config, "vision_config", None) or config
+
+
+def modality_of(config: Any) -> str:
+    """``"vision"`` for image encoders (they have a patch size), else ``"text"``."""
+    return "vision" if hasattr(config, "patch_size") and not hasattr(config, "vocab_size") else "text"
+
+
+def hidden_size_of(config: Any) -> int:
+    for field in ("hidden_size", "d_model", "dim", "embed_dim"):
+        value = getattr(config, field, None)
+        if isinstance(value, int):
+            return value
+    raise ModelLoadError(f"Cannot tell the hidden size of a {type(config).__name__}.")
+
+
+def encoder_layers(model: nn.Module, key: str) -> nn.ModuleList:
+    """The list of transformer layers of an HF encoder."""
+    for path in ("encoder.layer", "encoder.layers", "layers", "transformer.layer", "blocks"):
+        node: Any = model
+        for part in path.split("."):
+            node = getattr(node, part, None)
+            if node is None:
+                break
+        if isinstance(node, nn.ModuleList):
+            return node
+    raise ModelLoadError(
+        f"{key}: {type(model).__name__} has no recognisable list of encoder layers "
+        "(looked for encoder.layer, encoder.layers, layers, transformer.layer); "
+        "this family cannot be used here."
+    )
+
+
+def final_norm(model: nn.Module) -> nn.Module | None:
+    """The encoder's final normalisation layer, if it has one (ViT-style)."""
+    for name in ("layernorm", "post_layernorm", "final_layer_norm", "norm", "ln_f"):
+        module = getattr(model, name, None)
+        if isinstance(module, nn.Module):
+            return module
+    encoder = getattr(model, "encoder", None)
+    for name in ("layer_norm", "layernorm", "norm"):
+        module = getattr(encoder, name, None)
+        if isinstance(module, nn.Module):
+            return module
+    return None
+
+
+def accepts_kwarg(module: nn.Module, name: str) -> bool:
+    return name in inspect.signature(module.forward).parameters
+
+
+def build_timm_model(name: str, *, pretrained: bool, image_size: int, key: str) -> nn.Module:
+    """A timm model returning features, with no classifier head.
+
+    ``name`` is a timm architecture (``resnet18``, ``vit_tiny_patch16_224``) or,
+    for pretrained weights, ``"arch@/path/to/model.safetensors"``.
+    """
+    import timm
+
+    arch, _, weights = name.partition("@")
+    kwargs: dict[str, Any] = {"num_classes": 0}
+    if pretrained and weights:
+        kwargs["pretrained_cfg_overlay"] = {"file": str(Path(weights).expanduser())}
+    try:
+        model = timm.create_model(arch, pretrained=pretrained, **kwargs)
+    except RuntimeError as exc:
+        if "Unknown model" in str(exc):
+            near = timm.list_models(f"*{arch.split('_')[0]}*")[:8]
+            raise ModelLoadError(
+                f"{key} = {arch!r} is not a timm model. Similar names: {', '.join(near) or 'none'}."
+            ) from None
+        raise
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(
+            f"{key} = {name!r}: timm could not load pretrained weights ({type(exc).__name__}: "
+            f"{exc}). Without network access, give a local weights file as "
+            f"\"{arch}@/path/to/model.safetensors\"."
+        ) from None
+    if hasattr(model, "set_input_size") and getattr(model, "patch_embed", None) is not None:
+        model.set_input_size(img_size=image_size)
+    return model

@@ -1,0 +1,163 @@
+"""Building blocks shared by the architectures: masks, fresh embeddings,
+co-attention fusion layers and poolers. Attention runs through PyTorch SDPA."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+def additive_mask(mask: Tensor | None, dtype: torch.dtype) -> Tensor | None:
+    """(B, L) 1/0 key mask -> (B, 1, 1, L) additive mask, or None when nothing is padded.
+
+    Returning None for unpadded batches lets SDPA pick its fastest kernel.
+    """
+    if mask is None or bool(mask.all()):
+        return None
+    out = torch.zeros(mask.shape, dtype=dtype, device=mask.device)
+    out.masked_fill_(mask == 0, torch.finfo(dtype).min)
+    return out[:, None, None, :]
+
+
+class TextEmbeddings(nn.Module):
+    """Word + position embeddings with a LayerNorm (fresh text input for vision backbones)."""
+
+    def __init__(self, vocab_size: int, hidden_size: int, max_positions: int, dropout: float):
+        super().__init__()
+        self.word = nn.Embedding(vocab_size, hidden_size, padding_idx=0)
+        self.position = nn.Embedding(max_positions, hidden_size)
+        self.norm = nn.LayerNorm(hidden_size)
+        self.dropout = nn.Dropout(dropout)
+        nn.init.normal_(self.word.weight, std=0.02)
+        nn.init.normal_(self.position.weight, std=0.02)
+
+    def forward(self, input_ids: Tensor) -> Tensor:
+        positions = torch.arange(input_ids.shape[1], device=input_ids.device)
+        return self.dropout(self.norm(self.word(input_ids) + self.position(positions)[None]))
+
+
+class PatchEmbeddings(nn.Module):
+    """ViT-style patches + [CLS] + learned positions (fresh image input for text backbones).
+
+    Position embeddings are interpolated when the input size differs from
+    ``image_size``.
+    """
+
+    def __init__(self, image_size: int, patch_size: int, hidden_size: int, dropout: float):
+        super().__init__()
+        self.patch_size = patch_size
+        self.grid = image_size // patch_size
+        self.proj = nn.Conv2d(3, hidden_size, kernel_size=patch_size, stride=patch_size)
+        self.cls = nn.Parameter(torch.zeros(1, 1, hidden_size))
+        self.position = nn.Parameter(torch.randn(1, 1 + self.grid**2, hidden_size) * 0.02)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, pixel_values: Tensor) -> Tensor:
+        x = self.proj(pixel_values)
+        grid_h, grid_w = x.shape[-2:]
+        x = x.flatten(2).transpose(1, 2)
+        x = torch.cat([self.cls.expand(x.shape[0], -1, -1), x], dim=1)
+        return self.dropout(x + self._positions(grid_h, grid_w))
+
+    def _positions(self, h: int, w: int) -> Tensor:
+        if h == w == self.grid:
+            return self.position
+        cls_pos, grid_pos = self.position[:, :1], self.position[:, 1:]
+        dim = grid_pos.shape[-1]
+        grid_pos = grid_pos.reshape(1, self.grid, self.grid, dim).permute(0, 3, 1, 2)
+        grid_pos = F.interpolate(grid_pos, size=(h, w), mode="bicubic", align_corners=False)
+        return torch.cat([cls_pos, grid_pos.permute(0, 2, 3, 1).reshape(1, h * w, dim)], dim=1)
+
+
+class Attention(nn.Module):
+    """Multi-head attention (self or cross) on SDPA."""
+
+    def __init__(self, hidden_size: int, heads: int, dropout: float):
+        super().__init__()
+        self.heads = heads
+        self.q = nn.Linear(hidden_size, hidden_size)
+        self.kv = nn.Linear(hidden_size, 2 * hidden_size)
+        self.out = nn.Linear(hidden_size, hidden_size)
+        self.dropout = dropout
+
+    def forward(self, x: Tensor, context: Tensor, mask: Tensor | None) -> Tensor:
+        b, lq, d = x.shape
+        q = self.q(x).view(b, lq, self.heads, d // self.heads).transpose(1, 2)
+        k, v = self.kv(context).view(b, context.shape[1], 2, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0
+        )
+        return self.out(y.transpose(1, 2).reshape(b, lq, d))
+
+
+class MLP(nn.Sequential):
+    def __init__(self, hidden_size: int, mlp_ratio: float, dropout: float):
+        inner = int(hidden_size * mlp_ratio)
+        super().__init__(
+            nn.Linear(hidden_size, inner), nn.GELU(), nn.Dropout(dropout), nn.Linear(inner, hidden_size)
+        )
+
+
+class CoAttentionLayer(nn.Module):
+    """One METER-style fusion layer for one stream: self-attention, cross-attention
+    to the other stream, MLP; pre-LayerNorm residual blocks."""
+
+    def __init__(self, hidden_size: int, heads: int, mlp_ratio: float, dropout: float):
+        super().__init__()
+        self.norm_self = nn.LayerNorm(hidden_size)
+        self.self_attn = Attention(hidden_size, heads, dropout)
+        self.norm_cross = nn.LayerNorm(hidden_size)
+        self.norm_context = nn.LayerNorm(hidden_size)
+        self.cross_attn = Attention(hidden_size, heads, dropout)
+        self.norm_mlp = nn.LayerNorm(hidden_size)
+        self.mlp = MLP(hidden_size, mlp_ratio, dropout)
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x: Tensor, x_mask: Tensor | None, ctx: Tensor, ctx_mask: Tensor | None) -> Tensor:
+        h = self.norm_self(x)
+        x = x + self.drop(self.self_attn(h, h, x_mask))
+        x = x + self.drop(self.cross_attn(self.norm_cross(x), self.norm_context(ctx), ctx_mask))
+        return x + self.drop(self.mlp(self.norm_mlp(x)))
+
+
+class FusionLayer(nn.Module):
+    """A pair of co-attention layers, text attending to image and image to text."""
+
+    def __init__(self, hidden_size: int, heads: int, mlp_ratio: float, dropout: float):
+        super().__init__()
+        self.text = CoAttentionLayer(hidden_size, heads, mlp_ratio, dropout)
+        self.image = CoAttentionLayer(hidden_size, heads, mlp_ratio, dropout)
+
+    def forward(self, t: Tensor, t_mask: Tensor | None, v: Tensor, v_mask: Tensor | None) -> tuple[Tensor, Tensor]:
+        return self.text(t, t_mask, v, v_mask), self.image(v, v_mask, t, t_mask)
+
+
+class Pooler(nn.Module):
+    """Dense + tanh on one token (BERT/ViLT pooler)."""
+
+    def __init__(self, hidden_size: int):
+        super().__init__()
+        self.dense = nn.Linear(hidden_size, hidden_size)
+
+    def forward(self, token: Tensor) -> Tensor:
+        return torch.tanh(self.dense(token))
+
+
+def init_weights(module: nn.Module) -> None:
+    """BERT-style init for fresh layers (truncated normal 0.02, zero bias, unit norms)."""
+    for m in module.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.trunc_normal_(m.weight, std=0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out")
+            fan_in = m.in_channels * math.prod(m.kernel_size)
+            if m.bias is not None:
+                nn.init.uniform_(m.bias, -1 / math.sqrt(fan_in), 1 / math.sqrt(fan_in))

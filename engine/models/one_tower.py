@@ -1,0 +1,132 @@
+"""One-tower (ViLT-style single-stream) encoder.
+
+One HF transformer encoder, text or vision, processes the concatenation
+``[text tokens ; image patches]``. The backbone keeps its own pretrained
+embeddings for its native modality (and its final LayerNorm, if it has one);
+the other modality gets a fresh embedding. A learned modality-type embedding is
+added to both. Padding tokens are masked out of every attention.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from engine import config as C
+from engine.errors import ConfigError
+from engine.models import hf
+from engine.models.layers import PatchEmbeddings, Pooler, TextEmbeddings, additive_mask, init_weights
+from engine.models.towers import Groups
+from engine.models.types import Features
+
+
+class OneTower(nn.Module):
+    def __init__(self, cfg: C.OneTowerModel, vocab_size: int):
+        super().__init__()
+        b = cfg.backbone
+        key = "model.backbone"
+        if b.source == "manual":
+            self.modality = b.modality or "text"
+            common = dict(hidden_size=b.hidden_size, layers=b.layers, heads=b.heads,
+                          mlp_ratio=b.mlp_ratio, dropout=b.dropout)
+            config = (
+                hf.manual_text_config(vocab_size=vocab_size, max_positions=b.max_text_positions, **common)
+                if self.modality == "text"
+                else hf.manual_vision_config(patch_size=b.patch_size, image_size=b.image_size, **common)
+            )
+        else:
+            config = hf.load_hf_config(b.name, f"{key}.name")
+            self.modality = hf.modality_of(config)
+            if b.modality and b.modality != self.modality:
+                raise ConfigError(
+                    f"model.backbone.modality = {b.modality!r}, but {b.name!r} is a "
+                    f"{self.modality} model; remove the key or pick another backbone."
+                )
+            hf.set_dropout(config, b.dropout)
+        self.backbone = hf.build_hf_model(config, name=b.name, pretrained=b.source == "pretrained", key=f"{key}.name")
+        hidden = hf.hidden_size_of(config)
+        self.hidden_size = hidden
+        hf.encoder_layers(self.backbone, key)  # fail early for unsupported families
+        if self.modality == "text":
+            self.vocab_size = config.vocab_size
+            self.image_embeddings = PatchEmbeddings(b.image_size, b.patch_size, hidden, b.dropout)
+            init_weights(self.image_embeddings)
+        else:
+            self.vocab_size = vocab_size
+            own_patch = getattr(config, "patch_size", b.patch_size)
+            if "patch_size" in b.model_fields_set and own_patch != b.patch_size:
+                raise ConfigError(
+                    f"model.backbone.patch_size = {b.patch_size}, but {b.name!r} uses "
+                    f"patches of {own_patch}; remove the key."
+                )
+            self.text_embeddings = TextEmbeddings(vocab_size, hidden, b.max_text_positions, b.dropout)
+        self._interpolate = self.modality == "vision" and hf.accepts_kwarg(self.backbone.embeddings, "interpolate_pos_encoding")
+        self.modality_type = nn.Embedding(2, hidden)
+        nn.init.normal_(self.modality_type.weight, std=0.02)
+        self.pooler_kind = cfg.pooler
+        self.pooler = Pooler(hidden)
+        self.image_pooler = Pooler(hidden) if cfg.pooler == "double" else None
+        self.pooled_dim = hidden * (2 if cfg.pooler == "double" else 1)
+        self.text_dim = hidden
+        if b.gradient_checkpointing:
+            self.backbone.gradient_checkpointing_enable()
+
+    @property
+    def layers(self) -> nn.ModuleList:
+        """The backbone's own layer list (looked up, not re-registered, so each
+        parameter has exactly one name in the state dict)."""
+        return hf.encoder_layers(self.backbone, "model.backbone")
+
+    @property
+    def norm(self) -> nn.Module | None:
+        return hf.final_norm(self.backbone)
+
+    def embed_text(self, input_ids: Tensor) -> Tensor:
+        if self.modality == "vision":
+            return self.text_embeddings(input_ids)
+        x = self.backbone.embeddings(input_ids=input_ids)
+        project = getattr(self.backbone, "embeddings_project", None)
+        return project(x) if project is not None else x
+
+    def embed_image(self, pixel_values: Tensor) -> Tensor:
+        if self.modality == "text":
+            return self.image_embeddings(pixel_values)
+        kwargs = {"interpolate_pos_encoding": True} if self._interpolate else {}
+        return self.backbone.embeddings(pixel_values, **kwargs)
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor, pixel_values: Tensor) -> Features:
+        t = self.embed_text(input_ids) + self.modality_type.weight[0]
+        v = self.embed_image(pixel_values) + self.modality_type.weight[1]
+        x = torch.cat([t, v], dim=1)
+        n_text = t.shape[1]
+        mask = torch.cat([attention_mask, attention_mask.new_ones(v.shape[:2])], dim=1)
+        attn = additive_mask(mask, x.dtype)
+        for layer in self.layers:
+            out = layer(x, attention_mask=attn)
+            x = out[0] if isinstance(out, tuple) else out
+        if self.norm is not None:
+            x = self.norm(x)
+        text, image = x[:, :n_text], x[:, n_text:]
+        pooled = self.pooler(x[:, 0])
+        if self.image_pooler is not None:
+            pooled = torch.cat([pooled, self.image_pooler(image[:, 0])], dim=-1)
+        return Features(text=text, image=image, text_mask=attention_mask, pooled=pooled)
+
+    def groups(self) -> Groups:
+        if self.modality == "text":
+            text_emb = [self.backbone.embeddings]
+            if getattr(self.backbone, "embeddings_project", None) is not None:
+                text_emb.append(self.backbone.embeddings_project)
+            image_emb: list[nn.Module] = [self.image_embeddings]
+        else:
+            text_emb, image_emb = [self.text_embeddings], [self.backbone.embeddings]
+        groups: Groups = {
+            "backbone.text_embeddings": text_emb,
+            "backbone.image_embeddings": image_emb,
+            "backbone.modality_type": [self.modality_type],
+        }
+        for i, layer in enumerate(self.layers):
+            groups[f"backbone.layers[{i}]"] = [layer]
+        groups["backbone.final"] = [self.norm] if self.norm is not None else []
+        groups["pooler"] = [m for m in (self.pooler, self.image_pooler) if m is not None]
+        return groups

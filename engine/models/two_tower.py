@@ -1,0 +1,62 @@
+"""Two-tower (METER-style) encoder: a text tower and a vision tower, each
+projected to the fusion width, joined by a stack of co-attention fusion layers
+(self-attention, cross-attention both ways, MLP). Fusion is always trained."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from engine import config as C
+from engine.models.layers import FusionLayer, Pooler, additive_mask, init_weights
+from engine.models.towers import Groups, TextTower, VisionTower
+from engine.models.types import Features
+
+
+class TwoTower(nn.Module):
+    def __init__(self, cfg: C.TwoTowerModel, vocab_size: int):
+        super().__init__()
+        f = cfg.fusion
+        self.text = TextTower(cfg.text, vocab_size)
+        self.vision = VisionTower(cfg.vision)
+        self.vocab_size = self.text.vocab_size
+        self.text_proj = nn.Linear(self.text.hidden_size, f.hidden_size)
+        self.image_proj = nn.Linear(self.vision.hidden_size, f.hidden_size)
+        self.modality_type = nn.Embedding(2, f.hidden_size)
+        self.fusion = nn.ModuleList(
+            FusionLayer(f.hidden_size, f.heads, f.mlp_ratio, f.dropout) for _ in range(f.layers)
+        )
+        self.text_norm = nn.LayerNorm(f.hidden_size)
+        self.image_norm = nn.LayerNorm(f.hidden_size)
+        self.text_pooler = Pooler(f.hidden_size)
+        self.image_pooler = Pooler(f.hidden_size)
+        for module in (self.text_proj, self.image_proj, self.fusion, self.text_norm,
+                       self.image_norm, self.text_pooler, self.image_pooler):
+            init_weights(module)
+        nn.init.normal_(self.modality_type.weight, std=0.02)
+        self.hidden_size = f.hidden_size
+        self.text_dim = f.hidden_size
+        self.pooled_dim = 2 * f.hidden_size
+        self.unimodal_dims = (self.text.hidden_size, self.vision.hidden_size)
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor, pixel_values: Tensor) -> Features:
+        t_uni = self.text(input_ids, attention_mask)
+        v_uni = self.vision(pixel_values)
+        t = self.text_proj(t_uni) + self.modality_type.weight[0]
+        v = self.image_proj(v_uni) + self.modality_type.weight[1]
+        t_mask = additive_mask(attention_mask, t.dtype)
+        for layer in self.fusion:
+            t, v = layer(t, t_mask, v, None)
+        t, v = self.text_norm(t), self.image_norm(v)
+        pooled = torch.cat([self.text_pooler(t[:, 0]), self.image_pooler(v[:, 0])], dim=-1)
+        return Features(text=t, image=v, text_mask=attention_mask, pooled=pooled,
+                        text_cls=t_uni[:, 0], image_cls=v_uni[:, 0])
+
+    def groups(self) -> Groups:
+        groups = {**self.text.groups("text"), **self.vision.groups("vision")}
+        groups["fusion.proj"] = [self.text_proj, self.image_proj, self.modality_type]
+        for i, layer in enumerate(self.fusion):
+            groups[f"fusion.layers[{i}]"] = [layer]
+        groups["fusion.final"] = [self.text_norm, self.image_norm]
+        groups["pooler"] = [self.text_pooler, self.image_pooler]
+        return groups

@@ -1,0 +1,91 @@
+"""Pretraining objectives: MLM, ITM and ITC.
+
+Each function takes explicit tensors and hyper-parameters (never the config)
+and is deterministic given its ``generator``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+IGNORE = -100
+
+
+def mask_tokens(
+    input_ids: Tensor,
+    word_ids: Tensor,
+    *,
+    mask_prob: float,
+    whole_word: bool,
+    mask_id: int,
+    vocab_size: int,
+    num_special: int,
+    generator: torch.Generator,
+) -> tuple[Tensor, Tensor]:
+    """BERT masking: choose tokens (or whole words) with ``mask_prob``; of the chosen,
+    80% become [MASK], 10% a random token, 10% stay. Returns (masked ids, labels)
+    with labels ``-100`` where nothing is predicted. ``word_ids`` is -1 at special
+    and padding tokens, which are never chosen. At least one token per sequence
+    with any words is chosen so that every row contributes to the loss.
+    """
+    device = input_ids.device
+    eligible = word_ids >= 0
+    if whole_word:
+        n_words = int(word_ids.max().item()) + 1 if eligible.any() else 0
+        pick_word = torch.rand((input_ids.shape[0], max(n_words, 1)), generator=generator) < mask_prob
+        chosen = eligible & pick_word.to(device).gather(1, word_ids.clamp(min=0))
+    else:
+        chosen = eligible & (torch.rand(input_ids.shape, generator=generator).to(device) < mask_prob)
+    # guarantee one prediction per row that has any word
+    empty = ~chosen.any(dim=1) & eligible.any(dim=1)
+    if empty.any():
+        first = eligible.float().argmax(dim=1)
+        chosen[empty, first[empty]] = True
+    labels = torch.where(chosen, input_ids, torch.full_like(input_ids, IGNORE))
+    roll = torch.rand(input_ids.shape, generator=generator).to(device)
+    masked = input_ids.clone()
+    masked[chosen & (roll < 0.8)] = mask_id
+    random_tokens = torch.randint(num_special, vocab_size, input_ids.shape, generator=generator).to(device)
+    swap = chosen & (roll >= 0.8) & (roll < 0.9)
+    masked[swap] = random_tokens[swap]
+    return masked, labels
+
+
+def mlm_loss(logits: Tensor, labels: Tensor) -> Tensor:
+    """Cross-entropy over the masked positions (``logits`` already gathered there)."""
+    return F.cross_entropy(logits.float(), labels)
+
+
+def itm_pairs(
+    pixel_values: Tensor, image_ids: Tensor, *, negative_ratio: float, generator: torch.Generator
+) -> tuple[Tensor, Tensor]:
+    """Replace the image of about ``negative_ratio`` of the pairs by another image of
+    the batch that is never the true image. Returns (pixels, labels: 1 = match)."""
+    b = pixel_values.shape[0]
+    device = pixel_values.device
+    want_negative = (torch.rand(b, generator=generator) < negative_ratio).to(device)
+    # for each row, a random other row showing a different image
+    different = image_ids[None, :] != image_ids[:, None]
+    scores = torch.rand((b, b), generator=generator).to(device).masked_fill(~different, -1.0)
+    partner = scores.argmax(dim=1)
+    negative = want_negative & different.any(dim=1)
+    pixels = torch.where(negative[:, None, None, None], pixel_values[partner], pixel_values)
+    return pixels, (~negative).long()
+
+
+def itm_loss(logits: Tensor, labels: Tensor) -> Tensor:
+    return F.cross_entropy(logits.float(), labels)
+
+
+def itc_loss(logits: Tensor, image_ids: Tensor) -> Tensor:
+    """Symmetric InfoNCE over a (texts x images) similarity matrix. Pairs showing the
+    same image are all positives (a batch can hold several captions of one image)."""
+    positives = (image_ids[:, None] == image_ids[None, :]).float()
+    targets = positives / positives.sum(dim=1, keepdim=True)
+    logits = logits.float()
+    return 0.5 * (
+        torch.sum(-targets * F.log_softmax(logits, dim=1), dim=1).mean()
+        + torch.sum(-targets.T * F.log_softmax(logits.T, dim=1), dim=1).mean()
+    )

@@ -1,0 +1,514 @@
+"""The training engine: one straight accelerate function.
+
+``train(cfg, store, run_id)``: build -> ``accelerator.prepare`` -> loop under
+``accelerator.accumulate`` -> evaluate with ``gather_for_metrics`` ->
+checkpoint. The same code runs on a CPU, one GPU, or many processes started by
+``accelerate launch`` (only the main process writes to the store).
+
+Run this module as ``python -m engine.train RUN_ID [--resume]`` to train a run
+that is already in the store; ``ren run`` does that for you.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import signal
+import socket
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Protocol
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from torch.utils.data import DataLoader, Sampler
+
+from engine import objectives as O
+from engine import tasks as T
+from engine.config import RunConfig, config_from_dict
+from engine.data.pipeline import DataBundle, build_data
+from engine.errors import ConfigError, RenError
+from engine.freeze import FreezeReport, apply_freeze
+from engine.models import VLModel, build_model
+from engine.store import Store
+
+CHECKPOINTS = "checkpoints"
+LATEST = "latest"
+FINAL_WEIGHTS = "model.safetensors"
+
+
+class Reporter(Protocol):
+    """Where progress goes (a rich bar in a terminal, log lines otherwise)."""
+
+    def start(self, total: int, done: int) -> None: ...
+    def step(self, step: int, metrics: dict[str, float]) -> None: ...
+    def message(self, text: str) -> None: ...
+    def stop(self) -> None: ...
+
+
+class SilentReporter:
+    def start(self, total: int, done: int) -> None: ...
+    def step(self, step: int, metrics: dict[str, float]) -> None: ...
+    def message(self, text: str) -> None: ...
+    def stop(self) -> None: ...
+
+
+@dataclass
+class TrainState:
+    """What a checkpoint needs beyond accelerate's model/optimizer state."""
+
+    step: int = 0
+    epoch: int = 0
+    batches_into_epoch: int = 0
+    samples_seen: int = 0
+    best_scores: dict[str, float] | None = None
+
+
+class EpochSampler(Sampler[int]):
+    """A random permutation that depends only on (seed, epoch): resuming at epoch e,
+    batch b replays exactly the order an uninterrupted run would have used."""
+
+    def __init__(self, n: int, seed: int):
+        self.n, self.seed, self.epoch = n, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        return iter(torch.randperm(self.n, generator=g).tolist())
+
+    def __len__(self) -> int:
+        return self.n
+
+
+def lr_factor(step: int, total: int, warmup: int, schedule: str) -> float:
+    """Learning-rate multiplier at optimizer step ``step`` (0-based)."""
+    if warmup and step < warmup:
+        return (step + 1) / warmup
+    if schedule == "constant":
+        return 1.0
+    progress = (step - warmup) / max(1, total - warmup)
+    if schedule == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+    return max(0.0, 1.0 - progress)
+
+
+def param_groups(model: VLModel, *, lr: float, weight_decay: float, head_lr_mult: float,
+                 fusion_lr_mult: float) -> list[dict[str, Any]]:
+    """AdamW groups: no weight decay on biases, norms and embeddings tables;
+    learning-rate multipliers for heads (and poolers) and fusion layers."""
+    buckets: dict[tuple[float, float], list[torch.nn.Parameter]] = {}
+    for group_name, modules in model.groups().items():
+        mult = 1.0
+        if group_name.startswith(("heads.", "pooler")):
+            mult = head_lr_mult
+        elif group_name.startswith("fusion."):
+            mult = fusion_lr_mult
+        for module in modules:
+            for pname, p in module.named_parameters():
+                if not p.requires_grad:
+                    continue
+                no_decay = p.ndim < 2 or "norm" in pname.lower() or isinstance(module, torch.nn.Embedding)
+                buckets.setdefault((mult, 0.0 if no_decay else weight_decay), []).append(p)
+    return [
+        {"params": params, "lr": lr * mult, "base_lr": lr * mult, "weight_decay": wd}
+        for (mult, wd), params in buckets.items()
+    ]
+
+
+def _micro_batch(cfg: RunConfig, world: int) -> tuple[int, int]:
+    """(per-process micro batch, accumulation steps) that make up the global batch."""
+    micro = cfg.train.micro_batch_size or max(1, cfg.train.batch_size // world)
+    if cfg.train.batch_size % (micro * world):
+        raise ConfigError(
+            f"train.batch_size = {cfg.train.batch_size} is not a multiple of "
+            f"micro_batch_size ({micro}) x processes ({world}); adjust one of them."
+        )
+    return micro, cfg.train.batch_size // (micro * world)
+
+
+def init_weights_from(model: VLModel, source: str, store: Store) -> tuple[list[str], list[str]]:
+    """Load ``run:<id>`` (that run's final or latest weights) or a directory/file.
+    Heads that differ (e.g. MLM head -> VQA head) are skipped. Returns (missing, unexpected)."""
+    from safetensors.torch import load_file
+
+    if source.startswith("run:"):
+        run_dir = store.run_dir(store.get_run(source[4:]).id)
+        path = run_dir / FINAL_WEIGHTS
+        if not path.exists():
+            latest = latest_checkpoint(run_dir)
+            if latest is None:
+                raise RenError(f"train.init_from = {source!r}: that run has no weights yet.")
+            path = latest / "model.safetensors"
+    else:
+        path = Path(source).expanduser()
+        if path.is_dir():
+            path = path / (FINAL_WEIGHTS if (path / FINAL_WEIGHTS).exists() else "model.safetensors")
+        if not path.exists():
+            raise RenError(f"train.init_from = {source!r}: {path} does not exist.")
+    state = load_file(str(path))
+    own = model.state_dict()
+    usable = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
+    result = model.load_state_dict(usable, strict=False)
+    if not usable:
+        raise RenError(f"train.init_from = {source!r}: no weights in {path} fit this model.")
+    return list(result.missing_keys), [k for k in state if k not in usable]
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    pointer = run_dir / CHECKPOINTS / LATEST
+    if not pointer.exists():
+        return None
+    path = run_dir / CHECKPOINTS / pointer.read_text().strip()
+    return path if (path / "trainer_state.json").exists() else None
+
+
+def _save_checkpoint(accelerator: Accelerator, run_dir: Path, state: TrainState, keep: int) -> None:
+    """accelerate ``save_state`` into a temp dir, then an atomic rename and pointer update,
+    so a kill at any instant leaves the previous checkpoint usable."""
+    root = run_dir / CHECKPOINTS
+    name = f"step_{state.step:08d}"
+    tmp = root / f".tmp_{name}"
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp), safe_serialization=True)
+    if accelerator.is_main_process:
+        (tmp / "trainer_state.json").write_text(json.dumps(state.__dict__))
+        final = root / name
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        _atomic_write(root / LATEST, name)
+        for old in sorted(p for p in root.glob("step_*") if p.is_dir())[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+class _StopFlag:
+    """SIGTERM/SIGINT ask the loop to checkpoint and stop at the next step."""
+
+    def __init__(self) -> None:
+        self.signal: int | None = None
+        self._old: dict[int, Any] = {}
+
+    def __enter__(self) -> "_StopFlag":
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                self._old[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread
+                pass
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.signal is not None:  # second signal: give up immediately
+            raise KeyboardInterrupt
+        self.signal = signum
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, handler in self._old.items():
+            signal.signal(sig, handler)
+
+
+def train(cfg: RunConfig, store: Store, run_id: str, *, resume: bool = False,
+          reporter: Reporter | None = None) -> dict[str, float]:
+    """Train run ``run_id`` (already created in ``store``) and return its final scores."""
+    reporter = reporter or SilentReporter()
+    if cfg.train.cpu_threads:
+        torch.set_num_threads(cfg.train.cpu_threads)
+
+    # --- build ---------------------------------------------------------------
+    accelerator = Accelerator(mixed_precision=cfg.train.mixed_precision)
+    micro, accum = _micro_batch(cfg, accelerator.num_processes)
+    accelerator.gradient_accumulation_steps = accum
+    set_seed(cfg.run.seed)
+    run_dir = store.run_dir(run_id)
+    data = build_data(cfg, cache_dir=Path(cfg.data.cache_dir) if cfg.data.cache_dir else store.root / "cache")
+    model = build_model(cfg, vocab_size=data.vocab_size, num_answers=data.num_answers)
+    if cfg.train.init_from and not resume:
+        missing, skipped = init_weights_from(model, cfg.train.init_from, store)
+        reporter.message(f"initialised from {cfg.train.init_from} ({len(missing)} new, {len(skipped)} skipped tensors)")
+    freeze_report = apply_freeze(model, cfg.freeze)
+    if freeze_report.trainable == 0:
+        raise ConfigError("freeze.groups freezes every parameter; nothing would train.")
+    o = cfg.optim
+    optimizer = torch.optim.AdamW(
+        param_groups(model, lr=o.lr, weight_decay=o.weight_decay, head_lr_mult=o.head_lr_mult,
+                     fusion_lr_mult=o.fusion_lr_mult),
+        lr=o.lr, betas=o.betas, eps=o.eps,
+    )
+    sampler = EpochSampler(len(data.train), cfg.run.seed)
+    train_dl = DataLoader(data.train, batch_size=micro, sampler=sampler, collate_fn=_identity, drop_last=True)
+    eval_dl = DataLoader(data.eval, batch_size=max(micro, 256), collate_fn=_identity)
+    if len(train_dl) == 0:
+        raise ConfigError(
+            f"train.batch_size = {cfg.train.batch_size} is larger than the training set "
+            f"({len(data.train)} samples)."
+        )
+
+    # --- prepare -------------------------------------------------------------
+    model, optimizer, train_dl, eval_dl = accelerator.prepare(model, optimizer, train_dl, eval_dl)
+    state = TrainState(best_scores={})
+    if resume:
+        ckpt = latest_checkpoint(run_dir)
+        if ckpt is not None:
+            accelerator.load_state(str(ckpt))
+            state = TrainState(**json.loads((ckpt / "trainer_state.json").read_text()))
+            reporter.message(f"resumed from {ckpt.name}")
+    main = accelerator.is_main_process
+    if main:
+        store.update_run(run_id, status="running", pid=os.getpid(), pid_started=_create_time(),
+                         host=socket.gethostname(), device=_device_name(accelerator),
+                         started_at=time.time(), ended_at=None, error=None,
+                         params=freeze_report.to_dict(), max_steps=cfg.train.max_steps)
+    writer = store.metrics_writer(run_id) if main else None
+
+    # --- loop ----------------------------------------------------------------
+    step_fn = _pretrain_step if cfg.objectives else _finetune_step
+    warmup = int(cfg.optim.warmup_ratio * cfg.train.max_steps)
+    unwrapped: VLModel = accelerator.unwrap_model(model)
+    sums: dict[str, float] = {}
+    count, t_last, samples_last = 0, time.perf_counter(), state.samples_seen
+    reporter.start(cfg.train.max_steps, state.step)
+    status, error = "finished", None
+    try:
+        with _StopFlag() as stop:
+            while state.step < cfg.train.max_steps and stop.signal is None:
+                sampler.set_epoch(state.epoch)
+                batches = (accelerator.skip_first_batches(train_dl, state.batches_into_epoch * accum)
+                           if state.batches_into_epoch else train_dl)
+                model.train()
+                for batch in batches:
+                    with accelerator.accumulate(model):
+                        gen = torch.Generator().manual_seed(cfg.run.seed * 7_919 + state.step * 131 + accelerator.process_index)
+                        loss, parts = step_fn(model, batch, cfg, data, gen)
+                        accelerator.backward(loss)
+                        if accelerator.sync_gradients and cfg.optim.grad_clip:
+                            accelerator.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
+                        factor = lr_factor(state.step, cfg.train.max_steps, warmup, cfg.optim.schedule)
+                        for group in optimizer.param_groups:
+                            group["lr"] = group["base_lr"] * factor
+                        optimizer.step()
+                        optimizer.zero_grad(set_to_none=True)
+                    for k, v in parts.items():
+                        sums[k] = sums.get(k, 0.0) + v
+                    count += 1
+                    if not accelerator.sync_gradients:
+                        continue
+                    state.step += 1
+                    state.batches_into_epoch += 1
+                    state.samples_seen += cfg.train.batch_size
+                    if state.step % cfg.train.log_every == 0 or state.step == cfg.train.max_steps:
+                        now = time.perf_counter()
+                        metrics = {k: v / count for k, v in sums.items()}
+                        metrics["lr"] = cfg.optim.lr * factor
+                        metrics["samples_per_s"] = (state.samples_seen - samples_last) / max(now - t_last, 1e-9)
+                        metrics["epoch"] = state.epoch + state.batches_into_epoch / len(train_dl) * accum
+                        sums, count, t_last, samples_last = {}, 0, now, state.samples_seen
+                        if writer:
+                            writer.log(state.step, **metrics)
+                            store.update_run(run_id, step=state.step)
+                        reporter.step(state.step, metrics)
+                    if cfg.task and state.step % cfg.train.eval_every == 0 and state.step < cfg.train.max_steps:
+                        scores = evaluate(unwrapped, eval_dl, accelerator, cfg.data.eval_max_samples)
+                        _record_scores(store, run_id, writer, state, scores, main)
+                        reporter.message(_format_scores(state.step, scores))
+                        model.train()
+                    if state.step % cfg.train.checkpoint_every == 0:
+                        _save_checkpoint(accelerator, run_dir, state, cfg.train.keep_checkpoints)
+                    if state.step >= cfg.train.max_steps or stop.signal is not None:
+                        break
+                else:
+                    state.epoch += 1
+                    state.batches_into_epoch = 0
+            if stop.signal is not None:
+                status = "cancelled"
+                _save_checkpoint(accelerator, run_dir, state, cfg.train.keep_checkpoints)
+    except KeyboardInterrupt:
+        status, error = "cancelled", "interrupted"
+    except Exception as exc:  # record the failure, then re-raise for the caller
+        status, error = "failed", f"{type(exc).__name__}: {exc}"
+        if writer:
+            writer.close()
+        if main:
+            store.mark_ended(run_id, "failed", error=error)
+        reporter.stop()
+        raise
+    reporter.stop()
+
+    # --- final evaluation and weights ---------------------------------------
+    final: dict[str, float] = {}
+    if status == "finished":
+        if cfg.task:
+            final = evaluate(unwrapped, eval_dl, accelerator, None)
+            _record_scores(store, run_id, writer, state, final, main)
+            reporter.message(_format_scores(state.step, final, final=True))
+        _save_checkpoint(accelerator, run_dir, state, cfg.train.keep_checkpoints)
+        if main:
+            from safetensors.torch import save_file
+
+            weights = {k: v.detach().cpu().contiguous() for k, v in unwrapped.state_dict().items()}
+            tmp = run_dir / f".{FINAL_WEIGHTS}.tmp"
+            save_file(weights, str(tmp))
+            os.replace(tmp, run_dir / FINAL_WEIGHTS)
+    if writer:
+        writer.close()
+    if main:
+        if final:
+            store.update_run(run_id, final_scores=final)
+        store.mark_ended(run_id, status, error=error)
+    return final
+
+
+def _identity(batch: Any) -> Any:
+    return batch
+
+
+def _create_time() -> float | None:
+    try:
+        import psutil
+
+        return psutil.Process().create_time()
+    except Exception:
+        return None
+
+
+def _device_name(accelerator: Accelerator) -> str:
+    device = accelerator.device
+    n = accelerator.num_processes
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        return f"{n}x {name}" if n > 1 else name
+    return f"cpu ({torch.get_num_threads()} threads)"
+
+
+def _pretrain_step(model: torch.nn.Module, batch: dict[str, torch.Tensor], cfg: RunConfig,
+                   data: DataBundle, gen: torch.Generator) -> tuple[torch.Tensor, dict[str, float]]:
+    """MLM rows (masked text, true image) and ITM rows (clean text, half the images
+    swapped) go through the model as one batch; ITC uses the unimodal summaries."""
+    obj = cfg.objectives
+    assert obj is not None
+    ids, mask, pix, image_ids = batch["input_ids"], batch["attention_mask"], batch["pixel_values"], batch["image_ids"]
+    b = ids.shape[0]
+    rows_ids, rows_mask, rows_pix = [], [], []
+    mlm_labels = itm_labels = None
+    if obj.mlm:
+        masked, mlm_labels = O.mask_tokens(
+            ids, batch["word_ids"], mask_prob=obj.mlm.mask_prob, whole_word=obj.mlm.whole_word,
+            mask_id=data.mask_token_id, vocab_size=data.vocab_size, num_special=data.num_special_tokens,
+            generator=gen,
+        )
+        rows_ids.append(masked), rows_mask.append(mask), rows_pix.append(pix)
+    if obj.itm or obj.itc:
+        itm_pix, itm_labels = O.itm_pairs(pix, image_ids, negative_ratio=obj.itm.negative_ratio if obj.itm else 0.5, generator=gen)
+        rows_ids.append(ids), rows_mask.append(mask), rows_pix.append(itm_pix if obj.itm else pix)
+    n_mlm = b if obj.mlm else 0
+    all_ids = torch.cat(rows_ids)
+    mlm_positions = None
+    if mlm_labels is not None:
+        mlm_positions = torch.zeros(all_ids.shape, dtype=torch.bool, device=ids.device)
+        mlm_positions[:b] = mlm_labels != O.IGNORE
+    out = model(all_ids, torch.cat(rows_mask), torch.cat(rows_pix),
+                mlm_positions=mlm_positions,
+                itm_rows=slice(n_mlm, n_mlm + b) if obj.itm else None,
+                itc=bool(obj.itc))
+    parts: dict[str, torch.Tensor] = {}
+    if obj.mlm:
+        parts["mlm"] = (O.mlm_loss(out.logits["mlm"], mlm_labels[mlm_labels != O.IGNORE]), obj.mlm.weight)
+    if obj.itm:
+        parts["itm"] = (O.itm_loss(out.logits["itm"], itm_labels), obj.itm.weight)
+    if obj.itc:
+        # ITC on the clean, true-image rows only
+        logits = out.logits["itc"][n_mlm:n_mlm + b, n_mlm:n_mlm + b] if not obj.itm else None
+        if logits is None:
+            keep = itm_labels.bool()
+            logits = out.logits["itc"][n_mlm:][keep][:, n_mlm:][:, keep]
+            image_ids = image_ids[keep]
+        parts["itc"] = (O.itc_loss(logits, image_ids), obj.itc.weight)
+    loss = sum(w * l for l, w in parts.values())
+    logged = {f"loss_{k}": float(l.detach()) for k, (l, _) in parts.items()}
+    logged["loss"] = float(loss.detach())
+    return loss, logged
+
+
+def _finetune_step(model: torch.nn.Module, batch: dict[str, torch.Tensor], cfg: RunConfig,
+                   data: DataBundle, gen: torch.Generator) -> tuple[torch.Tensor, dict[str, float]]:
+    out = model(batch["input_ids"], batch["attention_mask"], batch["pixel_values"], task=True)
+    loss = T.vqa_loss(out.logits["task"], batch["labels"])
+    with torch.no_grad():
+        acc = T.vqa_score(out.logits["task"], batch["labels"]).mean()
+    return loss, {"loss": float(loss.detach()), "train_vqa_score": float(acc)}
+
+
+@torch.no_grad()
+def evaluate(model: VLModel, loader: DataLoader, accelerator: Accelerator, max_samples: int | None) -> dict[str, float]:
+    """VQA score over the eval loader (all processes, gathered once per batch)."""
+    was_training = model.training
+    model.eval()
+    total, n = 0.0, 0
+    for batch in loader:
+        out = model(batch["input_ids"], batch["attention_mask"], batch["pixel_values"], task=True)
+        scores = accelerator.gather_for_metrics(T.vqa_score(out.logits["task"], batch["labels"]))
+        total += float(scores.sum())
+        n += scores.numel()
+        if max_samples and n >= max_samples:
+            break
+    model.train(was_training)
+    return {"vqa_score": total / max(n, 1), "eval_samples": float(n)}
+
+
+def _record_scores(store: Store, run_id: str, writer: Any, state: TrainState,
+                   scores: dict[str, float], main: bool) -> None:
+    metric = {f"eval/{k}": v for k, v in scores.items() if k != "eval_samples"}
+    best = dict(state.best_scores or {})
+    for k, v in metric.items():
+        best[k] = max(best.get(k, -math.inf), v)
+    state.best_scores = best
+    if main and writer:
+        writer.log(state.step, **metric)
+        writer.flush()
+        store.update_run(run_id, best_scores=best)
+
+
+def _format_scores(step: int, scores: dict[str, float], final: bool = False) -> str:
+    label = "final" if final else f"step {step}"
+    return f"{label}: " + ", ".join(
+        f"{k} {v:.4f}" for k, v in scores.items() if k != "eval_samples"
+    ) + f" on {int(scores.get('eval_samples', 0))} samples"
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m engine.train RUN_ID [--resume]``: train a run stored in ``$REN_HOME``."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m engine.train")
+    parser.add_argument("run_id")
+    parser.add_argument("--resume", action="store_true")
+    args = parser.parse_args(argv)
+    store = Store()
+    record = store.get_run(args.run_id)
+    cfg = config_from_dict(record.config, source=f"run {record.id}")
+    from engine.cli.progress import make_reporter
+
+    train(cfg, store, record.id, resume=args.resume, reporter=make_reporter())
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
+
+
+__all__ = ["Callable", "EpochSampler", "FreezeReport", "TrainState", "evaluate", "lr_factor", "train"]
