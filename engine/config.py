@@ -414,15 +414,29 @@ def _read_with_extends(path: Path, chain: tuple[Path, ...]) -> dict[str, Any]:
     return deep_merge(base, data)
 
 
+_TAGS = ("kind", "source")
+
+
 def deep_merge(base: dict[str, Any], patch: dict[str, Any]) -> dict[str, Any]:
-    """Tables merge key by key; any other value in ``patch`` replaces the base's."""
+    """Tables merge key by key; any other value in ``patch`` replaces the base's.
+
+    A table whose tag (``kind`` of the model, ``source`` of a tower) differs from
+    the base's replaces the base table whole: keys of a manual tower do not
+    leak into the pretrained tower that replaces it, nor two-tower keys into a
+    one-tower model.
+    """
     out = dict(base)
     for key, value in patch.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = deep_merge(out[key], value)
+        old = out.get(key)
+        if isinstance(value, dict) and isinstance(old, dict) and not _retagged(old, value):
+            out[key] = deep_merge(old, value)
         else:
             out[key] = value
     return out
+
+
+def _retagged(old: dict[str, Any], new: dict[str, Any]) -> bool:
+    return any(tag in new and new[tag] != old.get(tag, new[tag]) for tag in _TAGS)
 
 
 def parse_override(item: str) -> tuple[list[str], Any]:

@@ -16,12 +16,10 @@ from pathlib import Path
 import psutil
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:  # the project is not installed into the venv
-    sys.path.insert(0, str(REPO))
+from engine.errors import RunNotFound, StoreError
+from engine.store import RunRecord, Store, default_root
 
-from engine.errors import RunNotFound, StoreError  # noqa: E402
-from engine.store import RunRecord, Store, default_root  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
 
 HOST = socket.gethostname()
 

@@ -1,0 +1,32 @@
+"""Shared fixtures: every test gets its own empty store and runs offline."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+PRESETS = REPO / "presets"
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+@pytest.fixture(autouse=True)
+def ren_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """An isolated ``$REN_HOME`` so no test reads or writes a real store."""
+    home = tmp_path / "ren_home"
+    monkeypatch.setenv("REN_HOME", str(home))
+    return home
+
+
+@pytest.fixture(scope="session")
+def data_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One decoded easy-VQA cache shared by every test that trains."""
+    from engine.data.easyvqa import load_easy_vqa
+
+    cache = tmp_path_factory.mktemp("easyvqa_cache")
+    load_easy_vqa(cache)
+    return cache
