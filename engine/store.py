@@ -343,6 +343,25 @@ class MetricsWriter:
             return last + 1, []
         return last, points
 
+    def rewind(self, step: int) -> None:
+        """Drop flushed points after ``step``: a run resumed from the checkpoint at
+        ``step`` logs those steps again, and its curve must not hold both copies."""
+        self.flush()
+        for index in reversed(_segment_indices(self.metrics_dir)):
+            path = _segment_path(self.metrics_dir, index)
+            points = _read_segment(path)
+            kept = [p for p in points if p["step"] <= step]
+            if len(kept) == len(points):
+                break
+            if kept:
+                _atomic_write_json(path, {"points": kept})
+            else:
+                try:
+                    path.unlink()
+                except OSError as exc:
+                    raise StoreError(f"Cannot remove {path}: {_reason(exc)}.") from exc
+        self._segment, self._points = self._resume_segment()
+
     def log(self, step: int, **values: float) -> None:
         """Buffer one point; flush when ``flush_every_s`` has passed since the last flush."""
         if self._closed:

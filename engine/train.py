@@ -275,6 +275,8 @@ def train(cfg: RunConfig, store: Store, run_id: str, *, resume: bool = False,
                          started_at=time.time(), ended_at=None, error=None,
                          params=freeze_report.to_dict(), max_steps=cfg.train.max_steps)
     writer = store.metrics_writer(run_id) if main else None
+    if writer:
+        writer.rewind(state.step)
 
     # --- loop ----------------------------------------------------------------
     step_fn = _pretrain_step if cfg.objectives else _finetune_step

@@ -329,3 +329,16 @@ def test_import_does_not_load_heavy_modules() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], env=_env(), capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_rewind_drops_points_after_a_step_across_segments(store: Store) -> None:
+    record = store.create_run(name="r", stage="finetune", kind="one_tower", config={})
+    with store.metrics_writer(record.id, segment_points=4) as writer:
+        for step in range(1, 12):
+            writer.log(step, loss=float(step))
+    with store.metrics_writer(record.id, segment_points=4) as writer:
+        writer.rewind(5)
+        assert [p["step"] for p in store.read_metrics(record.id)] == [1, 2, 3, 4, 5]
+        writer.log(6, loss=-6.0)
+    steps = [(p["step"], p["loss"]) for p in store.read_metrics(record.id)]
+    assert steps == [(1, 1.0), (2, 2.0), (3, 3.0), (4, 4.0), (5, 5.0), (6, -6.0)]

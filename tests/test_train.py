@@ -1,0 +1,169 @@
+"""End-to-end training on easy-VQA with tiny models: records, objectives,
+init_from, and exact resume after SIGKILL."""
+
+from __future__ import annotations
+
+import copy
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from engine.config import RunConfig, config_from_dict
+from engine.store import Store
+from engine.train import EpochSampler, FINAL_WEIGHTS, latest_checkpoint, lr_factor, train
+
+from .conftest import REPO
+
+
+def tiny_finetune(cache: Path, **train: int) -> dict:
+    return {
+        "run": {"name": "tiny-ft", "seed": 0},
+        "model": {"kind": "one_tower", "backbone": {
+            "modality": "vision", "hidden_size": 32, "layers": 1, "heads": 2, "patch_size": 16, "image_size": 32}},
+        "task": {"name": "vqa"},
+        "data": {"max_text_len": 16, "eval_max_samples": 256, "cache_dir": str(cache)},
+        "optim": {"lr": 1e-3, "warmup_ratio": 0.1},
+        "train": {"max_steps": 20, "batch_size": 16, "log_every": 5, "eval_every": 10,
+                  "checkpoint_every": 10, "keep_checkpoints": 2, "cpu_threads": 1, **train},
+    }
+
+
+def tiny_pretrain(cache: Path) -> dict:
+    return {
+        "run": {"name": "tiny-pt", "seed": 0},
+        "model": {"kind": "two_tower",
+                  "text": {"hidden_size": 32, "layers": 1, "heads": 2, "max_positions": 32},
+                  "vision": {"hidden_size": 32, "layers": 1, "heads": 2, "patch_size": 16, "image_size": 32},
+                  "fusion": {"layers": 1, "hidden_size": 32, "heads": 2}},
+        "objectives": {"mlm": {"weight": 1.0}, "itm": {"weight": 0.5}, "itc": {"weight": 0.25}},
+        "data": {"max_text_len": 16, "cache_dir": str(cache)},
+        "optim": {"lr": 1e-3},
+        "train": {"max_steps": 6, "batch_size": 16, "log_every": 1, "checkpoint_every": 3, "cpu_threads": 1},
+    }
+
+
+def start(store: Store, raw: dict) -> tuple[RunConfig, str]:
+    cfg = config_from_dict(raw)
+    record = store.create_run(name=cfg.run.name, stage=cfg.stage, kind=cfg.model.kind,
+                              config=cfg.to_dict(), max_steps=cfg.train.max_steps)
+    return cfg, record.id
+
+
+def test_finetune_records_metrics_scores_checkpoints_and_weights(ren_home: Path, data_cache: Path) -> None:
+    store = Store(ren_home)
+    cfg, run_id = start(store, tiny_finetune(data_cache))
+    final = train(cfg, store, run_id)
+
+    record = store.get_run(run_id)
+    assert record.status == "finished" and record.step == 20
+    assert 0.0 < final["vqa_score"] <= 1.0
+    assert final["eval_samples"] == 9673  # the final evaluation uses the whole test split
+    assert record.final_scores["vqa_score"] == final["vqa_score"]
+    assert "eval/vqa_score" in record.best_scores
+    assert record.params["trainable"] == record.params["total"] > 0
+    assert record.device.startswith("cpu")
+
+    losses = store.series(run_id, "loss")
+    assert [s for s, _ in losses] == [5, 10, 15, 20]
+    assert all(v == v and v > 0 for _, v in losses)
+    evals = store.series(run_id, "eval/vqa_score")
+    assert [s for s, _ in evals] == [10, 20]
+    assert all(p["lr"] > 0 for p in store.read_metrics(run_id) if "lr" in p)
+
+    run_dir = store.run_dir(run_id)
+    assert (run_dir / FINAL_WEIGHTS).exists()
+    ckpts = sorted(p.name for p in (run_dir / "checkpoints").glob("step_*"))
+    assert ckpts == ["step_00000010", "step_00000020"]
+    assert latest_checkpoint(run_dir).name == "step_00000020"
+
+
+def test_pretraining_logs_each_objective_and_their_weighted_sum(ren_home: Path, data_cache: Path) -> None:
+    store = Store(ren_home)
+    cfg, run_id = start(store, tiny_pretrain(data_cache))
+    train(cfg, store, run_id)
+    points = [p for p in store.read_metrics(run_id) if "loss" in p]
+    assert [p["step"] for p in points] == [1, 2, 3, 4, 5, 6]
+    for p in points:
+        assert p["loss_mlm"] > 0 and p["loss_itm"] > 0 and p["loss_itc"] > 0
+        assert p["loss"] == pytest.approx(p["loss_mlm"] + 0.5 * p["loss_itm"] + 0.25 * p["loss_itc"], rel=1e-5)
+    assert store.get_run(run_id).status == "finished"
+
+
+def test_finetune_starts_from_a_pretraining_run(ren_home: Path, data_cache: Path) -> None:
+    store = Store(ren_home)
+    pre_cfg, pre_id = start(store, tiny_pretrain(data_cache))
+    train(pre_cfg, store, pre_id)
+    raw = tiny_pretrain(data_cache)
+    raw.pop("objectives")
+    raw["task"] = {"name": "vqa"}
+    raw["train"] = {**raw["train"], "init_from": f"run:{pre_id}", "max_steps": 1}
+    raw["optim"] = {"lr": 1e-12, "warmup_ratio": 0.0}  # (almost) no update: weights stay the pretrained ones
+    cfg, run_id = start(store, raw)
+    train(cfg, store, run_id)
+    pre = load_file(str(store.run_dir(pre_id) / FINAL_WEIGHTS))
+    fine = load_file(str(store.run_dir(run_id) / FINAL_WEIGHTS))
+    shared = [k for k in pre if k.startswith("encoder.")]
+    assert shared and all(torch.allclose(pre[k], fine[k], atol=1e-6) for k in shared)
+    assert not any(k.startswith("heads.mlm") for k in fine) and any(k.startswith("heads.task") for k in fine)
+
+
+def test_sigkill_then_resume_matches_an_uninterrupted_run(ren_home: Path, data_cache: Path) -> None:
+    store = Store(ren_home)
+    raw = tiny_finetune(data_cache, max_steps=60, checkpoint_every=10, eval_every=1000)
+
+    cfg, ref_id = start(store, copy.deepcopy(raw))
+    train(cfg, store, ref_id)
+
+    cfg, run_id = start(store, copy.deepcopy(raw))
+    proc = subprocess.Popen([sys.executable, "-m", "engine.train", run_id], cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=os.environ.copy())
+    run_dir = store.run_dir(run_id)
+    deadline = time.monotonic() + 120
+    while latest_checkpoint(run_dir) is None:
+        assert proc.poll() is None, proc.stderr.read().decode()
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+
+    # the store is valid after the kill and tells the run died
+    killed = store.get_run(run_id)
+    assert killed.status == "crashed"
+    assert store.read_metrics(run_id) is not None
+    resumed_from = int(latest_checkpoint(run_dir).name.split("_")[1])
+    assert 10 <= resumed_from < 60
+
+    train(config_from_dict(killed.config), store, run_id, resume=True)
+    assert store.get_run(run_id).status == "finished"
+    steps = [s for s, _ in store.series(run_id, "loss")]
+    assert steps == sorted(set(steps)) and steps[-1] == 60  # no duplicated steps after the rewind
+    ref = load_file(str(store.run_dir(ref_id) / FINAL_WEIGHTS))
+    got = load_file(str(run_dir / FINAL_WEIGHTS))
+    assert all(torch.allclose(ref[k], got[k], atol=1e-5) for k in ref)
+    ref_loss = dict(store.series(ref_id, "loss"))
+    assert all(ref_loss[s] == pytest.approx(v, rel=1e-4) for s, v in store.series(run_id, "loss") if s > resumed_from)
+
+
+def test_sampler_order_depends_only_on_seed_and_epoch() -> None:
+    a, b = EpochSampler(100, seed=3), EpochSampler(100, seed=3)
+    a.set_epoch(2)
+    b.set_epoch(2)
+    assert list(a) == list(b) and sorted(a) == list(range(100))
+    b.set_epoch(3)
+    assert list(a) != list(b)
+
+
+def test_lr_schedule_warms_up_then_decays() -> None:
+    assert lr_factor(0, 100, 10, "linear") == pytest.approx(0.1)
+    assert lr_factor(9, 100, 10, "linear") == pytest.approx(1.0)
+    assert lr_factor(55, 100, 10, "linear") == pytest.approx(0.5)
+    assert lr_factor(55, 100, 10, "cosine") == pytest.approx(0.5)
+    assert lr_factor(99, 100, 10, "cosine") < 0.01
+    assert lr_factor(50, 100, 0, "constant") == 1.0
