@@ -42,7 +42,11 @@ def mask_tokens(
     empty = ~chosen.any(dim=1) & eligible.any(dim=1)
     if empty.any():
         first = eligible.float().argmax(dim=1)
-        chosen[empty, first[empty]] = True
+        if whole_word:  # the whole first word, not just its first sub-token
+            first_word = word_ids.gather(1, first[:, None])
+            chosen |= empty[:, None] & eligible & (word_ids == first_word)
+        else:
+            chosen[empty, first[empty]] = True
     labels = torch.where(chosen, input_ids, torch.full_like(input_ids, IGNORE))
     roll = torch.rand(input_ids.shape, generator=generator).to(device)
     masked = input_ids.clone()
