@@ -6,7 +6,7 @@ is a list of patterns over those names; :func:`apply_freeze` applies it and
 returns a :class:`FreezeReport`. Pattern forms:
 
 - an exact name: ``vision.embeddings``
-- a prefix: ``text`` (every ``text.*`` group)
+- a prefix: ``text`` (every ``text.*`` group), ``vision.layers`` (every layer)
 - a glob: ``vision.layers*``, ``*.embeddings``
 - a slice: ``vision.layers[0:6]`` (layers 0..5), ``text.layers[6:]``
 
@@ -78,7 +78,7 @@ class FreezeReport:
 
 def matches(pattern: str, name: str) -> bool:
     """Whether a freeze pattern selects the group ``name``."""
-    if pattern == name or name.startswith(pattern + "."):
+    if pattern == name or name.startswith((pattern + ".", pattern + "[")):
         return True
     sliced = _SLICE.match(pattern)
     if sliced:

@@ -41,7 +41,12 @@ class ITCHead(nn.Module):
         self.image_proj = nn.Linear(image_dim, dim)
         init_weights(self)
         scale = torch.tensor(math.log(1.0 / temperature))
-        self.logit_scale = nn.Parameter(scale, requires_grad=learnable)
+        # a fixed temperature is a buffer, not a frozen parameter: apply_freeze
+        # sets requires_grad per group and would make a frozen parameter trainable
+        if learnable:
+            self.logit_scale = nn.Parameter(scale)
+        else:
+            self.register_buffer("logit_scale", scale)
 
     def embed(self, text_cls: Tensor, image_cls: Tensor) -> tuple[Tensor, Tensor]:
         return F.normalize(self.text_proj(text_cls), dim=-1), F.normalize(self.image_proj(image_cls), dim=-1)
