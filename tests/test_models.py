@@ -1,0 +1,500 @@
+"""Model builder: output shapes per architecture, attention masks, parameter groups,
+state dicts, loading HF backbones from local directories, load errors and
+gradient checkpointing. Every model here is tiny and built offline."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from engine.config import config_from_dict
+from engine.errors import ModelLoadError
+from engine.models import build_model, count_parameters
+
+VOCAB = 60
+B, L = 3, 8
+N_ANSWERS = 7
+
+TINY = {"hidden_size": 32, "layers": 2, "heads": 2, "mlp_ratio": 2.0}
+FUSION = {"hidden_size": 32, "layers": 1, "heads": 2, "mlp_ratio": 2.0, "dropout": 0.0}
+PRETRAIN = {"objectives": {"mlm": {}, "itm": {}}}
+PRETRAIN_ITC = {"objectives": {"mlm": {}, "itm": {}, "itc": {}}}
+
+
+def one_tower(modality: str = "text", pooler: str = "single", **backbone):
+    return {"kind": "one_tower", "pooler": pooler,
+            "backbone": {**TINY, "modality": modality, "patch_size": 8, "image_size": 32,
+                         "max_text_positions": 16, **backbone}}
+
+
+def two_tower(text=None, vision=None):
+    return {"kind": "two_tower",
+            "text": text or {**TINY, "max_positions": 16},
+            "vision": vision or {**TINY, "patch_size": 8, "image_size": 32},
+            "fusion": FUSION}
+
+
+def dual_encoder():
+    return {"kind": "dual_encoder", "text": {**TINY, "max_positions": 16},
+            "vision": {**TINY, "patch_size": 8, "image_size": 32}, "projection_dim": 16}
+
+
+TIMM_VISION = {"library": "timm", "source": "random", "name": "resnet18", "image_size": 64}
+
+
+def make(model: dict, stage: dict | None = None, seed: int = 0):
+    cfg = config_from_dict({"model": model, **(stage or PRETRAIN)})
+    torch.manual_seed(seed)
+    return build_model(cfg, vocab_size=VOCAB, num_answers=N_ANSWERS if "task" in (stage or {}) else None)
+
+
+def inputs(b: int = B, length: int = L, image_size: int = 32, seed: int = 1):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(5, VOCAB, (b, length), generator=g)
+    mask = torch.ones(b, length, dtype=torch.long)
+    mask[0, length - 3:] = 0  # row 0 is padded
+    ids[0, length - 3:] = 0
+    return ids, mask, torch.randn(b, 3, image_size, image_size, generator=g)
+
+
+def mlm_positions(mask: torch.Tensor) -> torch.Tensor:
+    pos = torch.zeros_like(mask, dtype=torch.bool)
+    pos[:, 1] = True
+    pos[1, 3] = True
+    return pos
+
+
+ALL_KINDS = {
+    "one_tower_text": (lambda: one_tower("text"), PRETRAIN),
+    "one_tower_vision_double": (lambda: one_tower("vision", "double"), {"task": {}}),
+    "two_tower": (two_tower, PRETRAIN_ITC),
+    "two_tower_timm": (lambda: two_tower(vision=TIMM_VISION), PRETRAIN_ITC),
+    "dual_encoder": (dual_encoder, {"objectives": {"itc": {}}}),
+}
+
+
+# ----------------------------------------------------------------------------
+# shapes
+# ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("modality", ["text", "vision"])
+@pytest.mark.parametrize("pooler", ["single", "double"])
+def test_one_tower_shapes(modality, pooler):
+    model = make(one_tower(modality, pooler))
+    enc = model.encoder
+    assert enc.modality == modality
+    ids, mask, pix = inputs()
+    pos = mlm_positions(mask)
+    out = model(ids, mask, pix, mlm_positions=pos, itm_rows=slice(0, B))
+    f = out.features
+    n_patches = 1 + (32 // 8) ** 2
+    assert f.text.shape == (B, L, 32)
+    assert f.image.shape == (B, n_patches, 32)
+    assert f.pooled.shape == (B, 32 * (2 if pooler == "double" else 1))
+    assert f.text_cls is None and f.image_cls is None
+    # MLM logits only at the masked positions
+    assert out.logits["mlm"].shape == (int(pos.sum()), VOCAB)
+    assert out.logits["itm"].shape == (B, 2)
+    assert "itc" not in out.logits and "task" not in out.logits
+    # the MLM head reads exactly the selected token features
+    assert torch.allclose(out.logits["mlm"], model.heads["mlm"](f.text[pos]))
+
+
+def test_one_tower_task_head():
+    model = make(one_tower("text", "double"), {"task": {}})
+    ids, mask, pix = inputs()
+    out = model(ids, mask, pix, task=True)
+    assert set(model.heads) == {"task"}
+    assert out.logits["task"].shape == (B, N_ANSWERS)
+    assert out.features.pooled.shape == (B, 64)
+
+
+def test_one_tower_itm_rows_slice():
+    model = make(one_tower())
+    ids, mask, pix = inputs()
+    out = model(ids, mask, pix, itm_rows=slice(1, 3))
+    assert out.logits["itm"].shape == (2, 2)
+    assert torch.allclose(out.logits["itm"], model.heads["itm"](out.features.pooled[1:3]))
+
+
+def test_two_tower_shapes():
+    model = make(two_tower(), {**PRETRAIN_ITC})
+    ids, mask, pix = inputs()
+    pos = mlm_positions(mask)
+    out = model(ids, mask, pix, mlm_positions=pos, itm_rows=slice(0, B), itc=True)
+    f = out.features
+    assert f.text.shape == (B, L, 32) and f.image.shape == (B, 17, 32)
+    assert f.pooled.shape == (B, 64)
+    assert f.text_cls.shape == (B, 32) and f.image_cls.shape == (B, 32)
+    assert out.logits["mlm"].shape == (int(pos.sum()), VOCAB)
+    assert out.logits["itm"].shape == (B, 2)
+    assert out.logits["itc"].shape == (B, B)
+
+
+def test_two_tower_task_head():
+    model = make(two_tower(), {"task": {}})
+    ids, mask, pix = inputs()
+    assert model(ids, mask, pix, task=True).logits["task"].shape == (B, N_ANSWERS)
+
+
+def test_two_tower_with_timm_cnn():
+    model = make(two_tower(vision=TIMM_VISION), PRETRAIN_ITC)
+    ids, mask, pix = inputs(image_size=64)
+    out = model(ids, mask, pix, itm_rows=slice(0, B), itc=True)
+    tower = model.encoder.vision
+    fmap = tower.model.forward_features(pix)
+    assert fmap.ndim == 4
+    c, h, w = fmap.shape[1:]
+    assert c == tower.hidden_size == 512 and h * w > 1
+    assert out.features.image.shape == (B, 1 + h * w, 32)
+    tokens = tower(pix)
+    assert tokens.shape == (B, 1 + h * w, c)
+    # first token summarises the map (mean), the rest are its positions in order
+    assert torch.allclose(tokens[:, 0], fmap.mean(dim=(2, 3)), atol=1e-5)
+    assert torch.allclose(tokens[:, 1:], fmap.flatten(2).transpose(1, 2))
+    assert out.features.image_cls.shape == (B, 512)
+    assert out.logits["itc"].shape == (B, B) and out.logits["itm"].shape == (B, 2)
+
+
+def test_dual_encoder_shapes():
+    model = make(dual_encoder(), {"objectives": {"itc": {}}})
+    ids, mask, pix = inputs()
+    out = model(ids, mask, pix, itc=True)
+    f = out.features
+    assert f.text is None and f.image is None and f.pooled is None
+    assert f.text_cls.shape == (B, 32) and f.image_cls.shape == (B, 32)
+    assert out.logits["itc"].shape == (B, B)
+    assert model.heads["itc"].text_proj.out_features == 16
+
+
+# ----------------------------------------------------------------------------
+# attention masks
+# ----------------------------------------------------------------------------
+
+
+def _pad(ids, mask, extra: int, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    junk = torch.randint(5, VOCAB, (ids.shape[0], extra), generator=g)
+    return torch.cat([ids, junk], 1), torch.cat([mask, torch.zeros_like(mask[:, :extra])], 1)
+
+
+@pytest.mark.parametrize("kind", ["one_tower_text", "one_tower_vision_double", "two_tower", "dual_encoder"])
+def test_padding_never_leaks_into_real_tokens(kind):
+    build, stage = ALL_KINDS[kind]
+    model = make(build(), stage).eval()
+    ids, mask, pix = inputs()
+    # row 0 already has padding: give it random ids there instead of 0
+    ids[0, L - 3:] = torch.tensor([11, 23, 37])
+    with torch.no_grad():
+        ref = model.encoder(ids, mask, pix)
+        padded_ids, padded_mask = _pad(ids, mask, extra=5, seed=3)
+        got = model.encoder(padded_ids, padded_mask, pix)
+        other_ids = ids.clone()
+        other_ids[0, L - 3:] = torch.tensor([41, 42, 43])
+        other = model.encoder(other_ids, mask, pix)
+        # control: the same padded input with the mask ignored does change the outputs
+        leaky = model.encoder(padded_ids, torch.ones_like(padded_mask), pix)
+
+    real = mask.bool()
+    for a, b in ((ref, got), (ref, other)):
+        if ref.text is not None:
+            assert torch.allclose(a.text[:, :L][real], b.text[:, :L][real], atol=1e-5)
+            assert torch.allclose(a.image, b.image, atol=1e-5)
+            assert torch.allclose(a.pooled, b.pooled, atol=1e-5)
+        if ref.text_cls is not None:
+            assert torch.allclose(a.text_cls, b.text_cls, atol=1e-5)
+            assert torch.allclose(a.image_cls, b.image_cls, atol=1e-5)
+    summary = leaky.pooled if leaky.pooled is not None else leaky.text_cls
+    expected = ref.pooled if ref.pooled is not None else ref.text_cls
+    assert not torch.allclose(summary, expected, atol=1e-3)
+
+
+# ----------------------------------------------------------------------------
+# parameter groups and state dicts
+# ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", list(ALL_KINDS))
+def test_every_parameter_in_exactly_one_group(kind):
+    build, stage = ALL_KINDS[kind]
+    model = make(build(), stage)
+    owner: dict[int, str] = {}
+    for name, modules in model.groups().items():
+        seen_here: set[int] = set()
+        for module in modules:
+            for p in module.parameters():
+                if id(p) in seen_here:
+                    continue
+                seen_here.add(id(p))
+                assert id(p) not in owner, f"parameter in both {owner[id(p)]} and {name}"
+                owner[id(p)] = name
+    all_params = {id(p): n for n, p in model.named_parameters()}
+    missing = [n for i, n in all_params.items() if i not in owner]
+    assert not missing, f"parameters in no group: {missing}"
+    group_total = sum(p.numel() for m in model.groups().values() for mod in m for p in mod.parameters())
+    assert group_total == count_parameters(model)[0] == sum(p.numel() for p in model.parameters())
+    # heads are grouped as heads.<name>
+    assert {n for n in model.groups() if n.startswith("heads.")} == {f"heads.{h}" for h in model.heads}
+
+
+@pytest.mark.parametrize("kind", list(ALL_KINDS))
+def test_state_dict_has_no_aliases_and_round_trips(kind, tmp_path):
+    build, stage = ALL_KINDS[kind]
+    model = make(build(), stage).eval()
+    names = [n for n, _ in model.named_parameters(remove_duplicate=False)]
+    assert len(names) == len(set(names)) == len(list(model.parameters()))
+    sd = model.state_dict()
+    ptrs = [t.untyped_storage().data_ptr() for t in sd.values() if t.numel()]
+    assert len(ptrs) == len(set(ptrs)), "state dict holds tensors sharing storage"
+    path = tmp_path / "model.safetensors"
+    save_file(sd, str(path))  # refuses shared tensors
+    fresh = make(build(), stage, seed=123).eval()
+    first = next(iter(sd))
+    assert not torch.equal(fresh.state_dict()[first], sd[first]) or len(sd) == 0
+    fresh.load_state_dict(load_file(str(path)), strict=True)
+    size = 64 if kind == "two_tower_timm" else 32
+    ids, mask, pix = inputs(image_size=size)
+    with torch.no_grad():
+        a, b = model.encoder(ids, mask, pix), fresh.encoder(ids, mask, pix)
+    for x, y in ((a.pooled, b.pooled), (a.text_cls, b.text_cls)):
+        if x is not None:
+            assert torch.equal(x, y)
+
+
+def test_group_names():
+    groups = make(two_tower()).groups()
+    assert {"text.embeddings", "text.layers[0]", "text.layers[1]", "text.final",
+            "vision.embeddings", "vision.layers[0]", "vision.layers[1]", "vision.final",
+            "fusion.proj", "fusion.layers[0]", "fusion.final", "pooler", "heads.mlm", "heads.itm"} == set(groups)
+    one = make(one_tower("vision")).groups()
+    assert {"backbone.text_embeddings", "backbone.image_embeddings", "backbone.modality_type",
+            "backbone.layers[0]", "backbone.layers[1]", "backbone.final"} <= set(one)
+    timm_groups = make(two_tower(vision=TIMM_VISION)).groups()
+    assert [n for n in timm_groups if n.startswith("vision.layers")] == [f"vision.layers[{i}]" for i in range(4)]
+
+
+# ----------------------------------------------------------------------------
+# pretrained backbones from local directories
+# ----------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def hf_dirs(tmp_path_factory) -> dict[str, Path]:
+    from transformers import BertConfig, BertModel, ViTConfig, ViTModel
+
+    root = tmp_path_factory.mktemp("hf_models")
+    torch.manual_seed(42)
+    bert = BertModel(BertConfig(vocab_size=90, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                intermediate_size=64, max_position_embeddings=32))
+    vit = ViTModel(ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                             image_size=32, patch_size=8))
+    with torch.no_grad():  # non-default norms, so "kept" is distinguishable from fresh init
+        for model in (bert, vit):
+            for name, p in model.named_parameters():
+                if "norm" in name.lower():
+                    p.normal_()
+    bert.save_pretrained(root / "bert")
+    vit.save_pretrained(root / "vit")
+    return {"bert": root / "bert", "vit": root / "vit",
+            "bert_sd": {k: v.clone() for k, v in bert.state_dict().items()},
+            "vit_sd": {k: v.clone() for k, v in vit.state_dict().items()}}
+
+
+def _pretrained_one_tower(path: Path, source: str = "pretrained"):
+    return make({"kind": "one_tower", "backbone": {"source": source, "name": str(path), "image_size": 32}},
+                {"task": {}})
+
+
+def _backbone_matches(backbone, saved: dict[str, torch.Tensor]) -> tuple[int, bool]:
+    sd = backbone.state_dict()
+    assert set(sd) <= set(saved), set(sd) - set(saved)
+    assert {k for k in saved if k not in sd} <= {"pooler.dense.weight", "pooler.dense.bias"}
+    assert all(sd[k].shape == saved[k].shape for k in sd)
+    return len(sd), all(torch.equal(sd[k], saved[k]) for k in sd)
+
+
+def test_pretrained_text_backbone_from_local_dir(hf_dirs):
+    model = _pretrained_one_tower(hf_dirs["bert"])
+    enc = model.encoder
+    assert enc.modality == "text"
+    assert enc.vocab_size == 90  # the backbone's own vocabulary, not the data's
+    n, equal = _backbone_matches(enc.backbone, hf_dirs["bert_sd"])
+    assert n > 10 and equal
+    assert len(enc.layers) == 2
+    # its own word embeddings are the text embedding; images get a fresh patch embedding
+    assert model.groups()["backbone.text_embeddings"] == [enc.backbone.embeddings]
+    assert torch.equal(enc.backbone.embeddings.word_embeddings.weight,
+                       hf_dirs["bert_sd"]["embeddings.word_embeddings.weight"])
+    ids, mask, pix = inputs()
+    ids = ids.clamp(max=89)
+    out = model(ids, mask, pix, task=True)
+    assert out.logits["task"].shape == (B, N_ANSWERS)
+    assert out.features.image.shape == (B, 1 + (32 // 16) ** 2, 32)  # default patch 16
+
+
+def test_pretrained_vision_backbone_keeps_embeddings_and_final_norm(hf_dirs):
+    model = _pretrained_one_tower(hf_dirs["vit"])
+    enc = model.encoder
+    assert enc.modality == "vision"  # inferred from the config
+    assert enc.vocab_size == VOCAB  # fresh text embedding sized by the data
+    n, equal = _backbone_matches(enc.backbone, hf_dirs["vit_sd"])
+    assert n > 10 and equal
+    assert enc.norm is enc.backbone.layernorm
+    assert torch.equal(enc.norm.weight, hf_dirs["vit_sd"]["layernorm.weight"])
+    groups = model.groups()
+    assert groups["backbone.final"] == [enc.backbone.layernorm]
+    assert groups["backbone.image_embeddings"] == [enc.backbone.embeddings]
+    assert groups["backbone.text_embeddings"] == [enc.text_embeddings]
+
+    model.eval()
+    ids, mask, pix = inputs()
+    # the image embedding is the backbone's own (patches + CLS + positions)
+    with torch.no_grad():
+        assert torch.allclose(enc.embed_image(pix), enc.backbone.embeddings(pix))
+        # the final norm is applied to every output token: with weight 0 and a
+        # constant bias, every token comes out as that constant
+        enc.norm.weight.zero_()
+        enc.norm.bias.fill_(0.5)
+        f = enc(ids, mask, pix)
+    assert torch.allclose(f.text, torch.full_like(f.text, 0.5))
+    assert torch.allclose(f.image, torch.full_like(f.image, 0.5))
+
+
+@pytest.mark.parametrize("which", ["bert", "vit"])
+def test_random_source_same_shapes_fresh_weights(hf_dirs, which):
+    model = _pretrained_one_tower(hf_dirs[which], source="random")
+    saved = hf_dirs[f"{which}_sd"]
+    sd = model.encoder.backbone.state_dict()
+    assert set(sd) <= set(saved) and all(sd[k].shape == saved[k].shape for k in sd)
+    weights = [k for k in sd if k.endswith("weight") and sd[k].ndim == 2]
+    assert weights and not any(torch.equal(sd[k], saved[k]) for k in weights)
+    assert model.encoder.modality == ("vision" if which == "vit" else "text")
+
+
+def test_pretrained_two_tower_towers_from_local_dirs(hf_dirs):
+    model = make(two_tower(text={"source": "pretrained", "name": str(hf_dirs["bert"])},
+                           vision={"source": "pretrained", "name": str(hf_dirs["vit"]), "image_size": 32}),
+                 PRETRAIN)
+    assert _backbone_matches(model.encoder.text.model, hf_dirs["bert_sd"])[1]
+    assert _backbone_matches(model.encoder.vision.model, hf_dirs["vit_sd"])[1]
+    assert model.heads["mlm"].decoder.out_features == 90
+    ids, mask, pix = inputs()
+    with torch.no_grad():
+        f = model.encoder(ids.clamp(max=89), mask, pix)
+        # the vision tower returns the ViT's own final-normed tokens
+        from transformers import ViTModel
+
+        vit = ViTModel.from_pretrained(str(hf_dirs["vit"]), add_pooling_layer=False).eval()
+        model.eval()
+        assert torch.allclose(model.encoder.vision(pix), vit(pixel_values=pix).last_hidden_state, atol=1e-5)
+    assert f.image.shape == (B, 17, 32)
+
+
+# ----------------------------------------------------------------------------
+# load errors
+# ----------------------------------------------------------------------------
+
+
+def test_unreachable_hub_id_is_a_model_load_error(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    name = "google/electra-small-discriminator"
+    with pytest.raises(ModelLoadError) as info:
+        _pretrained_one_tower(name)  # type: ignore[arg-type]
+    msg = str(info.value)
+    assert name in msg
+    assert "model.backbone.name" in msg
+    assert "local-dir" in msg and "directory" in msg
+
+
+def test_unreachable_hub_id_in_a_tower_names_its_key(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ModelLoadError, match=r"model\.text\.name = 'google/electra-small-discriminator'"):
+        make(two_tower(text={"source": "random", "name": "google/electra-small-discriminator"}))
+
+
+def test_missing_local_directory_is_a_model_load_error():
+    with pytest.raises(ModelLoadError) as info:
+        _pretrained_one_tower(Path("/nonexistent/model"))
+    msg = str(info.value)
+    assert "/nonexistent/model" in msg and "does not exist" in msg
+
+
+def test_directory_without_a_model_is_a_model_load_error(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ModelLoadError, match="could not load a model"):
+        _pretrained_one_tower(tmp_path / "empty")
+
+
+def test_unknown_timm_model_is_a_model_load_error():
+    with pytest.raises(ModelLoadError, match="not a timm model"):
+        make(two_tower(vision={**TIMM_VISION, "name": "resnet_does_not_exist"}))
+
+
+# ----------------------------------------------------------------------------
+# gradient checkpointing
+# ----------------------------------------------------------------------------
+
+
+def _count_calls(layers) -> list[int]:
+    """Calls of each layer's attention block (hooks on a submodule also fire when
+    the backward pass recomputes a checkpointed layer)."""
+    counts = [0] * len(layers)
+    for i, layer in enumerate(layers):
+        layer.attention.register_forward_pre_hook(lambda *_, i=i: counts.__setitem__(i, counts[i] + 1))
+    return counts
+
+
+@pytest.mark.parametrize("kind", ["one_tower", "two_tower"])
+def test_gradient_checkpointing_trains_a_step(kind):
+    if kind == "one_tower":
+        plain_cfg, ckpt_cfg = one_tower(), one_tower(gradient_checkpointing=True)
+    else:
+        ckpt_tower = {**TINY, "gradient_checkpointing": True}
+        plain_cfg = two_tower()
+        ckpt_cfg = two_tower(text={**ckpt_tower, "max_positions": 16},
+                             vision={**ckpt_tower, "patch_size": 8, "image_size": 32})
+    plain, ckpt = make(plain_cfg), make(ckpt_cfg)
+    ckpt.load_state_dict(plain.state_dict())
+    if kind == "one_tower":
+        layers = list(ckpt.encoder.layers)
+    else:
+        layers = [*ckpt.encoder.text.model.encoder.layer, *ckpt.encoder.vision.model.layers]
+    counts = _count_calls(layers)
+    plain_counts = _count_calls(list(plain.encoder.layers) if kind == "one_tower" else plain.encoder.text.model.encoder.layer)
+
+    ids, mask, pix = inputs()
+    pos = mlm_positions(mask)
+    grads = []
+    for model in (plain, ckpt):
+        model.train()
+        out = model(ids, mask, pix, mlm_positions=pos, itm_rows=slice(0, B))
+        loss = out.logits["mlm"].logsumexp(-1).mean() + out.logits["itm"].square().mean()
+        loss.backward()
+        grads.append({n: p.grad for n, p in model.named_parameters()})
+    # each checkpointed layer ran again in the backward pass
+    assert counts == [2] * len(layers)
+    assert set(plain_counts) == {1}
+    for n, g in grads[0].items():
+        assert grads[1][n] is not None, n
+        assert torch.allclose(g, grads[1][n], atol=1e-5), n
+    opt = torch.optim.SGD(ckpt.parameters(), lr=0.1)
+    before = {k: v.clone() for k, v in layers[0].attention.state_dict().items()}
+    opt.step()
+    after = layers[0].attention.state_dict()
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+
+
+def test_gradient_checkpointing_timm_tower():
+    model = make(two_tower(vision={**TIMM_VISION, "gradient_checkpointing": True}), PRETRAIN)
+    model.train()
+    ids, mask, pix = inputs(b=2, image_size=64)
+    out = model(ids, mask[:2], pix, itm_rows=slice(0, 2))
+    out.logits["itm"].sum().backward()
+    assert model.encoder.vision.model.conv1.weight.grad is not None
