@@ -15,7 +15,7 @@ from __future__ import annotations
 import difflib
 import tomllib
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, ClassVar, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -27,7 +27,7 @@ from engine.errors import ConfigError
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
 
 
 _MANUAL_ONLY = ("hidden_size", "layers", "heads", "mlp_ratio", "patch_size")
@@ -41,12 +41,17 @@ class _Tower(_Section):
     name: str | None = None
     """Hub id or local directory (HF format) for ``pretrained``/``random``."""
     hidden_size: int = Field(128, ge=8, le=16384)
+    """Manual towers: width of the encoder."""
     layers: int = Field(2, ge=0, le=128)
+    """Manual towers: number of transformer layers."""
     heads: int = Field(4, ge=1, le=256)
+    """Manual towers: attention heads (must divide hidden_size)."""
     mlp_ratio: float = Field(4.0, gt=0, le=16)
+    """Manual towers: MLP width as a multiple of hidden_size."""
     dropout: float = Field(0.0, ge=0, lt=1)
     """Dropout inside the tower (all sources)."""
     gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass (less memory, ~30% more compute)."""
 
     @model_validator(mode="after")
     def _source_consistency(self) -> "_Tower":
@@ -66,7 +71,7 @@ class _Tower(_Section):
                     f"source = {self.source!r} needs 'name': a hub id such as "
                     "\"google/electra-small-discriminator\" or a local model directory"
                 )
-            sized = sorted(set(self.model_fields_set) & set(_MANUAL_ONLY))
+            sized = sorted(set(self.model_fields_set) & set(self.manual_only_keys))
             if sized:
                 raise ValueError(
                     f"{', '.join(sized)} only appl{'ies' if len(sized) == 1 else 'y'} when "
@@ -76,6 +81,8 @@ class _Tower(_Section):
 
     def _allows_manual_name(self) -> bool:
         return False
+
+    manual_only_keys: ClassVar[tuple[str, ...]] = _MANUAL_ONLY
 
 
 class TextTower(_Tower):
@@ -92,6 +99,7 @@ class VisionTower(_Tower):
     """``timm`` builds ``name`` with timm.create_model (CNNs included: their last
     feature map becomes a token sequence)."""
     patch_size: int = Field(16, ge=1, le=64)
+    """Manual towers: side of the square image patches."""
     image_size: int = Field(224, ge=8, le=2048)
     """Input resolution. For pretrained towers this sets the data resolution;
     position embeddings are interpolated when it differs from the checkpoint."""
@@ -122,17 +130,35 @@ class Backbone(_Tower):
     """
 
     modality: Literal["text", "vision"] | None = None
+    """The backbone's native modality; manual backbones default to ``text``,
+    pretrained/random ones take it from their config."""
+    image_embedding: Literal["patch", "conv"] = "patch"
+    """The fresh image embedding of a text backbone: ``patch`` (ViLT: one linear
+    projection per patch) or ``conv`` (a stride-2 convolution stem, "early
+    convolutions"; needs a power-of-two patch_size)."""
     patch_size: int = Field(16, ge=1, le=64)
     """Patch size of the image embedding (fresh for text backbones; must match a
     vision backbone's own patch size when given)."""
     image_size: int = Field(224, ge=8, le=2048)
+    """Input resolution of the images."""
     max_text_positions: int = Field(64, ge=8, le=8192)
     """Size of the text position table when the text embedding is fresh."""
+
+    manual_only_keys: ClassVar[tuple[str, ...]] = ("hidden_size", "layers", "heads", "mlp_ratio")
 
     @model_validator(mode="after")
     def _manual_modality(self) -> "Backbone":
         if self.source == "manual" and self.modality is None:
             object.__setattr__(self, "modality", "text")
+        if self.image_embedding == "conv" and self.patch_size & (self.patch_size - 1):
+            raise ValueError(
+                f"image_embedding = \"conv\" needs a power-of-two patch_size (got {self.patch_size})"
+            )
+        if self.modality == "vision" and "image_embedding" in self.model_fields_set:
+            raise ValueError(
+                "image_embedding applies to text backbones only; a vision backbone keeps "
+                "its own pretrained patch embedding"
+            )
         if self.image_size % self.patch_size:
             raise ValueError(
                 f"image_size ({self.image_size}) must be a multiple of patch_size ({self.patch_size})"
@@ -145,10 +171,15 @@ class Fusion(_Section):
     cross-attention to the other modality and an MLP, for both streams."""
 
     layers: int = Field(2, ge=1, le=48)
+    """Number of fusion layers (each updates both streams)."""
     hidden_size: int = Field(256, ge=8, le=16384)
+    """Fusion width; both towers are projected to it."""
     heads: int = Field(4, ge=1, le=256)
+    """Attention heads in the fusion layers."""
     mlp_ratio: float = Field(4.0, gt=0, le=16)
+    """MLP width as a multiple of hidden_size."""
     dropout: float = Field(0.1, ge=0, lt=1)
+    """Dropout in the fusion layers."""
 
     @model_validator(mode="after")
     def _divisible(self) -> "Fusion":
@@ -163,7 +194,9 @@ class OneTowerModel(_Section):
     """ViLT-style single stream: [text tokens ; image patches] through one encoder."""
 
     kind: Literal["one_tower"]
+    """The architecture: ``one_tower``, ``two_tower`` or ``dual_encoder``."""
     backbone: Backbone = Backbone()
+    """The shared encoder ([model.backbone])."""
     pooler: Literal["single", "double"] = "single"
     """``single``: the first (text CLS) token; ``double``: text CLS and image CLS concatenated."""
 
@@ -172,19 +205,28 @@ class TwoTowerModel(_Section):
     """METER-style: a text tower and a vision tower joined by co-attention fusion."""
 
     kind: Literal["two_tower"]
+    """The architecture: ``one_tower``, ``two_tower`` or ``dual_encoder``."""
     text: TextTower = TextTower()
+    """The text tower ([model.text])."""
     vision: VisionTower = VisionTower()
+    """The vision tower ([model.vision])."""
     fusion: Fusion = Fusion()
+    """The co-attention fusion stack ([model.fusion])."""
     pooler: Literal["double"] = "double"
+    """Text CLS and image CLS of the last fusion layer, concatenated."""
 
 
 class DualEncoderModel(_Section):
     """CLIP-style: two towers with projection heads, compared by cosine similarity."""
 
     kind: Literal["dual_encoder"]
+    """The architecture: ``one_tower``, ``two_tower`` or ``dual_encoder``."""
     text: TextTower = TextTower()
+    """The text tower ([model.text])."""
     vision: VisionTower = VisionTower()
+    """The vision tower ([model.vision])."""
     projection_dim: int = Field(256, ge=8, le=8192)
+    """Size of the shared image-text embedding space."""
 
 
 ModelConfig = Annotated[
@@ -199,34 +241,51 @@ class FreezeConfig(_Section):
     ``"text.layers[0:6]"``, ``"backbone.embeddings"``."""
 
     groups: tuple[str, ...] = ()
+    """Patterns of the groups to freeze."""
     unfreeze: tuple[str, ...] = ()
     """Exceptions to ``groups`` (applied after it)."""
 
 
 class MLMObjective(_Section):
+    """Masked language modelling on the text, conditioned on the image."""
+
     weight: float = Field(1.0, ge=0)
+    """Weight in the summed loss."""
     mask_prob: float = Field(0.15, gt=0, lt=1)
+    """Share of words (or tokens) chosen for prediction (80% [MASK], 10% random, 10% kept)."""
     whole_word: bool = True
+    """Mask every sub-word token of a chosen word together."""
 
 
 class ITMObjective(_Section):
+    """Image-text matching: does this image go with this text?"""
+
     weight: float = Field(1.0, ge=0)
+    """Weight in the summed loss."""
     negative_ratio: float = Field(0.5, gt=0, lt=1)
     """Share of pairs in a batch whose image is replaced by another image."""
 
 
 class ITCObjective(_Section):
+    """Image-text contrastive loss on the unimodal summaries (two towers only)."""
+
     weight: float = Field(1.0, ge=0)
+    """Weight in the summed loss."""
     temperature: float = Field(0.07, gt=0, le=10)
+    """Initial softmax temperature."""
     learn_temperature: bool = True
+    """Learn the temperature (as CLIP does)."""
 
 
 class Objectives(_Section):
     """Pretraining objectives; the loss is the weighted sum of the enabled ones."""
 
     mlm: MLMObjective | None = None
+    """[objectives.mlm]"""
     itm: ITMObjective | None = None
+    """[objectives.itm]"""
     itc: ITCObjective | None = None
+    """[objectives.itc]"""
 
     @model_validator(mode="after")
     def _at_least_one(self) -> "Objectives":
@@ -241,6 +300,7 @@ class TaskConfig(_Section):
     """A downstream task to finetune and evaluate on."""
 
     name: Literal["vqa"] = "vqa"
+    """The task: ``vqa`` (soft-target VQA on the data set's questions)."""
     head_hidden_mult: float = Field(2.0, gt=0, le=8)
     """Width of the task head's hidden layer, in units of the pooled feature size."""
 
@@ -252,7 +312,9 @@ class DataConfig(_Section):
     """``auto``: the text backbone's own tokenizer when it is pretrained, else a
     word-level tokenizer built from the data set's text. Or a hub id / directory."""
     max_text_len: int = Field(40, ge=4, le=4096)
+    """Texts are truncated to this many tokens (special tokens included)."""
     eval_split: Literal["test"] = "test"
+    """The split evaluated during and after training."""
     eval_max_samples: int | None = Field(None, ge=1)
     """Evaluate on the first N samples of the eval split during training (the
     final evaluation always uses the whole split)."""
@@ -262,15 +324,23 @@ class DataConfig(_Section):
 
 class OptimConfig(_Section):
     lr: float = Field(1e-4, gt=0, le=10)
+    """Peak learning rate (AdamW)."""
     weight_decay: float = Field(0.01, ge=0, le=1)
+    """Decoupled weight decay; never applied to biases, norms and embedding tables."""
     betas: tuple[float, float] = (0.9, 0.999)
+    """AdamW betas."""
     eps: float = Field(1e-8, gt=0, le=1)
+    """AdamW epsilon."""
     schedule: Literal["linear", "cosine", "constant"] = "linear"
+    """Decay after warmup, stepped once per optimizer step."""
     warmup_ratio: float = Field(0.1, ge=0, lt=1)
     """Share of the optimizer steps spent warming up linearly from 0."""
     head_lr_mult: float = Field(1.0, gt=0, le=1000)
+    """Learning-rate multiplier for the heads and poolers."""
     fusion_lr_mult: float = Field(1.0, gt=0, le=1000)
+    """Learning-rate multiplier for the fusion layers."""
     grad_clip: float | None = Field(1.0, gt=0)
+    """Clip the global gradient norm to this value (omit to disable)."""
 
 
 class TrainConfig(_Section):
@@ -282,33 +352,51 @@ class TrainConfig(_Section):
     """Per-process batch per forward pass; gradient accumulation makes up the
     rest. Default: batch_size / number of processes."""
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    """Autocast precision (through accelerate)."""
     log_every: int = Field(20, ge=1)
+    """Write averaged training metrics every N optimizer steps."""
     eval_every: int = Field(500, ge=1)
+    """Evaluate the task every N optimizer steps (finetuning)."""
     checkpoint_every: int = Field(500, ge=1)
+    """Save a resumable checkpoint every N optimizer steps."""
     keep_checkpoints: int = Field(2, ge=1)
+    """How many of the newest checkpoints to keep."""
     init_from: str | None = None
     """Start from a previous run's weights: ``"run:<id>"`` or a checkpoint directory."""
     cpu_threads: int | None = Field(None, ge=1)
+    """torch CPU threads (default: torch's choice)."""
 
 
 class RunMeta(_Section):
     name: str = Field("run", min_length=1, max_length=80)
+    """Human-readable run name (part of the run id)."""
     tags: tuple[str, ...] = ()
+    """Free-form labels, shown in `ren runs` and the TUI."""
     notes: str = ""
+    """Free-form notes."""
     seed: int = Field(0, ge=0)
+    """Seed for initialisation, data order and masking."""
 
 
 class RunConfig(_Section):
     """One fully resolved run."""
 
     run: RunMeta = RunMeta()
+    """[run]: name, tags, notes, seed."""
     model: ModelConfig
+    """[model]: the architecture."""
     freeze: FreezeConfig = FreezeConfig()
+    """[freeze]: frozen layer groups."""
     objectives: Objectives | None = None
+    """[objectives]: pretraining losses (exclusive with [task])."""
     task: TaskConfig | None = None
+    """[task]: the finetuning task (exclusive with [objectives])."""
     data: DataConfig = DataConfig()
+    """[data]: data set and tokenizer."""
     optim: OptimConfig = OptimConfig()
+    """[optim]: optimizer and schedule."""
     train: TrainConfig = TrainConfig()
+    """[train]: steps, batch, precision, logging, checkpoints."""
 
     @model_validator(mode="after")
     def _stage(self) -> "RunConfig":
@@ -587,3 +675,85 @@ def _range_text(loc: list[str], raw: dict[str, Any]) -> str:
     if lo is not None and hi is not None:
         return f" (allowed range {lo} to {hi})"
     return ""
+
+
+# ----------------------------------------------------------------------------
+# Reference documentation (docs/presets.md is generated from the schema)
+# ----------------------------------------------------------------------------
+
+_REFERENCE_SECTIONS: tuple[tuple[str, type[BaseModel]], ...] = (
+    ("run", RunMeta),
+    ("model (kind = \"one_tower\")", OneTowerModel),
+    ("model.backbone", Backbone),
+    ("model (kind = \"two_tower\")", TwoTowerModel),
+    ("model (kind = \"dual_encoder\")", DualEncoderModel),
+    ("model.text", TextTower),
+    ("model.vision", VisionTower),
+    ("model.fusion", Fusion),
+    ("freeze", FreezeConfig),
+    ("objectives.mlm", MLMObjective),
+    ("objectives.itm", ITMObjective),
+    ("objectives.itc", ITCObjective),
+    ("task", TaskConfig),
+    ("data", DataConfig),
+    ("optim", OptimConfig),
+    ("train", TrainConfig),
+)
+
+
+def _type_text(annotation: Any) -> str:
+    text = getattr(annotation, "__name__", None) if isinstance(annotation, type) else None
+    text = text or str(annotation).replace("typing.", "")
+    return text.replace("Literal", "one of ").replace("NoneType", "none")
+
+
+def _default_text(field: Any) -> str:
+    if field.is_required():
+        return "required"
+    value = field.default
+    if isinstance(value, BaseModel):
+        return "table"
+    if value is None:
+        return "unset"
+    if isinstance(value, bool):
+        return f"`{str(value).lower()}`"
+    if isinstance(value, tuple):
+        value = list(value)
+    return f"`{value!r}`".replace("'", '"')
+
+
+def _range_of(field: Any) -> str:
+    parts = []
+    for meta in field.metadata:
+        for attr, sym in (("ge", ">="), ("gt", ">"), ("le", "<="), ("lt", "<")):
+            if getattr(meta, attr, None) is not None:
+                parts.append(f"{sym} {getattr(meta, attr)}")
+    return ", ".join(parts)
+
+
+def reference_markdown() -> str:
+    """Every preset key with its type, default, allowed range and meaning."""
+    out = [
+        "# Preset reference",
+        "",
+        "Generated from `engine/config.py` by `python -m engine.config > docs/presets.md`;",
+        "a test keeps it in step with the code. Unknown keys are errors everywhere.",
+        "",
+    ]
+    for title, model in _REFERENCE_SECTIONS:
+        out += [f"## [{title}]", ""]
+        if model.__doc__ and model.__doc__.strip() and not model.__doc__.startswith(model.__name__ + "("):
+            out += [" ".join(model.__doc__.split()), ""]
+        out += ["| key | type | default | range | meaning |", "|---|---|---|---|---|"]
+        for name, field in model.model_fields.items():
+            desc = " ".join((field.description or "").split()).replace("|", "\\|")
+            out.append(
+                f"| `{name}` | {_type_text(field.annotation).replace('|', 'or')} | {_default_text(field)} "
+                f"| {_range_of(field)} | {desc} |"
+            )
+        out.append("")
+    return "\n".join(out)
+
+
+if __name__ == "__main__":
+    print(reference_markdown())

@@ -193,3 +193,10 @@ def test_changing_a_tag_replaces_the_table(tmp_path: Path) -> None:
     raw = _read_with_extends(child, chain=())
     assert raw["model"]["backbone"] == {"source": "random", "name": "/models/vit"}
     assert raw["model"]["pooler"] == "single"  # same kind: the model table still merges
+
+
+def test_preset_reference_doc_is_up_to_date() -> None:
+    from engine.config import reference_markdown
+
+    doc = (PRESETS.parent / "docs" / "presets.md").read_text()
+    assert doc.strip() == reference_markdown().strip(), "regenerate: python -m engine.config > docs/presets.md"

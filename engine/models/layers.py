@@ -72,6 +72,28 @@ class PatchEmbeddings(nn.Module):
         return torch.cat([cls_pos, grid_pos.permute(0, 2, 3, 1).reshape(1, h * w, dim)], dim=1)
 
 
+class ConvStemEmbeddings(PatchEmbeddings):
+    """Patch embedding through a small convolution stem (Xiao et al. 2021, "Early
+    convolutions help transformers see better"): stride-2 3x3 convolutions with
+    BatchNorm and GELU until the image is downsampled by ``patch_size``, then a
+    1x1 projection to ``hidden_size``. Same token layout as :class:`PatchEmbeddings`.
+    """
+
+    def __init__(self, image_size: int, patch_size: int, hidden_size: int, dropout: float):
+        super().__init__(image_size, patch_size, hidden_size, dropout)
+        steps = int(math.log2(patch_size))
+        if 2**steps != patch_size:
+            raise ValueError(f"a convolution stem needs a power-of-two patch size, got {patch_size}")
+        layers: list[nn.Module] = []
+        channels = 3
+        for i in range(steps):
+            out = max(16, hidden_size >> (steps - 1 - i))
+            layers += [nn.Conv2d(channels, out, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(out), nn.GELU()]
+            channels = out
+        layers.append(nn.Conv2d(channels, hidden_size, kernel_size=1))
+        self.proj = nn.Sequential(*layers)
+
+
 class Attention(nn.Module):
     """Multi-head attention (self or cross) on SDPA."""
 

@@ -15,7 +15,7 @@ from torch import Tensor, nn
 from engine import config as C
 from engine.errors import ConfigError
 from engine.models import hf
-from engine.models.layers import PatchEmbeddings, Pooler, TextEmbeddings, additive_mask, init_weights
+from engine.models.layers import ConvStemEmbeddings, PatchEmbeddings, Pooler, TextEmbeddings, additive_mask, init_weights
 from engine.models.towers import Groups
 from engine.models.types import Features
 
@@ -49,10 +49,16 @@ class OneTower(nn.Module):
         hf.encoder_layers(self.backbone, key)  # fail early for unsupported families
         if self.modality == "text":
             self.vocab_size = config.vocab_size
-            self.image_embeddings = PatchEmbeddings(b.image_size, b.patch_size, hidden, b.dropout)
+            stem = ConvStemEmbeddings if b.image_embedding == "conv" else PatchEmbeddings
+            self.image_embeddings = stem(b.image_size, b.patch_size, hidden, b.dropout)
             init_weights(self.image_embeddings)
         else:
             self.vocab_size = vocab_size
+            if "image_embedding" in b.model_fields_set:
+                raise ConfigError(
+                    f"model.backbone.image_embedding applies to text backbones; {b.name!r} is a "
+                    "vision model and keeps its own patch embedding. Remove the key."
+                )
             own_patch = getattr(config, "patch_size", b.patch_size)
             if "patch_size" in b.model_fields_set and own_patch != b.patch_size:
                 raise ConfigError(
