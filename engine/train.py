@@ -329,6 +329,7 @@ def train(cfg: RunConfig, store: Store, run_id: str, *, resume: bool = False,
                         _record_scores(store, run_id, writer, state, scores, main)
                         reporter.message(_format_scores(state.step, scores))
                         model.train()
+                        t_last = time.perf_counter()  # evaluation time is not training throughput
                     if state.step % cfg.train.checkpoint_every == 0:
                         _save_checkpoint(accelerator, run_dir, state, cfg.train.keep_checkpoints)
                     if state.step >= cfg.train.max_steps or stop.signal is not None:
@@ -399,49 +400,50 @@ def _device_name(accelerator: Accelerator) -> str:
 
 def _pretrain_step(model: torch.nn.Module, batch: dict[str, torch.Tensor], cfg: RunConfig,
                    data: DataBundle, gen: torch.Generator) -> tuple[torch.Tensor, dict[str, float]]:
-    """MLM rows (masked text, true image) and ITM rows (clean text, half the images
-    swapped) go through the model as one batch; ITC uses the unimodal summaries."""
+    """One forward over row blocks: MLM rows (masked text, true images), then ITM rows
+    (clean text, about half the images swapped) or, without ITM, clean pairs for ITC.
+    ITC pairs the clean texts with the true images of the batch."""
     obj = cfg.objectives
     assert obj is not None
     ids, mask, pix, image_ids = batch["input_ids"], batch["attention_mask"], batch["pixel_values"], batch["image_ids"]
     b = ids.shape[0]
-    rows_ids, rows_mask, rows_pix = [], [], []
-    mlm_labels = itm_labels = None
+    blocks: list[tuple[torch.Tensor, torch.Tensor]] = []
     if obj.mlm:
         masked, mlm_labels = O.mask_tokens(
             ids, batch["word_ids"], mask_prob=obj.mlm.mask_prob, whole_word=obj.mlm.whole_word,
             mask_id=data.mask_token_id, vocab_size=data.vocab_size, num_special=data.num_special_tokens,
             generator=gen,
         )
-        rows_ids.append(masked), rows_mask.append(mask), rows_pix.append(pix)
-    if obj.itm or obj.itc:
-        itm_pix, itm_labels = O.itm_pairs(pix, image_ids, negative_ratio=obj.itm.negative_ratio if obj.itm else 0.5, generator=gen)
-        rows_ids.append(ids), rows_mask.append(mask), rows_pix.append(itm_pix if obj.itm else pix)
+        blocks.append((masked, pix))
+    if obj.itm:
+        itm_pix, itm_labels = O.itm_pairs(pix, image_ids, negative_ratio=obj.itm.negative_ratio, generator=gen)
+        blocks.append((ids, itm_pix))
+    elif obj.itc:
+        blocks.append((ids, pix))
     n_mlm = b if obj.mlm else 0
-    all_ids = torch.cat(rows_ids)
+    all_ids = torch.cat([block[0] for block in blocks])
     mlm_positions = None
-    if mlm_labels is not None:
+    if obj.mlm:
         mlm_positions = torch.zeros(all_ids.shape, dtype=torch.bool, device=ids.device)
         mlm_positions[:b] = mlm_labels != O.IGNORE
-    out = model(all_ids, torch.cat(rows_mask), torch.cat(rows_pix),
-                mlm_positions=mlm_positions,
-                itm_rows=slice(n_mlm, n_mlm + b) if obj.itm else None,
+    out = model(all_ids, mask.repeat(len(blocks), 1), torch.cat([block[1] for block in blocks]),
+                mlm_positions=mlm_positions, itm_rows=slice(n_mlm, n_mlm + b) if obj.itm else None,
                 itc=bool(obj.itc))
-    parts: dict[str, torch.Tensor] = {}
+    parts: dict[str, tuple[torch.Tensor, float]] = {}
     if obj.mlm:
-        parts["mlm"] = (O.mlm_loss(out.logits["mlm"], mlm_labels[mlm_labels != O.IGNORE]), obj.mlm.weight)
+        parts["mlm"] = (O.mlm_loss(out.logits["mlm"], mlm_labels[mlm_positions[:b]]), obj.mlm.weight)
     if obj.itm:
         parts["itm"] = (O.itm_loss(out.logits["itm"], itm_labels), obj.itm.weight)
     if obj.itc:
-        # ITC on the clean, true-image rows only
-        logits = out.logits["itc"][n_mlm:n_mlm + b, n_mlm:n_mlm + b] if not obj.itm else None
-        if logits is None:
+        texts = slice(n_mlm, n_mlm + b)  # clean texts
+        if obj.mlm or not obj.itm:  # rows 0..b show the true images
+            pair_logits, pair_ids = out.logits["itc"][texts, :b], image_ids
+        else:  # only the ITM rows exist: keep their matched pairs
             keep = itm_labels.bool()
-            logits = out.logits["itc"][n_mlm:][keep][:, n_mlm:][:, keep]
-            image_ids = image_ids[keep]
-        parts["itc"] = (O.itc_loss(logits, image_ids), obj.itc.weight)
-    loss = sum(w * l for l, w in parts.values())
-    logged = {f"loss_{k}": float(l.detach()) for k, (l, _) in parts.items()}
+            pair_logits, pair_ids = out.logits["itc"][texts, texts][keep][:, keep], image_ids[keep]
+        parts["itc"] = (O.itc_loss(pair_logits, pair_ids), obj.itc.weight)
+    loss = sum(weight * value for value, weight in parts.values())
+    logged = {f"loss_{name}": float(value.detach()) for name, (value, _) in parts.items()}
     logged["loss"] = float(loss.detach())
     return loss, logged
 

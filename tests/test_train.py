@@ -167,3 +167,36 @@ def test_lr_schedule_warms_up_then_decays() -> None:
     assert lr_factor(55, 100, 10, "cosine") == pytest.approx(0.5)
     assert lr_factor(99, 100, 10, "cosine") < 0.01
     assert lr_factor(50, 100, 0, "constant") == 1.0
+
+
+@pytest.mark.parametrize(
+    ("kind", "objectives"),
+    [
+        ("two_tower", {"mlm": {}, "itc": {}}),
+        ("two_tower", {"itm": {}, "itc": {}}),
+        ("two_tower", {"mlm": {}, "itm": {}}),
+        ("one_tower", {"mlm": {}}),
+        ("dual_encoder", {"itc": {}}),
+    ],
+)
+def test_every_objective_combination_trains(kind: str, objectives: dict, data_cache: Path) -> None:
+    from engine.data.pipeline import build_data
+    from engine.models import build_model
+    from engine.train import _pretrain_step
+
+    raw = tiny_pretrain(data_cache)
+    raw["objectives"] = objectives
+    if kind == "one_tower":
+        raw["model"] = tiny_finetune(data_cache)["model"]
+    elif kind == "dual_encoder":
+        raw["model"] = {"kind": "dual_encoder", "text": raw["model"]["text"], "vision": raw["model"]["vision"],
+                        "projection_dim": 16}
+    cfg = config_from_dict(raw)
+    data = build_data(cfg, cache_dir=data_cache)
+    model = build_model(cfg, vocab_size=data.vocab_size)
+    batch = data.train.__getitems__(list(range(0, 48, 3)))
+    loss, parts = _pretrain_step(model, batch, cfg, data, torch.Generator().manual_seed(0))
+    loss.backward()
+    assert set(parts) == {"loss", *(f"loss_{name}" for name in objectives)}
+    assert all(v > 0 for v in parts.values())
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
