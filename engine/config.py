@@ -13,10 +13,10 @@ This module imports neither torch nor transformers.
 from __future__ import annotations
 
 import difflib
-import tomllib
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal, Union
 
+import tomllib
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from engine.errors import ConfigError
@@ -301,6 +301,11 @@ class TaskConfig(_Section):
 
     name: Literal["vqa"] = "vqa"
     """The task: ``vqa`` (soft-target VQA on the data set's questions)."""
+    loss: Literal["bce", "ce"] = "bce"
+    """``bce``: binary cross-entropy per answer against the soft targets (ViLT,
+    METER, Renaissance). ``ce``: softmax cross-entropy against the targets
+    normalised to a distribution; on single-answer data (easy-VQA) it learns
+    far faster (see presets/quickstart.toml)."""
     head_hidden_mult: float = Field(2.0, gt=0, le=8)
     """Width of the task head's hidden layer, in units of the pooled feature size."""
 

@@ -6,10 +6,23 @@ import torch.nn.functional as F
 from torch import Tensor
 
 
-def vqa_loss(logits: Tensor, soft_targets: Tensor) -> Tensor:
-    """VQA as multi-label classification over the answer vocabulary (ViLT, METER):
-    binary cross-entropy against soft targets, scaled by the number of answers."""
-    return F.binary_cross_entropy_with_logits(logits.float(), soft_targets) * soft_targets.shape[1]
+def vqa_loss(logits: Tensor, soft_targets: Tensor, kind: str = "bce") -> Tensor:
+    """The VQA training loss.
+
+    ``bce`` (ViLT, METER, Renaissance): multi-label binary cross-entropy against
+    the soft targets, scaled by the number of answers. ``ce``: softmax
+    cross-entropy against the soft targets normalised to a distribution;
+    questions with no scored answer contribute nothing.
+    """
+    logits = logits.float()
+    if kind == "bce":
+        return F.binary_cross_entropy_with_logits(logits, soft_targets) * soft_targets.shape[1]
+    if kind != "ce":
+        raise ValueError(f"unknown VQA loss {kind!r}; expected 'bce' or 'ce'")
+    mass = soft_targets.sum(dim=1)
+    per_sample = -(soft_targets * F.log_softmax(logits, dim=1)).sum(dim=1) / mass.clamp(min=1e-12)
+    valid = mass > 0
+    return per_sample[valid].mean() if bool(valid.any()) else logits.sum() * 0.0
 
 
 def vqa_score(logits: Tensor, soft_targets: Tensor) -> Tensor:

@@ -20,7 +20,7 @@ import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Protocol
+from typing import Any, Protocol
 
 import torch
 from accelerate import Accelerator
@@ -32,7 +32,7 @@ from engine import tasks as T
 from engine.config import RunConfig, config_from_dict
 from engine.data.pipeline import DataBundle, build_data
 from engine.errors import ConfigError, RenError
-from engine.freeze import FreezeReport, apply_freeze
+from engine.freeze import apply_freeze
 from engine.models import VLModel, build_model
 from engine.store import Store
 
@@ -451,7 +451,7 @@ def _pretrain_step(model: torch.nn.Module, batch: dict[str, torch.Tensor], cfg: 
 def _finetune_step(model: torch.nn.Module, batch: dict[str, torch.Tensor], cfg: RunConfig,
                    data: DataBundle, gen: torch.Generator) -> tuple[torch.Tensor, dict[str, float]]:
     out = model(batch["input_ids"], batch["attention_mask"], batch["pixel_values"], task=True)
-    loss = T.vqa_loss(out.logits["task"], batch["labels"])
+    loss = T.vqa_loss(out.logits["task"], batch["labels"], cfg.task.loss)
     with torch.no_grad():
         acc = T.vqa_score(out.logits["task"], batch["labels"]).mean()
     return loss, {"loss": float(loss.detach()), "train_vqa_score": float(acc)}
@@ -514,5 +514,3 @@ def main(argv: list[str] | None = None) -> int:
 if __name__ == "__main__":
     raise SystemExit(main())
 
-
-__all__ = ["Callable", "EpochSampler", "FreezeReport", "TrainState", "evaluate", "lr_factor", "train"]

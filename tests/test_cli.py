@@ -136,6 +136,6 @@ def test_unreachable_hub_model_is_a_clear_error(tmp_path: Path) -> None:
     assert result.returncode == 2, result.stderr
     message = " ".join(result.stderr.split())
     assert "google/electra-small-discriminator" in message
-    assert "could not be loaded from the Hugging Face hub" in message
+    assert "the Hugging Face hub cannot be reached from this machine" in message
     assert 'model.backbone.name = "/models/electra-small-discriminator"' in message
     assert "Traceback" not in result.stderr

@@ -54,7 +54,9 @@ def test_resolved_config_round_trips() -> None:
 
 def test_config_is_frozen() -> None:
     cfg = load_preset(PRESETS / "quickstart.toml")
-    with pytest.raises(Exception):
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="frozen"):
         cfg.train.max_steps = 5  # type: ignore[misc]
 
 

@@ -311,3 +311,15 @@ def test_vqa_loss_is_scaled_bce_and_prefers_the_right_answer():
     # the minimum is at sigmoid(logit) == soft target
     best = torch.logit(targets.clamp(1e-4, 1 - 1e-4))
     assert vqa_loss(best, targets) <= vqa_loss(good, targets) + 1e-4
+
+
+def test_vqa_ce_loss_uses_the_normalised_soft_targets():
+    logits = torch.tensor([[2.0, 0.5, -1.0], [0.0, 0.0, 0.0]])
+    targets = torch.tensor([[0.0, 0.3, 0.9], [0.0, 0.0, 0.0]])  # the second question has no scored answer
+    log_p = torch.log_softmax(logits[0], dim=0)
+    expected = -(0.25 * log_p[1] + 0.75 * log_p[2])
+    assert torch.allclose(vqa_loss(logits, targets, "ce"), expected, atol=1e-6)
+    one_hot = torch.tensor([[0.0, 0.0, 1.0]])
+    assert torch.allclose(vqa_loss(logits[:1], one_hot, "ce"), torch.nn.functional.cross_entropy(logits[:1], torch.tensor([2])))
+    with pytest.raises(ValueError, match="unknown VQA loss"):
+        vqa_loss(logits, targets, "hinge")

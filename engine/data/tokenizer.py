@@ -10,6 +10,7 @@ from tokenizers.models import WordLevel
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 from engine.errors import ModelLoadError
+from engine.hub import hub_kwargs
 
 PAD, UNK, CLS, SEP, MASK = "[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"
 SPECIAL_TOKENS = (PAD, UNK, CLS, SEP, MASK)
@@ -65,7 +66,9 @@ def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
     """
     local = Path(name_or_path).expanduser()
     try:
-        tokenizer = AutoTokenizer.from_pretrained(str(local) if local.is_dir() else name_or_path, use_fast=True)
+        tokenizer = AutoTokenizer.from_pretrained(
+            str(local) if local.is_dir() else name_or_path, use_fast=True, **hub_kwargs(name_or_path)
+        )
     except (OSError, ValueError) as error:
         raise ModelLoadError(_load_failure(name_or_path, local, error)) from error
     if not tokenizer.is_fast:

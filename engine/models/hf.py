@@ -16,16 +16,14 @@ from typing import Any
 from torch import nn
 
 from engine.errors import ModelLoadError
+from engine.hub import hub_kwargs, hub_reachable
+from engine.hub import looks_like_path as _looks_like_path
 
 _LOCAL_HINT = (
     "To use a model without network access, download it once elsewhere "
     "(e.g. `huggingface-cli download {name} --local-dir /models/{short}`), copy "
     "the directory here and point the preset at it: {key} = \"/models/{short}\"."
 )
-
-
-def _looks_like_path(name: str) -> bool:
-    return name.startswith(("/", "./", "../", "~")) or Path(name).expanduser().exists()
 
 
 def _load_error(name: str, key: str, exc: Exception) -> ModelLoadError:
@@ -42,9 +40,13 @@ def _load_error(name: str, key: str, exc: Exception) -> ModelLoadError:
             "must hold a Hugging Face model (config.json plus model.safetensors or "
             "pytorch_model.bin)."
         )
+    why = (
+        "the Hugging Face hub cannot be reached from this machine and the model is not in the local cache"
+        if not hub_reachable()
+        else f"the Hugging Face hub has no such model, or refused it ({type(exc).__name__}: {exc})"
+    )
     return ModelLoadError(
-        f"{key} = {name!r}: the model could not be loaded from the Hugging Face hub "
-        f"(the hub could not be reached, or no such model: {type(exc).__name__}). "
+        f"{key} = {name!r}: the model could not be loaded: {why}. "
         + _LOCAL_HINT.format(name=name, short=short, key=key)
     )
 
@@ -53,7 +55,8 @@ def load_hf_config(name: str, key: str) -> Any:
     from transformers import AutoConfig
 
     try:
-        return AutoConfig.from_pretrained(str(Path(name).expanduser()) if _looks_like_path(name) else name)
+        return AutoConfig.from_pretrained(str(Path(name).expanduser()) if _looks_like_path(name) else name,
+                                          **hub_kwargs(name))
     except (OSError, ValueError) as exc:
         raise _load_error(name, key, exc) from None
 
@@ -70,7 +73,7 @@ def build_hf_model(config: Any, *, name: str | None, pretrained: bool, key: str)
         if pretrained:
             assert name is not None
             path = str(Path(name).expanduser()) if _looks_like_path(name) else name
-            return AutoModel.from_pretrained(path, config=config, **kwargs)
+            return AutoModel.from_pretrained(path, config=config, **kwargs, **hub_kwargs(name))
         return AutoModel.from_config(config, **kwargs)
     except (OSError, ValueError) as exc:
         if pretrained and name is not None:
@@ -142,11 +145,6 @@ def vision_config_of(config: Any) -> Any:
     return getattr(config, "vision_config", None) or config
 
 
-def modality_of(config: Any) -> str:
-    """``"vision"`` for image encoders (they have a patch size), else ``"text"``."""
-    return "vision" if hasattr(config, "patch_size") and not hasattr(config, "vocab_size") else "text"
-
-
 def hidden_size_of(config: Any) -> int:
     for field in ("hidden_size", "d_model", "dim", "embed_dim"):
         value = getattr(config, field, None)
@@ -184,6 +182,26 @@ def final_norm(model: nn.Module) -> nn.Module | None:
         if isinstance(module, nn.Module):
             return module
     return None
+
+
+def enable_checkpointing(model: nn.Module) -> None:
+    """Activation (gradient) checkpointing on an HF model, under either API name
+    (transformers 5 renamed ``gradient_checkpointing_enable``)."""
+    enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+    enable()
+
+
+def modality_of(config: Any) -> str:
+    """``"vision"`` for image encoders (they have a patch size), else ``"text"``.
+
+    Composite image-text checkpoints (CLIP-like) are neither: their parts are
+    chosen with the two-tower towers, not as a one-tower backbone."""
+    if getattr(config, "text_config", None) is not None and getattr(config, "vision_config", None) is not None:
+        raise ModelLoadError(
+            f"{type(config).__name__} is a composite image-text model; a one-tower backbone must be a "
+            "single text or vision encoder (use it in a two_tower or dual_encoder model instead)."
+        )
+    return "vision" if hasattr(config, "patch_size") and not hasattr(config, "vocab_size") else "text"
 
 
 def accepts_kwarg(module: nn.Module, name: str) -> bool:

@@ -15,7 +15,14 @@ from torch import Tensor, nn
 from engine import config as C
 from engine.errors import ConfigError
 from engine.models import hf
-from engine.models.layers import ConvStemEmbeddings, PatchEmbeddings, Pooler, TextEmbeddings, additive_mask, init_weights
+from engine.models.layers import (
+    ConvStemEmbeddings,
+    PatchEmbeddings,
+    Pooler,
+    TextEmbeddings,
+    additive_mask,
+    init_weights,
+)
 from engine.models.towers import Groups
 from engine.models.types import Features
 
@@ -75,7 +82,7 @@ class OneTower(nn.Module):
         self.pooled_dim = hidden * (2 if cfg.pooler == "double" else 1)
         self.text_dim = hidden
         if b.gradient_checkpointing:
-            self.backbone.gradient_checkpointing_enable()
+            hf.enable_checkpointing(self.backbone)
 
     @property
     def layers(self) -> nn.ModuleList:

@@ -53,7 +53,7 @@ class TextTower(nn.Module):
         self.vocab_size = getattr(config, "vocab_size", vocab_size)
         hf.encoder_layers(self.model, key)  # fail early for unsupported families
         if cfg.gradient_checkpointing:
-            self.model.gradient_checkpointing_enable()
+            hf.enable_checkpointing(self.model)
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
         return self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
@@ -99,7 +99,7 @@ class VisionTower(nn.Module):
         hf.encoder_layers(self.model, key)  # fail early for unsupported families
         self._interpolate = hf.accepts_kwarg(self.model, "interpolate_pos_encoding")
         if cfg.gradient_checkpointing:
-            self.model.gradient_checkpointing_enable()
+            hf.enable_checkpointing(self.model)
 
     def forward(self, pixel_values: Tensor) -> Tensor:
         if self.library == "timm":
