@@ -17,7 +17,14 @@ from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal, Union
 
 import tomllib
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    model_serializer,
+    model_validator,
+)
 
 from engine.errors import ConfigError
 
@@ -83,6 +90,16 @@ class _Tower(_Section):
         return False
 
     manual_only_keys: ClassVar[tuple[str, ...]] = _MANUAL_ONLY
+
+    @model_serializer(mode="wrap")
+    def _resolved(self, handler: Any) -> dict[str, Any]:
+        """The stored config leaves out keys that do not apply (manual sizes of a
+        pretrained tower), so it validates again as it was written."""
+        data = handler(self)
+        if self.source != "manual":
+            for key in self.manual_only_keys:
+                data.pop(key, None)
+        return data
 
 
 class TextTower(_Tower):
@@ -154,7 +171,7 @@ class Backbone(_Tower):
             raise ValueError(
                 f"image_embedding = \"conv\" needs a power-of-two patch_size (got {self.patch_size})"
             )
-        if self.modality == "vision" and "image_embedding" in self.model_fields_set:
+        if self.modality == "vision" and self.image_embedding != "patch":
             raise ValueError(
                 "image_embedding applies to text backbones only; a vision backbone keeps "
                 "its own pretrained patch embedding"

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -10,8 +12,14 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 PRESETS = REPO / "presets"
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# Offline, with a hub cache (real layout) that holds the configs of the models the
+# shipped GPU presets name. Set before anything imports huggingface_hub; a copy,
+# because the hub library writes markers into its cache.
+_HUB_CACHE = Path(tempfile.mkdtemp(prefix="ren-hf-cache-"))
+shutil.copytree(REPO / "tests" / "fixtures" / "hf_cache", _HUB_CACHE, dirs_exist_ok=True)
+os.environ["HF_HUB_CACHE"] = str(_HUB_CACHE)
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
 
 
 @pytest.fixture(autouse=True)

@@ -202,3 +202,10 @@ def test_preset_reference_doc_is_up_to_date() -> None:
 
     doc = (PRESETS.parent / "docs" / "presets.md").read_text()
     assert doc.strip() == reference_markdown().strip(), "regenerate: python -m engine.config > docs/presets.md"
+
+
+@pytest.mark.parametrize("preset", SHIPPED, ids=[p.name for p in SHIPPED])
+def test_stored_config_validates_again(preset: Path) -> None:
+    """A run stores cfg.to_dict(); --resume validates it again and must get the same config."""
+    cfg = load_preset(preset)
+    assert config_from_dict(cfg.to_dict()) == cfg

@@ -16,6 +16,7 @@ from rich.table import Table
 
 from engine.config import RunConfig, config_from_dict, load_preset
 from engine.errors import RenError
+from engine.launch import create_run, resolve_init_from
 from engine.store import RunRecord, Store
 
 console = Console()
@@ -37,27 +38,27 @@ def run(preset: Path | None, overrides: list[str], *, resume: str | None, name: 
         if name:
             overrides = [*overrides, f"run.name={json.dumps(name)}"]
         cfg = load_preset(preset, overrides)
-        record = store.create_run(
-            name=cfg.run.name, stage=cfg.stage, kind=cfg.model.kind, config=cfg.to_dict(),
-            preset_path=str(preset), tags=cfg.run.tags, notes=cfg.run.notes,
-            max_steps=cfg.train.max_steps, init_from=cfg.train.init_from,
-        )
-        run_dir = store.run_dir(record.id)
-        (run_dir / "config.toml").write_text(tomli_w.dumps(cfg.to_dict()))
-        console.print(f"run [bold]{record.id}[/] ({cfg.stage}, {cfg.model.kind}) in {run_dir}")
+        cfg = resolve_init_from(cfg, preset, store, lambda c, run_id: _train_here(c, store, run_id, resume=False),
+                                say=console.print)
+        record = create_run(store, cfg, str(preset))
+        console.print(f"run [bold]{record.id}[/] ({cfg.stage}, {cfg.model.kind}) in {store.run_dir(record.id)}")
     if gpus > 1:
         _launch_distributed(record.id, gpus, resume=bool(resume))
     else:
-        from engine.cli.progress import make_reporter
-        from engine.train import train
+        _train_here(cfg, store, record.id, resume=bool(resume))
 
-        t0 = time.time()
-        scores = train(cfg, store, record.id, resume=bool(resume), reporter=make_reporter(console))
-        final = store.get_run(record.id)
-        console.print(
-            f"[bold]{final.status}[/] {final.id} in {time.time() - t0:.0f}s"
-            + ("".join(f"  {k} {v:.4f}" for k, v in scores.items() if k != "eval_samples"))
-        )
+
+def _train_here(cfg: RunConfig, store: Store, run_id: str, *, resume: bool) -> None:
+    from engine.cli.progress import make_reporter
+    from engine.train import train
+
+    t0 = time.time()
+    scores = train(cfg, store, run_id, resume=resume, reporter=make_reporter(console))
+    final = store.get_run(run_id)
+    console.print(
+        f"[bold]{final.status}[/] {final.id} in {time.time() - t0:.0f}s"
+        + "".join(f"  {k} {v:.4f}" for k, v in scores.items() if k != "eval_samples")
+    )
 
 
 def _launch_distributed(run_id: str, gpus: int, *, resume: bool) -> None:

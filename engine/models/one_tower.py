@@ -61,7 +61,7 @@ class OneTower(nn.Module):
             init_weights(self.image_embeddings)
         else:
             self.vocab_size = vocab_size
-            if "image_embedding" in b.model_fields_set:
+            if b.image_embedding != "patch":
                 raise ConfigError(
                     f"model.backbone.image_embedding applies to text backbones; {b.name!r} is a "
                     "vision model and keeps its own patch embedding. Remove the key."

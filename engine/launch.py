@@ -1,0 +1,81 @@
+"""Turning a preset into stored runs: creation, and pretraining dependencies.
+
+A finetuning preset may name its pretraining by preset instead of by run id:
+``train.init_from = "preset:easyvqa_pretrain.toml"``. Before the finetuning run
+is created, :func:`resolve_init_from` looks in the store for a finished run of
+exactly that preset's resolved config and reuses it; if there is none, it
+trains one first. The finetuning run then stores ``init_from = "run:<id>"``,
+so its config says exactly which weights it started from.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+import tomli_w
+
+from engine.config import RunConfig, config_from_dict, load_preset
+from engine.errors import ConfigError, RenError
+from engine.store import RunRecord, Store
+
+PRESET_PREFIX = "preset:"
+
+Trainer = Callable[[RunConfig, str], None]
+
+
+def create_run(store: Store, cfg: RunConfig, preset_path: str | None) -> RunRecord:
+    """A new run in the store, with its resolved config also written as config.toml."""
+    record = store.create_run(
+        name=cfg.run.name, stage=cfg.stage, kind=cfg.model.kind, config=cfg.to_dict(),
+        preset_path=preset_path, tags=cfg.run.tags, notes=cfg.run.notes,
+        max_steps=cfg.train.max_steps, init_from=cfg.train.init_from,
+    )
+    (store.run_dir(record.id) / "config.toml").write_text(tomli_w.dumps(cfg.to_dict()))
+    return record
+
+
+def find_finished(store: Store, cfg: RunConfig) -> RunRecord | None:
+    """The newest finished run whose stored config equals ``cfg``."""
+    for record in store.list_runs():
+        if record.status != "finished":
+            continue
+        try:
+            if config_from_dict(record.config) == cfg:
+                return record
+        except ConfigError:  # a run stored by an older, incompatible version
+            continue
+    return None
+
+
+def resolve_init_from(cfg: RunConfig, preset_path: Path, store: Store, train: Trainer,
+                      say: Callable[[str], None] = lambda _: None, chain: tuple[Path, ...] = ()) -> RunConfig:
+    """Replace ``init_from = "preset:FILE"`` by the run id of that preset's pretraining,
+    training it first when the store has no finished run of it. ``FILE`` is relative
+    to the directory of ``preset_path``."""
+    source = cfg.train.init_from
+    if not source or not source.startswith(PRESET_PREFIX):
+        return cfg
+    path = Path(source[len(PRESET_PREFIX):]).expanduser()
+    if not path.is_absolute():
+        path = preset_path.parent / path
+    if path.resolve() in chain or path.resolve() == preset_path.resolve():
+        raise ConfigError(f"train.init_from = {source!r}: the presets start from each other in a loop.")
+    upstream = load_preset(path)
+    upstream = resolve_init_from(upstream, path, store, train, say, (*chain, preset_path.resolve()))
+    done = find_finished(store, upstream)
+    if done is not None:
+        say(f"init_from: reusing finished run {done.id} of {path}")
+    else:
+        record = create_run(store, upstream, str(path))
+        say(f"init_from: training {path} first, as run {record.id}")
+        train(upstream, record.id)
+        done = store.get_run(record.id)
+        if done.status != "finished":
+            raise RenError(
+                f"train.init_from = {source!r}: the run {done.id} of {path} ended {done.status}; "
+                f"resume it with `ren run --resume {done.id}`, then run this preset again."
+            )
+    raw = cfg.to_dict()
+    raw["train"]["init_from"] = f"run:{done.id}"
+    return config_from_dict(raw)
