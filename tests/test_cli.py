@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -139,3 +140,30 @@ def test_unreachable_hub_model_is_a_clear_error(tmp_path: Path) -> None:
     assert "the Hugging Face hub cannot be reached from this machine" in message
     assert 'model.backbone.name = "/models/electra-small-discriminator"' in message
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.slow
+def test_run_trains_the_named_pretraining_then_finetunes(tmp_path: Path, ren_home: Path, data_cache: Path) -> None:
+    """`ren run` end to end through the real entry point: pretraining named by
+    init_from = "preset:..." runs first, then the finetuning, both stored."""
+    common = f'extends = "{PRESETS / "base" / "easyvqa_two_tower.toml"}"\n[data]\ncache_dir = "{data_cache}"\n'
+    (tmp_path / "pre.toml").write_text(
+        common + '[run]\nname = "pre"\n[objectives.mlm]\n[objectives.itm]\n[train]\nmax_steps = 3\nbatch_size = 8\n'
+    )
+    (tmp_path / "ft.toml").write_text(
+        common + '[run]\nname = "ft"\n[task]\nloss = "ce"\n'
+        '[train]\nmax_steps = 3\nbatch_size = 8\ninit_from = "preset:pre.toml"\n'
+    )
+    first = ren("run", str(tmp_path / "ft.toml"), timeout=300)
+    assert first.returncode == 0, first.stderr
+    assert "init_from: training" in first.stdout and first.stdout.count("finished") == 2
+    listing = ren("runs").stdout
+    assert "pre" in listing and "ft" in listing and listing.count("finished") == 2
+
+    second = ren("run", str(tmp_path / "ft.toml"), timeout=300)
+    assert second.returncode == 0, second.stderr
+    assert "init_from: reusing finished run" in second.stdout
+    ft_id = re.search(r"run (\S+) \(finetune, two_tower\)", first.stdout).group(1)
+    shown = ren("show", ft_id)
+    assert shown.returncode == 0
+    assert 'init_from = "run:' in shown.stdout and "vqa_score" in shown.stdout
