@@ -39,6 +39,7 @@ from engine.store import Store
 CHECKPOINTS = "checkpoints"
 LATEST = "latest"
 FINAL_WEIGHTS = "model.safetensors"
+INDEX_UPDATE_S = 5.0
 
 
 class Reporter(Protocol):
@@ -284,6 +285,7 @@ def train(cfg: RunConfig, store: Store, run_id: str, *, resume: bool = False,
     unwrapped: VLModel = accelerator.unwrap_model(model)
     sums: dict[str, float] = {}
     count, t_last, samples_last = 0, time.perf_counter(), state.samples_seen
+    t_index = 0.0
     reporter.start(cfg.train.max_steps, state.step)
     status, error = "finished", None
     try:
@@ -322,7 +324,9 @@ def train(cfg: RunConfig, store: Store, run_id: str, *, resume: bool = False,
                         sums, count, t_last, samples_last = {}, 0, now, state.samples_seen
                         if writer:
                             writer.log(state.step, **metrics)
-                            store.update_run(run_id, step=state.step)
+                            if now - t_index >= INDEX_UPDATE_S:  # the shared index is rewritten whole
+                                store.update_run(run_id, step=state.step)
+                                t_index = now
                         reporter.step(state.step, metrics)
                     if cfg.task and state.step % cfg.train.eval_every == 0 and state.step < cfg.train.max_steps:
                         scores = evaluate(unwrapped, eval_dl, accelerator, cfg.data.eval_max_samples)
@@ -359,7 +363,8 @@ def train(cfg: RunConfig, store: Store, run_id: str, *, resume: bool = False,
             final = evaluate(unwrapped, eval_dl, accelerator, None)
             _record_scores(store, run_id, writer, state, final, main)
             reporter.message(_format_scores(state.step, final, final=True))
-        _save_checkpoint(accelerator, run_dir, state, cfg.train.keep_checkpoints)
+        if state.step % cfg.train.checkpoint_every:  # not saved at this step yet
+            _save_checkpoint(accelerator, run_dir, state, cfg.train.keep_checkpoints)
         if main:
             from safetensors.torch import save_file
 
@@ -370,8 +375,7 @@ def train(cfg: RunConfig, store: Store, run_id: str, *, resume: bool = False,
     if writer:
         writer.close()
     if main:
-        if final:
-            store.update_run(run_id, final_scores=final)
+        store.update_run(run_id, step=state.step, **({"final_scores": final} if final else {}))
         store.mark_ended(run_id, status, error=error)
     return final
 

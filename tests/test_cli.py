@@ -123,22 +123,22 @@ def test_runs_on_empty_store() -> None:
 def test_unreachable_hub_model_is_a_clear_error(tmp_path: Path) -> None:
     preset = tmp_path / "hub.toml"
     preset.write_text(
-        'extends = "%s"\n[model.backbone]\nsource = "pretrained"\nname = "google/electra-small-discriminator"\n'
+        'extends = "%s"\n[model.text]\nsource = "pretrained"\nname = "prajjwal1/bert-tiny"\n'
         "hidden_size = 128\n" % (PRESETS / "quickstart.toml")
     )
-    # hidden_size is not allowed with a pretrained backbone: the config error comes first
+    # hidden_size is not allowed with a pretrained tower: the config error comes first
     first = ren("validate", str(preset))
     assert first.returncode == 2 and "only applies when source" in first.stderr
     preset.write_text(
         '[model]\nkind = "one_tower"\n[model.backbone]\nsource = "pretrained"\n'
-        'name = "google/electra-small-discriminator"\n[task]\nname = "vqa"\n'
+        'name = "prajjwal1/bert-tiny"\n[task]\nname = "vqa"\n'
     )
     result = ren("validate", str(preset), env={"HF_HUB_OFFLINE": "1"})
     assert result.returncode == 2, result.stderr
     message = " ".join(result.stderr.split())
-    assert "google/electra-small-discriminator" in message
+    assert "prajjwal1/bert-tiny" in message
     assert "the Hugging Face hub cannot be reached from this machine" in message
-    assert 'model.backbone.name = "/models/electra-small-discriminator"' in message
+    assert 'model.backbone.name = "/models/bert-tiny"' in message
     assert "Traceback" not in result.stderr
 
 

@@ -17,7 +17,13 @@ from safetensors.torch import load_file
 
 from engine.config import RunConfig, config_from_dict
 from engine.store import Store
-from engine.train import EpochSampler, FINAL_WEIGHTS, latest_checkpoint, lr_factor, train
+from engine.train import (
+    FINAL_WEIGHTS,
+    EpochSampler,
+    latest_checkpoint,
+    lr_factor,
+    train,
+)
 
 from .conftest import REPO
 

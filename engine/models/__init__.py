@@ -97,17 +97,4 @@ def build_model(cfg: C.RunConfig, *, vocab_size: int, num_answers: int | None = 
     return VLModel(encoder, heads)
 
 
-def count_parameters(module: nn.Module) -> tuple[int, int]:
-    """(total, trainable) parameter counts, shared parameters counted once."""
-    seen: set[int] = set()
-    total = trainable = 0
-    for p in module.parameters():
-        if id(p) in seen:
-            continue
-        seen.add(id(p))
-        total += p.numel()
-        trainable += p.numel() if p.requires_grad else 0
-    return total, trainable
-
-
-__all__ = ["ARCHITECTURES", "Outputs", "VLModel", "build_model", "count_parameters"]
+__all__ = ["ARCHITECTURES", "Outputs", "VLModel", "build_model"]

@@ -93,39 +93,31 @@ def _model_class(config: Any) -> type | None:
         return None
 
 
-def manual_text_config(*, vocab_size: int, hidden_size: int, layers: int, heads: int,
-                       mlp_ratio: float, dropout: float, max_positions: int) -> Any:
+def _sizes(hidden_size: int, layers: int, heads: int, mlp_ratio: float, dropout: float) -> dict[str, Any]:
+    """The HF config fields that size a BERT- or ViT-style encoder."""
+    return {
+        "hidden_size": hidden_size,
+        "num_hidden_layers": layers,
+        "num_attention_heads": heads,
+        "intermediate_size": int(hidden_size * mlp_ratio),
+        "hidden_dropout_prob": dropout,
+        "attention_probs_dropout_prob": dropout,
+    }
+
+
+def manual_text_config(*, vocab_size: int, max_positions: int, **sizes: Any) -> Any:
+    """A BERT config of the given sizes (``hidden_size``, ``layers``, ``heads``, ``mlp_ratio``, ``dropout``)."""
     from transformers import BertConfig
 
-    return BertConfig(
-        vocab_size=vocab_size,
-        hidden_size=hidden_size,
-        num_hidden_layers=layers,
-        num_attention_heads=heads,
-        intermediate_size=int(hidden_size * mlp_ratio),
-        hidden_dropout_prob=dropout,
-        attention_probs_dropout_prob=dropout,
-        max_position_embeddings=max_positions,
-        type_vocab_size=1,
-        pad_token_id=0,
-    )
+    return BertConfig(vocab_size=vocab_size, max_position_embeddings=max_positions, type_vocab_size=1,
+                      pad_token_id=0, **_sizes(**sizes))
 
 
-def manual_vision_config(*, hidden_size: int, layers: int, heads: int, mlp_ratio: float,
-                         dropout: float, patch_size: int, image_size: int) -> Any:
+def manual_vision_config(*, patch_size: int, image_size: int, **sizes: Any) -> Any:
+    """A ViT config of the given sizes and patching."""
     from transformers import ViTConfig
 
-    return ViTConfig(
-        hidden_size=hidden_size,
-        num_hidden_layers=layers,
-        num_attention_heads=heads,
-        intermediate_size=int(hidden_size * mlp_ratio),
-        hidden_dropout_prob=dropout,
-        attention_probs_dropout_prob=dropout,
-        patch_size=patch_size,
-        image_size=image_size,
-        qkv_bias=True,
-    )
+    return ViTConfig(patch_size=patch_size, image_size=image_size, qkv_bias=True, **_sizes(**sizes))
 
 
 def set_dropout(config: Any, dropout: float) -> None:

@@ -6,7 +6,7 @@ its named layer groups (``embeddings``, ``layers[i]``, ``final``) for freezing.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import Tensor, nn
@@ -34,26 +34,39 @@ def _hf_groups(prefix: str, model: nn.Module, layers: nn.ModuleList, embeddings:
     return groups
 
 
+def _sizes(cfg: C.TextTower | C.VisionTower) -> dict[str, Any]:
+    return {"hidden_size": cfg.hidden_size, "layers": cfg.layers, "heads": cfg.heads,
+            "mlp_ratio": cfg.mlp_ratio, "dropout": cfg.dropout}
+
+
+def _build(cfg: C.TextTower | C.VisionTower, key: str, manual: Callable[[], Any],
+           part: Callable[[Any], Any]) -> tuple[Any, nn.Module]:
+    """(config, HF model) of a tower: ``manual()`` sizes a fresh config, otherwise
+    ``part`` picks the tower's part of the named checkpoint's config."""
+    if cfg.source == "manual":
+        config = manual()
+    else:
+        config = part(hf.load_hf_config(cfg.name, f"{key}.name"))
+        hf.set_dropout(config, cfg.dropout)
+    model = hf.build_hf_model(config, name=cfg.name, pretrained=cfg.source == "pretrained", key=f"{key}.name")
+    hf.encoder_layers(model, key)  # fail early for unsupported families
+    if cfg.gradient_checkpointing:
+        hf.enable_checkpointing(model)
+    return config, model
+
+
 class TextTower(nn.Module):
     """A text encoder: an HF model (pretrained, random, or a manual BERT)."""
 
     def __init__(self, cfg: C.TextTower, vocab_size: int, key: str = "model.text"):
         super().__init__()
-        if cfg.source == "manual":
-            config = hf.manual_text_config(
-                vocab_size=vocab_size, hidden_size=cfg.hidden_size, layers=cfg.layers,
-                heads=cfg.heads, mlp_ratio=cfg.mlp_ratio, dropout=cfg.dropout,
-                max_positions=cfg.max_positions,
-            )
-        else:
-            config = hf.text_config_of(hf.load_hf_config(cfg.name, f"{key}.name"))
-            hf.set_dropout(config, cfg.dropout)
-        self.model = hf.build_hf_model(config, name=cfg.name, pretrained=cfg.source == "pretrained", key=f"{key}.name")
+        config, self.model = _build(
+            cfg, key,
+            lambda: hf.manual_text_config(vocab_size=vocab_size, max_positions=cfg.max_positions, **_sizes(cfg)),
+            hf.text_config_of,
+        )
         self.hidden_size = hf.hidden_size_of(config)
         self.vocab_size = getattr(config, "vocab_size", vocab_size)
-        hf.encoder_layers(self.model, key)  # fail early for unsupported families
-        if cfg.gradient_checkpointing:
-            hf.enable_checkpointing(self.model)
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
         return self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
@@ -85,21 +98,13 @@ class VisionTower(nn.Module):
                 self.model.set_grad_checkpointing(True)
             self._interpolate = False
             return
-        if cfg.source == "manual":
-            config: Any = hf.manual_vision_config(
-                hidden_size=cfg.hidden_size, layers=cfg.layers, heads=cfg.heads,
-                mlp_ratio=cfg.mlp_ratio, dropout=cfg.dropout, patch_size=cfg.patch_size,
-                image_size=cfg.image_size,
-            )
-        else:
-            config = hf.vision_config_of(hf.load_hf_config(cfg.name, f"{key}.name"))
-            hf.set_dropout(config, cfg.dropout)
-        self.model = hf.build_hf_model(config, name=cfg.name, pretrained=cfg.source == "pretrained", key=f"{key}.name")
+        config, self.model = _build(
+            cfg, key,
+            lambda: hf.manual_vision_config(patch_size=cfg.patch_size, image_size=cfg.image_size, **_sizes(cfg)),
+            hf.vision_config_of,
+        )
         self.hidden_size = hf.hidden_size_of(config)
-        hf.encoder_layers(self.model, key)  # fail early for unsupported families
         self._interpolate = hf.accepts_kwarg(self.model, "interpolate_pos_encoding")
-        if cfg.gradient_checkpointing:
-            hf.enable_checkpointing(self.model)
 
     def forward(self, pixel_values: Tensor) -> Tensor:
         if self.library == "timm":
