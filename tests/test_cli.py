@@ -58,20 +58,20 @@ def test_engine_never_imports_textual() -> None:
 def test_validate_prints_config_and_parameters() -> None:
     result = ren("validate", str(PRESETS / "quickstart.toml"))
     assert result.returncode == 0, result.stderr
-    assert "valid (finetune, one_tower)" in result.stdout
-    assert "backbone.layers[*]" in result.stdout
+    assert "valid (finetune, two_tower)" in result.stdout
+    assert "text.layers[*]" in result.stdout and "vision.layers[*]" in result.stdout
     assert "trainable" in result.stdout
 
 
 def test_validate_json_counts_frozen_parameters() -> None:
     plain = json.loads(ren("validate", str(PRESETS / "quickstart.toml"), "--json").stdout)
     frozen = json.loads(ren("validate", str(PRESETS / "quickstart.toml"), "--json",
-                            "--set", "freeze.groups=['backbone.layers[0:2]']").stdout)
+                            "--set", "freeze.groups=['text.layers[0:2]']").stdout)
     assert plain["params"]["frozen"] == 0
-    layer = plain["params"]["groups"]["backbone.layers[0]"]["total"]
+    layer = plain["params"]["groups"]["text.layers[0]"]["total"]
     assert frozen["params"]["frozen"] == 2 * layer
     assert frozen["params"]["total"] == plain["params"]["total"]
-    assert frozen["config"]["freeze"]["groups"] == ["backbone.layers[0:2]"]
+    assert frozen["config"]["freeze"]["groups"] == ["text.layers[0:2]"]
 
 
 @pytest.mark.parametrize(

@@ -9,7 +9,9 @@ import pytest
 from engine.config import RunConfig, config_from_dict, load_preset, parse_override
 from engine.errors import ConfigError
 
-from .conftest import PRESETS
+from .conftest import PRESETS, REPO
+
+ONE_TOWER = REPO / "tests" / "fixtures" / "one_tower.toml"
 
 SHIPPED = sorted(PRESETS.glob("*.toml"))
 
@@ -77,11 +79,11 @@ def test_override_errors_name_the_key() -> None:
 
 
 def test_extends_merges_tables_key_by_key(tmp_path: Path) -> None:
-    base = _write(tmp_path, "base.toml", (PRESETS / "quickstart.toml").read_text())
-    child = _write(tmp_path, "child.toml", 'extends = "base.toml"\n[model.backbone]\nlayers = 2\n[run]\nname = "child"\n')
+    base = _write(tmp_path, "base.toml", (ONE_TOWER).read_text())
+    child = _write(tmp_path, "child.toml", 'extends = "base.toml"\n[model.backbone]\nlayers = 1\n[run]\nname = "child"\n')
     cfg = load_preset(child)
     parent = load_preset(base)
-    assert cfg.model.backbone.layers == 2
+    assert cfg.model.backbone.layers == 1
     assert cfg.model.backbone.hidden_size == parent.model.backbone.hidden_size
     assert cfg.run.name == "child" and cfg.run.tags == parent.run.tags
 
@@ -111,14 +113,14 @@ def test_unknown_key_suggests_the_right_one(tmp_path: Path) -> None:
 
 
 def test_key_of_another_kind_is_an_error_not_ignored() -> None:
-    raw = load_preset(PRESETS / "quickstart.toml").to_dict()
+    raw = load_preset(ONE_TOWER).to_dict()
     raw["model"]["fusion"] = {"layers": 2}
     with pytest.raises(ConfigError, match=r"'model\.fusion'.*does not apply to kind 'one_tower'.*two_tower"):
         config_from_dict(raw)
 
 
 def test_out_of_range_names_key_and_range() -> None:
-    raw = load_preset(PRESETS / "quickstart.toml").to_dict()
+    raw = load_preset(ONE_TOWER).to_dict()
     raw["model"]["backbone"]["layers"] = 500
     with pytest.raises(ConfigError, match=r"model\.backbone\.layers = 500 is out of range.*0 to 128"):
         config_from_dict(raw)
@@ -188,7 +190,7 @@ def test_changing_a_tag_replaces_the_table(tmp_path: Path) -> None:
     """A child that switches a tower to pretrained does not inherit manual sizes."""
     child = _write(
         tmp_path, "child.toml",
-        'extends = "%s"\n[model.backbone]\nsource = "random"\nname = "/models/vit"\n' % (PRESETS / "quickstart.toml"),
+        'extends = "%s"\n[model.backbone]\nsource = "random"\nname = "/models/vit"\n' % (ONE_TOWER),
     )
     from engine.config import _read_with_extends
 
