@@ -180,7 +180,9 @@ def _steps(r: RunRecord) -> str:
 
 
 def _scores(scores: dict[str, float]) -> str:
-    return ", ".join(f"{k.removeprefix('eval/')} {v:.4f}" for k, v in scores.items()) or "-"
+    return ", ".join(
+        f"{k.removeprefix('eval/')} {v:.4f}" for k, v in scores.items() if k != "eval_samples"
+    ) or "-"
 
 
 def _duration(r: RunRecord) -> str:
