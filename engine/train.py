@@ -297,7 +297,8 @@ def train(cfg: RunConfig, store: Store, run_id: str, *, resume: bool = False,
                 model.train()
                 for batch in batches:
                     with accelerator.accumulate(model):
-                        gen = torch.Generator().manual_seed(cfg.run.seed * 7_919 + state.step * 131 + accelerator.process_index)
+                        seed = cfg.run.seed * 7_919 + state.step * 131 + accelerator.process_index
+                        gen = torch.Generator().manual_seed(seed)  # masking/negatives: a function of the step
                         loss, parts = step_fn(model, batch, cfg, data, gen)
                         accelerator.backward(loss)
                         if accelerator.sync_gradients and cfg.optim.grad_clip:

@@ -80,7 +80,9 @@ def test_override_errors_name_the_key() -> None:
 
 def test_extends_merges_tables_key_by_key(tmp_path: Path) -> None:
     base = _write(tmp_path, "base.toml", (ONE_TOWER).read_text())
-    child = _write(tmp_path, "child.toml", 'extends = "base.toml"\n[model.backbone]\nlayers = 1\n[run]\nname = "child"\n')
+    child = _write(
+        tmp_path, "child.toml", 'extends = "base.toml"\n[model.backbone]\nlayers = 1\n[run]\nname = "child"\n'
+    )
     cfg = load_preset(child)
     parent = load_preset(base)
     assert cfg.model.backbone.layers == 1
@@ -154,7 +156,8 @@ def test_stage_must_be_pretrain_xor_finetune() -> None:
 
 def test_sizes_do_not_apply_to_pretrained_towers() -> None:
     with pytest.raises(ConfigError, match=r"hidden_size only applies when source = \"manual\""):
-        config_from_dict({"model": {"kind": "two_tower", "text": {"source": "pretrained", "name": "x", "hidden_size": 64}},
+        text = {"source": "pretrained", "name": "x", "hidden_size": 64}
+        config_from_dict({"model": {"kind": "two_tower", "text": text},
                           "objectives": {"mlm": {}}})
     with pytest.raises(ConfigError, match="needs 'name'"):
         config_from_dict({"model": {"kind": "two_tower", "text": {"source": "pretrained"}}, "objectives": {"mlm": {}}})

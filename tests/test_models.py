@@ -467,7 +467,8 @@ def test_gradient_checkpointing_trains_a_step(kind):
     else:
         layers = [*ckpt.encoder.text.model.encoder.layer, *ckpt.encoder.vision.model.layers]
     counts = _count_calls(layers)
-    plain_counts = _count_calls(list(plain.encoder.layers) if kind == "one_tower" else plain.encoder.text.model.encoder.layer)
+    plain_layers = list(plain.encoder.layers) if kind == "one_tower" else plain.encoder.text.model.encoder.layer
+    plain_counts = _count_calls(plain_layers)
 
     ids, mask, pix = inputs()
     pos = mlm_positions(mask)

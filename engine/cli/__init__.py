@@ -35,7 +35,9 @@ SetOption = Annotated[
 def run(
     preset: Annotated[Optional[Path], typer.Argument(help="Preset TOML file.")] = None,
     set_: SetOption = None,
-    resume: Annotated[Optional[str], typer.Option("--resume", help="Continue run RUN_ID from its last checkpoint.")] = None,
+    resume: Annotated[
+        Optional[str], typer.Option("--resume", help="Continue run RUN_ID from its last checkpoint.")
+    ] = None,
     name: Annotated[Optional[str], typer.Option(help="Run name (default: the preset's run.name).")] = None,
     gpus: Annotated[int, typer.Option(help="Processes/GPUs; more than 1 starts `accelerate launch`.")] = 1,
 ) -> None:

@@ -138,11 +138,19 @@ def list_runs(limit: int) -> None:
     if not records:
         console.print("no runs yet: try `ren run presets/quickstart.toml`")
         return
-    table = Table(show_edge=False)
-    for col in ("id", "name", "stage", "status", "steps", "best", "duration"):
-        table.add_column(col)
+    table = Table(box=None, pad_edge=False, padding=(0, 2, 0, 0), header_style="bold")
+    # ids are what `ren show` and `--resume` take: never shorten them. They carry the
+    # run name too, so the name column is shown only when there is room for it.
+    table.add_column("id", no_wrap=True, min_width=max(len(r.id) for r in records))
+    wide = console.width >= 120
+    columns = ("name", "stage", "status", "steps", "best", "time") if wide else ("status", "steps", "best", "time")
+    for col in columns:
+        table.add_column(col, no_wrap=True)
     for r in records:
-        table.add_row(r.id, r.name, r.stage, _status(r), _steps(r), _scores(r.best_scores), _duration(r))
+        best = ", ".join(f"{k.removeprefix('eval/').removesuffix('_score')} {v:.4f}" for k, v in r.best_scores.items())
+        cells = {"name": r.name, "stage": r.stage, "status": _status(r), "steps": _steps(r),
+                 "best": best or "-", "time": _duration(r)}
+        table.add_row(r.id, *(cells[c] for c in columns))
     console.print(table)
 
 

@@ -73,7 +73,9 @@ class OneTower(nn.Module):
                     f"patches of {own_patch}; remove the key."
                 )
             self.text_embeddings = TextEmbeddings(vocab_size, hidden, b.max_text_positions, b.dropout)
-        self._interpolate = self.modality == "vision" and hf.accepts_kwarg(self.backbone.embeddings, "interpolate_pos_encoding")
+        self._interpolate = self.modality == "vision" and hf.accepts_kwarg(
+            self.backbone.embeddings, "interpolate_pos_encoding"
+        )
         self.modality_type = nn.Embedding(2, hidden)
         nn.init.normal_(self.modality_type.weight, std=0.02)
         self.pooler_kind = cfg.pooler
