@@ -167,3 +167,27 @@ def test_run_trains_the_named_pretraining_then_finetunes(tmp_path: Path, ren_hom
     shown = ren("show", ft_id)
     assert shown.returncode == 0
     assert 'init_from = "run:' in shown.stdout and "vqa_score" in shown.stdout
+
+
+@pytest.mark.slow
+def test_two_processes_train_one_run_through_accelerate_launch(tmp_path: Path, ren_home: Path,
+                                                                data_cache: Path) -> None:
+    """`--gpus 2` runs the same training code in two processes (gloo on a CPU
+    machine): the run finishes and only the main process writes its metrics."""
+    preset = tmp_path / "ddp.toml"
+    preset.write_text(
+        f'extends = "{REPO / "tests" / "fixtures" / "one_tower.toml"}"\n'
+        f'[data]\ncache_dir = "{data_cache}"\neval_max_samples = 64\n'
+        "[train]\nmax_steps = 6\nbatch_size = 8\nlog_every = 2\neval_every = 3\ncpu_threads = 1\n"
+    )
+    result = ren("run", str(preset), "--gpus", "2", timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "--num_processes 2" in " ".join(result.stdout.split())
+    from engine.store import Store
+
+    store = Store(ren_home)
+    (record,) = store.list_runs()
+    assert record.status == "finished" and record.step == 6
+    assert [s for s, _ in store.series(record.id, "loss")] == [2, 4, 6]
+    assert [s for s, _ in store.series(record.id, "eval/vqa_score")] == [3, 6]
+    assert record.final_scores["eval_samples"] == 9673  # gathered from both processes, no duplicates

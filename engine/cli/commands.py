@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -43,7 +42,7 @@ def run(preset: Path | None, overrides: list[str], *, resume: str | None, name: 
         record = create_run(store, cfg, str(preset))
         console.print(f"run [bold]{record.id}[/] ({cfg.stage}, {cfg.model.kind}) in {store.run_dir(record.id)}")
     if gpus > 1:
-        _launch_distributed(record.id, gpus, resume=bool(resume))
+        _launch_distributed(record.id, gpus, mixed_precision=cfg.train.mixed_precision, resume=bool(resume))
     else:
         _train_here(cfg, store, record.id, resume=bool(resume))
 
@@ -61,14 +60,15 @@ def _train_here(cfg: RunConfig, store: Store, run_id: str, *, resume: bool) -> N
     )
 
 
-def _launch_distributed(run_id: str, gpus: int, *, resume: bool) -> None:
-    launcher = shutil.which("accelerate")
-    if launcher is None:
-        raise RenError("--gpus > 1 needs the `accelerate` command on PATH (pip install accelerate).")
-    cmd = [launcher, "launch", "--num_processes", str(gpus), "-m", "engine.train", run_id]
+def _launch_distributed(run_id: str, gpus: int, *, mixed_precision: str, resume: bool) -> None:
+    """Train ``run_id`` in ``gpus`` processes through ``accelerate launch`` (this
+    interpreter's accelerate, so no activated environment is needed)."""
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(gpus),
+           "--num_machines", "1", "--mixed_precision", mixed_precision, "--dynamo_backend", "no",
+           "-m", "engine.train", run_id]
     if resume:
         cmd.append("--resume")
-    console.print(" ".join(cmd))
+    console.print(" ".join(cmd), highlight=False)
     code = subprocess.call(cmd, env={**os.environ})
     if code:
         sys.exit(code)
