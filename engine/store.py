@@ -82,7 +82,12 @@ def _fsync_dir(directory: Path) -> None:
 
 def _atomic_write_json(path: Path, data: Any) -> None:
     """Replace ``path`` with ``data`` as JSON, all or nothing; OSError becomes StoreError."""
-    text = json.dumps(data, separators=(",", ":"))
+    atomic_write_text(path, json.dumps(data, separators=(",", ":")))
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Replace ``path`` with ``text``, all or nothing (temp file, fsync, rename);
+    OSError becomes StoreError. Used for every file under the store root."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}{_TMP_SUFFIX}")
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
@@ -549,10 +554,12 @@ class Store:
             table.update(record.to_doc(), Query().id == record.id)
         return self._report(record)
 
-    def mark_running(self, run_id: str, *, pid: int, host: str, device: str) -> RunRecord:
-        """Record that process ``pid`` on ``host`` is now training the run."""
+    def mark_running(self, run_id: str, *, pid: int, host: str, device: str, **fields: Any) -> RunRecord:
+        """Record that process ``pid`` on ``host`` is now training the run (plus any
+        other ``fields``, in the same index write)."""
         return self.update_run(
             run_id,
+            **fields,
             status="running",
             pid=pid,
             pid_started=process_start_time(pid),

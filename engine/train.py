@@ -34,7 +34,7 @@ from engine.data.pipeline import DataBundle, build_data
 from engine.errors import ConfigError, RenError
 from engine.freeze import apply_freeze
 from engine.models import VLModel, build_model
-from engine.store import Store
+from engine.store import Store, atomic_write_text
 
 CHECKPOINTS = "checkpoints"
 LATEST = "latest"
@@ -184,19 +184,10 @@ def _save_checkpoint(accelerator: Accelerator, run_dir: Path, state: TrainState,
         final = root / name
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
-        _atomic_write(root / LATEST, name)
+        atomic_write_text(root / LATEST, name)
         for old in sorted(p for p in root.glob("step_*") if p.is_dir())[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
 
 
 class _StopFlag:
@@ -271,10 +262,8 @@ def train(cfg: RunConfig, store: Store, run_id: str, *, resume: bool = False,
             reporter.message(f"resumed from {ckpt.name}")
     main = accelerator.is_main_process
     if main:
-        store.update_run(run_id, status="running", pid=os.getpid(), pid_started=_create_time(),
-                         host=socket.gethostname(), device=_device_name(accelerator),
-                         started_at=time.time(), ended_at=None, error=None,
-                         params=freeze_report.to_dict(), max_steps=cfg.train.max_steps)
+        store.mark_running(run_id, pid=os.getpid(), host=socket.gethostname(), device=_device_name(accelerator),
+                           params=freeze_report.to_dict(), max_steps=cfg.train.max_steps)
     writer = store.metrics_writer(run_id) if main else None
     if writer:
         writer.rewind(state.step)
@@ -383,15 +372,6 @@ def train(cfg: RunConfig, store: Store, run_id: str, *, resume: bool = False,
 
 def _identity(batch: Any) -> Any:
     return batch
-
-
-def _create_time() -> float | None:
-    try:
-        import psutil
-
-        return psutil.Process().create_time()
-    except Exception:
-        return None
 
 
 def _device_name(accelerator: Accelerator) -> str:
