@@ -5,33 +5,22 @@
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 from textual.app import App, ComposeResult
 from textual.binding import Binding
 from textual.widgets import DataTable, Footer, Header, Static
 
+from engine.display import format_duration, format_scores, format_steps
 from engine.store import RunRecord, Store
 
 REFRESH_S = 2.0
 COLUMNS = ("id", "name", "stage", "kind", "status", "steps", "best", "duration")
 
 
-def _best(record: RunRecord) -> str:
-    return ", ".join(f"{k.removeprefix('eval/')} {v:.4f}" for k, v in record.best_scores.items()) or "-"
-
-
-def _duration(record: RunRecord) -> str:
-    d = record.duration_s
-    if d is None:
-        return "-"
-    return time.strftime("%H:%M:%S", time.gmtime(d))
-
-
 def row(record: RunRecord) -> tuple[str, ...]:
-    steps = f"{record.step}/{record.max_steps}" if record.max_steps else str(record.step)
-    return (record.id, record.name, record.stage, record.kind, record.status, steps, _best(record), _duration(record))
+    return (record.id, record.name, record.stage, record.kind, record.status, format_steps(record),
+            format_scores(record.best_scores), format_duration(record))
 
 
 class RenApp(App[None]):

@@ -14,6 +14,7 @@ from rich.console import Console
 from rich.table import Table
 
 from engine.config import RunConfig, config_from_dict, load_preset
+from engine.display import format_duration, format_scores, format_steps
 from engine.errors import RenError
 from engine.launch import create_run, resolve_init_from
 from engine.store import RunRecord, Store
@@ -147,9 +148,8 @@ def list_runs(limit: int) -> None:
     for col in columns:
         table.add_column(col, no_wrap=True)
     for r in records:
-        best = ", ".join(f"{k.removeprefix('eval/').removesuffix('_score')} {v:.4f}" for k, v in r.best_scores.items())
-        cells = {"name": r.name, "stage": r.stage, "status": _status(r), "steps": _steps(r),
-                 "best": best or "-", "time": _duration(r)}
+        cells = {"name": r.name, "stage": r.stage, "status": _status(r), "steps": format_steps(r),
+                 "best": format_scores(r.best_scores, short=True), "time": format_duration(r)}
         table.add_row(r.id, *(cells[c] for c in columns))
     console.print(table)
 
@@ -158,7 +158,8 @@ def show(run_id: str) -> None:
     store = Store()
     r = store.get_run(run_id)
     console.print(f"[bold]{r.id}[/]  {r.name}  {r.stage}/{r.kind}  {_status(r)}")
-    console.print(f"steps {_steps(r)}  duration {_duration(r)}  device {r.device or '-'}  host {r.host or '-'}")
+    console.print(f"steps {format_steps(r)}  duration {format_duration(r)}  "
+                  f"device {r.device or '-'}  host {r.host or '-'}")
     if r.tags:
         console.print("tags: " + ", ".join(r.tags))
     if r.error:
@@ -166,7 +167,7 @@ def show(run_id: str) -> None:
     if r.params:
         _print_params(r.params, all_groups=False)
     if r.best_scores or r.final_scores:
-        console.print(f"best: {_scores(r.best_scores)}   final: {_scores(r.final_scores)}")
+        console.print(f"best: {format_scores(r.best_scores)}   final: {format_scores(r.final_scores)}")
     points = store.read_metrics(r.id)
     train_points = [p for p in points if "loss" in p]
     if train_points:
@@ -181,20 +182,3 @@ def _status(r: RunRecord) -> str:
     colour = {"finished": "green", "running": "cyan", "failed": "red", "crashed": "red",
               "cancelled": "yellow"}.get(r.status, "white")
     return f"[{colour}]{r.status}[/]"
-
-
-def _steps(r: RunRecord) -> str:
-    return f"{r.step}/{r.max_steps}" if r.max_steps else str(r.step)
-
-
-def _scores(scores: dict[str, float]) -> str:
-    return ", ".join(
-        f"{k.removeprefix('eval/')} {v:.4f}" for k, v in scores.items() if k != "eval_samples"
-    ) or "-"
-
-
-def _duration(r: RunRecord) -> str:
-    d = r.duration_s
-    if d is None:
-        return "-"
-    return f"{int(d // 3600)}h{int(d % 3600 // 60):02d}m" if d >= 3600 else f"{int(d // 60)}m{int(d % 60):02d}s"
