@@ -272,7 +272,7 @@ def train(cfg: RunConfig, store: Store, run_id: str, *, resume: bool = False,
     step_fn = _pretrain_step if cfg.objectives else _finetune_step
     warmup = int(cfg.optim.warmup_ratio * cfg.train.max_steps)
     unwrapped: VLModel = accelerator.unwrap_model(model)
-    sums: dict[str, float] = {}
+    sums: dict[str, torch.Tensor] = {}  # step metrics stay on the device until logged
     count, t_last, samples_last = 0, time.perf_counter(), state.samples_seen
     t_index = 0.0
     reporter.start(cfg.train.max_steps, state.step)
@@ -298,7 +298,7 @@ def train(cfg: RunConfig, store: Store, run_id: str, *, resume: bool = False,
                         optimizer.step()
                         optimizer.zero_grad(set_to_none=True)
                     for k, v in parts.items():
-                        sums[k] = sums.get(k, 0.0) + v
+                        sums[k] = sums[k] + v if k in sums else v
                     count += 1
                     if not accelerator.sync_gradients:
                         continue
@@ -307,7 +307,7 @@ def train(cfg: RunConfig, store: Store, run_id: str, *, resume: bool = False,
                     state.samples_seen += cfg.train.batch_size
                     if state.step % cfg.train.log_every == 0 or state.step == cfg.train.max_steps:
                         now = time.perf_counter()
-                        metrics = {k: v / count for k, v in sums.items()}
+                        metrics = {k: float(v) / count for k, v in sums.items()}  # the only device sync
                         metrics["lr"] = cfg.optim.lr * factor
                         metrics["samples_per_s"] = (state.samples_seen - samples_last) / max(now - t_last, 1e-9)
                         metrics["epoch"] = state.epoch + state.batches_into_epoch / len(train_dl) * accum
@@ -384,7 +384,7 @@ def _device_name(accelerator: Accelerator) -> str:
 
 
 def _pretrain_step(model: torch.nn.Module, batch: dict[str, torch.Tensor], cfg: RunConfig,
-                   data: DataBundle, gen: torch.Generator) -> tuple[torch.Tensor, dict[str, float]]:
+                   data: DataBundle, gen: torch.Generator) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """One forward over row blocks: MLM rows (masked text, true images), then ITM rows
     (clean text, about half the images swapped) or, without ITM, clean pairs for ITC.
     ITC pairs the clean texts with the true images of the batch."""
@@ -428,18 +428,18 @@ def _pretrain_step(model: torch.nn.Module, batch: dict[str, torch.Tensor], cfg: 
             pair_logits, pair_ids = out.logits["itc"][texts, texts][keep][:, keep], image_ids[keep]
         parts["itc"] = (O.itc_loss(pair_logits, pair_ids), obj.itc.weight)
     loss = sum(weight * value for value, weight in parts.values())
-    logged = {f"loss_{name}": float(value.detach()) for name, (value, _) in parts.items()}
-    logged["loss"] = float(loss.detach())
+    logged = {f"loss_{name}": value.detach() for name, (value, _) in parts.items()}
+    logged["loss"] = loss.detach()
     return loss, logged
 
 
 def _finetune_step(model: torch.nn.Module, batch: dict[str, torch.Tensor], cfg: RunConfig,
-                   data: DataBundle, gen: torch.Generator) -> tuple[torch.Tensor, dict[str, float]]:
+                   data: DataBundle, gen: torch.Generator) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     out = model(batch["input_ids"], batch["attention_mask"], batch["pixel_values"], task=True)
     loss = T.vqa_loss(out.logits["task"], batch["labels"], cfg.task.loss)
     with torch.no_grad():
         acc = T.vqa_score(out.logits["task"], batch["labels"]).mean()
-    return loss, {"loss": float(loss.detach()), "train_vqa_score": float(acc)}
+    return loss, {"loss": loss.detach(), "train_vqa_score": acc}
 
 
 @torch.no_grad()
