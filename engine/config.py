@@ -389,6 +389,59 @@ class TrainConfig(_Section):
     """torch CPU threads (default: torch's choice)."""
 
 
+_STRATEGY_KEYS = {"fsdp": ("fsdp_sharding", "fsdp_offload"), "deepspeed": ("zero_stage", "zero_offload")}
+
+
+class DistributedConfig(_Section):
+    """How the processes of a multi-process run share the model, set on the
+    ``accelerate launch`` command line. ``fsdp_*`` keys apply to strategy
+    ``fsdp`` only, ``zero_*`` keys to ``deepspeed`` only."""
+
+    strategy: Literal["ddp", "fsdp", "deepspeed"] = "ddp"
+    """``ddp``: every process holds the whole model and optimizer (data parallel).
+    ``fsdp``: parameters, gradients and optimizer state are sharded over the
+    processes (PyTorch FSDP). ``deepspeed``: DeepSpeed ZeRO (needs the
+    ``deepspeed`` package where the run trains)."""
+    fsdp_sharding: Literal["full_shard", "shard_grad_op", "hybrid_shard", "no_shard"] = "full_shard"
+    """FSDP: ``full_shard`` shards parameters, gradients and optimizer state;
+    ``shard_grad_op`` gradients and optimizer state only; ``hybrid_shard`` shards
+    within a machine and replicates across machines; ``no_shard`` is DDP-like."""
+    fsdp_offload: bool = False
+    """FSDP: keep parameters and gradients in CPU memory between uses (less GPU
+    memory, slower steps)."""
+    zero_stage: int = Field(2, ge=0, le=3)
+    """DeepSpeed: ZeRO stage; 1 shards optimizer state, 2 also gradients, 3 also
+    parameters (0: plain data parallel)."""
+    zero_offload: bool = False
+    """DeepSpeed: keep the optimizer state in CPU memory and step it there
+    (ZeRO-Offload; needs zero_stage >= 1)."""
+
+    @model_validator(mode="after")
+    def _keys_of_strategy(self) -> "DistributedConfig":
+        for strategy, keys in _STRATEGY_KEYS.items():
+            stray = [k for k in keys if k in self.model_fields_set]
+            if stray and self.strategy != strategy:
+                raise ValueError(
+                    f"{', '.join(stray)} only appl{'ies' if len(stray) == 1 else 'y'} when "
+                    f"strategy = \"{strategy}\" (it is \"{self.strategy}\"); remove "
+                    f"{'it' if len(stray) == 1 else 'them'} or set strategy = \"{strategy}\""
+                )
+        if self.zero_offload and self.zero_stage == 0:
+            raise ValueError("zero_offload needs zero_stage >= 1 (stage 0 has no optimizer state to offload)")
+        return self
+
+    @model_serializer(mode="wrap")
+    def _resolved(self, handler: Any) -> dict[str, Any]:
+        """The stored config keeps only the keys of the chosen strategy, so it
+        validates again as it was written."""
+        data = handler(self)
+        for strategy, keys in _STRATEGY_KEYS.items():
+            if strategy != self.strategy:
+                for key in keys:
+                    data.pop(key, None)
+        return data
+
+
 class RunMeta(_Section):
     name: str = Field("run", min_length=1, max_length=80)
     """Human-readable run name (part of the run id)."""
@@ -419,6 +472,8 @@ class RunConfig(_Section):
     """[optim]: optimizer and schedule."""
     train: TrainConfig = TrainConfig()
     """[train]: steps, batch, precision, logging, checkpoints."""
+    distributed: DistributedConfig = DistributedConfig()
+    """[distributed]: how multi-process runs are sharded (passed to accelerate launch)."""
 
     @model_validator(mode="after")
     def _stage(self) -> "RunConfig":
@@ -524,7 +579,7 @@ def _read_with_extends(path: Path, chain: tuple[Path, ...]) -> dict[str, Any]:
     return deep_merge(base, data)
 
 
-_TAGS = ("kind", "source")
+_TAGS = ("kind", "source", "strategy")
 
 
 def deep_merge(base: dict[str, Any], patch: dict[str, Any]) -> dict[str, Any]:
@@ -720,6 +775,7 @@ _REFERENCE_SECTIONS: tuple[tuple[str, type[BaseModel]], ...] = (
     ("data", DataConfig),
     ("optim", OptimConfig),
     ("train", TrainConfig),
+    ("distributed", DistributedConfig),
 )
 
 
