@@ -29,3 +29,11 @@ class StoreError(RenError):
 
 class ModelLoadError(RenError):
     """A backbone could not be loaded (no network, missing directory, unknown name)."""
+
+
+def oom_message(*, batch_size: int | None, micro_batch_size: int | None, processes: int, where: str) -> str:
+    """What a CUDA out-of-memory failure says: the batch in use and what to change."""
+    micro = micro_batch_size if micro_batch_size else f"batch_size / {processes} processes"
+    return (f"CUDA out of memory on {where} with train.batch_size {batch_size} (micro batch {micro} per process). "
+            "Lower train.micro_batch_size (gradient accumulation keeps the global batch), enable "
+            "gradient_checkpointing on the towers, or set train.mixed_precision = \"bf16\".")

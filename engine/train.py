@@ -31,7 +31,7 @@ from engine import objectives as O
 from engine import tasks as T
 from engine.config import RunConfig, config_from_dict
 from engine.data.pipeline import DataBundle, build_data
-from engine.errors import ConfigError, RenError
+from engine.errors import ConfigError, RenError, oom_message
 from engine.freeze import apply_freeze
 from engine.models import VLModel, build_model
 from engine.store import Store, atomic_write_text
@@ -191,7 +191,9 @@ def _save_checkpoint(accelerator: Accelerator, run_dir: Path, state: TrainState,
 
 
 class _StopFlag:
-    """SIGTERM/SIGINT ask the loop to checkpoint and stop at the next step."""
+    """SIGTERM/SIGINT ask the loop to checkpoint and stop at the next step. A second
+    SIGINT (Ctrl-C twice) gives up at once; repeated SIGTERMs do not, because a
+    cancel reaches a rank both directly and through ``accelerate launch``."""
 
     def __init__(self) -> None:
         self.signal: int | None = None
@@ -206,7 +208,7 @@ class _StopFlag:
         return self
 
     def _handle(self, signum: int, frame: Any) -> None:
-        if self.signal is not None:  # second signal: give up immediately
+        if self.signal is not None and signum == signal.SIGINT:
             raise KeyboardInterrupt
         self.signal = signum
 
@@ -223,7 +225,9 @@ def train(cfg: RunConfig, store: Store, run_id: str, *, resume: bool = False,
         torch.set_num_threads(cfg.train.cpu_threads)
 
     # --- build ---------------------------------------------------------------
-    accelerator = Accelerator(mixed_precision=cfg.train.mixed_precision)
+    # cpu=True on a machine without CUDA: processes started by `accelerate launch` then
+    # train together over gloo instead of each alone.
+    accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=cfg.train.mixed_precision)
     micro, accum = _micro_batch(cfg, accelerator.num_processes)
     accelerator.gradient_accumulation_steps = accum
     set_seed(cfg.run.seed)
@@ -271,7 +275,6 @@ def train(cfg: RunConfig, store: Store, run_id: str, *, resume: bool = False,
     # --- loop ----------------------------------------------------------------
     step_fn = _pretrain_step if cfg.objectives else _finetune_step
     warmup = int(cfg.optim.warmup_ratio * cfg.train.max_steps)
-    unwrapped: VLModel = accelerator.unwrap_model(model)
     sums: dict[str, torch.Tensor] = {}  # step metrics stay on the device until logged
     count, t_last, samples_last = 0, time.perf_counter(), state.samples_seen
     t_index = 0.0
@@ -279,7 +282,8 @@ def train(cfg: RunConfig, store: Store, run_id: str, *, resume: bool = False,
     status, error = "finished", None
     try:
         with _StopFlag() as stop:
-            while state.step < cfg.train.max_steps and stop.signal is None:
+            stopping = False
+            while state.step < cfg.train.max_steps and not stopping:
                 sampler.set_epoch(state.epoch)
                 batches = (accelerator.skip_first_batches(train_dl, state.batches_into_epoch * accum)
                            if state.batches_into_epoch else train_dl)
@@ -307,7 +311,7 @@ def train(cfg: RunConfig, store: Store, run_id: str, *, resume: bool = False,
                     state.samples_seen += cfg.train.batch_size
                     if state.step % cfg.train.log_every == 0 or state.step == cfg.train.max_steps:
                         now = time.perf_counter()
-                        metrics = {k: float(v) / count for k, v in sums.items()}  # the only device sync
+                        metrics = _mean_over_processes(accelerator, sums, count)  # the only device sync
                         metrics["lr"] = cfg.optim.lr * factor
                         metrics["samples_per_s"] = (state.samples_seen - samples_last) / max(now - t_last, 1e-9)
                         metrics["epoch"] = state.epoch + state.batches_into_epoch / len(train_dl) * accum
@@ -319,25 +323,29 @@ def train(cfg: RunConfig, store: Store, run_id: str, *, resume: bool = False,
                                 t_index = now
                         reporter.step(state.step, metrics)
                     if cfg.task and state.step % cfg.train.eval_every == 0 and state.step < cfg.train.max_steps:
-                        scores = evaluate(unwrapped, eval_dl, accelerator, cfg.data.eval_max_samples)
+                        scores = evaluate(model, eval_dl, accelerator, cfg.data.eval_max_samples)
                         _record_scores(store, run_id, writer, state, scores, main)
                         reporter.message(_format_scores(state.step, scores))
                         model.train()
                         t_last = time.perf_counter()  # evaluation time is not training throughput
-                    if state.step % cfg.train.checkpoint_every == 0:
+                    stopping = _should_stop(accelerator, stop)
+                    if state.step % cfg.train.checkpoint_every == 0 and not stopping:
                         _save_checkpoint(accelerator, run_dir, state, cfg.train.keep_checkpoints)
-                    if state.step >= cfg.train.max_steps or stop.signal is not None:
+                    if state.step >= cfg.train.max_steps or stopping:
                         break
                 else:
                     state.epoch += 1
                     state.batches_into_epoch = 0
-            if stop.signal is not None:
+            if stopping:
                 status = "cancelled"
                 _save_checkpoint(accelerator, run_dir, state, cfg.train.keep_checkpoints)
     except KeyboardInterrupt:
         status, error = "cancelled", "interrupted"
     except Exception as exc:  # record the failure, then re-raise for the caller
         status, error = "failed", f"{type(exc).__name__}: {exc}"
+        if isinstance(exc, torch.OutOfMemoryError):
+            error = oom_message(batch_size=cfg.train.batch_size, micro_batch_size=micro,
+                                processes=accelerator.num_processes, where=_device_name(accelerator))
         if writer:
             writer.close()
         if main:
@@ -350,15 +358,16 @@ def train(cfg: RunConfig, store: Store, run_id: str, *, resume: bool = False,
     final: dict[str, float] = {}
     if status == "finished":
         if cfg.task:
-            final = evaluate(unwrapped, eval_dl, accelerator, None)
+            final = evaluate(model, eval_dl, accelerator, None)
             _record_scores(store, run_id, writer, state, final, main)
             reporter.message(_format_scores(state.step, final, final=True))
         if state.step % cfg.train.checkpoint_every:  # not saved at this step yet
             _save_checkpoint(accelerator, run_dir, state, cfg.train.keep_checkpoints)
+        state_dict = accelerator.get_state_dict(model)  # every process: FSDP/DeepSpeed gather their shards
         if main:
             from safetensors.torch import save_file
 
-            weights = {k: v.detach().cpu().contiguous() for k, v in unwrapped.state_dict().items()}
+            weights = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
             tmp = run_dir / f".{FINAL_WEIGHTS}.tmp"
             save_file(weights, str(tmp))
             os.replace(tmp, run_dir / FINAL_WEIGHTS)
@@ -368,6 +377,25 @@ def train(cfg: RunConfig, store: Store, run_id: str, *, resume: bool = False,
         store.update_run(run_id, step=state.step, **({"final_scores": final} if final else {}))
         store.mark_ended(run_id, status, error=error)
     return final
+
+
+def _should_stop(accelerator: Accelerator, stop: _StopFlag) -> bool:
+    """Whether to stop after this step; with several processes they agree (any one
+    signalled stops all at the same step, so the checkpoint's collectives line up)."""
+    if accelerator.num_processes == 1:
+        return stop.signal is not None
+    if stop.signal is not None:
+        accelerator.set_trigger()
+    return accelerator.check_trigger()
+
+
+def _mean_over_processes(accelerator: Accelerator, sums: dict[str, torch.Tensor], count: int) -> dict[str, float]:
+    """Per-step averages of the logged step metrics over every process's micro batches."""
+    keys = sorted(sums)
+    stacked = torch.stack([sums[k].float() for k in keys]) / count
+    if accelerator.num_processes > 1:
+        stacked = accelerator.reduce(stacked, reduction="mean")
+    return dict(zip(keys, stacked.tolist()))
 
 
 def _identity(batch: Any) -> Any:
@@ -380,7 +408,8 @@ def _device_name(accelerator: Accelerator) -> str:
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
         return f"{n}x {name}" if n > 1 else name
-    return f"cpu ({torch.get_num_threads()} threads)"
+    cpu = f"cpu ({torch.get_num_threads()} threads)"
+    return f"{n}x {cpu}" if n > 1 else cpu
 
 
 def _pretrain_step(model: torch.nn.Module, batch: dict[str, torch.Tensor], cfg: RunConfig,
@@ -443,8 +472,10 @@ def _finetune_step(model: torch.nn.Module, batch: dict[str, torch.Tensor], cfg: 
 
 
 @torch.no_grad()
-def evaluate(model: VLModel, loader: DataLoader, accelerator: Accelerator, max_samples: int | None) -> dict[str, float]:
-    """VQA score over the eval loader (all processes, gathered once per batch)."""
+def evaluate(model: torch.nn.Module, loader: DataLoader, accelerator: Accelerator,
+             max_samples: int | None) -> dict[str, float]:
+    """VQA score over the eval loader (all processes, gathered once per batch). ``model``
+    is the prepared model, so sharded (FSDP/DeepSpeed) models evaluate too."""
     was_training = model.training
     model.eval()
     total, n = 0.0, 0

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import time
@@ -16,7 +15,7 @@ from rich.table import Table
 from engine.config import RunConfig, config_from_dict, load_preset
 from engine.display import format_duration, format_scores, format_steps
 from engine.errors import RenError
-from engine.launch import create_run, resolve_init_from
+from engine.launch import create_run, resolve_init_from, trained_now
 from engine.store import RunRecord, Store
 
 console = Console()
@@ -38,12 +37,13 @@ def run(preset: Path | None, overrides: list[str], *, resume: str | None, name: 
         if name:
             overrides = [*overrides, f"run.name={json.dumps(name)}"]
         cfg = load_preset(preset, overrides)
-        cfg = resolve_init_from(cfg, preset, store, lambda c, run_id: _train_here(c, store, run_id, resume=False),
-                                say=console.print)
+        train_upstream = trained_now(store, lambda c, run_id: _train_here(c, store, run_id, resume=False),
+                                     say=console.print)
+        cfg = resolve_init_from(cfg, preset, store, train_upstream)
         record = create_run(store, cfg, str(preset))
         console.print(f"run [bold]{record.id}[/] ({cfg.stage}, {cfg.model.kind}) in {store.run_dir(record.id)}")
-    if gpus > 1:
-        _launch_distributed(record.id, gpus, mixed_precision=cfg.train.mixed_precision, resume=bool(resume))
+    if gpus > 1 or cfg.distributed.strategy != "ddp":
+        _launch_distributed(cfg, record.id, gpus, resume=bool(resume))
     else:
         _train_here(cfg, store, record.id, resume=bool(resume))
 
@@ -61,16 +61,15 @@ def _train_here(cfg: RunConfig, store: Store, run_id: str, *, resume: bool) -> N
     )
 
 
-def _launch_distributed(run_id: str, gpus: int, *, mixed_precision: str, resume: bool) -> None:
+def _launch_distributed(cfg: RunConfig, run_id: str, gpus: int, *, resume: bool) -> None:
     """Train ``run_id`` in ``gpus`` processes through ``accelerate launch`` (this
     interpreter's accelerate, so no activated environment is needed)."""
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(gpus),
-           "--num_machines", "1", "--mixed_precision", mixed_precision, "--dynamo_backend", "no",
-           "-m", "engine.train", run_id]
-    if resume:
-        cmd.append("--resume")
+    from engine.distributed import free_port, launch_command
+
+    cmd = launch_command(run_id, processes=gpus, mixed_precision=cfg.train.mixed_precision, dist=cfg.distributed,
+                         resume=resume, main_process_port=free_port(), grad_clip=cfg.optim.grad_clip)
     console.print(" ".join(cmd), highlight=False)
-    code = subprocess.call(cmd, env={**os.environ})
+    code = subprocess.call(cmd)
     if code:
         sys.exit(code)
 
