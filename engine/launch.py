@@ -22,6 +22,7 @@ from engine.store import RunRecord, Store
 PRESET_PREFIX = "preset:"
 
 Trainer = Callable[[RunConfig, str], None]
+Provider = Callable[[RunConfig, Path], str]  # (pretraining config, its preset) -> the run id to start from
 
 
 def create_run(store: Store, cfg: RunConfig, preset_path: str | None) -> RunRecord:
@@ -48,11 +49,33 @@ def find_finished(store: Store, cfg: RunConfig) -> RunRecord | None:
     return None
 
 
-def resolve_init_from(cfg: RunConfig, preset_path: Path, store: Store, train: Trainer,
-                      say: Callable[[str], None] = lambda _: None, chain: tuple[Path, ...] = ()) -> RunConfig:
-    """Replace ``init_from = "preset:FILE"`` by the run id of that preset's pretraining,
-    training it first when the store has no finished run of it. ``FILE`` is relative
-    to the directory of ``preset_path``."""
+def trained_now(store: Store, train: Trainer, say: Callable[[str], None] = lambda _: None) -> Provider:
+    """Provide a pretraining by reusing a finished run of its config or training it now."""
+
+    def provide(upstream: RunConfig, path: Path) -> str:
+        done = find_finished(store, upstream)
+        if done is not None:
+            say(f"init_from: reusing finished run {done.id} of {path}")
+            return done.id
+        record = create_run(store, upstream, str(path))
+        say(f"init_from: training {path} first, as run {record.id}")
+        train(upstream, record.id)
+        done = store.get_run(record.id)
+        if done.status != "finished":
+            raise RenError(
+                f"train.init_from: the run {done.id} of {path} ended {done.status}; "
+                f"resume it with `ren run --resume {done.id}`, then run this preset again."
+            )
+        return done.id
+
+    return provide
+
+
+def resolve_init_from(cfg: RunConfig, preset_path: Path, store: Store, provide: Provider,
+                      chain: tuple[Path, ...] = ()) -> RunConfig:
+    """Replace ``init_from = "preset:FILE"`` by ``"run:<id>"`` of the run that ``provide``
+    gives for that preset (found, trained or queued). ``FILE`` is relative to the
+    directory of ``preset_path``; a preset that itself starts from a preset is resolved first."""
     source = cfg.train.init_from
     if not source or not source.startswith(PRESET_PREFIX):
         return cfg
@@ -62,20 +85,7 @@ def resolve_init_from(cfg: RunConfig, preset_path: Path, store: Store, train: Tr
     if path.resolve() in chain or path.resolve() == preset_path.resolve():
         raise ConfigError(f"train.init_from = {source!r}: the presets start from each other in a loop.")
     upstream = load_preset(path)
-    upstream = resolve_init_from(upstream, path, store, train, say, (*chain, preset_path.resolve()))
-    done = find_finished(store, upstream)
-    if done is not None:
-        say(f"init_from: reusing finished run {done.id} of {path}")
-    else:
-        record = create_run(store, upstream, str(path))
-        say(f"init_from: training {path} first, as run {record.id}")
-        train(upstream, record.id)
-        done = store.get_run(record.id)
-        if done.status != "finished":
-            raise RenError(
-                f"train.init_from = {source!r}: the run {done.id} of {path} ended {done.status}; "
-                f"resume it with `ren run --resume {done.id}`, then run this preset again."
-            )
+    upstream = resolve_init_from(upstream, path, store, provide, (*chain, preset_path.resolve()))
     raw = cfg.to_dict()
-    raw["train"]["init_from"] = f"run:{done.id}"
+    raw["train"]["init_from"] = f"run:{provide(upstream, path)}"
     return config_from_dict(raw)

@@ -42,7 +42,7 @@ from tinydb.table import Table
 from engine.errors import RunNotFound, StoreError
 
 Stage = Literal["pretrain", "finetune"]
-Status = Literal["created", "running", "finished", "failed", "cancelled", "crashed"]
+Status = Literal["created", "queued", "running", "finished", "failed", "cancelled", "crashed"]
 STAGES: tuple[str, ...] = get_args(Stage)
 STATUSES: tuple[str, ...] = get_args(Status)
 END_STATUSES: tuple[str, ...] = ("finished", "failed", "cancelled", "crashed")
@@ -53,6 +53,7 @@ INDEX_LOCK_TIMEOUT_S = 30.0
 PID_START_TOLERANCE_S = 1.0
 
 _RUNS_TABLE = "runs"
+_QUEUE_TABLE = "queue"
 _TMP_SUFFIX = ".tmp"
 _SEGMENT_RE = re.compile(r"^(\d{6,})\.json$")
 
@@ -196,6 +197,17 @@ class RunRecord:
     final_scores: dict[str, float] = field(default_factory=dict)
     error: str | None = None
     init_from: str | None = None
+    # Queue: what the run asks for, where the worker placed it, how it is supervised.
+    gpus: int = 1
+    after: tuple[str, ...] = ()
+    queue_pos: float | None = None
+    queued_at: float | None = None
+    resume: bool = False
+    devices: tuple[int, ...] = ()
+    runner_pid: int | None = None
+    runner_started: float | None = None
+    cancel_requested_at: float | None = None
+    log_tail: str | None = None
 
     @property
     def duration_s(self) -> float | None:
@@ -211,18 +223,26 @@ class RunRecord:
     def to_doc(self) -> dict[str, Any]:
         """The JSON-ready document stored in the index."""
         doc = dataclasses.asdict(self)
-        doc["tags"] = list(self.tags)
+        for key in _TUPLE_FIELDS:
+            doc[key] = list(doc[key])
         return doc
 
     @classmethod
     def from_doc(cls, doc: Mapping[str, Any]) -> RunRecord:
         """Build a record from an index document, ignoring keys it does not know."""
         values = {k: v for k, v in doc.items() if k in _FIELDS}
-        values["tags"] = tuple(values.get("tags", ()))
+        for key in _TUPLE_FIELDS:
+            values[key] = tuple(values.get(key, ()))
         return cls(**values)
+
+    @property
+    def supervised(self) -> bool:
+        """Started by the queue worker (it has a runner process leading its process group)."""
+        return self.runner_pid is not None
 
 
 _FIELDS = frozenset(f.name for f in dataclasses.fields(RunRecord))
+_TUPLE_FIELDS = ("tags", "after", "devices")
 
 
 def _slug(name: str) -> str:
@@ -257,7 +277,10 @@ def _check_fields(fields: dict[str, Any]) -> dict[str, Any]:
             f"Unknown status {fields['status']!r}; expected one of {', '.join(STATUSES)}."
         )
     if "tags" in fields:
-        return {**fields, "tags": _as_tags(fields["tags"])}
+        fields = {**fields, "tags": _as_tags(fields["tags"])}
+    for key in ("after", "devices"):
+        if key in fields:
+            fields = {**fields, key: tuple(fields[key])}
     return fields
 
 
@@ -414,6 +437,57 @@ class MetricsWriter:
         self.close()
 
 
+@dataclass(frozen=True)
+class QueueSettings:
+    """How the queue worker places runs; stored in the index, so edits apply while it runs."""
+
+    paused: bool = False
+    """A paused queue starts nothing new; running runs go on."""
+    cpu_slots: int = 1
+    """Runs at once on a machine without GPUs."""
+    runs_per_gpu: int = 1
+    """Runs that may share one GPU."""
+    allow_gpus: tuple[int, ...] | None = None
+    """GPU indices (nvidia-smi numbering) the queue may use; None: all visible ones."""
+    foreign_memory_mb: int | None = 1024
+    """A GPU no ren run holds counts as busy when other processes use more than this
+    much of its memory; None: ignore other processes."""
+    cancel_grace_s: float = 60.0
+    """Seconds a cancelled run has to checkpoint after SIGTERM before SIGKILL."""
+    log_max_mb: float = 20.0
+    """A run's log is rotated when it reaches this size."""
+    log_backups: int = 3
+    """Rotated logs kept per run (run.log.1 ... run.log.N)."""
+    poll_s: float = 1.0
+    """How often the worker looks at the queue when nothing wakes it."""
+
+    def __post_init__(self) -> None:
+        for name, low in (("cpu_slots", 1), ("runs_per_gpu", 1), ("log_backups", 0)):
+            if int(getattr(self, name)) < low:
+                raise ValueError(f"queue setting {name} must be at least {low}, got {getattr(self, name)}.")
+        for name in ("cancel_grace_s", "log_max_mb", "poll_s"):
+            if float(getattr(self, name)) <= 0:
+                raise ValueError(f"queue setting {name} must be positive, got {getattr(self, name)}.")
+        if self.foreign_memory_mb is not None and self.foreign_memory_mb < 0:
+            raise ValueError(f"queue setting foreign_memory_mb must not be negative, got {self.foreign_memory_mb}.")
+
+    def to_doc(self) -> dict[str, Any]:
+        doc = dataclasses.asdict(self)
+        if self.allow_gpus is not None:
+            doc["allow_gpus"] = list(self.allow_gpus)
+        return doc
+
+    @classmethod
+    def from_doc(cls, doc: Mapping[str, Any]) -> QueueSettings:
+        values = {k: v for k, v in doc.items() if k in _SETTINGS}
+        if values.get("allow_gpus") is not None:
+            values["allow_gpus"] = tuple(values["allow_gpus"])
+        return cls(**values)
+
+
+_SETTINGS = frozenset(f.name for f in dataclasses.fields(QueueSettings))
+
+
 class Store:
     """Façade over the run index and the per-run directories.
 
@@ -433,17 +507,19 @@ class Store:
             except OSError as exc:
                 raise StoreError(f"Cannot create the store at {self.root}: {_reason(exc)}.") from exc
 
-    def _table(self) -> Table:
-        db = TinyDB(self.index_path, storage=AtomicJSONStorage, read_only=self.read_only)
-        return db.table(_RUNS_TABLE)
+    def _db(self) -> TinyDB:
+        return TinyDB(self.index_path, storage=AtomicJSONStorage, read_only=self.read_only)
+
+    def _table(self, name: str = _RUNS_TABLE) -> Table:
+        return self._db().table(name)
 
     def _check_writable(self) -> None:
         if self.read_only:
             raise StoreError(f"The store at {self.root} was opened read-only.")
 
     @contextlib.contextmanager
-    def _locked_table(self) -> Iterator[Table]:
-        """The runs table, read fresh, while holding the index lock."""
+    def _locked_table(self, name: str = _RUNS_TABLE) -> Iterator[Table]:
+        """A table of the index (the runs by default), read fresh, while holding the index lock."""
         self._check_writable()
         try:
             self._lock.acquire()
@@ -456,7 +532,7 @@ class Store:
             raise StoreError(f"Cannot lock {self._lock.lock_file}: {_reason(exc)}.") from exc
         try:
             _remove_stale_temps(self.root, self.index_path.name)
-            yield self._table()
+            yield self._table(name)
         finally:
             self._lock.release()
 
@@ -480,12 +556,11 @@ class Store:
 
     def _report(self, record: RunRecord) -> RunRecord:
         """The record as it should be shown: a vanished local process means "crashed"."""
-        if (
-            record.status == "running"
-            and record.pid is not None
-            and record.host == socket.gethostname()
-            and not is_alive(record.pid, record.pid_started)
-        ):
+        if record.status != "running" or record.host != socket.gethostname():
+            return record
+        watched = [(pid, started) for pid, started in ((record.pid, record.pid_started),
+                                                       (record.runner_pid, record.runner_started)) if pid]
+        if watched and not any(is_alive(pid, started) for pid, started in watched):
             return dataclasses.replace(record, status="crashed")
         return record
 
@@ -597,6 +672,70 @@ class Store:
             raise StoreError(
                 f"Removed run {record.id} from the index but cannot delete {path}: {_reason(exc)}."
             ) from exc
+
+    # --- the queue -------------------------------------------------------------
+
+    def enqueue(self, run_id: str, *, gpus: int = 1, after: Iterable[str] = (), resume: bool = False) -> RunRecord:
+        """Put a created, failed or cancelled run at the end of the queue."""
+        if gpus < 1:
+            raise ValueError(f"A run needs at least one GPU or process, got gpus={gpus}.")
+        with self._locked_table() as table:
+            docs = table.all()
+            record = self._report(self._find(docs, run_id))
+            if record.status in ("queued", "running", "finished"):
+                raise StoreError(f"Run {record.id} is {record.status}; only created, failed, cancelled "
+                                 "or crashed runs can be queued.")
+            deps = tuple(self._find(docs, dep).id for dep in after)
+            if record.id in deps:
+                raise StoreError(f"Run {record.id} cannot wait for itself.")
+            last = max((d["queue_pos"] for d in docs if d.get("status") == "queued"
+                        and d.get("queue_pos") is not None), default=0.0)
+            record = dataclasses.replace(
+                record, status="queued", gpus=gpus, after=deps, resume=resume, queue_pos=float(int(last) + 1),
+                queued_at=time.time(), devices=(), pid=None, pid_started=None, runner_pid=None,
+                runner_started=None, cancel_requested_at=None, started_at=None, ended_at=None, error=None,
+                log_tail=None,
+            )
+            table.update(record.to_doc(), Query().id == record.id)
+        return record
+
+    def queued_runs(self) -> list[RunRecord]:
+        """Queued runs in queue order."""
+        records = [RunRecord.from_doc(d) for d in self._table().all() if d.get("status") == "queued"]
+        return sorted(records, key=lambda r: (r.queue_pos or 0.0, r.queued_at or 0.0))
+
+    def move_in_queue(self, run_id: str, position: int) -> list[RunRecord]:
+        """Move a queued run to 1-based ``position`` (clamped to the queue); returns the new order."""
+        with self._locked_table() as table:
+            record = self._find(table.all(), run_id)
+            if record.status != "queued":
+                raise StoreError(f"Run {record.id} is {record.status}, not queued; only queued runs can move.")
+            order = [r for r in (RunRecord.from_doc(d) for d in table.all() if d.get("status") == "queued")]
+            order.sort(key=lambda r: (r.queue_pos or 0.0, r.queued_at or 0.0))
+            order = [r for r in order if r.id != record.id]
+            order.insert(min(max(position, 1), len(order) + 1) - 1, record)
+            for pos, r in enumerate(order, start=1):
+                if r.queue_pos != pos:
+                    table.update({"queue_pos": float(pos)}, Query().id == r.id)
+        return self.queued_runs()
+
+    def queue_settings(self) -> QueueSettings:
+        """The queue's settings (defaults until changed)."""
+        docs = self._table(_QUEUE_TABLE).all()
+        return QueueSettings.from_doc(docs[0]) if docs else QueueSettings()
+
+    def update_queue_settings(self, **changes: Any) -> QueueSettings:
+        """Change queue settings; an unknown name or a bad value raises ValueError."""
+        unknown = sorted(set(changes) - _SETTINGS)
+        if unknown:
+            raise ValueError(f"Unknown queue setting(s) {', '.join(unknown)}; known: {', '.join(sorted(_SETTINGS))}.")
+        with self._locked_table(_QUEUE_TABLE) as table:
+            docs = table.all()
+            current = QueueSettings.from_doc(docs[0]) if docs else QueueSettings()
+            settings = dataclasses.replace(current, **changes)
+            table.truncate()
+            table.insert(settings.to_doc())
+        return settings
 
     def run_dir(self, run_id: str) -> Path:
         """The directory of the run with this id or unique id prefix."""

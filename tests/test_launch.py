@@ -9,7 +9,7 @@ import pytest
 
 from engine.config import RunConfig, load_preset
 from engine.errors import ConfigError, RenError
-from engine.launch import create_run, find_finished, resolve_init_from
+from engine.launch import create_run, find_finished, resolve_init_from, trained_now
 from engine.store import Store
 
 MODEL = """
@@ -49,13 +49,13 @@ def test_trains_the_named_pretraining_once_then_reuses_it(presets: Path, ren_hom
     trainer = FakeTrainer(store)
     ft = load_preset(presets / "ft.toml")
 
-    first = resolve_init_from(ft, presets / "ft.toml", store, trainer)
+    first = resolve_init_from(ft, presets / "ft.toml", store, trained_now(store, trainer))
     assert [name for name, _ in trainer.calls] == ["pre"]
     pre_id = trainer.calls[0][1]
     assert first.train.init_from == f"run:{pre_id}"
     assert store.get_run(pre_id).preset_path == str(presets / "pre.toml")
 
-    again = resolve_init_from(ft, presets / "ft.toml", store, trainer)
+    again = resolve_init_from(ft, presets / "ft.toml", store, trained_now(store, trainer))
     assert again.train.init_from == f"run:{pre_id}"
     assert len(trainer.calls) == 1  # reused, not retrained
 
@@ -64,9 +64,9 @@ def test_a_changed_pretraining_preset_is_trained_anew(presets: Path, ren_home: P
     store = Store(ren_home)
     trainer = FakeTrainer(store)
     ft = load_preset(presets / "ft.toml")
-    resolve_init_from(ft, presets / "ft.toml", store, trainer)
+    resolve_init_from(ft, presets / "ft.toml", store, trained_now(store, trainer))
     (presets / "pre.toml").write_text('[run]\nname = "pre"\n[objectives.itm]\n' + MODEL)
-    second = resolve_init_from(ft, presets / "ft.toml", store, trainer)
+    second = resolve_init_from(ft, presets / "ft.toml", store, trained_now(store, trainer))
     assert len(trainer.calls) == 2
     assert second.train.init_from == f"run:{trainer.calls[1][1]}"
     assert find_finished(store, load_preset(presets / "pre.toml")).id == trainer.calls[1][1]
@@ -75,7 +75,8 @@ def test_a_changed_pretraining_preset_is_trained_anew(presets: Path, ren_home: P
 def test_unfinished_pretraining_stops_with_a_resume_hint(presets: Path, ren_home: Path) -> None:
     store = Store(ren_home)
     with pytest.raises(RenError, match="ended failed; resume it with `ren run --resume"):
-        resolve_init_from(load_preset(presets / "ft.toml"), presets / "ft.toml", store, FakeTrainer(store, "failed"))
+        resolve_init_from(load_preset(presets / "ft.toml"), presets / "ft.toml", store,
+                          trained_now(store, FakeTrainer(store, "failed")))
 
 
 def test_presets_starting_from_each_other_are_an_error(presets: Path, ren_home: Path) -> None:
@@ -84,7 +85,8 @@ def test_presets_starting_from_each_other_are_an_error(presets: Path, ren_home: 
     )
     store = Store(ren_home)
     with pytest.raises(ConfigError, match="loop"):
-        resolve_init_from(load_preset(presets / "ft.toml"), presets / "ft.toml", store, FakeTrainer(store))
+        resolve_init_from(load_preset(presets / "ft.toml"), presets / "ft.toml", store,
+                          trained_now(store, FakeTrainer(store)))
 
 
 def test_run_ids_pass_through_untouched(presets: Path, ren_home: Path) -> None:
@@ -92,4 +94,4 @@ def test_run_ids_pass_through_untouched(presets: Path, ren_home: Path) -> None:
     cfg = load_preset(presets / "pre.toml")
     record = create_run(store, cfg, None)
     assert (store.run_dir(record.id) / "config.toml").read_text().startswith("[run]")
-    assert resolve_init_from(cfg, presets / "pre.toml", store, FakeTrainer(store)) is cfg
+    assert resolve_init_from(cfg, presets / "pre.toml", store, trained_now(store, FakeTrainer(store))) is cfg

@@ -78,6 +78,134 @@ def show(run_id: Annotated[str, typer.Argument(help="Run id or a unique prefix o
     commands.show(run_id)
 
 
+queue_app = typer.Typer(help="Queue runs for the local GPUs (or CPU slots); a worker starts them.",
+                        no_args_is_help=True)
+app.add_typer(queue_app, name="queue")
+RunArg = Annotated[str, typer.Argument(help="Run id or a unique prefix of it.")]
+
+
+@queue_app.command("add")
+def queue_add(
+    preset: Annotated[Path, typer.Argument(help="Preset TOML file.")],
+    set_: SetOption = None,
+    gpus: Annotated[int, typer.Option(help="GPUs (processes) the run needs; more than 1 uses accelerate.")] = 1,
+    after: Annotated[
+        Optional[list[str]], typer.Option("--after", help="Start only after this run has finished (repeatable).")
+    ] = None,
+    name: Annotated[Optional[str], typer.Option(help="Run name (default: the preset's run.name).")] = None,
+) -> None:
+    """Queue a preset; a worker starts it when enough GPUs are free."""
+    from engine.cli import queue
+
+    queue.add(preset, list(set_ or ()), gpus=gpus, after=list(after or ()), name=name)
+
+
+@queue_app.command("ls")
+def queue_ls() -> None:
+    """Show running and queued runs, and why each queued run waits."""
+    from engine.cli import queue
+
+    queue.ls()
+
+
+@queue_app.command("mv")
+def queue_mv(run_id: RunArg, position: Annotated[int, typer.Argument(help="New position, 1 = next.")]) -> None:
+    """Move a queued run to another position."""
+    from engine.cli import queue
+
+    queue.move(run_id, position)
+
+
+@queue_app.command("cancel")
+def queue_cancel(run_id: RunArg) -> None:
+    """Drop a queued run, or stop a running one (it checkpoints, then ends as cancelled)."""
+    from engine.cli import queue
+
+    queue.cancel(run_id)
+
+
+@queue_app.command("retry")
+def queue_retry(run_id: RunArg) -> None:
+    """Queue a failed or cancelled run again, resuming from its last checkpoint."""
+    from engine.cli import queue
+
+    queue.retry(run_id)
+
+
+@queue_app.command("pause")
+def queue_pause() -> None:
+    """Start nothing new (running runs go on)."""
+    from engine.cli import queue
+
+    queue.pause(True)
+
+
+@queue_app.command("resume")
+def queue_resume() -> None:
+    """Start queued runs again."""
+    from engine.cli import queue
+
+    queue.pause(False)
+
+
+@queue_app.command("config")
+def queue_config(
+    assignments: Annotated[Optional[list[str]], typer.Argument(help="KEY=VALUE, e.g. cpu_slots=2 allow_gpus=0,1")]
+    = None,
+) -> None:
+    """Show or change queue settings (they apply while the worker runs)."""
+    from engine.cli import queue
+
+    queue.config(list(assignments or ()))
+
+
+@app.command()
+def logs(
+    run_id: RunArg,
+    follow: Annotated[bool, typer.Option("--follow", "-f", help="Keep printing new lines until the run ends.")]
+    = False,
+    lines: Annotated[Optional[int], typer.Option("--lines", "-n", help="Only the last N lines.")] = None,
+) -> None:
+    """Print a queued run's log (stdout and stderr of its processes)."""
+    from engine.cli import queue
+
+    queue.logs(run_id, follow=follow, lines=lines)
+
+
+@app.command()
+def worker(
+    action: Annotated[Optional[str], typer.Argument(help="start (detached), stop, status; none: serve here.")]
+    = None,
+) -> None:
+    """The queue worker: one per store; `ren queue add` starts it when none runs."""
+    from engine.cli import queue
+
+    queue.worker(action)
+
+
+@app.command()
+def submit(
+    preset: Annotated[Path, typer.Argument(help="Preset TOML file.")],
+    slurm: Annotated[bool, typer.Option("--slurm", help="Write a SLURM batch script (the only backend).")] = False,
+    nodes: Annotated[int, typer.Option(min=1, help="Machines.")] = 1,
+    gpus_per_node: Annotated[int, typer.Option(min=1, help="GPUs (processes) per machine.")] = 1,
+    partition: Annotated[Optional[str], typer.Option(help="SLURM partition.")] = None,
+    time_limit: Annotated[Optional[str], typer.Option("--time", help="SLURM time limit, e.g. 24:00:00.")] = None,
+    sbatch: Annotated[Optional[list[str]], typer.Option(help="Extra #SBATCH line, e.g. --sbatch='--mem=64G'.")]
+    = None,
+    workdir: Annotated[Optional[Path], typer.Option(help="Directory the job starts in (default: here).")] = None,
+    now: Annotated[bool, typer.Option("--now", help="Call sbatch on the script.")] = False,
+    set_: SetOption = None,
+) -> None:
+    """Create a run and write the sbatch script that trains it on several machines."""
+    from engine.cli import queue
+
+    if not slurm:
+        raise RenError("ren submit needs a backend: --slurm (the only one so far).")
+    queue.submit(preset, list(set_ or ()), nodes=nodes, gpus_per_node=gpus_per_node, partition=partition,
+                 time_limit=time_limit, sbatch_lines=list(sbatch or ()), workdir=workdir, now=now)
+
+
 def main() -> None:
     """Entry point: user errors print one paragraph and exit with code 2."""
     try:

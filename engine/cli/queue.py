@@ -1,0 +1,163 @@
+"""The work behind ``ren queue``, ``ren logs``, ``ren worker`` and ``ren submit``.
+
+Only the queue API (:mod:`engine.queue`) and the store façade are used; no torch.
+"""
+
+from __future__ import annotations
+
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from engine import queue as Q
+from engine.config import RunConfig, load_preset
+from engine.display import format_duration, format_steps
+from engine.errors import RenError
+from engine.launch import create_run, find_finished, resolve_init_from
+from engine.store import RunRecord, Store
+from engine.worker import run_worker, stop_worker, worker_info
+
+console = Console()
+
+
+def add(preset: Path, overrides: list[str], *, gpus: int, after: list[str], name: str | None) -> None:
+    store = Store()
+    queued = Q.add(store, preset, overrides, gpus=gpus, after=after, name=name)
+    order = [r.id for r in store.queued_runs()]
+    for record in queued:
+        waits = f", after {', '.join(record.after)}" if record.after else ""
+        console.print(f"queued [bold]{record.id}[/] at position {order.index(record.id) + 1} "
+                      f"({record.gpus} GPU{'s' if record.gpus > 1 else ''}{waits})")
+    _worker_line(store)
+
+
+def ls() -> None:
+    store = Store()
+    v = Q.view(store)
+    state = "[yellow]paused[/]" if v.settings.paused else "active"
+    devices = (f"{len(v.gpus)} GPU(s): {', '.join(str(g.index) for g in v.gpus)}" if v.gpus
+               else f"no GPUs, {v.settings.cpu_slots} CPU slot(s)")
+    console.print(f"queue {state} · {devices}")
+    _worker_line(store, v.worker)
+    if not v.running and not v.queued:
+        console.print("nothing queued or running: `ren queue add PRESET`")
+        return
+    table = Table(box=None, pad_edge=False, padding=(0, 2, 0, 0), header_style="bold")
+    for col in ("#", "id", "status", "gpus", "steps", "time", "note"):
+        table.add_column(col, no_wrap=col != "note")
+    for r in v.running:
+        where = ",".join(map(str, r.devices)) if r.devices else "cpu"
+        note = "cancelling" if r.cancel_requested_at else f"pid {r.pid or r.runner_pid}"
+        table.add_row("", r.id, "[cyan]running[/]", where, format_steps(r), format_duration(r), note)
+    for pos, r in enumerate(v.queued, start=1):
+        table.add_row(str(pos), r.id, "queued", str(r.gpus), format_steps(r) if r.resume else "-",
+                      _waited(r), ("resume · " if r.resume else "") + v.reasons.get(r.id, ""))
+    console.print(table)
+
+
+def _waited(record: RunRecord) -> str:
+    return f"{int((time.time() - record.queued_at) // 60)}m" if record.queued_at else "-"
+
+
+def _worker_line(store: Store, info=None) -> None:
+    info = info or worker_info(store)
+    if info is None:
+        console.print("[yellow]no worker serves this queue[/]: it starts with `ren queue add`, or run `ren worker`")
+    elif info.pid:
+        console.print(f"worker pid {info.pid} on {info.host}")
+
+
+def move(run_id: str, position: int) -> None:
+    order = Q.move(Store(), run_id, position)
+    for pos, r in enumerate(order, start=1):
+        console.print(f"{pos:>3}  {r.id}")
+
+
+def cancel(run_id: str) -> None:
+    record = Q.cancel(Store(), run_id)
+    if record.status == "cancelled":
+        console.print(f"cancelled {record.id} ({record.error})")
+    else:
+        console.print(f"stopping {record.id}: it saves a checkpoint and ends as cancelled "
+                      f"(`ren queue retry {record.id}` resumes it)")
+
+
+def retry(run_id: str) -> None:
+    record = Q.retry(Store(), run_id)
+    console.print(f"queued {record.id} again; it resumes from its last checkpoint (step {record.step})")
+
+
+def pause(paused: bool) -> None:
+    Q.set_paused(Store(), paused)
+    console.print("queue paused: running runs go on, nothing new starts" if paused else "queue resumed")
+
+
+def config(assignments: list[str]) -> None:
+    settings = Q.configure(Store(), assignments)
+    for key, value in settings.to_doc().items():
+        console.print(f"{key} = {value}", highlight=False)
+
+
+def logs(run_id: str, *, follow: bool, lines: int | None) -> None:
+    try:
+        for line in Q.follow_log(Store(), run_id, follow=follow, lines=lines):
+            sys.stdout.write(line + "\n")
+            sys.stdout.flush()
+    except KeyboardInterrupt:
+        pass
+
+
+def worker(action: str | None) -> None:
+    store = Store()
+    if action is None:
+        sys.exit(run_worker(store))
+    if action == "start":
+        info = Q.ensure_worker(store)
+        console.print(f"worker pid {info.pid} already serves {store.root}" if info
+                      else f"worker started for {store.root} (log: {store.root / 'worker.log'})")
+    elif action == "stop":
+        info = stop_worker(store)
+        console.print(f"stopped worker pid {info.pid}; running runs go on" if info else "no worker was running")
+    elif action == "status":
+        _worker_line(store)
+    else:
+        raise RenError(f"ren worker {action}: expected start, stop or status (or nothing, to serve here).")
+
+
+def _finished(store: Store, upstream: RunConfig, path: Path) -> str:
+    done = find_finished(store, upstream)
+    if done is None:
+        raise RenError(f"train.init_from names {path}, which has no finished run in {store.root}; submit that "
+                       "pretraining first (`ren submit --slurm` it), then submit this preset.")
+    return done.id
+
+
+def submit(preset: Path, overrides: list[str], *, nodes: int, gpus_per_node: int, partition: str | None,
+           time_limit: str | None, sbatch_lines: list[str], workdir: Path | None, now: bool) -> None:
+    from engine.distributed import sbatch_script
+
+    store = Store()
+    cfg = resolve_init_from(load_preset(preset, overrides), preset, store, lambda up, path: _finished(store, up, path))
+    record = create_run(store, cfg, str(preset))
+    script = sbatch_script(record.id, cfg=cfg, nodes=nodes, gpus_per_node=gpus_per_node, ren_home=str(store.root),
+                           workdir=str((workdir or Path.cwd()).resolve()), partition=partition,
+                           time_limit=time_limit, extra_sbatch=sbatch_lines)
+    path = store.run_dir(record.id) / "submit.sbatch"
+    path.write_text(script)
+    (store.run_dir(record.id) / "logs").mkdir(exist_ok=True)
+    console.print(f"run [bold]{record.id}[/]: {nodes} node(s) x {gpus_per_node} GPU(s); script {path}")
+    if not now:
+        console.print(f"submit with: sbatch {shlex.quote(str(path))}", highlight=False)
+        return
+    if shutil.which("sbatch") is None:
+        raise RenError(f"--now needs SLURM's sbatch on PATH; the script is at {path}.")
+    out = subprocess.run(["sbatch", str(path)], capture_output=True, text=True)
+    if out.returncode:
+        raise RenError(f"sbatch {path} failed: {out.stderr.strip() or out.stdout.strip()}")
+    console.print(out.stdout.strip())

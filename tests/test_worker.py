@@ -1,0 +1,256 @@
+"""The queue worker: placement through a fake GPU inventory, and real tiny CPU runs
+started, cancelled, crashed and re-adopted by a worker process."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from engine import queue as Q
+from engine.errors import RenError
+from engine.gpus import GPU
+from engine.store import Store
+from engine.worker import Worker, worker_info
+
+from .conftest import REPO
+
+FIXTURE = REPO / "tests" / "fixtures" / "one_tower.toml"
+
+
+def gpu(index: int, used_mb: int = 0) -> GPU:
+    return GPU(index=index, uuid=f"GPU-{index:04d}", name="fake", pci_bus_id=f"0000:{index:02x}:00.0",
+               memory_total_mb=80_000, memory_used_mb=used_mb)
+
+
+class FakeChild(subprocess.Popen):
+    """Stands in for a runner: a sleeping process that records what the worker asked to run."""
+
+    def __init__(self, argv: list[str], **kwargs) -> None:
+        self.argv, self.env = argv, kwargs["env"]
+        super().__init__(["sleep", "600"])
+
+
+@pytest.fixture
+def launched(monkeypatch: pytest.MonkeyPatch):
+    children: dict[str, FakeChild] = {}
+
+    def popen(argv: list[str], **kwargs) -> FakeChild:
+        child = FakeChild(argv, **kwargs)
+        children[argv[argv.index("engine.runner") + 1]] = child
+        return child
+
+    monkeypatch.setattr("engine.worker.subprocess.Popen", popen)
+    yield children
+    for child in children.values():
+        child.kill()
+        child.wait()
+
+
+def queue(store: Store, name: str, gpus: int = 1, after: list[str] = ()) -> str:
+    (record,) = Q.add(store, FIXTURE, gpus=gpus, after=after, name=name, start_worker=False)
+    return record.id
+
+
+def finish(store: Store, launched: dict[str, FakeChild], run_id: str, status: str = "finished") -> None:
+    store.mark_ended(run_id, status)
+    launched[run_id].kill()
+    launched[run_id].wait()
+
+
+def test_placement_order_devices_dependencies_and_reordering(ren_home: Path,
+                                                            launched: dict[str, FakeChild]) -> None:
+    store = Store(ren_home)
+    inventory = [gpu(0), gpu(1, used_mb=20_000), gpu(2), gpu(3)]  # GPU 1 is busy with a foreign process
+    worker = Worker(store, inventory=lambda: inventory)
+    a, b = queue(store, "a", 1), queue(store, "b", 2)
+    c, d = queue(store, "c", 4), queue(store, "d", 1, after=[a])
+
+    assert worker.tick() == [a, b]
+    assert launched[a].env["CUDA_VISIBLE_DEVICES"] == "0" and launched[b].env["CUDA_VISIBLE_DEVICES"] == "2,3"
+    assert launched[a].env["CUDA_DEVICE_ORDER"] == "PCI_BUS_ID"
+    assert launched[a].argv[-4:] == [sys.executable, "-m", "engine.train", a]  # one GPU: no accelerate launch
+    assert "accelerate.commands.launch" in launched[b].argv
+    assert launched[b].argv[launched[b].argv.index("--num_processes") + 1] == "2"
+    assert store.get_run(b).devices == (2, 3) and store.get_run(b).status == "running"
+    reasons = Q.view(store, gpus=inventory).reasons
+    assert reasons[c] == "needs 4 free GPU(s), 0 free" and reasons[d] == "waiting for " + a
+
+    finish(store, launched, a)
+    assert worker.tick() == []  # d may go now, but c is first in line and does not fit
+    assert Q.view(store, gpus=inventory).reasons[d] == f"behind {c}"
+    Q.move(store, d, 1)
+    assert worker.tick() == [d] and launched[d].env["CUDA_VISIBLE_DEVICES"] == "0"
+
+    finish(store, launched, b)
+    finish(store, launched, d)
+    assert worker.tick() == []  # GPU 1 is still taken by the foreign process
+    inventory[1] = gpu(1)
+    assert worker.tick() == [c]
+    assert launched[c].env["CUDA_VISIBLE_DEVICES"] == "0,1,2,3"
+    assert launched[c].argv[launched[c].argv.index("--num_processes") + 1] == "4"
+
+
+def test_a_dependency_that_failed_cancels_the_waiting_run(ren_home: Path, launched: dict[str, FakeChild]) -> None:
+    store = Store(ren_home)
+    worker = Worker(store, inventory=lambda: [gpu(0)])
+    a = queue(store, "a")
+    b = queue(store, "b", after=[a])
+    assert worker.tick() == [a]
+    finish(store, launched, a, "failed")
+    worker.tick()
+    after = store.get_run(b)
+    assert after.status == "cancelled" and f"{a} (failed)" in after.error
+
+
+def test_queue_api_refuses_bad_requests(ren_home: Path) -> None:
+    store = Store(ren_home)
+    run = queue(store, "a")
+    with pytest.raises(RenError, match="only failed, cancelled or crashed"):
+        Q.retry(store, run)
+    with pytest.raises(RenError, match="queue positions start at 1"):
+        Q.move(store, run, 0)
+    with pytest.raises(RenError, match="cpu_slot"):
+        Q.configure(store, ["cpu_slot=2"])
+    with pytest.raises(RenError, match="cpu_slots must be at least 1"):
+        Q.configure(store, ["cpu_slots=0"])
+    assert Q.configure(store, ["cpu_slots=2", "allow_gpus=0,2", "foreign_memory_mb=none"]).allow_gpus == (0, 2)
+    assert Q.cancel(store, run).status == "cancelled"
+    with pytest.raises(RenError, match="only queued or running"):
+        Q.cancel(store, run)
+
+
+# --- real runs under a worker process -------------------------------------------------------------------------------
+
+
+def tiny_preset(tmp_path: Path, data_cache: Path, name: str, steps: int) -> Path:
+    path = tmp_path / f"{name}.toml"
+    path.write_text(
+        f'extends = "{FIXTURE}"\n[run]\nname = "{name}"\n'
+        f'[data]\ncache_dir = "{data_cache}"\neval_max_samples = 32\n'
+        f"[train]\nmax_steps = {steps}\nbatch_size = 4\nlog_every = 1\neval_every = 100000\n"
+        "checkpoint_every = 100000\ncpu_threads = 1\n"
+    )
+    return path
+
+
+def start_worker(ren_home: Path) -> subprocess.Popen:
+    proc = subprocess.Popen([sys.executable, "-m", "engine.worker"], env={**os.environ, "REN_HOME": str(ren_home)},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + 20
+    while worker_info(Store(ren_home)) is None or not worker_info(Store(ren_home)).pid:
+        assert proc.poll() is None and time.monotonic() < deadline, "the worker did not start"
+        time.sleep(0.05)
+    return proc
+
+
+def wait_for(predicate, timeout: float, what: str, poll: float = 0.05):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(poll)
+    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+
+
+def group_members(pgid: int) -> list[psutil.Process]:
+    members = []
+    for proc in psutil.process_iter():
+        try:
+            if os.getpgid(proc.pid) == pgid and proc.status() != psutil.STATUS_ZOMBIE:
+                members.append(proc)
+        except (ProcessLookupError, psutil.NoSuchProcess):
+            continue
+    return members
+
+
+@pytest.mark.slow
+def test_one_slot_runs_in_order_and_cancel_starts_the_next(tmp_path: Path, ren_home: Path, data_cache: Path) -> None:
+    store = Store(ren_home)
+    long_run = queue_preset(store, tiny_preset(tmp_path, data_cache, "long", 100_000))
+    second = queue_preset(store, tiny_preset(tmp_path, data_cache, "second", 3))
+    third = queue_preset(store, tiny_preset(tmp_path, data_cache, "third", 3))
+    worker = start_worker(ren_home)
+    try:
+        wait_for(lambda: store.read_metrics(long_run), 120, "the first run to train")
+        assert store.get_run(second).status == "queued"
+        running = store.get_run(long_run)
+        members = group_members(running.runner_pid)
+        assert {running.runner_pid, running.pid} <= {p.pid for p in members}
+
+        Q.cancel(store, long_run)
+        t0 = time.monotonic()
+        wait_for(lambda: store.get_run(second).status != "queued", 5, "the next run to start after a cancel")
+        started_after_s = time.monotonic() - t0
+        cancelled = store.get_run(long_run)
+        assert cancelled.status == "cancelled", cancelled.error
+        assert (store.run_dir(long_run) / "checkpoints" / "latest").exists()  # it checkpointed on SIGTERM
+        assert group_members(cancelled.runner_pid) == []  # no orphans: the whole group is gone
+
+        wait_for(lambda: store.get_run(third).status in ("finished", "failed"), 180, "the third run")
+        s, t = store.get_run(second), store.get_run(third)
+        assert s.status == t.status == "finished", (s.error, t.error)
+        assert t.started_at >= s.ended_at  # one slot: strictly one after another
+        assert any("step 3/3" in line for line in Q.follow_log(store, second))
+        print(f"next run started {started_after_s:.2f}s after the cancel")
+    finally:
+        worker.terminate()
+        worker.wait(timeout=10)
+
+
+def queue_preset(store: Store, preset: Path) -> str:
+    (record,) = Q.add(store, preset, start_worker=False)
+    return record.id
+
+
+@pytest.mark.slow
+def test_a_killed_worker_is_replaced_without_losing_runs(tmp_path: Path, ren_home: Path, data_cache: Path) -> None:
+    store = Store(ren_home)
+    Q.configure(store, ["cpu_slots=2"])
+    survivor = queue_preset(store, tiny_preset(tmp_path, data_cache, "survivor", 40))
+    victim = queue_preset(store, tiny_preset(tmp_path, data_cache, "victim", 100_000))
+    later = queue_preset(store, tiny_preset(tmp_path, data_cache, "later", 2))
+    worker = start_worker(ren_home)
+    try:
+        wait_for(lambda: all(store.get_run(r).pid for r in (survivor, victim)), 120, "both runs to start")
+        os.kill(worker.pid, signal.SIGKILL)
+        worker.wait(timeout=10)
+        victim_record = store.get_run(victim)
+        os.killpg(victim_record.runner_pid, signal.SIGKILL)  # the victim dies while no worker watches
+        wait_for(lambda: not group_members(victim_record.runner_pid), 10, "the victim's processes to go")
+        assert store.get_run(survivor).status == "running"  # its trainer does not depend on the worker
+        assert store.get_run(later).status == "queued"
+
+        worker = start_worker(ren_home)
+        failed = wait_for(lambda: (r := store.get_run(victim)).status == "failed" and r, 10, "the victim marked failed")
+        assert "processes are gone" in failed.error and "SIGKILL" in failed.error
+        wait_for(lambda: store.get_run(later).status in ("finished", "failed"), 180, "the queued run")
+        s, lt = store.get_run(survivor), store.get_run(later)
+        assert s.status == "finished" and s.step == 40, s.error  # re-adopted, ran to its end
+        assert lt.status == "finished", lt.error
+        retried = Q.retry(store, victim, start_worker=False)
+        assert retried.status == "queued" and retried.resume
+    finally:
+        worker.terminate()
+        worker.wait(timeout=10)
+
+
+def test_only_one_worker_per_store(ren_home: Path) -> None:
+    Store(ren_home)
+    first = start_worker(ren_home)
+    try:
+        second = subprocess.run([sys.executable, "-m", "engine.worker"], env={**os.environ, "REN_HOME": str(ren_home)},
+                                capture_output=True, text=True, timeout=60)
+        assert second.returncode == 1 and "another worker serves" in second.stderr
+        assert worker_info(Store(ren_home)).pid == first.pid
+    finally:
+        first.terminate()
+        first.wait(timeout=10)
+    assert worker_info(Store(ren_home)) is None
