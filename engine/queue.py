@@ -46,10 +46,11 @@ def _queued_or_running(store: Store, cfg: RunConfig) -> RunRecord | None:
     return None
 
 
-def queued_upstream(store: Store, gpus: int, waits: list[str]) -> Provider:
+def queued_upstream(store: Store, gpus: int, waits: list[str], created: list[str]) -> Provider:
     """Provide a pretraining for ``init_from = "preset:..."`` without training it here:
-    a finished run, else a queued or running one, else a newly queued one. Each unfinished
-    one is appended to ``waits`` so the finetuning run starts after it."""
+    a finished run, else a queued or running one, else a newly queued one (appended to
+    ``created``). Each unfinished one is appended to ``waits``, so the finetuning run
+    starts after it."""
 
     def provide(upstream: RunConfig, path: Path) -> str:
         record = find_finished(store, upstream)
@@ -58,6 +59,7 @@ def queued_upstream(store: Store, gpus: int, waits: list[str]) -> Provider:
             if record is None:
                 record = create_run(store, upstream, str(path))
                 record = store.enqueue(record.id, gpus=gpus, after=list(waits))
+                created.append(record.id)
             waits.append(record.id)
         return record.id
 
@@ -72,11 +74,10 @@ def add(store: Store, preset: Path, overrides: list[str] = (), *, gpus: int = 1,
     if name:
         overrides = [*overrides, f"run.name={json.dumps(name)}"]
     cfg = load_preset(preset, list(overrides))
-    deps = [store.get_run(dep).id for dep in after]
-    first = len(deps)
-    cfg = resolve_init_from(cfg, preset, store, queued_upstream(store, gpus, deps))
+    deps, created = [store.get_run(dep).id for dep in after], []
+    cfg = resolve_init_from(cfg, preset, store, queued_upstream(store, gpus, deps, created))
     record = create_run(store, cfg, str(preset))
-    queued = [store.get_run(dep) for dep in deps[first:]]
+    queued = [store.get_run(run_id) for run_id in created]
     queued.append(store.enqueue(record.id, gpus=gpus, after=deps))
     if start_worker:
         ensure_worker(store)

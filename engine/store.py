@@ -202,6 +202,7 @@ class RunRecord:
     after: tuple[str, ...] = ()
     queue_pos: float | None = None
     queued_at: float | None = None
+    launched_at: float | None = None
     resume: bool = False
     devices: tuple[int, ...] = ()
     runner_pid: int | None = None
@@ -692,7 +693,7 @@ class Store:
                         and d.get("queue_pos") is not None), default=0.0)
             record = dataclasses.replace(
                 record, status="queued", gpus=gpus, after=deps, resume=resume, queue_pos=float(int(last) + 1),
-                queued_at=time.time(), devices=(), pid=None, pid_started=None, runner_pid=None,
+                queued_at=time.time(), launched_at=None, devices=(), pid=None, pid_started=None, runner_pid=None,
                 runner_started=None, cancel_requested_at=None, started_at=None, ended_at=None, error=None,
                 log_tail=None,
             )

@@ -133,6 +133,8 @@ class Worker:
         self.children: dict[str, subprocess.Popen] = {}
         self._wake = threading.Event()
         self._stop = False
+        self._busy = True  # runs to watch or place at the last tick
+        self._poll_s = 1.0
 
     # --- one tick ---------------------------------------------------------------
 
@@ -142,9 +144,11 @@ class Worker:
             if child.poll() is not None:  # reap: the runner recorded the outcome
                 del self.children[run_id]
         settings = self.store.queue_settings()
+        self._poll_s = settings.poll_s
         records = self.store.list_runs()
         active = [r for r in records if self._reconcile(r, settings.cancel_grace_s)]
         queued = sorted((r for r in records if r.status == "queued"), key=lambda r: r.queue_pos or 0.0)
+        self._busy = bool(active or queued or self.children)
         if not queued:
             return []
         status_of = {r.id: r.status for r in records}
@@ -202,8 +206,9 @@ class Worker:
             self.store.mark_ended(record.id, "failed", error=str(exc))
             return
         placed = [g for g in gpus if g.index in devices]
-        self.store.update_run(record.id, status="running", devices=devices, host=self.host, started_at=time.time(),
-                              ended_at=None, pid=None, runner_pid=None, error=None)
+        now = time.time()
+        self.store.update_run(record.id, status="running", devices=devices, host=self.host, launched_at=now,
+                              started_at=now, ended_at=None, pid=None, runner_pid=None, error=None)
         runner = [self.python, "-m", "engine.runner", record.id, "--log-max-mb", str(log_max_mb),
                   "--log-backups", str(log_backups), "--", *command]
         env = {**os.environ, "REN_HOME": str(self.store.root), **devices_env(placed)}
@@ -219,17 +224,31 @@ class Worker:
             self._stop = True
         self._wake.set()
 
-    def serve(self, *, until: Callable[[], bool] = lambda: False) -> None:
-        """Tick until SIGTERM/SIGINT (or ``until()``); wakes on SIGUSR1/SIGCHLD or every ``poll_s``."""
+    def serve(self) -> None:
+        """Tick until SIGTERM/SIGINT; wakes on SIGUSR1/SIGCHLD or every ``poll_s``. With
+        nothing to watch or place, a tick is skipped unless the index file changed."""
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGCHLD):
             signal.signal(sig, self._on_signal)
-        while not self._stop and not until():
-            self._wake.clear()
-            try:
-                self.tick()
-            except RenError as exc:  # a store hiccup (lock timeout, full disk): say so, keep serving
-                print(f"worker: {exc}", file=sys.stderr, flush=True)
-            self._wake.wait(self.store.queue_settings().poll_s)
+        woken, seen = True, None
+        while not self._stop:
+            stamp = _stamp(self.store.index_path)
+            if woken or self._busy or stamp != seen:
+                seen = stamp
+                self._wake.clear()
+                try:
+                    self.tick()
+                except RenError as exc:  # a store hiccup (lock timeout, full disk): say so, keep serving
+                    print(f"worker: {exc}", file=sys.stderr, flush=True)
+            woken = self._wake.wait(self._poll_s)
+
+
+def _stamp(path: Path) -> tuple[int, int, int] | None:
+    """Changes with every write of ``path`` (writes replace the file: a new inode)."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return st.st_ino, st.st_mtime_ns, st.st_size
 
 
 def _log_tail(run_dir: Path, lines: int = 20) -> str:

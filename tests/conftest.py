@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -23,11 +24,17 @@ os.environ["TRANSFORMERS_OFFLINE"] = "1"
 
 
 @pytest.fixture(autouse=True)
-def ren_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """An isolated ``$REN_HOME`` so no test reads or writes a real store."""
+def ren_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """An isolated ``$REN_HOME`` so no test reads or writes a real store; a queue
+    worker a test started there is stopped afterwards."""
     home = tmp_path / "ren_home"
     monkeypatch.setenv("REN_HOME", str(home))
-    return home
+    yield home
+    if (home / "worker.lock").exists():
+        from engine.store import Store
+        from engine.worker import stop_worker
+
+        stop_worker(Store(home))
 
 
 @pytest.fixture(scope="session")

@@ -254,3 +254,17 @@ def test_only_one_worker_per_store(ren_home: Path) -> None:
         first.terminate()
         first.wait(timeout=10)
     assert worker_info(Store(ren_home)) is None
+
+
+def test_a_preset_named_by_init_from_is_queued_first(tmp_path: Path, ren_home: Path) -> None:
+    model = FIXTURE.read_text().split("[model]", 1)[1].split("[task]", 1)[0]
+    (tmp_path / "pre.toml").write_text('[run]\nname = "pre"\n[objectives.mlm]\n[model]' + model)
+    (tmp_path / "ft.toml").write_text('[run]\nname = "ft"\n[task]\nname = "vqa"\n'
+                                      '[train]\ninit_from = "preset:pre.toml"\n[model]' + model)
+    store = Store(ren_home)
+    pre, ft = Q.add(store, tmp_path / "ft.toml", gpus=2, start_worker=False)
+    assert (pre.name, ft.name) == ("pre", "ft")
+    assert ft.after == (pre.id,) and ft.config["train"]["init_from"] == f"run:{pre.id}" and pre.gpus == 2
+    (again,) = Q.add(store, tmp_path / "ft.toml", start_worker=False)  # the queued pretraining is reused
+    assert again.after == (pre.id,)
+    assert [r.id for r in store.queued_runs()] == [pre.id, ft.id, again.id]

@@ -185,7 +185,10 @@ def worker(
 
 @app.command()
 def submit(
-    preset: Annotated[Path, typer.Argument(help="Preset TOML file.")],
+    preset: Annotated[Optional[Path], typer.Argument(help="Preset TOML file.")] = None,
+    resume: Annotated[
+        Optional[str], typer.Option("--resume", help="Write the script that continues run RUN_ID.")
+    ] = None,
     slurm: Annotated[bool, typer.Option("--slurm", help="Write a SLURM batch script (the only backend).")] = False,
     nodes: Annotated[int, typer.Option(min=1, help="Machines.")] = 1,
     gpus_per_node: Annotated[int, typer.Option(min=1, help="GPUs (processes) per machine.")] = 1,
@@ -202,7 +205,7 @@ def submit(
 
     if not slurm:
         raise RenError("ren submit needs a backend: --slurm (the only one so far).")
-    queue.submit(preset, list(set_ or ()), nodes=nodes, gpus_per_node=gpus_per_node, partition=partition,
+    queue.submit(preset, list(set_ or ()), resume=resume, nodes=nodes, gpus_per_node=gpus_per_node, partition=partition,
                  time_limit=time_limit, sbatch_lines=list(sbatch or ()), workdir=workdir, now=now)
 
 

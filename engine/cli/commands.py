@@ -163,6 +163,9 @@ def show(run_id: str) -> None:
         console.print("tags: " + ", ".join(r.tags))
     if r.error:
         console.print(f"[red]error:[/] {r.error}")
+    if r.log_tail and r.status in ("failed", "crashed"):
+        console.print("last lines of its log (`ren logs` has all):")
+        console.print(r.log_tail, highlight=False, markup=False)
     if r.params:
         _print_params(r.params, all_groups=False)
     if r.best_scores or r.final_scores:

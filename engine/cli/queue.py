@@ -9,18 +9,17 @@ import shlex
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
 
 from engine import queue as Q
-from engine.config import RunConfig, load_preset
+from engine.config import RunConfig, config_from_dict, load_preset
 from engine.display import format_duration, format_steps
 from engine.errors import RenError
 from engine.launch import create_run, find_finished, resolve_init_from
-from engine.store import RunRecord, Store
+from engine.store import Store
 from engine.worker import run_worker, stop_worker, worker_info
 
 console = Console()
@@ -33,7 +32,7 @@ def add(preset: Path, overrides: list[str], *, gpus: int, after: list[str], name
     for record in queued:
         waits = f", after {', '.join(record.after)}" if record.after else ""
         console.print(f"queued [bold]{record.id}[/] at position {order.index(record.id) + 1} "
-                      f"({record.gpus} GPU{'s' if record.gpus > 1 else ''}{waits})")
+                      f"(gpus {record.gpus}{waits})")
     _worker_line(store)
 
 
@@ -48,21 +47,25 @@ def ls() -> None:
     if not v.running and not v.queued:
         console.print("nothing queued or running: `ren queue add PRESET`")
         return
-    table = Table(box=None, pad_edge=False, padding=(0, 2, 0, 0), header_style="bold")
-    for col in ("#", "id", "status", "gpus", "steps", "time", "note"):
-        table.add_column(col, no_wrap=col != "note")
-    for r in v.running:
-        where = ",".join(map(str, r.devices)) if r.devices else "cpu"
-        note = "cancelling" if r.cancel_requested_at else f"pid {r.pid or r.runner_pid}"
-        table.add_row("", r.id, "[cyan]running[/]", where, format_steps(r), format_duration(r), note)
-    for pos, r in enumerate(v.queued, start=1):
-        table.add_row(str(pos), r.id, "queued", str(r.gpus), format_steps(r) if r.resume else "-",
-                      _waited(r), ("resume · " if r.resume else "") + v.reasons.get(r.id, ""))
-    console.print(table)
-
-
-def _waited(record: RunRecord) -> str:
-    return f"{int((time.time() - record.queued_at) // 60)}m" if record.queued_at else "-"
+    if v.running:
+        table = Table(box=None, pad_edge=False, padding=(0, 2, 0, 0), header_style="bold", title_justify="left",
+                      title="running")
+        for col in ("id", "on", "steps", "time", "note"):
+            table.add_column(col, no_wrap=True)
+        for r in v.running:
+            where = "gpu " + ",".join(map(str, r.devices)) if r.devices else "cpu"
+            note = "cancelling" if r.cancel_requested_at else f"pid {r.pid or r.runner_pid}"
+            table.add_row(r.id, where, format_steps(r), format_duration(r), note)
+        console.print(table)
+    if v.queued:
+        table = Table(box=None, pad_edge=False, padding=(0, 2, 0, 0), header_style="bold", title_justify="left",
+                      title="queued")
+        for col in ("#", "id", "gpus", "waits"):
+            table.add_column(col, no_wrap=col != "waits")
+        for pos, r in enumerate(v.queued, start=1):
+            note = ("resumes · " if r.resume else "") + v.reasons.get(r.id, "")
+            table.add_row(str(pos), r.id, str(r.gpus), note)
+        console.print(table)
 
 
 def _worker_line(store: Store, info=None) -> None:
@@ -138,16 +141,28 @@ def _finished(store: Store, upstream: RunConfig, path: Path) -> str:
     return done.id
 
 
-def submit(preset: Path, overrides: list[str], *, nodes: int, gpus_per_node: int, partition: str | None,
-           time_limit: str | None, sbatch_lines: list[str], workdir: Path | None, now: bool) -> None:
+def submit(preset: Path | None, overrides: list[str], *, resume: str | None, nodes: int, gpus_per_node: int,
+           partition: str | None, time_limit: str | None, sbatch_lines: list[str], workdir: Path | None,
+           now: bool) -> None:
     from engine.distributed import sbatch_script
 
     store = Store()
-    cfg = resolve_init_from(load_preset(preset, overrides), preset, store, lambda up, path: _finished(store, up, path))
-    record = create_run(store, cfg, str(preset))
+    if resume:
+        if preset is not None or overrides:
+            raise RenError("--resume continues a stored run with its stored config; drop the preset and --set.")
+        record = store.get_run(resume)
+        if record.status == "running":
+            raise RenError(f"run {record.id} is still running; stop it before resubmitting it.")
+        cfg = config_from_dict(record.config, source=f"run {record.id}")
+    elif preset is None:
+        raise RenError("give a preset file, or --resume RUN_ID to continue a stored run.")
+    else:
+        cfg = resolve_init_from(load_preset(preset, overrides), preset, store,
+                                lambda up, path: _finished(store, up, path))
+        record = create_run(store, cfg, str(preset))
     script = sbatch_script(record.id, cfg=cfg, nodes=nodes, gpus_per_node=gpus_per_node, ren_home=str(store.root),
                            workdir=str((workdir or Path.cwd()).resolve()), partition=partition,
-                           time_limit=time_limit, extra_sbatch=sbatch_lines)
+                           time_limit=time_limit, extra_sbatch=sbatch_lines, resume=bool(resume))
     path = store.run_dir(record.id) / "submit.sbatch"
     path.write_text(script)
     (store.run_dir(record.id) / "logs").mkdir(exist_ok=True)

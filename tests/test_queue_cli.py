@@ -1,0 +1,99 @@
+"""`ren queue`, `ren logs`, `ren worker` and `ren submit` as a user types them."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from engine.store import Store
+from engine.worker import worker_info
+
+from .conftest import REPO
+from .test_cli import HEAVY, _modules_after, ren
+
+FIXTURE = REPO / "tests" / "fixtures" / "one_tower.toml"
+
+
+@pytest.mark.slow
+def test_queue_add_starts_a_worker_and_logs_follow_the_run(tmp_path: Path, ren_home: Path, data_cache: Path) -> None:
+    preset = tmp_path / "tiny.toml"
+    preset.write_text(f'extends = "{FIXTURE}"\n[data]\ncache_dir = "{data_cache}"\neval_max_samples = 16\n'
+                      "[train]\nmax_steps = 4\nbatch_size = 4\nlog_every = 2\ncpu_threads = 1\n")
+    try:
+        added = ren("queue", "add", str(preset), "--name", "cli-run")
+        assert added.returncode == 0, added.stderr
+        run_id = re.search(r"queued (\S+) at position 1", added.stdout).group(1)
+        listed = ren("queue", "ls")
+        assert run_id in listed.stdout and "worker pid" in listed.stdout
+        followed = ren("logs", run_id[:15], "-f", timeout=180)
+        assert followed.returncode == 0, followed.stderr
+        assert "step 4/4" in followed.stdout and "exited with code 0" in followed.stdout
+        assert Store(ren_home).get_run(run_id).status == "finished"
+        assert "nothing queued or running" in ren("queue", "ls").stdout
+    finally:
+        stopped = ren("worker", "stop")
+    assert stopped.returncode == 0 and "stopped worker" in stopped.stdout
+    assert worker_info(Store(ren_home)) is None
+
+
+def test_queue_commands_manage_order_and_settings(ren_home: Path) -> None:
+    ren("queue", "pause")  # nothing starts: the test only edits the queue
+    ids = []
+    for name in ("first", "second"):
+        out = ren("queue", "add", str(FIXTURE), "--name", name)
+        assert out.returncode == 0, out.stderr
+        ids.append(re.search(r"queued (\S+)", out.stdout).group(1))
+    moved = ren("queue", "mv", ids[1], "1")
+    assert moved.stdout.split().index(ids[1]) < moved.stdout.split().index(ids[0])
+    listed = ren("queue", "ls")
+    assert "paused" in listed.stdout and "the queue is paused" in listed.stdout
+    assert "cpu_slots = 3" in ren("queue", "config", "cpu_slots=3").stdout
+    cancelled = ren("queue", "cancel", ids[0])
+    assert "cancelled" in cancelled.stdout
+    assert Store(ren_home).get_run(ids[0]).status == "cancelled"
+    assert ren("queue", "retry", ids[0]).returncode == 0
+    assert [r.id for r in Store(ren_home).queued_runs()] == [ids[1], ids[0]]
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (("queue", "add", "nope.toml"), "nope.toml"),
+        (("queue", "mv", "no-such-run", "1"), "No run with id 'no-such-run'"),
+        (("queue", "config", "slots=2"), "expected KEY=VALUE with KEY one of"),
+        (("queue", "config", "cpu_slots=zero"), "cannot use 'zero'"),
+        (("queue", "add", str(FIXTURE), "--gpus", "0"), "at least one GPU"),
+        (("logs", "no-such-run"), "No run with id"),
+        (("worker", "restart"), "expected start, stop or status"),
+        (("submit", str(FIXTURE)), "--slurm"),
+    ],
+)
+def test_bad_queue_input_exits_2(args: tuple[str, ...], message: str) -> None:
+    result = ren(*args)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert message in " ".join(result.stderr.split())
+    assert "Traceback" not in result.stderr
+
+
+def test_submit_writes_an_sbatch_script(tmp_path: Path, ren_home: Path) -> None:
+    result = ren("submit", "--slurm", str(FIXTURE), "--nodes", "2", "--gpus-per-node", "4", "--partition", "gpu",
+                 "--time", "12:00:00", "--sbatch=--mem=64G", "--set", 'distributed.strategy="fsdp"')
+    assert result.returncode == 0, result.stderr
+    (record,) = Store(ren_home).list_runs()
+    script = (Store(ren_home).run_dir(record.id) / "submit.sbatch").read_text()
+    assert "#SBATCH --nodes=2" in script and "#SBATCH --partition=gpu" in script and "#SBATCH --mem=64G" in script
+    assert "--num_processes 8" in script and "--use_fsdp" in script and record.id in script
+    assert subprocess.run(["bash", "-n"], input=script, text=True).returncode == 0
+    assert "sbatch" in result.stdout
+    again = ren("submit", "--slurm", "--resume", record.id, "--nodes", "2", "--gpus-per-node", "4")
+    assert again.returncode == 0, again.stderr
+    resumed = (Store(ren_home).run_dir(record.id) / "submit.sbatch").read_text()
+    assert f"engine.train {record.id} --resume" in " ".join(resumed.split()) and len(Store(ren_home).list_runs()) == 1
+
+
+def test_queue_and_worker_modules_import_no_torch() -> None:
+    loaded = _modules_after("import engine.queue, engine.worker, engine.runner, engine.cli.queue")
+    assert not loaded & set(HEAVY)
