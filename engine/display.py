@@ -26,3 +26,25 @@ def format_duration(record: RunRecord) -> str:
 
 def format_steps(record: RunRecord) -> str:
     return f"{record.step}/{record.max_steps}" if record.max_steps else str(record.step)
+
+
+SPARK = "▁▂▃▄▅▆▇█"
+
+
+def bucket_means(values: list[float], buckets: int) -> list[float]:
+    """``values`` reduced to at most ``buckets`` means of consecutive runs, in order."""
+    if len(values) <= buckets:
+        return list(values)
+    edges = [round(i * len(values) / buckets) for i in range(buckets + 1)]
+    return [sum(values[a:b]) / (b - a) for a, b in zip(edges, edges[1:])]
+
+
+def sparkline(values: list[float] | tuple[float, ...]) -> str:
+    """``"█▆▄▃▂▁"``: one block per value, scaled between the values' min and max."""
+    finite = [v for v in values if v == v]
+    if not finite:
+        return ""
+    low, high = min(finite), max(finite)
+    span = (high - low) or 1.0
+    return "".join(" " if v != v else SPARK[min(int((v - low) / span * len(SPARK)), len(SPARK) - 1)]
+                   for v in values)

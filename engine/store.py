@@ -197,6 +197,7 @@ class RunRecord:
     final_scores: dict[str, float] = field(default_factory=dict)
     error: str | None = None
     init_from: str | None = None
+    loss_trace: tuple[float, ...] = ()  # the training loss so far, in at most 24 bucket means (for sparklines)
     # Queue: what the run asks for, where the worker placed it, how it is supervised.
     gpus: int = 1
     after: tuple[str, ...] = ()
@@ -243,7 +244,7 @@ class RunRecord:
 
 
 _FIELDS = frozenset(f.name for f in dataclasses.fields(RunRecord))
-_TUPLE_FIELDS = ("tags", "after", "devices")
+_TUPLE_FIELDS = ("tags", "after", "devices", "loss_trace")
 
 
 def _slug(name: str) -> str:
@@ -279,7 +280,7 @@ def _check_fields(fields: dict[str, Any]) -> dict[str, Any]:
         )
     if "tags" in fields:
         fields = {**fields, "tags": _as_tags(fields["tags"])}
-    for key in ("after", "devices"):
+    for key in ("after", "devices", "loss_trace"):
         if key in fields:
             fields = {**fields, key: tuple(fields[key])}
     return fields

@@ -32,6 +32,7 @@ from engine import objectives as O
 from engine import tasks as T
 from engine.config import RunConfig, config_from_dict
 from engine.data.pipeline import DataBundle, build_data
+from engine.display import bucket_means
 from engine.errors import ConfigError, RenError, oom_message
 from engine.freeze import apply_freeze
 from engine.models import VLModel, build_model
@@ -41,6 +42,7 @@ CHECKPOINTS = "checkpoints"
 LATEST = "latest"
 FINAL_WEIGHTS = "model.safetensors"
 INDEX_UPDATE_S = 5.0
+TRACE = 24  # points in a run record's loss sparkline
 
 
 class Reporter(Protocol):
@@ -279,6 +281,7 @@ def train(cfg: RunConfig, store: Store, run_id: str, *, resume: bool = False,
     sums: dict[str, torch.Tensor] = {}  # step metrics stay on the device until logged
     count, t_last, samples_last = 0, time.perf_counter(), state.samples_seen
     t_index = 0.0
+    losses: list[float] = []  # every logged loss of this session, for the record's sparkline
     reporter.start(cfg.train.max_steps, state.step)
     status, error = "finished", None
     try:
@@ -317,10 +320,11 @@ def train(cfg: RunConfig, store: Store, run_id: str, *, resume: bool = False,
                         metrics["samples_per_s"] = (state.samples_seen - samples_last) / max(now - t_last, 1e-9)
                         metrics["epoch"] = state.epoch + state.batches_into_epoch / len(train_dl) * accum
                         sums, count, t_last, samples_last = {}, 0, now, state.samples_seen
+                        losses.append(metrics["loss"])
                         if writer:
                             writer.log(state.step, **metrics)
                             if now - t_index >= INDEX_UPDATE_S:  # the shared index is rewritten whole
-                                store.update_run(run_id, step=state.step)
+                                store.update_run(run_id, step=state.step, loss_trace=bucket_means(losses, TRACE))
                                 t_index = now
                         reporter.step(state.step, metrics)
                     if cfg.task and state.step % cfg.train.eval_every == 0 and state.step < cfg.train.max_steps:
@@ -375,7 +379,8 @@ def train(cfg: RunConfig, store: Store, run_id: str, *, resume: bool = False,
     if writer:
         writer.close()
     if main:
-        store.update_run(run_id, step=state.step, **({"final_scores": final} if final else {}))
+        trace = {"loss_trace": bucket_means(losses, TRACE)} if losses else {}
+        store.update_run(run_id, step=state.step, **trace, **({"final_scores": final} if final else {}))
         store.mark_ended(run_id, status, error=error)
     return final
 
