@@ -1,91 +1,126 @@
-"""The Textual app. For now one screen: the live list of runs in the store.
+"""``ren-tui``: the keyboard-driven workbench over a results store.
 
-``make_app`` serves both the ``ren-tui`` entry point and the tests.
+Screens: Runs (home), Compose, Queue as switchable modes (keys 1-3); Monitor,
+Compare and Freeze open on top of them. Every screen reaches runs, metrics and
+the queue only through :class:`ren_tui.backend.Backend`. Screen modules are
+imported when first shown, so start-up pays only for the Runs screen.
 """
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 
 from textual.app import App, ComposeResult
 from textual.binding import Binding
-from textual.widgets import DataTable, Footer, Header, Static
+from textual.containers import VerticalScroll
+from textual.screen import ModalScreen, Screen
+from textual.widgets import Markdown
 
-from engine.display import format_duration, format_scores, format_steps
-from engine.store import RunRecord, Store
+from engine.store import Store
+from ren_tui.backend import Backend
 
-REFRESH_S = 2.0
-COLUMNS = ("id", "name", "stage", "kind", "status", "steps", "best", "duration")
+HELP = """\
+# ren-tui
+
+**Screens** — `1` Runs · `2` Compose · `3` Queue · `enter` on a run opens its Monitor ·
+`c` compares the marked runs · `f` in Compose opens Freeze.
+
+**Everywhere** — `?` this help · `ctrl+p` command palette · `escape` back · `q` quit
+(runs go on: training happens in other processes; reopen `ren-tui` to watch them again).
+
+The footer lists the keys of the screen in front. The mouse works too.
+"""
 
 
-def row(record: RunRecord) -> tuple[str, ...]:
-    return (record.id, record.name, record.stage, record.kind, record.status, format_steps(record),
-            format_scores(record.best_scores), format_duration(record))
+class HelpScreen(ModalScreen[None]):
+    """Keys and screens, over whatever is open."""
+
+    BINDINGS = [Binding("escape,q,question_mark", "dismiss", "Close")]
+
+    def compose(self) -> ComposeResult:
+        with VerticalScroll(id="help"):
+            yield Markdown(HELP + self._screen_keys())
+
+    def _screen_keys(self) -> str:
+        below = self.app.screen_stack[-2] if len(self.app.screen_stack) > 1 else None
+        if below is None:
+            return ""
+        rows = [f"| `{b.key}` | {b.description} |" for b in getattr(below, "BINDINGS", [])
+                if isinstance(b, Binding) and b.description]
+        if not rows:
+            return ""
+        return f"\n**{type(below).__name__.removesuffix('Screen')}**\n\n| key | action |\n|---|---|\n" + "\n".join(rows)
+
+
+def _runs_screen() -> Screen:
+    from ren_tui.screens.runs import RunsScreen
+
+    return RunsScreen()
+
+
+def _compose_screen() -> Screen:
+    from ren_tui.screens.compose import ComposeScreen
+
+    return ComposeScreen()
+
+
+def _queue_screen() -> Screen:
+    from ren_tui.screens.queue import QueueScreen
+
+    return QueueScreen()
 
 
 class RenApp(App[None]):
-    """Runs in the store, refreshed live."""
+    """The workbench. ``backend`` is the only way screens reach runs and the queue."""
 
     CSS_PATH = "app.tcss"
     TITLE = "ren"
+    MODES = {"runs": _runs_screen, "compose": _compose_screen, "queue": _queue_screen}
+    DEFAULT_MODE = "runs"
     BINDINGS = [
+        Binding("1", "switch_mode('runs')", "Runs"),
+        Binding("2", "switch_mode('compose')", "Compose"),
+        Binding("3", "switch_mode('queue')", "Queue"),
+        Binding("question_mark", "help", "Help"),
         Binding("q", "quit", "Quit"),
-        Binding("r", "refresh", "Refresh"),
     ]
 
-    def __init__(self, store: Store):
+    def __init__(self, backend: Backend) -> None:
         super().__init__()
-        self.store = store
-
-    def compose(self) -> ComposeResult:
-        yield Header()
-        yield DataTable(id="runs", cursor_type="row", zebra_stripes=True)
-        yield Static("", id="detail")
-        yield Footer()
+        self.backend = backend
 
     def on_mount(self) -> None:
-        table = self.query_one("#runs", DataTable)
-        for column in COLUMNS:
-            table.add_column(column, key=column)
-        self.sub_title = str(self.store.root)
-        self.action_refresh()
-        self.set_interval(REFRESH_S, self.action_refresh)
+        self.sub_title = str(self.backend.store.root)
 
-    def action_refresh(self) -> None:
-        table = self.query_one("#runs", DataTable)
-        records = self.store.list_runs()
-        seen = set()
-        for record in records:
-            seen.add(record.id)
-            values = row(record)
-            if record.id in table.rows:
-                for column, value in zip(COLUMNS, values):
-                    table.update_cell(record.id, column, value)
-            else:
-                table.add_row(*values, key=record.id)
-        for key in [k for k in table.rows if k.value not in seen]:
-            table.remove_row(key)
-        if not records:
-            self.query_one("#detail", Static).update("No runs yet: start one with `ren run presets/quickstart.toml`.")
+    def action_help(self) -> None:
+        if not isinstance(self.screen, HelpScreen):
+            self.push_screen(HelpScreen())
 
-    def on_data_table_row_highlighted(self, event: DataTable.RowHighlighted) -> None:
-        if event.row_key is None or event.row_key.value is None:
-            return
-        record = self.store.get_run(event.row_key.value)
-        lines = [f"{record.id}  {record.status}  device {record.device or '-'}"]
-        if record.params:
-            lines.append(
-                f"parameters: {record.params.get('total', 0):,} total, "
-                f"{record.params.get('trainable', 0):,} trainable"
-            )
-        if record.error:
-            lines.append(f"error: {record.error}")
-        self.query_one("#detail", Static).update("\n".join(lines))
+    def open_monitor(self, run_id: str) -> None:
+        from ren_tui.screens.monitor import MonitorScreen
+
+        self.push_screen(MonitorScreen(run_id))
+
+    def open_compare(self, run_ids: list[str]) -> None:
+        from ren_tui.screens.compare import CompareScreen
+
+        self.push_screen(CompareScreen(run_ids))
+
+    def clone_to_compose(self, config: dict) -> None:
+        """Open Compose on a copy of ``config`` (a stored run's or a preset's)."""
+        from ren_tui.screens.compose import ComposeScreen
+
+        self.push_screen(ComposeScreen(config))
 
 
-def make_app(root: Path | str | None = None) -> RenApp:
-    return RenApp(Store(root))
+def make_app(root: Path | str | None = None, *, start_worker: bool = True) -> RenApp:
+    return RenApp(Backend(Store(root), start_worker=start_worker))
 
 
-def main() -> None:
-    make_app().run()
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="ren-tui", description="The ren workbench in a terminal.")
+    parser.add_argument("--store", type=Path, default=None,
+                        help="results store directory (default: $REN_HOME or ~/.local/share/ren)")
+    args = parser.parse_args(argv)
+    make_app(args.store).run()

@@ -1,34 +1,112 @@
-"""ren-tui reads the store live."""
+"""ren-tui: the app shell and the Runs screen, against canned runs in a real store."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from textual.widgets import DataTable, Static
+from textual.widgets import DataTable, Input, Static
 
 from engine.store import Store
-from ren_tui.app import make_app
+from ren_tui.app import HelpScreen, RenApp
+from ren_tui.backend import Backend
+from ren_tui.dialogs import Confirm, Prompt
+from ren_tui.screens.runs import RunsScreen
+
+from .tui_fake import canned_run
 
 
-async def test_runs_table_shows_store_and_refreshes(ren_home: Path) -> None:
+def make(ren_home: Path) -> RenApp:
+    return RenApp(Backend(Store(ren_home), start_worker=False))
+
+
+def table(app: RenApp) -> DataTable:
+    return app.screen.query_one("#runs", DataTable)
+
+
+def names(app: RenApp) -> list[str]:
+    t = table(app)
+    return [str(t.get_cell(key, "name")) for key in t.rows]
+
+
+async def settle(app: RenApp, pilot) -> None:
+    await app.workers.wait_for_complete()
+    await pilot.pause()
+
+
+async def test_runs_table_shows_the_store_live(ren_home: Path) -> None:
     store = Store(ren_home)
-    first = store.create_run(name="alpha", stage="finetune", kind="one_tower", config={}, max_steps=10)
-    app = make_app(ren_home)
-    async with app.run_test() as pilot:
-        table = app.query_one("#runs", DataTable)
-        assert table.row_count == 1
-        assert table.get_cell(first.id, "name") == "alpha"
-        store.update_run(first.id, step=7, best_scores={"eval/vqa_score": 0.91})
-        second = store.create_run(name="beta", stage="pretrain", kind="two_tower", config={})
-        await pilot.press("r")
-        assert table.row_count == 2
-        assert table.get_cell(first.id, "steps") == "7/10"
-        assert "vqa_score 0.9100" in table.get_cell(first.id, "best")
-        assert table.get_cell(second.id, "kind") == "two_tower"
+    first = canned_run(store, "alpha", status="running", steps=100, written=30)
+    app = make(ren_home)
+    async with app.run_test(size=(140, 40)) as pilot:
+        await settle(app, pilot)
+        assert isinstance(app.screen, RunsScreen) and names(app) == ["alpha"]
+        assert table(app).get_cell(first.id, "progress") == "30/100  30%"
+        store.update_run(first.id, step=70, loss_trace=(3.0, 2.0, 1.0))
+        canned_run(store, "beta", status="finished")
+        app.screen.refresh_runs()
+        await settle(app, pilot)
+        assert sorted(names(app)) == ["alpha", "beta"]
+        assert table(app).get_cell(first.id, "progress") == "70/100  70%"
+        assert table(app).get_cell(first.id, "loss") == "█▅▁"
 
 
-async def test_empty_store_says_how_to_start(ren_home: Path) -> None:
-    app = make_app(ren_home)
-    async with app.run_test():
-        detail = app.query_one("#detail", Static)
-        assert "ren run presets/quickstart.toml" in str(detail.render())
+async def test_filter_sort_group_and_archive(ren_home: Path) -> None:
+    store = Store(ren_home)
+    canned_run(store, "vit-frozen", tags=("study:freeze",))
+    canned_run(store, "bert-base", tags=("study:init",))
+    canned_run(store, "vit-full", tags=("study:freeze",))
+    app = make(ren_home)
+    async with app.run_test(size=(140, 40)) as pilot:
+        await settle(app, pilot)
+        assert names(app) == ["vit-full", "bert-base", "vit-frozen"]  # newest first
+        await pilot.press("s")  # by name
+        assert names(app) == ["bert-base", "vit-frozen", "vit-full"]
+        await pilot.press("g")
+        assert names(app) == ["freeze / vit-frozen", "freeze / vit-full", "init / bert-base"]
+        await pilot.press("slash")
+        await pilot.press(*"vit")
+        assert app.screen.query_one("#filter", Input).has_focus
+        assert names(app) == ["freeze / vit-frozen", "freeze / vit-full"]
+        await pilot.press("enter", "a")  # the cursor stayed on its run through sorting: vit-full
+        assert names(app) == ["freeze / vit-frozen"]
+        assert "archived" in store.list_runs()[0].tags and store.list_runs()[0].name == "vit-full"
+        await pilot.press("A")
+        assert len(names(app)) == 2
+        await pilot.press("escape")
+        assert len(names(app)) == 3
+
+
+async def test_mark_compare_tag_and_delete(ren_home: Path) -> None:
+    store = Store(ren_home)
+    a, b = canned_run(store, "a"), canned_run(store, "b")
+    app = make(ren_home)
+    opened: list[list[str]] = []
+    app.open_compare = opened.append
+    async with app.run_test(size=(140, 40)) as pilot:
+        await settle(app, pilot)
+        await pilot.press("c")  # nothing marked: a warning, nothing opens
+        assert opened == []
+        await pilot.press("space", "space", "c")
+        assert opened == [[b.id, a.id]]
+        await pilot.press("t")  # the cursor is on the last row, a
+        assert isinstance(app.screen, Prompt)
+        await pilot.press("ctrl+a", "ctrl+k", *"study:x, lr", "enter")
+        assert store.get_run(a.id).tags == ("study:x", "lr")
+        await pilot.press("d")
+        assert isinstance(app.screen, Confirm)
+        await pilot.press("n")
+        assert len(store.list_runs()) == 2
+        await pilot.press("d", "y")
+        assert [r.id for r in store.list_runs()] == [b.id]
+        assert names(app) == ["b"]
+
+
+async def test_empty_store_says_how_to_start_and_help_opens(ren_home: Path) -> None:
+    app = make(ren_home)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await settle(app, pilot)
+        assert "ren run presets/quickstart.toml" in str(app.screen.query_one("#status", Static).render())
+        await pilot.press("question_mark")
+        assert isinstance(app.screen, HelpScreen)
+        await pilot.press("escape")
+        assert isinstance(app.screen, RunsScreen)

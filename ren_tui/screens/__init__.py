@@ -1,0 +1,1 @@
+"""The workbench's screens; each is imported when first shown."""

@@ -1,0 +1,331 @@
+"""Runs, the home screen: every run in the store, live.
+
+Sort (``s`` cycles the column, ``S`` reverses), filter by typing (``/``), group by
+study (tags ``study:NAME``, ``g``), mark runs with ``space`` and compare them
+(``c``), open one (``enter``), tag, annotate, archive or delete it, or clone its
+config into Compose (``e``). The store is read in a worker thread every 2 s.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from textual import on, work
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.screen import Screen
+from textual.widgets import DataTable, Footer, Header, Input, Static
+
+from engine.display import format_duration, format_scores, format_steps, sparkline
+from engine.errors import RenError
+from engine.store import RunRecord
+from ren_tui.dialogs import Confirm, Prompt
+
+REFRESH_S = 2.0
+ARCHIVED = "archived"
+STUDY_PREFIX = "study:"
+COLUMNS = ("✓", "name", "kind", "status", "progress", "loss", "best", "time", "device", "tags")
+SORTS: dict[str, tuple[str, bool]] = {  # name -> (what, newest/largest first by default)
+    "created": ("created_at", True), "name": ("name", False), "status": ("status", False),
+    "best": ("best", True), "time": ("duration", True),
+}
+
+
+def study_of(record: RunRecord) -> str:
+    """The run's study: its first ``study:NAME`` tag, or "" for none."""
+    return next((t[len(STUDY_PREFIX):] for t in record.tags if t.startswith(STUDY_PREFIX)), "")
+
+
+def progress(record: RunRecord) -> str:
+    if record.max_steps:
+        return f"{format_steps(record)} {100 * record.step / record.max_steps:3.0f}%"
+    return format_steps(record)
+
+
+def best_value(record: RunRecord) -> float:
+    return max(record.best_scores.values(), default=float("-inf"))
+
+
+def matches(record: RunRecord, text: str) -> bool:
+    """Every word of ``text`` appears in the run's id, name, kind, stage, status or tags."""
+    haystack = " ".join((record.id, record.name, record.kind, record.stage, record.status, *record.tags)).lower()
+    return all(word in haystack for word in text.lower().split())
+
+
+@dataclass
+class View:
+    """How the table is shown: filter, sort, grouping, archived runs."""
+
+    filter: str = ""
+    sort: str = "created"
+    reverse: bool = False
+    group: bool = False
+    archived: bool = False
+
+    def apply(self, records: list[RunRecord]) -> list[RunRecord]:
+        shown = [r for r in records if (self.archived or ARCHIVED not in r.tags) and matches(r, self.filter)]
+        attr, descending = SORTS[self.sort]
+        key = {"best": best_value, "duration": lambda r: r.duration_s or 0.0}.get(
+            attr, lambda r: getattr(r, attr) or 0)
+        shown.sort(key=key, reverse=descending != self.reverse)
+        if self.group:
+            shown.sort(key=lambda r: (study_of(r) == "", study_of(r)))  # stable: keeps the order inside a study
+        return shown
+
+
+class RunsScreen(Screen[None]):
+    DEFAULT_CSS = """
+    RunsScreen #filter { display: none; height: 3; }
+    RunsScreen #filter.shown { display: block; }
+    RunsScreen #runs { height: 1fr; }
+    RunsScreen #detail { height: auto; max-height: 10; padding: 0 1; border-top: solid $primary; }
+    RunsScreen #status { height: 1; padding: 0 1; color: $text-muted; }
+    """
+    BINDINGS = [
+        Binding("enter", "open", "Monitor"),
+        Binding("space", "mark", "Mark"),
+        Binding("c", "compare", "Compare"),
+        Binding("slash", "filter", "Filter"),
+        Binding("s", "sort", "Sort"),
+        Binding("S", "reverse", "Reverse", show=False),
+        Binding("g", "group", "Group by study"),
+        Binding("e", "clone", "Clone to Compose"),
+        Binding("t", "tags", "Tags"),
+        Binding("n", "notes", "Notes", show=False),
+        Binding("a", "archive", "Archive"),
+        Binding("A", "show_archived", "Show archived", show=False),
+        Binding("d", "delete", "Delete"),
+        Binding("escape", "clear_filter", "Clear filter", show=False),
+    ]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.view = View()
+        self.records: dict[str, RunRecord] = {}
+        self.marked: set[str] = set()
+        self.loaded = False  # the store has been read once
+
+    def compose(self) -> ComposeResult:
+        yield Header()
+        yield Input(placeholder="filter: words in name, id, kind, status or tags", id="filter")
+        yield DataTable(id="runs", cursor_type="row", zebra_stripes=True)
+        yield Static("", id="detail")
+        yield Static("", id="status")
+        yield Footer()
+
+    def on_mount(self) -> None:
+        table = self.query_one("#runs", DataTable)
+        for column in COLUMNS:
+            table.add_column(column, key=column)
+        table.focus()
+        self.refresh_runs()
+        self.set_interval(REFRESH_S, self.refresh_runs)
+
+    # --- data -------------------------------------------------------------------
+
+    @work(thread=True, exclusive=True, group="runs")
+    def refresh_runs(self) -> None:
+        records = self.app.backend.runs()
+        self.app.call_from_thread(self.show_runs, records)
+
+    def show_runs(self, records: list[RunRecord]) -> None:
+        self.records = {r.id: r for r in records}
+        self.marked &= set(self.records)
+        self.render_table()
+        self.loaded = True
+
+    def render_table(self) -> None:
+        table = self.query_one("#runs", DataTable)
+        shown = self.view.apply(list(self.records.values()))
+        cursor = self.current_id()
+        order = [r.id for r in shown]
+        if [k.value for k in table.rows] != order:  # membership or order changed: rebuild
+            table.clear()
+            for record in shown:
+                table.add_row(*self.cells(record), key=record.id)
+        else:
+            for record in shown:
+                for column, value in zip(COLUMNS, self.cells(record)):
+                    table.update_cell(record.id, column, value)
+        if cursor in order:
+            table.move_cursor(row=order.index(cursor))
+        self.show_status(len(shown))
+        self.show_detail()
+
+    def cells(self, r: RunRecord) -> tuple[str, ...]:
+        tags = ", ".join(t for t in r.tags if t != ARCHIVED)
+        name = f"{study_of(r)} / {r.name}" if self.view.group and study_of(r) else r.name
+        return ("✓" if r.id in self.marked else "", name, f"{r.stage[:2]} {r.kind}", r.status, progress(r),
+                sparkline(r.loss_trace), format_scores(r.best_scores, short=True), format_duration(r),
+                r.device or "-", tags)
+
+    def show_status(self, shown: int) -> None:
+        total = len(self.records)
+        if not total:
+            text = "No runs yet: start one with `ren run presets/quickstart.toml`, or compose one (2)."
+        else:
+            order = f"sorted by {self.view.sort}{' (reversed)' if self.view.reverse else ''}"
+            parts = [f"{shown} of {total} runs", order]
+            if self.view.filter:
+                parts.append(f"filter '{self.view.filter}'")
+            if self.marked:
+                parts.append(f"{len(self.marked)} marked")
+            if self.view.group:
+                parts.append("grouped by study")
+            text = " · ".join(parts)
+        self.query_one("#status", Static).update(text)
+
+    def current_id(self) -> str | None:
+        table = self.query_one("#runs", DataTable)
+        if not table.row_count:
+            return None
+        return table.coordinate_to_cell_key(table.cursor_coordinate).row_key.value
+
+    def current(self) -> RunRecord | None:
+        run_id = self.current_id()
+        return self.records.get(run_id) if run_id else None
+
+    @on(DataTable.RowHighlighted)
+    def show_detail(self) -> None:
+        r = self.current()
+        if r is None:
+            self.query_one("#detail", Static).update("")
+            return
+        lines = [f"[b]{r.id}[/b]  {r.stage}/{r.kind}  {r.status}  device {r.device or '-'}"]
+        if r.params:
+            lines.append(f"parameters {r.params.get('total', 0):,} · trainable {r.params.get('trainable', 0):,} "
+                         f"· frozen {r.params.get('frozen', 0):,}")
+        if r.final_scores:
+            lines.append(f"final {format_scores(r.final_scores)}")
+        if r.notes:
+            lines.append(f"notes: {r.notes}")
+        if r.error:
+            lines.append(f"[red]error:[/] {r.error}")
+        self.query_one("#detail", Static).update("\n".join(lines))
+
+    # --- actions ------------------------------------------------------------------
+
+    def action_open(self) -> None:
+        if (run_id := self.current_id()) is not None:
+            self.app.open_monitor(run_id)
+
+    @on(DataTable.RowSelected)
+    def _selected(self) -> None:
+        self.action_open()
+
+    def action_mark(self) -> None:
+        if (run_id := self.current_id()) is None:
+            return
+        self.marked ^= {run_id}
+        self.render_table()
+        table = self.query_one("#runs", DataTable)
+        if table.cursor_row < table.row_count - 1:
+            table.move_cursor(row=table.cursor_row + 1)
+
+    def action_compare(self) -> None:
+        ids = [r.id for r in self.view.apply(list(self.records.values())) if r.id in self.marked]
+        if len(ids) < 2:
+            self.notify("Mark two or more runs with space, then press c.", severity="warning")
+            return
+        self.app.open_compare(ids)
+
+    def action_filter(self) -> None:
+        box = self.query_one("#filter", Input)
+        box.add_class("shown")
+        box.focus()
+
+    @on(Input.Changed, "#filter")
+    def _filter_changed(self, event: Input.Changed) -> None:
+        self.view.filter = event.value
+        self.render_table()
+
+    @on(Input.Submitted, "#filter")
+    def _filter_done(self) -> None:
+        self.query_one("#runs", DataTable).focus()
+
+    def action_clear_filter(self) -> None:
+        box = self.query_one("#filter", Input)
+        box.value = ""
+        box.remove_class("shown")
+        self.query_one("#runs", DataTable).focus()
+
+    def action_sort(self) -> None:
+        names = list(SORTS)
+        self.view.sort = names[(names.index(self.view.sort) + 1) % len(names)]
+        self.render_table()
+
+    def action_reverse(self) -> None:
+        self.view.reverse = not self.view.reverse
+        self.render_table()
+
+    def action_group(self) -> None:
+        self.view.group = not self.view.group
+        self.render_table()
+
+    def action_show_archived(self) -> None:
+        self.view.archived = not self.view.archived
+        self.render_table()
+
+    def action_clone(self) -> None:
+        if (r := self.current()) is not None:
+            self.app.clone_to_compose(r.config)
+
+    def _apply(self, run_id: str, **fields: object) -> None:
+        try:
+            record = self.app.backend.update(run_id, **fields)
+        except RenError as exc:
+            self.notify(str(exc), severity="error")
+            return
+        self.records[record.id] = record
+        self.render_table()
+
+    def action_tags(self) -> None:
+        if (r := self.current()) is None:
+            return
+
+        def done(value: str | None) -> None:
+            if value is not None:
+                tags = [t.strip() for t in value.split(",") if t.strip()]
+                self._apply(r.id, tags=tags + ([ARCHIVED] if ARCHIVED in r.tags else []))
+
+        self.app.push_screen(Prompt(f"Tags of {r.name} (comma separated)",
+                                    ", ".join(t for t in r.tags if t != ARCHIVED),
+                                    hint=f"a tag {STUDY_PREFIX}NAME puts the run in a study"), done)
+
+    def action_notes(self) -> None:
+        if (r := self.current()) is None:
+            return
+
+        def done(value: str | None) -> None:
+            if value is not None:
+                self._apply(r.id, notes=value)
+
+        self.app.push_screen(Prompt(f"Notes on {r.name}", r.notes), done)
+
+    def action_archive(self) -> None:
+        if (r := self.current()) is None:
+            return
+        tags = [t for t in r.tags if t != ARCHIVED] + ([] if ARCHIVED in r.tags else [ARCHIVED])
+        self._apply(r.id, tags=tags)
+        self.notify(f"{r.name} {'archived (A shows archived runs)' if ARCHIVED in tags else 'restored'}")
+
+    def action_delete(self) -> None:
+        if (r := self.current()) is None:
+            return
+
+        def done(yes: bool | None) -> None:
+            if not yes:
+                return
+            try:
+                self.app.backend.delete(r.id)
+            except RenError as exc:
+                self.notify(str(exc), severity="error")
+                return
+            self.records.pop(r.id, None)
+            self.render_table()
+            self.notify(f"deleted {r.id}")
+
+        self.app.push_screen(Confirm(f"Delete run {r.id} with its metrics and checkpoints?"), done)
+
+    def on_screen_resume(self) -> None:
+        self.refresh_runs()
