@@ -110,3 +110,20 @@ async def test_empty_store_says_how_to_start_and_help_opens(ren_home: Path) -> N
         assert isinstance(app.screen, HelpScreen)
         await pilot.press("escape")
         assert isinstance(app.screen, RunsScreen)
+
+
+def test_runs_screen_snapshot(snap_compare, ren_home: Path, monkeypatch) -> None:
+    names_ = iter(f"20261128-120000-run-{i:04d}" for i in range(100))
+    monkeypatch.setattr("engine.store._new_run_id", lambda name, created_at: next(names_))
+    store = Store(ren_home)
+    canned_run(store, "electra-deit-frozen", tags=("study:freeze",), seed=1)
+    canned_run(store, "electra-deit-full", tags=("study:freeze",), seed=2)
+    running = canned_run(store, "deit-one-tower", status="running", steps=400, written=120, kind="one_tower")
+    store.update_run(running.id, loss_trace=(4.0, 3.1, 2.5, 2.2, 1.9, 1.8), started_at=None, device="NVIDIA H100")
+    app = make(ren_home)
+
+    async def ready(pilot) -> None:
+        app.sub_title = "~/.local/share/ren"
+        await settle(app, pilot)
+
+    assert snap_compare(app, terminal_size=(110, 24), run_before=ready)

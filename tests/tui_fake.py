@@ -21,7 +21,7 @@ def preset_config(name: str = "quickstart.toml", overrides: list[str] = ()) -> d
 
 
 def canned_points(steps: int, *, seed: int = 0, every: int = 1, keys: tuple[str, ...] = ("loss",),
-                  eval_every: int = 0, start: float = 1_800_000_000.0) -> list[dict[str, float]]:
+                  eval_every: int = 0, start: float = 1_700_000_000.0) -> list[dict[str, float]]:
     """A deterministic decaying loss curve (with noise and one spike at 60% of the run)
     per key, lr, samples_per_s, and eval/vqa_score every ``eval_every`` steps."""
     rng = random.Random(seed)

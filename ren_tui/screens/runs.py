@@ -25,6 +25,8 @@ REFRESH_S = 2.0
 ARCHIVED = "archived"
 STUDY_PREFIX = "study:"
 COLUMNS = ("✓", "name", "kind", "status", "progress", "loss", "best", "time", "device", "tags")
+NARROW = ("✓", "name", "status", "progress", "loss", "best", "time")  # below 120 columns
+STAGE = {"pretrain": "pt", "finetune": "ft"}
 SORTS: dict[str, tuple[str, bool]] = {  # name -> (what, newest/largest first by default)
     "created": ("created_at", True), "name": ("name", False), "status": ("status", False),
     "best": ("best", True), "time": ("duration", True),
@@ -114,12 +116,25 @@ class RunsScreen(Screen[None]):
         yield Footer()
 
     def on_mount(self) -> None:
-        table = self.query_one("#runs", DataTable)
-        for column in COLUMNS:
-            table.add_column(column, key=column)
-        table.focus()
+        self.columns: tuple[str, ...] = ()
+        self.set_columns(self.size.width)
+        self.query_one("#runs", DataTable).focus()
         self.refresh_runs()
         self.set_interval(REFRESH_S, self.refresh_runs)
+
+    def set_columns(self, width: int) -> None:
+        columns = COLUMNS if width >= 120 else NARROW
+        if columns == self.columns:
+            return
+        self.columns = columns
+        table = self.query_one("#runs", DataTable)
+        table.clear(columns=True)
+        for column in columns:
+            table.add_column(column, key=column)
+        self.render_table()
+
+    def on_resize(self, event) -> None:
+        self.set_columns(event.size.width)
 
     # --- data -------------------------------------------------------------------
 
@@ -145,7 +160,7 @@ class RunsScreen(Screen[None]):
                 table.add_row(*self.cells(record), key=record.id)
         else:
             for record in shown:
-                for column, value in zip(COLUMNS, self.cells(record)):
+                for column, value in zip(self.columns, self.cells(record)):
                     table.update_cell(record.id, column, value)
         if cursor in order:
             table.move_cursor(row=order.index(cursor))
@@ -153,11 +168,12 @@ class RunsScreen(Screen[None]):
         self.show_detail()
 
     def cells(self, r: RunRecord) -> tuple[str, ...]:
-        tags = ", ".join(t for t in r.tags if t != ARCHIVED)
         name = f"{study_of(r)} / {r.name}" if self.view.group and study_of(r) else r.name
-        return ("✓" if r.id in self.marked else "", name, f"{r.stage[:2]} {r.kind}", r.status, progress(r),
-                sparkline(r.loss_trace), format_scores(r.best_scores, short=True), format_duration(r),
-                r.device or "-", tags)
+        cells = {"✓": "✓" if r.id in self.marked else "", "name": name, "kind": f"{STAGE[r.stage]} {r.kind}",
+                 "status": r.status, "progress": progress(r), "loss": sparkline(r.loss_trace),
+                 "best": format_scores(r.best_scores, short=True), "time": format_duration(r),
+                 "device": r.device or "-", "tags": ", ".join(t for t in r.tags if t != ARCHIVED)}
+        return tuple(cells[c] for c in self.columns)
 
     def show_status(self, shown: int) -> None:
         total = len(self.records)
