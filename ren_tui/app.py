@@ -9,9 +9,11 @@ imported when first shown, so start-up pays only for the Runs screen.
 from __future__ import annotations
 
 import argparse
+from collections.abc import Iterable
+from functools import partial
 from pathlib import Path
 
-from textual.app import App, ComposeResult
+from textual.app import App, ComposeResult, SystemCommand
 from textual.binding import Binding
 from textual.containers import VerticalScroll
 from textual.screen import ModalScreen, Screen
@@ -92,6 +94,19 @@ class RenApp(App[None]):
 
     def on_mount(self) -> None:
         self.sub_title = str(self.backend.store.root)
+
+    def get_system_commands(self, screen: Screen) -> Iterable[SystemCommand]:
+        """The palette (ctrl+p) offers the screens and every key action of the screen in front."""
+        yield from super().get_system_commands(screen)
+        yield SystemCommand("Runs", "Every run in the store (1)", partial(self.switch_mode, "runs"))
+        yield SystemCommand("Compose", "Build a run config, freeze layers, queue it (2)",
+                            partial(self.switch_mode, "compose"))
+        yield SystemCommand("Queue", "Queued and running runs, GPUs (3)", partial(self.switch_mode, "queue"))
+        yield SystemCommand("Help", "Keys and screens (?)", self.action_help)
+        for binding in getattr(screen, "BINDINGS", []):
+            if isinstance(binding, Binding) and binding.description:
+                yield SystemCommand(binding.description, f"{type(screen).__name__.removesuffix('Screen')}: "
+                                    f"key {binding.key}", partial(screen.run_action, binding.action))
 
     def action_help(self) -> None:
         if not isinstance(self.screen, HelpScreen):

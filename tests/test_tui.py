@@ -127,3 +127,18 @@ def test_runs_screen_snapshot(snap_compare, ren_home: Path, monkeypatch) -> None
         await settle(app, pilot)
 
     assert snap_compare(app, terminal_size=(110, 24), run_before=ready)
+
+
+async def test_command_palette_offers_screens_and_screen_actions(ren_home: Path) -> None:
+    store = Store(ren_home)
+    canned_run(store, "a")
+    canned_run(store, "b")
+    app = make(ren_home)
+    async with app.run_test(size=(120, 30)) as pilot:
+        await settle(app, pilot)
+        titles = [c.title for c in app.get_system_commands(app.screen)]
+        assert {"Runs", "Compose", "Queue", "Help", "Sort", "Group by study"} <= set(titles)
+        sort = next(c for c in app.get_system_commands(app.screen) if c.title == "Sort")
+        await sort.callback()
+        await pilot.pause()
+        assert app.screen.view.sort == "name"
