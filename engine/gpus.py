@@ -26,6 +26,8 @@ class GPU:
     memory_total_mb: int
     memory_used_mb: int
     pids: tuple[int, ...] = ()
+    utilization_pct: int | None = None
+    """Percent of the last sample period in which a kernel ran; None when NVML will not say."""
 
     @property
     def memory_free_mb(self) -> int:
@@ -114,19 +116,32 @@ def _read_gpu(nvml: Any, index: int) -> GPU:
         memory_total_mb=memory.total // _MIB,
         memory_used_mb=memory.used // _MIB,
         pids=_compute_pids(nvml, handle),
+        utilization_pct=_utilization(nvml, handle),
     )
+
+
+def _query_errors(nvml: Any) -> tuple[type[Exception], ...]:
+    """What an optional NVML query raises when the device or driver cannot answer it."""
+    # When the driver lacks a call, nvidia-ml-py 13 raises NVMLLibraryMismatchError, which is no NVMLError;
+    # 12 raises an NVMLError and has no such class.
+    return (nvml.NVMLError, getattr(nvml, "NVMLLibraryMismatchError", nvml.NVMLError))
 
 
 def _compute_pids(nvml: Any, handle: Any) -> tuple[int, ...]:
     """The distinct pids of the compute processes on ``handle``; ``()`` if NVML will not say."""
-    # When the driver lacks the call, nvidia-ml-py 13 raises NVMLLibraryMismatchError, which is no NVMLError;
-    # 12 raises an NVMLError and has no such class.
-    errors = (nvml.NVMLError, getattr(nvml, "NVMLLibraryMismatchError", nvml.NVMLError))
     try:
         processes = nvml.nvmlDeviceGetComputeRunningProcesses(handle)
-    except errors:
+    except _query_errors(nvml):
         return ()
     return tuple(dict.fromkeys(process.pid for process in processes))
+
+
+def _utilization(nvml: Any, handle: Any) -> int | None:
+    """The GPU's utilisation in percent (NVML's ``gpu`` rate); None if NVML will not say."""
+    try:
+        return int(nvml.nvmlDeviceGetUtilizationRates(handle).gpu)
+    except _query_errors(nvml):
+        return None
 
 
 def _text(value: str | bytes) -> str:

@@ -153,6 +153,8 @@ class FakeDevice:
     process_error: str = ""  # the fake's exception class the process query raises, if any
     as_bytes: bool = False  # answer strings as bytes, like older nvidia-ml-py
     lost: bool = False  # NVML cannot get a handle (e.g. the GPU fell off the bus)
+    utilization: int = 0  # percent
+    utilization_error: str = ""  # the fake's exception class the utilisation query raises, if any
 
 
 @dataclass
@@ -196,6 +198,11 @@ class FakeNVML:
                 raise getattr(mod, device.process_error)("Not Supported")
             return [types.SimpleNamespace(pid=pid, usedGpuMemory=1 << 30) for pid in device.pids]
 
+        def utilization(device: FakeDevice) -> types.SimpleNamespace:
+            if device.utilization_error:
+                raise getattr(mod, device.utilization_error)("Not Supported")
+            return types.SimpleNamespace(gpu=device.utilization, memory=device.utilization // 2)
+
         mod.NVMLError = NVMLError
         mod.NVMLLibraryMismatchError = NVMLLibraryMismatchError
         mod.nvmlInit = init
@@ -207,6 +214,7 @@ class FakeNVML:
         mod.nvmlDeviceGetPciInfo = lambda d: types.SimpleNamespace(busId=text(d, d.bus_id))
         mod.nvmlDeviceGetMemoryInfo = lambda d: types.SimpleNamespace(total=d.total, used=d.used, free=d.total - d.used)
         mod.nvmlDeviceGetComputeRunningProcesses = processes
+        mod.nvmlDeviceGetUtilizationRates = utilization
         return mod
 
 
@@ -215,11 +223,11 @@ GIB = 1 << 30
 
 def four_gpus() -> FakeNVML:
     return FakeNVML([
-        FakeDevice(UUIDS[0], "NVIDIA A100-SXM4-80GB", "00000000:07:00.0", 80 * GIB, 512 << 20, []),
+        FakeDevice(UUIDS[0], "NVIDIA A100-SXM4-80GB", "00000000:07:00.0", 80 * GIB, 512 << 20, [], utilization=87),
         FakeDevice(UUIDS[1], "NVIDIA A100-SXM4-80GB", "00000000:0B:00.0", 80 * GIB, 40 * GIB, [4242, 4243, 4242],
                    as_bytes=True),
         FakeDevice(UUIDS[2], "NVIDIA A100-SXM4-40GB", "00000000:48:00.0", 40 * GIB, 39 * GIB + 1, [9],
-                   process_error="NVMLError"),
+                   process_error="NVMLError", utilization_error="NVMLError"),
         FakeDevice(UUIDS[3], "NVIDIA A100-SXM4-40GB", "00000000:4C:00.0", 40 * GIB, 0, [77], as_bytes=True),
     ])
 
@@ -233,10 +241,10 @@ def nvml(monkeypatch: pytest.MonkeyPatch) -> FakeNVML:
 
 def test_reads_every_gpu(nvml: FakeNVML) -> None:
     assert visible_gpus({}) == [
-        GPU(0, UUIDS[0], "NVIDIA A100-SXM4-80GB", "00000000:07:00.0", 81920, 512, ()),
-        GPU(1, UUIDS[1], "NVIDIA A100-SXM4-80GB", "00000000:0B:00.0", 81920, 40960, (4242, 4243)),
-        GPU(2, UUIDS[2], "NVIDIA A100-SXM4-40GB", "00000000:48:00.0", 40960, 39936, ()),
-        GPU(3, UUIDS[3], "NVIDIA A100-SXM4-40GB", "00000000:4C:00.0", 40960, 0, (77,)),
+        GPU(0, UUIDS[0], "NVIDIA A100-SXM4-80GB", "00000000:07:00.0", 81920, 512, (), 87),
+        GPU(1, UUIDS[1], "NVIDIA A100-SXM4-80GB", "00000000:0B:00.0", 81920, 40960, (4242, 4243), 0),
+        GPU(2, UUIDS[2], "NVIDIA A100-SXM4-40GB", "00000000:48:00.0", 40960, 39936, (), None),
+        GPU(3, UUIDS[3], "NVIDIA A100-SXM4-40GB", "00000000:4C:00.0", 40960, 0, (77,), 0),
     ]
     assert nvml.calls == ["init", "shutdown"]
 
@@ -256,6 +264,12 @@ def test_a_failing_process_query_gives_no_pids(nvml: FakeNVML) -> None:
 def test_a_driver_too_old_for_the_process_query_gives_no_pids(nvml: FakeNVML) -> None:
     nvml.devices[3].process_error = "NVMLLibraryMismatchError"
     assert [gpu.pids for gpu in visible_gpus({})] == [(), (4242, 4243), (), ()]
+
+
+def test_utilization_nvml_will_not_give_is_none(nvml: FakeNVML) -> None:
+    nvml.devices[0].utilization_error = "NVMLLibraryMismatchError"
+    assert [gpu.utilization_pct for gpu in visible_gpus({})] == [None, 0, None, 0]
+    assert [gpu.memory_used_mb for gpu in visible_gpus({})] == [512, 40960, 39936, 0]
 
 
 @pytest.mark.parametrize(
