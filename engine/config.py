@@ -536,7 +536,7 @@ def config_from_dict(raw: dict[str, Any], source: str = "<config>") -> RunConfig
     try:
         return RunConfig.model_validate(raw)
     except ValidationError as exc:
-        raise ConfigError(_format_validation(exc, raw, source)) from None
+        raise ConfigError(_format_validation(exc, raw, source), key=_error_key(exc)) from None
 
 
 def _read_toml(path: Path) -> dict[str, Any]:
@@ -644,6 +644,18 @@ def _format_validation(exc: ValidationError, raw: dict[str, Any], source: str) -
     for err in exc.errors():
         lines.append(_describe(err, raw))
     return "\n  ".join(lines)
+
+
+def _error_key(exc: ValidationError) -> str | None:
+    """The dotted key of the first error (``model.kind`` for a bad or missing kind);
+    None for errors about the whole config."""
+    errors = exc.errors()
+    if not errors:
+        return None
+    loc = _display_loc(tuple(errors[0]["loc"]))
+    if errors[0]["type"] in ("union_tag_invalid", "union_tag_not_found"):
+        loc.append("kind")
+    return ".".join(loc) or None
 
 
 def _display_loc(loc: tuple[Any, ...]) -> list[str]:

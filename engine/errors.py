@@ -16,7 +16,12 @@ class RenError(Exception):
 
 
 class ConfigError(RenError):
-    """A preset (or a ``--set`` override) is malformed or invalid."""
+    """A preset (or a ``--set`` override) is malformed or invalid. ``key`` is the
+    dotted config key the (first) problem is about, when one is known."""
+
+    def __init__(self, message: str, key: str | None = None) -> None:
+        super().__init__(message)
+        self.key = key
 
 
 class RunNotFound(RenError):

@@ -95,6 +95,9 @@ class RenApp(App[None]):
     def on_mount(self) -> None:
         self.sub_title = str(self.backend.store.root)
 
+    def on_unmount(self) -> None:
+        self.backend.close_inspector()  # the Compose screen's helper process, if it was started
+
     def get_system_commands(self, screen: Screen) -> Iterable[SystemCommand]:
         """The palette (ctrl+p) offers the screens and every key action of the screen in front."""
         yield from super().get_system_commands(screen)

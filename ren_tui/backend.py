@@ -8,17 +8,22 @@ reads the disk here is meant to run in a Textual worker thread
 from __future__ import annotations
 
 import dataclasses
+import os
+import re
+import threading
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from engine.errors import RenError
+from engine.errors import RenError, StoreError
 from engine.gpus import GPU, visible_gpus
 from engine.runner import log_path
 from engine.store import RunRecord, Store
 
 if TYPE_CHECKING:
     from engine.queue import QueueView
+    from ren_tui.inspector import Inspector
 
 
 @dataclasses.dataclass(frozen=True)
@@ -141,3 +146,108 @@ class Backend:
             Q.set_paused(self.store, paused)
         else:
             self.store.update_queue_settings(paused=paused)
+
+    # --- Compose and Freeze screens: presets and the model inspector -----------
+
+    SHIPPED_PRESETS = Path(__file__).resolve().parents[1] / "presets"
+    """The repository's presets (``presets/*.toml``; ``presets/base`` holds fragments)."""
+
+    inspector: Inspector | None = None
+    """The model-inspector client, created on first use. Tests may set a fake: any
+    object with ``start() -> str | None``, ``inspect(config) -> dict`` and ``close()``."""
+
+    _inspector_lock = threading.Lock()
+
+    def _the_inspector(self) -> Inspector:
+        with self._inspector_lock:
+            if self.inspector is None:
+                from ren_tui.inspector import Inspector
+
+                self.inspector = Inspector(log=self.store.root / "inspector.log")
+            return self.inspector
+
+    def start_inspector(self) -> str | None:
+        """Start the model inspector now (it imports torch: seconds); why it failed, else None."""
+        return self._the_inspector().start()
+
+    def inspect(self, config: dict[str, Any]) -> dict[str, Any]:
+        """Validate ``config`` here (milliseconds), then ask the model inspector for its
+        parameter report and compute estimate. The answer is a dict as
+        :mod:`engine.inspect` writes it (``ok``, then ``params``, ``flops_per_sample``,
+        ``frozen_groups``, or ``error`` and ``key``)."""
+        from engine.config import config_from_dict
+        from engine.errors import ConfigError
+
+        try:
+            config_from_dict(config)
+        except ConfigError as exc:
+            return {"id": None, "ok": False, "error": str(exc), "key": exc.key}
+        return self._the_inspector().inspect(config)
+
+    def close_inspector(self) -> None:
+        """Stop the model inspector's process, if one was started."""
+        if self.inspector is not None:
+            self.inspector.close()
+
+    def user_presets_dir(self) -> Path:
+        return self.store.root / "presets"
+
+    def presets(self) -> list[tuple[str, Path]]:
+        """(label, path) of the shipped presets, then the user's (``<store>/presets/*.toml``)."""
+        shipped = [(p.stem, p) for p in sorted(self.SHIPPED_PRESETS.glob("*.toml"))]
+        return shipped + [(f"{p.stem} (yours)", p) for p in sorted(self.user_presets_dir().glob("*.toml"))]
+
+    def preset_config(self, path: Path) -> dict[str, Any]:
+        """A preset's resolved config. A relative ``train.init_from = "preset:FILE"`` is
+        made absolute, so the config still works when saved in another directory."""
+        from engine.config import load_preset
+        from engine.launch import PRESET_PREFIX
+
+        raw = load_preset(path).to_dict()
+        source = raw.get("train", {}).get("init_from")
+        if isinstance(source, str) and source.startswith(PRESET_PREFIX):
+            target = Path(source[len(PRESET_PREFIX):]).expanduser()
+            if not target.is_absolute():
+                raw["train"]["init_from"] = PRESET_PREFIX + str((Path(path).parent / target).resolve())
+        return raw
+
+    def save_preset(self, config: dict[str, Any], path: Path) -> Path:
+        """Validate ``config`` and write it, resolved (every key), as a preset TOML file."""
+        import tomli_w
+
+        from engine.config import config_from_dict
+
+        path = Path(path).expanduser()
+        resolved = config_from_dict(config, source=str(path)).to_dict()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(tomli_w.dumps(resolved), encoding="utf-8")
+        return path
+
+    def queue_config(self, config: dict[str, Any], *, gpus: int = 1) -> list[RunRecord]:
+        """Save ``config`` as ``<store>/presets/queued/<name>-<time>.toml`` and queue that
+        preset (a pretraining it starts from is queued first)."""
+        name = re.sub(r"[^A-Za-z0-9_.-]+", "-", str(config.get("run", {}).get("name", "run"))).strip("-.") or "run"
+        stem = f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
+        folder = self.user_presets_dir() / "queued"
+        path, n = folder / f"{stem}.toml", 1
+        while path.exists():
+            n += 1
+            path = folder / f"{stem}-{n}.toml"
+        self.save_preset(config, path)
+        return self.queue_preset(path, gpus=gpus)
+
+    # --- Monitor screen ---------------------------------------------------------
+
+    def series_stamp(self, run_id: str) -> tuple[tuple[str, int, int, int], ...]:
+        """A cheap fingerprint of the run's flushed metrics (segment names, inodes, sizes,
+        mtimes): it changes whenever points are written, so a live view re-reads the
+        whole series only then."""
+        metrics = self.store.run_dir(run_id) / "metrics"
+        try:
+            with os.scandir(metrics) as entries:
+                stats = [(e.name, e.stat()) for e in entries if e.name.endswith(".json") and not e.name.startswith(".")]
+        except FileNotFoundError:
+            return ()
+        except OSError as exc:
+            raise StoreError(f"Cannot list {metrics}: {exc.strerror or exc}.") from exc
+        return tuple(sorted((name, st.st_ino, st.st_size, st.st_mtime_ns) for name, st in stats))

@@ -1,0 +1,720 @@
+"""Compose: build a run config from a preset (or a stored run's config) without writing TOML.
+
+The form covers a curated list of keys, each with a widget chosen from its type
+in :mod:`engine.config` (a Select for choices, a Switch for flags, an Input for
+numbers and text); sections follow the architecture kind and the stage. On
+every change (debounced) a worker thread asks the model inspector for the
+parameter count per part and the estimated compute per sample, and a
+validation error is shown next to the field it names. ``ctrl+s`` saves a preset
+TOML, ``ctrl+r`` queues the run, ``f`` opens Freeze on the current config.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+import types
+from pathlib import Path
+from typing import Any, Literal, Union, get_args, get_origin
+
+from rich.text import Text
+from textual import on, work
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.containers import Horizontal, Vertical, VerticalScroll
+from textual.screen import Screen
+from textual.timer import Timer
+from textual.widget import Widget
+from textual.widgets import Footer, Header, Input, Label, Select, Static, Switch
+
+from engine.errors import RenError
+from ren_tui.dialogs import Confirm, Prompt
+from ren_tui.screens.freeze import FreezeScreen, by_part, format_flops, freeze_summary
+
+DEBOUNCE_S = 0.3
+KINDS = ("one_tower", "two_tower", "dual_encoder")
+STAGES = ("pretrain", "finetune")
+TOWERS = ("backbone", "text", "vision")
+KNOWN_TEXT = ("bert-base-uncased", "google/electra-small-discriminator", "google/electra-base-discriminator",
+              "roberta-base")
+KNOWN_VISION = ("google/vit-base-patch16-224-in21k", "facebook/deit-tiny-patch16-224",
+                "facebook/deit-small-patch16-224", "microsoft/swin-tiny-patch4-window7-224")
+KNOWN_TIMM = ("test_resnet", "resnet18", "resnet50", "convnext_tiny")
+KNOWN = {"text": KNOWN_TEXT, "vision": KNOWN_VISION + KNOWN_TIMM, "backbone": KNOWN_TEXT + KNOWN_VISION}
+CUSTOM = "__custom__"
+MANUAL_ONLY = {"text": ("hidden_size", "layers", "heads", "max_positions"),
+               "vision": ("hidden_size", "layers", "heads", "patch_size"),
+               "backbone": ("hidden_size", "layers", "heads")}
+"""Form fields that apply to manual towers only."""
+DROP_UNLESS_MANUAL = {"text": ("hidden_size", "layers", "heads", "mlp_ratio", "patch_size"),
+                      "vision": ("hidden_size", "layers", "heads", "mlp_ratio", "patch_size"),
+                      "backbone": ("hidden_size", "layers", "heads", "mlp_ratio")}
+"""Keys a pretrained/random tower must not set (engine.config's manual-only keys)."""
+
+SECTIONS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
+    ("Run", "all", ("run.name", "model.kind", "stage")),
+    ("Backbone", "one_tower", ("model.backbone.source", "model.backbone.name", "model.backbone.hidden_size",
+                               "model.backbone.layers", "model.backbone.heads", "model.backbone.image_embedding",
+                               "model.backbone.patch_size", "model.backbone.image_size", "model.pooler")),
+    ("Text tower", "towers", ("model.text.source", "model.text.name", "model.text.hidden_size",
+                              "model.text.layers", "model.text.heads", "model.text.max_positions")),
+    ("Vision tower", "towers", ("model.vision.source", "model.vision.library", "model.vision.name",
+                                "model.vision.hidden_size", "model.vision.layers", "model.vision.heads",
+                                "model.vision.patch_size", "model.vision.image_size")),
+    ("Fusion", "two_tower", ("model.fusion.hidden_size", "model.fusion.layers", "model.fusion.heads")),
+    ("Projection", "dual_encoder", ("model.projection_dim",)),
+    ("Objectives", "pretrain", ("objectives.mlm", "objectives.mlm.weight", "objectives.itm",
+                                "objectives.itm.weight", "objectives.itc", "objectives.itc.weight")),
+    ("Task", "finetune", ("task.name", "task.loss")),
+    ("Data", "all", ("data.dataset", "data.max_text_len")),
+    ("Training", "all", ("optim.lr", "train.batch_size", "train.max_steps", "train.mixed_precision")),
+    ("Freeze", "all", ("freeze.groups",)),
+)
+LABELS = {"run.name": "name", "model.kind": "architecture", "model.pooler": "pooler", "optim.lr": "learning rate",
+          "train.mixed_precision": "precision", "data.dataset": "data set", "objectives.mlm": "MLM",
+          "objectives.itm": "ITM", "objectives.itc": "ITC", "freeze.groups": "frozen", "task.name": "task"}
+
+
+# --- config dict helpers ------------------------------------------------------------
+
+
+def get_in(raw: dict[str, Any], key: str, default: Any = None) -> Any:
+    node: Any = raw
+    for part in key.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return default
+        node = node[part]
+    return node
+
+
+def set_in(raw: dict[str, Any], key: str, value: Any) -> None:
+    """Set ``key``; ``None`` removes it (the schema default applies)."""
+    *path, last = key.split(".")
+    node = raw
+    for part in path:
+        if not isinstance(node.get(part), dict):
+            node[part] = {}
+        node = node[part]
+    if value is None:
+        node.pop(last, None)
+    else:
+        node[last] = value
+
+
+def stage_of(raw: dict[str, Any]) -> str:
+    """``pretrain`` while the config has an ``[objectives]`` table (even with none enabled)."""
+    return "pretrain" if raw.get("objectives") is not None else "finetune"
+
+
+def kind_of(raw: dict[str, Any]) -> str:
+    return str(get_in(raw, "model.kind", "two_tower"))
+
+
+def section_shown(tag: str, raw: dict[str, Any]) -> bool:
+    kind = kind_of(raw)
+    return {"all": True, "towers": kind in ("two_tower", "dual_encoder"), "pretrain": stage_of(raw) == "pretrain",
+            "finetune": stage_of(raw) == "finetune"}.get(tag, kind == tag)
+
+
+def field_shown(key: str, raw: dict[str, Any]) -> bool:
+    """Whether ``key`` applies to the config as it stands (its section aside)."""
+    parts = key.split(".")
+    if len(parts) == 3 and parts[0] == "model" and parts[1] in TOWERS:
+        manual = get_in(raw, f"model.{parts[1]}.source", "manual") == "manual"
+        if parts[2] in ("name", "library"):
+            return not manual
+        return manual or parts[2] not in MANUAL_ONLY[parts[1]]
+    if parts[0] == "objectives":
+        if len(parts) == 3:
+            return get_in(raw, ".".join(parts[:2])) is not None
+        kind = kind_of(raw)
+        return not (kind == "one_tower" and parts[1] == "itc" or kind == "dual_encoder" and parts[1] != "itc")
+    return True
+
+
+def field_for_error(key: str | None, message: str, shown: list[str]) -> str | None:
+    """The shown form field an error is about: the key itself, the field holding it
+    (``objectives.mlm.mask_prob`` -> ``objectives.mlm``), or for a table the field the
+    message names first (``model.text`` + "hidden_size (130) must ..." -> its hidden_size)."""
+    if not key:
+        return None
+    if key in shown:
+        return key
+    inside = [f for f in shown if f.startswith(key + ".")]
+    if inside:
+        named = [(message.find(f.rpartition(".")[2]), f) for f in inside if f.rpartition(".")[2] in message]
+        return min(named)[1] if named else inside[0]
+    holders = [f for f in shown if key.startswith(f + ".")]
+    return max(holders, key=len) if holders else None
+
+
+# --- widgets from the schema -----------------------------------------------------------
+
+
+def schema_field(key: str) -> Any:
+    """The pydantic field of a dotted key (any architecture kind that has it)."""
+    from engine.config import MODEL_KINDS, RunConfig
+
+    parts = key.split(".")
+    roots = [MODEL_KINDS[k] for k in KINDS] if parts[0] == "model" else [RunConfig]
+    for model in roots:
+        for part in parts[1:-1] if parts[0] == "model" else parts[:-1]:
+            field = model.model_fields.get(part) if model else None
+            model = _model_type(field.annotation) if field else None
+        field = model.model_fields.get(parts[-1]) if model else None
+        if field is not None:
+            return field
+    raise KeyError(key)
+
+
+def _model_type(annotation: Any) -> Any:
+    from pydantic import BaseModel
+
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    return next((m for m in map(_model_type, get_args(annotation)) if m is not None), None)
+
+
+def value_type(annotation: Any) -> tuple[str, tuple[Any, ...], bool]:
+    """(``choice``/``bool``/``int``/``float``/``str``, the choices, whether None is allowed)."""
+    if get_origin(annotation) is Literal:
+        return "choice", get_args(annotation), False
+    if get_origin(annotation) in (Union, types.UnionType):
+        inner = [a for a in get_args(annotation) if a is not type(None)]
+        kind, choices, _ = value_type(inner[0])
+        return kind, choices, len(inner) < len(get_args(annotation))
+    names = {bool: "bool", int: "int", float: "float"}
+    return names.get(annotation, "str"), (), False
+
+
+def parse_value(text: str, kind: str, optional: bool) -> Any:
+    """An Input's text as the config value; text that does not parse stays text (the
+    validation then names the key)."""
+    text = text.strip()
+    if not text:
+        return None if optional else text
+    try:
+        return int(text) if kind == "int" else float(text) if kind == "float" else text
+    except ValueError:
+        return text
+
+
+def wid(key: str) -> str:
+    return "f-" + key.replace(".", "-")
+
+
+class ComposeScreen(Screen[None]):
+    """Compose a run config; ``config`` (a stored run's or a preset's) starts the form."""
+
+    DEFAULT_CSS = """
+    ComposeScreen #compose-top { height: 1; padding: 0 1; }
+    ComposeScreen #compose-top Label { width: 12; color: $text-muted; }
+    ComposeScreen #preset { width: 1fr; }
+    ComposeScreen #compose-body { height: 1fr; }
+    ComposeScreen #form { width: 1fr; padding: 0 1; }
+    ComposeScreen #side { width: 34; padding: 0 1; border-left: solid $primary; }
+    ComposeScreen .section { height: auto; }
+    ComposeScreen .section-title { color: $primary; text-style: bold; margin-top: 1; }
+    ComposeScreen .row { height: 1; }
+    ComposeScreen .row > Label { width: 16; color: $text-muted; }
+    ComposeScreen .row > Input, ComposeScreen .row > Select { width: 1fr; max-width: 60; }
+    ComposeScreen .row > .value { width: 1fr; }
+    ComposeScreen .row Switch { height: 1; border: none; padding: 0 1; width: 8; }
+    ComposeScreen .row Switch:focus { border: none; background: $accent; }
+    ComposeScreen .custom { display: none; }
+    ComposeScreen .field-error { color: $error; padding-left: 16; height: auto; display: none; }
+    ComposeScreen #inspect-state { color: $text-muted; height: auto; }
+    ComposeScreen #inspect-state.error { color: $error; }
+    ComposeScreen #summary { height: auto; margin-top: 1; }
+    ComposeScreen #status { height: auto; max-height: 3; padding: 0 1; background: $boost; }
+    ComposeScreen #status.error { color: $error; }
+    """
+    BINDINGS = [
+        Binding("ctrl+s", "save", "Save preset"),
+        Binding("ctrl+r", "queue", "Queue run"),
+        Binding("f", "freeze", "Freeze…"),
+        Binding("escape", "back", "Back"),
+    ]
+
+    def __init__(self, config: dict[str, Any] | None = None) -> None:
+        super().__init__()
+        self.raw: dict[str, Any] = {}
+        self.initial = copy.deepcopy(config) if config else None
+        self.loaded = False
+        """Whether the form shows a config yet (change events before that are the widgets' own)."""
+        self.answer: dict[str, Any] | None = None
+        self.last_ok: dict[str, Any] | None = None
+        self.generation = 0
+        self.inspector_state = "starting"
+        self.inspector_failure: str | None = None
+        self._timer: Timer | None = None
+        self._types: dict[str, tuple[str, tuple[Any, ...], bool]] = {}
+        self._keys_by_id: dict[str, str] = {}
+        self._section_tags: dict[str, str] = {}
+        self._answered_generation = -1
+
+    # --- layout -------------------------------------------------------------------
+
+    def compose(self) -> ComposeResult:
+        yield Header()
+        with Horizontal(id="compose-top"):
+            yield Label("start from")
+            yield Select([], prompt="a preset…", id="preset", compact=True)
+        with Horizontal(id="compose-body"):
+            with VerticalScroll(id="form"):
+                for title, tag, keys in SECTIONS:
+                    section_id = f"section-{title.split()[0].lower()}"
+                    self._section_tags[section_id] = tag
+                    with Vertical(classes="section", id=section_id):
+                        yield Static(title, classes="section-title")
+                        for key in keys:
+                            yield from self._field(key)
+            with Vertical(id="side"):
+                yield Static("starting model inspector… (it imports torch: a few seconds)", id="inspect-state")
+                yield Static("", id="summary")
+        yield Static("", id="status")
+        yield Footer()
+
+    def _field(self, key: str) -> ComposeResult:
+        label = LABELS.get(key) or key.rpartition(".")[2].replace("_", " ")
+        if key.startswith("objectives.") and key.endswith(".weight"):
+            label = "  weight"
+        with Horizontal(classes="row", id="row-" + wid(key)):
+            yield Label(label)
+            if key == "model.kind":
+                self._types[key] = ("choice", KINDS, False)
+            elif key == "stage":
+                self._types[key] = ("choice", STAGES, False)
+            elif key in ("objectives.mlm", "objectives.itm", "objectives.itc"):
+                self._types[key] = ("bool", (), False)
+            elif key == "freeze.groups":
+                yield Static("", id=wid(key), classes="value")
+            elif key.endswith(".name") and key.split(".")[1] in TOWERS:
+                tower = key.split(".")[1]
+                options = [(n, n) for n in KNOWN[tower]] + [("other: type it below", CUSTOM)]
+                yield self._track(key, Select(options, allow_blank=False, compact=True, id=wid(key) + "-pick"))
+            else:
+                self._types[key] = value_type(schema_field(key).annotation)
+            kind, choices, _ = self._types.get(key, ("", (), False))
+            if kind == "choice":
+                yield self._track(key, Select([(str(c), c) for c in choices], allow_blank=False, compact=True,
+                                              id=wid(key)))
+            elif kind == "bool":
+                yield self._track(key, Switch(id=wid(key)))
+            elif kind in ("int", "float", "str"):
+                restrict = {"int": "integer", "float": "number"}.get(kind, "text")
+                yield self._track(key, Input(type=restrict, compact=True, id=wid(key)))
+        if key.endswith(".name") and key.split(".")[1] in TOWERS:
+            with Horizontal(classes="row custom", id="row-" + wid(key) + "-custom"):
+                yield Label("  hub id / dir")
+                yield self._track(key, Input(compact=True, id=wid(key), placeholder="org/model or /path/to/model"))
+        yield Static("", classes="field-error", id="err-" + wid(key))
+
+    def _track(self, key: str, widget: Widget) -> Widget:
+        assert widget.id is not None
+        self._keys_by_id[widget.id] = key
+        return widget
+
+    def on_mount(self) -> None:
+        self.sub_title = "Compose"
+        self._start_inspector()
+        self._list_presets(load_default=self.initial is None)
+        if self.initial is not None:
+            self._set_config(self.initial)
+
+    # --- workers --------------------------------------------------------------------
+
+    @work(thread=True, exclusive=True, group="compose-inspector")
+    def _start_inspector(self) -> None:
+        failed = self.app.backend.start_inspector()
+        self.app.call_from_thread(self._inspector_started, failed)
+
+    def _inspector_started(self, failed: str | None) -> None:
+        self.inspector_state = "ready"
+        self.inspector_failure = failed
+        self._show_state()
+
+    @work(thread=True, exclusive=True, group="compose-presets")
+    def _list_presets(self, load_default: bool) -> None:
+        presets = self.app.backend.presets()
+        default = next((p for label, p in presets if label == "quickstart"), presets[0][1] if presets else None)
+        raw = self.app.backend.preset_config(default) if load_default and default is not None else None
+        self.app.call_from_thread(self._presets_listed, presets, default if raw is not None else None, raw)
+
+    def _presets_listed(self, presets: list[tuple[str, Path]], chosen: Path | None, raw: dict | None) -> None:
+        select = self.query_one("#preset", Select)
+        with self.prevent(Select.Changed):
+            current = select.value
+            select.set_options([(label, str(path)) for label, path in presets])
+            value = str(chosen) if chosen is not None else current
+            if value != Select.NULL and any(str(p) == value for _, p in presets):
+                select.value = value
+        if raw is not None:
+            self._set_config(raw)
+
+    @on(Select.Changed, "#preset")
+    def _preset_chosen(self, event: Select.Changed) -> None:
+        if event.value != Select.NULL:
+            self._load_preset(Path(str(event.value)))
+
+    @work(thread=True, exclusive=True, group="compose-load")
+    def _load_preset(self, path: Path) -> None:
+        try:
+            raw = self.app.backend.preset_config(path)
+        except RenError as exc:
+            self.app.call_from_thread(self.notify, str(exc), title="cannot load the preset", severity="error")
+            return
+        self.app.call_from_thread(self._set_config, raw)
+
+    @work(thread=True, exclusive=True, group="compose-inspect")
+    def _inspect(self, config: dict[str, Any], generation: int) -> None:
+        answer = self.app.backend.inspect(config)
+        self.app.call_from_thread(self._answered, answer, generation)
+
+    # --- the config and the form --------------------------------------------------------
+
+    def _set_config(self, raw: dict[str, Any]) -> None:
+        self.raw = copy.deepcopy(raw)
+        self.loaded = True
+        self._sync()
+        self._changed()
+
+    def _value(self, key: str) -> Any:
+        if key == "stage":
+            return stage_of(self.raw)
+        if key in ("objectives.mlm", "objectives.itm", "objectives.itc"):
+            return get_in(self.raw, key) is not None
+        value = get_in(self.raw, key)
+        if value is None and key in self._types:
+            field = schema_field(key)
+            value = None if field.is_required() else field.default
+        return value
+
+    def _sync(self) -> None:
+        """Show the config in the widgets (without their change events) and the sections that apply."""
+        with self.prevent(Input.Changed, Select.Changed, Switch.Changed):
+            for widget_id, key in self._keys_by_id.items():
+                widget = self.query_one("#" + widget_id)
+                if widget_id.endswith("-pick"):
+                    name = get_in(self.raw, key)
+                    known = name in KNOWN[key.split(".")[1]]
+                    widget.value = name if known else CUSTOM
+                    self.query_one("#row-" + wid(key) + "-custom").set_class(not known, "-shown")
+                    continue
+                value = self._value(key)
+                if isinstance(widget, Select):
+                    if value in self._types[key][1]:
+                        widget.value = value
+                elif isinstance(widget, Switch):
+                    widget.value = bool(value)
+                elif isinstance(widget, Input):
+                    kind, _, optional = self._types.get(key, ("str", (), True))
+                    if parse_value(widget.value, kind, optional) != value:
+                        widget.value = "" if value is None else str(value)
+        groups = get_in(self.raw, "freeze.groups") or []
+        self.query_one("#" + wid("freeze.groups"), Static).update(
+            Text((", ".join(groups) if groups else "nothing") + "  (f to edit)"))
+        self._show_fields()
+
+    def _show_fields(self) -> None:
+        for section_id, tag in self._section_tags.items():
+            self.query_one("#" + section_id).display = section_shown(tag, self.raw)
+        for *_, keys in SECTIONS:
+            for key in keys:
+                shown = field_shown(key, self.raw)
+                self.query_one("#row-" + wid(key)).display = shown
+                if key.endswith(".name") and key.split(".")[1] in TOWERS:
+                    custom = self.query_one("#row-" + wid(key) + "-custom")
+                    custom.display = shown and custom.has_class("-shown")
+
+    def shown_fields(self) -> list[str]:
+        return [key for _, tag, keys in SECTIONS if section_shown(tag, self.raw)
+                for key in keys if field_shown(key, self.raw)]
+
+    def _edited(self, event: Input.Changed | Select.Changed | Switch.Changed) -> str | None:
+        """The key a user's change is to; None for other widgets and for stale events
+        (a widget's initial value, or one the form has replaced since)."""
+        widget = event.control
+        if not self.loaded or event.value != getattr(widget, "value", None):
+            return None
+        return self._keys_by_id.get(widget.id or "")
+
+    @on(Input.Changed)
+    def _input_changed(self, event: Input.Changed) -> None:
+        key = self._edited(event)
+        if key is None:
+            return
+        if key.endswith(".name"):
+            self._edit(key, event.value.strip() or None)
+            return
+        kind, _, optional = self._types[key]
+        self._edit(key, parse_value(event.value, kind, optional))
+
+    @on(Switch.Changed)
+    def _switch_changed(self, event: Switch.Changed) -> None:
+        key = self._edited(event)
+        if key is not None:
+            self._edit(key, event.value)
+
+    @on(Select.Changed)
+    def _select_changed(self, event: Select.Changed) -> None:
+        key = self._edited(event)
+        if key is None or event.value == Select.NULL:
+            return
+        if (event.select.id or "").endswith("-pick"):
+            self._pick_name(key, str(event.value))
+        else:
+            self._edit(key, event.value)
+
+    def _pick_name(self, key: str, name: str) -> None:
+        custom = self.query_one("#row-" + wid(key) + "-custom")
+        custom.set_class(name == CUSTOM, "-shown")
+        if name == CUSTOM:
+            typed = self.query_one("#" + wid(key), Input)
+            self._edit(key, typed.value.strip() or None)
+            self._show_fields()
+            typed.focus()
+            return
+        tower = key.split(".")[1]
+        if tower == "vision":
+            set_in(self.raw, "model.vision.library", "timm" if name in KNOWN_TIMM else "hf")
+        self._edit(key, name)
+        self._sync()
+
+    def _edit(self, key: str, value: Any) -> None:
+        """Apply one field's new value to the config; structural keys reshape it."""
+        if key == "model.kind":
+            self._set_kind(str(value))
+        elif key == "stage":
+            self._set_stage(str(value))
+        elif key in ("objectives.mlm", "objectives.itm", "objectives.itc"):
+            set_in(self.raw, key, {} if value else None)
+        elif key.endswith(".source") and key.split(".")[1] in TOWERS:
+            self._set_source(key.split(".")[1], str(value))
+        elif key == "model.vision.library":
+            self._set_library(str(value))
+        else:
+            if self._value(key) == value:  # the default counts as the value shown
+                return
+            set_in(self.raw, key, value)
+            self._changed()
+            return
+        self._sync()
+        self._changed()
+
+    def _set_kind(self, kind: str) -> None:
+        old = self.raw.get("model", {})
+        if old.get("kind") == kind:
+            return
+        model: dict[str, Any] = {"kind": kind}
+        if kind != "one_tower":
+            model.update({k: old[k] for k in ("text", "vision") if k in old})
+        if kind == "two_tower" and "fusion" in old:
+            model["fusion"] = old["fusion"]
+        self.raw["model"] = model
+        objectives = self.raw.get("objectives")
+        if objectives:
+            if kind == "dual_encoder":
+                self.raw["objectives"] = {"itc": objectives.get("itc") or {}}
+            elif kind == "one_tower":
+                objectives.pop("itc", None)
+                if not objectives:
+                    self.raw["objectives"] = {"mlm": {}, "itm": {}}
+
+    def _set_stage(self, stage: str) -> None:
+        if stage == stage_of(self.raw):
+            return
+        if stage == "pretrain":
+            self.raw.pop("task", None)
+            self.raw["objectives"] = {"itc": {}} if kind_of(self.raw) == "dual_encoder" else {"mlm": {}, "itm": {}}
+        else:
+            self.raw.pop("objectives", None)
+            self.raw["task"] = {"name": "vqa"}
+
+    def _set_library(self, library: str) -> None:
+        set_in(self.raw, "model.vision.library", library)
+        if get_in(self.raw, "model.vision.source", "manual") == "manual" and library == "timm":
+            self._set_source("vision", "random")
+        names, others = (KNOWN_TIMM, KNOWN_VISION) if library == "timm" else (KNOWN_VISION, KNOWN_TIMM)
+        if get_in(self.raw, "model.vision.name") in others:
+            set_in(self.raw, "model.vision.name", names[0])
+
+    def _set_source(self, tower: str, source: str) -> None:
+        table = dict(get_in(self.raw, f"model.{tower}", {}))
+        if table.get("source", "manual") == source:
+            return
+        table["source"] = source
+        if source == "manual":
+            table.pop("name", None)
+            table.pop("library", None)
+        else:
+            for key in DROP_UNLESS_MANUAL[tower]:
+                table.pop(key, None)
+            if not table.get("name"):
+                table["name"] = KNOWN_TIMM[0] if table.get("library") == "timm" else KNOWN[tower][0]
+        set_in(self.raw, f"model.{tower}", table)
+
+    # --- live feedback ----------------------------------------------------------------
+
+    def _changed(self) -> None:
+        """Debounce: inspect the config DEBOUNCE_S after the last change."""
+        self.generation += 1
+        self._show_state()
+        if self._timer is not None:
+            self._timer.stop()
+        self._timer = self.set_timer(DEBOUNCE_S, self._inspect_now)
+
+    def _inspect_now(self) -> None:
+        self._inspect(copy.deepcopy(self.raw), self.generation)
+
+    def _show_state(self) -> None:
+        """The inspector line: starting, checking, or the verdict on the config shown."""
+        if self.inspector_failure:
+            text, error = self.inspector_failure, True
+        elif self._answered_generation != self.generation:
+            text, error = ("starting model inspector… (it imports torch: a few seconds)"
+                           if self.inspector_state == "starting" else "checking…"), False
+        elif self.answer is not None and self.answer.get("ok"):
+            text, error = "✓ valid", False
+        else:
+            text, error = "✗ invalid", True
+        state = self.query_one("#inspect-state", Static)
+        state.set_class(error, "error")
+        state.update(Text(text))
+
+    def _answered(self, answer: dict[str, Any], generation: int) -> None:
+        if generation != self.generation:
+            return
+        self._answered_generation = generation
+        self.answer = answer
+        if answer.get("ok"):
+            self.last_ok = answer
+        self._show_state()
+        self._show_summary()
+        self._show_error(answer)
+
+    def _show_summary(self) -> None:
+        answer = self.last_ok
+        if answer is None:
+            return
+        params, flops = answer["params"], answer.get("flops_per_sample", {})
+        lines = ["Parameters"]
+        for part, counts in by_part(params["groups"]).items():
+            frozen = " ❄" if counts["total"] and not counts["trainable"] else ""
+            lines.append(f"  {part:<10}{counts['total']:>14,}{frozen}")
+        lines.append(f"  {'total':<10}{params['total']:>14,}")
+        lines.append(f"  {'trainable':<10}{params['trainable']:>14,}")
+        if flops:
+            saved = freeze_summary(params["groups"], answer.get("frozen_groups", []), flops.get("groups")).saved_share
+            lines += ["", "Compute per sample (estimate)",
+                      f"  forward   {format_flops(flops['forward'])}",
+                      f"  training  {format_flops(flops['train'] * (1 - saved))}"]
+        if answer is not self.answer:
+            lines += ["", "(for the last valid config)"]
+        self.query_one("#summary", Static).update(Text("\n".join(lines)))
+
+    def _show_error(self, answer: dict[str, Any]) -> None:
+        for label in self.query(".field-error"):
+            label.display = False
+        status = self.query_one("#status", Static)
+        status.remove_class("error")
+        status.update("")
+        if answer.get("ok"):
+            return
+        message = str(answer.get("error", ""))
+        lines = [line.strip() for line in message.splitlines() if line.strip()]
+        if len(lines) > 1 and lines[0].endswith("invalid preset."):
+            lines = lines[1:]
+        field = field_for_error(answer.get("key"), message, self.shown_fields())
+        if field is not None:
+            label = self.query_one("#err-" + wid(field), Static)
+            label.update(Text(lines[0] if lines else message))
+            label.display = True
+            label.scroll_visible()
+            if len(lines) > 1:
+                status.update(Text(" ".join(lines[1:])))
+                status.add_class("error")
+            return
+        status.add_class("error")
+        status.update(Text(" ".join(lines) or message))
+
+    # --- actions ------------------------------------------------------------------------
+
+    def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
+        if action == "back":
+            return len(self.app.screen_stack) > 1 and self.app.screen is self
+        return True
+
+    def action_back(self) -> None:
+        self.app.pop_screen()
+
+    def action_freeze(self) -> None:
+        if not self.raw:
+            return
+        if self.answer is not None and not self.answer.get("ok"):
+            self.notify("fix the config first: Freeze needs its model", severity="warning")
+            return
+        self.app.push_screen(FreezeScreen(self.raw), self._frozen)
+
+    def _frozen(self, config: dict[str, Any] | None) -> None:
+        if config is not None:
+            self.raw["freeze"] = copy.deepcopy(config["freeze"])
+            self._sync()
+            self._changed()
+
+    def action_save(self) -> None:
+        if not self.raw:
+            return
+        name = re.sub(r"[^A-Za-z0-9_.-]+", "-", str(get_in(self.raw, "run.name", "run"))).strip("-.") or "run"
+        default = self.app.backend.user_presets_dir() / f"{name}.toml"
+        self.app.push_screen(Prompt("Save the config as a preset", str(default), "a .toml path; enter saves"),
+                             self._save_to)
+
+    def _save_to(self, path: str | None) -> None:
+        if path and path.strip():
+            self._save(copy.deepcopy(self.raw), Path(path.strip()).expanduser(), overwrite=False)
+
+    @work(thread=True, exclusive=True, group="compose-save")
+    def _save(self, config: dict[str, Any], path: Path, overwrite: bool) -> None:
+        if path.exists() and not overwrite:
+            self.app.call_from_thread(self._confirm_overwrite, config, path)
+            return
+        try:
+            saved = self.app.backend.save_preset(config, path)
+        except (RenError, OSError) as exc:
+            self.app.call_from_thread(self.notify, str(exc), title="not saved", severity="error", timeout=10)
+            return
+        self.app.call_from_thread(self.notify, str(saved), title="preset saved")
+        self.app.call_from_thread(self._list_presets, False)
+
+    def _confirm_overwrite(self, config: dict[str, Any], path: Path) -> None:
+        def answered(yes: bool | None) -> None:
+            if yes:
+                self._save(config, path, overwrite=True)
+
+        self.app.push_screen(Confirm(f"{path} exists. Overwrite it?"), answered)
+
+    def action_queue(self) -> None:
+        if not self.raw:
+            return
+        self.app.push_screen(Prompt("Queue this run on how many GPUs?", "1",
+                                    "processes for the run (1 on a CPU machine)"), self._queue_on)
+
+    def _queue_on(self, gpus: str | None) -> None:
+        if gpus is None:
+            return
+        try:
+            count = int(gpus.strip())
+        except ValueError:
+            self.notify(f"{gpus!r} is not a number of GPUs", severity="error")
+            return
+        self._queue(copy.deepcopy(self.raw), count)
+
+    @work(thread=True, exclusive=True, group="compose-queue")
+    def _queue(self, config: dict[str, Any], gpus: int) -> None:
+        try:
+            records = self.app.backend.queue_config(config, gpus=gpus)
+        except (RenError, OSError) as exc:
+            self.app.call_from_thread(self.notify, str(exc), title="not queued", severity="error", timeout=10)
+            return
+        self.app.call_from_thread(self.notify, ", ".join(r.id for r in records), title="queued")

@@ -1,0 +1,295 @@
+"""Compose: a run config built from a preset or a stored run, with live feedback from
+the model inspector, saved as a preset, queued, and frozen through Freeze."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+from textual.widgets import Input, Select, Static
+
+from engine.config import config_from_dict, load_preset
+from engine.errors import ConfigError
+from engine.freeze import select
+from engine.store import Store
+from ren_tui.app import RenApp
+from ren_tui.backend import Backend
+from ren_tui.dialogs import Prompt
+from ren_tui.screens.compose import (
+    ComposeScreen,
+    field_for_error,
+    field_shown,
+    parse_value,
+    schema_field,
+    value_type,
+    wid,
+)
+from ren_tui.screens.freeze import FreezeScreen
+from tests.tui_fake import PRESETS, preset_config
+
+GROUPS = {  # quickstart's model, as the real inspector reports it
+    "text.embeddings": 8960, "text.layers[0]": 132480, "text.layers[1]": 132480, "text.final": 0,
+    "vision.embeddings": 7472, "vision.layers[0]": 18560, "vision.layers[1]": 36384, "vision.layers[2]": 42432,
+    "vision.layers[3]": 267840, "vision.final": 0, "fusion.proj": 29184, "fusion.layers[0]": 398080,
+    "fusion.layers[1]": 398080, "fusion.final": 512, "pooler": 33024, "heads.task": 139277,
+}
+
+
+class FakeInspector:
+    """Answers as ``engine.inspect`` does, from the fixed group table (10 FLOPs per
+    parameter): validation and freeze patterns are the engine's own."""
+
+    def __init__(self) -> None:
+        self.configs: list[dict[str, Any]] = []
+
+    def start(self) -> str | None:
+        return None
+
+    def close(self) -> None:
+        pass
+
+    def inspect(self, config: dict[str, Any]) -> dict[str, Any]:
+        self.configs.append(config)
+        try:
+            cfg = config_from_dict(config)
+            names = list(GROUPS)
+            frozen = select(cfg.freeze.groups, names, "freeze.groups") - select(cfg.freeze.unfreeze, names, "")
+        except ConfigError as exc:
+            return {"id": None, "ok": False, "error": str(exc), "key": exc.key or str(exc).split(":")[0]}
+        groups = {n: {"total": t, "trainable": 0 if n in frozen else t} for n, t in GROUPS.items()}
+        total = sum(GROUPS.values())
+        trainable = sum(g["trainable"] for g in groups.values())
+        flops = {n: 10 * t for n, t in GROUPS.items()}
+        return {"id": None, "ok": True, "config": cfg.to_dict(),
+                "params": {"total": total, "trainable": trainable, "frozen": total - trainable, "groups": groups},
+                "frozen_groups": [n for n in names if n in frozen],
+                "flops_per_sample": {"forward": sum(flops.values()), "train": 3 * sum(flops.values()),
+                                     "groups": flops}}
+
+
+def make_app(ren_home: Path, inspector: Any = None) -> RenApp:
+    backend = Backend(Store(ren_home), start_worker=False)
+    if inspector is not None:
+        backend.inspector = inspector
+    return RenApp(backend)
+
+
+async def settle(app: RenApp, pilot: Any, screen: ComposeScreen, timeout: float = 90.0) -> dict[str, Any]:
+    """Wait for the inspector's answer to the config as it stands now."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        await pilot.pause(0.1)
+        await app.workers.wait_for_complete()
+        await pilot.pause()
+        if screen.answer is not None and screen._answered_generation == screen.generation:
+            return screen.answer
+    raise AssertionError("no answer from the inspector")
+
+
+def summary(screen: ComposeScreen) -> str:
+    return str(screen.query_one("#summary", Static).render())
+
+
+# --- pure helpers ------------------------------------------------------------------
+
+
+def test_widgets_follow_the_schema_types() -> None:
+    assert value_type(schema_field("train.mixed_precision").annotation) == ("choice", ("no", "bf16", "fp16"), False)
+    assert value_type(schema_field("model.fusion.layers").annotation) == ("int", (), False)
+    assert value_type(schema_field("optim.lr").annotation) == ("float", (), False)
+    assert value_type(schema_field("model.backbone.image_size").annotation) == ("int", (), False)
+    assert value_type(schema_field("data.eval_max_samples").annotation) == ("int", (), True)
+    assert parse_value(" 3 ", "int", False) == 3
+    assert parse_value("2e-4", "float", False) == 2e-4
+    assert parse_value("3.5", "int", False) == "3.5"  # left for the validation to name
+    assert parse_value("", "int", True) is None and parse_value("", "int", False) == ""
+
+
+def test_fields_follow_the_tower_source_and_kind() -> None:
+    raw = preset_config()
+    assert field_shown("model.text.hidden_size", raw) and not field_shown("model.text.name", raw)
+    assert field_shown("model.vision.name", raw) and not field_shown("model.vision.patch_size", raw)
+    assert not field_shown("objectives.itm.weight", {"objectives": {"mlm": {}}})
+    assert field_shown("objectives.mlm.weight", {"objectives": {"mlm": {}}})
+    assert not field_shown("objectives.itc", {"model": {"kind": "one_tower"}})
+    assert not field_shown("objectives.mlm", {"model": {"kind": "dual_encoder"}})
+
+
+def test_errors_find_their_field() -> None:
+    shown = ["model.text.hidden_size", "model.text.heads", "objectives.mlm", "train.max_steps"]
+    assert field_for_error("train.max_steps", "", shown) == "train.max_steps"
+    assert field_for_error("model.text", "hidden_size (30) must be divisible by heads (4)", shown) \
+        == "model.text.hidden_size"
+    assert field_for_error("model.text", "source = 'random' needs 'name'", shown) == "model.text.hidden_size"
+    assert field_for_error("objectives.mlm.mask_prob", "", shown) == "objectives.mlm"
+    assert field_for_error("train.log_every", "", shown) is None
+    assert field_for_error(None, "", shown) is None
+
+
+# --- the screen ---------------------------------------------------------------------
+
+
+async def test_live_parameter_count_through_the_real_inspector(ren_home: Path) -> None:
+    app = make_app(ren_home)
+    try:
+        async with app.run_test(size=(120, 40)) as pilot:
+            await pilot.press("2")
+            screen = app.screen
+            assert isinstance(screen, ComposeScreen)
+            assert "starting model inspector" in str(screen.query_one("#inspect-state", Static).render())
+            first = await settle(app, pilot, screen)
+            assert first["ok"] and screen.raw["run"]["name"] == "quickstart"
+            layer = first["params"]["groups"]["fusion.layers[0]"]["total"]
+            assert f"{first['params']['total']:>14,}" in summary(screen)
+            layers = screen.query_one("#" + wid("model.fusion.layers"), Input)
+            layers.focus()
+            await pilot.press("end", "backspace", "3")
+            assert screen.raw["model"]["fusion"]["layers"] == 3
+            second = await settle(app, pilot, screen)
+            assert second["ok"] and second["params"]["total"] == first["params"]["total"] + layer
+            assert f"{second['params']['total']:>14,}" in summary(screen)
+            assert second["flops_per_sample"]["forward"] > first["flops_per_sample"]["forward"]
+    finally:
+        app.backend.close_inspector()
+
+
+async def test_invalid_value_is_shown_next_to_its_field(ren_home: Path) -> None:
+    app = make_app(ren_home, FakeInspector())
+    async with app.run_test(size=(100, 30)) as pilot:
+        await app.push_screen(ComposeScreen(preset_config()))
+        screen = app.screen
+        await settle(app, pilot, screen)
+        steps = screen.query_one("#" + wid("train.max_steps"), Input)
+        steps.focus()
+        steps.value = ""
+        await pilot.press("0")
+        answer = await settle(app, pilot, screen)
+        assert answer["key"] == "train.max_steps"
+        error = screen.query_one("#err-" + wid("train.max_steps"), Static)
+        assert error.display and "train.max_steps = 0 is out of range" in str(error.render())
+        assert "invalid" in str(screen.query_one("#inspect-state", Static).render())
+        await pilot.press("backspace", "5")
+        assert (await settle(app, pilot, screen))["ok"]
+        assert not error.display
+
+
+async def test_error_without_a_field_goes_to_the_status_line(ren_home: Path) -> None:
+    app = make_app(ren_home, FakeInspector())
+    async with app.run_test(size=(100, 30)) as pilot:
+        await app.push_screen(ComposeScreen(preset_config()))
+        screen = app.screen
+        await settle(app, pilot, screen)
+        screen.query_one("#" + wid("model.kind"), Select).value = "dual_encoder"
+        answer = await settle(app, pilot, screen)
+        assert answer["key"] is None  # a finetuned dual encoder: the whole config is wrong
+        assert "task 'vqa' needs fusion" in str(screen.query_one("#status", Static).render())
+        assert not any(w.display for w in screen.query(".field-error"))
+        assert screen.query_one("#section-projection").display and not screen.query_one("#section-fusion").display
+
+
+async def test_kind_source_and_stage_reshape_the_config(ren_home: Path) -> None:
+    app = make_app(ren_home, FakeInspector())
+    async with app.run_test(size=(100, 30)) as pilot:
+        await app.push_screen(ComposeScreen(preset_config()))
+        screen = app.screen
+        await settle(app, pilot, screen)
+        screen.query_one("#" + wid("model.text.source"), Select).value = "pretrained"
+        await pilot.pause()
+        text = screen.raw["model"]["text"]
+        assert text["source"] == "pretrained" and text["name"] == "bert-base-uncased" and "hidden_size" not in text
+        assert screen.query_one("#row-" + wid("model.text.name")).display
+        assert not screen.query_one("#row-" + wid("model.text.hidden_size")).display
+        screen.query_one("#" + wid("model.text.name") + "-pick", Select).value = "__custom__"
+        await pilot.pause()
+        assert screen.query_one("#row-" + wid("model.text.name") + "-custom").display
+        await pilot.press(*"/models/bert")
+        assert screen.raw["model"]["text"]["name"] == "/models/bert"
+        screen.query_one("#" + wid("stage"), Select).value = "pretrain"
+        await pilot.pause()
+        screen.query_one("#" + wid("model.kind"), Select).value = "one_tower"
+        await pilot.pause()
+        assert screen.raw["model"] == {"kind": "one_tower"}
+        assert screen.raw["objectives"] == {"mlm": {}, "itm": {}} and "task" not in screen.raw
+        assert screen.query_one("#section-backbone").display and not screen.query_one("#section-text").display
+        assert not screen.query_one("#row-" + wid("objectives.itc")).display
+        assert (await settle(app, pilot, screen))["ok"]
+
+
+async def test_save_writes_a_preset_that_loads_back_equal(ren_home: Path) -> None:
+    app = make_app(ren_home, FakeInspector())
+    async with app.run_test(size=(100, 30)) as pilot:
+        await app.push_screen(ComposeScreen(app.backend.preset_config(PRESETS / "quickstart.toml")))
+        screen = app.screen
+        await settle(app, pilot, screen)
+        screen.query_one("#" + wid("optim.lr"), Input).value = "3e-4"
+        await settle(app, pilot, screen)
+        await pilot.press("ctrl+s")
+        await pilot.pause()
+        prompt = app.screen
+        assert isinstance(prompt, Prompt)
+        path = Path(prompt.query_one(Input).value)
+        assert path == ren_home / "presets" / "quickstart.toml"
+        await pilot.press("enter")
+        await app.workers.wait_for_complete()
+        await pilot.pause()
+        assert load_preset(path) == config_from_dict(screen.raw)
+        assert load_preset(path).optim.lr == 3e-4
+        options = [str(value) for _, value in screen.query_one("#preset", Select)._options]
+        assert str(path) in options  # the new user preset is offered
+
+
+async def test_queue_puts_the_run_in_the_store(ren_home: Path) -> None:
+    app = make_app(ren_home, FakeInspector())
+    async with app.run_test(size=(100, 30)) as pilot:
+        await app.push_screen(ComposeScreen(app.backend.preset_config(PRESETS / "quickstart.toml")))
+        screen = app.screen
+        await settle(app, pilot, screen)
+        await pilot.press("ctrl+r")
+        await pilot.pause()
+        assert isinstance(app.screen, Prompt)
+        app.screen.query_one(Input).value = "2"
+        await pilot.press("enter")
+        await app.workers.wait_for_complete()
+        await pilot.pause()
+    runs = {r.name: r for r in Store(ren_home).list_runs()}
+    assert runs["quickstart"].status == "queued" and runs["quickstart"].gpus == 2
+    assert runs["quickstart"].config["train"]["init_from"] == f"run:{runs['easyvqa-pretrain'].id}"
+    assert runs["easyvqa-pretrain"].status == "queued"  # the pretraining it starts from goes first
+
+
+async def test_clone_edit_and_freeze_round_trip(ren_home: Path) -> None:
+    app = make_app(ren_home, FakeInspector())
+    config = preset_config()
+    async with app.run_test(size=(100, 30)) as pilot:
+        app.clone_to_compose(config)
+        await pilot.pause()
+        screen = app.screen
+        assert isinstance(screen, ComposeScreen) and screen.raw == config
+        await settle(app, pilot, screen)
+        screen.set_focus(None)
+        await pilot.press("f")
+        await pilot.pause()
+        assert isinstance(app.screen, FreezeScreen)
+        await app.workers.wait_for_complete()
+        await pilot.pause()
+        await pilot.press("v", "a")
+        await pilot.pause()
+        assert app.screen is screen and screen.raw["freeze"]["groups"] == ["vision"]
+        assert str(screen.query_one("#" + wid("freeze.groups"), Static).render()).startswith("vision")
+        answer = await settle(app, pilot, screen)
+        assert answer["params"]["frozen"] == sum(t for n, t in GROUPS.items() if n.startswith("vision"))
+        assert "❄" in summary(screen)
+        await pilot.press("escape")
+        assert app.screen is not screen
+
+
+def test_compose_snapshot(snap_compare: Any, ren_home: Path) -> None:
+    app = make_app(ren_home, FakeInspector())
+
+    async def run_before(pilot: Any) -> None:
+        await app.push_screen(ComposeScreen(preset_config()))
+        await settle(app, pilot, app.screen)
+
+    assert snap_compare(app, terminal_size=(100, 30), run_before=run_before)
+
