@@ -1,0 +1,155 @@
+"""Score tables and config diffs for Compare, as pure functions: rows from run
+records, and the same rows as Markdown, LaTeX and CSV."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+from engine.display import format_duration, format_steps
+from engine.store import RunRecord
+
+_LATEX_SPECIAL = {
+    "\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "_": r"\_", "#": r"\#", "$": r"\$",
+    "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}",
+}
+
+
+def format_count(n: float | None) -> str:
+    """``1234567`` -> ``"1.23M"`` (three significant digits); ``"-"`` when unknown."""
+    if n is None:
+        return "-"
+    for scale, suffix in ((1e12, "T"), (1e9, "B"), (1e6, "M"), (1e3, "K")):
+        if abs(n) >= scale:
+            value = n / scale
+            digits = 0 if abs(value) >= 100 else 1 if abs(value) >= 10 else 2
+            return f"{value:.{digits}f}{suffix}"
+    return str(int(n))
+
+
+def task_names(records: Iterable[RunRecord]) -> list[str]:
+    """Scored tasks in first-seen order: ``eval/NAME`` keys of best scores, ``NAME`` keys of final ones."""
+    seen: dict[str, None] = {}
+    for record in records:
+        for key in record.best_scores:
+            if key.startswith("eval/"):
+                seen.setdefault(key.removeprefix("eval/"), None)
+        for key in record.final_scores:
+            if key != "eval_samples":
+                seen.setdefault(key.removeprefix("eval/"), None)
+    return list(seen)
+
+
+def samples_seen(record: RunRecord) -> int | None:
+    """Training samples the run consumed: steps times the global ``train.batch_size``."""
+    batch = record.config.get("train", {}).get("batch_size")
+    return record.step * batch if isinstance(batch, int) else None
+
+
+def _score(scores: Mapping[str, float], task: str) -> str:
+    value = scores.get(f"eval/{task}", scores.get(task))
+    return "-" if value is None else f"{value:.4f}"
+
+
+def score_rows(records: Sequence[RunRecord]) -> tuple[list[str], list[list[str]]]:
+    """The Compare score table: one row per run, every cell a string.
+
+    Columns: run, stage/kind, steps, best and final value per task, trainable params,
+    wall time and samples seen (compute in FLOPs is not recorded, so not shown).
+    """
+    tasks = task_names(records)
+    headers = ["run", "stage/kind", "steps"]
+    for task in tasks:
+        headers += [f"best {task}", f"final {task}"]
+    headers += ["trainable params", "wall time", "samples seen"]
+    rows = []
+    for r in records:
+        row = [r.name, f"{r.stage}/{r.kind}", format_steps(r)]
+        for task in tasks:
+            row += [_score(r.best_scores, task), _score(r.final_scores, task)]
+        row += [format_count(r.params.get("trainable")), format_duration(r), format_count(samples_seen(r))]
+        rows.append(row)
+    return headers, rows
+
+
+def to_markdown(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    """A GitHub-flavoured Markdown table (``|`` in cells escaped)."""
+    def line(cells: Sequence[str]) -> str:
+        return "| " + " | ".join(str(c).replace("|", r"\|") for c in cells) + " |"
+
+    return "\n".join([line(headers), "|" + "|".join("---" for _ in headers) + "|", *map(line, rows)]) + "\n"
+
+
+def latex_escape(text: str) -> str:
+    """``text`` with LaTeX's special characters escaped."""
+    return "".join(_LATEX_SPECIAL.get(ch, ch) for ch in text)
+
+
+def to_latex(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    """A ``tabular`` (left-aligned columns, ``\\hline`` rules; no package needed)."""
+    def line(cells: Sequence[str]) -> str:
+        return " & ".join(latex_escape(str(c)) for c in cells) + r" \\"
+
+    return "\n".join([
+        r"\begin{tabular}{" + "l" * len(headers) + "}", r"\hline", line(headers), r"\hline",
+        *map(line, rows), r"\hline", r"\end{tabular}",
+    ]) + "\n"
+
+
+def to_csv(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    """RFC 4180 CSV with ``\\n`` line ends."""
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(headers)
+    writer.writerows(rows)
+    return out.getvalue()
+
+
+def flatten(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested dicts as one dict keyed by dotted paths; lists and empty dicts stay values."""
+    flat: dict[str, Any] = {}
+    for key, value in config.items():
+        path = f"{prefix}{key}"
+        if isinstance(value, Mapping) and value:
+            flat.update(flatten(value, f"{path}."))
+        else:
+            flat[path] = value
+    return flat
+
+
+class _Missing:
+    """The value of a config key a run does not have."""
+
+    def __repr__(self) -> str:
+        return "MISSING"
+
+
+MISSING: Any = _Missing()
+
+
+def config_diff(baseline: Mapping[str, Any], other: Mapping[str, Any]) -> list[tuple[str, Any, Any]]:
+    """``(dotted key, baseline value, other value)`` for every key whose value differs,
+    in config order; a key one side lacks has the value :data:`MISSING` there."""
+    base, mine = flatten(baseline), flatten(other)
+    keys = list(base) + [k for k in mine if k not in base]
+    return [(k, base.get(k, MISSING), mine.get(k, MISSING)) for k in keys
+            if (k in base) != (k in mine) or base[k] != mine[k]]
+
+
+def format_value(value: Any) -> str:
+    """A config value as the diff panel shows it: strings bare, others as JSON, ``(unset)`` for MISSING."""
+    if value is MISSING:
+        return "(unset)"
+    if isinstance(value, str):
+        return value
+    return json.dumps(value)
+
+
+def export_stem(run_ids: Iterable[str]) -> str:
+    """The file name (no suffix) of an export of these runs: the same runs, the same name."""
+    digest = hashlib.sha1("\n".join(sorted(run_ids)).encode()).hexdigest()[:8]
+    return f"compare-{digest}"

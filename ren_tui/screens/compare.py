@@ -1,0 +1,214 @@
+"""Compare: several runs side by side — one metric's curves overlaid, a score table,
+and the config keys where each run differs from a baseline run.
+
+``m`` cycles the metric among those every run logged, ``s`` smoothing, ``b`` the
+baseline, ``e`` exports the score table as Markdown, LaTeX and CSV (and copies the
+Markdown to the clipboard), ``r`` re-reads the runs.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from rich.text import Text
+from textual import work
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.screen import Screen
+from textual.widgets import DataTable, Footer, Static
+from textual.worker import get_current_worker
+
+from engine.errors import RenError
+from engine.store import RunRecord
+from ren_tui.backend import Series
+from ren_tui.export import (
+    MISSING,
+    config_diff,
+    export_stem,
+    flatten,
+    format_value,
+    score_rows,
+    to_csv,
+    to_latex,
+    to_markdown,
+)
+from ren_tui.widgets.chart import Chart
+
+SMOOTHING = (0.0, 0.6, 0.9, 0.97)
+
+
+def shared_metrics(series: list[Series]) -> list[str]:
+    """Metrics every run logged, in the first run's order."""
+    if not series:
+        return []
+    others = [set(s.keys()) for s in series[1:]]
+    return [key for key in series[0].keys() if all(key in keys for keys in others)]
+
+
+def run_labels(records: list[RunRecord]) -> list[str]:
+    """Run names, with the end of the id added where two runs share a name."""
+    names = [r.name for r in records]
+    return [f"{r.name} ({r.id[-4:]})" if names.count(r.name) > 1 else r.name for r in records]
+
+
+class CompareScreen(Screen[None]):
+    """Curves, scores and config differences of ``run_ids``; exports go to
+    ``export_dir`` (default: ``./ren-exports``)."""
+
+    DEFAULT_CSS = """
+    CompareScreen { layout: vertical; }
+    CompareScreen #controls { height: 1; padding: 0 1; color: $text-muted; }
+    CompareScreen #curves { height: 1fr; min-height: 8; }
+    CompareScreen DataTable { height: auto; border-top: solid $primary; border-title-color: $text-muted; }
+    CompareScreen #scores { max-height: 35%; }
+    CompareScreen #diff { max-height: 30%; }
+    """
+    BINDINGS = [
+        Binding("escape", "app.pop_screen", "Back"),
+        Binding("m", "metric", "Metric"),
+        Binding("s", "smoothing", "Smooth"),
+        Binding("b", "baseline", "Baseline"),
+        Binding("e", "export", "Export"),
+        Binding("r", "reload", "Reload"),
+    ]
+
+    def __init__(self, run_ids: list[str], export_dir: Path | None = None) -> None:
+        super().__init__()
+        self.run_ids = list(run_ids)
+        self.export_dir = export_dir
+        self.records: list[RunRecord] = []
+        self.series: list[Series] = []
+        self.metrics: list[str] = []
+        self.metric: str | None = None
+        self.baseline = 0
+        self.smoothing = 0.0
+
+    def compose(self) -> ComposeResult:
+        yield Static("loading…", id="controls")
+        yield Chart(id="curves")
+        yield DataTable(id="scores", zebra_stripes=True, cursor_type="row")
+        yield DataTable(id="diff", zebra_stripes=True, cursor_type="row")
+        yield Footer()
+
+    def on_mount(self) -> None:
+        self.query_one("#scores", DataTable).border_title = "scores"
+        self._load()
+
+    @property
+    def labels(self) -> list[str]:
+        return run_labels(self.records)
+
+    @work(thread=True, exclusive=True, group="compare-load")
+    def _load(self) -> None:
+        worker = get_current_worker()
+        backend = self.app.backend
+        try:
+            records = [backend.run(run_id) for run_id in self.run_ids]
+            series = [backend.series(r.id) for r in records]
+        except RenError as exc:
+            if not worker.is_cancelled:
+                self.app.call_from_thread(self._failed, str(exc))
+            return
+        if not worker.is_cancelled:
+            self.app.call_from_thread(self._apply, records, series)
+
+    def _apply(self, records: list[RunRecord], series: list[Series]) -> None:
+        self.records, self.series = records, series
+        self.metrics = shared_metrics(series)
+        if self.metric not in self.metrics:
+            self.metric = "loss" if "loss" in self.metrics else next(iter(self.metrics), None)
+        self.baseline = min(self.baseline, max(len(records) - 1, 0))
+        self._show_curves()
+        self._show_scores()
+        self._show_diff()
+
+    def _failed(self, message: str) -> None:
+        self.query_one("#controls", Static).update(Text(message))
+        self.notify(message, severity="error", markup=False)
+
+    # --- panels ---------------------------------------------------------------
+
+    def _show_controls(self) -> None:
+        base = self.labels[self.baseline] if self.records else "-"
+        self.query_one("#controls", Static).update(Text(
+            f"metric {self.metric or '(none shared)'} · smoothing {self.smoothing:g} · baseline {base}"))
+
+    def _show_curves(self) -> None:
+        chart = self.query_one("#curves", Chart)
+        chart.chart_title = self.metric or "no metric shared by these runs"
+        chart.smoothing = self.smoothing
+        chart.set_series({} if self.metric is None else
+                         {label: s.xy(self.metric) for label, s in zip(self.labels, self.series)})
+        self._show_controls()
+
+    def _show_scores(self) -> None:
+        headers, rows = score_rows(self.records)
+        table = self.query_one("#scores", DataTable)
+        table.clear(columns=True)
+        table.add_columns(*headers)
+        for record, row in zip(self.records, rows):
+            table.add_row(*row, key=record.id)
+
+    def _show_diff(self) -> None:
+        table = self.query_one("#diff", DataTable)
+        table.clear(columns=True)
+        if not self.records:
+            return
+        base = self.records[self.baseline]
+        labels = self.labels
+        others = [(label, r) for i, (label, r) in enumerate(zip(labels, self.records)) if i != self.baseline]
+        diffs = {r.id: {key: other for key, _, other in config_diff(base.config, r.config)} for _, r in others}
+        keys = list(dict.fromkeys(key for diff in diffs.values() for key in diff))
+        base_values = flatten(base.config)
+        table.add_columns("key", f"{labels[self.baseline]} (baseline)", *(label for label, _ in others))
+        for key in keys:
+            cells = [format_value(diffs[r.id][key]) if key in diffs[r.id] else Text("=", style="dim")
+                     for _, r in others]
+            table.add_row(key, format_value(base_values.get(key, MISSING)), *cells, key=key)
+        table.border_title = (f"config: {len(keys)} key{'s' * (len(keys) != 1)} differ from the baseline"
+                              if keys else "config: every run matches the baseline")
+
+    # --- actions --------------------------------------------------------------
+
+    def action_metric(self) -> None:
+        if self.metrics:
+            self.metric = self.metrics[(self.metrics.index(self.metric) + 1) % len(self.metrics)]
+            self._show_curves()
+
+    def action_smoothing(self) -> None:
+        self.smoothing = SMOOTHING[(SMOOTHING.index(self.smoothing) + 1) % len(SMOOTHING)]
+        self.query_one("#curves", Chart).smoothing = self.smoothing
+        self._show_controls()
+
+    def action_baseline(self) -> None:
+        if self.records:
+            self.baseline = (self.baseline + 1) % len(self.records)
+            self._show_diff()
+            self._show_controls()
+
+    def action_reload(self) -> None:
+        self._load()
+
+    def action_export(self) -> None:
+        """Write the score table as Markdown, LaTeX and CSV; copy the Markdown."""
+        if not self.records:
+            self.notify("Nothing to export yet.", severity="warning")
+            return
+        headers, rows = score_rows(self.records)
+        markdown = to_markdown(headers, rows)
+        directory = self.export_dir or Path.cwd() / "ren-exports"
+        stem = export_stem(r.id for r in self.records)
+        paths = []
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+            for suffix, text in ((".md", markdown), (".tex", to_latex(headers, rows)), (".csv", to_csv(headers, rows))):
+                path = directory / f"{stem}{suffix}"
+                path.write_text(text, encoding="utf-8")
+                paths.append(path)
+        except OSError as exc:
+            self.notify(f"Cannot write the export to {directory}: {exc.strerror or exc}.", severity="error",
+                        markup=False)
+            return
+        self.app.copy_to_clipboard(markdown)
+        self.notify("\n".join(map(str, paths)) + "\nMarkdown table copied to the clipboard.", title="Exported",
+                    markup=False)
