@@ -503,6 +503,7 @@ class Store:
         self.read_only = read_only
         self.index_path = self.root / "index.json"
         self._lock = FileLock(self.root / "index.lock", timeout=INDEX_LOCK_TIMEOUT_S)
+        self._listed: tuple[tuple[int, int, int] | None, list[RunRecord]] = (None, [])
         if not read_only:
             try:
                 (self.root / "runs").mkdir(parents=True, exist_ok=True)
@@ -619,9 +620,19 @@ class Store:
         return self._report(self._find(self._table().all(), run_id))
 
     def list_runs(self) -> list[RunRecord]:
-        """All runs, newest first."""
-        records = [self._report(RunRecord.from_doc(doc)) for doc in self._table().all()]
-        return sorted(records, key=lambda r: (r.created_at or 0.0, r.id), reverse=True)
+        """All runs, newest first. The parsed index is kept while the file is unchanged
+        (every write replaces it, so its inode, time and size identify a version), which
+        makes polling a large store cheap; liveness is checked afresh on every call."""
+        try:
+            st = os.stat(self.index_path)
+            stamp: tuple[int, int, int] | None = (st.st_ino, st.st_mtime_ns, st.st_size)
+        except FileNotFoundError:
+            stamp = None
+        if stamp is None or stamp != self._listed[0]:
+            records = [RunRecord.from_doc(doc) for doc in self._table().all()]
+            records.sort(key=lambda r: (r.created_at or 0.0, r.id), reverse=True)
+            self._listed = (stamp, records)
+        return [self._report(record) for record in self._listed[1]]
 
     def update_run(self, run_id: str, **fields: Any) -> RunRecord:
         """Set record fields; an unknown field name raises ValueError."""

@@ -342,3 +342,17 @@ def test_rewind_drops_points_after_a_step_across_segments(store: Store) -> None:
         writer.log(6, loss=-6.0)
     steps = [(p["step"], p["loss"]) for p in store.read_metrics(record.id)]
     assert steps == [(1, 1.0), (2, 2.0), (3, 3.0), (4, 4.0), (5, 5.0), (6, -6.0)]
+
+
+def test_list_runs_sees_every_write_and_checks_liveness_each_time(store: Store) -> None:
+    reader = Store(store.root)
+    record = store.create_run(name="a", stage="pretrain", kind="one_tower", config={})
+    assert [r.step for r in reader.list_runs()] == [0]
+    store.update_run(record.id, step=5)  # another Store object, as another process
+    assert [r.step for r in reader.list_runs()] == [5]
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    store.mark_running(record.id, pid=child.pid, host=socket.gethostname(), device="cpu")
+    assert reader.list_runs()[0].status == "running"
+    child.kill()
+    child.wait()
+    assert reader.list_runs()[0].status == "crashed"  # the index did not change; the process did

@@ -120,7 +120,7 @@ class RunsScreen(Screen[None]):
         self.set_columns(self.size.width)
         self.query_one("#runs", DataTable).focus()
         self.refresh_runs()
-        self.set_interval(REFRESH_S, self.refresh_runs)
+        self.set_interval(REFRESH_S, self._tick)
 
     def set_columns(self, width: int) -> None:
         columns = COLUMNS if width >= 120 else NARROW
@@ -137,6 +137,10 @@ class RunsScreen(Screen[None]):
         self.set_columns(event.size.width)
 
     # --- data -------------------------------------------------------------------
+
+    def _tick(self) -> None:
+        if self.is_current:  # covered by Monitor or Compare: they have the CPU; resuming refreshes
+            self.refresh_runs()
 
     @work(thread=True, exclusive=True, group="runs")
     def refresh_runs(self) -> None:
