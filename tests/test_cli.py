@@ -44,7 +44,13 @@ def test_help_imports_no_torch() -> None:
 
 
 def test_tui_import_imports_no_torch() -> None:
-    mods = _modules_after("import ren_tui, ren_tui.app")
+    """Every module of ren_tui, every screen included, keeps torch and friends out."""
+    modules = sorted(
+        ".".join(path.relative_to(REPO).with_suffix("").parts).removesuffix(".__init__")
+        for path in (REPO / "ren_tui").rglob("*.py")
+    )
+    assert {"ren_tui.screens.monitor", "ren_tui.screens.compose", "ren_tui.inspector"} <= set(modules)
+    mods = _modules_after("import " + ", ".join(modules))
     assert "textual" in mods
     assert not [m for m in HEAVY if m in mods]
 
