@@ -13,6 +13,7 @@ from collections.abc import Iterable
 from functools import partial
 from pathlib import Path
 
+from textual import work
 from textual.app import App, ComposeResult, SystemCommand
 from textual.binding import Binding
 from textual.containers import VerticalScroll
@@ -110,6 +111,13 @@ class RenApp(App[None]):
             if isinstance(binding, Binding) and binding.description:
                 yield SystemCommand(binding.description, f"{type(screen).__name__.removesuffix('Screen')}: "
                                     f"key {binding.key}", partial(screen.run_action, binding.action))
+
+    @work(thread=True, exclusive=True, group="warm-up")
+    def warm_up(self) -> None:
+        """Import the chart screens in the background once the Runs screen is up, so
+        opening a run's Monitor does not pay for plotting libraries."""
+        import ren_tui.screens.compare  # noqa: F401
+        import ren_tui.screens.monitor  # noqa: F401
 
     def action_help(self) -> None:
         if not isinstance(self.screen, HelpScreen):

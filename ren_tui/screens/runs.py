@@ -151,7 +151,9 @@ class RunsScreen(Screen[None]):
         self.records = {r.id: r for r in records}
         self.marked &= set(self.records)
         self.render_table()
-        self.loaded = True
+        if not self.loaded:
+            self.loaded = True
+            self.app.warm_up()
 
     def render_table(self) -> None:
         table = self.query_one("#runs", DataTable)
