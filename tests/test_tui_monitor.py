@@ -113,6 +113,10 @@ async def test_monitor_keys_change_chart_smoothing_axis_and_zoom(ren_home: Path)
 
         await pilot.press("x")
         await settle(app, pilot)
+        batch = store.get_run(run.id).config["train"]["batch_size"]
+        assert chart.xlabel == "samples seen" and chart.series["loss"][0][-1] == 1000 * batch
+        await pilot.press("x")
+        await settle(app, pilot)
         assert chart.xlabel == "wall time (s)" and chart.x_range is None
         times = chart.series["loss"][0]  # seconds since the first point, as the fake trainer wrote them
         assert times[0] == 0.0 and times == sorted(times) and times[-1] < 60

@@ -60,15 +60,19 @@ def parse_range(text: str) -> tuple[float, float]:
     return lo, hi
 
 
-def curves(series: Series, x: str) -> tuple[dict[str, Curve], str]:
-    """Every charted metric's curve against ``x`` ("step" or "time") and the x label;
-    wall time is in s, min or h, whichever reads best. One pass over the points."""
+X_MODES = ("step", "samples", "time")
+
+
+def curves(series: Series, x: str, batch_size: int = 1) -> tuple[dict[str, Curve], str]:
+    """Every charted metric's curve against ``x`` ("step", "samples" seen, i.e. step x
+    ``batch_size``, or wall "time") and the x label; wall time is in s, min or h,
+    whichever reads best. One pass over the points."""
     points = series.points
     t0 = points[0]["time"] if points else 0.0
     out: dict[str, Curve] = {}
     skip = {"step", "time"}
     for point in points:
-        at = point["step"] if x == "step" else point["time"] - t0
+        at = point["time"] - t0 if x == "time" else point["step"] * (batch_size if x == "samples" else 1)
         for key, value in point.items():
             if key in skip:
                 continue
@@ -80,8 +84,8 @@ def curves(series: Series, x: str) -> tuple[dict[str, Curve], str]:
                 curve = out[key] = ([], [])
             curve[0].append(at)
             curve[1].append(value)
-    if x == "step":
-        return out, "step"
+    if x != "time":
+        return out, "samples seen" if x == "samples" else "step"
     span = max((xs[-1] for xs, _ in out.values()), default=0.0)
     unit, scale = ("h", 3600.0) if span >= 7200 else ("min", 60.0) if span >= 120 else ("s", 1.0)
     if scale != 1.0:
@@ -166,7 +170,8 @@ class MonitorScreen(Screen[None]):
                 self.app.call_from_thread(self._failed, str(exc))
             return
         drawn = (stamp, x_mode)
-        plotted = curves(series, x_mode) if drawn != self._drawn else None
+        batch = int(record.config.get("train", {}).get("batch_size") or 1)
+        plotted = curves(series, x_mode, batch) if drawn != self._drawn else None
         if not worker.is_cancelled:
             self.app.call_from_thread(self._apply, record, series, plotted, drawn, lines)
 
@@ -222,7 +227,7 @@ class MonitorScreen(Screen[None]):
         self._show_controls()
 
     def action_x_axis(self) -> None:
-        self.x_mode = "time" if self.x_mode == "step" else "step"
+        self.x_mode = X_MODES[(X_MODES.index(self.x_mode) + 1) % len(X_MODES)]
         self._set_range(None)
         self._refresh(force=True)
 
