@@ -342,6 +342,11 @@ class DataConfig(_Section):
     final evaluation always uses the whole split)."""
     cache_dir: str | None = None
     """Where decoded images are cached; default ``$REN_HOME/cache``."""
+    image_norm: Literal["auto", "imagenet", "clip", "half"] = "auto"
+    """Pixel normalisation. ``auto``: the pretrained vision backbone's own mean and
+    std (its ``preprocessor_config.json``, or timm's pretrained config); 0.5/0.5
+    for towers trained from scratch. Or a named choice: ``imagenet``, ``clip``,
+    ``half`` (mean 0.5, std 0.5)."""
 
 
 class OptimConfig(_Section):

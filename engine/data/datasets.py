@@ -3,9 +3,9 @@
 All preprocessing happens once, at construction: images are stored as one
 uint8 ``(N, 3, S, S)`` tensor already resized to the model's image size, and
 texts are tokenized into padded tensors. Fetching a batch is indexing, a float
-conversion and normalisation (mean 0.5, std 0.5 per channel, so pixels lie in
-[-1, 1]), and the text tensors are trimmed to the longest sequence in the
-batch. :meth:`~torch.utils.data.Dataset.__getitems__` returns a whole batch as
+conversion and normalisation (the vision backbone's mean and std, see
+:mod:`engine.data.transforms`), and the text tensors are trimmed to the longest
+sequence in the batch. :meth:`~torch.utils.data.Dataset.__getitems__` returns a whole batch as
 a dict, so use ``DataLoader(dataset, batch_size=B, collate_fn=identity_collate)``.
 """
 
@@ -19,6 +19,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import Dataset
 from transformers import PreTrainedTokenizerBase
+
+from engine.data.transforms import HALF, Normalization
 
 _RESIZE_CHUNK = 256  # images resized per step, to bound the float32 working memory
 
@@ -41,10 +43,12 @@ class _ImageTextDataset(Dataset):
         image_size: int,
         *,
         with_word_ids: bool,
+        norm: Normalization = HALF,
     ) -> None:
         if len(image_index) != len(texts):
             raise ValueError(f"{len(image_index)} image indices for {len(texts)} texts")
         self.images = _resize_images(images_u8, image_size)
+        self.norm = norm
         self.image_index = torch.as_tensor(np.asarray(image_index), dtype=torch.int64)
         _check_range(self.image_index, len(self.images), "image indices")
         encoding = tokenizer(
@@ -81,7 +85,7 @@ class _ImageTextDataset(Dataset):
         length = int(self.lengths[rows].max())
         batch = {key: value[rows, :length] for key, value in self.text.items()}
         image_ids = self.image_index[rows]
-        batch["pixel_values"] = self.images[image_ids].float().div_(127.5).sub_(1.0)
+        batch["pixel_values"] = self.norm.apply(self.images[image_ids])
         batch["image_ids"] = image_ids
         return batch
 
@@ -105,9 +109,10 @@ class VQADataset(_ImageTextDataset):
         tokenizer: PreTrainedTokenizerBase,
         max_text_len: int,
         image_size: int,
+        norm: Normalization = HALF,
     ) -> None:
         super().__init__(
-            images_u8, image_index, questions, tokenizer, max_text_len, image_size, with_word_ids=False
+            images_u8, image_index, questions, tokenizer, max_text_len, image_size, with_word_ids=False, norm=norm
         )
         self.answer_ids = torch.as_tensor(np.asarray(answer_ids), dtype=torch.int64)
         if len(self.answer_ids) != len(questions):
@@ -141,8 +146,10 @@ class CaptionDataset(_ImageTextDataset):
         tokenizer: PreTrainedTokenizerBase,
         max_text_len: int,
         image_size: int,
+        norm: Normalization = HALF,
     ) -> None:
-        super().__init__(images_u8, image_index, captions, tokenizer, max_text_len, image_size, with_word_ids=True)
+        super().__init__(images_u8, image_index, captions, tokenizer, max_text_len, image_size, with_word_ids=True,
+                         norm=norm)
 
 
 def _check_range(values: Tensor, upper: int, what: str) -> None:

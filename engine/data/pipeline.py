@@ -17,6 +17,7 @@ from engine.config import RunConfig
 from engine.data.datasets import CaptionDataset, VQADataset
 from engine.data.easyvqa import easy_vqa_captions, load_easy_vqa
 from engine.data.tokenizer import build_word_tokenizer, load_tokenizer
+from engine.data.transforms import resolve_normalization
 
 
 @dataclass
@@ -99,16 +100,18 @@ def build_data(cfg: RunConfig, *, cache_dir: Path) -> DataBundle:
     data = load_easy_vqa(cache_dir)
     size = image_size_of(cfg)
     max_len = cfg.data.max_text_len
+    norm = resolve_normalization(cfg)
     if cfg.task is not None:
         splits = [data.train, data.split(cfg.data.eval_split)]
         train_ds, eval_ds = (
-            VQADataset(s.images, s.image_index, s.questions, s.answer_ids, len(data.answers), tokenizer, max_len, size)
+            VQADataset(s.images, s.image_index, s.questions, s.answer_ids, len(data.answers), tokenizer, max_len, size,
+                       norm)
             for s in splits
         )
         return DataBundle(train_ds, eval_ds, tokenizer, len(data.answers), list(data.answers))
     corpora = [("train", data.train), (cfg.data.eval_split, data.split(cfg.data.eval_split))]
     train_ds, eval_ds = (
-        CaptionDataset(split.images, corpus.image_index, corpus.texts, tokenizer, max_len, size)
+        CaptionDataset(split.images, corpus.image_index, corpus.texts, tokenizer, max_len, size, norm)
         for name, split in corpora
         for corpus in [easy_vqa_captions(data, name)]
     )
