@@ -327,26 +327,63 @@ class TaskConfig(_Section):
     """Width of the task head's hidden layer, in units of the pooled feature size."""
 
 
+_DEFAULT_SPLITS = {"easy_vqa": ("train", "test"), "vqav2": ("train+trainable_val", "rest_val")}
+
+
 class DataConfig(_Section):
-    dataset: Literal["easy_vqa"] = "easy_vqa"
-    """``easy_vqa``: the embedded default (VQA for tasks, derived captions for pretraining)."""
+    dataset: Literal["easy_vqa", "vqav2"] = "easy_vqa"
+    """``easy_vqa``: the embedded default (VQA for tasks, derived captions for
+    pretraining). ``vqav2``: VQAv2 from ViLT/METER-format arrow files in ``root``."""
+    root: str | None = None
+    """Directory of the data set's files (``vqav2_*.arrow`` for vqav2)."""
+    train_split: str | None = None
+    """Split(s) trained on, joined with ``+``; default: the literature's
+    (``train+trainable_val`` for vqav2, as ViLT and METER train)."""
     tokenizer: str = "auto"
     """``auto``: the text backbone's own tokenizer when it is pretrained, else a
     word-level tokenizer built from the data set's text. Or a hub id / directory."""
     max_text_len: int = Field(40, ge=4, le=4096)
     """Texts are truncated to this many tokens (special tokens included)."""
-    eval_split: Literal["test"] = "test"
-    """The split evaluated during and after training."""
+    eval_split: str | None = None
+    """The split evaluated during and after training; default ``test`` for
+    easy_vqa and ``rest_val`` (ViLT's minival) for vqav2."""
     eval_max_samples: int | None = Field(None, ge=1)
     """Evaluate on the first N samples of the eval split during training (the
     final evaluation always uses the whole split)."""
     cache_dir: str | None = None
     """Where decoded images are cached; default ``$REN_HOME/cache``."""
+    augment: Literal["none", "randaugment"] = "none"
+    """Training images: a random 50-100% area crop, plus RandAugment with
+    ``randaugment`` (file-backed data sets; easy-VQA's images are pre-resized)."""
+    num_workers: int = Field(0, ge=0, le=64)
+    """DataLoader worker processes decoding images (file-backed data sets)."""
     image_norm: Literal["auto", "imagenet", "clip", "half"] = "auto"
     """Pixel normalisation. ``auto``: the pretrained vision backbone's own mean and
     std (its ``preprocessor_config.json``, or timm's pretrained config); 0.5/0.5
     for towers trained from scratch. Or a named choice: ``imagenet``, ``clip``,
     ``half`` (mean 0.5, std 0.5)."""
+
+
+    @model_validator(mode="after")
+    def _dataset_keys(self) -> "DataConfig":
+        train, evaluate = _DEFAULT_SPLITS[self.dataset]
+        if self.train_split is None:
+            object.__setattr__(self, "train_split", train)
+        if self.eval_split is None:
+            object.__setattr__(self, "eval_split", evaluate)
+        if self.dataset == "easy_vqa":
+            for key, value, allowed in (("train_split", self.train_split, train), ("eval_split", self.eval_split,
+                                                                                     evaluate)):
+                if value != allowed:
+                    raise ValueError(f"{key} = {value!r}: easy_vqa has one {key.split('_')[0]} split, {allowed!r}")
+            if self.root is not None:
+                raise ValueError("'root' applies to data sets read from files; easy_vqa is embedded (remove it)")
+            if self.augment != "none" or self.num_workers:
+                raise ValueError("augment and num_workers apply to data sets read from files; easy_vqa keeps "
+                                 "its images decoded in memory")
+        elif self.root is None:
+            raise ValueError(f"dataset = {self.dataset!r} needs 'root': the directory of its arrow files")
+        return self
 
 
 class OptimConfig(_Section):
@@ -498,6 +535,11 @@ class RunConfig(_Section):
             raise ValueError(
                 "a dual_encoder has no fusion layers, so only objectives.itc applies; "
                 "remove [objectives.mlm]/[objectives.itm]"
+            )
+        if self.data.dataset == "vqav2" and self.objectives:
+            raise ValueError(
+                "data.dataset = \"vqav2\" is a finetuning data set; pretrain on easy_vqa (or a caption "
+                "corpus), then finetune with [task]"
             )
         if self.model.kind == "dual_encoder" and self.task:
             raise ValueError(

@@ -250,8 +250,10 @@ def train(cfg: RunConfig, store: Store, run_id: str, *, resume: bool = False,
         lr=o.lr, betas=o.betas, eps=o.eps,
     )
     sampler = EpochSampler(len(data.train), cfg.run.seed)
-    train_dl = DataLoader(data.train, batch_size=micro, sampler=sampler, collate_fn=_identity, drop_last=True)
-    eval_dl = DataLoader(data.eval, batch_size=max(micro, 256), collate_fn=_identity)
+    workers = cfg.data.num_workers
+    train_dl = DataLoader(data.train, batch_size=micro, sampler=sampler, collate_fn=_identity, drop_last=True,
+                          num_workers=workers)
+    eval_dl = DataLoader(data.eval, batch_size=max(micro, 256), collate_fn=_identity, num_workers=workers)
     if len(train_dl) == 0:
         raise ConfigError(
             f"train.batch_size = {cfg.train.batch_size} is larger than the training set "

@@ -354,6 +354,16 @@ class ArrowSource:
                            f"{', '.join(sorted(self._file_columns[self._batch_files[b]]))}.")
         return self._batches[b].column(column)[local]
 
+    def column(self, name: str) -> pa.ChunkedArray:
+        """One column over all files, zero-copy (for scans of small columns such as
+        question lists; convert only what you need)."""
+        for path, columns in zip(self.paths, self._file_columns):
+            if name not in columns:
+                raise RenError(f"{path} has no column {name!r}; its columns are: {', '.join(sorted(columns))}.")
+        if not self._batches:
+            return pa.chunked_array([], type=pa.null())
+        return pa.chunked_array([batch.column(name) for batch in self._batches])
+
     def row(self, i: int, columns: Sequence[str]) -> dict[str, Any]:
         """Row ``i``'s cells in ``columns`` as Python values (binary cells as bytes)."""
         return {column: self._cell(i, column).as_py() for column in columns}

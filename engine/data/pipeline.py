@@ -17,7 +17,8 @@ from engine.config import RunConfig
 from engine.data.datasets import CaptionDataset, VQADataset
 from engine.data.easyvqa import easy_vqa_captions, load_easy_vqa
 from engine.data.tokenizer import build_word_tokenizer, load_tokenizer
-from engine.data.transforms import resolve_normalization
+from engine.data.transforms import Normalization, resolve_normalization
+from engine.errors import ConfigError
 
 
 @dataclass
@@ -70,6 +71,12 @@ def build_tokenizer(cfg: RunConfig) -> PreTrainedTokenizerBase:
     source = pretrained_text_source(cfg)
     if source is not None:
         return load_tokenizer(source)
+    if cfg.data.dataset != "easy_vqa":
+        raise ConfigError(
+            f"data.tokenizer = \"auto\" needs a pretrained text backbone to take the tokenizer from; with "
+            f"a manual or random text side on {cfg.data.dataset}, set data.tokenizer to a hub id or directory "
+            "(e.g. \"bert-base-uncased\")."
+        )
     return _easy_vqa_word_tokenizer()
 
 
@@ -87,9 +94,16 @@ def _easy_vqa_word_tokenizer() -> PreTrainedTokenizerBase:
     return build_word_tokenizer(texts)
 
 
+VQAV2_ANSWERS = 3129  # ViLT's and METER's vocabulary: answers given 9+ times in train+val
+
+
 def num_answers(cfg: RunConfig) -> int | None:
+    """The size of the answer head (for reports built without the data; training
+    takes it from the data's own vocabulary)."""
     if cfg.task is None:
         return None
+    if cfg.data.dataset == "vqav2":
+        return VQAV2_ANSWERS
     import easy_vqa
 
     return len(easy_vqa.get_answers())
@@ -97,10 +111,12 @@ def num_answers(cfg: RunConfig) -> int | None:
 
 def build_data(cfg: RunConfig, *, cache_dir: Path) -> DataBundle:
     tokenizer = build_tokenizer(cfg)
-    data = load_easy_vqa(cache_dir)
     size = image_size_of(cfg)
     max_len = cfg.data.max_text_len
     norm = resolve_normalization(cfg)
+    if cfg.data.dataset == "vqav2":
+        return _vqav2(cfg, tokenizer, size, norm)
+    data = load_easy_vqa(cache_dir)
     if cfg.task is not None:
         splits = [data.train, data.split(cfg.data.eval_split)]
         train_ds, eval_ds = (
@@ -116,3 +132,17 @@ def build_data(cfg: RunConfig, *, cache_dir: Path) -> DataBundle:
         for corpus in [easy_vqa_captions(data, name)]
     )
     return DataBundle(train_ds, eval_ds, tokenizer, None, None)
+
+
+def _vqav2(cfg: RunConfig, tokenizer: PreTrainedTokenizerBase, size: int, norm: Normalization) -> DataBundle:
+    from engine.data.images import image_transform
+    from engine.data.vqav2 import ArrowVQADataset, answer_vocabulary, open_split
+
+    train, evaluate = open_split(cfg.data.root, cfg.data.train_split), open_split(cfg.data.root, cfg.data.eval_split)
+    answers = answer_vocabulary([train])
+    train_tf = image_transform(size, train=True, randaugment=cfg.data.augment == "randaugment")
+    eval_tf = image_transform(size, train=False)
+    max_len = cfg.data.max_text_len
+    return DataBundle(ArrowVQADataset(train, tokenizer, max_len, train_tf, norm, len(answers)),
+                      ArrowVQADataset(evaluate, tokenizer, max_len, eval_tf, norm, len(answers)),
+                      tokenizer, len(answers), answers)

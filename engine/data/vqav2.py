@@ -1,0 +1,101 @@
+"""VQAv2 from ViLT/METER-format arrow files (``vqav2_{split}.arrow``).
+
+Each arrow row is one COCO image with its questions; an item here is one
+question. Answers keep ViLT's label ids (``answer_labels``, with the soft
+scores ``answer_scores`` of ViLT's table 0/0.3/0.6/0.9/1.0), so the answer
+vocabulary is the one the files were written with; its strings are read back
+from the ``answers`` column. Images are decoded per batch (once per image, even
+when several of its questions are in the batch) in the DataLoader's workers.
+A question whose image cannot be decoded is left out of its batch and counted.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pyarrow.compute as pc
+import torch
+from torch import Tensor
+from torch.utils.data import Dataset
+from transformers import PreTrainedTokenizerBase
+
+from engine.data.arrow import ArrowSource, find_arrow_files, open_arrow
+from engine.data.images import ImageTransform
+from engine.data.transforms import Normalization
+from engine.errors import RenError
+
+
+def open_split(root: Path | str, split: str) -> ArrowSource:
+    """The memory-mapped rows of a VQAv2 split (``a+b`` joins splits)."""
+    return open_arrow(find_arrow_files(root, "vqav2", split), "vqav2")
+
+
+def answer_vocabulary(sources: Sequence[ArrowSource]) -> list[str]:
+    """Answer strings by label id, read from the ``answers``/``answer_labels`` columns
+    (aligned per question in ViLT's files). Ids no row uses get ``""``."""
+    vocab: dict[int, str] = {}
+    for source in sources:
+        labels = pc.list_flatten(pc.list_flatten(source.column("answer_labels"))).to_numpy(zero_copy_only=False)
+        answers = pc.list_flatten(pc.list_flatten(source.column("answers"))).to_pylist()
+        if len(labels) != len(answers):
+            raise RenError(f"{', '.join(map(str, source.paths))}: the answers and answer_labels columns are not "
+                           f"aligned ({len(answers)} answers, {len(labels)} labels).")
+        for label, answer in zip(labels.tolist(), answers):
+            vocab.setdefault(label, answer)
+    if not vocab:
+        raise RenError("The VQAv2 training files hold no answers (are they test files?).")
+    return [vocab.get(i, "") for i in range(max(vocab) + 1)]
+
+
+class ArrowVQADataset(Dataset):
+    """One item per question. Batch keys: ``input_ids``, ``attention_mask`` (B x L),
+    ``pixel_values`` (B x 3 x S x S, normalised), ``labels`` (B x num_answers soft
+    targets), ``question_ids`` (B,)."""
+
+    def __init__(self, source: ArrowSource, tokenizer: PreTrainedTokenizerBase, max_text_len: int,
+                 transform: ImageTransform, norm: Normalization, num_answers: int) -> None:
+        self.source, self.tokenizer, self.max_text_len = source, tokenizer, max_text_len
+        self.transform, self.norm, self.num_answers = transform, norm, num_answers
+        counts = pc.list_value_length(source.column("questions")).to_numpy(zero_copy_only=False)
+        counts = np.nan_to_num(counts.astype(np.float64)).astype(np.int64)
+        self.rows = np.repeat(np.arange(len(counts), dtype=np.int64), counts)
+        self.slots = np.concatenate([np.arange(c, dtype=np.int64) for c in counts]) if len(counts) else self.rows
+        if not len(self.rows):
+            raise RenError(f"{', '.join(map(str, source.paths))}: no questions.")
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitems__(self, indices: list[int]) -> dict[str, Tensor]:
+        images: dict[int, Tensor | None] = {}
+        texts, targets, qids, pixels = [], [], [], []
+        for index in indices:
+            row, slot = int(self.rows[index]), int(self.slots[index])
+            if row not in images:
+                image = self.source.image(row)
+                images[row] = None if image is None else self.transform(image)
+            if images[row] is None:
+                continue
+            cells = self.source.row(row, ("questions", "answer_labels", "answer_scores", "question_id"))
+            target = torch.zeros(self.num_answers)
+            if cells["answer_labels"]:
+                labels = torch.as_tensor(cells["answer_labels"][slot], dtype=torch.int64)
+                scores = torch.as_tensor(cells["answer_scores"][slot], dtype=torch.float32)
+                if len(labels) and int(labels.max()) >= self.num_answers:
+                    raise RenError(f"{self.source.locate(row)[0]} row {self.source.locate(row)[1]}: answer label "
+                                   f"{int(labels.max())} is outside the training vocabulary of {self.num_answers}.")
+                target[labels] = scores
+            texts.append(cells["questions"][slot])
+            targets.append(target)
+            qids.append(cells["question_id"][slot])
+            pixels.append(images[row])
+        if not texts:
+            raise RenError(f"Every image of a batch of {len(indices)} questions was unreadable "
+                           f"({self.source.skipped_images} skipped so far) in {self.source.paths[0]}.")
+        encoding = self.tokenizer(texts, padding="longest", truncation=True, max_length=self.max_text_len,
+                                  return_tensors="pt")
+        return {"input_ids": encoding["input_ids"], "attention_mask": encoding["attention_mask"],
+                "pixel_values": self.norm.apply(torch.stack(pixels)), "labels": torch.stack(targets),
+                "question_ids": torch.as_tensor(qids, dtype=torch.int64)}

@@ -1,0 +1,92 @@
+"""VQAv2 from ViLT-format arrow files, through the data pipeline and `ren run`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from engine.config import load_preset
+from engine.data.arrow import open_arrow
+from engine.data.images import image_transform
+from engine.data.pipeline import build_data
+from engine.data.tokenizer import load_tokenizer
+from engine.data.transforms import HALF
+from engine.data.vqav2 import ArrowVQADataset, answer_vocabulary
+from engine.errors import ConfigError
+from engine.store import Store
+
+from .arrow_fixtures import WORDS, write_vqav2
+from .conftest import REPO
+from .test_cli import ren
+
+ONE_TOWER = REPO / "tests" / "fixtures" / "one_tower.toml"
+TOKENIZER = "google/electra-small-discriminator"  # in the offline hub cache the tests use
+
+
+@pytest.fixture
+def vqa_dir(tmp_path: Path) -> Path:
+    root = tmp_path / "arrows"
+    root.mkdir()
+    write_vqav2(root, "train", n=12)
+    write_vqav2(root, "trainable_val", n=4, start=12)
+    write_vqav2(root, "rest_val", n=5, start=16, corrupt=(17,))  # the second image
+    return root
+
+
+def preset(tmp_path: Path, root: Path, extra: str = "") -> Path:
+    path = tmp_path / "vqav2.toml"
+    path.write_text(f'extends = "{ONE_TOWER}"\n[data]\ndataset = "vqav2"\nroot = "{root}"\n'
+                    f'tokenizer = "{TOKENIZER}"\n{extra}'
+                    "[train]\nmax_steps = 4\nbatch_size = 4\nlog_every = 2\neval_every = 2\ncpu_threads = 1\n")
+    return path
+
+
+def test_items_are_questions_with_vilt_soft_targets(vqa_dir: Path) -> None:
+    source = open_arrow([vqa_dir / "vqav2_train.arrow"], "vqav2")
+    answers = answer_vocabulary([source])
+    first = source.row(0, ("answers", "answer_labels", "answer_scores"))
+    assert answers[first["answer_labels"][0][0]] == first["answers"][0][0]
+    assert set(answers) <= set(WORDS) | {""}
+    dataset = ArrowVQADataset(source, load_tokenizer(TOKENIZER), 16, image_transform(32, train=False), HALF,
+                              len(answers))
+    assert len(dataset) == 12 * 3  # three questions per image
+    batch = dataset.__getitems__([0, 1, 2, 5])
+    assert batch["pixel_values"].shape == (4, 3, 32, 32) and batch["input_ids"].shape[0] == 4
+    labels, scores = first["answer_labels"][1], first["answer_scores"][1]
+    expected = torch.zeros(len(answers))
+    expected[torch.tensor(labels)] = torch.tensor(scores, dtype=torch.float32)
+    assert torch.equal(batch["labels"][1], expected)
+    assert batch["question_ids"].tolist() == [0, 1, 2, 1002]
+
+
+def test_unreadable_images_drop_their_questions_and_are_counted(vqa_dir: Path) -> None:
+    source = open_arrow([vqa_dir / "vqav2_rest_val.arrow"], "vqav2")
+    dataset = ArrowVQADataset(source, load_tokenizer(TOKENIZER), 16, image_transform(32, train=False), HALF, 7)
+    batch = dataset.__getitems__(list(range(len(dataset))))
+    assert batch["labels"].shape[0] == 5 * 3 - 3 and source.skipped_images == 1
+
+
+def test_the_pipeline_joins_splits_and_explains_bad_input(tmp_path: Path, vqa_dir: Path) -> None:
+    cfg = load_preset(preset(tmp_path, vqa_dir))
+    assert (cfg.data.train_split, cfg.data.eval_split) == ("train+trainable_val", "rest_val")
+    data = build_data(cfg, cache_dir=tmp_path / "cache")
+    assert len(data.train) == (12 + 4) * 3 and len(data.eval) == 5 * 3
+    assert data.num_answers == len(data.answers)
+    with pytest.raises(ConfigError, match="needs 'root'"):
+        load_preset(ONE_TOWER, ['data.dataset="vqav2"'])
+    missing = load_preset(preset(tmp_path, tmp_path / "nowhere"))
+    with pytest.raises(Exception, match="nowhere"):
+        build_data(missing, cache_dir=tmp_path / "cache")
+
+
+@pytest.mark.slow
+def test_ren_run_finetunes_and_evaluates_on_vqav2_arrow_files(tmp_path: Path, vqa_dir: Path, ren_home: Path) -> None:
+    result = ren("run", str(preset(tmp_path, vqa_dir, 'augment = "randaugment"\nnum_workers = 1\n')), timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    (record,) = Store(ren_home).list_runs()
+    assert record.status == "finished" and record.step == 4
+    assert record.final_scores["eval_samples"] == 12  # 5 images x 3 questions, one image unreadable
+    assert 0.0 <= record.final_scores["vqa_score"] <= 1.0
+    assert [s for s, _ in Store(ren_home).series(record.id, "loss")] == [2, 4]
