@@ -316,8 +316,11 @@ class Objectives(_Section):
 class TaskConfig(_Section):
     """A downstream task to finetune and evaluate on."""
 
-    name: Literal["vqa"] = "vqa"
-    """The task: ``vqa`` (soft-target VQA on the data set's questions)."""
+    name: Literal["vqa", "snli_ve", "nlvr2"] = "vqa"
+    """The task: ``vqa`` (soft-target VQA: easy_vqa or vqav2), ``snli_ve`` (3-way
+    visual entailment), ``nlvr2`` (true/false about a pair of images; each image
+    is encoded with the sentence and the two pooled features are concatenated,
+    as in ViLT)."""
     loss: Literal["bce", "ce"] = "bce"
     """``bce``: binary cross-entropy per answer against the soft targets (ViLT,
     METER, Renaissance). ``ce``: softmax cross-entropy against the targets
@@ -326,16 +329,34 @@ class TaskConfig(_Section):
     head_hidden_mult: float = Field(2.0, gt=0, le=8)
     """Width of the task head's hidden layer, in units of the pooled feature size."""
 
+    @model_validator(mode="after")
+    def _loss_is_vqa_only(self) -> "TaskConfig":
+        if "loss" in self.model_fields_set and self.name != "vqa":
+            raise ValueError(f"'loss' applies to task \"vqa\"; {self.name} is trained with cross-entropy "
+                             "(remove it)")
+        return self
 
-_DEFAULT_SPLITS = {"easy_vqa": ("train", "test"), "vqav2": ("train+trainable_val", "rest_val")}
+    @model_serializer(mode="wrap")
+    def _resolved(self, handler: Any) -> dict[str, Any]:
+        data = handler(self)
+        if self.name != "vqa":
+            data.pop("loss", None)
+        return data
+
+
+_DEFAULT_SPLITS = {"easy_vqa": ("train", "test"), "vqav2": ("train+trainable_val", "rest_val"),
+                   "snli_ve": ("train", "dev"), "nlvr2": ("train", "dev")}
+_TASK_DATASETS = {"vqa": ("easy_vqa", "vqav2"), "snli_ve": ("snli_ve",), "nlvr2": ("nlvr2",)}
 
 
 class DataConfig(_Section):
-    dataset: Literal["easy_vqa", "vqav2"] = "easy_vqa"
+    dataset: Literal["easy_vqa", "vqav2", "snli_ve", "nlvr2"] = "easy_vqa"
     """``easy_vqa``: the embedded default (VQA for tasks, derived captions for
-    pretraining). ``vqav2``: VQAv2 from ViLT/METER-format arrow files in ``root``."""
+    pretraining). ``vqav2``, ``snli_ve``, ``nlvr2``: read from ViLT/METER-format
+    arrow files in ``root`` (``ren data prepare`` writes them from the original
+    releases)."""
     root: str | None = None
-    """Directory of the data set's files (``vqav2_*.arrow`` for vqav2)."""
+    """Directory of the data set's arrow files (``vqav2_*.arrow``, ``snli_*.arrow``, ``nlvr2_*.arrow``)."""
     train_split: str | None = None
     """Split(s) trained on, joined with ``+``; default: the literature's
     (``train+trainable_val`` for vqav2, as ViLT and METER train)."""
@@ -346,7 +367,7 @@ class DataConfig(_Section):
     """Texts are truncated to this many tokens (special tokens included)."""
     eval_split: str | None = None
     """The split evaluated during and after training; default ``test`` for
-    easy_vqa and ``rest_val`` (ViLT's minival) for vqav2."""
+    easy_vqa, ``rest_val`` (ViLT's minival) for vqav2, ``dev`` for snli_ve and nlvr2."""
     eval_max_samples: int | None = Field(None, ge=1)
     """Evaluate on the first N samples of the eval split during training (the
     final evaluation always uses the whole split)."""
@@ -536,14 +557,19 @@ class RunConfig(_Section):
                 "a dual_encoder has no fusion layers, so only objectives.itc applies; "
                 "remove [objectives.mlm]/[objectives.itm]"
             )
-        if self.data.dataset == "vqav2" and self.objectives:
+        if self.data.dataset != "easy_vqa" and self.objectives:
             raise ValueError(
-                "data.dataset = \"vqav2\" is a finetuning data set; pretrain on easy_vqa (or a caption "
-                "corpus), then finetune with [task]"
+                f"data.dataset = \"{self.data.dataset}\" is a finetuning data set; pretrain on easy_vqa, "
+                "then finetune with [task]"
+            )
+        if self.task and self.data.dataset not in _TASK_DATASETS[self.task.name]:
+            raise ValueError(
+                f"task {self.task.name!r} runs on data.dataset = "
+                f"{' or '.join(repr(d) for d in _TASK_DATASETS[self.task.name])}, not {self.data.dataset!r}"
             )
         if self.model.kind == "dual_encoder" and self.task:
             raise ValueError(
-                "task 'vqa' needs fusion; finetune a one_tower or two_tower model instead"
+                f"task {self.task.name!r} needs fusion; finetune a one_tower or two_tower model instead"
             )
         return self
 

@@ -29,3 +29,30 @@ def vqa_score(logits: Tensor, soft_targets: Tensor) -> Tensor:
     """Per-sample VQA score: the soft target of the predicted answer (1.0 for an
     answer given by 3 or more annotators; plain accuracy when targets are one-hot)."""
     return soft_targets.gather(1, logits.argmax(dim=1, keepdim=True)).squeeze(1)
+
+
+CLASSES = {"snli_ve": 3, "nlvr2": 2}  # vqa: the data set's answer vocabulary
+METRICS = {"vqa": "vqa_score", "snli_ve": "accuracy", "nlvr2": "accuracy"}
+
+
+def num_classes(task: str, num_answers: int | None) -> int:
+    """Outputs of the task head: the answer vocabulary for VQA, else the task's classes."""
+    if task == "vqa":
+        if num_answers is None:
+            raise ValueError("task 'vqa' needs the data set's number of answers")
+        return num_answers
+    return CLASSES[task]
+
+
+def task_loss(task: str, logits: Tensor, labels: Tensor, vqa_kind: str = "bce") -> Tensor:
+    """VQA: :func:`vqa_loss` on soft targets; classification tasks: cross-entropy on class ids."""
+    if task == "vqa":
+        return vqa_loss(logits, labels, vqa_kind)
+    return F.cross_entropy(logits.float(), labels)
+
+
+def task_score(task: str, logits: Tensor, labels: Tensor) -> Tensor:
+    """Per-sample score: the VQA score for VQA, 1.0/0.0 accuracy for classification."""
+    if task == "vqa":
+        return vqa_score(logits, labels)
+    return (logits.argmax(dim=1) == labels).float()

@@ -330,7 +330,7 @@ def train(cfg: RunConfig, store: Store, run_id: str, *, resume: bool = False,
                                 t_index = now
                         reporter.step(state.step, metrics)
                     if cfg.task and state.step % cfg.train.eval_every == 0 and state.step < cfg.train.max_steps:
-                        scores = evaluate(model, eval_dl, accelerator, cfg.data.eval_max_samples)
+                        scores = evaluate(model, eval_dl, accelerator, cfg.data.eval_max_samples, cfg.task.name)
                         _record_scores(store, run_id, writer, state, scores, main)
                         reporter.message(_format_scores(state.step, scores))
                         model.train()
@@ -365,7 +365,7 @@ def train(cfg: RunConfig, store: Store, run_id: str, *, resume: bool = False,
     final: dict[str, float] = {}
     if status == "finished":
         if cfg.task:
-            final = evaluate(model, eval_dl, accelerator, None)
+            final = evaluate(model, eval_dl, accelerator, None, cfg.task.name)
             _record_scores(store, run_id, writer, state, final, main)
             reporter.message(_format_scores(state.step, final, final=True))
         if state.step % cfg.train.checkpoint_every:  # not saved at this step yet
@@ -470,32 +470,43 @@ def _pretrain_step(model: torch.nn.Module, batch: dict[str, torch.Tensor], cfg: 
     return loss, logged
 
 
+def _task_logits(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The task head's logits; an NLVR2 batch brings its two images as pixel_values_0/1."""
+    if "pixel_values_1" in batch:
+        out = model(batch["input_ids"], batch["attention_mask"], batch["pixel_values_0"], task=True,
+                    pair_pixel_values=batch["pixel_values_1"])
+    else:
+        out = model(batch["input_ids"], batch["attention_mask"], batch["pixel_values"], task=True)
+    return out.logits["task"]
+
+
 def _finetune_step(model: torch.nn.Module, batch: dict[str, torch.Tensor], cfg: RunConfig,
                    data: DataBundle, gen: torch.Generator) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    out = model(batch["input_ids"], batch["attention_mask"], batch["pixel_values"], task=True)
-    loss = T.vqa_loss(out.logits["task"], batch["labels"], cfg.task.loss)
+    task = cfg.task.name
+    logits = _task_logits(model, batch)
+    loss = T.task_loss(task, logits, batch["labels"], cfg.task.loss)
     with torch.no_grad():
-        acc = T.vqa_score(out.logits["task"], batch["labels"]).mean()
-    return loss, {"loss": loss.detach(), "train_vqa_score": acc}
+        score = T.task_score(task, logits, batch["labels"]).mean()
+    return loss, {"loss": loss.detach(), f"train_{T.METRICS[task]}": score}
 
 
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, loader: DataLoader, accelerator: Accelerator,
-             max_samples: int | None) -> dict[str, float]:
-    """VQA score over the eval loader (all processes, gathered once per batch). ``model``
-    is the prepared model, so sharded (FSDP/DeepSpeed) models evaluate too."""
+             max_samples: int | None, task: str = "vqa") -> dict[str, float]:
+    """The task's metric (VQA score or accuracy) over the eval loader (all processes,
+    gathered once per batch). ``model`` is the prepared model, so sharded
+    (FSDP/DeepSpeed) models evaluate too."""
     was_training = model.training
     model.eval()
     total, n = 0.0, 0
     for batch in loader:
-        out = model(batch["input_ids"], batch["attention_mask"], batch["pixel_values"], task=True)
-        scores = accelerator.gather_for_metrics(T.vqa_score(out.logits["task"], batch["labels"]))
+        scores = accelerator.gather_for_metrics(T.task_score(task, _task_logits(model, batch), batch["labels"]))
         total += float(scores.sum())
         n += scores.numel()
         if max_samples and n >= max_samples:
             break
     model.train(was_training)
-    return {"vqa_score": total / max(n, 1), "eval_samples": float(n)}
+    return {T.METRICS[task]: total / max(n, 1), "eval_samples": float(n)}
 
 
 def _record_scores(store: Store, run_id: str, writer: Any, state: TrainState,

@@ -113,6 +113,26 @@ def test_one_tower_task_head():
     assert out.features.pooled.shape == (B, 64)
 
 
+def test_nlvr2_pair_head_sees_both_images_side_by_side():
+    stage = {"task": {"name": "nlvr2"}, "data": {"dataset": "nlvr2", "root": "/unused"}}
+    model = make(two_tower(), stage).eval()
+    ids, mask, pix = inputs()
+    other = torch.randn_like(pix)
+    logits = model(ids, mask, pix, task=True, pair_pixel_values=other).logits["task"]
+    assert logits.shape == (B, 2)
+    pooled_a = model(ids, mask, pix).features.pooled
+    pooled_b = model(ids, mask, other).features.pooled
+    assert torch.allclose(logits, model.heads["task"](torch.cat([pooled_a, pooled_b], dim=1)), atol=1e-5)
+    swapped = model(ids, mask, other, task=True, pair_pixel_values=pix).logits["task"]
+    assert not torch.allclose(logits, swapped)  # the order of the images matters, as in ViLT
+
+
+def test_snli_ve_head_has_three_classes():
+    model = make(one_tower("text"), {"task": {"name": "snli_ve"}, "data": {"dataset": "snli_ve", "root": "/x"}})
+    ids, mask, pix = inputs()
+    assert model(ids, mask, pix, task=True).logits["task"].shape == (B, 3)
+
+
 def test_one_tower_itm_rows_slice():
     model = make(one_tower())
     ids, mask, pix = inputs()

@@ -100,7 +100,7 @@ VQAV2_ANSWERS = 3129  # ViLT's and METER's vocabulary: answers given 9+ times in
 def num_answers(cfg: RunConfig) -> int | None:
     """The size of the answer head (for reports built without the data; training
     takes it from the data's own vocabulary)."""
-    if cfg.task is None:
+    if cfg.task is None or cfg.task.name != "vqa":
         return None
     if cfg.data.dataset == "vqav2":
         return VQAV2_ANSWERS

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import torch
 from torch import Tensor, nn
 
 from engine import config as C
@@ -17,6 +18,7 @@ from engine.models.one_tower import OneTower
 from engine.models.towers import Groups
 from engine.models.two_tower import TwoTower
 from engine.models.types import Features
+from engine.tasks import num_classes
 
 ARCHITECTURES: dict[str, type[nn.Module]] = {
     "one_tower": OneTower,
@@ -51,7 +53,13 @@ class VLModel(nn.Module):
         itm_rows: slice | None = None,
         itc: bool = False,
         task: bool = False,
+        pair_pixel_values: Tensor | None = None,
     ) -> Outputs:
+        """``pair_pixel_values`` (NLVR2): a second image per text; both images are encoded
+        with the text in one batch and the task head sees the two pooled features side by side."""
+        if pair_pixel_values is not None:
+            input_ids, attention_mask = input_ids.repeat(2, 1), attention_mask.repeat(2, 1)
+            pixel_values = torch.cat([pixel_values, pair_pixel_values])
         feats = self.encoder(input_ids, attention_mask, pixel_values)
         out = Outputs(features=feats)
         if mlm_positions is not None:
@@ -61,7 +69,11 @@ class VLModel(nn.Module):
         if itc:
             out.logits["itc"] = self.heads["itc"](feats.text_cls, feats.image_cls)
         if task:
-            out.logits["task"] = self.heads["task"](feats.pooled)
+            pooled = feats.pooled
+            if pair_pixel_values is not None:
+                first, second = pooled.chunk(2)
+                pooled = torch.cat([first, second], dim=1)
+            out.logits["task"] = self.heads["task"](pooled)
         return out
 
     def groups(self) -> Groups:
@@ -92,8 +104,9 @@ def build_model(cfg: C.RunConfig, *, vocab_size: int, num_answers: int | None = 
             dim = cfg.model.projection_dim if cfg.model.kind == "dual_encoder" else encoder.hidden_size
             heads["itc"] = ITCHead(*encoder.unimodal_dims, dim, obj.itc.temperature, obj.itc.learn_temperature)
     if cfg.task is not None:
-        assert num_answers is not None, "a task model needs its number of classes"
-        heads["task"] = ClassifierHead(encoder.pooled_dim, num_answers, cfg.task.head_hidden_mult)
+        in_dim = encoder.pooled_dim * (2 if cfg.task.name == "nlvr2" else 1)
+        classes = num_classes(cfg.task.name, num_answers)
+        heads["task"] = ClassifierHead(in_dim, classes, cfg.task.head_hidden_mult)
     return VLModel(encoder, heads)
 
 
