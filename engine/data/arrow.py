@@ -84,6 +84,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 from PIL import Image
 
 from engine.errors import RenError
@@ -383,6 +384,18 @@ class ArrowSource:
                 pass
         self.skipped_images += 1
         return None
+
+
+def list_lengths(lists: pa.ChunkedArray) -> np.ndarray:
+    """Per-cell lengths of a list column as int64, a null list counting as empty."""
+    return pc.fill_null(pc.list_value_length(lists), 0).to_numpy(zero_copy_only=False).astype(np.int64)
+
+
+def expand_items(counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Items from per-row list lengths: each item's row and its slot in the row's lists."""
+    rows = np.repeat(np.arange(len(counts), dtype=np.int64), counts)
+    starts = np.repeat(np.cumsum(counts) - counts, counts)
+    return rows, np.arange(len(rows), dtype=np.int64) - starts
 
 
 def open_arrow(paths: Sequence[Path | str], kind: str, *, random_access: bool = True) -> ArrowSource:

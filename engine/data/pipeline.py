@@ -116,6 +116,8 @@ def build_data(cfg: RunConfig, *, cache_dir: Path) -> DataBundle:
     norm = resolve_normalization(cfg)
     if cfg.data.dataset == "vqav2":
         return _vqav2(cfg, tokenizer, size, norm)
+    if cfg.data.dataset in ("snli_ve", "nlvr2"):
+        return _classification(cfg, tokenizer, size, norm)
     data = load_easy_vqa(cache_dir)
     if cfg.task is not None:
         splits = [data.train, data.split(cfg.data.eval_split)]
@@ -146,3 +148,20 @@ def _vqav2(cfg: RunConfig, tokenizer: PreTrainedTokenizerBase, size: int, norm: 
     return DataBundle(ArrowVQADataset(train, tokenizer, max_len, train_tf, norm, len(answers)),
                       ArrowVQADataset(evaluate, tokenizer, max_len, eval_tf, norm, len(answers)),
                       tokenizer, len(answers), answers)
+
+
+def _classification(cfg: RunConfig, tokenizer: PreTrainedTokenizerBase, size: int,
+                    norm: Normalization) -> DataBundle:
+    """SNLI-VE or NLVR2 from arrow files: class ids as labels, names as answers."""
+    from engine.data import nlvr2, snli_ve
+    from engine.data.images import image_transform
+
+    module, dataset = ((snli_ve, snli_ve.ArrowSNLIVEDataset) if cfg.data.dataset == "snli_ve"
+                       else (nlvr2, nlvr2.ArrowNLVR2Dataset))
+    names = list(snli_ve.LABELS if cfg.data.dataset == "snli_ve" else nlvr2.ANSWERS)
+    train_tf = image_transform(size, train=True, randaugment=cfg.data.augment == "randaugment")
+    eval_tf = image_transform(size, train=False)
+    max_len = cfg.data.max_text_len
+    train = dataset(module.open_split(cfg.data.root, cfg.data.train_split), tokenizer, max_len, train_tf, norm)
+    evaluate = dataset(module.open_split(cfg.data.root, cfg.data.eval_split), tokenizer, max_len, eval_tf, norm)
+    return DataBundle(train, evaluate, tokenizer, None, names)

@@ -14,14 +14,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-import numpy as np
 import pyarrow.compute as pc
 import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 from transformers import PreTrainedTokenizerBase
 
-from engine.data.arrow import ArrowSource, find_arrow_files, open_arrow
+from engine.data.arrow import ArrowSource, expand_items, find_arrow_files, list_lengths, open_arrow
 from engine.data.images import ImageTransform
 from engine.data.transforms import Normalization
 from engine.errors import RenError
@@ -58,10 +57,7 @@ class ArrowVQADataset(Dataset):
                  transform: ImageTransform, norm: Normalization, num_answers: int) -> None:
         self.source, self.tokenizer, self.max_text_len = source, tokenizer, max_text_len
         self.transform, self.norm, self.num_answers = transform, norm, num_answers
-        counts = pc.list_value_length(source.column("questions")).to_numpy(zero_copy_only=False)
-        counts = np.nan_to_num(counts.astype(np.float64)).astype(np.int64)
-        self.rows = np.repeat(np.arange(len(counts), dtype=np.int64), counts)
-        self.slots = np.concatenate([np.arange(c, dtype=np.int64) for c in counts]) if len(counts) else self.rows
+        self.rows, self.slots = expand_items(list_lengths(source.column("questions")))
         if not len(self.rows):
             raise RenError(f"{', '.join(map(str, source.paths))}: no questions.")
 

@@ -1,0 +1,117 @@
+"""NLVR2 from ViLT-format arrow files (``nlvr2_{split}.arrow``, ``vilt/utils/write_nlvr2.py``).
+
+Each arrow row is one image pair (``image_0``, ``image_1``, PNG) with the
+sentences written about it (``questions``) and their answers (``answers``, the
+strings ``"True"``/``"False"``); an item here is one sentence, labelled 1 for
+``"True"`` and 0 for ``"False"`` as ViLT's ``NLVR2Dataset`` does. Every answer
+is checked when the data set is built, so a bad file fails before training.
+
+``identifier`` holds the pair's id (``{split}-{set}-{pair}``: ViLT drops the
+last part of NLVR2's sentence ids when it groups sentences by pair, and that
+sentence index cannot be recovered from the row), so an item's identifier is
+``{pair id}#{k}`` for the k-th sentence of its row: unique, and its prefix says
+which file (``dev``/``test1``) it came from when splits are joined.
+Images are decoded per batch (once per pair); a sentence whose pair has an
+unreadable image is left out of its batch and counted in the source's
+``skipped_images`` (one count per pair: ``image_1`` is not read when
+``image_0`` fails).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import torch
+from torch import Tensor
+from torch.utils.data import Dataset
+from transformers import PreTrainedTokenizerBase
+
+from engine.data.arrow import ArrowSource, expand_items, find_arrow_files, list_lengths, open_arrow
+from engine.data.images import ImageTransform
+from engine.data.transforms import Normalization
+from engine.errors import RenError
+
+ANSWERS = ("False", "True")  # by label id
+
+
+def open_split(root: Path | str, split: str) -> ArrowSource:
+    """The memory-mapped rows of an NLVR2 split (``a+b`` joins splits)."""
+    return open_arrow(find_arrow_files(root, "nlvr2", split), "nlvr2")
+
+
+
+class ArrowNLVR2Dataset(Dataset):
+    """One item per sentence. Batch keys: ``input_ids``, ``attention_mask`` (B x L),
+    ``pixel_values_0``, ``pixel_values_1`` (B x 3 x S x S each, normalised),
+    ``labels`` (B, int64: 1 true, 0 false), ``identifiers`` (B strings)."""
+
+    def __init__(self, source: ArrowSource, tokenizer: PreTrainedTokenizerBase, max_text_len: int,
+                 transform: ImageTransform, norm: Normalization) -> None:
+        self.source, self.tokenizer, self.max_text_len = source, tokenizer, max_text_len
+        self.transform, self.norm = transform, norm
+        paths = ", ".join(map(str, source.paths))
+        if not len(source):
+            raise RenError(f"{paths}: no rows.")
+        questions, answers = source.column("questions"), source.column("answers")
+        counts, answer_counts = list_lengths(questions), list_lengths(answers)
+        bad = np.flatnonzero(counts != answer_counts)
+        if len(bad):
+            path, local = source.locate(int(bad[0]))
+            raise RenError(f"{path} row {local}: {counts[bad[0]]} sentences but {answer_counts[bad[0]]} answers; "
+                           "ViLT's write_nlvr2.py writes one answer per sentence.")
+        self.rows, self.slots = expand_items(counts)
+        if not len(self.rows):
+            raise RenError(f"{paths}: no sentences.")
+        flat = pc.list_flatten(answers)
+        valid = pc.fill_null(pc.is_in(flat, value_set=pa.array(ANSWERS)), False).to_numpy(zero_copy_only=False)
+        bad = np.flatnonzero(~valid)
+        if len(bad):
+            row, slot = int(self.rows[bad[0]]), int(self.slots[bad[0]])
+            path, local = source.locate(row)
+            cells = source.row(row, ("answers", "identifier"))
+            raise RenError(f"{path} row {local} ({cells['identifier']}): answers[{slot}] = "
+                           f"{cells['answers'][slot]!r}, but NLVR2 answers are the strings \"True\" and \"False\". "
+                           f"Answers that are neither: {len(bad)} of {len(self.rows)} in {paths}.")
+        self.labels = pc.equal(flat, ANSWERS[1]).to_numpy(zero_copy_only=False).astype(np.int64)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def _pair(self, row: int) -> tuple[Tensor, Tensor] | None:
+        first = self.source.image(row, "image_0")
+        if first is None:
+            return None
+        second = self.source.image(row, "image_1")
+        return None if second is None else (self.transform(first), self.transform(second))
+
+    def __getitems__(self, indices: list[int]) -> dict[str, Tensor | list[str]]:
+        pairs: dict[int, tuple[Tensor, Tensor] | None] = {}
+        cells: dict[int, dict] = {}
+        texts, kept, identifiers, left, right = [], [], [], [], []
+        for index in indices:
+            row, slot = int(self.rows[index]), int(self.slots[index])
+            if row not in pairs:
+                pairs[row] = self._pair(row)
+            pair = pairs[row]
+            if pair is None:
+                continue
+            if row not in cells:
+                cells[row] = self.source.row(row, ("questions", "identifier"))
+            texts.append(cells[row]["questions"][slot])
+            identifiers.append(f"{cells[row]['identifier']}#{slot}")
+            kept.append(index)
+            left.append(pair[0])
+            right.append(pair[1])
+        if not texts:
+            path = self.source.locate(int(self.rows[indices[0]]))[0]
+            raise RenError(f"Every image pair of a batch of {len(indices)} NLVR2 sentences had an unreadable image "
+                           f"({self.source.skipped_images} skipped so far) in {path}.")
+        encoding = self.tokenizer(texts, padding="longest", truncation=True, max_length=self.max_text_len,
+                                  return_tensors="pt")
+        return {"input_ids": encoding["input_ids"], "attention_mask": encoding["attention_mask"],
+                "pixel_values_0": self.norm.apply(torch.stack(left)),
+                "pixel_values_1": self.norm.apply(torch.stack(right)),
+                "labels": torch.as_tensor(self.labels[kept], dtype=torch.int64), "identifiers": identifiers}

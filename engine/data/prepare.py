@@ -1,0 +1,725 @@
+"""``ren data prepare``: an original data set release -> the ViLT/METER arrow files the engine reads.
+
+:func:`prepare` reads the original annotation files and image folders of a
+task from ``source`` and writes the arrow files of :data:`engine.data.arrow.ARROW_KINDS`
+into ``out``, one row per image (one per image pair for NLVR2) holding all texts
+of that image, the image stored as its original encoded bytes, as ViLT's
+``vilt/utils/write_*.py`` (METER's ``write_snli.py`` for SNLI-VE) do:
+
+============  ==========================================================  ==========================================
+task          reads from ``source``                                       writes
+============  ==========================================================  ==========================================
+vqav2         ``v2_OpenEnded_mscoco_{train2014,val2014,test2015,          ``vqav2_{train,val,test,test-dev}.arrow``,
+              test-dev2015}_questions.json``,                              ``vqav2_{trainable_val,rest_val}.arrow``
+              ``v2_mscoco_{train2014,val2014}_annotations.json``,          (val split: all but its last
+              ``train2014/``, ``val2014/``, ``test2015/``                  :data:`VQAV2_REST_VAL_IMAGES` rows, and
+              (``COCO_train2014_000000xxxxxx.jpg``)                       those)
+coco_caption  Karpathy's ``dataset_coco.json`` (or ``karpathy/...``),     ``coco_caption_karpathy_{train,restval,
+              images under ``<filepath>/<filename>`` (``val2014/...``)     val,test}.arrow``
+f30k_caption  ``dataset_flickr30k.json`` (or ``karpathy/...``),           ``f30k_caption_karpathy_{train,val,
+              ``flickr30k-images/`` (or METER's ``Flickr30K/images/``)     test}.arrow``
+nlvr2         ``{train,dev,test1}.json`` (JSON lines; in ``source``,      ``nlvr2_{train,dev,test1}.arrow``, and
+              ``data/`` or ``nlvr2/data/``; ``balanced/`` and              ``nlvr2_{balanced,unbalanced}_{dev,
+              ``unbalanced/`` optional), images ``images/train/            test1}.arrow`` when their files exist
+              <directory>/<set>-img0.png`` and ``dev/``, ``test1/``
+              (or ``images/dev/``, ``images/test1/``)
+snli_ve       ``snli_ve_{train,dev,test}.jsonl``, ``flickr30k-images/``   ``snli_{train,dev,test}.arrow``
+              (or ``Flickr30K/images/``) ``<Flickr30K_ID>.jpg``
+============  ==========================================================  ==========================================
+
+What follows ViLT and what differs
+----------------------------------
+* VQAv2: the answer vocabulary counts ``multiple_choice_answer`` of every
+  train2014 and val2014 question, normalised, and keeps those seen at least 9
+  times (:func:`engine.vqa_answers.build_answer_vocab`, ordered by count rather
+  than ViLT's first-seen order, so label ids differ from ViLT's published files;
+  the engine reads the vocabulary back from the ``answers`` column). A
+  question's labels and soft scores are :func:`engine.vqa_answers.soft_targets`
+  of its ten answers, and ``answers`` holds the vocabulary strings of those
+  labels, as ViLT writes them. Train and val questions with no answer in the
+  vocabulary are left out (ViLT's filter), and so are images left without
+  questions. Test rows have empty answer lists, typed like the train rows
+  (ViLT's are ``list<null>``; the reader accepts both). ViLT shuffles the images
+  of a split at random before writing and cuts ``rest_val`` (its minival) off as
+  the last 1,000 rows of ``vqav2_val.arrow``; here rows follow the order of the
+  annotation files, so the cut is reproducible. ``trainable_val`` and
+  ``rest_val`` are rewritten whenever ``vqav2_val.arrow`` is.
+* Caption sets: ``caption`` holds the ``raw`` sentences of the Karpathy record,
+  ``image_id`` its file name, ``split`` its Karpathy split; rows follow the JSON.
+* NLVR2: sentences are grouped by their identifier less its last ``-k`` (the
+  image pair ``split-set-pair``), which is also the row's ``identifier``; the
+  images are ``<identifier>-img0.png`` and ``-img1.png`` in the folder of the
+  identifier's split (``images/train/<directory>/`` for train).
+* SNLI-VE: ``sentences`` holds [premise, hypothesis] pairs, ``labels`` 0
+  contradiction, 1 neutral, 2 entailment, grouped per ``Flickr30K_ID``.
+
+Skipped records, resuming, errors
+---------------------------------
+A record is left out, and listed in the :class:`PrepareReport`, when its image
+file is missing or does not decode with PIL, or when it has no text
+(``missing annotation``), an unknown label or Karpathy split, or (VQAv2) no answer
+in the vocabulary. Each output file is written to ``.<name>.partial`` in
+record batches of at most :data:`BATCH_ROWS` rows or :data:`BATCH_BYTES` image
+bytes (images are never all in memory), synced, then renamed over ``<name>``;
+an existing complete file (an arrow file whose footer and columns are right) is
+kept unless ``force``, so an interrupted run resumes at its first unfinished
+file. A missing input file or image folder, or malformed JSON, raises a
+:class:`~engine.errors.RenError` naming the file, the record and the key.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from io import BytesIO
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+from filelock import FileLock, Timeout
+from PIL import Image
+
+from engine.data.arrow import ArrowKind, arrow_kind, check_schema
+from engine.errors import RenError
+from engine.vqa_answers import build_answer_vocab, load_vqa_json, soft_targets
+
+Progress = Callable[[int, int], None]
+
+TASKS = ("vqav2", "coco_caption", "f30k_caption", "nlvr2", "snli_ve")
+BATCH_ROWS = 1000
+BATCH_BYTES = 256 << 20
+VQAV2_REST_VAL_IMAGES = 1000  # ViLT's rest_val: the last 1,000 images of vqav2_val.arrow
+
+MISSING_IMAGE = "missing image file"
+UNREADABLE_IMAGE = "unreadable image"
+MISSING_ANNOTATION = "missing annotation"
+UNKNOWN_LABEL = "unknown label"
+UNKNOWN_SPLIT = "unknown split"
+NO_VOCAB_ANSWER = "no answer in the vocabulary"
+
+_EXAMPLES_PER_REASON = 3
+_LOCK_NAME = ".ren-prepare.lock"
+
+_STRING = pa.string()
+_LIST_STRING = pa.list_(pa.string())
+_LIST_INT = pa.list_(pa.int64())
+CAPTION_SCHEMA = pa.schema([("image", pa.binary()), ("caption", _LIST_STRING), ("image_id", _STRING),
+                            ("split", _STRING)])
+VQAV2_SCHEMA = pa.schema([("image", pa.binary()), ("questions", _LIST_STRING), ("answers", pa.list_(_LIST_STRING)),
+                          ("answer_labels", pa.list_(_LIST_INT)), ("answer_scores", pa.list_(pa.list_(pa.float64()))),
+                          ("image_id", pa.int64()), ("question_id", _LIST_INT), ("split", _STRING)])
+NLVR2_SCHEMA = pa.schema([("image_0", pa.binary()), ("image_1", pa.binary()), ("questions", _LIST_STRING),
+                          ("answers", _LIST_STRING), ("identifier", _STRING)])
+SNLI_SCHEMA = pa.schema([("image", pa.binary()), ("sentences", pa.list_(_LIST_STRING)), ("labels", _LIST_INT)])
+
+SNLI_LABELS = {"contradiction": 0, "neutral": 1, "entailment": 2}
+NLVR2_LABELS = ("True", "False")
+
+_VQAV2_SPLITS = {  # split -> questions file, annotations file (None for test splits), image folder
+    "train": ("v2_OpenEnded_mscoco_train2014_questions.json", "v2_mscoco_train2014_annotations.json", "train2014"),
+    "val": ("v2_OpenEnded_mscoco_val2014_questions.json", "v2_mscoco_val2014_annotations.json", "val2014"),
+    "test": ("v2_OpenEnded_mscoco_test2015_questions.json", None, "test2015"),
+    "test-dev": ("v2_OpenEnded_mscoco_test-dev2015_questions.json", None, "test2015"),
+}
+_VQAV2_FROM = ("the VQAv2 release from visualqa.org (the questions and annotations zips, unpacked into the source "
+               "folder) and the COCO image folders train2014/, val2014/ and test2015/ from cocodataset.org")
+_KARPATHY_FROM = "Karpathy's caption_datasets.zip (dataset_coco.json, dataset_flickr30k.json)"
+_FLICKR_DIRS = ("flickr30k-images", "Flickr30K/images")
+_NLVR2_DATA_DIRS = ("", "data", "nlvr2/data")
+_NLVR2_FROM = ("the NLVR2 release (github.com/lil-lab/nlvr, nlvr2/data/*.json: one JSON object per line) with its "
+               "images in images/train/<directory>/, dev/ and test1/")
+_SNLI_FROM = ("the SNLI-VE release (github.com/necla-ml/SNLI-VE: snli_ve_{train,dev,test}.jsonl) with the Flickr30k "
+              "images in flickr30k-images/")
+
+
+@dataclass(frozen=True)
+class SkippedRecord:
+    """A source record left out of ``output``: what it was, why, and the file or value at fault."""
+
+    output: str  # the output file's name ("" when the record belongs to no output, e.g. an unknown split)
+    record: str
+    reason: str
+    detail: str = ""
+
+
+@dataclass(frozen=True)
+class OutputFile:
+    """One output file: its rows and texts, and whether this call ``written`` it or ``kept`` it as complete."""
+
+    name: str
+    path: Path
+    rows: int
+    texts: int
+    status: str
+
+
+@dataclass
+class PrepareReport:
+    """What :func:`prepare` wrote, kept and left out."""
+
+    task: str
+    source: Path
+    out: Path
+    outputs: list[OutputFile] = field(default_factory=list)
+    skipped: list[SkippedRecord] = field(default_factory=list)
+    unavailable: list[str] = field(default_factory=list)  # optional outputs whose input file is absent
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def rows(self) -> dict[str, int]:
+        """Rows per output file name."""
+        return {output.name: output.rows for output in self.outputs}
+
+    @property
+    def written(self) -> list[str]:
+        """The names of the files this call wrote."""
+        return [output.name for output in self.outputs if output.status == "written"]
+
+    @property
+    def kept(self) -> list[str]:
+        """The names of the complete files this call left as they were."""
+        return [output.name for output in self.outputs if output.status == "kept"]
+
+    def skipped_counts(self) -> Counter[str]:
+        """Skipped records per reason."""
+        return Counter(record.reason for record in self.skipped)
+
+    def summary(self) -> str:
+        """A few lines for a terminal: the files with their rows, then the skipped records by reason."""
+        lines = [f"{self.task}: {len(self.outputs)} arrow files in {self.out} ({len(self.written)} written, "
+                 f"{len(self.kept)} kept as complete)"]
+        width = max((len(output.name) for output in self.outputs), default=0)
+        for output in self.outputs:
+            lines.append(f"  {output.name:<{width}}  {output.status:<7}  {output.rows:>9,} rows  "
+                         f"{output.texts:>10,} texts")
+        for name in self.unavailable:
+            lines.append(f"  {name:<{width}}  not written: {_describe_unavailable(name)}")
+        counts = self.skipped_counts()
+        if counts:
+            lines.append(f"Skipped {len(self.skipped):,} records: "
+                         + ", ".join(f"{count:,} {reason}" for reason, count in counts.most_common()))
+            for reason in counts:
+                examples = [record for record in self.skipped if record.reason == reason][:_EXAMPLES_PER_REASON]
+                for record in examples:
+                    where = f" [{record.output}]" if record.output else ""
+                    lines.append(f"  {reason}: {record.record}{where}" + (f": {record.detail}" if record.detail
+                                                                          else ""))
+                if counts[reason] > len(examples):
+                    lines.append(f"  {reason}: ... and {counts[reason] - len(examples):,} more")
+        else:
+            lines.append("Skipped no records.")
+        lines.extend(self.notes)
+        return "\n".join(lines)
+
+
+def _describe_unavailable(name: str) -> str:
+    return f"its input file ({name.removeprefix('nlvr2_').removesuffix('.arrow')}.json) is not in the source"
+
+
+@dataclass(frozen=True)
+class _Row:
+    """One output row to be: how the report names it, its image files, its other cells in schema order."""
+
+    record: str
+    images: tuple[Path, ...]
+    values: tuple[Any, ...]
+    texts: int
+
+
+@dataclass
+class _Output:
+    """An output file to write: its rows, the records already left out, the image folders it needs."""
+
+    name: str
+    schema: pa.Schema
+    rows: list[_Row] = field(default_factory=list)
+    skipped: list[SkippedRecord] = field(default_factory=list)
+
+
+# --- reading the original files ---------------------------------------------------------------------------------
+
+
+def _require_source(source: Path, task: str, expected: str) -> None:
+    if not source.is_dir():
+        raise RenError(f"The {task} source folder {source} does not exist or is not a folder; it should hold "
+                       f"{expected}.")
+
+
+def _find(source: Path, task: str, candidates: Sequence[str], expected: str, *, folder: bool = False) -> Path:
+    """The first of ``source / candidate`` that exists (as a folder when ``folder``); else a RenError."""
+    _require_source(source, task, expected)
+    for candidate in candidates:
+        path = source / candidate
+        if path.is_dir() if folder else path.is_file():
+            return path
+    kind = "image folder" if folder else "input file"
+    looked = " or ".join(str(source / candidate) for candidate in candidates)
+    raise RenError(f"{task}: the {kind} {Path(candidates[0]).name}{'/' if folder else ''} is missing (looked for "
+                   f"{looked}). {task} is prepared from {expected}.")
+
+
+def _read_json(path: Path, task: str) -> Any:
+    try:
+        with path.open(encoding="utf-8") as file:
+            return json.load(file)
+    except json.JSONDecodeError as error:
+        raise RenError(f"{task}: {path} is not valid JSON (line {error.lineno}, column {error.colno}: "
+                       f"{error.msg}).") from None
+    except UnicodeDecodeError as error:
+        raise RenError(f"{task}: {path} is not UTF-8 text ({error}).") from None
+
+
+def _read_jsonl(path: Path, task: str) -> Iterator[tuple[int, Any]]:
+    """``(line number, record)`` for each non-blank line of the JSON-lines file ``path``."""
+    try:
+        with path.open(encoding="utf-8") as file:
+            for number, line in enumerate(file, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    yield number, json.loads(line)
+                except json.JSONDecodeError as error:
+                    raise RenError(f"{task}: line {number} of {path} is not valid JSON (column {error.colno}: "
+                                   f"{error.msg}); the file holds one JSON object per line.") from None
+    except UnicodeDecodeError as error:
+        raise RenError(f"{task}: {path} is not UTF-8 text ({error}).") from None
+
+
+_TYPE_NAMES = {str: "a string", int: "an integer", list: "a list", dict: "an object"}
+
+
+def _field(record: Any, key: str, kinds: type | tuple[type, ...], path: Path, where: str, task: str) -> Any:
+    """``record[key]``, checked to exist and to be of ``kinds``; ``where`` names the record in messages."""
+    if not isinstance(record, dict):
+        raise RenError(f"{task}: {where} of {path} is {_TYPE_NAMES.get(type(record), type(record).__name__)}, "
+                       "expected a JSON object.")
+    if key not in record:
+        keys = ", ".join(map(repr, list(record)[:12])) or "none"
+        raise RenError(f"{task}: {where} of {path} has no key {key!r} (its keys: {keys}).")
+    value = record[key]
+    allowed = kinds if isinstance(kinds, tuple) else (kinds,)
+    if not isinstance(value, allowed) or isinstance(value, bool):
+        expected = " or ".join(_TYPE_NAMES.get(kind, kind.__name__) for kind in allowed)
+        raise RenError(f"{task}: {where} of {path} has {key!r} = {str(value)[:80]!r}, expected {expected}.")
+    return value
+
+
+def _top_list(content: Any, key: str, path: Path, task: str) -> list[Any]:
+    if not isinstance(content, dict) or not isinstance(content.get(key), list):
+        raise RenError(f"{task}: {path} has no top-level list {key!r}; expected the original layout "
+                       f"{{{key!r}: [...], ...}}.")
+    return content[key]
+
+
+def _load_image(path: Path) -> tuple[bytes | None, str, str]:
+    """``(bytes, "", "")`` for an image file that decodes, else ``(None, reason, detail)``."""
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return None, MISSING_IMAGE, str(path)
+    except OSError as error:
+        return None, UNREADABLE_IMAGE, f"{path}: {error.strerror or error}"
+    try:
+        with Image.open(BytesIO(data)) as image:
+            image.draft(None, (1, 1))  # JPEG decodes at 1/8 scale: every byte is still read, 4x less work
+            image.load()
+    except Exception as error:  # PIL's decoders raise many types on bad bytes; all mean "unreadable"
+        return None, UNREADABLE_IMAGE, f"{path}: {error}"
+    return data, "", ""
+
+
+# --- writing ------------------------------------------------------------------------------------------------------
+
+
+@contextmanager
+def _atomic_ipc_file(final: Path, schema: pa.Schema) -> Iterator[pa.ipc.RecordBatchFileWriter]:
+    """An IPC file writer on ``.<name>.partial``, synced and renamed over ``final`` when the block completes."""
+    temporary = final.with_name(f".{final.name}.partial")
+    try:
+        with pa.OSFile(str(temporary), "wb") as sink, pa.ipc.new_file(sink, schema) as writer:
+            yield writer
+        with open(temporary, "rb") as file:
+            os.fsync(file.fileno())
+        os.replace(temporary, final)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
+
+
+def _complete_counts(path: Path, kind: ArrowKind) -> tuple[int, int] | None:
+    """``(rows, texts)`` of ``path`` when it is a complete arrow file of ``kind``, else ``None``."""
+    try:
+        with pa.memory_map(str(path)) as source:
+            reader = pa.ipc.open_file(source)
+            check_schema(path, reader.schema, kind)
+            rows = texts = 0
+            for index in range(reader.num_record_batches):
+                batch = reader.get_batch(index)
+                rows += batch.num_rows
+                texts += pc.sum(pc.list_value_length(batch.column(kind.text_column))).as_py() or 0
+            return rows, texts
+    except (OSError, pa.ArrowException, RenError):
+        return None
+
+
+class _Job:
+    """One :func:`prepare` call: which outputs are complete, writing the others, the report."""
+
+    def __init__(self, task: str, source: Path, out: Path, progress: Progress | None, force: bool) -> None:
+        self.task, self.kind, self.source, self.out = task, arrow_kind(task), source, out
+        self.progress, self.force = progress, force
+        self.report = PrepareReport(task=task, source=source, out=out)
+        self._files: dict[str, OutputFile] = {}
+        self._done = self._total = 0
+
+    def complete(self, name: str) -> bool:
+        """Whether ``name`` is kept as it is: not ``force`` and a complete file of the kind exists."""
+        path = self.out / name
+        if self.force or not path.exists():
+            return False
+        counts = _complete_counts(path, self.kind)
+        if counts is None:
+            self.report.notes.append(f"{path} existed but was not a complete {self.kind.name} arrow file; "
+                                     "it was written again.")
+            return False
+        self._files[name] = OutputFile(name, path, *counts, status="kept")
+        return True
+
+    def write(self, outputs: Sequence[_Output]) -> None:
+        """Write ``outputs`` in order, reporting progress per source row."""
+        self._done, self._total = 0, sum(len(output.rows) for output in outputs)
+        self._tick(0)
+        for output in outputs:
+            self.report.skipped.extend(output.skipped)
+            self._write_output(output)
+
+    def _tick(self, step: int = 1) -> None:
+        self._done += step
+        if self.progress is not None:
+            self.progress(self._done, self._total)
+
+    def _write_output(self, output: _Output) -> None:
+        columns: list[list[Any]] = [[] for _ in output.schema]
+        pending_bytes = rows = texts = 0
+        images = len(self.kind.image_columns)
+
+        def flush(writer: pa.ipc.RecordBatchFileWriter) -> None:
+            nonlocal pending_bytes
+            if columns[0]:
+                arrays = [pa.array(values, type=column.type) for values, column in zip(columns, output.schema)]
+                writer.write_batch(pa.record_batch(arrays, schema=output.schema))
+                for values in columns:
+                    values.clear()
+            pending_bytes = 0
+
+        path = self.out / output.name
+        with _atomic_ipc_file(path, output.schema) as writer:
+            for row in output.rows:
+                encoded = self._read_images(row, output.name)
+                if encoded is not None:
+                    for values, value in zip(columns, (*encoded, *row.values)):
+                        values.append(value)
+                    rows += 1
+                    texts += row.texts
+                    pending_bytes += sum(map(len, encoded))
+                    if len(columns[0]) >= BATCH_ROWS or pending_bytes >= BATCH_BYTES:
+                        flush(writer)
+                self._tick()
+            flush(writer)
+        assert len(encoded if output.rows and encoded else [None] * images) == images
+        self._files[output.name] = OutputFile(output.name, path, rows, texts, status="written")
+
+    def _read_images(self, row: _Row, output: str) -> list[bytes] | None:
+        encoded = []
+        for path in row.images:
+            data, reason, detail = _load_image(path)
+            if data is None:
+                self.report.skipped.append(SkippedRecord(output, row.record, reason, detail))
+                return None
+            encoded.append(data)
+        return encoded
+
+    def split_copy(self, source_name: str, parts: Sequence[tuple[str, int]], tail: int) -> None:
+        """Write ``parts`` (name, which: 0 = all rows but the last ``tail``, 1 = those) of the file ``source_name``."""
+        source = self.out / source_name
+        with pa.memory_map(str(source)) as mapped:
+            table = pa.ipc.open_file(mapped).read_all()
+            cut = max(0, table.num_rows - tail)
+            for name, which in parts:
+                part = table.slice(0, cut) if which == 0 else table.slice(cut)
+                path = self.out / name
+                with _atomic_ipc_file(path, table.schema) as writer:
+                    writer.write_table(part, max_chunksize=BATCH_ROWS)
+                texts = pc.sum(pc.list_value_length(part.column(self.kind.text_column))).as_py() or 0
+                self._files[name] = OutputFile(name, path, part.num_rows, texts, status="written")
+
+    def finish(self, names: Sequence[str]) -> PrepareReport:
+        """The report, its files in the order of ``names``."""
+        self.report.outputs = [self._files[name] for name in names if name in self._files]
+        return self.report
+
+
+# --- the tasks ----------------------------------------------------------------------------------------------------
+
+
+def prepare_vqav2(source: Path, out: Path, *, progress: Progress | None = None, force: bool = False,
+                  rest_val_images: int = VQAV2_REST_VAL_IMAGES) -> PrepareReport:
+    """VQAv2 (see the module docstring); ``vqav2_rest_val.arrow`` gets the last ``rest_val_images`` rows of val."""
+    if rest_val_images < 0:
+        raise RenError(f"vqav2: rest_val_images must be at least 0, got {rest_val_images}.")
+    job = _Job("vqav2", Path(source), Path(out), progress, force)
+    names = {split: f"vqav2_{split}.arrow" for split in (*_VQAV2_SPLITS, "trainable_val", "rest_val")}
+    pending = [split for split in _VQAV2_SPLITS if not job.complete(names[split])]
+    derived = [split for split in ("trainable_val", "rest_val") if not job.complete(names[split]) or "val" in pending]
+    if pending:
+        job.write(_vqav2_outputs(job.source, pending, names))
+    if derived:
+        job.split_copy(names["val"], [(names[split], 0 if split == "trainable_val" else 1) for split in derived],
+                       rest_val_images)
+    return job.finish(list(names.values()))
+
+
+def _vqav2_outputs(source: Path, splits: Sequence[str], names: dict[str, str]) -> list[_Output]:
+    files = {split: (_find(source, "vqav2", (questions,), _VQAV2_FROM),
+                     None if annotations is None else _find(source, "vqav2", (annotations,), _VQAV2_FROM),
+                     _find(source, "vqav2", (folder,), _VQAV2_FROM, folder=True))
+             for split, (questions, annotations, folder) in _VQAV2_SPLITS.items()
+             if split in splits or (annotations is not None and any(s in splits for s in ("train", "val")))}
+    examples = {split: load_vqa_json(questions, annotations) for split, (questions, annotations, _) in files.items()}
+    vocab_index: dict[str, int] = {}
+    if "train" in examples:
+        vocab = build_answer_vocab([example.multiple_choice_answer] for split in ("train", "val")
+                                   for example in examples[split])
+        vocab_index = {answer: label for label, answer in enumerate(vocab)}
+    outputs = []
+    for split in splits:
+        name, folder = names[split], files[split][2]
+        output = _Output(name, VQAV2_SCHEMA)
+        annotated = files[split][1] is not None
+        images: dict[int, list[tuple[int, str, list[str], list[int], list[float]]]] = {}
+        for example in examples[split]:
+            labels: list[int] = []
+            scores: list[float] = []
+            if annotated:
+                labels, scores = soft_targets(example.answers, vocab_index)
+                if not labels:
+                    output.skipped.append(SkippedRecord(
+                        name, f"question {example.question_id}", NO_VOCAB_ANSWER,
+                        f"multiple_choice_answer {example.multiple_choice_answer!r}"))
+                    continue
+            answers = [vocab[label] for label in labels] if annotated else []
+            images.setdefault(example.image_id, []).append((example.question_id, example.question, answers, labels,
+                                                            scores))
+        for image_id, questions in images.items():
+            cells = (
+                [question for _, question, _, _, _ in questions],
+                [answers for _, _, answers, _, _ in questions] if annotated else [],
+                [labels for _, _, _, labels, _ in questions] if annotated else [],
+                [scores for _, _, _, _, scores in questions] if annotated else [],
+                image_id,
+                [question_id for question_id, _, _, _, _ in questions],
+                split,
+            )
+            image = folder / f"COCO_{folder.name}_{image_id:012d}.jpg"
+            output.rows.append(_Row(f"image {image_id} ({len(questions)} questions)", (image,), cells,
+                                    len(questions)))
+        outputs.append(output)
+    return outputs
+
+
+def _prepare_karpathy(task: str, source: Path, out: Path, progress: Progress | None, force: bool,
+                      annotations: tuple[str, ...], splits: tuple[str, ...], prefix: str) -> PrepareReport:
+    job = _Job(task, Path(source), Path(out), progress, force)
+    names = {split: f"{prefix}_{split}.arrow" for split in splits}
+    pending = [split for split in splits if not job.complete(names[split])]
+    if pending:
+        path = _find(job.source, task, annotations, _KARPATHY_FROM + " and the images")
+        flickr = None if task == "coco_caption" else _find(job.source, task, _FLICKR_DIRS, "the Flickr30k images "
+                                                            "(flickr30k-images/) and " + _KARPATHY_FROM, folder=True)
+        outputs = {split: _Output(names[split], CAPTION_SCHEMA) for split in pending}
+        unknown: list[SkippedRecord] = []
+        for index, record in enumerate(_top_list(_read_json(path, task), "images", path, task)):
+            where = f"images[{index}]"
+            filename = _field(record, "filename", str, path, where, task)
+            split = _field(record, "split", str, path, where, task)
+            sentences = _field(record, "sentences", list, path, where, task)
+            captions = [_field(sentence, "raw", str, path, f"{where}.sentences[{k}]", task)
+                        for k, sentence in enumerate(sentences)]
+            if split not in names:
+                unknown.append(SkippedRecord("", f"{where} ({filename})", UNKNOWN_SPLIT,
+                                             f"split {split!r}, expected one of {', '.join(splits)}"))
+                continue
+            if split not in outputs:
+                continue
+            if flickr is None:
+                folder = _find(job.source, task, (_field(record, "filepath", str, path, where, task),),
+                               "the COCO images (train2014/, val2014/ from cocodataset.org) and " + _KARPATHY_FROM,
+                               folder=True)
+            else:
+                folder = flickr
+            if not captions:
+                outputs[split].skipped.append(SkippedRecord(names[split], filename, MISSING_ANNOTATION,
+                                                            f"{where} has no sentences"))
+                continue
+            outputs[split].rows.append(_Row(filename, (folder / filename,), (captions, filename, split),
+                                            len(captions)))
+        job.report.skipped.extend(unknown)
+        job.write([outputs[split] for split in pending])
+    return job.finish(list(names.values()))
+
+
+def prepare_coco_caption(source: Path, out: Path, *, progress: Progress | None = None,
+                         force: bool = False) -> PrepareReport:
+    """COCO captions, Karpathy splits (see the module docstring)."""
+    return _prepare_karpathy("coco_caption", source, out, progress, force,
+                             ("dataset_coco.json", "karpathy/dataset_coco.json"),
+                             ("train", "restval", "val", "test"), "coco_caption_karpathy")
+
+
+def prepare_f30k_caption(source: Path, out: Path, *, progress: Progress | None = None,
+                         force: bool = False) -> PrepareReport:
+    """Flickr30k captions, Karpathy splits (see the module docstring)."""
+    return _prepare_karpathy("f30k_caption", source, out, progress, force,
+                             ("dataset_flickr30k.json", "karpathy/dataset_flickr30k.json"),
+                             ("train", "val", "test"), "f30k_caption_karpathy")
+
+
+_NLVR2_REQUIRED = ("train", "dev", "test1")
+_NLVR2_OPTIONAL = ("balanced_dev", "balanced_test1", "unbalanced_dev", "unbalanced_test1")
+
+
+def _nlvr2_json(split: str) -> str:
+    return f"{split.split('_')[0]}/{split}.json" if "_" in split else f"{split}.json"
+
+
+def prepare_nlvr2(source: Path, out: Path, *, progress: Progress | None = None, force: bool = False) -> PrepareReport:
+    """NLVR2 (see the module docstring); the balanced/unbalanced splits are written when their files exist."""
+    task = "nlvr2"
+    job = _Job(task, Path(source), Path(out), progress, force)
+    names = {split: f"nlvr2_{split}.arrow" for split in (*_NLVR2_REQUIRED, *_NLVR2_OPTIONAL)}
+    pending = [split for split in names if not job.complete(names[split])]
+    inputs: dict[str, Path] = {}
+    for split in pending:
+        candidates = tuple(str(Path(base) / _nlvr2_json(split)) for base in _NLVR2_DATA_DIRS)
+        if split in _NLVR2_REQUIRED:
+            inputs[split] = _find(job.source, task, candidates, _NLVR2_FROM)
+        else:
+            found = [job.source / candidate for candidate in candidates if (job.source / candidate).is_file()]
+            if found:
+                inputs[split] = found[0]
+            else:
+                job.report.unavailable.append(names[split])
+    folders: dict[str, Path] = {}
+
+    def image_folder(prefix: str) -> Path:
+        if prefix not in folders:
+            candidates = ("images/train",) if prefix == "train" else (prefix, f"images/{prefix}")
+            folders[prefix] = _find(job.source, task, candidates, _NLVR2_FROM, folder=True)
+        return folders[prefix]
+
+    outputs = []
+    for split, path in inputs.items():
+        output = _Output(names[split], NLVR2_SCHEMA)
+        pairs: dict[str, tuple[Path, list[str], list[str]]] = {}
+        for number, record in _read_jsonl(path, task):
+            where = f"line {number}"
+            identifier = _field(record, "identifier", str, path, where, task)
+            sentence = _field(record, "sentence", str, path, where, task)
+            label = _field(record, "label", str, path, where, task)
+            pair, separator, _ = identifier.rpartition("-")
+            if not separator or not pair:
+                raise RenError(f"{task}: {where} of {path} has 'identifier' = {identifier!r}, expected "
+                               "split-set_id-pair_id-sentence_id (e.g. 'dev-850-0-0').")
+            if label not in NLVR2_LABELS:
+                output.skipped.append(SkippedRecord(names[split], identifier, UNKNOWN_LABEL,
+                                                    f"label {label!r}, expected 'True' or 'False'"))
+                continue
+            if pair not in pairs:
+                prefix = pair.split("-")[0]
+                folder = image_folder(prefix)
+                if prefix == "train":
+                    folder = folder / str(_field(record, "directory", (int, str), path, where, task))
+                pairs[pair] = (folder, [], [])
+            pairs[pair][1].append(sentence)
+            pairs[pair][2].append(label)
+        for pair, (folder, sentences, labels) in pairs.items():
+            images = (folder / f"{pair}-img0.png", folder / f"{pair}-img1.png")
+            output.rows.append(_Row(pair, images, (sentences, labels, pair), len(sentences)))
+        outputs.append(output)
+    job.write(outputs)
+    return job.finish(list(names.values()))
+
+
+def prepare_snli_ve(source: Path, out: Path, *, progress: Progress | None = None,
+                    force: bool = False) -> PrepareReport:
+    """SNLI-VE in METER's layout (see the module docstring)."""
+    task = "snli_ve"
+    job = _Job(task, Path(source), Path(out), progress, force)
+    names = {split: f"snli_{split}.arrow" for split in ("train", "dev", "test")}
+    pending = [split for split in names if not job.complete(names[split])]
+    if pending:
+        inputs = {split: _find(job.source, task, (f"snli_ve_{split}.jsonl",), _SNLI_FROM) for split in pending}
+        folder = _find(job.source, task, _FLICKR_DIRS, _SNLI_FROM, folder=True)
+        outputs = []
+        for split, path in inputs.items():
+            output = _Output(names[split], SNLI_SCHEMA)
+            images: dict[str, tuple[list[list[str]], list[int]]] = {}
+            for number, record in _read_jsonl(path, task):
+                where = f"line {number}"
+                image_id = str(_field(record, "Flickr30K_ID", (str, int), path, where, task))
+                premise = _field(record, "sentence1", str, path, where, task)
+                hypothesis = _field(record, "sentence2", str, path, where, task)
+                gold = _field(record, "gold_label", str, path, where, task)
+                if gold not in SNLI_LABELS:
+                    output.skipped.append(SkippedRecord(names[split], f"{where} (image {image_id})", UNKNOWN_LABEL,
+                                                        f"gold_label {gold!r}, expected one of "
+                                                        f"{', '.join(SNLI_LABELS)}"))
+                    continue
+                sentences, labels = images.setdefault(image_id, ([], []))
+                sentences.append([premise, hypothesis])
+                labels.append(SNLI_LABELS[gold])
+            for image_id, (sentences, labels) in images.items():
+                output.rows.append(_Row(f"{image_id}.jpg ({len(sentences)} pairs)", (folder / f"{image_id}.jpg",),
+                                        (sentences, labels), len(sentences)))
+            outputs.append(output)
+        job.write(outputs)
+    return job.finish(list(names.values()))
+
+
+_CONVERTERS: dict[str, Callable[..., PrepareReport]] = {
+    "vqav2": prepare_vqav2,
+    "coco_caption": prepare_coco_caption,
+    "f30k_caption": prepare_f30k_caption,
+    "nlvr2": prepare_nlvr2,
+    "snli_ve": prepare_snli_ve,
+}
+
+
+def prepare(task: str, source: Path, out: Path, *, progress: Progress | None = None,
+            force: bool = False) -> PrepareReport:
+    """Write the arrow files of ``task`` into ``out`` from the original release in ``source``.
+
+    ``progress(done, total)`` is called as source rows (images or image pairs)
+    are read, ``total`` counting the rows of the files being written. Complete
+    files already in ``out`` are kept unless ``force``. Another ``prepare``
+    writing into the same ``out`` makes this one fail rather than wait.
+    """
+    converter = _CONVERTERS.get(task)
+    if converter is None:
+        raise RenError(f"ren data prepare does not know the task {task!r}; the tasks are {', '.join(TASKS)}.")
+    out = Path(out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise RenError(f"{task}: cannot create the output folder {out}: {error.strerror or error}.") from None
+    lock = FileLock(str(out / _LOCK_NAME), timeout=0)
+    try:
+        with lock:
+            return converter(Path(source), out, progress=progress, force=force)
+    except Timeout:
+        raise RenError(f"{task}: another ren data prepare is writing into {out}; wait for it to finish.") from None
