@@ -345,16 +345,19 @@ class TaskConfig(_Section):
 
 
 _DEFAULT_SPLITS = {"easy_vqa": ("train", "test"), "vqav2": ("train+trainable_val", "rest_val"),
-                   "snli_ve": ("train", "dev"), "nlvr2": ("train", "dev")}
+                   "snli_ve": ("train", "dev"), "nlvr2": ("train", "dev"), "captions": ("train", "val")}
 _TASK_DATASETS = {"vqa": ("easy_vqa", "vqav2"), "snli_ve": ("snli_ve",), "nlvr2": ("nlvr2",)}
 
 
 class DataConfig(_Section):
-    dataset: Literal["easy_vqa", "vqav2", "snli_ve", "nlvr2"] = "easy_vqa"
+    dataset: Literal["easy_vqa", "vqav2", "snli_ve", "nlvr2", "captions"] = "easy_vqa"
     """``easy_vqa``: the embedded default (VQA for tasks, derived captions for
     pretraining). ``vqav2``, ``snli_ve``, ``nlvr2``: read from ViLT/METER-format
-    arrow files in ``root`` (``ren data prepare`` writes them from the original
-    releases)."""
+    arrow files in ``root``. ``captions``: pretraining on the caption corpora
+    listed in ``corpora``, from arrow files in ``root``."""
+    corpora: tuple[Literal["coco_caption", "vg", "f30k_caption", "cc", "sbu"], ...] = ()
+    """Caption corpora mixed for pretraining (``dataset = "captions"``): concatenated
+    as ViLT and METER do, so each is drawn in proportion to its captions."""
     root: str | None = None
     """Directory of the data set's arrow files (``vqav2_*.arrow``, ``snli_*.arrow``, ``nlvr2_*.arrow``)."""
     train_split: str | None = None
@@ -404,6 +407,9 @@ class DataConfig(_Section):
                                  "its images decoded in memory")
         elif self.root is None:
             raise ValueError(f"dataset = {self.dataset!r} needs 'root': the directory of its arrow files")
+        if (self.dataset == "captions") != bool(self.corpora):
+            raise ValueError("'corpora' lists the caption corpora of dataset = \"captions\" (e.g. "
+                             "[\"coco_caption\", \"vg\"]); give both or neither")
         return self
 
 
@@ -557,10 +563,10 @@ class RunConfig(_Section):
                 "a dual_encoder has no fusion layers, so only objectives.itc applies; "
                 "remove [objectives.mlm]/[objectives.itm]"
             )
-        if self.data.dataset != "easy_vqa" and self.objectives:
+        if self.data.dataset not in ("easy_vqa", "captions") and self.objectives:
             raise ValueError(
-                f"data.dataset = \"{self.data.dataset}\" is a finetuning data set; pretrain on easy_vqa, "
-                "then finetune with [task]"
+                f"data.dataset = \"{self.data.dataset}\" is a finetuning data set; pretrain on easy_vqa or "
+                "dataset = \"captions\", then finetune with [task]"
             )
         if self.task and self.data.dataset not in _TASK_DATASETS[self.task.name]:
             raise ValueError(

@@ -118,6 +118,8 @@ def build_data(cfg: RunConfig, *, cache_dir: Path) -> DataBundle:
         return _vqav2(cfg, tokenizer, size, norm)
     if cfg.data.dataset in ("snli_ve", "nlvr2"):
         return _classification(cfg, tokenizer, size, norm)
+    if cfg.data.dataset == "captions":
+        return _captions(cfg, tokenizer, size, norm)
     data = load_easy_vqa(cache_dir)
     if cfg.task is not None:
         splits = [data.train, data.split(cfg.data.eval_split)]
@@ -165,3 +167,24 @@ def _classification(cfg: RunConfig, tokenizer: PreTrainedTokenizerBase, size: in
     train = dataset(module.open_split(cfg.data.root, cfg.data.train_split), tokenizer, max_len, train_tf, norm)
     evaluate = dataset(module.open_split(cfg.data.root, cfg.data.eval_split), tokenizer, max_len, eval_tf, norm)
     return DataBundle(train, evaluate, tokenizer, None, names)
+
+
+def _captions(cfg: RunConfig, tokenizer: PreTrainedTokenizerBase, size: int, norm: Normalization) -> DataBundle:
+    """Pretraining corpora from arrow files; the eval set is the eval split of the
+    corpora that have one (COCO's Karpathy val, Flickr30k's test, CC's val)."""
+    from engine.data.arrow import arrow_kind
+    from engine.data.captions import ArrowCaptionDataset, open_corpus
+    from engine.data.images import image_transform
+
+    root, corpora = cfg.data.root, cfg.data.corpora
+    train = [open_corpus(root, corpus, cfg.data.train_split) for corpus in corpora]
+    with_eval = [c for c in corpora if cfg.data.eval_split in arrow_kind(c).vilt_splits]
+    if not with_eval:
+        raise ConfigError(f"data.eval_split = {cfg.data.eval_split!r}: none of the corpora {', '.join(corpora)} has "
+                          "such a split; add coco_caption, f30k_caption or cc, or choose another eval_split.")
+    evaluate = [open_corpus(root, corpus, cfg.data.eval_split) for corpus in with_eval]
+    train_tf = image_transform(size, train=True, randaugment=cfg.data.augment == "randaugment")
+    max_len = cfg.data.max_text_len
+    return DataBundle(ArrowCaptionDataset(train, tokenizer, max_len, train_tf, norm),
+                      ArrowCaptionDataset(evaluate, tokenizer, max_len, image_transform(size, train=False), norm),
+                      tokenizer, None, None)
