@@ -136,10 +136,14 @@ def _micro_batch(cfg: RunConfig, world: int) -> tuple[int, int]:
     return micro, cfg.train.batch_size // (micro * world)
 
 
-def init_weights_from(model: VLModel, source: str, store: Store) -> tuple[list[str], list[str]]:
+def init_weights_from(model: VLModel, source: str, store: Store) -> tuple[list[str], list[str], list[str]]:
     """Load ``run:<id>`` (that run's final or latest weights) or a directory/file.
-    Heads that differ (e.g. MLM head -> VQA head) are skipped. Returns (missing, unexpected)."""
+    Image position tables trained at another image size are resized to this model's;
+    other tensors that differ (e.g. MLM head -> VQA head) are skipped.
+    Returns (missing, skipped, resized) tensor names."""
     from safetensors.torch import load_file
+
+    from engine.models.resize import adapt_state_dict
 
     if source.startswith("run:"):
         run_dir = store.run_dir(store.get_run(source[4:]).id)
@@ -155,13 +159,13 @@ def init_weights_from(model: VLModel, source: str, store: Store) -> tuple[list[s
             path = path / (FINAL_WEIGHTS if (path / FINAL_WEIGHTS).exists() else "model.safetensors")
         if not path.exists():
             raise RenError(f"train.init_from = {source!r}: {path} does not exist.")
-    state = load_file(str(path))
     own = model.state_dict()
+    state, resized = adapt_state_dict(load_file(str(path)), own)
     usable = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
     result = model.load_state_dict(usable, strict=False)
     if not usable:
         raise RenError(f"train.init_from = {source!r}: no weights in {path} fit this model.")
-    return list(result.missing_keys), [k for k in state if k not in usable]
+    return list(result.missing_keys), [k for k in state if k not in usable], resized
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
@@ -238,8 +242,9 @@ def train(cfg: RunConfig, store: Store, run_id: str, *, resume: bool = False,
     data = build_data(cfg, cache_dir=Path(cfg.data.cache_dir) if cfg.data.cache_dir else store.root / "cache")
     model = build_model(cfg, vocab_size=data.vocab_size, num_answers=data.num_answers)
     if cfg.train.init_from and not resume:
-        missing, skipped = init_weights_from(model, cfg.train.init_from, store)
-        reporter.message(f"initialised from {cfg.train.init_from} ({len(missing)} new, {len(skipped)} skipped tensors)")
+        missing, skipped, resized = init_weights_from(model, cfg.train.init_from, store)
+        reporter.message(f"initialised from {cfg.train.init_from} ({len(missing)} new, {len(skipped)} skipped, "
+                         f"{len(resized)} resized tensors{': ' + ', '.join(resized) if resized else ''})")
     freeze_report = apply_freeze(model, cfg.freeze)
     if freeze_report.trainable == 0:
         raise ConfigError("freeze.groups freezes every parameter; nothing would train.")
