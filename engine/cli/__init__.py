@@ -209,6 +209,23 @@ def submit(
                  time_limit=time_limit, sbatch_lines=list(sbatch or ()), workdir=workdir, now=now)
 
 
+data_app = typer.Typer(help="Prepare data sets for training.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+
+
+@data_app.command("prepare")
+def data_prepare(
+    task: Annotated[str, typer.Argument(help="vqav2, coco_caption, f30k_caption, nlvr2 or snli_ve.")],
+    source: Annotated[Path, typer.Option("--source", help="The original release: annotation files and images.")],
+    out: Annotated[Path, typer.Option("--out", help="Where the arrow files go (data.root of the presets).")],
+    force: Annotated[bool, typer.Option("--force", help="Rewrite files that are already complete.")] = False,
+) -> None:
+    """Convert an original release into the ViLT-format arrow files `ren run` reads (resumable)."""
+    from engine.cli import data
+
+    data.prepare(task, source, out, force=force)
+
+
 def main() -> None:
     """Entry point: user errors print one paragraph and exit with code 2."""
     try:

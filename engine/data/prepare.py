@@ -6,26 +6,22 @@ into ``out``, one row per image (one per image pair for NLVR2) holding all texts
 of that image, the image stored as its original encoded bytes, as ViLT's
 ``vilt/utils/write_*.py`` (METER's ``write_snli.py`` for SNLI-VE) do:
 
-============  ==========================================================  ==========================================
-task          reads from ``source``                                       writes
-============  ==========================================================  ==========================================
-vqav2         ``v2_OpenEnded_mscoco_{train2014,val2014,test2015,          ``vqav2_{train,val,test,test-dev}.arrow``,
-              test-dev2015}_questions.json``,                              ``vqav2_{trainable_val,rest_val}.arrow``
-              ``v2_mscoco_{train2014,val2014}_annotations.json``,          (val split: all but its last
-              ``train2014/``, ``val2014/``, ``test2015/``                  :data:`VQAV2_REST_VAL_IMAGES` rows, and
-              (``COCO_train2014_000000xxxxxx.jpg``)                       those)
-coco_caption  Karpathy's ``dataset_coco.json`` (or ``karpathy/...``),     ``coco_caption_karpathy_{train,restval,
-              images under ``<filepath>/<filename>`` (``val2014/...``)     val,test}.arrow``
-f30k_caption  ``dataset_flickr30k.json`` (or ``karpathy/...``),           ``f30k_caption_karpathy_{train,val,
-              ``flickr30k-images/`` (or METER's ``Flickr30K/images/``)     test}.arrow``
-nlvr2         ``{train,dev,test1}.json`` (JSON lines; in ``source``,      ``nlvr2_{train,dev,test1}.arrow``, and
-              ``data/`` or ``nlvr2/data/``; ``balanced/`` and              ``nlvr2_{balanced,unbalanced}_{dev,
-              ``unbalanced/`` optional), images ``images/train/            test1}.arrow`` when their files exist
-              <directory>/<set>-img0.png`` and ``dev/``, ``test1/``
-              (or ``images/dev/``, ``images/test1/``)
-snli_ve       ``snli_ve_{train,dev,test}.jsonl``, ``flickr30k-images/``   ``snli_{train,dev,test}.arrow``
-              (or ``Flickr30K/images/``) ``<Flickr30K_ID>.jpg``
-============  ==========================================================  ==========================================
+* ``vqav2``: ``v2_OpenEnded_mscoco_{train2014,val2014,test2015,test-dev2015}_questions.json``,
+  ``v2_mscoco_{train2014,val2014}_annotations.json`` and the COCO folders ``train2014/``,
+  ``val2014/``, ``test2015/`` (``COCO_train2014_000000xxxxxx.jpg``) -> ``vqav2_{train,val,test,
+  test-dev}.arrow``, and val cut in two: ``vqav2_trainable_val.arrow`` (all but the last
+  :data:`VQAV2_REST_VAL_IMAGES` rows) and ``vqav2_rest_val.arrow`` (those).
+* ``coco_caption``: Karpathy's ``dataset_coco.json`` (or ``karpathy/dataset_coco.json``), images at
+  ``<filepath>/<filename>`` (``val2014/COCO_val2014_...jpg``) -> ``coco_caption_karpathy_{train,
+  restval,val,test}.arrow``.
+* ``f30k_caption``: ``dataset_flickr30k.json`` (or ``karpathy/...``), images in ``flickr30k-images/``
+  (or METER's ``Flickr30K/images/``) -> ``f30k_caption_karpathy_{train,val,test}.arrow``.
+* ``nlvr2``: ``{train,dev,test1}.json`` (JSON lines, in ``source``, ``data/`` or ``nlvr2/data/``),
+  images ``images/train/<directory>/<pair>-img0.png``/``-img1.png`` and ``dev/``, ``test1/`` (or
+  ``images/dev/``, ``images/test1/``) -> ``nlvr2_{train,dev,test1}.arrow``; also
+  ``nlvr2_{balanced,unbalanced}_{dev,test1}.arrow`` when ``balanced/balanced_dev.json`` etc. exist.
+* ``snli_ve``: ``snli_ve_{train,dev,test}.jsonl`` and ``flickr30k-images/<Flickr30K_ID>.jpg`` (or
+  ``Flickr30K/images/``) -> ``snli_{train,dev,test}.arrow``.
 
 What follows ViLT and what differs
 ----------------------------------
@@ -35,8 +31,9 @@ What follows ViLT and what differs
   than ViLT's first-seen order, so label ids differ from ViLT's published files;
   the engine reads the vocabulary back from the ``answers`` column). A
   question's labels and soft scores are :func:`engine.vqa_answers.soft_targets`
-  of its ten answers, and ``answers`` holds the vocabulary strings of those
-  labels, as ViLT writes them. Train and val questions with no answer in the
+  of its ten answers (which normalises each answer before counting; ViLT counts
+  them as written, so "two" does not count for "2" there), and ``answers`` holds
+  the vocabulary strings of those labels, as ViLT writes them. Train and val questions with no answer in the
   vocabulary are left out (ViLT's filter), and so are images left without
   questions. Test rows have empty answer lists, typed like the train rows
   (ViLT's are ``list<null>``; the reader accepts both). ViLT shuffles the images
@@ -79,6 +76,7 @@ from io import BytesIO
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 from filelock import FileLock, Timeout
@@ -92,7 +90,7 @@ Progress = Callable[[int, int], None]
 
 TASKS = ("vqav2", "coco_caption", "f30k_caption", "nlvr2", "snli_ve")
 BATCH_ROWS = 1000
-BATCH_BYTES = 256 << 20
+BATCH_BYTES = 64 << 20
 VQAV2_REST_VAL_IMAGES = 1000  # ViLT's rest_val: the last 1,000 images of vqav2_val.arrow
 
 MISSING_IMAGE = "missing image file"
@@ -167,7 +165,7 @@ class PrepareReport:
     out: Path
     outputs: list[OutputFile] = field(default_factory=list)
     skipped: list[SkippedRecord] = field(default_factory=list)
-    unavailable: list[str] = field(default_factory=list)  # optional outputs whose input file is absent
+    unavailable: list[str] = field(default_factory=list)  # optional outputs whose input file is not in source
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -193,12 +191,12 @@ class PrepareReport:
         """A few lines for a terminal: the files with their rows, then the skipped records by reason."""
         lines = [f"{self.task}: {len(self.outputs)} arrow files in {self.out} ({len(self.written)} written, "
                  f"{len(self.kept)} kept as complete)"]
-        width = max((len(output.name) for output in self.outputs), default=0)
+        width = max((len(name) for name in [*self.rows, *self.unavailable]), default=0)
         for output in self.outputs:
             lines.append(f"  {output.name:<{width}}  {output.status:<7}  {output.rows:>9,} rows  "
                          f"{output.texts:>10,} texts")
         for name in self.unavailable:
-            lines.append(f"  {name:<{width}}  not written: {_describe_unavailable(name)}")
+            lines.append(f"  {name:<{width}}  not written: its input file is not in the source folder")
         counts = self.skipped_counts()
         if counts:
             lines.append(f"Skipped {len(self.skipped):,} records: "
@@ -211,14 +209,14 @@ class PrepareReport:
                                                                           else ""))
                 if counts[reason] > len(examples):
                     lines.append(f"  {reason}: ... and {counts[reason] - len(examples):,} more")
-        else:
+        elif self.written:
             lines.append("Skipped no records.")
         lines.extend(self.notes)
         return "\n".join(lines)
 
 
-def _describe_unavailable(name: str) -> str:
-    return f"its input file ({name.removeprefix('nlvr2_').removesuffix('.arrow')}.json) is not in the source"
+def _plural(count: int, noun: str) -> str:
+    return f"{count} {noun}" if count == 1 else f"{count} {noun}s"
 
 
 @dataclass(frozen=True)
@@ -233,7 +231,7 @@ class _Row:
 
 @dataclass
 class _Output:
-    """An output file to write: its rows, the records already left out, the image folders it needs."""
+    """An output file to write: its rows and the records already left out of it."""
 
     name: str
     schema: pa.Schema
@@ -336,6 +334,14 @@ def _load_image(path: Path) -> tuple[bytes | None, str, str]:
 # --- writing ------------------------------------------------------------------------------------------------------
 
 
+def _binary_array(values: list[bytes]) -> pa.Array:
+    """A binary array over one joined copy of ``values`` (``pa.array`` would grow its buffer by doubling)."""
+    offsets = np.zeros(len(values) + 1, dtype=np.int64)
+    np.cumsum([len(value) for value in values], out=offsets[1:])
+    return pa.Array.from_buffers(pa.binary(), len(values),
+                                 [None, pa.py_buffer(offsets.astype(np.int32)), pa.py_buffer(b"".join(values))])
+
+
 @contextmanager
 def _atomic_ipc_file(final: Path, schema: pa.Schema) -> Iterator[pa.ipc.RecordBatchFileWriter]:
     """An IPC file writer on ``.<name>.partial``, synced and renamed over ``final`` when the block completes."""
@@ -368,14 +374,32 @@ def _complete_counts(path: Path, kind: ArrowKind) -> tuple[int, int] | None:
 
 
 class _Job:
-    """One :func:`prepare` call: which outputs are complete, writing the others, the report."""
+    """One :func:`prepare` call: which outputs are complete, writing the others, the report. As a context
+    manager it creates ``out`` and holds its lock, refusing to run beside another ``prepare`` into ``out``."""
 
     def __init__(self, task: str, source: Path, out: Path, progress: Progress | None, force: bool) -> None:
-        self.task, self.kind, self.source, self.out = task, arrow_kind(task), source, out
+        self.task, self.kind, self.source, self.out = task, arrow_kind(task), Path(source), Path(out)
         self.progress, self.force = progress, force
-        self.report = PrepareReport(task=task, source=source, out=out)
+        self.report = PrepareReport(task=task, source=self.source, out=self.out)
         self._files: dict[str, OutputFile] = {}
         self._done = self._total = 0
+        self._lock = FileLock(str(self.out / _LOCK_NAME), timeout=0)
+
+    def __enter__(self) -> _Job:
+        try:
+            self.out.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise RenError(f"{self.task}: cannot create the output folder {self.out}: "
+                           f"{error.strerror or error}.") from None
+        try:
+            self._lock.acquire()
+        except Timeout:
+            raise RenError(f"{self.task}: another ren data prepare is writing into {self.out}; wait for it to "
+                           "finish.") from None
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._lock.release()
 
     def complete(self, name: str) -> bool:
         """Whether ``name`` is kept as it is: not ``force`` and a complete file of the kind exists."""
@@ -406,12 +430,12 @@ class _Job:
     def _write_output(self, output: _Output) -> None:
         columns: list[list[Any]] = [[] for _ in output.schema]
         pending_bytes = rows = texts = 0
-        images = len(self.kind.image_columns)
 
         def flush(writer: pa.ipc.RecordBatchFileWriter) -> None:
             nonlocal pending_bytes
             if columns[0]:
-                arrays = [pa.array(values, type=column.type) for values, column in zip(columns, output.schema)]
+                arrays = [_binary_array(values) if pa.types.is_binary(column.type) else
+                          pa.array(values, type=column.type) for values, column in zip(columns, output.schema)]
                 writer.write_batch(pa.record_batch(arrays, schema=output.schema))
                 for values in columns:
                     values.clear()
@@ -431,7 +455,6 @@ class _Job:
                         flush(writer)
                 self._tick()
             flush(writer)
-        assert len(encoded if output.rows and encoded else [None] * images) == images
         self._files[output.name] = OutputFile(output.name, path, rows, texts, status="written")
 
     def _read_images(self, row: _Row, output: str) -> list[bytes] | None:
@@ -444,14 +467,15 @@ class _Job:
             encoded.append(data)
         return encoded
 
-    def split_copy(self, source_name: str, parts: Sequence[tuple[str, int]], tail: int) -> None:
-        """Write ``parts`` (name, which: 0 = all rows but the last ``tail``, 1 = those) of the file ``source_name``."""
-        source = self.out / source_name
-        with pa.memory_map(str(source)) as mapped:
+    def split_tail(self, source_name: str, tail: int, head_name: str | None, tail_name: str | None) -> None:
+        """Copy the rows of the written file ``source_name`` but its last ``tail`` to ``head_name`` and those
+        last rows to ``tail_name`` (each when given)."""
+        with pa.memory_map(str(self.out / source_name)) as mapped:
             table = pa.ipc.open_file(mapped).read_all()
             cut = max(0, table.num_rows - tail)
-            for name, which in parts:
-                part = table.slice(0, cut) if which == 0 else table.slice(cut)
+            for name, part in ((head_name, table.slice(0, cut)), (tail_name, table.slice(cut))):
+                if name is None:
+                    continue
                 path = self.out / name
                 with _atomic_ipc_file(path, table.schema) as writer:
                     writer.write_table(part, max_chunksize=BATCH_ROWS)
@@ -472,105 +496,108 @@ def prepare_vqav2(source: Path, out: Path, *, progress: Progress | None = None, 
     """VQAv2 (see the module docstring); ``vqav2_rest_val.arrow`` gets the last ``rest_val_images`` rows of val."""
     if rest_val_images < 0:
         raise RenError(f"vqav2: rest_val_images must be at least 0, got {rest_val_images}.")
-    job = _Job("vqav2", Path(source), Path(out), progress, force)
-    names = {split: f"vqav2_{split}.arrow" for split in (*_VQAV2_SPLITS, "trainable_val", "rest_val")}
-    pending = [split for split in _VQAV2_SPLITS if not job.complete(names[split])]
-    derived = [split for split in ("trainable_val", "rest_val") if not job.complete(names[split]) or "val" in pending]
-    if pending:
-        job.write(_vqav2_outputs(job.source, pending, names))
-    if derived:
-        job.split_copy(names["val"], [(names[split], 0 if split == "trainable_val" else 1) for split in derived],
-                       rest_val_images)
-    return job.finish(list(names.values()))
+    with _Job("vqav2", source, out, progress, force) as job:
+        names = {split: f"vqav2_{split}.arrow" for split in (*_VQAV2_SPLITS, "trainable_val", "rest_val")}
+        pending = [split for split in _VQAV2_SPLITS if not job.complete(names[split])]
+        derived = {split: names[split] if not job.complete(names[split]) or "val" in pending else None
+                   for split in ("trainable_val", "rest_val")}
+        if pending:
+            job.write(_vqav2_outputs(job.source, pending, names))
+        if any(derived.values()):
+            job.split_tail(names["val"], rest_val_images, derived["trainable_val"], derived["rest_val"])
+        return job.finish(list(names.values()))
 
 
 def _vqav2_outputs(source: Path, splits: Sequence[str], names: dict[str, str]) -> list[_Output]:
-    files = {split: (_find(source, "vqav2", (questions,), _VQAV2_FROM),
-                     None if annotations is None else _find(source, "vqav2", (annotations,), _VQAV2_FROM),
-                     _find(source, "vqav2", (folder,), _VQAV2_FROM, folder=True))
-             for split, (questions, annotations, folder) in _VQAV2_SPLITS.items()
-             if split in splits or (annotations is not None and any(s in splits for s in ("train", "val")))}
+    """The outputs of the VQAv2 ``splits``; train and val need the vocabulary, so both are read for either."""
+    needed = {*splits, "train", "val"} if {"train", "val"} & set(splits) else set(splits)
+    files: dict[str, tuple[Path, Path | None, Path]] = {}
+    for split in (split for split in _VQAV2_SPLITS if split in needed):
+        questions, annotations, folder = _VQAV2_SPLITS[split]
+        files[split] = (_find(source, "vqav2", (questions,), _VQAV2_FROM),
+                        None if annotations is None else _find(source, "vqav2", (annotations,), _VQAV2_FROM),
+                        _find(source, "vqav2", (folder,), _VQAV2_FROM, folder=True))
     examples = {split: load_vqa_json(questions, annotations) for split, (questions, annotations, _) in files.items()}
-    vocab_index: dict[str, int] = {}
-    if "train" in examples:
-        vocab = build_answer_vocab([example.multiple_choice_answer] for split in ("train", "val")
-                                   for example in examples[split])
-        vocab_index = {answer: label for label, answer in enumerate(vocab)}
+    vocab = build_answer_vocab([example.multiple_choice_answer] for split in ("train", "val") if split in examples
+                               for example in examples[split])
+    vocab_index = {answer: label for label, answer in enumerate(vocab)}
     outputs = []
     for split in splits:
-        name, folder = names[split], files[split][2]
+        name, (_, annotations, folder) = names[split], files[split]
         output = _Output(name, VQAV2_SCHEMA)
-        annotated = files[split][1] is not None
-        images: dict[int, list[tuple[int, str, list[str], list[int], list[float]]]] = {}
+        # image id -> question ids, questions, answers, labels, scores (the last three stay empty for test splits)
+        images: dict[int, tuple[list[int], list[str], list[list[str]], list[list[int]], list[list[float]]]] = {}
         for example in examples[split]:
-            labels: list[int] = []
-            scores: list[float] = []
-            if annotated:
+            if annotations is not None:
                 labels, scores = soft_targets(example.answers, vocab_index)
                 if not labels:
                     output.skipped.append(SkippedRecord(
                         name, f"question {example.question_id}", NO_VOCAB_ANSWER,
                         f"multiple_choice_answer {example.multiple_choice_answer!r}"))
                     continue
-            answers = [vocab[label] for label in labels] if annotated else []
-            images.setdefault(example.image_id, []).append((example.question_id, example.question, answers, labels,
-                                                            scores))
-        for image_id, questions in images.items():
-            cells = (
-                [question for _, question, _, _, _ in questions],
-                [answers for _, _, answers, _, _ in questions] if annotated else [],
-                [labels for _, _, _, labels, _ in questions] if annotated else [],
-                [scores for _, _, _, _, scores in questions] if annotated else [],
-                image_id,
-                [question_id for question_id, _, _, _, _ in questions],
-                split,
-            )
+            question_ids, questions, answers, label_lists, score_lists = images.setdefault(
+                example.image_id, ([], [], [], [], []))
+            question_ids.append(example.question_id)
+            questions.append(example.question)
+            if annotations is not None:
+                answers.append([vocab[label] for label in labels])
+                label_lists.append(labels)
+                score_lists.append(scores)
+        for image_id, (question_ids, questions, answers, label_lists, score_lists) in images.items():
             image = folder / f"COCO_{folder.name}_{image_id:012d}.jpg"
-            output.rows.append(_Row(f"image {image_id} ({len(questions)} questions)", (image,), cells,
+            cells = (questions, answers, label_lists, score_lists, image_id, question_ids, split)
+            output.rows.append(_Row(f"image {image_id} ({_plural(len(questions), 'question')})", (image,), cells,
                                     len(questions)))
         outputs.append(output)
     return outputs
 
 
-def _prepare_karpathy(task: str, source: Path, out: Path, progress: Progress | None, force: bool,
-                      annotations: tuple[str, ...], splits: tuple[str, ...], prefix: str) -> PrepareReport:
-    job = _Job(task, Path(source), Path(out), progress, force)
-    names = {split: f"{prefix}_{split}.arrow" for split in splits}
-    pending = [split for split in splits if not job.complete(names[split])]
-    if pending:
-        path = _find(job.source, task, annotations, _KARPATHY_FROM + " and the images")
-        flickr = None if task == "coco_caption" else _find(job.source, task, _FLICKR_DIRS, "the Flickr30k images "
-                                                            "(flickr30k-images/) and " + _KARPATHY_FROM, folder=True)
-        outputs = {split: _Output(names[split], CAPTION_SCHEMA) for split in pending}
-        unknown: list[SkippedRecord] = []
-        for index, record in enumerate(_top_list(_read_json(path, task), "images", path, task)):
-            where = f"images[{index}]"
-            filename = _field(record, "filename", str, path, where, task)
-            split = _field(record, "split", str, path, where, task)
-            sentences = _field(record, "sentences", list, path, where, task)
-            captions = [_field(sentence, "raw", str, path, f"{where}.sentences[{k}]", task)
-                        for k, sentence in enumerate(sentences)]
-            if split not in names:
-                unknown.append(SkippedRecord("", f"{where} ({filename})", UNKNOWN_SPLIT,
-                                             f"split {split!r}, expected one of {', '.join(splits)}"))
-                continue
-            if split not in outputs:
-                continue
-            if flickr is None:
-                folder = _find(job.source, task, (_field(record, "filepath", str, path, where, task),),
-                               "the COCO images (train2014/, val2014/ from cocodataset.org) and " + _KARPATHY_FROM,
-                               folder=True)
-            else:
-                folder = flickr
-            if not captions:
-                outputs[split].skipped.append(SkippedRecord(names[split], filename, MISSING_ANNOTATION,
-                                                            f"{where} has no sentences"))
-                continue
+def _karpathy_outputs(job: _Job, pending: Sequence[str], names: dict[str, str], annotations: tuple[str, ...],
+                      ) -> tuple[list[_Output], list[SkippedRecord]]:
+    """The outputs of the ``pending`` Karpathy splits, and the records of no known split."""
+    task, source = job.task, job.source
+    path = _find(source, task, annotations, _KARPATHY_FROM + " and the images")
+    flickr = None if task == "coco_caption" else _find(source, task, _FLICKR_DIRS, "the Flickr30k images "
+                                                        "(flickr30k-images/) and " + _KARPATHY_FROM, folder=True)
+    folders: dict[str, Path] = {}
+
+    def coco_folder(filepath: str) -> Path:
+        if filepath not in folders:
+            folders[filepath] = _find(source, task, (filepath,), "the COCO images (train2014/, val2014/ from "
+                                      "cocodataset.org) and " + _KARPATHY_FROM, folder=True)
+        return folders[filepath]
+
+    outputs = {split: _Output(names[split], CAPTION_SCHEMA) for split in pending}
+    unknown: list[SkippedRecord] = []
+    for index, record in enumerate(_top_list(_read_json(path, task), "images", path, task)):
+        where = f"images[{index}]"
+        filename = _field(record, "filename", str, path, where, task)
+        split = _field(record, "split", str, path, where, task)
+        captions = [_field(sentence, "raw", str, path, f"{where}.sentences[{k}]", task)
+                    for k, sentence in enumerate(_field(record, "sentences", list, path, where, task))]
+        if split not in names:
+            unknown.append(SkippedRecord("", f"{where} ({filename})", UNKNOWN_SPLIT,
+                                         f"split {split!r}, expected one of {', '.join(names)}"))
+        elif split in outputs and not captions:
+            outputs[split].skipped.append(SkippedRecord(names[split], filename, MISSING_ANNOTATION,
+                                                        f"{where} has no sentences"))
+        elif split in outputs:
+            folder = flickr if flickr is not None else coco_folder(_field(record, "filepath", str, path, where, task))
             outputs[split].rows.append(_Row(filename, (folder / filename,), (captions, filename, split),
                                             len(captions)))
-        job.report.skipped.extend(unknown)
-        job.write([outputs[split] for split in pending])
-    return job.finish(list(names.values()))
+    return [outputs[split] for split in pending], unknown
+
+
+def _prepare_karpathy(task: str, source: Path, out: Path, progress: Progress | None, force: bool,
+                      annotations: tuple[str, ...], splits: tuple[str, ...], prefix: str) -> PrepareReport:
+    with _Job(task, source, out, progress, force) as job:
+        names = {split: f"{prefix}_{split}.arrow" for split in splits}
+        pending = [split for split in splits if not job.complete(names[split])]
+        if pending:
+            outputs, unknown = _karpathy_outputs(job, pending, names, annotations)
+            job.report.skipped.extend(unknown)
+            job.write(outputs)
+        return job.finish(list(names.values()))
 
 
 def prepare_coco_caption(source: Path, out: Path, *, progress: Progress | None = None,
@@ -593,102 +620,103 @@ _NLVR2_REQUIRED = ("train", "dev", "test1")
 _NLVR2_OPTIONAL = ("balanced_dev", "balanced_test1", "unbalanced_dev", "unbalanced_test1")
 
 
-def _nlvr2_json(split: str) -> str:
-    return f"{split.split('_')[0]}/{split}.json" if "_" in split else f"{split}.json"
+def _nlvr2_inputs(job: _Job, pending: Sequence[str], names: dict[str, str]) -> dict[str, Path]:
+    """The JSON-lines file of each pending split; an optional split without one is reported unavailable."""
+    inputs: dict[str, Path] = {}
+    for split in pending:
+        relative = f"{split.split('_')[0]}/{split}.json" if split in _NLVR2_OPTIONAL else f"{split}.json"
+        candidates = tuple(str(Path(base) / relative) for base in _NLVR2_DATA_DIRS)
+        if split in _NLVR2_REQUIRED:
+            inputs[split] = _find(job.source, job.task, candidates, _NLVR2_FROM)
+        elif found := [job.source / c for c in candidates if (job.source / c).is_file()]:
+            inputs[split] = found[0]
+        else:
+            job.report.unavailable.append(names[split])
+    return inputs
+
+
+def _nlvr2_output(job: _Job, name: str, path: Path, folders: dict[str, Path]) -> _Output:
+    """One NLVR2 output: the sentences of ``path`` grouped per image pair; ``folders`` caches image folders."""
+    task = job.task
+    output = _Output(name, NLVR2_SCHEMA)
+    pairs: dict[str, tuple[Path, list[str], list[str]]] = {}
+    for number, record in _read_jsonl(path, task):
+        where = f"line {number}"
+        identifier = _field(record, "identifier", str, path, where, task)
+        sentence = _field(record, "sentence", str, path, where, task)
+        label = _field(record, "label", str, path, where, task)
+        pair, separator, _ = identifier.rpartition("-")
+        if not separator or not pair:
+            raise RenError(f"{task}: {where} of {path} has 'identifier' = {identifier!r}, expected "
+                           "split-set_id-pair_id-sentence_id (e.g. 'dev-850-0-0').")
+        if label not in NLVR2_LABELS:
+            output.skipped.append(SkippedRecord(name, identifier, UNKNOWN_LABEL,
+                                                f"label {label!r}, expected 'True' or 'False'"))
+            continue
+        if pair not in pairs:
+            prefix = pair.split("-")[0]
+            if prefix not in folders:
+                candidates = ("images/train",) if prefix == "train" else (prefix, f"images/{prefix}")
+                folders[prefix] = _find(job.source, task, candidates, _NLVR2_FROM, folder=True)
+            folder = folders[prefix]
+            if prefix == "train":
+                folder = folder / str(_field(record, "directory", (int, str), path, where, task))
+            pairs[pair] = (folder, [], [])
+        pairs[pair][1].append(sentence)
+        pairs[pair][2].append(label)
+    for pair, (folder, sentences, labels) in pairs.items():
+        images = (folder / f"{pair}-img0.png", folder / f"{pair}-img1.png")
+        output.rows.append(_Row(pair, images, (sentences, labels, pair), len(sentences)))
+    return output
 
 
 def prepare_nlvr2(source: Path, out: Path, *, progress: Progress | None = None, force: bool = False) -> PrepareReport:
     """NLVR2 (see the module docstring); the balanced/unbalanced splits are written when their files exist."""
-    task = "nlvr2"
-    job = _Job(task, Path(source), Path(out), progress, force)
-    names = {split: f"nlvr2_{split}.arrow" for split in (*_NLVR2_REQUIRED, *_NLVR2_OPTIONAL)}
-    pending = [split for split in names if not job.complete(names[split])]
-    inputs: dict[str, Path] = {}
-    for split in pending:
-        candidates = tuple(str(Path(base) / _nlvr2_json(split)) for base in _NLVR2_DATA_DIRS)
-        if split in _NLVR2_REQUIRED:
-            inputs[split] = _find(job.source, task, candidates, _NLVR2_FROM)
-        else:
-            found = [job.source / candidate for candidate in candidates if (job.source / candidate).is_file()]
-            if found:
-                inputs[split] = found[0]
-            else:
-                job.report.unavailable.append(names[split])
-    folders: dict[str, Path] = {}
+    with _Job("nlvr2", source, out, progress, force) as job:
+        names = {split: f"nlvr2_{split}.arrow" for split in (*_NLVR2_REQUIRED, *_NLVR2_OPTIONAL)}
+        inputs = _nlvr2_inputs(job, [split for split in names if not job.complete(names[split])], names)
+        if inputs:
+            folders: dict[str, Path] = {}
+            job.write([_nlvr2_output(job, names[split], path, folders) for split, path in inputs.items()])
+        return job.finish(list(names.values()))
 
-    def image_folder(prefix: str) -> Path:
-        if prefix not in folders:
-            candidates = ("images/train",) if prefix == "train" else (prefix, f"images/{prefix}")
-            folders[prefix] = _find(job.source, task, candidates, _NLVR2_FROM, folder=True)
-        return folders[prefix]
 
-    outputs = []
-    for split, path in inputs.items():
-        output = _Output(names[split], NLVR2_SCHEMA)
-        pairs: dict[str, tuple[Path, list[str], list[str]]] = {}
-        for number, record in _read_jsonl(path, task):
-            where = f"line {number}"
-            identifier = _field(record, "identifier", str, path, where, task)
-            sentence = _field(record, "sentence", str, path, where, task)
-            label = _field(record, "label", str, path, where, task)
-            pair, separator, _ = identifier.rpartition("-")
-            if not separator or not pair:
-                raise RenError(f"{task}: {where} of {path} has 'identifier' = {identifier!r}, expected "
-                               "split-set_id-pair_id-sentence_id (e.g. 'dev-850-0-0').")
-            if label not in NLVR2_LABELS:
-                output.skipped.append(SkippedRecord(names[split], identifier, UNKNOWN_LABEL,
-                                                    f"label {label!r}, expected 'True' or 'False'"))
-                continue
-            if pair not in pairs:
-                prefix = pair.split("-")[0]
-                folder = image_folder(prefix)
-                if prefix == "train":
-                    folder = folder / str(_field(record, "directory", (int, str), path, where, task))
-                pairs[pair] = (folder, [], [])
-            pairs[pair][1].append(sentence)
-            pairs[pair][2].append(label)
-        for pair, (folder, sentences, labels) in pairs.items():
-            images = (folder / f"{pair}-img0.png", folder / f"{pair}-img1.png")
-            output.rows.append(_Row(pair, images, (sentences, labels, pair), len(sentences)))
-        outputs.append(output)
-    job.write(outputs)
-    return job.finish(list(names.values()))
+def _snli_output(job: _Job, name: str, path: Path, folder: Path) -> _Output:
+    """One SNLI-VE output: the [premise, hypothesis] pairs and labels of ``path`` grouped per image."""
+    task = job.task
+    output = _Output(name, SNLI_SCHEMA)
+    images: dict[str, tuple[list[list[str]], list[int]]] = {}
+    for number, record in _read_jsonl(path, task):
+        where = f"line {number}"
+        image_id = str(_field(record, "Flickr30K_ID", (str, int), path, where, task))
+        premise = _field(record, "sentence1", str, path, where, task)
+        hypothesis = _field(record, "sentence2", str, path, where, task)
+        gold = _field(record, "gold_label", str, path, where, task)
+        if gold not in SNLI_LABELS:
+            output.skipped.append(SkippedRecord(name, f"{where} (image {image_id})", UNKNOWN_LABEL,
+                                                f"gold_label {gold!r}, expected one of {', '.join(SNLI_LABELS)}"))
+            continue
+        sentences, labels = images.setdefault(image_id, ([], []))
+        sentences.append([premise, hypothesis])
+        labels.append(SNLI_LABELS[gold])
+    for image_id, (sentences, labels) in images.items():
+        output.rows.append(_Row(f"{image_id}.jpg ({_plural(len(sentences), 'pair')})", (folder / f"{image_id}.jpg",),
+                                (sentences, labels), len(sentences)))
+    return output
 
 
 def prepare_snli_ve(source: Path, out: Path, *, progress: Progress | None = None,
                     force: bool = False) -> PrepareReport:
     """SNLI-VE in METER's layout (see the module docstring)."""
-    task = "snli_ve"
-    job = _Job(task, Path(source), Path(out), progress, force)
-    names = {split: f"snli_{split}.arrow" for split in ("train", "dev", "test")}
-    pending = [split for split in names if not job.complete(names[split])]
-    if pending:
-        inputs = {split: _find(job.source, task, (f"snli_ve_{split}.jsonl",), _SNLI_FROM) for split in pending}
-        folder = _find(job.source, task, _FLICKR_DIRS, _SNLI_FROM, folder=True)
-        outputs = []
-        for split, path in inputs.items():
-            output = _Output(names[split], SNLI_SCHEMA)
-            images: dict[str, tuple[list[list[str]], list[int]]] = {}
-            for number, record in _read_jsonl(path, task):
-                where = f"line {number}"
-                image_id = str(_field(record, "Flickr30K_ID", (str, int), path, where, task))
-                premise = _field(record, "sentence1", str, path, where, task)
-                hypothesis = _field(record, "sentence2", str, path, where, task)
-                gold = _field(record, "gold_label", str, path, where, task)
-                if gold not in SNLI_LABELS:
-                    output.skipped.append(SkippedRecord(names[split], f"{where} (image {image_id})", UNKNOWN_LABEL,
-                                                        f"gold_label {gold!r}, expected one of "
-                                                        f"{', '.join(SNLI_LABELS)}"))
-                    continue
-                sentences, labels = images.setdefault(image_id, ([], []))
-                sentences.append([premise, hypothesis])
-                labels.append(SNLI_LABELS[gold])
-            for image_id, (sentences, labels) in images.items():
-                output.rows.append(_Row(f"{image_id}.jpg ({len(sentences)} pairs)", (folder / f"{image_id}.jpg",),
-                                        (sentences, labels), len(sentences)))
-            outputs.append(output)
-        job.write(outputs)
-    return job.finish(list(names.values()))
+    with _Job("snli_ve", source, out, progress, force) as job:
+        names = {split: f"snli_{split}.arrow" for split in ("train", "dev", "test")}
+        pending = [split for split in names if not job.complete(names[split])]
+        if pending:
+            inputs = {split: _find(job.source, job.task, (f"snli_ve_{split}.jsonl",), _SNLI_FROM)
+                      for split in pending}
+            folder = _find(job.source, job.task, _FLICKR_DIRS, _SNLI_FROM, folder=True)
+            job.write([_snli_output(job, names[split], path, folder) for split, path in inputs.items()])
+        return job.finish(list(names.values()))
 
 
 _CONVERTERS: dict[str, Callable[..., PrepareReport]] = {
@@ -704,22 +732,16 @@ def prepare(task: str, source: Path, out: Path, *, progress: Progress | None = N
             force: bool = False) -> PrepareReport:
     """Write the arrow files of ``task`` into ``out`` from the original release in ``source``.
 
-    ``progress(done, total)`` is called as source rows (images or image pairs)
-    are read, ``total`` counting the rows of the files being written. Complete
-    files already in ``out`` are kept unless ``force``. Another ``prepare``
-    writing into the same ``out`` makes this one fail rather than wait.
+    ``progress(done, total)`` is called with ``done = 0`` and then after each
+    source row (an image, or an NLVR2 image pair) is read, skipped ones included;
+    ``total`` counts the rows of the files being written (VQAv2's trainable_val
+    and rest_val are copies of val and count nothing). Complete files already in
+    ``out`` are kept unless ``force``. A second ``prepare`` into the same ``out``
+    while one runs fails with a :class:`RenError` rather than waiting. The
+    per-task functions (:func:`prepare_vqav2` etc.) are the same with the task
+    fixed; :func:`prepare_vqav2` also takes ``rest_val_images``.
     """
     converter = _CONVERTERS.get(task)
     if converter is None:
         raise RenError(f"ren data prepare does not know the task {task!r}; the tasks are {', '.join(TASKS)}.")
-    out = Path(out)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise RenError(f"{task}: cannot create the output folder {out}: {error.strerror or error}.") from None
-    lock = FileLock(str(out / _LOCK_NAME), timeout=0)
-    try:
-        with lock:
-            return converter(Path(source), out, progress=progress, force=force)
-    except Timeout:
-        raise RenError(f"{task}: another ren data prepare is writing into {out}; wait for it to finish.") from None
+    return converter(Path(source), Path(out), progress=progress, force=force)
