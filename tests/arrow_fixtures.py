@@ -91,8 +91,9 @@ def _text(index: int, length: int = 5) -> str:
 class _Images:
     """Encoded images by row, reusing ``distinct`` of them cyclically when given."""
 
-    def __init__(self, fmt: str, distinct: int | None, corrupt: Collection[int]) -> None:
-        self.fmt, self.distinct, self.corrupt = fmt, distinct, set(corrupt)
+    def __init__(self, fmt: str, distinct: int | None, corrupt: Collection[int],
+                 size: tuple[int, int] = IMAGE_SIZE) -> None:
+        self.fmt, self.distinct, self.corrupt, self.size = fmt, distinct, set(corrupt), size
         self.cache: dict[int, bytes] = {}
 
     def __call__(self, row: int, variant: int = 0) -> bytes:
@@ -100,7 +101,7 @@ class _Images:
             return corrupt_bytes(row)
         key = 2 * (row if self.distinct is None else row % self.distinct) + variant
         if key not in self.cache:
-            self.cache[key] = image_bytes(key, self.fmt)
+            self.cache[key] = image_bytes(key, self.fmt, self.size)
         return self.cache[key]
 
 
@@ -179,9 +180,9 @@ def write_vg(directory: Path, split: str = "train", n: int = 4, *, start: int = 
 
 def write_vqav2(directory: Path, split: str = "train", n: int = 4, *, start: int = 0, questions_per_image: int = 3,
                 distinct_images: int | None = None, corrupt: Collection[int] = (),
-                rows_per_batch: int | None = None) -> Written:
+                rows_per_batch: int | None = None, image_size: tuple[int, int] = IMAGE_SIZE) -> Written:
     """``vqav2_{split}.arrow`` (write_vqa.py). Test splits have empty answers, labels and scores."""
-    images = _Images("JPEG", distinct_images, corrupt)
+    images = _Images("JPEG", distinct_images, corrupt, image_size)
     test = "test" in split
     rows = []
     for i in range(start, start + n):
