@@ -226,6 +226,29 @@ def data_prepare(
     data.prepare(task, source, out, force=force)
 
 
+eval_app = typer.Typer(help="Evaluate a stored run's final weights; scores go into its record.", no_args_is_help=True)
+app.add_typer(eval_app, name="eval")
+
+
+@eval_app.command("retrieval")
+def eval_retrieval(
+    run_id: RunArg,
+    root: Annotated[Path, typer.Option("--root", help="Directory of the arrow files (ren data prepare --out).")],
+    corpus: Annotated[str, typer.Option(help="f30k_caption or coco_caption (Karpathy splits).")] = "f30k_caption",
+    split: Annotated[str, typer.Option(help="The Karpathy file split read: test, val or train.")] = "test",
+    k: Annotated[int, typer.Option("--k", help="Candidates per query reranked by ITM.")] = 16,
+    batch_size: Annotated[int, typer.Option(help="Texts, images or pairs per forward pass.")] = 64,
+    max_images: Annotated[Optional[int], typer.Option(help="Only the first N images and their captions.")] = None,
+    device: Annotated[Optional[str], typer.Option(help="cpu, cuda or cuda:N (default: cuda if available).")]
+    = None,
+) -> None:
+    """Image and text retrieval Recall@1/5/10: ITC first stage, top-k reranked by ITM."""
+    from engine.cli import evaluate
+
+    evaluate.retrieval(run_id, root=root, corpus=corpus, split=split, k=k, batch_size=batch_size,
+                       max_images=max_images, device=device)
+
+
 def main() -> None:
     """Entry point: user errors print one paragraph and exit with code 2."""
     try:

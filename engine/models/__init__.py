@@ -9,9 +9,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from engine import config as C
+from engine.errors import RenError
 from engine.models.dual_encoder import DualEncoder
 from engine.models.heads import ClassifierHead, ITCHead, ITMHead, MLMHead
 from engine.models.one_tower import OneTower
@@ -76,6 +78,75 @@ class VLModel(nn.Module):
             out.logits["task"] = self.heads["task"](pooled)
         return out
 
+    # --- retrieval: unimodal embeddings (first stage) and ITM scores (rerank) ---
+
+    def _towers(self, what: str) -> TwoTower | DualEncoder:
+        if not isinstance(self.encoder, (TwoTower, DualEncoder)):
+            raise RenError(f"{what}: a {_kind(self.encoder)} model encodes text and image together, so it has no "
+                           "separate text and image embeddings for a retrieval first stage; use a two_tower model "
+                           "pretrained with [objectives.itc], or a dual_encoder.")
+        return self.encoder
+
+    def _itc_head(self, what: str) -> ITCHead:
+        self._towers(what)
+        if "itc" not in self.heads:
+            raise RenError(f"{what}: this {_kind(self.encoder)} model has no ITC head (its run did not train "
+                           "[objectives.itc]), so there are no projected text and image embeddings for a first "
+                           "stage. Pretrain (or finetune on captions) with [objectives.itc] to get a first stage, "
+                           "or evaluate a run that did.")
+        return self.heads["itc"]
+
+    def _itm_head(self, what: str) -> ITMHead:
+        if "itm" not in self.heads:
+            why = ("a dual_encoder has no fusion layers" if isinstance(self.encoder, DualEncoder)
+                   else "its run did not train [objectives.itm]")
+            raise RenError(f"{what}: this {_kind(self.encoder)} model has no ITM head ({why}), so it cannot score "
+                           "image-text pairs; rank by the ITC embeddings alone, or train with [objectives.itm].")
+        return self.heads["itm"]
+
+    def text_tokens(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        """The text tower's output tokens ``(B, L, D_t)``, before fusion (two_tower, dual_encoder)."""
+        return self._towers("text_tokens").text(input_ids, attention_mask)
+
+    def image_tokens(self, pixel_values: Tensor) -> Tensor:
+        """The vision tower's output tokens ``(B, N, D_v)``, before fusion (two_tower, dual_encoder)."""
+        return self._towers("image_tokens").vision(pixel_values)
+
+    def project_texts(self, text_tokens: Tensor) -> Tensor:
+        """ITC embeddings ``(B, D)`` of text-tower outputs: the first token through the ITC
+        head's projection, L2-normalised (what ``forward(..., itc=True)`` compares)."""
+        return F.normalize(self._itc_head("project_texts").text_proj(text_tokens[:, 0]), dim=-1)
+
+    def project_images(self, image_tokens: Tensor) -> Tensor:
+        """ITC embeddings ``(B, D)`` of vision-tower outputs (see :meth:`project_texts`)."""
+        return F.normalize(self._itc_head("project_images").image_proj(image_tokens[:, 0]), dim=-1)
+
+    def embed_texts(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        """L2-normalised ITC text embeddings ``(B, D)``; a :class:`RenError` for a model without an ITC head."""
+        self._itc_head("embed_texts")
+        return self.project_texts(self.text_tokens(input_ids, attention_mask))
+
+    def embed_images(self, pixel_values: Tensor) -> Tensor:
+        """L2-normalised ITC image embeddings ``(B, D)``; a :class:`RenError` for a model without an ITC head."""
+        self._itc_head("embed_images")
+        return self.project_images(self.image_tokens(pixel_values))
+
+    def itm_scores(self, input_ids: Tensor, attention_mask: Tensor, pixel_values: Tensor) -> Tensor:
+        """ITM match scores ``(B,)`` of aligned text/image rows (full forward: both towers and
+        fusion per row). The score is the match logit minus the no-match logit, i.e. the log-odds
+        ``log p(match) - log p(no match)``: ranks as ``p(match)`` does, without saturating."""
+        head = self._itm_head("itm_scores")
+        return _match_log_odds(head(self.encoder(input_ids, attention_mask, pixel_values).pooled))
+
+    def fused_itm_scores(self, text_tokens: Tensor, attention_mask: Tensor, image_tokens: Tensor) -> Tensor:
+        """:meth:`itm_scores` from tower outputs (:meth:`text_tokens`, :meth:`image_tokens`), running
+        only the fusion layers (two_tower): a reranker encodes each text and image once."""
+        head = self._itm_head("fused_itm_scores")
+        if not isinstance(self.encoder, TwoTower):
+            raise RenError(f"fused_itm_scores: a {_kind(self.encoder)} model has no fusion of separate tower "
+                           "outputs; use itm_scores.")
+        return _match_log_odds(head(self.encoder.fuse(text_tokens, attention_mask, image_tokens).pooled))
+
     def groups(self) -> Groups:
         groups = dict(self.encoder.groups())
         for name, head in self.heads.items():
@@ -88,6 +159,15 @@ class VLModel(nn.Module):
         for module in self.frozen_modules:
             module.eval()
         return self
+
+
+def _kind(encoder: nn.Module) -> str:
+    return next((kind for kind, cls in ARCHITECTURES.items() if isinstance(encoder, cls)), type(encoder).__name__)
+
+
+def _match_log_odds(logits: Tensor) -> Tensor:
+    """ITM logits ``(B, 2)`` (class 1 = match, as the ITM loss trains them) -> ``(B,)`` log-odds."""
+    return logits[:, 1] - logits[:, 0]
 
 
 def build_model(cfg: C.RunConfig, *, vocab_size: int, num_answers: int | None = None) -> VLModel:

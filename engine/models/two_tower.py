@@ -40,8 +40,12 @@ class TwoTower(nn.Module):
         self.unimodal_dims = (self.text.hidden_size, self.vision.hidden_size)
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor, pixel_values: Tensor) -> Features:
-        t_uni = self.text(input_ids, attention_mask)
-        v_uni = self.vision(pixel_values)
+        return self.fuse(self.text(input_ids, attention_mask), attention_mask, self.vision(pixel_values))
+
+    def fuse(self, t_uni: Tensor, attention_mask: Tensor, v_uni: Tensor) -> Features:
+        """The fusion stack on given unimodal tower outputs (text tokens ``(B, L, D_t)`` with
+        their mask, image tokens ``(B, N, D_v)``): lets retrieval encode each text and image
+        once and fuse only the pairs it scores."""
         t = self.text_proj(t_uni) + self.modality_type.weight[0]
         v = self.image_proj(v_uni) + self.modality_type.weight[1]
         t_mask = additive_mask(attention_mask, t.dtype)
