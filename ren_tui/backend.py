@@ -63,6 +63,10 @@ class Backend:
         self.store = store
         self.start_worker = start_worker
         self.inventory = inventory
+        # The model-inspector client, created on first use. Tests may set a fake: any object
+        # with ``start() -> str | None``, ``inspect(config) -> dict`` and ``close()``.
+        self.inspector: Inspector | None = None
+        self._inspector_lock = threading.Lock()
 
     # --- runs -----------------------------------------------------------------
 
@@ -151,12 +155,6 @@ class Backend:
 
     SHIPPED_PRESETS = Path(__file__).resolve().parents[1] / "presets"
     """The repository's presets (``presets/*.toml``; ``presets/base`` holds fragments)."""
-
-    inspector: Inspector | None = None
-    """The model-inspector client, created on first use. Tests may set a fake: any
-    object with ``start() -> str | None``, ``inspect(config) -> dict`` and ``close()``."""
-
-    _inspector_lock = threading.Lock()
 
     def _the_inspector(self) -> Inspector:
         with self._inspector_lock:
