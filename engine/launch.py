@@ -36,6 +36,14 @@ def create_run(store: Store, cfg: RunConfig, preset_path: str | None) -> RunReco
     return record
 
 
+def stored_config(store: Store, run_id: str) -> tuple[RunRecord, RunConfig]:
+    """A stored run and its config, to continue it; refuses a run that is still running."""
+    record = store.get_run(run_id)
+    if record.status == "running":
+        raise RenError(f"run {record.id} is still running (pid {record.pid}); stop it before continuing it.")
+    return record, config_from_dict(record.config, source=f"run {record.id}")
+
+
 def find_finished(store: Store, cfg: RunConfig) -> RunRecord | None:
     """The newest finished run whose stored config equals ``cfg``."""
     for record in store.list_runs():

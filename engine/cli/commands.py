@@ -15,7 +15,7 @@ from rich.table import Table
 from engine.config import RunConfig, config_from_dict, load_preset
 from engine.display import format_duration, format_scores, format_steps
 from engine.errors import RenError
-from engine.launch import create_run, resolve_init_from, trained_now
+from engine.launch import create_run, resolve_init_from, stored_config, trained_now
 from engine.store import RunRecord, Store
 
 console = Console()
@@ -26,10 +26,7 @@ def run(preset: Path | None, overrides: list[str], *, resume: str | None, name: 
     if resume:
         if preset is not None or overrides:
             raise RenError("--resume continues a stored run with its stored config; drop the preset and --set.")
-        record = store.get_run(resume)
-        if record.status == "running":
-            raise RenError(f"run {record.id} is still running (pid {record.pid}); stop it before resuming.")
-        cfg = config_from_dict(record.config, source=f"run {record.id}")
+        record, cfg = stored_config(store, resume)
         console.print(f"resuming [bold]{record.id}[/] from step {record.step}")
     else:
         if preset is None:

@@ -15,10 +15,10 @@ from rich.console import Console
 from rich.table import Table
 
 from engine import queue as Q
-from engine.config import RunConfig, config_from_dict, load_preset
+from engine.config import RunConfig, load_preset
 from engine.display import format_duration, format_steps
 from engine.errors import RenError
-from engine.launch import create_run, find_finished, resolve_init_from
+from engine.launch import create_run, find_finished, resolve_init_from, stored_config
 from engine.store import Store
 from engine.worker import run_worker, stop_worker, worker_info
 
@@ -150,10 +150,7 @@ def submit(preset: Path | None, overrides: list[str], *, resume: str | None, nod
     if resume:
         if preset is not None or overrides:
             raise RenError("--resume continues a stored run with its stored config; drop the preset and --set.")
-        record = store.get_run(resume)
-        if record.status == "running":
-            raise RenError(f"run {record.id} is still running; stop it before resubmitting it.")
-        cfg = config_from_dict(record.config, source=f"run {record.id}")
+        record, cfg = stored_config(store, resume)
     elif preset is None:
         raise RenError("give a preset file, or --resume RUN_ID to continue a stored run.")
     else:

@@ -76,7 +76,7 @@ from __future__ import annotations
 import fnmatch
 import mmap
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from io import BytesIO
 from pathlib import Path
@@ -368,6 +368,16 @@ class ArrowSource:
     def row(self, i: int, columns: Sequence[str]) -> dict[str, Any]:
         """Row ``i``'s cells in ``columns`` as Python values (binary cells as bytes)."""
         return {column: self._cell(i, column).as_py() for column in columns}
+
+    def transformed_image(self, i: int, transform: Callable[[Image.Image], Any], cache: dict[tuple[int, str], Any],
+                          column: str = "image") -> Any | None:
+        """Row ``i``'s image through ``transform``, decoded once per ``cache`` (a batch
+        shows an image once however many of its texts it holds); None when unreadable."""
+        key = (i, column)
+        if key not in cache:
+            image = self.image(i, column)
+            cache[key] = None if image is None else transform(image)
+        return cache[key]
 
     def image(self, i: int, column: str = "image") -> Image.Image | None:
         """Row ``i``'s image in ``column`` decoded to RGB; ``None`` (counted in

@@ -76,18 +76,16 @@ class ArrowCaptionDataset(Dataset):
         return sum(source.skipped_images for source in self.sources)
 
     def __getitems__(self, indices: list[int]) -> dict[str, Tensor]:
-        images: dict[tuple[int, int], Tensor | None] = {}
+        images: list[dict[tuple[int, str], Tensor | None]] = [{} for _ in self.sources]
         texts, pixels, image_ids = [], [], []
         for index in indices:
             corpus, row, slot = (int(v) for v in self.items[index])
             source = self.sources[corpus]
-            if (corpus, row) not in images:
-                image = source.image(row)
-                images[corpus, row] = None if image is None else self.transform(image)
-            if images[corpus, row] is None:
+            pixel = source.transformed_image(row, self.transform, images[corpus])
+            if pixel is None:
                 continue
             texts.append(source.row(row, (source.kind.text_column,))[source.kind.text_column][slot])
-            pixels.append(images[corpus, row])
+            pixels.append(pixel)
             image_ids.append(self.image_offsets[corpus] + row)
         if not texts:
             raise RenError(f"Every image of a batch of {len(indices)} captions was unreadable "

@@ -80,21 +80,19 @@ class ArrowSNLIVEDataset(Dataset):
         return len(self.rows)
 
     def __getitems__(self, indices: list[int]) -> dict[str, Tensor]:
-        images: dict[int, Tensor | None] = {}
+        images: dict[tuple[int, str], Tensor | None] = {}
         sentences: dict[int, list[list[str]]] = {}
         texts, kept, pixels = [], [], []
         for index in indices:
             row, slot = int(self.rows[index]), int(self.slots[index])
-            if row not in images:
-                image = self.source.image(row)
-                images[row] = None if image is None else self.transform(image)
-            if images[row] is None:
+            pixel = self.source.transformed_image(row, self.transform, images)
+            if pixel is None:
                 continue
             if row not in sentences:
                 sentences[row] = self.source.row(row, ("sentences",))["sentences"]
             texts.append(sentences[row][slot][1].strip())
             kept.append(index)
-            pixels.append(images[row])
+            pixels.append(pixel)
         if not texts:
             path = self.source.locate(int(self.rows[indices[0]]))[0]
             raise RenError(f"Every image of a batch of {len(indices)} SNLI-VE pairs was unreadable "

@@ -65,14 +65,12 @@ class ArrowVQADataset(Dataset):
         return len(self.rows)
 
     def __getitems__(self, indices: list[int]) -> dict[str, Tensor]:
-        images: dict[int, Tensor | None] = {}
+        images: dict[tuple[int, str], Tensor | None] = {}
         texts, targets, qids, pixels = [], [], [], []
         for index in indices:
             row, slot = int(self.rows[index]), int(self.slots[index])
-            if row not in images:
-                image = self.source.image(row)
-                images[row] = None if image is None else self.transform(image)
-            if images[row] is None:
+            pixel = self.source.transformed_image(row, self.transform, images)
+            if pixel is None:
                 continue
             cells = self.source.row(row, ("questions", "answer_labels", "answer_scores", "question_id"))
             target = torch.zeros(self.num_answers)
@@ -86,7 +84,7 @@ class ArrowVQADataset(Dataset):
             texts.append(cells["questions"][slot])
             targets.append(target)
             qids.append(cells["question_id"][slot])
-            pixels.append(images[row])
+            pixels.append(pixel)
         if not texts:
             raise RenError(f"Every image of a batch of {len(indices)} questions was unreadable "
                            f"({self.source.skipped_images} skipped so far) in {self.source.paths[0]}.")
