@@ -23,7 +23,7 @@ from engine.gpus import GPU, visible_gpus
 from engine.launch import Provider, create_run, find_finished, resolve_init_from
 from engine.runner import log_files, log_path
 from engine.scheduler import plan
-from engine.store import END_STATUSES, QueueSettings, RunRecord, Store
+from engine.store import END_STATUSES, QueueSettings, RunRecord, Store, is_alive
 from engine.worker import WorkerInfo, ensure_worker, signal_run, wake, worker_info
 
 
@@ -199,7 +199,7 @@ def follow_log(store: Store, run_id: str, *, follow: bool = False, poll_s: float
     partial = ""
     try:
         while True:
-            ended = store.get_run(record.id).status in END_STATUSES
+            ended = _finished_writing(store.get_run(record.id))
             chunk = fh.read() if fh is not None else ""
             if chunk:
                 *complete, partial = (partial + chunk).split("\n")
@@ -226,3 +226,11 @@ def follow_log(store: Store, run_id: str, *, follow: bool = False, poll_s: float
     finally:
         if fh is not None:
             fh.close()
+
+
+def _finished_writing(record: RunRecord) -> bool:
+    """The run has its final record and its runner, which writes the log's last lines
+    after the trainer exits, is gone too."""
+    if record.status not in END_STATUSES:
+        return False
+    return not (record.runner_pid and is_alive(record.runner_pid, record.runner_started))
