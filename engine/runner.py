@@ -41,6 +41,17 @@ def log_path(run_dir: Path) -> Path:
     return run_dir / LOG_DIR / LOG_NAME
 
 
+def read_log_tail(run_dir: Path, lines: int = TAIL_LINES) -> list[str]:
+    """The last ``lines`` lines of the run's current log ([] when it has none)."""
+    try:
+        with open(log_path(run_dir), "rb") as fh:
+            fh.seek(0, os.SEEK_END)
+            fh.seek(max(fh.tell() - 64 * 1024, 0))
+            return fh.read().decode("utf-8", errors="replace").splitlines()[-lines:]
+    except OSError:
+        return []
+
+
 def log_files(run_dir: Path) -> list[Path]:
     """The run's log files, oldest first (rotated backups, then the current one)."""
     current = log_path(run_dir)

@@ -619,15 +619,20 @@ class Store:
         """The run with this id or unique id prefix; RunNotFound otherwise."""
         return self._report(self._find(self._table().all(), run_id))
 
+    def index_stamp(self) -> tuple[int, int, int] | None:
+        """Changes with every write of the index (writes replace the file: a new inode);
+        None before the first write."""
+        try:
+            st = os.stat(self.index_path)
+        except FileNotFoundError:
+            return None
+        return st.st_ino, st.st_mtime_ns, st.st_size
+
     def list_runs(self) -> list[RunRecord]:
         """All runs, newest first. The parsed index is kept while the file is unchanged
         (every write replaces it, so its inode, time and size identify a version), which
         makes polling a large store cheap; liveness is checked afresh on every call."""
-        try:
-            st = os.stat(self.index_path)
-            stamp: tuple[int, int, int] | None = (st.st_ino, st.st_mtime_ns, st.st_size)
-        except FileNotFoundError:
-            stamp = None
+        stamp = self.index_stamp()
         if stamp is None or stamp != self._listed[0]:
             records = [RunRecord.from_doc(doc) for doc in self._table().all()]
             records.sort(key=lambda r: (r.created_at or 0.0, r.id), reverse=True)

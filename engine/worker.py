@@ -26,7 +26,6 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from filelock import FileLock, Timeout
@@ -35,6 +34,7 @@ from engine.config import config_from_dict
 from engine.distributed import free_port, launch_command
 from engine.errors import ConfigError, RenError
 from engine.gpus import GPU, devices_env, visible_gpus
+from engine.runner import describe_exit, read_log_tail
 from engine.scheduler import plan
 from engine.store import RunRecord, Store, atomic_write_text, is_alive, process_start_time
 
@@ -178,9 +178,7 @@ class Worker:
         if record.status == "crashed":  # runner and trainer gone, no final record
             if record.id in self.children:
                 return True  # its runner is a zombie about to be reaped; its record is being written
-            from engine.runner import describe_exit
-
-            tail = _log_tail(self.store.run_dir(record.id))
+            tail = "\n".join(read_log_tail(self.store.run_dir(record.id)))
             if record.cancel_requested_at is not None:
                 self.store.update_run(record.id, log_tail=tail)
                 self.store.mark_ended(record.id, "cancelled", error="killed after the cancel grace period")
@@ -231,7 +229,7 @@ class Worker:
             signal.signal(sig, self._on_signal)
         woken, seen = True, None
         while not self._stop:
-            stamp = _stamp(self.store.index_path)
+            stamp = self.store.index_stamp()
             if woken or self._busy or stamp != seen:
                 seen = stamp
                 self._wake.clear()
@@ -240,28 +238,6 @@ class Worker:
                 except RenError as exc:  # a store hiccup (lock timeout, full disk): say so, keep serving
                     print(f"worker: {exc}", file=sys.stderr, flush=True)
             woken = self._wake.wait(self._poll_s)
-
-
-def _stamp(path: Path) -> tuple[int, int, int] | None:
-    """Changes with every write of ``path`` (writes replace the file: a new inode)."""
-    try:
-        st = os.stat(path)
-    except FileNotFoundError:
-        return None
-    return st.st_ino, st.st_mtime_ns, st.st_size
-
-
-def _log_tail(run_dir: Path, lines: int = 20) -> str:
-    from engine.runner import log_path
-
-    path = log_path(run_dir)
-    try:
-        with open(path, "rb") as fh:
-            fh.seek(0, os.SEEK_END)
-            fh.seek(max(fh.tell() - 16384, 0))
-            return "\n".join(fh.read().decode("utf-8", errors="replace").splitlines()[-lines:])
-    except OSError:
-        return ""
 
 
 def run_worker(store: Store, inventory: Inventory = visible_gpus) -> int:

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from engine.errors import RenError, StoreError
 from engine.gpus import GPU, visible_gpus
-from engine.runner import log_path
+from engine.runner import read_log_tail
 from engine.store import RunRecord, Store
 
 if TYPE_CHECKING:
@@ -81,14 +81,7 @@ class Backend:
 
     def log_tail(self, run_id: str, lines: int = 20) -> list[str]:
         """The last lines of a queued run's log ([] for runs without one)."""
-        path = log_path(self.store.run_dir(run_id))
-        try:
-            with open(path, "rb") as fh:
-                fh.seek(0, 2)
-                fh.seek(max(fh.tell() - 64 * 1024, 0))
-                return fh.read().decode("utf-8", errors="replace").splitlines()[-lines:]
-        except OSError:
-            return []
+        return read_log_tail(self.store.run_dir(run_id), lines)
 
     def update(self, run_id: str, *, tags: Sequence[str] | None = None, notes: str | None = None) -> RunRecord:
         fields: dict[str, Any] = {}
