@@ -316,11 +316,12 @@ class Objectives(_Section):
 class TaskConfig(_Section):
     """A downstream task to finetune and evaluate on."""
 
-    name: Literal["vqa", "snli_ve", "nlvr2"] = "vqa"
+    name: Literal["vqa", "snli_ve", "nlvr2", "refcoco"] = "vqa"
     """The task: ``vqa`` (soft-target VQA: easy_vqa or vqav2), ``snli_ve`` (3-way
     visual entailment), ``nlvr2`` (true/false about a pair of images; each image
     is encoded with the sentence and the two pooled features are concatenated,
-    as in ViLT)."""
+    as in ViLT), ``refcoco`` (pick the referred object among the image's
+    candidate boxes; on refcoco, refcoco+ or refcocog)."""
     loss: Literal["bce", "ce"] = "bce"
     """``bce``: binary cross-entropy per answer against the soft targets (ViLT,
     METER, Renaissance). ``ce``: softmax cross-entropy against the targets
@@ -345,21 +346,26 @@ class TaskConfig(_Section):
 
 
 _DEFAULT_SPLITS = {"easy_vqa": ("train", "test"), "vqav2": ("train+trainable_val", "rest_val"),
-                   "snli_ve": ("train", "dev"), "nlvr2": ("train", "dev"), "captions": ("train", "val")}
-_TASK_DATASETS = {"vqa": ("easy_vqa", "vqav2"), "snli_ve": ("snli_ve",), "nlvr2": ("nlvr2",)}
+                   "snli_ve": ("train", "dev"), "nlvr2": ("train", "dev"), "captions": ("train", "val"),
+                   "refcoco": ("train", "val"), "refcoco+": ("train", "val"), "refcocog": ("train", "val")}
+_TASK_DATASETS = {"vqa": ("easy_vqa", "vqav2"), "snli_ve": ("snli_ve",), "nlvr2": ("nlvr2",),
+                  "refcoco": ("refcoco", "refcoco+", "refcocog")}
 
 
 class DataConfig(_Section):
-    dataset: Literal["easy_vqa", "vqav2", "snli_ve", "nlvr2", "captions"] = "easy_vqa"
+    dataset: Literal["easy_vqa", "vqav2", "snli_ve", "nlvr2", "refcoco", "refcoco+", "refcocog",
+                     "captions"] = "easy_vqa"
     """``easy_vqa``: the embedded default (VQA for tasks, derived captions for
-    pretraining). ``vqav2``, ``snli_ve``, ``nlvr2``: read from ViLT/METER-format
-    arrow files in ``root``. ``captions``: pretraining on the caption corpora
+    pretraining). ``vqav2``, ``snli_ve``, ``nlvr2``, ``refcoco``, ``refcoco+``,
+    ``refcocog``: read from ViLT/METER/Renaissance-format arrow files in
+    ``root``. ``captions``: pretraining on the caption corpora
     listed in ``corpora``, from arrow files in ``root``."""
     corpora: tuple[Literal["coco_caption", "vg", "f30k_caption", "cc", "sbu"], ...] = ()
     """Caption corpora mixed for pretraining (``dataset = "captions"``): concatenated
     as ViLT and METER do, so each is drawn in proportion to its captions."""
     root: str | None = None
-    """Directory of the data set's arrow files (``vqav2_*.arrow``, ``snli_*.arrow``, ``nlvr2_*.arrow``)."""
+    """Directory of the data set's arrow files (``vqav2_*.arrow``, ``snli_*.arrow``, ``nlvr2_*.arrow``,
+    ``refcoco_unc_*.arrow``, ...)."""
     train_split: str | None = None
     """Split(s) trained on, joined with ``+``; default: the literature's
     (``train+trainable_val`` for vqav2, as ViLT and METER train)."""
@@ -370,7 +376,8 @@ class DataConfig(_Section):
     """Texts are truncated to this many tokens (special tokens included)."""
     eval_split: str | None = None
     """The split evaluated during and after training; default ``test`` for
-    easy_vqa, ``rest_val`` (ViLT's minival) for vqav2, ``dev`` for snli_ve and nlvr2."""
+    easy_vqa, ``rest_val`` (ViLT's minival) for vqav2, ``dev`` for snli_ve and nlvr2,
+    ``val`` for the RefCOCO sets (``testA``, ``testB`` and Renaissance's ``test`` also exist)."""
     eval_max_samples: int | None = Field(None, ge=1)
     """Evaluate on the first N samples of the eval split during training (the
     final evaluation always uses the whole split)."""
@@ -407,6 +414,10 @@ class DataConfig(_Section):
                                  "its images decoded in memory")
         elif self.root is None:
             raise ValueError(f"dataset = {self.dataset!r} needs 'root': the directory of its arrow files")
+        if self.dataset.startswith("refcoco") and self.augment != "none":
+            raise ValueError(f"augment = {self.augment!r}: {self.dataset} images are seen whole so that the candidate "
+                             "boxes keep their place; RandAugment's shears, rotations and translations would move "
+                             "the objects away from their boxes. Remove augment")
         if (self.dataset == "captions") != bool(self.corpora):
             raise ValueError("'corpora' lists the caption corpora of dataset = \"captions\" (e.g. "
                              "[\"coco_caption\", \"vg\"]); give both or neither")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -31,8 +32,30 @@ def vqa_score(logits: Tensor, soft_targets: Tensor) -> Tensor:
     return soft_targets.gather(1, logits.argmax(dim=1, keepdim=True)).squeeze(1)
 
 
-CLASSES = {"snli_ve": 3, "nlvr2": 2}  # vqa: the data set's answer vocabulary
-METRICS = {"vqa": "vqa_score", "snli_ve": "accuracy", "nlvr2": "accuracy"}
+def box_iou(a: Tensor, b: Tensor) -> Tensor:
+    """Intersection over union of aligned ``(..., 4)`` boxes given as ``x0, y0, x1, y1``."""
+    w = (torch.minimum(a[..., 2], b[..., 2]) - torch.maximum(a[..., 0], b[..., 0])).clamp(min=0)
+    h = (torch.minimum(a[..., 3], b[..., 3]) - torch.maximum(a[..., 1], b[..., 1])).clamp(min=0)
+    inter = w * h
+    area = (a[..., 2] - a[..., 0]) * (a[..., 3] - a[..., 1]) + (b[..., 2] - b[..., 0]) * (b[..., 3] - b[..., 1])
+    return inter / (area - inter).clamp(min=torch.finfo(inter.dtype).tiny)
+
+
+REFCOCO_IOU = 0.5  # a pick is correct when it overlaps the referred box this much (UNITER, MAttNet)
+
+
+def refcoco_score(logits: Tensor, labels: Tensor, boxes: Tensor) -> Tensor:
+    """Per-expression RefCOCO accuracy: 1.0 when the highest-scoring candidate box has
+    IoU >= 0.5 with the referred one (so picking an overlapping duplicate counts, as in
+    UNITER's evaluation on ground-truth boxes), else 0.0. ``logits``: ``(B, K)``, padding
+    boxes at ``-inf``; ``labels``: ``(B,)`` index of the referred box; ``boxes``: ``(B, K, 4)``."""
+    rows = torch.arange(len(labels), device=labels.device)
+    picked, referred = boxes[rows, logits.argmax(dim=1)], boxes[rows, labels]
+    return (box_iou(picked.float(), referred.float()) >= REFCOCO_IOU).float()
+
+
+CLASSES = {"snli_ve": 3, "nlvr2": 2}  # vqa: the data set's answer vocabulary; refcoco: one logit per box
+METRICS = {"vqa": "vqa_score", "snli_ve": "accuracy", "nlvr2": "accuracy", "refcoco": "accuracy"}
 
 
 def num_classes(task: str, num_answers: int | None) -> int:
@@ -45,14 +68,20 @@ def num_classes(task: str, num_answers: int | None) -> int:
 
 
 def task_loss(task: str, logits: Tensor, labels: Tensor, vqa_kind: str = "bce") -> Tensor:
-    """VQA: :func:`vqa_loss` on soft targets; classification tasks: cross-entropy on class ids."""
+    """VQA: :func:`vqa_loss` on soft targets; classification tasks: cross-entropy on class ids
+    (for RefCOCO, over the candidate boxes)."""
     if task == "vqa":
         return vqa_loss(logits, labels, vqa_kind)
     return F.cross_entropy(logits.float(), labels)
 
 
-def task_score(task: str, logits: Tensor, labels: Tensor) -> Tensor:
-    """Per-sample score: the VQA score for VQA, 1.0/0.0 accuracy for classification."""
+def task_score(task: str, logits: Tensor, labels: Tensor, boxes: Tensor | None = None) -> Tensor:
+    """Per-sample score: the VQA score for VQA, :func:`refcoco_score` for RefCOCO (needs the
+    candidate ``boxes``), 1.0/0.0 accuracy for classification."""
     if task == "vqa":
         return vqa_score(logits, labels)
+    if task == "refcoco":
+        if boxes is None:
+            raise ValueError("task 'refcoco' is scored against the candidate boxes; pass boxes")
+        return refcoco_score(logits, labels, boxes)
     return (logits.argmax(dim=1) == labels).float()

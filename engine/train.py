@@ -476,8 +476,12 @@ def _pretrain_step(model: torch.nn.Module, batch: dict[str, torch.Tensor], cfg: 
 
 
 def _task_logits(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """The task head's logits; an NLVR2 batch brings its two images as pixel_values_0/1."""
-    if "pixel_values_1" in batch:
+    """The task head's logits; an NLVR2 batch brings its two images as pixel_values_0/1,
+    a RefCOCO batch its candidate boxes."""
+    if "boxes" in batch:
+        out = model(batch["input_ids"], batch["attention_mask"], batch["pixel_values"], task=True,
+                    boxes=batch["boxes"], box_mask=batch["box_mask"])
+    elif "pixel_values_1" in batch:
         out = model(batch["input_ids"], batch["attention_mask"], batch["pixel_values_0"], task=True,
                     pair_pixel_values=batch["pixel_values_1"])
     else:
@@ -491,7 +495,7 @@ def _finetune_step(model: torch.nn.Module, batch: dict[str, torch.Tensor], cfg: 
     logits = _task_logits(model, batch)
     loss = T.task_loss(task, logits, batch["labels"], cfg.task.loss)
     with torch.no_grad():
-        score = T.task_score(task, logits, batch["labels"]).mean()
+        score = T.task_score(task, logits, batch["labels"], batch.get("boxes")).mean()
     return loss, {"loss": loss.detach(), f"train_{T.METRICS[task]}": score}
 
 
@@ -505,7 +509,8 @@ def evaluate(model: torch.nn.Module, loader: DataLoader, accelerator: Accelerato
     model.eval()
     total, n = 0.0, 0
     for batch in loader:
-        scores = accelerator.gather_for_metrics(T.task_score(task, _task_logits(model, batch), batch["labels"]))
+        scores = accelerator.gather_for_metrics(T.task_score(task, _task_logits(model, batch), batch["labels"],
+                                                               batch.get("boxes")))
         total += float(scores.sum())
         n += scores.numel()
         if max_samples and n >= max_samples:

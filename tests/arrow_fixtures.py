@@ -19,6 +19,7 @@ cut in half); ``rows_per_batch`` splits the table into several record batches.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from io import BytesIO
@@ -223,8 +224,9 @@ def write_snli_ve(directory: Path, split: str = "train", n: int = 4, *, start: i
 
 def write_refcoco(directory: Path, split: str = "train", n: int = 4, *, start: int = 0,
                   distinct_images: int | None = None, corrupt: Collection[int] = (),
-                  rows_per_batch: int | None = None) -> Written:
-    """``refcoco_unc_{split}.arrow`` (Renaissance's write_refcoco): one referred object per row."""
+                  rows_per_batch: int | None = None, name: str = "refcoco") -> Written:
+    """``{name}_{unc|umd}_{split}.arrow`` (Renaissance's write_refcoco): one referred object per row,
+    with every object of its image as a candidate box."""
     images = _Images("JPEG", distinct_images, corrupt)
     rows = []
     for i in range(start, start + n):
@@ -232,7 +234,8 @@ def write_refcoco(directory: Path, split: str = "train", n: int = 4, *, start: i
         rows.append({"image": images(i), "sentences": [_text(i + k, 4) for k in range(2)],
                      "bboxes": [[1.5 * k, 2.25 + k, 6.0, 4.5 + k] for k in range(objects)],
                      "labels": i % objects})
-    return _write(Path(directory) / f"refcoco_unc_{split}.arrow", rows, _REFCOCO_SCHEMA, rows_per_batch)
+    split_by = "umd" if name == "refcocog" else "unc"
+    return _write(Path(directory) / f"{name}_{split_by}_{split}.arrow", rows, _REFCOCO_SCHEMA, rows_per_batch)
 
 
 WRITERS: dict[str, Callable[..., Written]] = {
@@ -245,4 +248,6 @@ WRITERS: dict[str, Callable[..., Written]] = {
     "nlvr2": write_nlvr2,
     "snli_ve": write_snli_ve,
     "refcoco": write_refcoco,
+    "refcoco+": functools.partial(write_refcoco, name="refcoco+"),
+    "refcocog": functools.partial(write_refcoco, name="refcocog"),
 }

@@ -519,3 +519,30 @@ def test_gradient_checkpointing_timm_tower():
     out = model(ids, mask[:2], pix, itm_rows=slice(0, 2))
     out.logits["itm"].sum().backward()
     assert model.encoder.vision.model.conv1.weight.grad is not None
+
+
+REFCOCO = {"task": {"name": "refcoco"}, "data": {"dataset": "refcoco", "root": "/unused"}}
+QUADRANTS = torch.tensor([[0.0, 0.0, 0.5, 0.5], [0.5, 0.0, 1.0, 0.5], [0.0, 0.5, 0.5, 1.0], [0.5, 0.5, 1.0, 1.0]])
+
+
+@pytest.mark.parametrize("model_cfg", [one_tower("vision"), two_tower()], ids=["one_tower", "two_tower"])
+def test_refcoco_head_scores_each_box_and_learns_through_the_encoder(model_cfg):
+    model = make(model_cfg, REFCOCO)
+    ids, mask, pix = inputs()
+    boxes = QUADRANTS.expand(B, -1, -1).clone()
+    box_mask = torch.tensor([[True] * 4, [True] * 4, [True, True, True, False]])
+    labels = torch.tensor([3, 0, 1])
+    logits = model(ids, mask, pix, task=True, boxes=boxes, box_mask=box_mask).logits["task"]
+    assert logits.shape == (B, 4) and logits[2, 3] == float("-inf") and torch.isfinite(logits[:2]).all()
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    first = None
+    for _ in range(15):
+        out = model(ids, mask, pix, task=True, boxes=boxes, box_mask=box_mask).logits["task"]
+        loss = torch.nn.functional.cross_entropy(out, labels)
+        first = loss.item() if first is None else first
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert loss.item() < 0.3 * first
+    fused = model.encoder.layers if model_cfg["kind"] == "one_tower" else model.encoder.fusion
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in fused.parameters())

@@ -8,7 +8,7 @@ import pytest
 
 from engine.store import Store
 
-from .arrow_fixtures import write_nlvr2, write_snli_ve
+from .arrow_fixtures import write_nlvr2, write_refcoco, write_snli_ve
 from .conftest import REPO
 from .test_cli import ren
 
@@ -16,16 +16,19 @@ ONE_TOWER = REPO / "tests" / "fixtures" / "one_tower.toml"
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("task", "eval_items"), [("snli_ve", 4 * 3), ("nlvr2", 3 * 2)])
+@pytest.mark.parametrize(("task", "eval_items"), [("snli_ve", 4 * 3), ("nlvr2", 3 * 2), ("refcoco", 3 * 2)])
 def test_ren_run_finetunes_and_evaluates(task: str, eval_items: int, tmp_path: Path, ren_home: Path) -> None:
     root = tmp_path / "arrows"
     root.mkdir()
     if task == "snli_ve":
         write_snli_ve(root, "train", n=8)
         write_snli_ve(root, "dev", n=4, start=8)
-    else:
+    elif task == "nlvr2":
         write_nlvr2(root, "train", n=8)
         write_nlvr2(root, "dev", n=3, start=8)
+    else:
+        write_refcoco(root, "train", n=8)
+        write_refcoco(root, "val", n=3, start=8)
     preset = tmp_path / f"{task}.toml"
     preset.write_text(
         f'extends = "{ONE_TOWER}"\n[task]\nname = "{task}"\n'

@@ -35,11 +35,15 @@ snli_ve       ``snli_{train,dev,test}.arrow`` (METER ``write_snli.py``) image, s
                                                                         ([premise, hypothesis] pairs), labels
                                                                         list<int> (0 contradiction,
                                                                         1 neutral, 2 entailment)
-refcoco       ``refcoco_unc_{train,val,test}.arrow`` (Renaissance's     image, sentences list<string>, bboxes
-              ``write_refcoco``; ``test`` holds testA and testB)        list<list<number>> (COCO [x, y, w, h]
+refcoco       ``refcoco_unc_{train,val,test,testA,testB}.arrow``        image, sentences list<string>, bboxes
+              (Renaissance's ``write_refcoco`` writes ``test``, which   list<list<number>> (COCO [x, y, w, h]
+              holds testA and testB; ``ren data prepare`` writes them
+              apart)
                                                                         pixels, every object in the image),
                                                                         labels int (index of the referred
                                                                         object in bboxes)
+refcoco+      ``refcoco+_unc_{...}.arrow``, splits as refcoco           as refcoco
+refcocog      ``refcocog_umd_{train,val,test}.arrow``                   as refcoco
 ============  ========================================================  =====================================
 
 Each row holds all texts of its image; ViLT's ``text_column_name`` (kept as
@@ -114,6 +118,15 @@ def _caption_kind(name: str, writer: str, splits: dict[str, tuple[str, ...]], vi
                      optional={"split": "string"} if optional is None else optional)
 
 
+def _refcoco_kind(name: str, split_by: str, splits: tuple[str, ...]) -> ArrowKind:
+    return ArrowKind(
+        name=name, writer=f"Renaissance write_refcoco (splitBy {split_by}); ren data prepare {name}",
+        splits={s: (f"{name}_{split_by}_{s}.arrow",) for s in splits},
+        columns={"image": "binary", "sentences": "list<string>", "bboxes": "list<list<number>>", "labels": "int"},
+        image_columns=("image",), text_column="sentences",
+        vilt_splits={"train": "train", "val": "val", "test": "test"})
+
+
 ARROW_KINDS: dict[str, ArrowKind] = {
     kind.name: kind
     for kind in (
@@ -152,13 +165,10 @@ ARROW_KINDS: dict[str, ArrowKind] = {
             columns={"image": "binary", "sentences": "list<list<string>>", "labels": "list<int>"},
             image_columns=("image",), text_column="sentences",
             vilt_splits={"train": "train", "val": "dev+test", "test": "dev+test"}),
-        ArrowKind(
-            name="refcoco", writer="Renaissance write_refcoco (splitBy unc)",
-            splits={s: (f"refcoco_unc_{s}.arrow",) for s in ("train", "val", "test")},
-            columns={"image": "binary", "sentences": "list<string>", "bboxes": "list<list<number>>",
-                     "labels": "int"},
-            image_columns=("image",), text_column="sentences",
-            vilt_splits={"train": "train", "val": "val", "test": "test"}),
+        *(_refcoco_kind(name, split_by, splits) for name, split_by, splits in (
+            ("refcoco", "unc", ("train", "val", "test", "testA", "testB")),
+            ("refcoco+", "unc", ("train", "val", "test", "testA", "testB")),
+            ("refcocog", "umd", ("train", "val", "test")))),
     )
 }
 

@@ -5,6 +5,9 @@ centre crop (as METER and CLIP do). Training takes a random crop of 50-100% of
 the image area, resized to the image size (ALBEF's crop), and optionally
 RandAugment (2 operations of magnitude 9, as ViLT and ALBEF use). Nothing
 flips images: "left" and "right" in questions and captions must stay true.
+Referring expressions (:func:`whole_image_transform`) see the whole image
+resized to a square, so that every candidate box stays in view and keeps its
+place relative to the image.
 Normalisation happens per batch, with :class:`engine.data.transforms.Normalization`.
 """
 
@@ -31,3 +34,8 @@ def image_transform(size: int, *, train: bool, randaugment: bool = False) -> Ima
     else:
         steps = [v2.Resize(size, antialias=True), v2.CenterCrop(size)]
     return v2.Compose([v2.PILToTensor(), *steps])
+
+
+def whole_image_transform(size: int) -> ImageTransform:
+    """A PIL RGB image -> ``(3, size, size)`` uint8 tensor of the whole image (aspect not kept)."""
+    return v2.Compose([v2.PILToTensor(), v2.Resize((size, size), antialias=True)])

@@ -120,6 +120,8 @@ def build_data(cfg: RunConfig, *, cache_dir: Path) -> DataBundle:
         return _classification(cfg, tokenizer, size, norm)
     if cfg.data.dataset == "captions":
         return _captions(cfg, tokenizer, size, norm)
+    if cfg.data.dataset in ("refcoco", "refcoco+", "refcocog"):
+        return _refcoco(cfg, tokenizer, size, norm)
     data = load_easy_vqa(cache_dir)
     if cfg.task is not None:
         splits = [data.train, data.split(cfg.data.eval_split)]
@@ -188,3 +190,15 @@ def _captions(cfg: RunConfig, tokenizer: PreTrainedTokenizerBase, size: int, nor
     return DataBundle(ArrowCaptionDataset(train, tokenizer, max_len, train_tf, norm),
                       ArrowCaptionDataset(evaluate, tokenizer, max_len, image_transform(size, train=False), norm),
                       tokenizer, None, None)
+
+
+def _refcoco(cfg: RunConfig, tokenizer: PreTrainedTokenizerBase, size: int, norm: Normalization) -> DataBundle:
+    """RefCOCO/RefCOCO+/RefCOCOg from arrow files; whole images, so every candidate box is in view."""
+    from engine.data.images import whole_image_transform
+    from engine.data.refcoco import ArrowRefCOCODataset, open_split
+
+    transform, max_len = whole_image_transform(size), cfg.data.max_text_len
+    train, evaluate = (ArrowRefCOCODataset(open_split(cfg.data.root, split, cfg.data.dataset), tokenizer, max_len,
+                                           transform, norm)
+                       for split in (cfg.data.train_split, cfg.data.eval_split))
+    return DataBundle(train, evaluate, tokenizer, None, None)

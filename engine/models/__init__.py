@@ -15,7 +15,7 @@ from torch import Tensor, nn
 from engine import config as C
 from engine.errors import RenError
 from engine.models.dual_encoder import DualEncoder
-from engine.models.heads import ClassifierHead, ITCHead, ITMHead, MLMHead
+from engine.models.heads import ClassifierHead, ITCHead, ITMHead, MLMHead, RegionHead
 from engine.models.one_tower import OneTower
 from engine.models.towers import Groups
 from engine.models.two_tower import TwoTower
@@ -56,9 +56,13 @@ class VLModel(nn.Module):
         itc: bool = False,
         task: bool = False,
         pair_pixel_values: Tensor | None = None,
+        boxes: Tensor | None = None,
+        box_mask: Tensor | None = None,
     ) -> Outputs:
         """``pair_pixel_values`` (NLVR2): a second image per text; both images are encoded
-        with the text in one batch and the task head sees the two pooled features side by side."""
+        with the text in one batch and the task head sees the two pooled features side by side.
+        ``boxes``/``box_mask`` (RefCOCO): candidate boxes ``(B, K, 4)`` (``x0, y0, x1, y1`` in
+        ``[0, 1]``) and which are real; the task logits are then one per box."""
         if pair_pixel_values is not None:
             input_ids, attention_mask = input_ids.repeat(2, 1), attention_mask.repeat(2, 1)
             pixel_values = torch.cat([pixel_values, pair_pixel_values])
@@ -70,7 +74,9 @@ class VLModel(nn.Module):
             out.logits["itm"] = self.heads["itm"](feats.pooled[itm_rows])
         if itc:
             out.logits["itc"] = self.heads["itc"](feats.text_cls, feats.image_cls)
-        if task:
+        if task and boxes is not None:
+            out.logits["task"] = self.heads["task"](feats.image, feats.pooled, boxes, box_mask)
+        elif task:
             pooled = feats.pooled
             if pair_pixel_values is not None:
                 first, second = pooled.chunk(2)
@@ -183,7 +189,9 @@ def build_model(cfg: C.RunConfig, *, vocab_size: int, num_answers: int | None = 
         if obj.itc:
             dim = cfg.model.projection_dim if cfg.model.kind == "dual_encoder" else encoder.hidden_size
             heads["itc"] = ITCHead(*encoder.unimodal_dims, dim, obj.itc.temperature, obj.itc.learn_temperature)
-    if cfg.task is not None:
+    if cfg.task is not None and cfg.task.name == "refcoco":
+        heads["task"] = RegionHead(encoder.hidden_size, encoder.pooled_dim, cfg.task.head_hidden_mult)
+    elif cfg.task is not None:
         in_dim = encoder.pooled_dim * (2 if cfg.task.name == "nlvr2" else 1)
         classes = num_classes(cfg.task.name, num_answers)
         heads["task"] = ClassifierHead(in_dim, classes, cfg.task.head_hidden_mult)

@@ -63,3 +63,63 @@ class ClassifierHead(nn.Sequential):
         hidden = max(8, int(in_dim * hidden_mult))
         super().__init__(nn.Linear(in_dim, hidden), nn.LayerNorm(hidden), nn.GELU(), nn.Linear(hidden, num_classes))
         init_weights(self)
+
+
+MAX_LEADING_TOKENS = 8  # image tokens before the patch grid: CLS, DeiT's distillation token, registers
+
+
+def patch_grid(image_tokens: Tensor) -> Tensor:
+    """The patch tokens of ``(B, T, D)`` image tokens as ``(B, g, g, D)``: the last ``g*g``
+    tokens with ``g = isqrt(T)``; the leading ones (CLS, distillation, registers) are dropped."""
+    count = image_tokens.shape[1]
+    side = math.isqrt(count)
+    if side == 0 or count - side * side > MAX_LEADING_TOKENS:
+        raise ValueError(f"{count} image tokens are not a square patch grid after at most "
+                         f"{MAX_LEADING_TOKENS} leading tokens; box pooling needs a square image and a ViT-style "
+                         "vision backbone")
+    return image_tokens[:, count - side * side:].reshape(image_tokens.shape[0], side, side, -1)
+
+
+def box_weights(boxes: Tensor, side: int) -> Tensor:
+    """How much of each of a ``side x side`` grid's cells each box covers.
+
+    ``boxes``: ``(B, K, 4)`` as ``x0, y0, x1, y1`` in ``[0, 1]`` image coordinates.
+    Returns ``(B, K, side, side)`` in ``[0, 1]``; a box thinner than a cell still
+    covers a sliver of the cell it lies in, so no box has all-zero weights."""
+    edges = torch.linspace(0, 1, side + 1, device=boxes.device, dtype=boxes.dtype)
+    lo, hi = edges[:-1], edges[1:]
+    x0, y0, x1, y1 = boxes.clamp(0, 1).unbind(-1)
+    eps = 1e-4
+    x0, y0 = x0.clamp(max=1 - eps), y0.clamp(max=1 - eps)
+    x1, y1 = torch.maximum(x1, x0 + eps), torch.maximum(y1, y0 + eps)
+
+    def cover(a: Tensor, b: Tensor) -> Tensor:  # (B, K) -> (B, K, side): covered fraction of each cell
+        return (torch.minimum(b[..., None], hi) - torch.maximum(a[..., None], lo)).clamp(min=0) * side
+
+    return cover(y0, y1)[..., :, None] * cover(x0, x1)[..., None, :]
+
+
+class RegionHead(nn.Module):
+    """Referring expressions: one score per candidate box.
+
+    Each box's feature is the mean of the fused (text-conditioned) patch tokens
+    weighted by how much of each patch the box covers, plus an embedding of its
+    geometry (corners and area); with the joint pooled feature it goes through
+    a :class:`ClassifierHead` to one logit. Padding boxes get ``-inf``."""
+
+    def __init__(self, token_dim: int, pooled_dim: int, hidden_mult: float):
+        super().__init__()
+        self.geometry = nn.Linear(5, token_dim)
+        init_weights(self.geometry)
+        self.score = ClassifierHead(token_dim + pooled_dim, 1, hidden_mult)
+
+    def forward(self, image_tokens: Tensor, pooled: Tensor, boxes: Tensor, box_mask: Tensor) -> Tensor:
+        grid = patch_grid(image_tokens)
+        b, side = grid.shape[0], grid.shape[1]
+        weights = box_weights(boxes.to(grid.dtype), side).flatten(2)  # (B, K, g*g)
+        feats = weights @ grid.reshape(b, side * side, -1) / weights.sum(-1, keepdim=True)
+        x0, y0, x1, y1 = boxes.to(grid.dtype).unbind(-1)
+        geometry = torch.stack([x0, y0, x1, y1, (x1 - x0) * (y1 - y0)], dim=-1)
+        joint = pooled[:, None].expand(-1, feats.shape[1], -1)
+        logits = self.score(torch.cat([feats + self.geometry(geometry), joint], dim=-1)).squeeze(-1)
+        return logits.float().masked_fill(~box_mask, float("-inf"))

@@ -1,0 +1,130 @@
+"""RefCOCO, RefCOCO+ and RefCOCOg from Renaissance-format arrow files.
+
+Each arrow row is one referred object (a "ref") of a COCO image: its
+``sentences`` (the referring expressions), ``bboxes`` (every annotated object of
+the image, COCO ``[x, y, w, h]`` in pixels) and ``labels`` (the index of the
+referred object among them), as Renaissance's ``write_refcoco`` and ``ren data
+prepare refcoco`` write them. An item here is one expression: the model scores
+every candidate box of the image and the referred one is the target.
+
+Images are resized whole to the model's square size (no crop, so no box falls
+outside the view) and boxes become ``x0, y0, x1, y1`` fractions of the image's
+width and height, which the resize maps exactly onto the model's input. Every
+row's label and boxes are checked when the data set is built; an image that
+cannot be decoded drops its expressions from their batch and is counted.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pyarrow.compute as pc
+import torch
+from torch import Tensor
+from torch.utils.data import Dataset
+from transformers import PreTrainedTokenizerBase
+
+from engine.data.arrow import ArrowSource, expand_items, find_arrow_files, list_lengths, open_arrow
+from engine.data.images import ImageTransform
+from engine.data.transforms import Normalization
+from engine.errors import RenError
+
+DATASETS = ("refcoco", "refcoco+", "refcocog")
+
+
+def open_split(root: Path | str, split: str, dataset: str = "refcoco") -> ArrowSource:
+    """The memory-mapped rows of a RefCOCO/RefCOCO+/RefCOCOg split (``a+b`` joins splits)."""
+    return open_arrow(find_arrow_files(root, dataset, split), dataset)
+
+
+def normalized_boxes(xywh: list[list[float]], width: int, height: int) -> Tensor:
+    """COCO ``[x, y, w, h]`` pixel boxes -> ``(K, 4)`` ``x0, y0, x1, y1`` fractions of the image."""
+    boxes = torch.as_tensor(xywh, dtype=torch.float32).reshape(-1, 4)
+    scale = torch.tensor([width, height, width, height], dtype=torch.float32)
+    corners = torch.cat([boxes[:, :2], boxes[:, :2] + boxes[:, 2:]], dim=1)
+    return (corners / scale).clamp(0, 1)
+
+
+class ArrowRefCOCODataset(Dataset):
+    """One item per referring expression. Batch keys: ``input_ids``, ``attention_mask``
+    (B x L), ``pixel_values`` (B x 3 x S x S, normalised), ``boxes`` (B x K x 4 float32,
+    ``x0, y0, x1, y1`` in [0, 1]; K the most candidates in the batch), ``box_mask``
+    (B x K bool, False for padding), ``labels`` (B, int64 index of the referred box)."""
+
+    def __init__(self, source: ArrowSource, tokenizer: PreTrainedTokenizerBase, max_text_len: int,
+                 transform: ImageTransform, norm: Normalization) -> None:
+        self.source, self.tokenizer, self.max_text_len = source, tokenizer, max_text_len
+        self.transform, self.norm = transform, norm
+        paths = ", ".join(map(str, source.paths))
+        if not len(source):
+            raise RenError(f"{paths}: no rows.")
+        self._check_rows(paths)
+        self.rows, self.slots = expand_items(list_lengths(source.column("sentences")))
+        if not len(self.rows):
+            raise RenError(f"{paths}: no referring expressions (every row's sentences list is empty).")
+
+    def _check_rows(self, paths: str) -> None:
+        """Every label indexes its row's boxes and every box has 4 numbers with positive size."""
+        bboxes = self.source.column("bboxes")
+        counts = list_lengths(bboxes)
+        labels = pc.fill_null(self.source.column("labels"), -1).to_numpy(zero_copy_only=False).astype(np.int64)
+        bad = np.flatnonzero((labels < 0) | (labels >= counts))
+        if len(bad):
+            self._fail(int(bad[0]), f"labels = {int(labels[bad[0]])} but the row has {int(counts[bad[0]])} "
+                       f"candidate boxes; the label is the referred object's index in bboxes. Rows with such a "
+                       f"label: {len(bad)} of {len(labels)} in {paths}.")
+        boxes = pc.list_flatten(bboxes)
+        sizes = list_lengths(boxes)
+        row_of_box = np.repeat(np.arange(len(counts)), counts)
+        wrong = np.flatnonzero(sizes != 4)
+        if len(wrong):
+            self._fail(int(row_of_box[wrong[0]]), f"a box has {int(sizes[wrong[0]])} numbers; boxes are COCO "
+                       f"[x, y, w, h] in pixels. Such boxes: {len(wrong)} in {paths}.")
+        values = pc.fill_null(pc.list_flatten(boxes), -1).to_numpy(zero_copy_only=False).reshape(-1, 4)
+        flat = np.flatnonzero((values[:, 2] <= 0) | (values[:, 3] <= 0) | (values[:, 0] < 0) | (values[:, 1] < 0))
+        if len(flat):
+            self._fail(int(row_of_box[flat[0]]), f"box {values[flat[0]].tolist()} is not a COCO [x, y, w, h] box "
+                       f"(negative corner, or no width or height). Such boxes: {len(flat)} in {paths}.")
+
+    def _fail(self, row: int, problem: str) -> None:
+        path, local = self.source.locate(row)
+        raise RenError(f"{path} row {local}: {problem}")
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def _image(self, image: object) -> tuple[Tensor, tuple[int, int]]:
+        return self.transform(image), image.size
+
+    def __getitems__(self, indices: list[int]) -> dict[str, Tensor]:
+        images: dict[tuple[int, str], tuple[Tensor, tuple[int, int]] | None] = {}
+        cells: dict[int, dict] = {}
+        texts, pixels, boxes, labels = [], [], [], []
+        for index in indices:
+            row, slot = int(self.rows[index]), int(self.slots[index])
+            decoded = self.source.transformed_image(row, self._image, images)
+            if decoded is None:
+                continue
+            if row not in cells:
+                cells[row] = self.source.row(row, ("sentences", "bboxes", "labels"))
+            pixel, (width, height) = decoded
+            texts.append(cells[row]["sentences"][slot])
+            pixels.append(pixel)
+            boxes.append(normalized_boxes(cells[row]["bboxes"], width, height))
+            labels.append(cells[row]["labels"])
+        if not texts:
+            path = self.source.locate(int(self.rows[indices[0]]))[0]
+            raise RenError(f"Every image of a batch of {len(indices)} referring expressions was unreadable "
+                           f"({self.source.skipped_images} skipped so far) in {path}.")
+        most = max(len(b) for b in boxes)
+        padded = torch.zeros(len(boxes), most, 4)
+        mask = torch.zeros(len(boxes), most, dtype=torch.bool)
+        for i, b in enumerate(boxes):
+            padded[i, :len(b)] = b
+            mask[i, :len(b)] = True
+        encoding = self.tokenizer(texts, padding="longest", truncation=True, max_length=self.max_text_len,
+                                  return_tensors="pt")
+        return {"input_ids": encoding["input_ids"], "attention_mask": encoding["attention_mask"],
+                "pixel_values": self.norm.apply(torch.stack(pixels)), "boxes": padded, "box_mask": mask,
+                "labels": torch.as_tensor(labels, dtype=torch.int64)}
