@@ -10,7 +10,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 console = Console()
 
 
-def prepare(task: str, source: Path, out: Path, *, force: bool) -> None:
+def prepare(task: str, source: Path, out: Path, *, force: bool, split_by: str | None = None,
+            shard_rows: int | None = None) -> None:
     from engine.data.prepare import prepare as convert
 
     with Progress(TextColumn(f"[bold]{task}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
@@ -20,5 +21,6 @@ def prepare(task: str, source: Path, out: Path, *, force: bool) -> None:
         def progress(done: int, total: int) -> None:
             bar.update(job, completed=done, total=total)
 
-        report = convert(task, source, out, progress=progress, force=force)
+        report = convert(task, source, out, progress=progress, force=force, split_by=split_by,
+                         shard_rows=shard_rows)
     console.print(report.summary(), highlight=False, markup=False)

@@ -2,9 +2,10 @@
 
 :func:`prepare` reads the original annotation files and image folders of a
 task from ``source`` and writes the arrow files of :data:`engine.data.arrow.ARROW_KINDS`
-into ``out``, one row per image (one per image pair for NLVR2) holding all texts
-of that image, the image stored as its original encoded bytes, as ViLT's
-``vilt/utils/write_*.py`` (METER's ``write_snli.py`` for SNLI-VE) do:
+into ``out``, one row per image (one per image pair for NLVR2, one per referred
+object for RefCOCO) holding all texts of that image, the image stored as its
+original encoded bytes, as ViLT's ``vilt/utils/write_*.py`` (METER's
+``write_snli.py`` for SNLI-VE, Renaissance's ``write_refcoco`` for RefCOCO) do:
 
 * ``vqav2``: ``v2_OpenEnded_mscoco_{train2014,val2014,test2015,test-dev2015}_questions.json``,
   ``v2_mscoco_{train2014,val2014}_annotations.json`` and the COCO folders ``train2014/``,
@@ -22,6 +23,18 @@ of that image, the image stored as its original encoded bytes, as ViLT's
   ``nlvr2_{balanced,unbalanced}_{dev,test1}.arrow`` when ``balanced/balanced_dev.json`` etc. exist.
 * ``snli_ve``: ``snli_ve_{train,dev,test}.jsonl`` and ``flickr30k-images/<Flickr30K_ID>.jpg`` (or
   ``Flickr30K/images/``) -> ``snli_{train,dev,test}.arrow``.
+* ``refcoco``, ``refcoco+``, ``refcocog``: lichengunc/refer's ``<task>/refs(unc).p`` (refcocog:
+  ``refs(umd).p``, or ``refs(google).p`` with ``split_by="google"`` or when it is the only one) and
+  ``<task>/instances.json``, with the COCO images in ``images/mscoco/train2014/`` (or ``train2014/``)
+  -> ``<task>_unc_{train,val,testA,testB}.arrow``, ``refcocog_umd_{train,val,test}.arrow``
+  (``refcocog_google_{train,val}.arrow``).
+* ``vg``: Visual Genome's ``region_descriptions.json`` (or ``annotations/...``, ViLT's place) and
+  the images ``VG_100K/<image_id>.jpg`` and ``VG_100K_2/`` (or ``images/VG_100K/`` ...) -> ``vg.arrow``;
+  ``image_data.json`` is not needed.
+* ``cc``: ViLT's layout of a Conceptual Captions download, ``{train,val}_annot.json`` (lists of
+  [image path, caption]) and ``images_{train,val}/<folder>/<file>`` -> ``conceptual_caption_{train,
+  val}_{i}.arrow``; ``sbu``: ``annot.json`` and ``images_train/`` -> ``sbu_{i}.arrow``. Each shard
+  holds at most ``shard_rows`` (:data:`SHARD_ROWS`, ViLT's 100,000) images.
 
 What follows ViLT and what differs
 ----------------------------------
@@ -49,29 +62,55 @@ What follows ViLT and what differs
   identifier's split (``images/train/<directory>/`` for train).
 * SNLI-VE: ``sentences`` holds [premise, hypothesis] pairs, ``labels`` 0
   contradiction, 1 neutral, 2 entailment, grouped per ``Flickr30K_ID``.
+* RefCOCO: one row per ref, as Renaissance's ``write_refcoco``: ``sentences``
+  the ``sent`` of each of its sentences, ``bboxes`` the ``bbox`` of every
+  annotation of its image in ``instances.json`` order, ``labels`` the index of
+  the ref's ``ann_id`` among them; the image is ``instances.json``'s
+  ``file_name`` of its ``image_id``. ``testA`` and ``testB`` are written
+  apart (Renaissance writes them together as ``test``). The refs pickle, written
+  by Python 2, is read with its byte strings decoded as UTF-8 (as Latin-1 where
+  they are not UTF-8) and only lists, dicts, strings and numbers allowed in it:
+  unpickling anything else could run code, so it is refused.
+* VG: regions are grouped per ``image_id`` in file order (ViLT shuffles the
+  images); ``caption`` holds their ``phrase`` and ``width``, ``height``, ``x``,
+  ``y`` their boxes; ``image_id`` is the id as a string.
+* CC and SBU: an annotation's image is found, as ViLT finds it, by its file name
+  (the last part of its path) among the files in the subfolders of
+  ``images_{split}/``; ``image_id`` is that file name. Captions of the same file
+  name share its row (ViLT keeps the last). Rows follow the annotation file
+  (ViLT shuffles them) and are cut into shards of ``shard_rows`` annotated
+  images found on disk, so an unreadable image makes its shard a row shorter.
+  Each shard records its rows' range in its schema metadata (``ren.shard``),
+  so a shard cut differently (another ``shard_rows``, another image folder) is
+  not kept as complete, and shard files of the split beyond the new count are
+  removed (they would be read as part of it).
 
 Skipped records, resuming, errors
 ---------------------------------
 A record is left out, and listed in the :class:`PrepareReport`, when its image
 file is missing or does not decode with PIL, or when it has no text
-(``missing annotation``), an unknown label or Karpathy split, or (VQAv2) no answer
+(``missing annotation``; for RefCOCO also an image or annotation the ref names
+that ``instances.json`` lacks), an unknown label or split, or (VQAv2) no answer
 in the vocabulary. Each output file is written to ``.<name>.partial`` in
 record batches of at most :data:`BATCH_ROWS` rows or :data:`BATCH_BYTES` image
 bytes (images are never all in memory), synced, then renamed over ``<name>``;
 an existing complete file (an arrow file whose footer and columns are right) is
 kept unless ``force``, so an interrupted run resumes at its first unfinished
-file. A missing input file or image folder, or malformed JSON, raises a
+file. A missing input file or image folder, or malformed JSON or pickle, raises a
 :class:`~engine.errors.RenError` naming the file, the record and the key.
 """
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import os
+import pickle
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from io import BytesIO
 from pathlib import Path
 from typing import Any
@@ -88,10 +127,12 @@ from engine.vqa_answers import build_answer_vocab, load_vqa_json, soft_targets
 
 Progress = Callable[[int, int], None]
 
-TASKS = ("vqav2", "coco_caption", "f30k_caption", "nlvr2", "snli_ve")
+TASKS = ("vqav2", "coco_caption", "f30k_caption", "nlvr2", "snli_ve", "refcoco", "refcoco+", "refcocog", "vg", "cc",
+         "sbu")
 BATCH_ROWS = 1000
 BATCH_BYTES = 64 << 20
 VQAV2_REST_VAL_IMAGES = 1000  # ViLT's rest_val: the last 1,000 images of vqav2_val.arrow
+SHARD_ROWS = 100_000  # ViLT's images per conceptual_caption_*/sbu_* shard
 
 MISSING_IMAGE = "missing image file"
 UNREADABLE_IMAGE = "unreadable image"
@@ -114,6 +155,10 @@ VQAV2_SCHEMA = pa.schema([("image", pa.binary()), ("questions", _LIST_STRING), (
 NLVR2_SCHEMA = pa.schema([("image_0", pa.binary()), ("image_1", pa.binary()), ("questions", _LIST_STRING),
                           ("answers", _LIST_STRING), ("identifier", _STRING)])
 SNLI_SCHEMA = pa.schema([("image", pa.binary()), ("sentences", pa.list_(_LIST_STRING)), ("labels", _LIST_INT)])
+REFCOCO_SCHEMA = pa.schema([("image", pa.binary()), ("sentences", _LIST_STRING),
+                            ("bboxes", pa.list_(pa.list_(pa.float64()))), ("labels", pa.int64())])
+VG_SCHEMA = pa.schema([("image", pa.binary()), ("caption", _LIST_STRING), *((c, _LIST_INT) for c in ("width", "height",
+                       "x", "y")), ("image_id", _STRING)])
 
 SNLI_LABELS = {"contradiction": 0, "neutral": 1, "entailment": 2}
 NLVR2_LABELS = ("True", "False")
@@ -133,6 +178,19 @@ _NLVR2_FROM = ("the NLVR2 release (github.com/lil-lab/nlvr, nlvr2/data/*.json: o
                "images in images/train/<directory>/, dev/ and test1/")
 _SNLI_FROM = ("the SNLI-VE release (github.com/necla-ml/SNLI-VE: snli_ve_{train,dev,test}.jsonl) with the Flickr30k "
               "images in flickr30k-images/")
+_REFER_SPLITS = {"unc": ("train", "val", "testA", "testB"), "umd": ("train", "val", "test"), "google": ("train", "val")}
+_REFER_SPLIT_BY = {"refcoco": ("unc",), "refcoco+": ("unc",), "refcocog": ("umd", "google")}  # the first is the default
+_REFER_FROM = ("lichengunc/refer's data (the {task} zip unpacked into the source folder: {task}/refs({split_by}).p and "
+               "{task}/instances.json) and the COCO train2014 images in images/mscoco/train2014/ or train2014/")
+_VG_FROM = ("Visual Genome's region_descriptions.json (visualgenome.org, in the source folder or annotations/) and "
+            "its images VG_100K/ and VG_100K_2/ (in the source folder or images/)")
+_COCO_TRAIN_DIRS = ("images/mscoco/train2014", "train2014")
+_VG_FOLDERS = (("VG_100K", "images/VG_100K"), ("VG_100K_2", "images/VG_100K_2"))
+_CC_FROM = ("ViLT's layout of a Conceptual Captions download (see ViLT's DATA.md): train_annot.json and "
+            "val_annot.json, each a JSON list of [image path, caption], and the images in images_train/<folder>/ "
+            "and images_val/<folder>/")
+_SBU_FROM = ("ViLT's layout of an SBU Captions download (see ViLT's DATA.md): annot.json, a JSON list of [image path, "
+             "caption], and the images in images_train/<folder>/")
 
 
 @dataclass(frozen=True)
@@ -229,13 +287,26 @@ class _Row:
     texts: int
 
 
+class _LazyRows(Sequence[_Row]):
+    """``make(item)`` for each of ``items``, made when read, so that millions of rows are not held as :class:`_Row`."""
+
+    def __init__(self, items: Sequence[Any], make: Callable[[Any], _Row]) -> None:
+        self._items, self._make = items, make
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def __getitem__(self, index: int) -> _Row:  # type: ignore[override]  # an index, never a slice
+        return self._make(self._items[index])
+
+
 @dataclass
 class _Output:
     """An output file to write: its rows and the records already left out of it."""
 
     name: str
     schema: pa.Schema
-    rows: list[_Row] = field(default_factory=list)
+    rows: list[_Row] | _LazyRows = field(default_factory=list)
     skipped: list[SkippedRecord] = field(default_factory=list)
 
 
@@ -294,8 +365,9 @@ _TYPE_NAMES = {str: "a string", int: "an integer", list: "a list", dict: "an obj
 def _field(record: Any, key: str, kinds: type | tuple[type, ...], path: Path, where: str, task: str) -> Any:
     """``record[key]``, checked to exist and to be of ``kinds``; ``where`` names the record in messages."""
     if not isinstance(record, dict):
+        expected = "a dict" if path.suffix == ".p" else "a JSON object"
         raise RenError(f"{task}: {where} of {path} is {_TYPE_NAMES.get(type(record), type(record).__name__)}, "
-                       "expected a JSON object.")
+                       f"expected {expected}.")
     if key not in record:
         keys = ", ".join(map(repr, list(record)[:12])) or "none"
         raise RenError(f"{task}: {where} of {path} has no key {key!r} (its keys: {keys}).")
@@ -312,6 +384,61 @@ def _top_list(content: Any, key: str, path: Path, task: str) -> list[Any]:
         raise RenError(f"{task}: {path} has no top-level list {key!r}; expected the original layout "
                        f"{{{key!r}: [...], ...}}.")
     return content[key]
+
+
+def _numbers(value: Any, count: int, path: Path, where: str, task: str, meaning: str) -> list[float]:
+    """``value`` as ``count`` floats; else a RenError saying it should be ``meaning``."""
+    if not isinstance(value, list) or len(value) != count or not all(
+            isinstance(number, (int, float)) and not isinstance(number, bool) for number in value):
+        raise RenError(f"{task}: {where} of {path} is {str(value)[:80]!r}, expected {meaning}.")
+    return [float(number) for number in value]
+
+
+_PICKLE_TYPES = {"dict": dict, "list": list, "tuple": tuple, "str": str, "unicode": str, "int": int, "long": int,
+                 "float": float}
+
+
+class _ForbiddenGlobal(Exception):
+    """A class or function named in a pickle that :class:`_DataUnpickler` does not build."""
+
+
+class _DataUnpickler(pickle.Unpickler):
+    """An unpickler that builds only lists, dicts, tuples, strings and numbers: any other class or function a
+    pickle names (which unpickling would call, so it could run any code) raises :class:`_ForbiddenGlobal`."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        if module in ("builtins", "__builtin__") and name in _PICKLE_TYPES:
+            return _PICKLE_TYPES[name]
+        raise _ForbiddenGlobal(f"{module}.{name}")
+
+
+def _decoded(value: Any) -> Any:
+    """``value`` with its byte strings (Python 2's ``str``) decoded as UTF-8, or Latin-1 where not UTF-8."""
+    if isinstance(value, bytes):
+        try:
+            return value.decode("utf-8")
+        except UnicodeDecodeError:
+            return value.decode("latin-1")
+    if isinstance(value, (list, tuple)):
+        return type(value)(_decoded(item) for item in value)
+    if isinstance(value, dict):
+        return {_decoded(key): _decoded(item) for key, item in value.items()}
+    return value
+
+
+def _read_pickle(path: Path, task: str) -> Any:
+    """The content of the pickle ``path`` (Python 2 byte strings decoded, see :func:`_decoded`), data types only."""
+    try:
+        with path.open("rb") as file:
+            return _decoded(_DataUnpickler(file, encoding="bytes").load())
+    except _ForbiddenGlobal as forbidden:
+        raise RenError(f"{task}: {path} refers to {forbidden}; the pickle should hold only lists, dicts, strings and "
+                       "numbers, and anything else is refused because unpickling it could run code.") from None
+    except OSError as error:
+        raise RenError(f"{task}: cannot read {path}: {error.strerror or error}.") from None
+    except Exception as error:  # a corrupt pickle raises UnpicklingError, EOFError, ValueError, KeyError, ...
+        raise RenError(f"{task}: {path} is not a readable pickle ({type(error).__name__}: {error}); it should be the "
+                       "file of the original release.") from None
 
 
 def _load_image(path: Path) -> tuple[bytes | None, str, str]:
@@ -357,12 +484,16 @@ def _atomic_ipc_file(final: Path, schema: pa.Schema) -> Iterator[pa.ipc.RecordBa
         raise
 
 
-def _complete_counts(path: Path, kind: ArrowKind) -> tuple[int, int] | None:
-    """``(rows, texts)`` of ``path`` when it is a complete arrow file of ``kind``, else ``None``."""
+def _complete_counts(path: Path, kind: ArrowKind, metadata: dict[bytes, bytes]) -> tuple[int, int] | None:
+    """``(rows, texts)`` of ``path`` when it is a complete arrow file of ``kind`` whose schema metadata holds
+    ``metadata``, else ``None``."""
     try:
         with pa.memory_map(str(path)) as source:
             reader = pa.ipc.open_file(source)
             check_schema(path, reader.schema, kind)
+            written = reader.schema.metadata or {}
+            if any(written.get(key) != value for key, value in metadata.items()):
+                return None
             rows = texts = 0
             for index in range(reader.num_record_batches):
                 batch = reader.get_batch(index)
@@ -401,14 +532,17 @@ class _Job:
     def __exit__(self, *exc_info: object) -> None:
         self._lock.release()
 
-    def complete(self, name: str) -> bool:
-        """Whether ``name`` is kept as it is: not ``force`` and a complete file of the kind exists."""
+    def complete(self, name: str, metadata: dict[bytes, bytes] | None = None) -> bool:
+        """Whether ``name`` is kept as it is: not ``force`` and a complete file of the kind exists (whose schema
+        metadata holds ``metadata``)."""
         path = self.out / name
         if self.force or not path.exists():
             return False
-        counts = _complete_counts(path, self.kind)
+        counts = _complete_counts(path, self.kind, metadata or {})
         if counts is None:
-            self.report.notes.append(f"{path} existed but was not a complete {self.kind.name} arrow file; "
+            cut = "".join(f" of {value.decode()} (schema metadata {key.decode()})"
+                          for key, value in (metadata or {}).items())
+            self.report.notes.append(f"{path} existed but was not a complete {self.kind.name} arrow file{cut}; "
                                      "it was written again.")
             return False
         self._files[name] = OutputFile(name, path, *counts, status="kept")
@@ -482,10 +616,33 @@ class _Job:
                 texts = pc.sum(pc.list_value_length(part.column(self.kind.text_column))).as_py() or 0
                 self._files[name] = OutputFile(name, path, part.num_rows, texts, status="written")
 
+    def remove_stale(self, split: str, names: Sequence[str]) -> None:
+        """Delete the files in ``out`` that the reader would take for ``split`` of the kind but are not ``names``
+        (shards of an earlier, differently cut run)."""
+        patterns = self.kind.splits[split]
+        for path in sorted(self.out.iterdir()):
+            if path.name not in names and any(fnmatch.fnmatch(path.name, pattern) for pattern in patterns):
+                path.unlink()
+                self.report.notes.append(f"Removed {path}: left by a run cut into other shards, it would be read "
+                                         f"as part of {split} beside this run's {_plural(len(names), 'shard')}.")
+
     def finish(self, names: Sequence[str]) -> PrepareReport:
         """The report, its files in the order of ``names``."""
         self.report.outputs = [self._files[name] for name in names if name in self._files]
         return self.report
+
+
+def _prepare_splits(task: str, source: Path, out: Path, progress: Progress | None, force: bool, names: dict[str, str],
+                    outputs: Callable[[_Job, list[str]], list[_Output]], notes: Sequence[str] = ()) -> PrepareReport:
+    """A converter of one file per split: ``names`` maps split -> file name; the files not complete are written
+    from ``outputs(job, pending splits)``; ``notes`` go into the report."""
+    with _Job(task, source, out, progress, force) as job:
+        job.report.notes.extend(notes)
+        pending = [split for split in names if not job.complete(names[split])]
+        written = outputs(job, pending) if pending else []
+        if written:
+            job.write(written)
+        return job.finish(list(names.values()))
 
 
 # --- the tasks ----------------------------------------------------------------------------------------------------
@@ -553,8 +710,8 @@ def _vqav2_outputs(source: Path, splits: Sequence[str], names: dict[str, str]) -
 
 
 def _karpathy_outputs(job: _Job, pending: Sequence[str], names: dict[str, str], annotations: tuple[str, ...],
-                      ) -> tuple[list[_Output], list[SkippedRecord]]:
-    """The outputs of the ``pending`` Karpathy splits, and the records of no known split."""
+                      ) -> list[_Output]:
+    """The outputs of the ``pending`` Karpathy splits; records of no known split go into the report."""
     task, source = job.task, job.source
     path = _find(source, task, annotations, _KARPATHY_FROM + " and the images")
     flickr = None if task == "coco_caption" else _find(source, task, _FLICKR_DIRS, "the Flickr30k images "
@@ -568,7 +725,6 @@ def _karpathy_outputs(job: _Job, pending: Sequence[str], names: dict[str, str], 
         return folders[filepath]
 
     outputs = {split: _Output(names[split], CAPTION_SCHEMA) for split in pending}
-    unknown: list[SkippedRecord] = []
     for index, record in enumerate(_top_list(_read_json(path, task), "images", path, task)):
         where = f"images[{index}]"
         filename = _field(record, "filename", str, path, where, task)
@@ -576,8 +732,8 @@ def _karpathy_outputs(job: _Job, pending: Sequence[str], names: dict[str, str], 
         captions = [_field(sentence, "raw", str, path, f"{where}.sentences[{k}]", task)
                     for k, sentence in enumerate(_field(record, "sentences", list, path, where, task))]
         if split not in names:
-            unknown.append(SkippedRecord("", f"{where} ({filename})", UNKNOWN_SPLIT,
-                                         f"split {split!r}, expected one of {', '.join(names)}"))
+            job.report.skipped.append(SkippedRecord("", f"{where} ({filename})", UNKNOWN_SPLIT,
+                                                    f"split {split!r}, expected one of {', '.join(names)}"))
         elif split in outputs and not captions:
             outputs[split].skipped.append(SkippedRecord(names[split], filename, MISSING_ANNOTATION,
                                                         f"{where} has no sentences"))
@@ -585,19 +741,14 @@ def _karpathy_outputs(job: _Job, pending: Sequence[str], names: dict[str, str], 
             folder = flickr if flickr is not None else coco_folder(_field(record, "filepath", str, path, where, task))
             outputs[split].rows.append(_Row(filename, (folder / filename,), (captions, filename, split),
                                             len(captions)))
-    return [outputs[split] for split in pending], unknown
+    return [outputs[split] for split in pending]
 
 
 def _prepare_karpathy(task: str, source: Path, out: Path, progress: Progress | None, force: bool,
                       annotations: tuple[str, ...], splits: tuple[str, ...], prefix: str) -> PrepareReport:
-    with _Job(task, source, out, progress, force) as job:
-        names = {split: f"{prefix}_{split}.arrow" for split in splits}
-        pending = [split for split in splits if not job.complete(names[split])]
-        if pending:
-            outputs, unknown = _karpathy_outputs(job, pending, names, annotations)
-            job.report.skipped.extend(unknown)
-            job.write(outputs)
-        return job.finish(list(names.values()))
+    names = {split: f"{prefix}_{split}.arrow" for split in splits}
+    return _prepare_splits(task, source, out, progress, force, names,
+                           lambda job, pending: _karpathy_outputs(job, pending, names, annotations))
 
 
 def prepare_coco_caption(source: Path, out: Path, *, progress: Progress | None = None,
@@ -672,13 +823,14 @@ def _nlvr2_output(job: _Job, name: str, path: Path, folders: dict[str, Path]) ->
 
 def prepare_nlvr2(source: Path, out: Path, *, progress: Progress | None = None, force: bool = False) -> PrepareReport:
     """NLVR2 (see the module docstring); the balanced/unbalanced splits are written when their files exist."""
-    with _Job("nlvr2", source, out, progress, force) as job:
-        names = {split: f"nlvr2_{split}.arrow" for split in (*_NLVR2_REQUIRED, *_NLVR2_OPTIONAL)}
-        inputs = _nlvr2_inputs(job, [split for split in names if not job.complete(names[split])], names)
-        if inputs:
-            folders: dict[str, Path] = {}
-            job.write([_nlvr2_output(job, names[split], path, folders) for split, path in inputs.items()])
-        return job.finish(list(names.values()))
+    names = {split: f"nlvr2_{split}.arrow" for split in (*_NLVR2_REQUIRED, *_NLVR2_OPTIONAL)}
+
+    def outputs(job: _Job, pending: list[str]) -> list[_Output]:
+        folders: dict[str, Path] = {}
+        return [_nlvr2_output(job, names[split], path, folders)
+                for split, path in _nlvr2_inputs(job, pending, names).items()]
+
+    return _prepare_splits("nlvr2", source, out, progress, force, names, outputs)
 
 
 def _snli_output(job: _Job, name: str, path: Path, folder: Path) -> _Output:
@@ -708,15 +860,235 @@ def _snli_output(job: _Job, name: str, path: Path, folder: Path) -> _Output:
 def prepare_snli_ve(source: Path, out: Path, *, progress: Progress | None = None,
                     force: bool = False) -> PrepareReport:
     """SNLI-VE in METER's layout (see the module docstring)."""
-    with _Job("snli_ve", source, out, progress, force) as job:
-        names = {split: f"snli_{split}.arrow" for split in ("train", "dev", "test")}
-        pending = [split for split in names if not job.complete(names[split])]
-        if pending:
-            inputs = {split: _find(job.source, job.task, (f"snli_ve_{split}.jsonl",), _SNLI_FROM)
-                      for split in pending}
-            folder = _find(job.source, job.task, _FLICKR_DIRS, _SNLI_FROM, folder=True)
-            job.write([_snli_output(job, names[split], path, folder) for split, path in inputs.items()])
-        return job.finish(list(names.values()))
+    names = {split: f"snli_{split}.arrow" for split in ("train", "dev", "test")}
+
+    def outputs(job: _Job, pending: list[str]) -> list[_Output]:
+        inputs = {split: _find(job.source, job.task, (f"snli_ve_{split}.jsonl",), _SNLI_FROM) for split in pending}
+        folder = _find(job.source, job.task, _FLICKR_DIRS, _SNLI_FROM, folder=True)
+        return [_snli_output(job, names[split], path, folder) for split, path in inputs.items()]
+
+    return _prepare_splits("snli_ve", source, out, progress, force, names, outputs)
+
+
+def _json_list(path: Path, task: str, expected: str) -> list[Any]:
+    """The content of the JSON file ``path``, which must be a list (``expected`` says of what)."""
+    content = _read_json(path, task)
+    if not isinstance(content, list):
+        raise RenError(f"{task}: {path} holds {_TYPE_NAMES.get(type(content), type(content).__name__)}, expected a "
+                       f"JSON list of {expected}.")
+    return content
+
+
+def _refer_split_by(source: Path, task: str, split_by: str | None) -> str:
+    """``split_by`` when given, else the first of the task's splits whose refs file is in ``source`` (the first of
+    them when none is)."""
+    releases = _REFER_SPLIT_BY[task]
+    if split_by is None:
+        return next((name for name in releases if (source / task / f"refs({name}).p").is_file()), releases[0])
+    if split_by not in releases:
+        raise RenError(f"{task}: there is no split by {split_by!r}; {task} is split by {' or '.join(releases)}.")
+    return split_by
+
+
+def _refer_objects(path: Path, task: str) -> tuple[dict[int, str], dict[int, tuple[list[int], list[list[float]]]]]:
+    """From ``instances.json``: image id -> file name, and image id -> (its annotation ids, their [x, y, w, h]
+    boxes), in file order."""
+    content = _read_json(path, task)
+    files: dict[int, str] = {}
+    for index, image in enumerate(_top_list(content, "images", path, task)):
+        where = f"images[{index}]"
+        files[_field(image, "id", int, path, where, task)] = _field(image, "file_name", str, path, where, task)
+    objects: dict[int, tuple[list[int], list[list[float]]]] = {}
+    for index, annotation in enumerate(_top_list(content, "annotations", path, task)):
+        where = f"annotations[{index}]"
+        ids, boxes = objects.setdefault(_field(annotation, "image_id", int, path, where, task), ([], []))
+        ids.append(_field(annotation, "id", int, path, where, task))
+        boxes.append(_numbers(_field(annotation, "bbox", list, path, where, task), 4, path, f"{where}.bbox", task,
+                              "[x, y, width, height]"))
+    return files, objects
+
+
+def _refer_outputs(job: _Job, pending: Sequence[str], names: dict[str, str], split_by: str) -> list[_Output]:
+    """The outputs of the ``pending`` splits of a RefCOCO data set: one row per ref."""
+    task = job.task
+    expected = _REFER_FROM.format(task=task, split_by=split_by)
+    refs_path = _find(job.source, task, (f"{task}/refs({split_by}).p",), expected)
+    instances = _find(job.source, task, (f"{task}/instances.json",), expected)
+    folder = _find(job.source, task, _COCO_TRAIN_DIRS, expected, folder=True)
+    refs = _read_pickle(refs_path, task)
+    if not isinstance(refs, list):
+        raise RenError(f"{task}: {refs_path} holds {_TYPE_NAMES.get(type(refs), type(refs).__name__)}, expected a "
+                       "list of refs (dicts with ref_id, ann_id, image_id, split and sentences).")
+    files, objects = _refer_objects(instances, task)
+    outputs = {split: _Output(names[split], REFCOCO_SCHEMA) for split in pending}
+    for index, ref in enumerate(refs):
+        where = f"refs[{index}]"
+        split = _field(ref, "split", str, refs_path, where, task)
+        if split not in names:
+            job.report.skipped.append(SkippedRecord("", where, UNKNOWN_SPLIT,
+                                                    f"split {split!r}, expected one of {', '.join(names)}"))
+            continue
+        if split not in outputs:
+            continue
+        ref_id, ann_id, image_id = (_field(ref, key, int, refs_path, where, task)
+                                    for key in ("ref_id", "ann_id", "image_id"))
+        sentences = [_field(sentence, "sent", str, refs_path, f"{where}.sentences[{k}]", task)
+                     for k, sentence in enumerate(_field(ref, "sentences", list, refs_path, where, task))]
+        output, (ids, boxes) = outputs[split], objects.get(image_id, ([], []))
+        problem = ("it has no sentences" if not sentences
+                   else f"its image {image_id} is not in {instances}" if image_id not in files
+                   else f"its annotation {ann_id} is not one of image {image_id}'s in {instances}" if ann_id not in ids
+                   else "")
+        if problem:
+            output.skipped.append(SkippedRecord(output.name, f"ref {ref_id}", MISSING_ANNOTATION, problem))
+            continue
+        output.rows.append(_Row(f"ref {ref_id} ({files[image_id]})", (folder / files[image_id],),
+                                (sentences, boxes, ids.index(ann_id)), len(sentences)))
+    return list(outputs.values())
+
+
+def prepare_refer(task: str, source: Path, out: Path, *, progress: Progress | None = None, force: bool = False,
+                  split_by: str | None = None) -> PrepareReport:
+    """RefCOCO, RefCOCO+ or RefCOCOg (``task``), split by ``split_by`` (default: unc, umd for refcocog, or google
+    when only its refs file is there); see the module docstring."""
+    if task not in _REFER_SPLIT_BY:
+        raise RenError(f"prepare_refer prepares {', '.join(_REFER_SPLIT_BY)}, not {task!r}.")
+    split_by = _refer_split_by(Path(source), task, split_by)
+    names = {split: f"{task}_{split_by}_{split}.arrow" for split in _REFER_SPLITS[split_by]}
+    notes = [f"{task}: split by {split_by} (refs({split_by}).p)."]
+    if split_by == "google":
+        notes.append(f"ren's {task} data reads {task}_umd_*.arrow; the google split's files are for other readers.")
+    return _prepare_splits(task, source, out, progress, force, names,
+                           lambda job, pending: _refer_outputs(job, pending, names, split_by), notes)
+
+
+def _vg_output(job: _Job, name: str) -> _Output:
+    """``vg.arrow``: the regions of ``region_descriptions.json`` grouped per image."""
+    task, source = job.task, job.source
+    path = _find(source, task, ("region_descriptions.json", "annotations/region_descriptions.json"), _VG_FROM)
+    folders = [_find(source, task, _VG_FOLDERS[0], _VG_FROM, folder=True)]
+    folders += [source / candidate for candidate in _VG_FOLDERS[1] if (source / candidate).is_dir()][:1]
+    output = _Output(name, VG_SCHEMA)
+    images: dict[int, tuple[list[str], list[int], list[int], list[int], list[int]]] = {}
+    for index, record in enumerate(_json_list(path, task, "images' regions ({'regions': [...], 'id': ...})")):
+        where = f"[{index}]"
+        regions = _field(record, "regions", list, path, where, task)
+        if not regions:
+            image = f"image {record['id']}" if isinstance(record.get("id"), int) else where
+            output.skipped.append(SkippedRecord(name, image, MISSING_ANNOTATION, f"{where} has no regions"))
+        for k, region in enumerate(regions):
+            at = f"{where}.regions[{k}]"
+            cells = images.setdefault(_field(region, "image_id", int, path, at, task), ([], [], [], [], []))
+            for values, key in zip(cells, ("phrase", "width", "height", "x", "y")):
+                values.append(_field(region, key, str if key == "phrase" else int, path, at, task))
+    for image_id, cells in images.items():
+        candidates = [folder / f"{image_id}.jpg" for folder in folders]
+        image = next((candidate for candidate in candidates if candidate.is_file()), candidates[0])
+        output.rows.append(_Row(f"{image_id}.jpg", (image,), (*cells, str(image_id)), len(cells[0])))
+    return output
+
+
+def prepare_vg(source: Path, out: Path, *, progress: Progress | None = None, force: bool = False) -> PrepareReport:
+    """Visual Genome region captions in ViLT's layout (see the module docstring)."""
+    return _prepare_splits("vg", source, out, progress, force, {"train": "vg.arrow"},
+                           lambda job, pending: [_vg_output(job, "vg.arrow")])
+
+
+@dataclass
+class _Annotated:
+    """The annotated images of a CC/SBU split: (file name, index of its folder, captions), in annotation order."""
+
+    items: list[tuple[str, int, list[str]]]
+    folders: list[Path]
+    skipped: list[SkippedRecord]
+    notes: list[str]
+
+
+def _annotated_images(job: _Job, annotations: str, images: str, expected: str, output: str) -> _Annotated:
+    """The captions of ``annotations`` matched by file name to the files in ``images`` and its subfolders."""
+    task = job.task
+    path = _find(job.source, task, (annotations,), expected)
+    root = _find(job.source, task, (images,), expected, folder=True)
+    with os.scandir(root) as entries:
+        folders = [root, *sorted(Path(entry.path) for entry in entries if entry.is_dir())]
+    found: dict[str, int] = {}
+    repeated = 0
+    for number, folder in enumerate(folders):
+        with os.scandir(folder) as entries:
+            for entry in entries:
+                if entry.is_file() and not entry.name.startswith("."):
+                    repeated += entry.name in found
+                    found.setdefault(entry.name, number)
+    captions: dict[str, list[str]] = {}
+    for index, entry in enumerate(_json_list(path, task, "[image path, caption] pairs")):
+        if not (isinstance(entry, list) and len(entry) == 2 and all(isinstance(value, str) for value in entry)):
+            raise RenError(f"{task}: entry [{index}] of {path} is {str(entry)[:80]!r}, expected [image path, caption] "
+                           "(two strings).")
+        captions.setdefault(entry[0].rsplit("/", 1)[-1], []).append(entry[1])
+    annotated = _Annotated([], folders, [], [])
+    for name, texts in captions.items():
+        if name in found:
+            annotated.items.append((name, found[name], texts))
+        else:
+            annotated.skipped.append(SkippedRecord(output, name, MISSING_IMAGE, f"no file {name} in {root}/ or its "
+                                                   "subfolders"))
+    if unannotated := len(found) - len(annotated.items):
+        annotated.notes.append(f"{_plural(unannotated, 'image file')} in {root}/ had no caption in {path.name}; "
+                               "they were not written.")
+    if repeated:
+        annotated.notes.append(f"{_plural(repeated, 'image file name')} stood in more than one folder of {root}/; "
+                               "the first folder's file (by name) was used.")
+    return annotated
+
+
+def _shard_row(split: str, folders: list[Path], item: tuple[str, int, list[str]]) -> _Row:
+    name, folder, captions = item
+    return _Row(name, (folders[folder] / name,), (captions, name, split), len(captions))
+
+
+def _prepare_shards(task: str, source: Path, out: Path, progress: Progress | None, force: bool, shard_rows: int,
+                    splits: dict[str, tuple[str, str, str]], expected: str) -> PrepareReport:
+    """CC or SBU: ``splits`` maps split -> (annotation file, image folder, shard name prefix)."""
+    if shard_rows < 1:
+        raise RenError(f"{task}: shard_rows must be at least 1, got {shard_rows}.")
+    with _Job(task, source, out, progress, force) as job:
+        names: list[str] = []
+        outputs: list[_Output] = []
+        for split, (annotations, images, prefix) in splits.items():
+            annotated = _annotated_images(job, annotations, images, expected, f"{prefix}_*.arrow")
+            total = len(annotated.items)
+            shards = {f"{prefix}_{k}.arrow": (k * shard_rows, min(total, (k + 1) * shard_rows))
+                      for k in range(max(1, -(-total // shard_rows)))}
+            job.remove_stale(split, list(shards))
+            names.extend(shards)
+            pending = []
+            for name, (start, stop) in shards.items():
+                metadata = {b"ren.shard": f"images {start}-{stop} of {total}".encode()}
+                if not job.complete(name, metadata):
+                    pending.append(_Output(name, CAPTION_SCHEMA.with_metadata(metadata), _LazyRows(
+                        annotated.items[start:stop], partial(_shard_row, split, annotated.folders))))
+            if pending:
+                job.report.skipped.extend(annotated.skipped)
+                job.report.notes.extend(annotated.notes)
+                outputs.extend(pending)
+        if outputs:
+            job.write(outputs)
+        return job.finish(names)
+
+
+def prepare_cc(source: Path, out: Path, *, progress: Progress | None = None, force: bool = False,
+               shard_rows: int = SHARD_ROWS) -> PrepareReport:
+    """Conceptual Captions in ViLT's layout, ``shard_rows`` images per shard (see the module docstring)."""
+    return _prepare_shards("cc", source, out, progress, force, shard_rows,
+                           {split: (f"{split}_annot.json", f"images_{split}", f"conceptual_caption_{split}")
+                            for split in ("train", "val")}, _CC_FROM)
+
+
+def prepare_sbu(source: Path, out: Path, *, progress: Progress | None = None, force: bool = False,
+                shard_rows: int = SHARD_ROWS) -> PrepareReport:
+    """SBU Captions in ViLT's layout, ``shard_rows`` images per shard (see the module docstring)."""
+    return _prepare_shards("sbu", source, out, progress, force, shard_rows,
+                           {"train": ("annot.json", "images_train", "sbu")}, _SBU_FROM)
 
 
 _CONVERTERS: dict[str, Callable[..., PrepareReport]] = {
@@ -725,23 +1097,35 @@ _CONVERTERS: dict[str, Callable[..., PrepareReport]] = {
     "f30k_caption": prepare_f30k_caption,
     "nlvr2": prepare_nlvr2,
     "snli_ve": prepare_snli_ve,
+    **{task: partial(prepare_refer, task) for task in _REFER_SPLIT_BY},
+    "vg": prepare_vg,
+    "cc": prepare_cc,
+    "sbu": prepare_sbu,
 }
+_OPTIONS = {"split_by": tuple(_REFER_SPLIT_BY), "shard_rows": ("cc", "sbu")}  # option -> the tasks that take it
 
 
-def prepare(task: str, source: Path, out: Path, *, progress: Progress | None = None,
-            force: bool = False) -> PrepareReport:
+def prepare(task: str, source: Path, out: Path, *, progress: Progress | None = None, force: bool = False,
+            split_by: str | None = None, shard_rows: int | None = None) -> PrepareReport:
     """Write the arrow files of ``task`` into ``out`` from the original release in ``source``.
 
     ``progress(done, total)`` is called with ``done = 0`` and then after each
-    source row (an image, or an NLVR2 image pair) is read, skipped ones included;
-    ``total`` counts the rows of the files being written (VQAv2's trainable_val
-    and rest_val are copies of val and count nothing). Complete files already in
-    ``out`` are kept unless ``force``. A second ``prepare`` into the same ``out``
-    while one runs fails with a :class:`RenError` rather than waiting. The
-    per-task functions (:func:`prepare_vqav2` etc.) are the same with the task
-    fixed; :func:`prepare_vqav2` also takes ``rest_val_images``.
+    source row (an image, an NLVR2 image pair, a RefCOCO ref) is read, skipped
+    ones included; ``total`` counts the rows of the files being written (VQAv2's
+    trainable_val and rest_val are copies of val and count nothing). Complete
+    files already in ``out`` are kept unless ``force``. A second ``prepare``
+    into the same ``out`` while one runs fails with a :class:`RenError` rather
+    than waiting. ``split_by`` (RefCOCO's refs file: unc, umd or google) and
+    ``shard_rows`` (CC, SBU) are refused for other tasks. The per-task functions
+    (:func:`prepare_vqav2` etc.) are the same with the task fixed;
+    :func:`prepare_vqav2` also takes ``rest_val_images``.
     """
     converter = _CONVERTERS.get(task)
     if converter is None:
         raise RenError(f"ren data prepare does not know the task {task!r}; the tasks are {', '.join(TASKS)}.")
-    return converter(Path(source), Path(out), progress=progress, force=force)
+    options = {name: value for name, value in (("split_by", split_by), ("shard_rows", shard_rows))
+               if value is not None}
+    for name in options:
+        if task not in _OPTIONS[name]:
+            raise RenError(f"--{name.replace('_', '-')} is an option of {', '.join(_OPTIONS[name])}, not of {task}.")
+    return converter(Path(source), Path(out), progress=progress, force=force, **options)
