@@ -352,6 +352,62 @@ _TASK_DATASETS = {"vqa": ("easy_vqa", "vqav2"), "snli_ve": ("snli_ve",), "nlvr2"
                   "refcoco": ("refcoco", "refcoco+", "refcocog")}
 
 
+# [data.hf] column mapping: ren's layout columns (engine.data.arrow's, plus those marked) -> the HF column each
+# reads by default, per data.dataset. Defaults follow the common hub layouts (HuggingFaceM4/VQAv2's, ...).
+HF_COLUMNS: dict[str, dict[str, str]] = {
+    "vqav2": {"image": "image", "questions": "question", "answers": "answers", "question_id": "question_id",
+              "image_id": "image_id", "multiple_choice_answer": "multiple_choice_answer"},
+    "snli_ve": {"image": "image", "premise": "premise", "hypothesis": "hypothesis", "labels": "label"},
+    "nlvr2": {"image_0": "left_image", "image_1": "right_image", "questions": "sentence", "answers": "label",
+              "identifier": "identifier"},
+    "captions": {"image": "image", "caption": "caption", "image_id": "image_id"},
+    **{name: {"image": "image", "sentences": "sentences", "bboxes": "bboxes", "labels": "labels"}
+       for name in ("refcoco", "refcoco+", "refcocog")},
+}
+
+
+def _hf_columns_text() -> str:
+    names = {"refcoco": "refcoco, refcoco+, refcocog"}
+    return "; ".join(f"{names.get(dataset, dataset)}: " + ", ".join(f"{key} = \"{column}\"" for key, column in
+                                                                   columns.items())
+                     for dataset, columns in HF_COLUMNS.items() if dataset not in ("refcoco+", "refcocog"))
+
+
+class HFDataConfig(_Section):
+    """A Hugging Face ``datasets`` data set as the source of ``data.dataset``, instead
+    of arrow files in ``data.root``. Each HF row is one example (one question,
+    hypothesis, sentence or caption; a list of captions also works) and is read as
+    a ViLT row of one image. ``data.train_split`` and ``data.eval_split`` name its
+    splits (default ``train`` and ``validation``; ``a+b`` joins splits). With
+    ``dataset = "captions"``, ``data.corpora`` names the one corpus it holds."""
+
+    path: str
+    """A hub id (``owner/name``; data sets that need a loading script cannot be read
+    by ``datasets`` 4 and later) or a local directory."""
+    format: Literal["auto", "hub", "disk", "parquet", "imagefolder"] = "auto"
+    """``disk``: a ``save_to_disk`` directory (a DatasetDict: ``dataset_dict.json`` and
+    one folder per split). ``parquet``: a directory of parquet files named by split
+    (``train-00000-of-00001.parquet``, also under ``data/``). ``imagefolder``: one
+    folder per split of images with a ``metadata.jsonl``/``metadata.csv`` whose
+    ``file_name`` names each row's image. ``hub``: ``datasets.load_dataset(path)``.
+    ``auto``: a directory is recognised by those files; anything else is a hub id.
+    Hub, parquet and imagefolder data are converted once into the ``datasets``
+    cache (``HF_DATASETS_CACHE``); every format is read memory-mapped."""
+    subset: str | None = None
+    """The hub data set's configuration (``name`` of ``load_dataset``)."""
+    columns: dict[str, str] = Field({}, description=(
+        "ren's column -> the HF data set's column, over the defaults per data.dataset: " + _hf_columns_text()
+        + ". Images are HF Image() columns or raw bytes. VQAv2 answers are a list of {answer, ...} structs, a "
+        "list of strings or one string; labels and soft scores are derived (see answer_min_count). SNLI-VE "
+        "labels are METER's ids, or names (strings or ClassLabel). NLVR2 answers are \"True\"/\"False\", bools "
+        "or 0/1. image_id, multiple_choice_answer, premise and identifier may be absent from the data."))
+    answer_min_count: int = Field(9, ge=1)
+    """VQAv2: the answer vocabulary holds the answers that are the majority answer
+    (``multiple_choice_answer``, else the commonest of a question's answers) of at
+    least this many training questions (ViLT's rule, 9 over VQAv2); soft scores are
+    ViLT's table over each question's normalised answers."""
+
+
 class DataConfig(_Section):
     dataset: Literal["easy_vqa", "vqav2", "snli_ve", "nlvr2", "refcoco", "refcoco+", "refcocog",
                      "captions"] = "easy_vqa"
@@ -359,13 +415,16 @@ class DataConfig(_Section):
     pretraining). ``vqav2``, ``snli_ve``, ``nlvr2``, ``refcoco``, ``refcoco+``,
     ``refcocog``: read from ViLT/METER/Renaissance-format arrow files in
     ``root``. ``captions``: pretraining on the caption corpora
-    listed in ``corpora``, from arrow files in ``root``."""
+    listed in ``corpora``, from arrow files in ``root``. Any of these can instead be
+    read from a Hugging Face data set: see [data.hf]."""
     corpora: tuple[Literal["coco_caption", "vg", "f30k_caption", "cc", "sbu"], ...] = ()
     """Caption corpora mixed for pretraining (``dataset = "captions"``): concatenated
     as ViLT and METER do, so each is drawn in proportion to its captions."""
     root: str | None = None
     """Directory of the data set's arrow files (``vqav2_*.arrow``, ``snli_*.arrow``, ``nlvr2_*.arrow``,
     ``refcoco_unc_*.arrow``, ...)."""
+    hf: HFDataConfig | None = None
+    """[data.hf]: read the data set from a Hugging Face ``datasets`` data set instead of ``root``."""
     train_split: str | None = None
     """Split(s) trained on, joined with ``+``; default: the literature's
     (``train+trainable_val`` for vqav2, as ViLT and METER train)."""
@@ -397,7 +456,7 @@ class DataConfig(_Section):
 
     @model_validator(mode="after")
     def _dataset_keys(self) -> "DataConfig":
-        train, evaluate = _DEFAULT_SPLITS[self.dataset]
+        train, evaluate = ("train", "validation") if self.hf is not None else _DEFAULT_SPLITS[self.dataset]
         if self.train_split is None:
             object.__setattr__(self, "train_split", train)
         if self.eval_split is None:
@@ -412,8 +471,13 @@ class DataConfig(_Section):
             if self.augment != "none" or self.num_workers:
                 raise ValueError("augment and num_workers apply to data sets read from files; easy_vqa keeps "
                                  "its images decoded in memory")
+            if self.hf is not None:
+                raise ValueError("[data.hf] applies to data sets read from files; easy_vqa is embedded (remove it)")
+        elif self.hf is not None:
+            self._check_hf(self.hf)
         elif self.root is None:
-            raise ValueError(f"dataset = {self.dataset!r} needs 'root': the directory of its arrow files")
+            raise ValueError(f"dataset = {self.dataset!r} needs 'root' (the directory of its arrow files) or a "
+                             "[data.hf] table (a Hugging Face data set)")
         if self.dataset.startswith("refcoco") and self.augment != "none":
             raise ValueError(f"augment = {self.augment!r}: {self.dataset} images are seen whole so that the candidate "
                              "boxes keep their place; RandAugment's shears, rotations and translations would move "
@@ -422,6 +486,31 @@ class DataConfig(_Section):
             raise ValueError("'corpora' lists the caption corpora of dataset = \"captions\" (e.g. "
                              "[\"coco_caption\", \"vg\"]); give both or neither")
         return self
+
+    def _check_hf(self, hf: HFDataConfig) -> None:
+        if self.root is not None:
+            raise ValueError("'root' (arrow files) and [data.hf] (a Hugging Face data set) are two sources; "
+                             "give one")
+        valid = HF_COLUMNS[self.dataset]
+        for key in hf.columns:
+            if key not in valid:
+                raise ValueError(f"data.hf.columns.{key}: {self.dataset} has no column {key!r}; the keys are "
+                                 f"{', '.join(valid)}")
+        if self.dataset == "captions" and len(self.corpora) > 1:
+            raise ValueError(f"[data.hf] is one data set, so corpora names one corpus (got {list(self.corpora)}); "
+                             "pretraining on several corpora reads arrow files from 'root'")
+        if "answer_min_count" in hf.model_fields_set and self.dataset != "vqav2":
+            raise ValueError("data.hf.answer_min_count applies to dataset = \"vqav2\" only (remove it)")
+        if hf.subset is not None and hf.format not in ("auto", "hub"):
+            raise ValueError(f"data.hf.subset names a configuration of a hub data set; format = {hf.format!r} "
+                             "has none (remove it)")
+
+    @model_serializer(mode="wrap")
+    def _resolved(self, handler: Any) -> dict[str, Any]:
+        data = handler(self)
+        if self.hf is not None and self.dataset != "vqav2":
+            data["hf"].pop("answer_min_count", None)
+        return data
 
 
 class OptimConfig(_Section):
@@ -875,6 +964,7 @@ _REFERENCE_SECTIONS: tuple[tuple[str, type[BaseModel]], ...] = (
     ("objectives.itc", ITCObjective),
     ("task", TaskConfig),
     ("data", DataConfig),
+    ("data.hf", HFDataConfig),
     ("optim", OptimConfig),
     ("train", TrainConfig),
     ("distributed", DistributedConfig),
@@ -883,7 +973,7 @@ _REFERENCE_SECTIONS: tuple[tuple[str, type[BaseModel]], ...] = (
 
 def _type_text(annotation: Any) -> str:
     text = getattr(annotation, "__name__", None) if isinstance(annotation, type) else None
-    text = text or str(annotation).replace("typing.", "")
+    text = text or str(annotation).replace("typing.", "").replace(f"{__name__}.", "")  # a section: its class name
     return text.replace("Literal", "one of ").replace("NoneType", "none")
 
 
