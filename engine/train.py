@@ -41,6 +41,7 @@ from engine.store import Store, atomic_write_text
 CHECKPOINTS = "checkpoints"
 LATEST = "latest"
 FINAL_WEIGHTS = "model.safetensors"
+ANSWERS = "answers.json"  # what the task head's outputs mean, by index (the VQA vocabulary), for `ren eval task`
 INDEX_UPDATE_S = 5.0
 TRACE = 24  # points in a run record's loss sparkline
 
@@ -240,6 +241,8 @@ def train(cfg: RunConfig, store: Store, run_id: str, *, resume: bool = False,
     set_seed(cfg.run.seed)
     run_dir = store.run_dir(run_id)
     data = build_data(cfg, cache_dir=Path(cfg.data.cache_dir) if cfg.data.cache_dir else store.root / "cache")
+    if cfg.task and data.answers is not None and accelerator.is_main_process:
+        atomic_write_text(run_dir / ANSWERS, json.dumps(data.answers))
     model = build_model(cfg, vocab_size=data.vocab_size, num_answers=data.num_answers)
     if cfg.train.init_from and not resume:
         missing, skipped, resized = init_weights_from(model, cfg.train.init_from, store)
@@ -499,6 +502,13 @@ def _finetune_step(model: torch.nn.Module, batch: dict[str, torch.Tensor], cfg: 
     return loss, {"loss": loss.detach(), f"train_{T.METRICS[task]}": score}
 
 
+def score_batch(model: torch.nn.Module, batch: dict[str, torch.Tensor], task: str
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """One evaluation batch: the task head's logits and each sample's score (what :func:`evaluate` averages)."""
+    logits = _task_logits(model, batch)
+    return logits, T.task_score(task, logits, batch["labels"], batch.get("boxes"))
+
+
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, loader: DataLoader, accelerator: Accelerator,
              max_samples: int | None, task: str = "vqa") -> dict[str, float]:
@@ -509,8 +519,7 @@ def evaluate(model: torch.nn.Module, loader: DataLoader, accelerator: Accelerato
     model.eval()
     total, n = 0.0, 0
     for batch in loader:
-        scores = accelerator.gather_for_metrics(T.task_score(task, _task_logits(model, batch), batch["labels"],
-                                                               batch.get("boxes")))
+        scores = accelerator.gather_for_metrics(score_batch(model, batch, task)[1])
         total += float(scores.sum())
         n += scores.numel()
         if max_samples and n >= max_samples:

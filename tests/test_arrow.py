@@ -262,3 +262,15 @@ def test_open_is_memory_mapped(tmp_path: Path) -> None:
         assert source.image(i) is not None
         assert source.row(i, ["caption", "image_id"])["image_id"] == written.rows[i]["image_id"]
     assert pa.total_allocated_bytes() - before < size // 100
+
+
+def test_numbers_reads_values_with_nulls_filled_across_chunks_and_slices() -> None:
+    from engine.data.arrow import numbers
+
+    ints = pa.chunked_array([pa.array([1, None, 3], pa.int32()), pa.array([4, 5, 6], pa.int64()).slice(1)
+                             .cast(pa.int32())])
+    assert numbers(ints, -1).tolist() == [1, -1, 3, 5, 6]
+    assert numbers(pa.array([0.5, None]), 9.0).tolist() == [0.5, 9.0]
+    assert numbers(pa.array([True, None, False, True]).slice(1)).tolist() == [0, 0, 1]
+    assert numbers(pa.array([None, None]), 7).tolist() == [7, 7]
+    assert len(numbers(pa.chunked_array([], pa.int64()))) == 0

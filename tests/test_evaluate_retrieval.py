@@ -14,9 +14,9 @@ from engine.config import config_from_dict, load_preset
 from engine.data.arrow import open_arrow
 from engine.data.images import image_transform
 from engine.data.tokenizer import build_word_tokenizer
-from engine.data.transforms import HALF
+from engine.data.transforms import HALF, NORMS, Normalization
 from engine.errors import RenError
-from engine.evaluate import RECALL_KEYS, RetrievalInputs, caption_split, retrieval_scores
+from engine.evaluate import RECALL_KEYS, RetrievalInputs, RunModel, caption_split, retrieval_scores
 from engine.launch import create_run
 from engine.models import build_model
 from engine.retrieval import evaluate_retrieval
@@ -245,6 +245,12 @@ def test_retrieval_scores_refuse_unreadable_images_and_one_tower(tmp_path: Path,
 # ----------------------------------------------------------------------------
 
 
+ONE_TOWER_PRESET = (
+    '[run]\nname = "one"\n[model]\nkind = "one_tower"\n[model.backbone]\nsource = "manual"\nmodality = "vision"\n'
+    "hidden_size = 32\nlayers = 1\nheads = 2\npatch_size = 8\nimage_size = 32\n[objectives.mlm]\n[objectives.itm]\n"
+)
+
+
 def _preset(tmp_path: Path, name: str, body: str, data_cache: Path | None = None) -> Path:
     data = f'[data]\ncache_dir = "{data_cache}"\n' if data_cache else ""
     path = tmp_path / f"{name}.toml"
@@ -287,6 +293,31 @@ def test_ren_eval_retrieval_end_to_end(tmp_path: Path, ren_home: Path, data_cach
     bad = ren("eval", "retrieval", run_id, "--root", str(f30k_dir), "--corpus", "vqav2")
     assert bad.returncode == 2 and "not a retrieval benchmark" in bad.stderr
 
+    # a one_tower run reranks the two_tower run's first stage with full forward passes
+    one_tower = tmp_path / "one.toml"
+    one_tower.write_text(f'{ONE_TOWER_PRESET}[data]\ncache_dir = "{data_cache}"\n'
+                         "[train]\nmax_steps = 2\nbatch_size = 8\n")
+    trained = ren("run", str(one_tower), timeout=300)
+    assert trained.returncode == 0, trained.stderr
+    one_id = re.search(r"run (\S+) \(pretrain, one_tower\)", trained.stdout).group(1)
+    result = ren("eval", "retrieval", one_id, "--root", str(f30k_dir), "--first-stage", run_id, "--k", "3")
+    assert result.returncode == 0, result.stderr
+    out = " ".join(result.stdout.split())
+    assert f"first stage: run {run_id} (two_tower, ITC)" in out
+    passes = re.search(r"top 3 reranked by ITM \((\d+) full forward passes, at most k x \(texts \+ images\) = 108\)",
+                       out)
+    assert passes and 30 * 3 <= int(passes.group(1)) <= 108, out
+    ir = re.search(r"IR \(text -> image\) ([\d.]+) ([\d.]+) ([\d.]+)", out)
+    scores = Store(ren_home).get_run(one_id).final_scores
+    assert set(scores) == {f"f30k_caption/test@{run_id}/{key}" for key in RECALL_KEYS}
+    stored = [round(scores[f"f30k_caption/test@{run_id}/ir_r{n}"], 2) for n in (1, 5, 10)]
+    assert stored == [float(v) for v in ir.groups()]
+    from engine.cli.evaluate import retrieval
+
+    with pytest.raises(RenError, match=f"first-stage run {one_id} is a one_tower model"):
+        retrieval(one_id, root=f30k_dir, corpus="f30k_caption", split="test", k=3, batch_size=8, max_images=None,
+                  device="cpu", first_stage=one_id)
+
 
 def test_ren_eval_retrieval_errors(tmp_path: Path, ren_home: Path, f30k_dir: Path) -> None:
     from engine.cli.evaluate import retrieval
@@ -297,24 +328,105 @@ def test_ren_eval_retrieval_errors(tmp_path: Path, ren_home: Path, f30k_dir: Pat
     result = ren("eval", "retrieval", untrained.id, "--root", str(f30k_dir))
     assert result.returncode == 2
     message = " ".join(result.stderr.split())
-    assert f"run {untrained.id} has no final weights" in message and "model.safetensors does not exist" in message
+    assert f"run {untrained.id} has no final weights: it is created, not finished" in message
+    assert f"ren run --resume {untrained.id}" in message
 
-    def evaluate(run_id: str) -> None:
+    def evaluate(run_id: str, first_stage: str | None = None) -> None:
         retrieval(run_id, root=f30k_dir, corpus="f30k_caption", split="test", k=4, batch_size=8, max_images=None,
-                  device="cpu")
+                  device="cpu", first_stage=first_stage)
 
     one_tower = tmp_path / "one.toml"
-    one_tower.write_text(
-        '[run]\nname = "one"\n[model]\nkind = "one_tower"\n[model.backbone]\nsource = "manual"\nmodality = "vision"\n'
-        "hidden_size = 32\nlayers = 1\nheads = 2\npatch_size = 8\nimage_size = 32\n[objectives.mlm]\n[objectives.itm]\n"
-    )
+    one_tower.write_text(ONE_TOWER_PRESET)
     one = create_run(store, load_preset(one_tower), None)
-    with pytest.raises(RenError, match=f"run {one.id} is a one_tower model: it encodes text and image together"):
+    with pytest.raises(RenError, match=f"run {one.id} is a one_tower model: it encodes text and image together.*"
+                                       "give --first-stage RUN2"):
         evaluate(one.id)
+    with pytest.raises(RenError, match=f"run {one.id} has no final weights"):  # a valid reranker, not trained
+        evaluate(one.id, first_stage=untrained.id)
     finetuned = create_run(store, load_preset(_preset(tmp_path, "ft", "[task]\n")), None)
     with pytest.raises(RenError, match="finetuned on the vqa task, so its model has no ITC head"):
         evaluate(finetuned.id)
+    with pytest.raises(RenError, match="finetuned on the vqa task, so its model has no ITM head to rerank"):
+        evaluate(finetuned.id, first_stage=untrained.id)
     no_itc = create_run(store, load_preset(_preset(tmp_path, "noitc", "[objectives.itm]\n")), None)
-    with pytest.raises(RenError, match=r"without \[objectives.itc\].*\[objectives.itc\] to get a first stage"):
+    with pytest.raises(RenError, match=r"without \[objectives.itc\].*\[objectives.itc\] to get a first stage.*"
+                                       "Or give --first-stage RUN2"):
         evaluate(no_itc.id)
-    assert all(store.get_run(r.id).final_scores == {} for r in (untrained, one, finetuned, no_itc))
+    dual = create_run(store, config_from_dict({"run": {"name": "dual"}, "model": DUAL, "objectives": {"itc": {}}}),
+                      None)
+    with pytest.raises(RenError, match=f"run {dual.id} is a dual_encoder: it has no fusion layers"):
+        evaluate(dual.id, first_stage=untrained.id)
+    assert all(store.get_run(r.id).final_scores == {} for r in (untrained, one, finetuned, no_itc, dual))
+
+
+# ----------------------------------------------------------------------------
+# another run's first stage, reranked by a model without one
+# ----------------------------------------------------------------------------
+
+IMAGENET = Normalization(*NORMS["imagenet"], source="imagenet")
+ONE_TOWER_48 = {"kind": "one_tower", "backbone": {**ONE_TOWER["backbone"], "image_size": 48}}
+RERANK = {"objectives": {"mlm": {}, "itm": {}}}
+
+
+def _sharpened(model):
+    """``model`` with its weight matrices redrawn at std 0.3: a random tiny model at its initial scale
+    gives nearly the same ITM score to every pair; this one's depend on both the text and the image."""
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.dim() >= 2:
+                param.normal_(0.0, 0.3, generator=g)
+    return model
+
+
+def _candidate_pairs(sim: torch.Tensor, k: int) -> set[tuple[int, int]]:
+    """Each text's top-k images and each image's top-k texts (stable order: ties to the lower index)."""
+    by_text = torch.sort(sim, dim=1, descending=True, stable=True).indices[:, :k]
+    by_image = torch.sort(sim.T, dim=1, descending=True, stable=True).indices[:, :k]
+    return ({(t, int(i)) for t, row in enumerate(by_text) for i in row}
+            | {(int(t), i) for i, row in enumerate(by_image) for t in row})
+
+
+@pytest.mark.parametrize("arch", [ONE_TOWER_48, TWO_TOWER], ids=["one_tower", "two_tower_without_itc"])
+def test_a_model_without_a_first_stage_reranks_another_models(f30k_dir: Path, tokenizer, arch: dict) -> None:
+    """The dual encoder ranks with its own tokenizer, 32 px images and 0.5/0.5 normalisation; the
+    reranker scores its candidates with its own tokenizer (other token ids), image size and ImageNet
+    normalisation. The recalls equal a direct computation, and the ITM runs once per candidate pair."""
+    source = open_arrow([f30k_dir / "f30k_caption_karpathy_test.arrow"], "f30k_caption")
+    own_tokenizer = build_word_tokenizer(("0", "1", "2", *WORDS))  # every word 3 ids later
+    size = 48 if arch is ONE_TOWER_48 else 32
+    dual = make(DUAL, {"objectives": {"itc": {}}}, vocab=len(tokenizer), seed=1)
+    reranker = _sharpened(make(arch, RERANK, vocab=len(own_tokenizer))).train()
+    first = RunModel(dual, tokenizer, 32, HALF)
+    k = 3
+    got = retrieval_scores(reranker, own_tokenizer, source, image_size=size, norm=IMAGENET, k=k, batch_size=7,
+                           first_stage=first)
+    assert reranker.training and not dual.training  # the modes are restored
+
+    texts, text_to_image = caption_split(source)
+    def encode(tok, image_size, norm):
+        enc = tok(texts, padding="longest", truncation=True, max_length=40, return_tensors="pt")
+        pix = norm.apply(torch.stack([image_transform(image_size, train=False)(source.image(i)) for i in range(6)]))
+        return enc["input_ids"], enc["attention_mask"], pix
+    ids, mask, pix = encode(tokenizer, 32, HALF)
+    own_ids, own_mask, own_pix = encode(own_tokenizer, size, IMAGENET)
+    assert not torch.equal(ids, own_ids)
+    with torch.no_grad():
+        t_emb, i_emb = dual.embed_texts(ids, mask), dual.embed_images(pix)
+        itm = reranker.eval().itm_scores(own_ids.repeat_interleave(6, 0), own_mask.repeat_interleave(6, 0),
+                                         own_pix.repeat(30, 1, 1, 1)).view(30, 6)
+    assert float(itm.std(0).mean()) > 0.05 and float(itm.std(1).mean()) > 0.05  # texts and images both matter
+    want = evaluate_retrieval(lambda span: t_emb[span.start:span.stop], lambda span: i_emb[span.start:span.stop],
+                              lambda t, i: itm[t, i], text_to_image, k, 64)
+    assert {key: got[key] for key in RECALL_KEYS} == pytest.approx({key: want[key] for key in RECALL_KEYS})
+    pairs = _candidate_pairs(t_emb @ i_emb.T, k)
+    assert got["fused_pairs"] == len(pairs) <= k * (30 + 6) and len(pairs) < 30 * 6
+    assert got["full_passes"] == (len(pairs) if arch is ONE_TOWER_48 else 0)  # a two_tower fuses kept towers
+
+
+def test_a_reranker_needs_an_itm_head(f30k_dir: Path, tokenizer) -> None:
+    source = open_arrow([f30k_dir / "f30k_caption_karpathy_test.arrow"], "f30k_caption")
+    first = RunModel(make(DUAL, {"objectives": {"itc": {}}}, vocab=len(tokenizer)), tokenizer, 32, HALF)
+    with pytest.raises(RenError, match="the reranking model has no ITM head"):
+        retrieval_scores(make(ONE_TOWER, {"objectives": {"mlm": {}}}, vocab=len(tokenizer)), tokenizer, source,
+                         image_size=32, norm=HALF, first_stage=first)

@@ -52,3 +52,13 @@ def test_randaugment_changes_pixels_not_shape() -> None:
     augmented = image_transform(64, train=True, randaugment=True)(image)
     assert augmented.shape == plain.shape == (3, 64, 64)
     assert not torch.equal(plain, augmented)
+
+
+
+def test_whole_image_transform_squeezes_without_cropping() -> None:
+    from engine.data.images import whole_image_transform
+
+    out = whole_image_transform(30)(three_bands(300, 100))
+    assert out.shape == (3, 30, 30)
+    assert out[0, :, :9].float().mean() > 200 and out[1, :, 11:19].float().mean() > 200  # all three bands stay
+    assert out[2, :, 21:].float().mean() > 200

@@ -21,7 +21,7 @@ from filelock import FileLock
 from PIL import Image
 
 import engine.data.prepare as prepare_module
-from engine.data.arrow import find_arrow_files, open_arrow
+from engine.data.arrow import find_arrow_files, open_arrow, open_split
 from engine.data.prepare import (
     MISSING_ANNOTATION,
     MISSING_IMAGE,
@@ -32,7 +32,7 @@ from engine.data.prepare import (
     prepare,
     prepare_vqav2,
 )
-from engine.data.vqav2 import answer_vocabulary, open_split
+from engine.data.vqav2 import answer_vocabulary
 from engine.errors import RenError
 from tests.arrow_fixtures import corrupt_bytes, image_bytes, write_vqav2
 
@@ -171,7 +171,7 @@ def test_vqav2_writes_vilts_files_with_labels_scores_and_skips(tmp_path: Path) -
     rest = _rows(out / "vqav2_rest_val.arrow", "vqav2", columns)
     assert rest == _rows(out / "vqav2_val.arrow", "vqav2", columns)
     # the engine's VQAv2 reader recovers the vocabulary from the answers column
-    assert answer_vocabulary([open_split(out, "train+trainable_val")]) == vocab
+    assert answer_vocabulary([open_split(out, "vqav2", "train+trainable_val")]) == vocab
 
     assert report.rows == {"vqav2_train.arrow": 2, "vqav2_val.arrow": 3, "vqav2_test.arrow": 2,
                            "vqav2_test-dev.arrow": 1, "vqav2_trainable_val.arrow": 0, "vqav2_rest_val.arrow": 3}

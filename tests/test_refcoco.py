@@ -9,8 +9,9 @@ import pytest
 import torch
 
 from engine.config import config_from_dict
+from engine.data.arrow import open_split
 from engine.data.images import whole_image_transform
-from engine.data.refcoco import ArrowRefCOCODataset, normalized_boxes, open_split
+from engine.data.refcoco import ArrowRefCOCODataset, normalized_boxes
 from engine.data.tokenizer import build_word_tokenizer
 from engine.data.transforms import HALF
 from engine.errors import RenError
@@ -97,7 +98,8 @@ def _tokenizer():
 
 def test_dataset_yields_whole_images_padded_boxes_and_labels(tmp_path: Path) -> None:
     written = write_refcoco(tmp_path, "val", n=3)
-    dataset = ArrowRefCOCODataset(open_split(tmp_path, "val"), _tokenizer(), 16, whole_image_transform(8), HALF)
+    dataset = ArrowRefCOCODataset(open_split(tmp_path, "refcoco", "val"), _tokenizer(), 16,
+                                  whole_image_transform(8), HALF)
     assert len(dataset) == 6  # two expressions per referred object
     batch = dataset.__getitems__([0, 1, 4])
     assert batch["pixel_values"].shape == (3, 3, 8, 8)
@@ -116,15 +118,16 @@ def test_dataset_yields_whole_images_padded_boxes_and_labels(tmp_path: Path) -> 
 def test_every_refcoco_variant_is_read_by_its_own_file_names(tmp_path: Path) -> None:
     write_refcoco(tmp_path, "testB", n=2, name="refcoco+")
     write_refcoco(tmp_path, "test", n=3, name="refcocog")
-    assert len(open_split(tmp_path, "testB", "refcoco+")) == 2
-    assert len(open_split(tmp_path, "test", "refcocog")) == 3
+    assert len(open_split(tmp_path, "refcoco+", "testB")) == 2
+    assert len(open_split(tmp_path, "refcocog", "test")) == 3
     with pytest.raises(RenError, match="refcoco_unc_testB.arrow"):
-        open_split(tmp_path, "testB", "refcoco")
+        open_split(tmp_path, "refcoco", "testB")
 
 
 def test_a_corrupt_image_drops_its_expressions_and_is_counted(tmp_path: Path) -> None:
     write_refcoco(tmp_path, "train", n=3, corrupt=[1])
-    dataset = ArrowRefCOCODataset(open_split(tmp_path, "train"), _tokenizer(), 16, whole_image_transform(8), HALF)
+    dataset = ArrowRefCOCODataset(open_split(tmp_path, "refcoco", "train"), _tokenizer(), 16,
+                                  whole_image_transform(8), HALF)
     batch = dataset.__getitems__(list(range(6)))
     assert len(batch["labels"]) == 4 and dataset.source.skipped_images == 1
 
@@ -147,7 +150,7 @@ def test_bad_labels_and_boxes_name_the_file_and_row(tmp_path: Path, column: str,
         write_arrow_table(path, _with_column(path, "labels", [0, 0, 0]))
     write_arrow_table(path, _with_column(path, column, values))
     with pytest.raises(RenError, match=message) as error:
-        ArrowRefCOCODataset(open_split(tmp_path, "train"), _tokenizer(), 16, whole_image_transform(8), HALF)
+        ArrowRefCOCODataset(open_split(tmp_path, "refcoco", "train"), _tokenizer(), 16, whole_image_transform(8), HALF)
     assert str(path) in str(error.value)
 
 

@@ -10,12 +10,11 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
+from engine.data.arrow import open_split
 from engine.data.datasets import identity_collate
 from engine.data.images import image_transform
 from engine.data.nlvr2 import ArrowNLVR2Dataset
-from engine.data.nlvr2 import open_split as open_nlvr2
 from engine.data.snli_ve import LABELS, ArrowSNLIVEDataset
-from engine.data.snli_ve import open_split as open_snli
 from engine.data.tokenizer import build_word_tokenizer
 from engine.data.transforms import HALF, NORMS, Normalization
 from engine.errors import RenError
@@ -47,7 +46,7 @@ def _rewrite(written_path: Path, target: Path, column: str, row: int, value: obj
 
 def test_snli_items_are_hypotheses_with_meter_labels(tmp_path: Path, tokenizer) -> None:
     written = write_snli_ve(tmp_path, "train", n=5)
-    source = open_snli(tmp_path, "train")
+    source = open_split(tmp_path, "snli_ve", "train")
     transform = image_transform(SIZE, train=False)
     norm = Normalization(*NORMS["imagenet"], source="imagenet")
     dataset = ArrowSNLIVEDataset(source, tokenizer, 16, transform, norm)
@@ -73,7 +72,7 @@ def test_snli_items_are_hypotheses_with_meter_labels(tmp_path: Path, tokenizer) 
 def test_snli_joins_splits_and_drops_pairs_of_unreadable_images(tmp_path: Path, tokenizer) -> None:
     dev = write_snli_ve(tmp_path, "dev", n=3, start=5, corrupt=(6,))  # the second image
     test = write_snli_ve(tmp_path, "test", n=2, start=8, rows_per_batch=1)
-    source = open_snli(tmp_path, "dev+test")
+    source = open_split(tmp_path, "snli_ve", "dev+test")
     assert source.paths == (dev.path, test.path) and len(source) == 5
     dataset = ArrowSNLIVEDataset(source, tokenizer, 16, image_transform(SIZE, train=True), HALF)
     assert len(dataset) == 5 * 3
@@ -95,7 +94,7 @@ def test_snli_labels_outside_the_three_classes_are_refused(tmp_path: Path, token
                                                            shown: str) -> None:
     written = write_snli_ve(tmp_path / "good", "train", n=4)
     bad = _rewrite(written.path, tmp_path / "bad", "labels", 2, labels)
-    source = open_snli(bad.parent, "train")
+    source = open_split(bad.parent, "snli_ve", "train")
     with pytest.raises(RenError, match=rf"{re.escape(str(bad))} row 2: {shown} is not an SNLI-VE label id.*1 of 12"):
         ArrowSNLIVEDataset(source, tokenizer, 16, image_transform(SIZE, train=False), HALF)
 
@@ -104,16 +103,18 @@ def test_snli_rows_must_pair_every_sentence_with_a_label(tmp_path: Path, tokeniz
     written = write_snli_ve(tmp_path / "good", "train", n=4)
     bad = _rewrite(written.path, tmp_path / "bad", "labels", 3, [0, 1])
     with pytest.raises(RenError, match=rf"{re.escape(str(bad))} row 3: 3 sentence pairs but 2 labels"):
-        ArrowSNLIVEDataset(open_snli(bad.parent, "train"), tokenizer, 16, image_transform(SIZE, train=False), HALF)
+        ArrowSNLIVEDataset(open_split(bad.parent, "snli_ve", "train"), tokenizer, 16,
+                           image_transform(SIZE, train=False), HALF)
     pairs = [["a premise", "a hypothesis"], ["a premise", "another hypothesis"], ["only a premise"]]
     bad = _rewrite(written.path, tmp_path / "bad_pairs", "sentences", 1, pairs)
     with pytest.raises(RenError, match=r"row 1: sentences\[2\] = \['only a premise'\] is not a \[premise, hyp"):
-        ArrowSNLIVEDataset(open_snli(bad.parent, "train"), tokenizer, 16, image_transform(SIZE, train=False), HALF)
+        ArrowSNLIVEDataset(open_split(bad.parent, "snli_ve", "train"), tokenizer, 16,
+                           image_transform(SIZE, train=False), HALF)
 
 
 def test_nlvr2_items_are_sentences_about_two_images(tmp_path: Path, tokenizer) -> None:
     written = write_nlvr2(tmp_path, "train", n=4)
-    source = open_nlvr2(tmp_path, "train")
+    source = open_split(tmp_path, "nlvr2", "train")
     transform = image_transform(SIZE, train=False)
     dataset = ArrowNLVR2Dataset(source, tokenizer, 24, transform, HALF)
     assert len(dataset) == 4 * 2  # two sentences per image pair
@@ -139,7 +140,7 @@ def test_nlvr2_items_are_sentences_about_two_images(tmp_path: Path, tokenizer) -
 def test_nlvr2_joins_splits_and_drops_sentences_of_unreadable_pairs(tmp_path: Path, tokenizer) -> None:
     dev = write_nlvr2(tmp_path, "dev", n=3, corrupt=(1,))
     test1 = write_nlvr2(tmp_path, "test1", n=2, start=3, rows_per_batch=1)
-    source = open_nlvr2(tmp_path, "dev+test1")
+    source = open_split(tmp_path, "nlvr2", "dev+test1")
     assert source.paths == (dev.path, test1.path)
     dataset = ArrowNLVR2Dataset(source, tokenizer, 24, image_transform(SIZE, train=True), HALF)
     assert len(dataset) == 5 * 2
@@ -153,7 +154,7 @@ def test_nlvr2_joins_splits_and_drops_sentences_of_unreadable_pairs(tmp_path: Pa
     loader = DataLoader(dataset, batch_size=3, collate_fn=identity_collate, num_workers=1)
     assert [i for b in loader for i in b["identifiers"]] == batch["identifiers"]  # through a worker process
     with pytest.raises(RenError, match="No nlvr2 arrow file for the split 'balanced_dev'"):
-        open_nlvr2(tmp_path, "dev+balanced_dev")
+        open_split(tmp_path, "nlvr2", "dev+balanced_dev")
 
 
 @pytest.mark.parametrize("answer", ["maybe", "true", None])
@@ -162,7 +163,9 @@ def test_nlvr2_answers_other_than_true_and_false_are_refused(tmp_path: Path, tok
     bad = _rewrite(written.path, tmp_path / "bad", "answers", 1, ["True", answer])
     where = re.escape(f"{bad} row 1 (dev-1-0): answers[1] = {answer!r}, but NLVR2 answers")
     with pytest.raises(RenError, match=where):
-        ArrowNLVR2Dataset(open_nlvr2(bad.parent, "dev"), tokenizer, 24, image_transform(SIZE, train=False), HALF)
+        ArrowNLVR2Dataset(open_split(bad.parent, "nlvr2", "dev"), tokenizer, 24,
+                          image_transform(SIZE, train=False), HALF)
     bad = _rewrite(written.path, tmp_path / "short", "answers", 2, ["True"])
     with pytest.raises(RenError, match=rf"{re.escape(str(bad))} row 2: 2 sentences but 1 answers"):
-        ArrowNLVR2Dataset(open_nlvr2(bad.parent, "dev"), tokenizer, 24, image_transform(SIZE, train=False), HALF)
+        ArrowNLVR2Dataset(open_split(bad.parent, "nlvr2", "dev"), tokenizer, 24,
+                          image_transform(SIZE, train=False), HALF)

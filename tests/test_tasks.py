@@ -23,7 +23,7 @@ def test_vqa_score_is_the_soft_target_of_the_predicted_answer() -> None:
     logits = torch.tensor([[0.1, 2.0, 0.3], [3.0, 0.0, 0.0]])
     targets = torch.tensor([[0.0, 0.6, 1.0], [0.3, 0.0, 1.0]])
     assert T.task_score("vqa", logits, targets).tolist() == pytest.approx([0.6, 0.3])
-    assert T.METRICS == {"vqa": "vqa_score", "snli_ve": "accuracy", "nlvr2": "accuracy"}
+    assert T.METRICS == {"vqa": "vqa_score", "snli_ve": "accuracy", "nlvr2": "accuracy", "refcoco": "accuracy"}
 
 
 def test_head_sizes() -> None:

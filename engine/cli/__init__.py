@@ -215,15 +215,21 @@ app.add_typer(data_app, name="data")
 
 @data_app.command("prepare")
 def data_prepare(
-    task: Annotated[str, typer.Argument(help="vqav2, coco_caption, f30k_caption, nlvr2 or snli_ve.")],
+    task: Annotated[str, typer.Argument(help="vqav2, coco_caption, f30k_caption, nlvr2, snli_ve, refcoco, refcoco+, "
+                                             "refcocog, vg, cc or sbu.")],
     source: Annotated[Path, typer.Option("--source", help="The original release: annotation files and images.")],
     out: Annotated[Path, typer.Option("--out", help="Where the arrow files go (data.root of the presets).")],
     force: Annotated[bool, typer.Option("--force", help="Rewrite files that are already complete.")] = False,
+    split_by: Annotated[Optional[str], typer.Option(
+        "--split-by", help="refcoco*: the refs file, refs(SPLIT_BY).p: unc, umd or google (default: unc; refcocog: "
+        "umd, or google when only refs(google).p is there).")] = None,
+    shard_rows: Annotated[Optional[int], typer.Option(
+        "--shard-rows", min=1, help="cc, sbu: images per arrow shard (default 100000, as ViLT).")] = None,
 ) -> None:
     """Convert an original release into the ViLT-format arrow files `ren run` reads (resumable)."""
     from engine.cli import data
 
-    data.prepare(task, source, out, force=force)
+    data.prepare(task, source, out, force=force, split_by=split_by, shard_rows=shard_rows)
 
 
 eval_app = typer.Typer(help="Evaluate a stored run's final weights; scores go into its record.", no_args_is_help=True)
@@ -241,12 +247,36 @@ def eval_retrieval(
     max_images: Annotated[Optional[int], typer.Option(help="Only the first N images and their captions.")] = None,
     device: Annotated[Optional[str], typer.Option(help="cpu, cuda or cuda:N (default: cuda if available).")]
     = None,
+    first_stage: Annotated[
+        Optional[str], typer.Option("--first-stage", help="Another run (ITC) picks the candidates; this run's ITM "
+                                    "reranks them (for one_tower runs and two_tower runs without ITC).")
+    ] = None,
 ) -> None:
     """Image and text retrieval Recall@1/5/10: ITC first stage, top-k reranked by ITM."""
     from engine.cli import evaluate
 
     evaluate.retrieval(run_id, root=root, corpus=corpus, split=split, k=k, batch_size=batch_size,
-                       max_images=max_images, device=device)
+                       max_images=max_images, device=device, first_stage=first_stage)
+
+
+@eval_app.command("task")
+def eval_task(
+    run_id: RunArg,
+    split: Annotated[Optional[str], typer.Option(help="The split scored, e.g. test1 (NLVR2), test (SNLI-VE), "
+                                                 "rest_val, test-dev (VQAv2), testA (RefCOCO); default: the "
+                                                 "run's eval_split.")] = None,
+    root: Annotated[Optional[Path], typer.Option("--root", help="Directory of the arrow files, if they moved "
+                                                 "(default: the run's data.root).")] = None,
+    submission: Annotated[Optional[Path], typer.Option(help="VQAv2: write the result JSON for the evaluation "
+                                                       "server (required for test and test-dev).")] = None,
+    batch_size: Annotated[int, typer.Option(help="Items per forward pass.")] = 64,
+    device: Annotated[Optional[str], typer.Option(help="cpu, cuda or cuda:N (default: cuda if available).")]
+    = None,
+) -> None:
+    """A finetuned run's task score on any split of its data set (VQA score or accuracy)."""
+    from engine.cli import evaluate
+
+    evaluate.task(run_id, split=split, root=root, submission=submission, batch_size=batch_size, device=device)
 
 
 def main() -> None:

@@ -30,9 +30,11 @@ def _device(name: str | None) -> str:
 
 
 def retrieval(run_id: str, *, root: Path, corpus: str, split: str, k: int, batch_size: int,
-              max_images: int | None, device: str | None) -> None:
+              max_images: int | None, device: str | None, first_stage: str | None = None) -> None:
     """Evaluate image and text retrieval of run ``run_id`` on ``corpus``'s ``split`` arrow file(s)
-    in ``root``, print the recalls and merge them into the run's final scores."""
+    in ``root``, print the recalls and merge them into the run's final scores. With ``first_stage``
+    (another run's id) that run ranks and ``run_id``'s ITM head reranks; the scores are stored as
+    ``{corpus}/{split}@{first-stage id}/*``."""
     if corpus not in RETRIEVAL_CORPORA:
         raise RenError(f"--corpus {corpus!r} is not a retrieval benchmark; choose {' or '.join(RETRIEVAL_CORPORA)}.")
     for name, value in (("--k", k), ("--batch-size", batch_size), ("--max-images", max_images)):
@@ -41,19 +43,31 @@ def retrieval(run_id: str, *, root: Path, corpus: str, split: str, k: int, batch
     from engine.data.arrow import find_arrow_files, open_arrow
     from engine.data.pipeline import image_size_of
     from engine.data.transforms import resolve_normalization
-    from engine.evaluate import RECALL_KEYS, load_run_model, retrieval_scores
+    from engine.evaluate import RECALL_KEYS, RunModel, check_rerank_config, load_run_model, retrieval_scores
 
     store = Store()
-    record, cfg, model, tokenizer = load_run_model(store, run_id, _device(device))
+    on = _device(device)
+    first = None
+    if first_stage is None:
+        record, cfg, model, tokenizer = load_run_model(store, run_id, on)
+    else:
+        record, cfg, model, tokenizer = load_run_model(store, run_id, on, check=check_rerank_config)
+        first_record, first_cfg, first_model, first_tokenizer = load_run_model(store, first_stage, on,
+                                                                               role="first-stage run")
+        first = RunModel.of(first_cfg, first_model, first_tokenizer)
     # the Karpathy file split as named (open_corpus would read f30k "val" as ViLT's test)
     source = open_arrow(find_arrow_files(root, corpus, split), corpus, random_access=False)
     console.print(f"[bold]{record.id}[/] ({cfg.model.kind}): retrieval on {corpus} {split} "
                   f"({', '.join(p.name for p in source.paths)})")
+    if first is not None:
+        console.print(f"first stage: run {first_record.id} ({first_cfg.model.kind}, ITC), reranked by this run's ITM")
     scores = retrieval_scores(model, tokenizer, source, image_size=image_size_of(cfg),
                               norm=resolve_normalization(cfg), k=k, batch_size=batch_size,
-                              max_text_len=cfg.data.max_text_len, max_images=max_images)
+                              max_text_len=cfg.data.max_text_len, max_images=max_images, first_stage=first)
     _print_recalls(scores)
     label = split if scores["n_images"] == len(source) else f"{split}[:{scores['n_images']}]"
+    if first is not None:
+        label = f"{label}@{first_record.id}"
     new = {f"{corpus}/{label}/{key}": float(scores[key]) for key in RECALL_KEYS}
     current = store.get_run(record.id).final_scores
     store.update_run(record.id, final_scores={**current, **new})
@@ -67,10 +81,63 @@ def _print_recalls(scores: dict[str, float]) -> None:
     table.add_row("IR (text -> image)", *(f"{scores[f'ir_r{n}']:.2f}" for n in (1, 5, 10)))
     table.add_row("TR (image -> text)", *(f"{scores[f'tr_r{n}']:.2f}" for n in (1, 5, 10)))
     console.print(table)
-    rerank = (f"top {scores['k']} reranked by ITM ({scores['fused_pairs']} pairs fused)" if scores["fused_pairs"]
-              else "ITC first stage only (no ITM head)")
+    bound = scores["k"] * (scores["n_texts"] + scores["n_images"])
+    if scores["full_passes"]:
+        rerank = (f"top {scores['k']} reranked by ITM ({scores['full_passes']} full forward passes, at most "
+                  f"k x (texts + images) = {bound})")
+    elif scores["fused_pairs"]:
+        rerank = f"top {scores['k']} reranked by ITM ({scores['fused_pairs']} pairs fused)"
+    else:
+        rerank = "ITC first stage only (no ITM head)"
     console.print(f"r_mean {scores['r_mean']:.2f}   {scores['n_images']} images, {scores['n_texts']} texts, "
                   f"{rerank}")
     console.print(f"time: embed {scores['embed_s']:.1f}s (decode {scores['decode_s']:.1f}s), rerank "
                   f"{scores['rerank_s']:.1f}s, total {scores['total_s'] + scores['tokenize_s']:.1f}s",
                   highlight=False)
+
+
+def task(run_id: str, *, split: str | None, root: Path | None, submission: Path | None, batch_size: int,
+         device: str | None) -> None:
+    """Evaluate finetuned run ``run_id`` on ``split`` of its data set (default: its eval split), print
+    the score and merge it into the run's final scores as ``{dataset}/{split}/{metric}``; with
+    ``submission``, write the VQAv2 result file of its predictions (required for answerless test splits)."""
+    if batch_size < 1:
+        raise RenError(f"--batch-size must be a positive integer, got {batch_size}.")
+    from engine.evaluate import load_task_eval, task_scores
+
+    store = Store()
+    run = load_task_eval(store, run_id, split, root=root, device=_device(device))
+    cfg, data = run.cfg, run.data
+    vqav2 = cfg.task.name == "vqa" and cfg.data.dataset == "vqav2"
+    if submission is not None and not vqav2:
+        raise RenError(f"--submission writes the VQAv2 result file (question ids and answers); {run.where} "
+                       f"finetuned {cfg.task.name} on {cfg.data.dataset}. Drop --submission.")
+    if not data.labelled and submission is None:
+        raise RenError(f"The {cfg.data.dataset} split {run.split!r} has no answers (a test split), so {run.where} "
+                       "cannot be scored on it; give --submission FILE to write its predictions for the "
+                       "evaluation server.")
+    source = getattr(data.dataset, "source", None)  # arrow data sets; easy-VQA is embedded
+    files = ", ".join(p.name for p in source.paths) if source is not None else "embedded"
+    console.print(f"[bold]{run.record.id}[/] ({cfg.task.name} on {cfg.data.dataset}, {cfg.model.kind}): "
+                  f"split {run.split} ({files}), {len(data.dataset)} items")
+    result = task_scores(run.model, data.dataset, cfg.task.name, batch_size=batch_size,
+                         num_workers=cfg.data.num_workers, mixed_precision=cfg.train.mixed_precision,
+                         keep_predictions=submission is not None)
+    left_out = result.items - result.samples
+    note = f" ({left_out} left out: their images could not be decoded)" if left_out else ""
+    if data.labelled:
+        console.print(f"{result.metric} {result.score:.4f} on {result.samples} samples{note} in "
+                      f"{result.seconds:.1f}s", highlight=False)
+        current = store.get_run(run.record.id).final_scores
+        store.update_run(run.record.id, final_scores={**current, run.score_key: result.score})
+        console.print(f"stored in the run's final scores as {run.score_key}")
+    if submission is not None:
+        if left_out:
+            raise RenError(f"Not writing {submission}: {left_out} of {result.items} questions of split "
+                           f"{run.split!r} have images that cannot be decoded, and the evaluation server needs an "
+                           "answer for every question. Re-create the files with `ren data prepare vqav2`.")
+        from engine.vqa_answers import write_submission
+
+        answers = data.answers or []
+        write_submission(result.question_ids, [answers[i] for i in result.predictions], submission)
+        console.print(f"submission: {len(result.predictions)} answers written to {submission}")

@@ -287,7 +287,46 @@ def check_schema(path: Path, schema: pa.Schema, layout: ArrowKind) -> None:
                        f"{'; '.join(problems)}. Its columns are: {_describe_schema(schema) or 'none'}.")
 
 
-class ArrowSource:
+class ImageRows:
+    """Image decoding shared by the row sources (:class:`ArrowSource`, and
+    :class:`~engine.data.hf_source.HFSource`): a subclass sets :attr:`kind` and
+    :attr:`skipped_images` and reads a cell's encoded bytes in :meth:`_image_bytes`."""
+
+    kind: ArrowKind
+    skipped_images: int
+
+    def _image_bytes(self, i: int, column: str) -> bytes | None:
+        """Row ``i``'s encoded image in ``column``, ``None`` when it has none."""
+        raise NotImplementedError
+
+    def transformed_image(self, i: int, transform: Callable[[Image.Image], Any], cache: dict[tuple[int, str], Any],
+                          column: str = "image") -> Any | None:
+        """Row ``i``'s image through ``transform``, decoded once per ``cache`` (a batch
+        shows an image once however many of its texts it holds); None when unreadable."""
+        key = (i, column)
+        if key not in cache:
+            image = self.image(i, column)
+            cache[key] = None if image is None else transform(image)
+        return cache[key]
+
+    def image(self, i: int, column: str = "image") -> Image.Image | None:
+        """Row ``i``'s image in ``column`` decoded to RGB; ``None`` (counted in
+        :attr:`skipped_images`) when the bytes are missing or not a readable image."""
+        if column not in self.kind.image_columns:
+            raise RenError(f"{column!r} is not an image column of {self.kind.name} data; "
+                           f"those are {', '.join(self.kind.image_columns)}.")
+        data = self._image_bytes(i, column)
+        if data is not None:
+            try:
+                with Image.open(BytesIO(data)) as image:
+                    return image.convert("RGB")
+            except Exception:  # PIL's decoders raise many types on foreign bytes; all mean "unreadable"
+                pass
+        self.skipped_images += 1
+        return None
+
+
+class ArrowSource(ImageRows):
     """Rows of one or more memory-mapped arrow files of one kind, indexed globally.
 
     Row ``i`` counts through the files in the order given. Nothing is converted
@@ -379,36 +418,41 @@ class ArrowSource:
         """Row ``i``'s cells in ``columns`` as Python values (binary cells as bytes)."""
         return {column: self._cell(i, column).as_py() for column in columns}
 
-    def transformed_image(self, i: int, transform: Callable[[Image.Image], Any], cache: dict[tuple[int, str], Any],
-                          column: str = "image") -> Any | None:
-        """Row ``i``'s image through ``transform``, decoded once per ``cache`` (a batch
-        shows an image once however many of its texts it holds); None when unreadable."""
-        key = (i, column)
-        if key not in cache:
-            image = self.image(i, column)
-            cache[key] = None if image is None else transform(image)
-        return cache[key]
+    def _image_bytes(self, i: int, column: str) -> bytes | None:
+        return self._cell(i, column).as_py()
 
-    def image(self, i: int, column: str = "image") -> Image.Image | None:
-        """Row ``i``'s image in ``column`` decoded to RGB; ``None`` (counted in
-        :attr:`skipped_images`) when the bytes are missing or not a readable image."""
-        if column not in self.kind.image_columns:
-            raise RenError(f"{column!r} is not an image column of {self.kind.name} arrow files; "
-                           f"those are {', '.join(self.kind.image_columns)}.")
-        data = self._cell(i, column).as_py()
-        if data is not None:
-            try:
-                with Image.open(BytesIO(data)) as image:
-                    return image.convert("RGB")
-            except Exception:  # PIL's decoders raise many types on foreign bytes; all mean "unreadable"
-                pass
-        self.skipped_images += 1
-        return None
+
+def _values(chunk: pa.Array) -> np.ndarray:
+    """A numeric or boolean chunk's value buffer as numpy, null slots unspecified (zero-copy
+    for numbers)."""
+    if pa.types.is_boolean(chunk.type):
+        chunk = chunk.cast(pa.int8())
+    dtype = np.dtype(chunk.type.to_pandas_dtype())
+    return np.frombuffer(chunk.buffers()[1], dtype=dtype, count=len(chunk), offset=chunk.offset * dtype.itemsize)
+
+
+def numbers(values: pa.ChunkedArray | pa.Array, fill: int | float = 0) -> np.ndarray:
+    """Integer, float or boolean arrow values as one numpy array, nulls replaced by ``fill``.
+
+    Reads the value buffers directly: pyarrow's ``to_numpy``, like every conversion
+    between Python and Arrow values, imports pandas (about half a second) on first use."""
+    chunks = values.chunks if isinstance(values, pa.ChunkedArray) else [values]
+    parts = []
+    for chunk in chunks:
+        if pa.types.is_null(chunk.type):
+            parts.append(np.full(len(chunk), fill))
+            continue
+        part = _values(chunk)
+        if chunk.null_count:
+            part = part.copy()
+            part[_values(pc.is_null(chunk)).astype(bool)] = fill
+        parts.append(part)
+    return np.concatenate(parts) if parts else np.zeros(0)
 
 
 def list_lengths(lists: pa.ChunkedArray) -> np.ndarray:
     """Per-cell lengths of a list column as int64, a null list counting as empty."""
-    return pc.fill_null(pc.list_value_length(lists), 0).to_numpy(zero_copy_only=False).astype(np.int64)
+    return numbers(pc.list_value_length(lists)).astype(np.int64)
 
 
 def expand_items(counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -416,6 +460,11 @@ def expand_items(counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     rows = np.repeat(np.arange(len(counts), dtype=np.int64), counts)
     starts = np.repeat(np.cumsum(counts) - counts, counts)
     return rows, np.arange(len(rows), dtype=np.int64) - starts
+
+
+def open_split(root: Path | str, kind: str, split: str) -> ArrowSource:
+    """The memory-mapped rows of ``split`` (``a+b`` joins splits) of the ``kind`` files in ``root``."""
+    return open_arrow(find_arrow_files(root, kind, split), kind)
 
 
 def open_arrow(paths: Sequence[Path | str], kind: str, *, random_access: bool = True) -> ArrowSource:

@@ -19,8 +19,6 @@ unreadable image is left out of its batch and counted in the source's
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -29,17 +27,12 @@ from torch import Tensor
 from torch.utils.data import Dataset
 from transformers import PreTrainedTokenizerBase
 
-from engine.data.arrow import ArrowSource, expand_items, find_arrow_files, list_lengths, open_arrow
+from engine.data.arrow import ArrowSource, expand_items, list_lengths, numbers
 from engine.data.images import ImageTransform
 from engine.data.transforms import Normalization
 from engine.errors import RenError
 
 ANSWERS = ("False", "True")  # by label id
-
-
-def open_split(root: Path | str, split: str) -> ArrowSource:
-    """The memory-mapped rows of an NLVR2 split (``a+b`` joins splits)."""
-    return open_arrow(find_arrow_files(root, "nlvr2", split), "nlvr2")
 
 
 
@@ -66,7 +59,7 @@ class ArrowNLVR2Dataset(Dataset):
         if not len(self.rows):
             raise RenError(f"{paths}: no sentences.")
         flat = pc.list_flatten(answers)
-        valid = pc.fill_null(pc.is_in(flat, value_set=pa.array(ANSWERS)), False).to_numpy(zero_copy_only=False)
+        valid = numbers(pc.is_in(flat, value_set=pa.array(ANSWERS, pa.string())), False).astype(bool)
         bad = np.flatnonzero(~valid)
         if len(bad):
             row, slot = int(self.rows[bad[0]]), int(self.slots[bad[0]])
@@ -75,7 +68,7 @@ class ArrowNLVR2Dataset(Dataset):
             raise RenError(f"{path} row {local} ({cells['identifier']}): answers[{slot}] = "
                            f"{cells['answers'][slot]!r}, but NLVR2 answers are the strings \"True\" and \"False\". "
                            f"Answers that are neither: {len(bad)} of {len(self.rows)} in {paths}.")
-        self.labels = pc.equal(flat, ANSWERS[1]).to_numpy(zero_copy_only=False).astype(np.int64)
+        self.labels = numbers(pc.equal(flat, ANSWERS[1])).astype(np.int64)
 
     def __len__(self) -> int:
         return len(self.rows)

@@ -1,7 +1,10 @@
 """From a run config to datasets and a tokenizer.
 
 ``build_tokenizer`` is cheap (it reads only text) so ``ren validate`` can use it;
-``build_data`` also decodes (or loads the cached) images.
+``build_data`` also decodes (or loads the cached) images. ``eval_dataset`` reads
+any one split of a task run's data set as training's evaluation reads its
+eval split (``ren eval task``). Each arrow data set is built split by split by
+``_split_set``, which both use.
 """
 
 from __future__ import annotations
@@ -9,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from torch.utils.data import Dataset
 from transformers import PreTrainedTokenizerBase
@@ -18,7 +22,11 @@ from engine.data.datasets import CaptionDataset, VQADataset
 from engine.data.easyvqa import easy_vqa_captions, load_easy_vqa
 from engine.data.tokenizer import build_word_tokenizer, load_tokenizer
 from engine.data.transforms import Normalization, resolve_normalization
-from engine.errors import ConfigError
+from engine.errors import ConfigError, RenError
+
+if TYPE_CHECKING:
+    from engine.data.arrow import ArrowSource
+    from engine.data.hf_source import HFSource
 
 
 @dataclass
@@ -140,51 +148,135 @@ def build_data(cfg: RunConfig, *, cache_dir: Path) -> DataBundle:
     return DataBundle(train_ds, eval_ds, tokenizer, None, None)
 
 
-def _vqav2(cfg: RunConfig, tokenizer: PreTrainedTokenizerBase, size: int, norm: Normalization) -> DataBundle:
-    from engine.data.images import image_transform
-    from engine.data.vqav2 import ArrowVQADataset, answer_vocabulary, open_split
+@dataclass
+class EvalSplit:
+    """One split of a task run's data set, read as training's evaluation reads its eval split."""
 
-    train, evaluate = open_split(cfg.data.root, cfg.data.train_split), open_split(cfg.data.root, cfg.data.eval_split)
-    answers = answer_vocabulary([train])
-    train_tf = image_transform(size, train=True, randaugment=cfg.data.augment == "randaugment")
-    eval_tf = image_transform(size, train=False)
-    max_len = cfg.data.max_text_len
-    return DataBundle(ArrowVQADataset(train, tokenizer, max_len, train_tf, norm, len(answers)),
-                      ArrowVQADataset(evaluate, tokenizer, max_len, eval_tf, norm, len(answers)),
-                      tokenizer, len(answers), answers)
+    dataset: Dataset
+    answers: list[str] | None  # what the head's outputs mean (see :func:`task_answers`)
+    labelled: bool  # False for a VQAv2 test split (no answers): predictions only, no score
+
+
+def eval_dataset(cfg: RunConfig, split: str, *, tokenizer: PreTrainedTokenizerBase | None = None,
+                 answers: list[str] | None = None) -> EvalSplit:
+    """Split ``split`` (``a+b`` joins splits) of ``cfg``'s file-backed task data set, with the
+    evaluation transform and the run's tokenizer (built from ``cfg`` when not given). VQA labels
+    index the run's training vocabulary: ``answers`` when given (e.g. stored with the run), else
+    :func:`task_answers`. easy_vqa has no other split to read: training scores its test split."""
+    if cfg.task is None:
+        raise ConfigError("eval_dataset reads a task's data; this config has no [task] (a pretraining run).")
+    if cfg.data.dataset == "easy_vqa":
+        raise ConfigError("eval_dataset reads file-backed data sets; easy_vqa is embedded, and training already "
+                          "scores its test split (the run's final scores).")
+    tokenizer = tokenizer or build_tokenizer(cfg)
+    size, norm = image_size_of(cfg), resolve_normalization(cfg)
+    answers = answers if answers is not None else task_answers(cfg)
+    dataset = _split_set(cfg, split, tokenizer, size, norm, train=False,
+                         answers=answers if cfg.task.name == "vqa" else None)
+    return EvalSplit(dataset, answers, cfg.data.dataset != "vqav2" or _has_answers(dataset.source))
+
+
+def task_answers(cfg: RunConfig) -> list[str] | None:
+    """What a file-backed task's head outputs mean, by index, as training builds it: the VQAv2
+    answer vocabulary (read from the train split), SNLI-VE's and NLVR2's class names; None for
+    RefCOCO (one output per candidate box)."""
+    from engine.data import nlvr2, snli_ve
+
+    if cfg.task is None or cfg.data.dataset not in ("vqav2", "snli_ve", "nlvr2"):
+        return None
+    if cfg.data.dataset == "vqav2":
+        from engine.data.vqav2 import answer_vocabulary
+
+        return answer_vocabulary([open_source(cfg, "vqav2", cfg.data.train_split)])
+    return list(snli_ve.LABELS if cfg.data.dataset == "snli_ve" else nlvr2.ANSWERS)
+
+
+def _has_answers(source: ArrowSource | HFSource) -> bool:
+    """Whether a VQAv2 split has answers (ViLT's test and test-dev files have none); a :class:`RenError`
+    for files that mix answered and answerless rows."""
+    import pyarrow as pa
+
+    from engine.data.arrow import list_lengths
+
+    mixed = (f"{', '.join(map(str, source.paths))} mix answered (train, val) and answerless (test, test-dev) "
+             "VQAv2 rows; evaluate them separately.")
+    asked = list_lengths(source.column("questions")) > 0
+    try:
+        answered = list_lengths(source.column("answer_labels")) > 0
+    except pa.ArrowTypeError:  # a test file's answer columns are list<null>, a val file's list<list<int>>
+        raise RenError(mixed) from None
+    if bool((asked & answered).any()) and bool((asked & ~answered).any()):
+        path, row = source.locate(int((asked & ~answered).nonzero()[0][0]))
+        raise RenError(f"{path} row {row} has questions but no answers: {mixed}")
+    return bool(answered.any())
+
+
+def open_source(cfg: RunConfig, kind: str, split: str, *, answers: list[str] | None = None) -> ArrowSource | HFSource:
+    """The rows of ``split`` (``a+b`` joins splits) of the data of arrow kind ``kind`` (``vqav2``,
+    ``coco_caption``, ``refcoco+``, ...): from the Hugging Face data set of ``[data.hf]`` when there is
+    one, else from the arrow files in ``data.root`` (a caption corpus's ``train``/``val``/``test`` are the
+    files ViLT reads for them). ``answers``: the VQAv2 vocabulary an HF split is labelled with (default:
+    its own, by ViLT's rule); arrow files carry their labels."""
+    if cfg.data.hf is not None:
+        from engine.data.hf_source import open_hf
+
+        return open_hf(cfg.data.hf, kind, split, answers=answers)
+    from engine.data.arrow import find_arrow_files, open_arrow
+    from engine.data.captions import CORPORA, open_corpus
+
+    if kind in CORPORA:
+        return open_corpus(cfg.data.root, kind, split)
+    return open_arrow(find_arrow_files(cfg.data.root, kind, split), kind)
+
+
+def _split_set(cfg: RunConfig, split: str, tokenizer: PreTrainedTokenizerBase, size: int, norm: Normalization, *,
+               train: bool, answers: list[str] | None = None) -> Dataset:
+    """Split ``split`` of ``cfg``'s file-backed task data set, with training's transform (``train``) or the
+    evaluation one; ``answers``: the VQA vocabulary."""
+    from engine.data import nlvr2, refcoco, snli_ve, vqav2
+    from engine.data.images import image_transform, whole_image_transform
+
+    dataset, max_len = cfg.data.dataset, cfg.data.max_text_len
+    if dataset in refcoco.DATASETS:  # whole images, so every candidate box stays in view
+        return refcoco.ArrowRefCOCODataset(open_source(cfg, dataset, split), tokenizer, max_len,
+                                           whole_image_transform(size), norm)
+    transform = image_transform(size, train=train, randaugment=train and cfg.data.augment == "randaugment")
+    if dataset == "vqav2":
+        return vqav2.ArrowVQADataset(open_source(cfg, dataset, split, answers=answers), tokenizer, max_len, transform,
+                                     norm, len(answers or ()))
+    cls = snli_ve.ArrowSNLIVEDataset if dataset == "snli_ve" else nlvr2.ArrowNLVR2Dataset
+    return cls(open_source(cfg, dataset, split), tokenizer, max_len, transform, norm)
+
+
+def _vqav2(cfg: RunConfig, tokenizer: PreTrainedTokenizerBase, size: int, norm: Normalization) -> DataBundle:
+    answers = task_answers(cfg)
+    train, evaluate = (_split_set(cfg, split, tokenizer, size, norm, train=train, answers=answers)
+                       for split, train in ((cfg.data.train_split, True), (cfg.data.eval_split, False)))
+    return DataBundle(train, evaluate, tokenizer, len(answers), answers)
 
 
 def _classification(cfg: RunConfig, tokenizer: PreTrainedTokenizerBase, size: int,
                     norm: Normalization) -> DataBundle:
     """SNLI-VE or NLVR2 from arrow files: class ids as labels, names as answers."""
-    from engine.data import nlvr2, snli_ve
-    from engine.data.images import image_transform
-
-    module, dataset = ((snli_ve, snli_ve.ArrowSNLIVEDataset) if cfg.data.dataset == "snli_ve"
-                       else (nlvr2, nlvr2.ArrowNLVR2Dataset))
-    names = list(snli_ve.LABELS if cfg.data.dataset == "snli_ve" else nlvr2.ANSWERS)
-    train_tf = image_transform(size, train=True, randaugment=cfg.data.augment == "randaugment")
-    eval_tf = image_transform(size, train=False)
-    max_len = cfg.data.max_text_len
-    train = dataset(module.open_split(cfg.data.root, cfg.data.train_split), tokenizer, max_len, train_tf, norm)
-    evaluate = dataset(module.open_split(cfg.data.root, cfg.data.eval_split), tokenizer, max_len, eval_tf, norm)
-    return DataBundle(train, evaluate, tokenizer, None, names)
+    train, evaluate = (_split_set(cfg, split, tokenizer, size, norm, train=train)
+                       for split, train in ((cfg.data.train_split, True), (cfg.data.eval_split, False)))
+    return DataBundle(train, evaluate, tokenizer, None, task_answers(cfg))
 
 
 def _captions(cfg: RunConfig, tokenizer: PreTrainedTokenizerBase, size: int, norm: Normalization) -> DataBundle:
     """Pretraining corpora from arrow files; the eval set is the eval split of the
     corpora that have one (COCO's Karpathy val, Flickr30k's test, CC's val)."""
     from engine.data.arrow import arrow_kind
-    from engine.data.captions import ArrowCaptionDataset, open_corpus
+    from engine.data.captions import ArrowCaptionDataset
     from engine.data.images import image_transform
 
-    root, corpora = cfg.data.root, cfg.data.corpora
-    train = [open_corpus(root, corpus, cfg.data.train_split) for corpus in corpora]
-    with_eval = [c for c in corpora if cfg.data.eval_split in arrow_kind(c).vilt_splits]
+    corpora = cfg.data.corpora
+    train = [open_source(cfg, corpus, cfg.data.train_split) for corpus in corpora]
+    with_eval = [c for c in corpora if cfg.data.hf is not None or cfg.data.eval_split in arrow_kind(c).vilt_splits]
     if not with_eval:
         raise ConfigError(f"data.eval_split = {cfg.data.eval_split!r}: none of the corpora {', '.join(corpora)} has "
                           "such a split; add coco_caption, f30k_caption or cc, or choose another eval_split.")
-    evaluate = [open_corpus(root, corpus, cfg.data.eval_split) for corpus in with_eval]
+    evaluate = [open_source(cfg, corpus, cfg.data.eval_split) for corpus in with_eval]
     train_tf = image_transform(size, train=True, randaugment=cfg.data.augment == "randaugment")
     max_len = cfg.data.max_text_len
     return DataBundle(ArrowCaptionDataset(train, tokenizer, max_len, train_tf, norm),
@@ -194,11 +286,6 @@ def _captions(cfg: RunConfig, tokenizer: PreTrainedTokenizerBase, size: int, nor
 
 def _refcoco(cfg: RunConfig, tokenizer: PreTrainedTokenizerBase, size: int, norm: Normalization) -> DataBundle:
     """RefCOCO/RefCOCO+/RefCOCOg from arrow files; whole images, so every candidate box is in view."""
-    from engine.data.images import whole_image_transform
-    from engine.data.refcoco import ArrowRefCOCODataset, open_split
-
-    transform, max_len = whole_image_transform(size), cfg.data.max_text_len
-    train, evaluate = (ArrowRefCOCODataset(open_split(cfg.data.root, split, cfg.data.dataset), tokenizer, max_len,
-                                           transform, norm)
-                       for split in (cfg.data.train_split, cfg.data.eval_split))
+    train, evaluate = (_split_set(cfg, split, tokenizer, size, norm, train=train)
+                       for split, train in ((cfg.data.train_split, True), (cfg.data.eval_split, False)))
     return DataBundle(train, evaluate, tokenizer, None, None)

@@ -16,8 +16,6 @@ cannot be decoded drops its expressions from their batch and is counted.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pyarrow.compute as pc
 import torch
@@ -25,17 +23,12 @@ from torch import Tensor
 from torch.utils.data import Dataset
 from transformers import PreTrainedTokenizerBase
 
-from engine.data.arrow import ArrowSource, expand_items, find_arrow_files, list_lengths, open_arrow
+from engine.data.arrow import ArrowSource, expand_items, list_lengths, numbers
 from engine.data.images import ImageTransform
 from engine.data.transforms import Normalization
 from engine.errors import RenError
 
 DATASETS = ("refcoco", "refcoco+", "refcocog")
-
-
-def open_split(root: Path | str, split: str, dataset: str = "refcoco") -> ArrowSource:
-    """The memory-mapped rows of a RefCOCO/RefCOCO+/RefCOCOg split (``a+b`` joins splits)."""
-    return open_arrow(find_arrow_files(root, dataset, split), dataset)
 
 
 def normalized_boxes(xywh: list[list[float]], width: int, height: int) -> Tensor:
@@ -68,7 +61,7 @@ class ArrowRefCOCODataset(Dataset):
         """Every label indexes its row's boxes and every box has 4 numbers with positive size."""
         bboxes = self.source.column("bboxes")
         counts = list_lengths(bboxes)
-        labels = pc.fill_null(self.source.column("labels"), -1).to_numpy(zero_copy_only=False).astype(np.int64)
+        labels = numbers(self.source.column("labels"), -1).astype(np.int64)
         bad = np.flatnonzero((labels < 0) | (labels >= counts))
         if len(bad):
             self._fail(int(bad[0]), f"labels = {int(labels[bad[0]])} but the row has {int(counts[bad[0]])} "
@@ -81,7 +74,7 @@ class ArrowRefCOCODataset(Dataset):
         if len(wrong):
             self._fail(int(row_of_box[wrong[0]]), f"a box has {int(sizes[wrong[0]])} numbers; boxes are COCO "
                        f"[x, y, w, h] in pixels. Such boxes: {len(wrong)} in {paths}.")
-        values = pc.fill_null(pc.list_flatten(boxes), -1).to_numpy(zero_copy_only=False).reshape(-1, 4)
+        values = numbers(pc.list_flatten(boxes), -1).astype(np.float64).reshape(-1, 4)
         flat = np.flatnonzero((values[:, 2] <= 0) | (values[:, 3] <= 0) | (values[:, 0] < 0) | (values[:, 1] < 0))
         if len(flat):
             self._fail(int(row_of_box[flat[0]]), f"box {values[flat[0]].tolist()} is not a COCO [x, y, w, h] box "

@@ -14,8 +14,6 @@ batch and counted in the source's ``skipped_images``.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pyarrow.compute as pc
 import torch
@@ -23,17 +21,12 @@ from torch import Tensor
 from torch.utils.data import Dataset
 from transformers import PreTrainedTokenizerBase
 
-from engine.data.arrow import ArrowSource, expand_items, find_arrow_files, list_lengths, open_arrow
+from engine.data.arrow import ArrowSource, expand_items, list_lengths, numbers
 from engine.data.images import ImageTransform
 from engine.data.transforms import Normalization
 from engine.errors import RenError
 
 LABELS = ("contradiction", "neutral", "entailment")  # by METER's label id (write_snli.py's label2id)
-
-
-def open_split(root: Path | str, split: str) -> ArrowSource:
-    """The memory-mapped rows of an SNLI-VE split (``a+b`` joins splits)."""
-    return open_arrow(find_arrow_files(root, "snli_ve", split), "snli_ve")
 
 
 
@@ -56,7 +49,7 @@ class ArrowSNLIVEDataset(Dataset):
             raise RenError(f"{', '.join(map(str, source.paths))}: no sentence pairs.")
         pairs = pc.list_flatten(sentences)
         self._check_items(np.flatnonzero(list_lengths(pairs) != 2), "sentences", "is not a [premise, hypothesis] pair")
-        ids = pc.fill_null(pc.list_flatten(labels), -1).to_numpy(zero_copy_only=False).astype(np.int64)
+        ids = numbers(pc.list_flatten(labels), -1).astype(np.int64)
         self._check_items(np.flatnonzero((ids < 0) | (ids >= len(LABELS))), "labels",
                           "is not an SNLI-VE label id (METER writes 0 contradiction, 1 neutral, 2 entailment)")
         self.labels = ids

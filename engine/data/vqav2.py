@@ -12,7 +12,6 @@ A question whose image cannot be decoded is left out of its batch and counted.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from pathlib import Path
 
 import pyarrow.compute as pc
 import torch
@@ -20,15 +19,10 @@ from torch import Tensor
 from torch.utils.data import Dataset
 from transformers import PreTrainedTokenizerBase
 
-from engine.data.arrow import ArrowSource, expand_items, find_arrow_files, list_lengths, open_arrow
+from engine.data.arrow import ArrowSource, expand_items, list_lengths, numbers
 from engine.data.images import ImageTransform
 from engine.data.transforms import Normalization
 from engine.errors import RenError
-
-
-def open_split(root: Path | str, split: str) -> ArrowSource:
-    """The memory-mapped rows of a VQAv2 split (``a+b`` joins splits)."""
-    return open_arrow(find_arrow_files(root, "vqav2", split), "vqav2")
 
 
 def answer_vocabulary(sources: Sequence[ArrowSource]) -> list[str]:
@@ -36,7 +30,7 @@ def answer_vocabulary(sources: Sequence[ArrowSource]) -> list[str]:
     (aligned per question in ViLT's files). Ids no row uses get ``""``."""
     vocab: dict[int, str] = {}
     for source in sources:
-        labels = pc.list_flatten(pc.list_flatten(source.column("answer_labels"))).to_numpy(zero_copy_only=False)
+        labels = numbers(pc.list_flatten(pc.list_flatten(source.column("answer_labels"))))
         answers = pc.list_flatten(pc.list_flatten(source.column("answers"))).to_pylist()
         if len(labels) != len(answers):
             raise RenError(f"{', '.join(map(str, source.paths))}: the answers and answer_labels columns are not "
