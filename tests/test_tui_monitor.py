@@ -122,6 +122,9 @@ async def test_monitor_keys_change_chart_smoothing_axis_and_zoom(ren_home: Path)
         assert times[0] == 0.0 and times == sorted(times) and times[-1] < 60
         await pilot.press("x")
         await settle(app, pilot)
+        assert chart.xlabel == "step (no compute recorded)" and chart.series["loss"][0][-1] == 1000
+        await pilot.press("x")
+        await settle(app, pilot)
         assert chart.xlabel == "step" and chart.series["loss"][0][-1] == 1000
 
         await pilot.press("s", "c")  # learning rate: drawn unsmoothed
@@ -169,3 +172,18 @@ def test_monitor_snapshot(snap_compare, ren_home: Path, monkeypatch: pytest.Monk
         await settle(app, pilot)
 
     assert snap_compare(app, terminal_size=(100, 30), run_before=run_before)
+
+
+def test_compute_axis_places_every_point_at_the_compute_spent_by_its_step() -> None:
+    from ren_tui.backend import Series
+    from ren_tui.screens.monitor import curves
+
+    points = [{"step": 10, "time": 0.0, "loss": 2.0, "compute/pflops": 0.5},
+              {"step": 20, "time": 1.0, "loss": 1.5, "compute/pflops": 1.0},
+              {"step": 20, "time": 1.5, "eval/vqa_score": 0.4},
+              {"step": 30, "time": 2.0, "loss": 1.0, "compute/pflops": 1.5}]
+    out, label = curves(Series("r1", points), "compute")
+    assert label == "training compute (PFLOPs)"
+    assert out["loss"] == ([0.5, 1.0, 1.5], [2.0, 1.5, 1.0])
+    assert out["eval/vqa_score"] == ([1.0], [0.4])  # an eval point at step 20: the compute of step 20
+    assert "compute/pflops" not in out

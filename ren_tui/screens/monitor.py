@@ -3,7 +3,8 @@ curves (one at a time, ``c`` switches) and the end of its log.
 
 A worker thread re-reads the run every second and its series only when new points
 were flushed; the curves are recomputed only then, and drawn downsampled to the
-chart's width. ``s`` smoothing, ``x`` step or wall time, ``z`` / ``[`` / ``]`` / ``0``
+chart's width. ``s`` smoothing, ``x`` step, samples, wall time or training compute
+(PFLOPs), ``z`` / ``[`` / ``]`` / ``0``
 zoom (kept across the charts).
 """
 
@@ -60,19 +61,33 @@ def parse_range(text: str) -> tuple[float, float]:
     return lo, hi
 
 
-X_MODES = ("step", "samples", "time")
+X_MODES = ("step", "samples", "time", "compute")
+PFLOPS = "compute/pflops"
+
+
+def pflops_per_step(points: list[dict]) -> float | None:
+    """Training compute per step from the run's cumulative ``compute/pflops`` points (it
+    grows with samples seen, so linearly in steps); None when the run logged none."""
+    last = next((p for p in reversed(points) if PFLOPS in p and p["step"] > 0), None)
+    return None if last is None else last[PFLOPS] / last["step"]
 
 
 def curves(series: Series, x: str, batch_size: int = 1) -> tuple[dict[str, Curve], str]:
     """Every charted metric's curve against ``x`` ("step", "samples" seen, i.e. step x
-    ``batch_size``, or wall "time") and the x label; wall time is in s, min or h,
-    whichever reads best. One pass over the points."""
+    ``batch_size``, wall "time", or training "compute" spent in PFLOPs) and the x label;
+    wall time is in s, min or h, whichever reads best. One pass over the points."""
     points = series.points
     t0 = points[0]["time"] if points else 0.0
+    per_step = pflops_per_step(points) if x == "compute" else None
+    if x == "compute" and per_step is None:  # a run from before compute accounting: steps stand in
+        x, fallback = "step", " (no compute recorded)"
+    else:
+        fallback = ""
+    scale = {"samples": batch_size, "compute": per_step}.get(x) or 1
     out: dict[str, Curve] = {}
     skip = {"step", "time"}
     for point in points:
-        at = point["time"] - t0 if x == "time" else point["step"] * (batch_size if x == "samples" else 1)
+        at = point["time"] - t0 if x == "time" else point["step"] * scale
         for key, value in point.items():
             if key in skip:
                 continue
@@ -85,7 +100,7 @@ def curves(series: Series, x: str, batch_size: int = 1) -> tuple[dict[str, Curve
             curve[0].append(at)
             curve[1].append(value)
     if x != "time":
-        return out, "samples seen" if x == "samples" else "step"
+        return out, {"samples": "samples seen", "compute": "training compute (PFLOPs)"}.get(x, "step") + fallback
     span = max((xs[-1] for xs, _ in out.values()), default=0.0)
     unit, scale = ("h", 3600.0) if span >= 7200 else ("min", 60.0) if span >= 120 else ("s", 1.0)
     if scale != 1.0:
