@@ -48,3 +48,35 @@ def sparkline(values: list[float] | tuple[float, ...]) -> str:
     span = (high - low) or 1.0
     return "".join(" " if v != v else SPARK[min(int((v - low) / span * len(SPARK)), len(SPARK) - 1)]
                    for v in values)
+
+
+def _si(value: float, unit: str) -> str:
+    """``1.23e9, "FLOP"`` -> ``"1.23 GFLOP"``; ``1.19e6, ""`` -> ``"1.19M"``."""
+    sep = " " if unit else ""
+    for prefix, scale in (("P", 1e15), ("T", 1e12), ("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(value) >= scale:
+            return f"{value / scale:.3g}{sep}{prefix}{unit}"
+    return f"{value:.3g}{sep}{unit}"
+
+
+def format_compute(record: RunRecord) -> str:
+    """One line of a run's compute accounting (``RunRecord.compute``): parameters trained,
+    FLOPs per sample, achieved FLOP/s against the device peak, cumulative PFLOPs and
+    device-hours, peak memory; empty when the run recorded none."""
+    c, params = record.compute, record.params
+    parts = []
+    if params.get("total"):
+        parts.append(f"{_si(params['trainable'], '')}/{_si(params['total'], '')} params trained")
+    per_sample = c.get("flops_per_sample") or {}
+    if per_sample.get("train"):
+        parts.append(f"{_si(per_sample['train'], 'FLOP')}/sample")
+    if c.get("achieved_flops"):
+        util = f" ({c['utilisation']:.0%} of peak)" if c.get("utilisation") is not None else ""
+        parts.append(f"{_si(c['achieved_flops'], 'FLOP/s')}{util}")
+    if c.get("pflops") is not None:
+        parts.append(f"{c['pflops']:.3g} PFLOPs")
+    if c.get("device_hours") is not None:
+        parts.append(f"{c['device_hours']:.3g} device-h")
+    if c.get("peak_memory_mb"):
+        parts.append(f"peak {c['peak_memory_mb'] / 1024:.2f} GB")
+    return " · ".join(parts)

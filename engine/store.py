@@ -193,6 +193,7 @@ class RunRecord:
     step: int = 0
     max_steps: int | None = None
     params: dict[str, Any] = field(default_factory=dict)
+    compute: dict[str, Any] = field(default_factory=dict)  # FLOPs, throughput, PFLOPs, device-hours (engine.compute)
     best_scores: dict[str, float] = field(default_factory=dict)
     final_scores: dict[str, float] = field(default_factory=dict)
     error: str | None = None
@@ -210,6 +211,8 @@ class RunRecord:
     runner_started: float | None = None
     cancel_requested_at: float | None = None
     log_tail: str | None = None
+    # A study's run: {"name", "variant", "seed", "stage", "task", "file"} (engine.study).
+    study: dict[str, Any] | None = None
 
     @property
     def duration_s(self) -> float | None:

@@ -11,6 +11,7 @@ that is already in the store; ``ren run`` does that for you.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -30,6 +31,15 @@ from torch.utils.data import DataLoader, Sampler
 
 from engine import objectives as O
 from engine import tasks as T
+from engine.compute import (
+    DeviceInfo,
+    FlopMeter,
+    StepTimer,
+    compute_record,
+    compute_series,
+    device_sync,
+    peak_memory_mb,
+)
 from engine.config import RunConfig, config_from_dict
 from engine.data.pipeline import DataBundle, build_data
 from engine.display import bucket_means
@@ -71,6 +81,9 @@ class TrainState:
     batches_into_epoch: int = 0
     samples_seen: int = 0
     best_scores: dict[str, float] | None = None
+    pflops: float = 0.0  # cumulative training compute (1e15 FLOPs), over all processes
+    eval_pflops: float = 0.0
+    train_seconds: float = 0.0  # wall time in the training loop, evaluations excluded
 
 
 class EpochSampler(Sampler[int]):
@@ -244,7 +257,9 @@ def train(cfg: RunConfig, store: Store, run_id: str, *, resume: bool = False,
     if cfg.task and data.answers is not None and accelerator.is_main_process:
         atomic_write_text(run_dir / ANSWERS, json.dumps(data.answers))
     model = build_model(cfg, vocab_size=data.vocab_size, num_answers=data.num_answers)
-    if cfg.train.init_from and not resume:
+    # a resumed run loads its own checkpoint; one resumed before its first checkpoint (a retry)
+    # starts from init_from like a fresh run
+    if cfg.train.init_from and not (resume and latest_checkpoint(run_dir) is not None):
         missing, skipped, resized = init_weights_from(model, cfg.train.init_from, store)
         reporter.message(f"initialised from {cfg.train.init_from} ({len(missing)} new, {len(skipped)} skipped, "
                          f"{len(resized)} resized tensors{': ' + ', '.join(resized) if resized else ''})")
@@ -278,9 +293,16 @@ def train(cfg: RunConfig, store: Store, run_id: str, *, resume: bool = False,
             state = TrainState(**json.loads((ckpt / "trainer_state.json").read_text()))
             reporter.message(f"resumed from {ckpt.name}")
     main = accelerator.is_main_process
+    flops = FlopMeter()  # counts the first step and the first evaluation batch
+    info = (DeviceInfo.detect(accelerator.device, accelerator.mixed_precision, accelerator.num_processes,
+                              store.root / "cache") if main else None)
+    accelerator.wait_for_everyone()  # a CPU peak is measured once per machine, with the other processes idle
+    timer = StepTimer(sync=device_sync(accelerator.device), micro_batches=accum, seconds=state.train_seconds)
+    compute: dict[str, Any] = {}
     if main:
         store.mark_running(run_id, pid=os.getpid(), host=socket.gethostname(), device=_device_name(accelerator),
-                           params=freeze_report.to_dict(), max_steps=cfg.train.max_steps)
+                           params=freeze_report.to_dict(), max_steps=cfg.train.max_steps,
+                           compute=_compute(info, flops, timer, state, None, accelerator.device))
     writer = store.metrics_writer(run_id) if main else None
     if writer:
         writer.rewind(state.step)
@@ -302,12 +324,17 @@ def train(cfg: RunConfig, store: Store, run_id: str, *, resume: bool = False,
                 batches = (accelerator.skip_first_batches(train_dl, state.batches_into_epoch * accum)
                            if state.batches_into_epoch else train_dl)
                 model.train()
-                for batch in batches:
+                for batch in timer.batches(batches):
+                    timer.start(sampled=_logs(state.step + 1, cfg), warm=flops.done)
                     with accelerator.accumulate(model):
                         seed = cfg.run.seed * 7_919 + state.step * 131 + accelerator.process_index
                         gen = torch.Generator().manual_seed(seed)  # masking/negatives: a function of the step
-                        loss, parts = step_fn(model, batch, cfg, data, gen)
-                        accelerator.backward(loss)
+                        with flops.count("forward", batch):
+                            loss, parts = step_fn(model, batch, cfg, data, gen)
+                        timer.mark("forward")
+                        with flops.count("backward", batch):
+                            accelerator.backward(loss)
+                        timer.mark("backward")
                         if accelerator.sync_gradients and cfg.optim.grad_clip:
                             accelerator.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
                         factor = lr_factor(state.step, cfg.train.max_steps, warmup, cfg.optim.schedule)
@@ -315,6 +342,7 @@ def train(cfg: RunConfig, store: Store, run_id: str, *, resume: bool = False,
                             group["lr"] = group["base_lr"] * factor
                         optimizer.step()
                         optimizer.zero_grad(set_to_none=True)
+                    timer.mark("optimizer")
                     for k, v in parts.items():
                         sums[k] = sums[k] + v if k in sums else v
                     count += 1
@@ -323,7 +351,9 @@ def train(cfg: RunConfig, store: Store, run_id: str, *, resume: bool = False,
                     state.step += 1
                     state.batches_into_epoch += 1
                     state.samples_seen += cfg.train.batch_size
-                    if state.step % cfg.train.log_every == 0 or state.step == cfg.train.max_steps:
+                    state.pflops += (flops.train or 0.0) * cfg.train.batch_size / 1e15
+                    state.train_seconds = timer.seconds
+                    if _logs(state.step, cfg):
                         now = time.perf_counter()
                         metrics = _mean_over_processes(accelerator, sums, count)  # the only device sync
                         metrics["lr"] = cfg.optim.lr * factor
@@ -332,13 +362,19 @@ def train(cfg: RunConfig, store: Store, run_id: str, *, resume: bool = False,
                         sums, count, t_last, samples_last = {}, 0, now, state.samples_seen
                         losses.append(metrics["loss"])
                         if writer:
-                            writer.log(state.step, **metrics)
+                            compute = _compute(info, flops, timer, state, metrics["samples_per_s"],
+                                               accelerator.device)
+                            writer.log(state.step, **metrics, **compute_series(compute))
                             if now - t_index >= INDEX_UPDATE_S:  # the shared index is rewritten whole
-                                store.update_run(run_id, step=state.step, loss_trace=bucket_means(losses, TRACE))
+                                store.update_run(run_id, step=state.step, loss_trace=bucket_means(losses, TRACE),
+                                                 compute=compute)
                                 t_index = now
                         reporter.step(state.step, metrics)
                     if cfg.task and state.step % cfg.train.eval_every == 0 and state.step < cfg.train.max_steps:
-                        scores = evaluate(model, eval_dl, accelerator, cfg.data.eval_max_samples, cfg.task.name)
+                        with timer.paused():
+                            scores = evaluate(model, eval_dl, accelerator, cfg.data.eval_max_samples, cfg.task.name,
+                                              flops=flops)
+                        state.eval_pflops += (flops.eval or 0.0) * scores["eval_samples"] / 1e15
                         _record_scores(store, run_id, writer, state, scores, main)
                         reporter.message(_format_scores(state.step, scores))
                         model.train()
@@ -373,7 +409,8 @@ def train(cfg: RunConfig, store: Store, run_id: str, *, resume: bool = False,
     final: dict[str, float] = {}
     if status == "finished":
         if cfg.task:
-            final = evaluate(model, eval_dl, accelerator, None, cfg.task.name)
+            final = evaluate(model, eval_dl, accelerator, None, cfg.task.name, flops=flops)
+            state.eval_pflops += (flops.eval or 0.0) * final["eval_samples"] / 1e15
             _record_scores(store, run_id, writer, state, final, main)
             reporter.message(_format_scores(state.step, final, final=True))
         if state.step % cfg.train.checkpoint_every:  # not saved at this step yet
@@ -390,9 +427,24 @@ def train(cfg: RunConfig, store: Store, run_id: str, *, resume: bool = False,
         writer.close()
     if main:
         trace = {"loss_trace": bucket_means(losses, TRACE)} if losses else {}
-        store.update_run(run_id, step=state.step, **trace, **({"final_scores": final} if final else {}))
+        store.update_run(run_id, step=state.step, **trace, **({"final_scores": final} if final else {}),
+                         compute=_compute(info, flops, timer, state, compute.get("samples_per_s"), accelerator.device))
         store.mark_ended(run_id, status, error=error)
     return final
+
+
+def _logs(step: int, cfg: RunConfig) -> bool:
+    """Whether optimizer step ``step`` (1-based) writes training metrics."""
+    return step % cfg.train.log_every == 0 or step == cfg.train.max_steps
+
+
+def _compute(info: DeviceInfo | None, flops: FlopMeter, timer: StepTimer, state: TrainState,
+             samples_per_s: float | None, device: torch.device) -> dict[str, Any]:
+    """The run record's compute accounting as it stands (main process: ``info`` is set)."""
+    assert info is not None
+    return compute_record(info, flops=flops, samples_per_s=samples_per_s, step_split=timer.split(),
+                          peak_memory=peak_memory_mb(device), pflops=state.pflops, eval_pflops=state.eval_pflops,
+                          train_seconds=state.train_seconds)
 
 
 def _should_stop(accelerator: Accelerator, stop: _StopFlag) -> bool:
@@ -511,15 +563,17 @@ def score_batch(model: torch.nn.Module, batch: dict[str, torch.Tensor], task: st
 
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, loader: DataLoader, accelerator: Accelerator,
-             max_samples: int | None, task: str = "vqa") -> dict[str, float]:
+             max_samples: int | None, task: str = "vqa", *, flops: FlopMeter | None = None) -> dict[str, float]:
     """The task's metric (VQA score or accuracy) over the eval loader (all processes,
     gathered once per batch). ``model`` is the prepared model, so sharded
-    (FSDP/DeepSpeed) models evaluate too."""
+    (FSDP/DeepSpeed) models evaluate too. ``flops`` counts the first batch's forward."""
     was_training = model.training
     model.eval()
     total, n = 0.0, 0
     for batch in loader:
-        scores = accelerator.gather_for_metrics(score_batch(model, batch, task)[1])
+        with flops.count("eval", batch) if flops else contextlib.nullcontext():
+            scores = score_batch(model, batch, task)[1]
+        scores = accelerator.gather_for_metrics(scores)
         total += float(scores.sum())
         n += scores.numel()
         if max_samples and n >= max_samples:

@@ -16,3 +16,18 @@ def test_sparkline_scales_between_min_and_max() -> None:
     assert sparkline([1.0, 1.0]) == "▁▁"
     assert sparkline([1.0, float("nan"), 2.0]) == "▁ █"
     assert sparkline([]) == ""
+
+
+def test_format_compute_summarises_the_compute_record(ren_home) -> None:
+    from engine.display import format_compute
+    from engine.store import Store
+
+    store = Store(ren_home)
+    record = store.create_run(name="r", stage="pretrain", kind="two_tower", config={}, max_steps=10)
+    assert format_compute(record) == ""
+    record = store.update_run(record.id, params={"total": 1_560_000, "trainable": 1_190_000},
+                              compute={"flops_per_sample": {"train": 2.95e8}, "achieved_flops": 3.24e10,
+                                       "utilisation": 0.31, "pflops": 0.0123, "device_hours": 0.25,
+                                       "peak_memory_mb": 1536.0})
+    assert format_compute(record) == ("1.19M/1.56M params trained · 295 MFLOP/sample · 32.4 GFLOP/s (31% of peak) · "
+                                      "0.0123 PFLOPs · 0.25 device-h · peak 1.50 GB")

@@ -102,7 +102,9 @@ def test_pretraining_logs_each_objective_and_their_weighted_sum(ren_home: Path, 
     assert store.get_run(run_id).status == "finished"
 
 
-def test_finetune_starts_from_a_pretraining_run(ren_home: Path, data_cache: Path) -> None:
+@pytest.mark.parametrize("resume", [False, True], ids=["fresh", "retried-before-a-checkpoint"])
+def test_finetune_starts_from_a_pretraining_run(ren_home: Path, data_cache: Path, resume: bool) -> None:
+    """A retried run (resume) that never reached a checkpoint starts from init_from, not from random weights."""
     store = Store(ren_home)
     pre_cfg, pre_id = start(store, tiny_pretrain(data_cache))
     train(pre_cfg, store, pre_id)
@@ -112,7 +114,7 @@ def test_finetune_starts_from_a_pretraining_run(ren_home: Path, data_cache: Path
     raw["train"] = {**raw["train"], "init_from": f"run:{pre_id}", "max_steps": 1}
     raw["optim"] = {"lr": 1e-12, "warmup_ratio": 0.0}  # (almost) no update: weights stay the pretrained ones
     cfg, run_id = start(store, raw)
-    train(cfg, store, run_id)
+    train(cfg, store, run_id, resume=resume)
     pre = load_file(str(store.run_dir(pre_id) / FINAL_WEIGHTS))
     fine = load_file(str(store.run_dir(run_id) / FINAL_WEIGHTS))
     shared = [k for k in pre if k.startswith("encoder.")]

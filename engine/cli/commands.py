@@ -165,6 +165,8 @@ def show(run_id: str) -> None:
         console.print(r.log_tail, highlight=False, markup=False)
     if r.params:
         _print_params(r.params, all_groups=False)
+    if r.compute:
+        _print_compute(r)
     if r.best_scores or r.final_scores:
         console.print(f"best: {format_scores(r.best_scores)}   final: {format_scores(r.final_scores)}")
     points = store.read_metrics(r.id)
@@ -175,6 +177,81 @@ def show(run_id: str) -> None:
             f"{k} {v:.4g}" for k, v in last.items() if k not in ("time",) and isinstance(v, (int, float))))
     console.print(f"\nrun directory: {store.run_dir(r.id)}\nconfig:")
     console.print(tomli_w.dumps(r.config), highlight=False, markup=False)
+
+
+def _si(value: float, unit: str) -> str:
+    """``1.23e9, "FLOP"`` -> ``"1.23 GFLOP"``; ``1.23e6, ""`` -> ``"1.23M"``."""
+    space = " " if unit else ""
+    for prefix, scale in (("P", 1e15), ("T", 1e12), ("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(value) >= scale:
+            return f"{value / scale:.3g}{space}{prefix}{unit}"
+    return f"{value:.3g}{space}{unit}"
+
+
+def _seconds(value: float) -> str:
+    return f"{value * 1e3:.3g} ms" if value < 1 else f"{value:.3g} s"
+
+
+def _params_by_part(params: dict) -> str:
+    """``"text 1.2M, vision 5.5M frozen, fusion 3M (1M trained)"``: per top-level part of the model."""
+    parts: dict[str, list[int]] = {}
+    for name, g in params.get("groups", {}).items():
+        part = parts.setdefault(name.split(".")[0], [0, 0])
+        part[0] += g["total"]
+        part[1] += g["trainable"]
+    return ", ".join(f"{name} {_si(total, '')}" + ("" if trained == total else " frozen" if trained == 0
+                                                 else f" ({_si(trained, '')} trained)")
+                     for name, (total, trained) in parts.items())
+
+
+def _compute_rows(r: RunRecord) -> list[tuple[str, str]]:
+    """(label, text) rows of a run's compute accounting (``RunRecord.compute``, Contract 1)."""
+    c, p, rows = r.compute, r.params, []
+    if p.get("total"):
+        rows.append(("parameters", f"{p['total']:,} total, {p['trainable']:,} trainable, {p['frozen']:,} frozen"))
+        rows.append(("", _params_by_part(p)))
+    per = c.get("flops_per_sample") or {}
+    if per:
+        kinds = [k for k in ("forward", "backward", "train", "eval") if k in per]
+        rows.append(("FLOPs/sample", "   ".join(f"{k} {_si(per[k], 'FLOP')}" for k in kinds)))
+    if "samples_per_s" in c:
+        rate = f"{c['samples_per_s']:,.1f} samples/s"
+        if "tokens_per_s" in c:
+            rate += f"   {c['tokens_per_s']:,.0f} tokens/s"
+        rows.append(("throughput", rate + " [dim](last logged interval)[/]"))
+    if "achieved_flops" in c:
+        line = f"{_si(c['achieved_flops'], 'FLOP/s')} achieved"
+        if c.get("peak_flops"):
+            source = {"table": "vendor table", "measured": "measured matmul"}.get(c.get("peak_source"), "?")
+            processes = c.get("processes", 1)
+            line += (f" = {c.get('utilisation', 0):.1%} of {processes} x {_si(c['peak_flops'], 'FLOP/s')} "
+                     f"{c.get('dtype', '')} peak ({source})")
+        rows.append(("utilisation", line))
+    split = c.get("step_split_s") or {}
+    if split:
+        rows.append(("step time", "   ".join(f"{k} {_seconds(v)}" for k, v in split.items())
+                     + f"   = {_seconds(sum(split.values()))}/step"))
+    if "peak_memory_mb" in c:
+        rows.append(("peak memory", f"{c['peak_memory_mb']:,.0f} MiB"))
+    if "pflops" in c:
+        total = f"{c['pflops']:.4g} PFLOPs training"
+        if c.get("eval_pflops"):
+            total += f" + {c['eval_pflops']:.4g} evaluation"
+        if "device_hours" in c:
+            total += f"   {c['device_hours']:.4g} device-hours ({_seconds(c.get('train_seconds', 0.0))} training)"
+        rows.append(("total", total))
+    if c.get("device"):
+        rows.append(("device", f"{c['device']}, {c.get('dtype', '?')}, {c.get('processes', 1)} process(es)"))
+    return rows
+
+
+def _print_compute(r: RunRecord) -> None:
+    table = Table(title="compute", title_justify="left", show_header=False, box=None, padding=(0, 2, 0, 0))
+    table.add_column(style="bold", no_wrap=True)
+    table.add_column()
+    for label, text in _compute_rows(r):
+        table.add_row(label, text)
+    console.print(table)
 
 
 def _status(r: RunRecord) -> str:
