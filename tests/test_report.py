@@ -1,0 +1,329 @@
+"""Reports: per-variant tables from stored runs, the files written, and `ren report`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from engine.config import config_from_dict, load_preset
+from engine.launch import create_run
+from engine.report import DASH, ReportTable, report_rows, report_series, write_report
+from engine.store import RunRecord, Store
+
+from .conftest import PRESETS
+from .test_cli import HEAVY, _modules_after, ren
+
+PRE = PRESETS / "studies" / "easyvqa_two_tower_pretrain_short.toml"
+FT = PRESETS / "studies" / "easyvqa_vqa_finetune_short.toml"
+STUDY = "freeze-demo"
+T0 = 1_700_000_000.0
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+FREEZE = {"none": None, "vision": '["vision"]', "both": '["text", "vision"]'}
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What one (variant, seed) recorded: pretraining compute and the finetune's final score."""
+
+    pflops: float | None  # None: the pretraining has no compute record
+    wall_s: float
+    device_hours: float
+    peak_mb: float
+    trainable: int
+    score: float | None  # None: the finetune is still running
+
+
+PLANS = {
+    ("none", 0): Plan(10.0, 100.0, 0.05, 900.0, 1_000_000, 0.80),
+    ("none", 1): Plan(10.0, 120.0, 0.06, 1100.0, 1_000_000, 0.84),
+    ("vision", 0): Plan(6.0, 66.0, 0.03, 700.0, 600_000, 0.78),
+    ("vision", 1): Plan(6.0, 66.0, 0.036, 700.0, 600_000, 0.79),
+    ("both", 0): Plan(3.0, 33.0, 0.015, 500.0, 250_000, 0.70),
+    ("both", 1): Plan(None, 33.0, 0.0, 0.0, 250_000, None),
+}
+FT_PFLOPS = 1.0  # each finetune's own compute at its last step (400)
+
+
+def _pretrain(store: Store, name: str, seed: int, plan: Plan, *, overrides: tuple[str, ...] = (),
+              study: dict | None = None, status: str = "finished") -> RunRecord:
+    cfg = load_preset(PRE, [f"run.seed={seed}", f"run.name={name}", *overrides])
+    record = create_run(store, cfg, str(PRE))
+    start = T0 + len(store.list_runs()) * 1000
+    compute = {} if plan.pflops is None else {
+        "pflops": plan.pflops, "device_hours": plan.device_hours, "peak_memory_mb": plan.peak_mb,
+        "flops_per_sample": {"forward": 1e9, "backward": 2e9, "train": 3e9, "eval": 1e9}, "device": "cpu: test",
+        "dtype": "fp32", "processes": 1, "train_seconds": plan.wall_s}
+    ended = {"ended_at": start + plan.wall_s} if status == "finished" else {}
+    store.update_run(record.id, status=status, started_at=start, step=600, study=study, compute=compute,
+                     params={"total": 1_000_000, "trainable": plan.trainable,
+                             "frozen": 1_000_000 - plan.trainable, "groups": {}}, **ended)
+    with store.metrics_writer(record.id) as writer:
+        for step in range(100, 700, 100):
+            extra = {} if plan.pflops is None else {"compute/pflops": plan.pflops * step / 600}
+            writer.log(step, loss=6.0 - step / 200 - plan.trainable / 1e6, **extra)
+    return store.get_run(record.id)
+
+
+def _finetune(store: Store, parent: RunRecord, seed: int, score: float | None, *,
+              study: dict | None = None) -> RunRecord:
+    cfg = load_preset(FT, [f"run.seed={seed}", f"run.name={parent.name}/easy-vqa",
+                           f'train.init_from="run:{parent.id}"'])
+    record = create_run(store, cfg, str(FT))
+    start = T0 + len(store.list_runs()) * 1000
+    if score is None:
+        store.update_run(record.id, status="running", started_at=start, step=200, study=study)
+    else:
+        store.update_run(record.id, status="finished", started_at=start, ended_at=start + 50.0, step=400,
+                         study=study, final_scores={"vqa_score": score, "eval_samples": 600.0},
+                         best_scores={"eval/vqa_score": score})
+    with store.metrics_writer(record.id) as writer:
+        for step in range(100, 500 if score is not None else 300, 100):
+            writer.log(step, loss=2.0 - step / 400, **{"compute/pflops": FT_PFLOPS * step / 400})
+            if step % 200 == 0 and score is not None:
+                writer.log(step, **{"eval/vqa_score": score - (0.05 if step == 200 else 0.0)})
+    return store.get_run(record.id)
+
+
+def _study_file(path: Path, name: str = STUDY) -> Path:
+    path.write_text(
+        f'[study]\nname = "{name}"\ndescription = "Which tower to freeze while pretraining."\n'
+        f'pretrain = "{PRE}"\nbaseline = "none"\nseeds = [0, 1]\n\n'
+        '[variants]\nnone = {}\nvision = { "freeze.groups" = ["vision"] }\n'
+        'both = { "freeze.groups" = ["text", "vision"] }\n\n'
+        f'[[finetune]]\nname = "easy-vqa"\npreset = "{FT}"\n'
+    )
+    return path
+
+
+def _build_study(store: Store, file: Path) -> dict[tuple[str, int], tuple[RunRecord, RunRecord]]:
+    """The 3-variant x 2-seed study with one finetune task, recorded as its runs would be."""
+    runs = {}
+    for (variant, seed), plan in PLANS.items():
+        tag = {"name": STUDY, "variant": variant, "seed": seed, "file": str(file)}
+        freeze = (f"freeze.groups={FREEZE[variant]}",) if FREEZE[variant] else ()
+        pre = _pretrain(store, f"{STUDY}/{variant}/s{seed}", seed, plan, overrides=freeze,
+                        study={**tag, "stage": "pretrain", "task": None})
+        ft = _finetune(store, pre, seed, plan.score, study={**tag, "stage": "finetune", "task": "easy-vqa"})
+        runs[variant, seed] = (pre, ft)
+    return runs
+
+
+@pytest.fixture
+def study(ren_home: Path, tmp_path: Path) -> tuple[Store, Path, dict]:
+    store = Store(ren_home)
+    file = _study_file(tmp_path / "freeze-demo.toml")
+    return store, file, _build_study(store, file)
+
+
+def _row(table: ReportTable, variant: str):
+    return next(row for row in table.rows if row.variant == variant)
+
+
+def test_study_rows_mean_std_and_savings(study) -> None:
+    store, file, runs = study
+    from engine.study import load_study
+
+    table = report_rows(store, load_study(file))
+    assert [row.variant for row in table.rows] == ["none", "vision", "both"]
+    assert table.baseline == "none" and table.tasks == ("easy-vqa",) and table.metrics == {"easy-vqa": "vqa_score"}
+    none, vision, both = table.rows
+    assert none.is_baseline and not vision.is_baseline
+    score = none.scores["easy-vqa"]
+    assert score.n == 2 and score.mean == pytest.approx(0.82) and score.std == pytest.approx(0.0282842712)
+    assert vision.scores["easy-vqa"].std == pytest.approx(0.0070710678)
+    assert both.scores["easy-vqa"].n == 1 and both.scores["easy-vqa"].std is None
+    assert vision.score_delta["easy-vqa"] == pytest.approx(-0.035)
+    assert both.score_delta["easy-vqa"] == pytest.approx(-0.12)
+    # PFLOPs: 10 (baseline) -> 6 saves 40 %; "both" has compute for seed 0 only: 3 -> 70 %.
+    assert vision.saved_pflops_pct == pytest.approx(40.0) and both.saved_pflops_pct == pytest.approx(70.0)
+    assert both.pflops.n == 1
+    # Wall time: baseline (100 + 120) / 2 = 110 s; 66 s saves 40 %, 33 s saves 70 %.
+    assert none.wall_s.mean == pytest.approx(110.0)
+    assert vision.saved_wall_pct == pytest.approx(40.0) and both.saved_wall_pct == pytest.approx(70.0)
+    assert none.device_hours.mean == pytest.approx(0.055) and none.peak_memory_mb.mean == pytest.approx(1000.0)
+    assert (vision.trainable, vision.total) == (600_000, 1_000_000)
+    assert [s for s, _ in both.seed_scores["easy-vqa"]] == [0]
+    assert any(runs["both", 1][0].id in n and "no compute record" in n for n in table.notes)
+    assert any(runs["both", 1][1].id in n and "is running (step 200/400)" in n for n in table.notes)
+
+
+def test_a_newer_run_of_a_slot_supersedes_the_older(study) -> None:
+    """When the study file changed, `ren study run` queues a new run for the slot: it is the one reported."""
+    store, file, runs = study
+    tag = {"name": STUDY, "variant": "vision", "seed": 1, "stage": "pretrain", "task": None, "file": str(file)}
+    newer = _pretrain(store, f"{STUDY}/vision/s1", 1, PLANS["vision", 1], study=tag, status="running")
+    vision = _row(report_rows(store, STUDY), "vision")
+    assert [ref.id for ref in vision.pretrains] == [runs["vision", 0][0].id, newer.id]
+    assert vision.pflops.n == 1 and vision.wall_s.n == 1
+    assert next(f for f in vision.finetunes if f.seed == 1).parent == runs["vision", 1][0].id  # what it started from
+    notes = " ".join(report_rows(store, STUDY).notes)
+    assert f"run {runs['vision', 1][0].id} was superseded by run {newer.id}" in notes
+
+
+def test_markdown_table_content(study) -> None:
+    store, _, _ = study
+    table = report_rows(store, STUDY)  # by name: variants in the order their runs were created
+    lines = table.markdown().splitlines()
+    assert lines[0] == ("| variant | seeds | easy-vqa (vqa_score) | Δ easy-vqa | PFLOPs | saved PFLOPs | device-h | "
+                        "wall time | saved wall | peak memory | trainable / total params |")
+    assert lines[2] == ("| none (baseline) | 0, 1 | 0.8200 ± 0.0283 (n=2) | +0.0000 | 10 | 0.0% | 0.055 | 1m50s | "
+                        "0.0% | 1000 MB | 1.00M / 1.00M |")
+    assert lines[3] == ("| vision | 0, 1 | 0.7850 ± 0.0071 (n=2) | -0.0350 | 6 | 40.0% | 0.033 | 1m06s | 40.0% | "
+                        "700 MB | 600K / 1.00M |")
+    assert lines[4] == ("| both | 0, 1 | 0.7000 (n=1) | -0.1200 | 3 | 70.0% | 0.015 | 33s | 70.0% | 500 MB | "
+                        "250K / 1.00M |")
+    per_task = table.task_cells()
+    assert per_task[0] == ["easy-vqa", "none", "vqa_score", "2", "0.8200 ± 0.0283", "seed 0: 0.8000, seed 1: 0.8400",
+                           "+0.0000"]
+
+
+def test_missing_data_is_a_dash(ren_home: Path) -> None:
+    """A running pretraining, one without compute and one without finetunes: dashes, and notes say why."""
+    store = Store(ren_home)
+    done = _pretrain(store, "done", 0, PLANS["none", 0])
+    _finetune(store, done, 0, 0.8)
+    running = _pretrain(store, "going", 0, PLANS["vision", 0], status="running")
+    old = _pretrain(store, "old", 0, PLANS["both", 1])
+    table = report_rows(store, [done.id, running.id, old.id])
+    assert [row.variant for row in table.rows] == ["done", "going", "old"] and table.baseline == "done"
+    cells = {row[0]: row for row in table.cells()}
+    going, no_compute = cells["going"], cells["old"]
+    # columns: variant, seeds, score, delta, PFLOPs, saved, device-h, wall, saved wall, memory, params
+    assert going[2:10] == [DASH] * 8
+    assert no_compute[2] == DASH and no_compute[4] == DASH and no_compute[6] == DASH and no_compute[9] == DASH
+    assert no_compute[7] == "33s" and no_compute[8] == "67.0%"  # wall time needs no compute record
+    assert going[10] == "600K / 1.00M"
+    notes = " ".join(table.notes)
+    assert f"pretraining {running.id} (seed 0) is running (step 600/600)" in notes
+    assert f"pretraining {old.id} (seed 0) has no compute record" in notes
+    assert "going has no easy_vqa finetune yet" in notes
+
+
+def test_runs_become_variants_by_name_with_their_finetunes(ren_home: Path) -> None:
+    store = Store(ren_home)
+    first = _pretrain(store, "pre", 0, PLANS["none", 0])
+    second = _pretrain(store, "pre", 1, PLANS["vision", 0])
+    scores = [_finetune(store, second, seed, score) for seed, score in ((0, 0.7), (1, 0.9))]
+    _finetune(store, first, 0, 0.6)
+    # A listed finetune stands for its pretraining; the first listed is the baseline.
+    table = report_rows(store, [scores[0].id, first.id])
+    assert [row.variant for row in table.rows] == [f"pre@{second.id[-4:]}", f"pre@{first.id[-4:]}"]
+    assert table.tasks == ("easy_vqa",) and table.baseline == table.rows[0].variant
+    mine, other = table.rows
+    assert mine.scores["easy_vqa"].mean == pytest.approx(0.8) and mine.scores["easy_vqa"].n == 2
+    assert {ref.id for ref in mine.finetunes} == {s.id for s in scores}
+    assert other.score_delta["easy_vqa"] == pytest.approx(-0.2)
+    assert other.saved_pflops_pct == pytest.approx((6.0 - 10.0) / 6.0 * 100.0)
+
+
+def test_a_finetune_from_scratch_is_its_own_variant(ren_home: Path) -> None:
+    store = Store(ren_home)
+    pre = _pretrain(store, "pre", 0, PLANS["none", 0])
+    _finetune(store, pre, 0, 0.8)
+    raw = load_preset(FT, ["run.name=scratch"]).to_dict()
+    raw["train"]["init_from"] = None
+    scratch = create_run(store, config_from_dict(raw), str(FT))
+    store.update_run(scratch.id, status="finished", started_at=T0, ended_at=T0 + 10, final_scores={"vqa_score": 0.5})
+    table = report_rows(store, [pre.id, scratch.id])
+    row = _row(table, "scratch")
+    assert row.pretrains == () and row.scores["easy_vqa"].mean == pytest.approx(0.5)
+    assert row.score_delta["easy_vqa"] == pytest.approx(-0.3)
+    assert table.cells()[1][4:10] == [DASH] * 6
+    assert "scratch has no pretraining run" in " ".join(table.notes)
+
+
+def test_latex_table_escapes_names(ren_home: Path, tmp_path: Path) -> None:
+    store = Store(ren_home)
+    odd = _pretrain(store, "pre_50%&#1", 0, PLANS["none", 0])
+    _finetune(store, odd, 0, 0.8)
+    _finetune(store, odd, 1, 0.9)
+    table = report_rows(store, [odd.id])
+    tex = table.latex()
+    assert tex.startswith(r"\begin{tabular}{lrrrrrr}" + "\n\\toprule\n")
+    assert r"\midrule" in tex and tex.endswith("\\bottomrule\n\\end{tabular}\n")
+    assert r"Variant & easy\_vqa (vqa\_score) & PFLOPs & Saved PFLOPs & Wall time & Saved wall" in tex
+    assert r"pre\_50\%\&\#1 (baseline) & 0.8500 $\pm$ 0.0707 (n=2) & 10 & 0.0\% & 1m40s & 0.0\% & 1.00M / 1.00M \\" \
+        in tex
+
+
+def test_series_and_files(study, tmp_path: Path) -> None:
+    store, _, runs = study
+    table = report_rows(store, STUDY)
+    series = report_series(store, table)
+    assert len(series.loss) == 6 and {c.variant for c in series.loss} == {"none", "vision", "both"}
+    first = next(c for c in series.loss if c.run_id == runs["none", 0][0].id)
+    assert first.points[0] == (100.0, pytest.approx(6.0 - 0.5 - 1.0))
+    # Eval score against pretraining PFLOPs + the finetune's own PFLOPs at the eval steps (200, 400);
+    # "both" seed 1 has neither pretraining compute nor a finished finetune: no curve.
+    curves = {c.run_id: c.points for c in series.score_compute["easy-vqa"]}
+    assert len(curves) == 5
+    assert curves[runs["vision", 1][1].id] == (
+        (pytest.approx(6.5), pytest.approx(0.74)), (pytest.approx(7.0), pytest.approx(0.79)))
+
+    paths = write_report(table, series, tmp_path / "out")
+    assert sorted(p.name for p in paths) == ["loss.png", "report.md", "score_vs_compute.png", "table.tex"]
+    for png in ("loss.png", "score_vs_compute.png"):
+        data = (tmp_path / "out" / png).read_bytes()
+        assert data.startswith(PNG_MAGIC) and len(data) > 1000
+    md = (tmp_path / "out" / "report.md").read_text()
+    assert md.startswith(f"# Study {STUDY}\n")
+    assert table.markdown() in md and "## Per task" in md and "## Missing data" in md
+    assert "![loss](loss.png)" in md and "![score_vs_compute](score_vs_compute.png)" in md
+    assert (tmp_path / "out" / "table.tex").read_text() == table.latex()
+
+
+def test_figures_without_data_are_skipped(ren_home: Path, tmp_path: Path) -> None:
+    store = Store(ren_home)
+    pre = _pretrain(store, "lonely", 0, PLANS["both", 1])
+    table = report_rows(store, [pre.id])
+    paths = write_report(table, report_series(store, table), tmp_path)
+    assert sorted(p.name for p in paths) == ["loss.png", "report.md", "table.tex"]
+    assert "score_vs_compute.png is not drawn" in (tmp_path / "report.md").read_text()
+
+
+def test_ren_report_study_by_file_name_and_runs(study, ren_home: Path, tmp_path: Path) -> None:
+    _, file, runs = study
+    by_file = ren("report", str(file), "--out", str(tmp_path / "a"))
+    assert by_file.returncode == 0, by_file.stderr
+    assert "0.8200 ± 0.0283 (n=2)" in by_file.stdout and "40.0%" in by_file.stdout
+    assert f"wrote {tmp_path / 'a' / 'report.md'}" in " ".join(by_file.stdout.split())
+    assert (tmp_path / "a" / "score_vs_compute.png").read_bytes().startswith(PNG_MAGIC)
+    assert "variant vision: freeze.groups = ['vision']" in (tmp_path / "a" / "report.md").read_text()
+
+    by_name = ren("report", STUDY)
+    assert by_name.returncode == 0, by_name.stderr
+    assert (ren_home / "reports" / STUDY / "report.md").is_file()
+    assert (ren_home / "reports" / STUDY / "table.tex").is_file()
+
+    ids = [runs["vision", 0][0].id, runs["none", 0][0].id[:-1]]  # a unique prefix
+    by_ids = ren("report", *ids, "--out", str(tmp_path / "b"))
+    assert by_ids.returncode == 0, by_ids.stderr
+    md = (tmp_path / "b" / "report.md").read_text()
+    assert md.startswith(f"# Runs {STUDY}/vision/s0, {STUDY}/none/s0\n")
+    assert f"| {STUDY}/vision/s0 (baseline) | 0 | 0.7800 (n=1) |" in md
+
+
+def test_ren_report_errors_exit_2(ren_home: Path, tmp_path: Path) -> None:
+    empty = ren("report", str(_study_file(tmp_path / "empty.toml", "empty-study")))
+    assert empty.returncode == 2, empty.stdout + empty.stderr
+    assert "Study 'empty-study' has no runs in the store" in " ".join(empty.stderr.split())
+    unknown = ren("report", "no-such-thing")
+    assert unknown.returncode == 2
+    assert "'no-such-thing' is neither a study file, the name of a study" in " ".join(unknown.stderr.split())
+    store = Store(ren_home)
+    pre = _pretrain(store, "real", 0, PLANS["none", 0])
+    several = ren("report", pre.id, "nope")
+    assert several.returncode == 2 and "No run with id 'nope'" in several.stderr
+    missing = ren("report", str(tmp_path / "missing.toml"))
+    assert missing.returncode == 2 and "missing.toml" in missing.stderr
+    for result in (empty, unknown, several, missing):
+        assert "Traceback" not in result.stderr
+
+
+def test_report_modules_import_neither_torch_nor_matplotlib() -> None:
+    """The TUI imports engine.report: torch stays out, and matplotlib comes only when drawing."""
+    mods = _modules_after("import engine.report, engine.cli.report")
+    assert "engine.study" in mods
+    assert not [m for m in (*HEAVY, "matplotlib", "textual") if m in mods]
