@@ -23,6 +23,7 @@ from engine.store import RunRecord, Store
 
 if TYPE_CHECKING:
     from engine.queue import QueueView
+    from engine.report import ReportTable
     from ren_tui.inspector import Inspector
 
 
@@ -78,6 +79,13 @@ class Backend:
 
     def series(self, run_id: str) -> Series:
         return Series(run_id, self.store.read_metrics(run_id))
+
+    def report(self, run_ids: Sequence[str]) -> ReportTable:
+        """The study report's table for these runs (engine.report): per variant, downstream
+        scores over seeds, pretraining compute and what it saves against the first run."""
+        from engine.report import report_rows
+
+        return report_rows(self.store, list(run_ids))
 
     def log_tail(self, run_id: str, lines: int = 20) -> list[str]:
         """The last lines of a queued run's log ([] for runs without one)."""

@@ -192,3 +192,30 @@ async def test_compare_of_an_unknown_run_says_so(ren_home: Path, tmp_path: Path)
         assert "nosuchrun" in str(screen.query_one("#controls", Static).render())
         await pilot.press("e")
         assert not (tmp_path / "exports").exists()
+
+
+async def test_variants_view_shows_the_report_table_with_compute_savings(ren_home: Path, tmp_path: Path) -> None:
+    store = Store(ren_home)
+    base, frozen = (canned_run(store, name, steps=100, stage="pretrain") for name in ("full", "frozen"))
+    store.update_run(base.id, compute={"pflops": 2.0, "device_hours": 0.5})
+    store.update_run(frozen.id, compute={"pflops": 1.5, "device_hours": 0.4})
+    app = RenApp(Backend(store, start_worker=False))
+    async with app.run_test(size=(160, 40)) as pilot:
+        screen = await open_compare(app, pilot, [base, frozen], tmp_path / "exports")
+        await pilot.press("v")
+        await pilot.pause()
+        table = screen.query_one("#scores", DataTable)
+        headers = [str(c.label) for c in table.columns.values()]
+        assert headers[0] == "variant" and "PFLOPs" in headers and "saved PFLOPs" in headers
+        row = dict(zip(headers, table.get_row("frozen")))
+        assert row["PFLOPs"].startswith("1.5") and row["saved PFLOPs"].startswith("25")  # 1.5 of 2.0
+        assert str(table.get_row("full (baseline)" if "full (baseline)" in table.rows else "full")[0]).startswith(
+            "full")
+        assert table.border_title.startswith("variants")
+        await pilot.press("e")
+        await pilot.pause()
+        markdown = (tmp_path / "exports" / f"{export_stem([base.id, frozen.id])}.md").read_text()
+        assert markdown.splitlines()[0].startswith("| variant |")
+        await pilot.press("v")
+        await pilot.pause()
+        assert [str(c.label) for c in table.columns.values()][0] == "run"

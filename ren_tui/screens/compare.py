@@ -2,13 +2,16 @@
 and the config keys where each run differs from a baseline run.
 
 ``m`` cycles the metric among those every run logged, ``s`` smoothing, ``b`` the
-baseline, ``e`` exports the score table as Markdown, LaTeX and CSV (and copies the
-Markdown to the clipboard), ``r`` re-reads the runs.
+baseline, ``v`` switches the score table between runs and variants (the study
+report's table: downstream scores over seeds, pretraining compute, and what each
+variant saves against the first run), ``e`` exports the score table as Markdown,
+LaTeX and CSV (and copies the Markdown to the clipboard), ``r`` re-reads the runs.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from rich.text import Text
 from textual import work
@@ -33,6 +36,9 @@ from ren_tui.export import (
     to_markdown,
 )
 from ren_tui.widgets.chart import Chart
+
+if TYPE_CHECKING:
+    from engine.report import ReportTable
 
 SMOOTHING = (0.0, 0.6, 0.9, 0.97)
 
@@ -68,6 +74,7 @@ class CompareScreen(Screen[None]):
         Binding("m", "metric", "Metric"),
         Binding("s", "smoothing", "Smooth"),
         Binding("b", "baseline", "Baseline"),
+        Binding("v", "view", "Runs/variants"),
         Binding("e", "export", "Export"),
         Binding("r", "reload", "Reload"),
     ]
@@ -82,6 +89,8 @@ class CompareScreen(Screen[None]):
         self.metric: str | None = None
         self.baseline = 0
         self.smoothing = 0.0
+        self.view = "runs"
+        self.report: ReportTable | None = None
 
     def compose(self) -> ComposeResult:
         yield Static("loading…", id="controls")
@@ -105,15 +114,16 @@ class CompareScreen(Screen[None]):
         try:
             records = [backend.run(run_id) for run_id in self.run_ids]
             series = [backend.series(r.id) for r in records]
+            report = backend.report([r.id for r in records])
         except RenError as exc:
             if not worker.is_cancelled:
                 self.app.call_from_thread(self._failed, str(exc))
             return
         if not worker.is_cancelled:
-            self.app.call_from_thread(self._apply, records, series)
+            self.app.call_from_thread(self._apply, records, series, report)
 
-    def _apply(self, records: list[RunRecord], series: list[Series]) -> None:
-        self.records, self.series = records, series
+    def _apply(self, records: list[RunRecord], series: list[Series], report: ReportTable | None = None) -> None:
+        self.records, self.series, self.report = records, series, report
         self.metrics = shared_metrics(series)
         if self.metric not in self.metrics:
             self.metric = "loss" if "loss" in self.metrics else next(iter(self.metrics), None)
@@ -141,13 +151,23 @@ class CompareScreen(Screen[None]):
                          {label: s.xy(self.metric) for label, s in zip(self.labels, self.series)})
         self._show_controls()
 
+    def score_table(self) -> tuple[list[str], list[list[str]]]:
+        """The score table shown and exported: one row per run, or per variant."""
+        if self.view == "variants" and self.report is not None:
+            return self.report.headers(), self.report.cells()
+        return score_rows(self.records)
+
     def _show_scores(self) -> None:
-        headers, rows = score_rows(self.records)
+        headers, rows = self.score_table()
         table = self.query_one("#scores", DataTable)
         table.clear(columns=True)
         table.add_columns(*headers)
-        for record, row in zip(self.records, rows):
-            table.add_row(*row, key=record.id)
+        keys = ([r.variant for r in self.report.rows] if self.view == "variants" and self.report is not None
+                else [r.id for r in self.records])
+        for key, row in zip(keys, rows):
+            table.add_row(*row, key=key)
+        table.border_title = ("variants: scores over seeds, pretraining compute, savings against the first run"
+                              if self.view == "variants" else "scores")
 
     def _show_diff(self) -> None:
         table = self.query_one("#diff", DataTable)
@@ -186,6 +206,10 @@ class CompareScreen(Screen[None]):
             self._show_diff()
             self._show_controls()
 
+    def action_view(self) -> None:
+        self.view = "runs" if self.view == "variants" else "variants"
+        self._show_scores()
+
     def action_reload(self) -> None:
         self._load()
 
@@ -194,7 +218,7 @@ class CompareScreen(Screen[None]):
         if not self.records:
             self.notify("Nothing to export yet.", severity="warning")
             return
-        headers, rows = score_rows(self.records)
+        headers, rows = self.score_table()
         markdown = to_markdown(headers, rows)
         directory = self.export_dir or Path.cwd() / "ren-exports"
         stem = export_stem(r.id for r in self.records)

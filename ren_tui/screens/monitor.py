@@ -20,7 +20,7 @@ from textual.screen import Screen
 from textual.widgets import Footer, Static
 from textual.worker import Worker, get_current_worker
 
-from engine.display import format_duration, format_scores, format_steps
+from engine.display import format_compute, format_duration, format_scores, format_steps
 from engine.errors import RenError
 from engine.store import RunRecord
 from ren_tui.backend import Series
@@ -218,7 +218,7 @@ class MonitorScreen(Screen[None]):
             f"[b]$id[/b] · [{style}]$status[/] · $steps steps · $duration · $device · best $best",
             id=r.id, status=r.status, steps=format_steps(r), duration=format_duration(r),
             device=r.device or "no device", best=format_scores(r.best_scores),
-        ))
+        ) + (Content.from_markup("\n[$text-muted]$compute", compute=compute) if (compute := format_compute(r)) else ""))
 
     def _show_controls(self) -> None:
         x_range = self.chart.x_range
