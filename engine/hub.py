@@ -16,9 +16,18 @@ from typing import Any
 from urllib.parse import urlparse
 
 _TRUE = {"1", "true", "yes", "on"}
+REN_PREFIX = "ren:"
+"""Names of the small models ren builds itself (``ren:easyvqa-vit``; see :mod:`engine.unimodal`)."""
+
+
+def is_ren_model(name: str | None) -> bool:
+    """Is ``name`` one of the models ren builds (``ren:...``), not a hub id or a directory?"""
+    return name is not None and name.startswith(REN_PREFIX)
 
 
 def looks_like_path(name: str) -> bool:
+    if is_ren_model(name):
+        return False
     return name.startswith(("/", "./", "../", "~")) or Path(name).expanduser().exists()
 
 

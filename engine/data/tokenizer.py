@@ -10,7 +10,7 @@ from tokenizers.models import WordLevel
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 from engine.errors import ModelLoadError
-from engine.hub import hub_kwargs
+from engine.hub import hub_kwargs, is_ren_model
 
 PAD, UNK, CLS, SEP, MASK = "[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"
 SPECIAL_TOKENS = (PAD, UNK, CLS, SEP, MASK)
@@ -58,12 +58,17 @@ def build_word_tokenizer(texts: Iterable[str], *, lowercase: bool = True) -> Pre
 
 
 def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
-    """Load a fast tokenizer from a Hugging Face Hub id or a local directory.
+    """Load a fast tokenizer from a Hugging Face Hub id, a local directory or a text model ren builds
+    (``ren:easyvqa-bert``: its tokenizer needs no training, so this never builds the model).
 
     Raises:
         ModelLoadError: The tokenizer cannot be loaded (hub unreachable or no
             such model, directory missing or incomplete) or has no fast version.
     """
+    if is_ren_model(name_or_path):
+        from engine import unimodal
+
+        return unimodal.load_tokenizer(name_or_path)
     local = Path(name_or_path).expanduser()
     try:
         tokenizer = AutoTokenizer.from_pretrained(

@@ -21,7 +21,7 @@ from torch import Tensor
 
 from engine.config import RunConfig
 from engine.errors import ConfigError, ModelLoadError
-from engine.hub import hub_kwargs
+from engine.hub import hub_kwargs, is_ren_model
 
 NORMS: dict[str, tuple[tuple[float, float, float], tuple[float, float, float]]] = {
     "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
@@ -91,6 +91,11 @@ def _timm_normalization(name: str, key: str) -> Normalization:
 
 
 def _hf_normalization(name: str, key: str) -> Normalization:
+    if is_ren_model(name):  # a model ren builds: the statistics it is (or will be) trained with
+        from engine import unimodal
+
+        mean, std = unimodal.image_statistics(name)
+        return Normalization(mean, std, source=name)
     local = Path(name).expanduser()
     if local.is_dir():
         path: Path | None = local / PROCESSOR_FILE if (local / PROCESSOR_FILE).exists() else None

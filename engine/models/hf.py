@@ -16,7 +16,7 @@ from typing import Any
 from torch import nn
 
 from engine.errors import ModelLoadError
-from engine.hub import hub_kwargs, hub_reachable
+from engine.hub import hub_kwargs, hub_reachable, is_ren_model
 from engine.hub import looks_like_path as _looks_like_path
 
 _LOCAL_HINT = (
@@ -52,8 +52,14 @@ def _load_error(name: str, key: str, exc: Exception) -> ModelLoadError:
 
 
 def load_hf_config(name: str, key: str) -> Any:
+    """The config of a hub id, a local directory or a model ren builds (``ren:...``: the recipe's
+    config until it is built, so reading a config never trains)."""
     from transformers import AutoConfig
 
+    if is_ren_model(name):
+        from engine import unimodal
+
+        return unimodal.load_config(name, key)
     try:
         return AutoConfig.from_pretrained(str(Path(name).expanduser()) if _looks_like_path(name) else name,
                                           **hub_kwargs(name))
@@ -62,7 +68,8 @@ def load_hf_config(name: str, key: str) -> Any:
 
 
 def build_hf_model(config: Any, *, name: str | None, pretrained: bool, key: str) -> nn.Module:
-    """An ``AutoModel`` (no pooling layer where the class allows) from a config."""
+    """An ``AutoModel`` (no pooling layer where the class allows) from a config. Pretrained weights of a
+    model ren builds (``ren:...``) are built on first use."""
     from transformers import AutoModel
 
     kwargs: dict[str, Any] = {"attn_implementation": "sdpa"}
@@ -72,6 +79,10 @@ def build_hf_model(config: Any, *, name: str | None, pretrained: bool, key: str)
     try:
         if pretrained:
             assert name is not None
+            if is_ren_model(name):
+                from engine import unimodal
+
+                return AutoModel.from_pretrained(str(unimodal.ensure_built(name, key=key)), config=config, **kwargs)
             path = str(Path(name).expanduser()) if _looks_like_path(name) else name
             return AutoModel.from_pretrained(path, config=config, **kwargs, **hub_kwargs(name))
         return AutoModel.from_config(config, **kwargs)

@@ -1,0 +1,479 @@
+"""Small pretrained unimodal models that ren builds itself: ``ren:easyvqa-vit`` and ``ren:easyvqa-bert``.
+
+The paper's base-model study starts a one-tower encoder from a vision model
+(DeiT), from a text model (ELECTRA) or from random weights. Offline, at
+easy-VQA scale, there are no such checkpoints, so two recipes train small
+stand-ins on easy-VQA's *training* split, on a CPU, in a few minutes:
+
+- ``easyvqa-vit``: a ViT (``ViTForImageClassification``) trained, as DeiT is,
+  to classify images: each training image's colour and shape (24 classes),
+  as :func:`engine.data.easyvqa.easy_vqa_captions` derives them from its
+  questions and answers. Horizontal flips and shifts of up to 4 pixels augment
+  the images (no vertical flips: they turn easy-VQA's upright triangles over,
+  and the ViT then stalls on shapes). Held out: the 1,000 test images.
+- ``easyvqa-bert``: a BERT (``BertForMaskedLM``) of the same width and depth,
+  trained with masked language modelling (15% of the words; 80/10/10) on the
+  training questions and captions, with the easy-VQA word tokenizer saved
+  next to it. Held out: the test questions and captions.
+
+Both are built from the configs a ``manual`` tower of the same sizes gets
+(:func:`engine.models.hf.manual_vision_config`, ``manual_text_config``), so a
+one-tower started from either differs from a random one only in its weights.
+
+A preset names them as ``ren:easyvqa-vit`` / ``ren:easyvqa-bert`` (a backbone's
+``name``, or ``data.tokenizer``). They live in ``$REN_HOME/models/<name>/`` in
+the ``save_pretrained`` format (``config.json``, ``model.safetensors``, a
+``preprocessor_config.json`` or the tokenizer files) plus ``recipe.json``,
+ren's record of the build. The first use that needs the weights builds the
+directory: under a file lock, so concurrent first uses build it once, into a
+temporary directory renamed into place when complete. Uses that need only the
+config, the tokenizer or the image statistics (``ren validate``) take them from
+the recipe without training. A build is seeded and repeatable (the global RNG
+state is left as it was); floating-point sums can differ across thread counts.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from filelock import FileLock, Timeout
+from torch import Tensor
+
+from engine.errors import ModelLoadError
+from engine.hub import REN_PREFIX
+
+RECIPES = ("easyvqa-vit", "easyvqa-bert")
+RECIPE_VERSION = 1
+RECORD_FILE = "recipe.json"
+SEED = 0
+
+HIDDEN_SIZE = 128
+LAYERS = 4
+HEADS = 4
+MLP_RATIO = 2.0
+IMAGE_SIZE = 64
+PATCH_SIZE = 8
+MAX_POSITIONS = 32
+IMAGE_MEAN = (0.5, 0.5, 0.5)
+IMAGE_STD = (0.5, 0.5, 0.5)
+
+VIT_STEPS = 600
+BERT_STEPS = 400
+_BATCH = {"easyvqa-vit": 64, "easyvqa-bert": 128}
+_LR = 1e-3
+_WEIGHT_DECAY = 0.01
+_WARMUP = 0.05
+_SHIFT = 4
+_MASK_PROB = 0.15
+_MAX_TEXT_LEN = 24
+_HELD_OUT_TEXTS = 4096
+_THREADS = 1
+"""CPU threads of a build: the same computation on any machine, and these small matrices gain little from
+more threads (on a busy 2-core machine two threads ran 2.5x slower than one)."""
+
+Log = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class BuildReport:
+    """What one build did: its steps and time, and how well the model does on held-out easy-VQA data."""
+
+    name: str
+    steps: int
+    batch_size: int
+    seconds: float
+    train_loss: float
+    """Mean training loss over the last 50 steps."""
+    held_out: str
+    """What the metrics were measured on."""
+    metrics: dict[str, float] = field(default_factory=dict)
+
+    def summary(self) -> str:
+        scores = ", ".join(f"{key} {value:.4f}" for key, value in self.metrics.items())
+        return (f"{REN_PREFIX}{self.name}: {self.steps} steps of batch {self.batch_size} in {self.seconds:.0f} s, "
+                f"final train loss {self.train_loss:.4f}; on {self.held_out}: {scores}")
+
+
+def recipe_of(name: str, key: str | None = None) -> str:
+    """The recipe a ``ren:`` name (or a bare recipe name) names; a :class:`ModelLoadError` for unknown ones
+    (naming the config ``key`` that holds the name, when given)."""
+    recipe = name.removeprefix(REN_PREFIX)
+    if recipe not in RECIPES:
+        where = f"{key} = {name!r}" if key else repr(name)
+        raise ModelLoadError(
+            f"{where} is not a model ren builds: the models ren builds are "
+            f"{', '.join(REN_PREFIX + r for r in RECIPES)} (see `ren models build --help`)."
+        )
+    return recipe
+
+
+def models_root() -> Path:
+    """``$REN_HOME/models``."""
+    from engine.store import default_root
+
+    return default_root() / "models"
+
+
+def model_dir(name: str) -> Path:
+    """Where the model ``name`` is (or will be) built."""
+    return models_root() / recipe_of(name)
+
+
+def built_dir(name: str) -> Path | None:
+    """The model's directory if it has been built by the current recipe, else None."""
+    path = model_dir(name)
+    record = path / RECORD_FILE
+    if not path.exists():
+        return None
+    try:
+        version = json.loads(record.read_text()).get("version")
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(
+            f"{path} exists but is not a complete build of {REN_PREFIX}{recipe_of(name)} ({record} is missing "
+            f"or unreadable: {exc}); delete it or run `ren models build {recipe_of(name)} --force`."
+        ) from None
+    if version != RECIPE_VERSION:
+        raise ModelLoadError(
+            f"{path} was built by version {version} of the {recipe_of(name)} recipe; this ren builds version "
+            f"{RECIPE_VERSION}. Rebuild it with `ren models build {recipe_of(name)} --force` (runs that used the "
+            "old weights keep their scores but cannot be repeated with them)."
+        )
+    return path
+
+
+# --------------------------------------------------------------------------- what needs no training
+
+
+def recipe_config(name: str) -> Any:
+    """The Hugging Face config the recipe builds (no training, no files)."""
+    from engine.models.hf import manual_text_config, manual_vision_config
+
+    sizes = dict(hidden_size=HIDDEN_SIZE, layers=LAYERS, heads=HEADS, mlp_ratio=MLP_RATIO, dropout=0.0)
+    if recipe_of(name) == "easyvqa-vit":
+        config = manual_vision_config(patch_size=PATCH_SIZE, image_size=IMAGE_SIZE, **sizes)
+        labels = _class_names()
+        config.architectures = ["ViTForImageClassification"]
+        config.id2label = dict(enumerate(labels))
+        config.label2id = {label: index for index, label in enumerate(labels)}
+        return config
+    config = manual_text_config(vocab_size=len(recipe_tokenizer()), max_positions=MAX_POSITIONS, **sizes)
+    config.architectures = ["BertForMaskedLM"]
+    return config
+
+
+def recipe_tokenizer() -> Any:
+    """The easy-VQA word tokenizer (every recipe's text side; the one ``data.tokenizer = "auto"`` gives easy_vqa)."""
+    from engine.data.pipeline import _easy_vqa_word_tokenizer
+
+    return _easy_vqa_word_tokenizer()
+
+
+def load_config(name: str, key: str | None = None) -> Any:
+    """The model's config: the built one's, else the recipe's (nothing is trained)."""
+    recipe_of(name, key)
+    path = built_dir(name)
+    if path is None:
+        return recipe_config(name)
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(str(path))
+
+
+def load_tokenizer(name: str) -> Any:
+    """The tokenizer of a text model (the built one's, else the recipe's)."""
+    if recipe_of(name) != "easyvqa-bert":
+        raise ModelLoadError(
+            f"{name!r} is a vision model and has no tokenizer; name a text model (ren:easyvqa-bert) or leave "
+            "data.tokenizer = \"auto\"."
+        )
+    path = built_dir(name)
+    if path is None:
+        return recipe_tokenizer()
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(path), use_fast=True)
+
+
+def image_statistics(name: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """(mean, std) the vision model was trained with (its ``preprocessor_config.json`` once built)."""
+    if recipe_of(name) != "easyvqa-vit":
+        raise ModelLoadError(f"{name!r} is a text model; it has no image statistics.")
+    path = built_dir(name)
+    if path is None:
+        return IMAGE_MEAN, IMAGE_STD
+    processor = json.loads((path / "preprocessor_config.json").read_text())
+    return tuple(processor["image_mean"]), tuple(processor["image_std"])
+
+
+# --------------------------------------------------------------------------- building
+
+
+def ensure_built(name: str, *, key: str | None = None, steps: int | None = None, log: Log | None = None) -> Path:
+    """The model's directory, built first if it does not exist yet (once, whoever else asks at the same time;
+    ``steps``: the recipe's own unless given)."""
+    recipe_of(name, key)
+    path = built_dir(name)
+    if path is not None:
+        return path
+    return _build_locked(name, force=False, steps=steps, log=log or _stderr)
+
+
+def build(name: str, *, force: bool = False, steps: int | None = None,
+          log: Log | None = None) -> tuple[Path, BuildReport | None]:
+    """Build the model into ``$REN_HOME/models`` (``force``: again, replacing the old build). Returns its
+    directory and the build's report (None when it was built already and not forced)."""
+    if not force:
+        path = built_dir(name)
+        if path is not None:
+            return path, None
+    path = _build_locked(name, force=force, steps=steps, log=log or _stderr)
+    return path, read_report(path)
+
+
+def read_report(path: Path) -> BuildReport:
+    """The report a build left in ``recipe.json``."""
+    record = json.loads((path / RECORD_FILE).read_text())
+    return BuildReport(**{key: record[key] for key in BuildReport.__dataclass_fields__})
+
+
+def _build_locked(name: str, *, force: bool, steps: int | None, log: Log) -> Path:
+    recipe = recipe_of(name)
+    root = models_root()
+    root.mkdir(parents=True, exist_ok=True)
+    target = root / recipe
+    lock = FileLock(root / f".{recipe}.lock")
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        log(f"another process is building {REN_PREFIX}{recipe}; waiting for it ...")
+        lock.acquire()
+    try:
+        if not force and built_dir(name) is not None:
+            return target
+        for stale in root.glob(f".{recipe}.tmp-*"):  # left by a build that was killed
+            shutil.rmtree(stale, ignore_errors=True)
+        work = Path(tempfile.mkdtemp(dir=root, prefix=f".{recipe}.tmp-"))
+        try:
+            log(f"building {REN_PREFIX}{recipe} in {target} (a few minutes, once) ...")
+            report = train_recipe(recipe, work, steps=steps, cache_dir=_cache_dir(), log=log)
+            log(report.summary())
+            if target.exists():
+                old = Path(tempfile.mkdtemp(dir=root, prefix=f".{recipe}.tmp-old-"))
+                os.replace(target, old / recipe)
+                os.replace(work, target)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.replace(work, target)
+        except BaseException:
+            shutil.rmtree(work, ignore_errors=True)
+            raise
+    finally:
+        lock.release()
+    return target
+
+
+def train_recipe(name: str, out_dir: Path, *, steps: int | None = None, seed: int = SEED,
+                 cache_dir: Path | None = None, log: Log | None = None) -> BuildReport:
+    """Train the recipe ``name`` and save the model into ``out_dir`` (which must exist); ``steps``
+    defaults to the recipe's own. The directory is complete (``recipe.json`` written) on return."""
+    recipe = recipe_of(name)
+    out_dir = Path(out_dir)
+    cache_dir = cache_dir or _cache_dir()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(_THREADS)
+    try:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            if recipe == "easyvqa-vit":
+                report = _train_vit(out_dir, steps=VIT_STEPS if steps is None else steps, seed=seed,
+                                    cache_dir=cache_dir, log=log)
+            else:
+                report = _train_bert(out_dir, steps=BERT_STEPS if steps is None else steps, seed=seed,
+                                     cache_dir=cache_dir, log=log)
+    finally:
+        torch.set_num_threads(threads)
+    record = {**asdict(report), "recipe": recipe, "version": RECIPE_VERSION, "seed": seed,
+              "torch": torch.__version__, "threads": _THREADS}
+    (out_dir / RECORD_FILE).write_text(json.dumps(record, indent=2) + "\n")
+    return report
+
+
+def _train_vit(out_dir: Path, *, steps: int, seed: int, cache_dir: Path, log: Log | None) -> BuildReport:
+    from transformers import ViTForImageClassification, ViTImageProcessor
+
+    from engine.data.easyvqa import easy_vqa_captions, load_easy_vqa
+    from engine.data.transforms import Normalization
+
+    data = load_easy_vqa(cache_dir)
+    norm = Normalization(IMAGE_MEAN, IMAGE_STD)
+    images = {split: torch.from_numpy(data.split(split).images).permute(0, 3, 1, 2) for split in ("train", "test")}
+    labels = {split: torch.from_numpy(_image_classes(easy_vqa_captions(data, split))) for split in images}
+    model = ViTForImageClassification(recipe_config("easyvqa-vit"))
+    batch = _BATCH["easyvqa-vit"]
+    generator = torch.Generator().manual_seed(seed)
+
+    def loss_of(step: int) -> Tensor:
+        rows = torch.randint(0, len(images["train"]), (batch,), generator=generator)
+        pixels = norm.apply(_augment(images["train"][rows], generator))
+        return F.cross_entropy(model(pixel_values=pixels).logits, labels["train"][rows])
+
+    seconds, train_loss = _optimise(model, loss_of, steps, log)
+    model.eval()
+    with torch.no_grad():
+        predicted = torch.cat([model(pixel_values=norm.apply(chunk)).logits.argmax(-1)
+                               for chunk in images["test"].split(250)])
+    truth = labels["test"]
+    shapes = len(_class_names()) // len(_colours())
+    metrics = {
+        "accuracy": _mean(predicted == truth),
+        "colour_accuracy": _mean(predicted // shapes == truth // shapes),
+        "shape_accuracy": _mean(predicted % shapes == truth % shapes),
+        "majority_class_accuracy": _mean(truth == torch.bincount(labels["train"]).argmax()),
+    }
+    model.save_pretrained(out_dir)
+    ViTImageProcessor(size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}, image_mean=list(IMAGE_MEAN),
+                      image_std=list(IMAGE_STD)).save_pretrained(out_dir)
+    return BuildReport("easyvqa-vit", steps, batch, seconds, train_loss,
+                       f"the {len(truth)} easy-VQA test images (colour and shape, {len(_class_names())} classes)",
+                       metrics)
+
+
+def _train_bert(out_dir: Path, *, steps: int, seed: int, cache_dir: Path, log: Log | None) -> BuildReport:
+    from transformers import BertForMaskedLM
+
+    from engine.objectives import IGNORE, mask_tokens
+
+    tokenizer = recipe_tokenizer()
+    from engine.data.easyvqa import load_easy_vqa
+
+    data = load_easy_vqa(cache_dir)
+    texts = {split: _texts(data, split) for split in ("train", "test")}
+    encoded = {split: _encode(tokenizer, texts[split]) for split in texts}
+    model = BertForMaskedLM(recipe_config("easyvqa-bert"))
+    batch = _BATCH["easyvqa-bert"]
+    generator = torch.Generator().manual_seed(seed)
+    mask = dict(mask_prob=_MASK_PROB, whole_word=False, mask_id=tokenizer.mask_token_id, vocab_size=len(tokenizer),
+                num_special=max(tokenizer.all_special_ids) + 1)
+
+    train_ids, train_words, train_attention = encoded["train"]
+
+    def loss_of(step: int) -> Tensor:
+        rows = torch.randint(0, len(train_ids), (batch,), generator=generator)
+        masked, targets = mask_tokens(train_ids[rows], train_words[rows], generator=generator, **mask)
+        return model(input_ids=masked, attention_mask=train_attention[rows], labels=targets).loss
+
+    seconds, train_loss = _optimise(model, loss_of, steps, log)
+    model.eval()
+    held_out = torch.Generator().manual_seed(seed + 1)
+    rows = torch.randperm(len(texts["test"]), generator=held_out)[:_HELD_OUT_TEXTS].sort().values
+    ids, word_ids, attention = (t[rows] for t in encoded["test"])
+    masked, targets = mask_tokens(ids, word_ids, generator=held_out, **mask)
+    with torch.no_grad():
+        logits = torch.cat([model(input_ids=m, attention_mask=a).logits
+                            for m, a in zip(masked.split(1024), attention.split(1024), strict=True)])
+    chosen = targets != IGNORE
+    most_common = torch.bincount(train_ids[train_words >= 0]).argmax()
+    metrics = {
+        "masked_accuracy": _mean(logits.argmax(-1)[chosen] == targets[chosen]),
+        "masked_loss": float(F.cross_entropy(logits[chosen], targets[chosen])),
+        "most_common_word_accuracy": _mean(targets[chosen] == most_common),
+    }
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    return BuildReport("easyvqa-bert", steps, batch, seconds, train_loss,
+                       f"{int(chosen.sum())} masked words of {len(ids)} of the {len(texts['test'])} easy-VQA test "
+                       "questions and captions (a seeded sample)",
+                       metrics)
+
+
+def _optimise(model: torch.nn.Module, loss_of: Callable[[int], Tensor], steps: int,
+              log: Log | None) -> tuple[float, float]:
+    """AdamW with linear warm-up and cosine decay; returns (seconds, mean loss of the last 50 steps)."""
+    optimiser = torch.optim.AdamW(model.parameters(), lr=_LR, weight_decay=_WEIGHT_DECAY)
+    warmup = max(1, round(steps * _WARMUP))
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimiser, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / max(steps, 1)))
+    )
+    model.train()
+    start, recent = time.perf_counter(), []
+    for step in range(steps):
+        loss = loss_of(step)
+        optimiser.zero_grad(set_to_none=True)
+        loss.backward()
+        optimiser.step()
+        schedule.step()
+        recent = [*recent[-49:], float(loss.detach())]
+        if log is not None and ((step + 1) % 100 == 0 or step + 1 == steps):
+            log(f"  step {step + 1}/{steps}  loss {sum(recent) / len(recent):.4f}  "
+                f"{time.perf_counter() - start:.0f} s")
+    return time.perf_counter() - start, (sum(recent) / len(recent) if recent else float("nan"))
+
+
+def _augment(images_u8: Tensor, generator: torch.Generator) -> Tensor:
+    """Random horizontal flips and shifts of up to ``_SHIFT`` pixels (edges repeated), per image."""
+    n, _, height, width = images_u8.shape
+    flip = torch.rand(n, generator=generator) < 0.5
+    images = torch.where(flip[:, None, None, None], images_u8.flip(3), images_u8)
+    padded = F.pad(images.float(), (_SHIFT,) * 4, mode="replicate")
+    offsets = torch.randint(0, 2 * _SHIFT + 1, (n, 2), generator=generator).tolist()
+    return torch.stack([padded[i, :, dy:dy + height, dx:dx + width] for i, (dy, dx) in enumerate(offsets)]).to(
+        torch.uint8)
+
+
+def _colours() -> list[str]:
+    from engine.data.easyvqa import PALETTE
+
+    return list(PALETTE)
+
+
+def _class_names() -> list[str]:
+    """``"<colour> <shape>"``, colour-major: class ``c * 3 + s``."""
+    from engine.data.easyvqa import SHAPES
+
+    return [f"{colour} {shape}" for colour in _colours() for shape in SHAPES]
+
+
+def _image_classes(corpus: Any) -> np.ndarray:
+    index = {label: i for i, label in enumerate(_class_names())}
+    return np.array([index[f"{c} {s}"] for c, s in zip(corpus.colours, corpus.shapes, strict=True)], dtype=np.int64)
+
+
+def _texts(data: Any, split: str) -> list[str]:
+    """A split's questions and its derived captions."""
+    from engine.data.easyvqa import easy_vqa_captions
+
+    return list(data.split(split).questions) + easy_vqa_captions(data, split).texts
+
+
+def _encode(tokenizer: Any, texts: list[str]) -> tuple[Tensor, Tensor, Tensor]:
+    """(input ids, word ids with -1 at special and padding tokens, attention mask), padded to the longest."""
+    encoding = tokenizer(texts, padding="longest", truncation=True, max_length=_MAX_TEXT_LEN, return_tensors="pt")
+    words = torch.tensor([[-1 if w is None else w for w in encoding.word_ids(row)] for row in range(len(texts))])
+    return encoding["input_ids"], words, encoding["attention_mask"]
+
+
+def _mean(hits: Tensor) -> float:
+    return float(hits.float().mean())
+
+
+def _cache_dir() -> Path:
+    from engine.store import default_root
+
+    return default_root() / "cache"
+
+
+def _stderr(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
