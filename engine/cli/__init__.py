@@ -209,6 +209,33 @@ def submit(
                  time_limit=time_limit, sbatch_lines=list(sbatch or ()), workdir=workdir, now=now)
 
 
+study_app = typer.Typer(help="Studies: one TOML file of variants x seeds, each pretrained and finetuned.",
+                        no_args_is_help=True)
+app.add_typer(study_app, name="study")
+
+
+@study_app.command("run")
+def study_run(
+    study: Annotated[Path, typer.Argument(help="Study TOML file (e.g. presets/studies/freezing-easyvqa.toml).")],
+    gpus: Annotated[int, typer.Option(help="GPUs (processes) each run needs; more than 1 uses accelerate.")] = 1,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the plan; queue nothing.")] = False,
+) -> None:
+    """Queue every run of a study (pretraining, then its finetunes); runs already there are kept."""
+    from engine.cli import study as study_cmd
+
+    study_cmd.run(study, gpus=gpus, dry_run=dry_run)
+
+
+@study_app.command("status")
+def study_status(
+    study: Annotated[str, typer.Argument(help="Study TOML file or the study's name.", metavar="STUDY.toml|NAME")],
+) -> None:
+    """A study's runs by variant: status, steps, scores, time, and why queued runs wait."""
+    from engine.cli import study as study_cmd
+
+    study_cmd.status(study)
+
+
 data_app = typer.Typer(help="Prepare data sets for training.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
 
@@ -230,6 +257,22 @@ def data_prepare(
     from engine.cli import data
 
     data.prepare(task, source, out, force=force, split_by=split_by, shard_rows=shard_rows)
+
+
+models_app = typer.Typer(help="Small pretrained models ren builds itself (ren:easyvqa-vit, ren:easyvqa-bert).",
+                         no_args_is_help=True)
+app.add_typer(models_app, name="models")
+
+
+@models_app.command("build")
+def models_build(
+    name: Annotated[str, typer.Argument(help="easyvqa-vit, easyvqa-bert or all.")],
+    force: Annotated[bool, typer.Option("--force", help="Build again, replacing an existing build.")] = False,
+) -> None:
+    """Train a small pretrained model into $REN_HOME/models (minutes on a CPU; runs naming it build it on first use)."""
+    from engine.cli import models
+
+    models.build(name, force=force)
 
 
 eval_app = typer.Typer(help="Evaluate a stored run's final weights; scores go into its record.", no_args_is_help=True)
@@ -277,6 +320,19 @@ def eval_task(
     from engine.cli import evaluate
 
     evaluate.task(run_id, split=split, root=root, submission=submission, batch_size=batch_size, device=device)
+
+
+@app.command("report")
+def report_command(
+    targets: Annotated[list[str], typer.Argument(help="A study TOML file or study name, or run ids (prefixes).",
+                                                 metavar="STUDY.toml | RUN_ID...")],
+    out: Annotated[Optional[Path], typer.Option("--out", help="Directory to write into "
+                                                "(default: $REN_HOME/reports/<name>/).")] = None,
+) -> None:
+    """Compare a study's variants (or runs): scores, compute, savings; writes report.md, table.tex, figures."""
+    from engine.cli import report
+
+    report.report(targets, out)
 
 
 def main() -> None:
