@@ -266,6 +266,7 @@ def _build_locked(name: str, *, force: bool, steps: int | None, log: Log) -> Pat
         for stale in root.glob(f".{recipe}.tmp-*"):  # left by a build that was killed
             shutil.rmtree(stale, ignore_errors=True)
         work = Path(tempfile.mkdtemp(dir=root, prefix=f".{recipe}.tmp-"))
+        work.chmod(0o755)  # mkdtemp's 0700 would hide the model from other users of a shared $REN_HOME
         try:
             log(f"building {REN_PREFIX}{recipe} in {target} (a few minutes, once) ...")
             report = train_recipe(recipe, work, steps=steps, cache_dir=_cache_dir(), log=log)

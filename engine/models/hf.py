@@ -76,13 +76,13 @@ def build_hf_model(config: Any, *, name: str | None, pretrained: bool, key: str)
     model_cls = _model_class(config)
     if model_cls is not None and "add_pooling_layer" in inspect.signature(model_cls.__init__).parameters:
         kwargs["add_pooling_layer"] = False
+    if pretrained and is_ren_model(name):
+        from engine import unimodal
+
+        name = str(unimodal.ensure_built(name, key=key))  # from here on, a local directory
     try:
         if pretrained:
             assert name is not None
-            if is_ren_model(name):
-                from engine import unimodal
-
-                return AutoModel.from_pretrained(str(unimodal.ensure_built(name, key=key)), config=config, **kwargs)
             path = str(Path(name).expanduser()) if _looks_like_path(name) else name
             return AutoModel.from_pretrained(path, config=config, **kwargs, **hub_kwargs(name))
         return AutoModel.from_config(config, **kwargs)
