@@ -2,7 +2,39 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from engine.store import RunRecord
+
+_LATEX_SPECIAL = {
+    "\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "_": r"\_", "#": r"\#", "$": r"\$",
+    "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}",
+}
+
+
+def format_count(n: float | None, missing: str = "-") -> str:
+    """``1234567`` -> ``"1.23M"`` (three significant digits); ``missing`` when unknown."""
+    if n is None:
+        return missing
+    for scale, suffix in ((1e12, "T"), (1e9, "B"), (1e6, "M"), (1e3, "K")):
+        if abs(n) >= scale:
+            value = n / scale
+            digits = 0 if abs(value) >= 100 else 1 if abs(value) >= 10 else 2
+            return f"{value:.{digits}f}{suffix}"
+    return str(int(n))
+
+
+def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    """A GitHub-flavoured Markdown table (``|`` in cells escaped)."""
+    def line(cells: Sequence[str]) -> str:
+        return "| " + " | ".join(str(c).replace("|", r"\|") for c in cells) + " |"
+
+    return "\n".join([line(headers), "|" + "|".join("---" for _ in headers) + "|", *map(line, rows)]) + "\n"
+
+
+def latex_escape(text: str) -> str:
+    """``text`` with LaTeX's special characters escaped."""
+    return "".join(_LATEX_SPECIAL.get(ch, ch) for ch in text)
 
 
 def format_scores(scores: dict[str, float], *, short: bool = False) -> str:
@@ -50,7 +82,7 @@ def sparkline(values: list[float] | tuple[float, ...]) -> str:
                    for v in values)
 
 
-def _si(value: float, unit: str) -> str:
+def si(value: float, unit: str) -> str:
     """``1.23e9, "FLOP"`` -> ``"1.23 GFLOP"``; ``1.19e6, ""`` -> ``"1.19M"``."""
     sep = " " if unit else ""
     for prefix, scale in (("P", 1e15), ("T", 1e12), ("G", 1e9), ("M", 1e6), ("k", 1e3)):
@@ -66,13 +98,13 @@ def format_compute(record: RunRecord) -> str:
     c, params = record.compute, record.params
     parts = []
     if params.get("total"):
-        parts.append(f"{_si(params['trainable'], '')}/{_si(params['total'], '')} params trained")
+        parts.append(f"{si(params['trainable'], '')}/{si(params['total'], '')} params trained")
     per_sample = c.get("flops_per_sample") or {}
     if per_sample.get("train"):
-        parts.append(f"{_si(per_sample['train'], 'FLOP')}/sample")
+        parts.append(f"{si(per_sample['train'], 'FLOP')}/sample")
     if c.get("achieved_flops"):
         util = f" ({c['utilisation']:.0%} of peak)" if c.get("utilisation") is not None else ""
-        parts.append(f"{_si(c['achieved_flops'], 'FLOP/s')}{util}")
+        parts.append(f"{si(c['achieved_flops'], 'FLOP/s')}{util}")
     if c.get("pflops") is not None:
         parts.append(f"{c['pflops']:.3g} PFLOPs")
     if c.get("device_hours") is not None:

@@ -20,16 +20,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from engine.display import format_count, latex_escape, markdown_table
 from engine.errors import RenError, RunNotFound
 from engine.store import RunRecord, Store, atomic_write_text
 from engine.study import Study, flatten, study_runs
 
 DASH = "—"
 FIGURES = ("loss.png", "score_vs_compute.png")
-_LATEX_SPECIAL = {
-    "\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "_": r"\_", "#": r"\#", "$": r"\$",
-    "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}",
-}
 _LATEX_SYMBOLS = {"±": r"$\pm$", DASH: "---", "Δ": r"$\Delta$"}
 
 
@@ -126,7 +123,7 @@ class ReportTable:
                 *(_signed(row.score_delta.get(task)) for task in self.tasks),
                 _number(row.pflops.mean), _percent(row.saved_pflops_pct), _number(row.device_hours.mean),
                 format_seconds(row.wall_s.mean), _percent(row.saved_wall_pct), format_memory(row.peak_memory_mb.mean),
-                f"{format_count(row.trainable)} / {format_count(row.total)}",
+                f"{format_count(row.trainable, DASH)} / {format_count(row.total, DASH)}",
             ])
         return out
 
@@ -232,30 +229,6 @@ def format_memory(mb: float | None) -> str:
     if mb is None:
         return DASH
     return f"{mb / 1024:.1f} GB" if mb >= 1024 else f"{mb:.0f} MB"
-
-
-def format_count(n: float | None) -> str:
-    """``1234567`` -> ``"1.23M"``; ``—`` when unknown."""
-    if n is None:
-        return DASH
-    for scale, suffix in ((1e12, "T"), (1e9, "B"), (1e6, "M"), (1e3, "K")):
-        if abs(n) >= scale:
-            value = n / scale
-            return f"{value:.{0 if abs(value) >= 100 else 1 if abs(value) >= 10 else 2}f}{suffix}"
-    return str(int(n))
-
-
-def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    """A GitHub-flavoured Markdown table (``|`` in cells escaped)."""
-    def line(cells: Sequence[str]) -> str:
-        return "| " + " | ".join(str(c).replace("|", r"\|") for c in cells) + " |"
-
-    return "\n".join([line(headers), "|" + "|".join("---" for _ in headers) + "|", *map(line, rows)]) + "\n"
-
-
-def latex_escape(text: str) -> str:
-    """``text`` with LaTeX's special characters escaped."""
-    return "".join(_LATEX_SPECIAL.get(ch, ch) for ch in text)
 
 
 def latex_cell(text: str) -> str:

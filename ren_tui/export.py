@@ -10,25 +10,8 @@ import json
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-from engine.display import format_duration, format_steps
+from engine.display import format_count, format_duration, format_steps, latex_escape
 from engine.store import RunRecord
-
-_LATEX_SPECIAL = {
-    "\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "_": r"\_", "#": r"\#", "$": r"\$",
-    "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}",
-}
-
-
-def format_count(n: float | None) -> str:
-    """``1234567`` -> ``"1.23M"`` (three significant digits); ``"-"`` when unknown."""
-    if n is None:
-        return "-"
-    for scale, suffix in ((1e12, "T"), (1e9, "B"), (1e6, "M"), (1e3, "K")):
-        if abs(n) >= scale:
-            value = n / scale
-            digits = 0 if abs(value) >= 100 else 1 if abs(value) >= 10 else 2
-            return f"{value:.{digits}f}{suffix}"
-    return str(int(n))
 
 
 def task_names(records: Iterable[RunRecord]) -> list[str]:
@@ -74,19 +57,6 @@ def score_rows(records: Sequence[RunRecord]) -> tuple[list[str], list[list[str]]
         row += [format_count(r.params.get("trainable")), format_duration(r), format_count(samples_seen(r))]
         rows.append(row)
     return headers, rows
-
-
-def to_markdown(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    """A GitHub-flavoured Markdown table (``|`` in cells escaped)."""
-    def line(cells: Sequence[str]) -> str:
-        return "| " + " | ".join(str(c).replace("|", r"\|") for c in cells) + " |"
-
-    return "\n".join([line(headers), "|" + "|".join("---" for _ in headers) + "|", *map(line, rows)]) + "\n"
-
-
-def latex_escape(text: str) -> str:
-    """``text`` with LaTeX's special characters escaped."""
-    return "".join(_LATEX_SPECIAL.get(ch, ch) for ch in text)
 
 
 def to_latex(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:

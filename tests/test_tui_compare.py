@@ -10,6 +10,7 @@ import pytest
 from textual.pilot import Pilot
 from textual.widgets import DataTable, Static
 
+from engine.display import markdown_table
 from engine.store import RunRecord, Store
 from ren_tui.app import RenApp
 from ren_tui.backend import Backend
@@ -23,7 +24,6 @@ from ren_tui.export import (
     score_rows,
     to_csv,
     to_latex,
-    to_markdown,
 )
 from ren_tui.screens.compare import CompareScreen
 from ren_tui.widgets.chart import Chart
@@ -128,7 +128,7 @@ def test_score_rows_formats_scores_params_and_compute(ren_home: Path) -> None:
 
 def test_markdown_latex_and_csv() -> None:
     headers, rows = ["run", "best"], [["a|b", "0.5000"], ["c_d & 50% #1", "-"]]
-    assert to_markdown(headers, rows) == "| run | best |\n|---|---|\n| a\\|b | 0.5000 |\n| c_d & 50% #1 | - |\n"
+    assert markdown_table(headers, rows) == "| run | best |\n|---|---|\n| a\\|b | 0.5000 |\n| c_d & 50% #1 | - |\n"
     latex = to_latex(headers, rows)
     assert latex.splitlines() == [r"\begin{tabular}{ll}", r"\hline", r"run & best \\", r"\hline",
                                   r"a|b & 0.5000 \\", r"c\_d \& 50\% \#1 & - \\", r"\hline", r"\end{tabular}"]

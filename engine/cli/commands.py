@@ -13,7 +13,7 @@ from rich.console import Console
 from rich.table import Table
 
 from engine.config import RunConfig, config_from_dict, load_preset
-from engine.display import format_duration, format_scores, format_steps
+from engine.display import format_duration, format_scores, format_steps, si
 from engine.errors import RenError
 from engine.launch import create_run, resolve_init_from, stored_config, trained_now
 from engine.store import RunRecord, Store
@@ -179,15 +179,6 @@ def show(run_id: str) -> None:
     console.print(tomli_w.dumps(r.config), highlight=False, markup=False)
 
 
-def _si(value: float, unit: str) -> str:
-    """``1.23e9, "FLOP"`` -> ``"1.23 GFLOP"``; ``1.23e6, ""`` -> ``"1.23M"``."""
-    space = " " if unit else ""
-    for prefix, scale in (("P", 1e15), ("T", 1e12), ("G", 1e9), ("M", 1e6), ("k", 1e3)):
-        if abs(value) >= scale:
-            return f"{value / scale:.3g}{space}{prefix}{unit}"
-    return f"{value:.3g}{space}{unit}"
-
-
 def _seconds(value: float) -> str:
     return f"{value * 1e3:.3g} ms" if value < 1 else f"{value:.3g} s"
 
@@ -199,8 +190,8 @@ def _params_by_part(params: dict) -> str:
         part = parts.setdefault(name.split(".")[0], [0, 0])
         part[0] += g["total"]
         part[1] += g["trainable"]
-    return ", ".join(f"{name} {_si(total, '')}" + ("" if trained == total else " frozen" if trained == 0
-                                                 else f" ({_si(trained, '')} trained)")
+    return ", ".join(f"{name} {si(total, '')}" + ("" if trained == total else " frozen" if trained == 0
+                                                 else f" ({si(trained, '')} trained)")
                      for name, (total, trained) in parts.items())
 
 
@@ -213,18 +204,18 @@ def _compute_rows(r: RunRecord) -> list[tuple[str, str]]:
     per = c.get("flops_per_sample") or {}
     if per:
         kinds = [k for k in ("forward", "backward", "train", "eval") if k in per]
-        rows.append(("FLOPs/sample", "   ".join(f"{k} {_si(per[k], 'FLOP')}" for k in kinds)))
+        rows.append(("FLOPs/sample", "   ".join(f"{k} {si(per[k], 'FLOP')}" for k in kinds)))
     if "samples_per_s" in c:
         rate = f"{c['samples_per_s']:,.1f} samples/s"
         if "tokens_per_s" in c:
             rate += f"   {c['tokens_per_s']:,.0f} tokens/s"
         rows.append(("throughput", rate + " [dim](last logged interval)[/]"))
     if "achieved_flops" in c:
-        line = f"{_si(c['achieved_flops'], 'FLOP/s')} achieved"
+        line = f"{si(c['achieved_flops'], 'FLOP/s')} achieved"
         if c.get("peak_flops"):
             source = {"table": "vendor table", "measured": "measured matmul"}.get(c.get("peak_source"), "?")
             processes = c.get("processes", 1)
-            line += (f" = {c.get('utilisation', 0):.1%} of {processes} x {_si(c['peak_flops'], 'FLOP/s')} "
+            line += (f" = {c.get('utilisation', 0):.1%} of {processes} x {si(c['peak_flops'], 'FLOP/s')} "
                      f"{c.get('dtype', '')} peak ({source})")
         rows.append(("utilisation", line))
     split = c.get("step_split_s") or {}

@@ -21,6 +21,7 @@ from textual.screen import Screen
 from textual.widgets import DataTable, Footer, Static
 from textual.worker import get_current_worker
 
+from engine.display import markdown_table
 from engine.errors import RenError
 from engine.store import RunRecord
 from ren_tui.backend import Series
@@ -33,7 +34,6 @@ from ren_tui.export import (
     score_rows,
     to_csv,
     to_latex,
-    to_markdown,
 )
 from ren_tui.widgets.chart import Chart
 
@@ -219,7 +219,7 @@ class CompareScreen(Screen[None]):
             self.notify("Nothing to export yet.", severity="warning")
             return
         headers, rows = self.score_table()
-        markdown = to_markdown(headers, rows)
+        markdown = markdown_table(headers, rows)
         directory = self.export_dir or Path.cwd() / "ren-exports"
         stem = export_stem(r.id for r in self.records)
         paths = []
