@@ -163,6 +163,16 @@ class Backbone(_Tower):
 
     manual_only_keys: ClassVar[tuple[str, ...]] = ("hidden_size", "layers", "heads", "mlp_ratio")
 
+    @model_serializer(mode="wrap")
+    def _resolved(self, handler: Any) -> dict[str, Any]:
+        """As :meth:`_Tower._resolved`; a pretrained or random backbone's ``patch_size`` is stored only when the
+        preset gave it, since a vision backbone's own patch size (which the default need not match) wins, and
+        a stored default would then read back as a contradiction."""
+        data = super()._resolved(handler)
+        if self.source != "manual" and "patch_size" not in self.model_fields_set:
+            data.pop("patch_size", None)
+        return data
+
     @model_validator(mode="after")
     def _manual_modality(self) -> "Backbone":
         if self.source == "manual" and self.modality is None:

@@ -47,6 +47,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from engine import queue as Q
 from engine.config import RunConfig, _read_with_extends, config_from_dict, deep_merge, load_preset
 from engine.errors import ConfigError, RenError
+from engine.hub import is_ren_model
 from engine.launch import create_run
 from engine.store import RunRecord, Store
 
@@ -570,6 +571,22 @@ def apply_plan(store: Store, study: Study, steps: list[StudyStep], *, gpus: int 
     if start_worker and any(r.status == "queued" for r in records):
         Q.ensure_worker(store)
     return records
+
+
+def models_to_build(steps: list[StudyStep]) -> list[str]:
+    """The models ren builds itself (``ren:...``) whose pretrained weights the runs still to train load, in
+    first-use order. ``ren study run`` builds them before queueing, so a build never counts in a run's wall
+    time and the variants' times compare."""
+    names: list[str] = []
+    for step in steps:
+        if step.action == "keep":
+            continue
+        model = step.planned.config.model
+        towers = (model.backbone,) if model.kind == "one_tower" else (model.vision, model.text)
+        for tower in towers:
+            if tower.source == "pretrained" and is_ren_model(tower.name) and tower.name not in names:
+                names.append(tower.name)
+    return names
 
 
 def run_study(store: Store, path: str | Path, *, gpus: int = 1, start_worker: bool = True) -> list[RunRecord]:

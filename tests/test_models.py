@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from engine.config import config_from_dict
-from engine.errors import ModelLoadError
+from engine.errors import ConfigError, ModelLoadError
 from engine.models import build_model
 
 VOCAB = 60
@@ -546,3 +546,21 @@ def test_refcoco_head_scores_each_box_and_learns_through_the_encoder(model_cfg):
     assert loss.item() < 0.3 * first
     fused = model.encoder.layers if model_cfg["kind"] == "one_tower" else model.encoder.fusion
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in fused.parameters())
+
+
+def test_stored_config_of_a_vision_backbone_builds_again(hf_dirs):
+    """The run's stored config (a finetune inherits its [model]) must build the same model: the default
+    patch_size (16) is not written for a vision backbone whose own patches are 8 pixels."""
+    raw = {"model": {"kind": "one_tower", "backbone": {"source": "pretrained", "name": str(hf_dirs["vit"]),
+                                                        "image_size": 32}},
+           "objectives": {"mlm": {"weight": 1.0}}, "data": {"dataset": "easy_vqa"}}
+    stored = config_from_dict(raw, source="preset").to_dict()
+    assert "patch_size" not in stored["model"]["backbone"]
+    model = make(config_from_dict(stored, source="stored run config").to_dict()["model"], {"task": {}})
+    assert model.encoder.backbone.config.patch_size == 8
+    # a patch size the preset does give is kept, and a wrong one is still refused
+    raw["model"]["backbone"]["patch_size"] = 16
+    stored = config_from_dict(raw, source="preset").to_dict()
+    assert stored["model"]["backbone"]["patch_size"] == 16
+    with pytest.raises(ConfigError, match="patches of 8"):
+        make(stored["model"], {"task": {}})

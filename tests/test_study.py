@@ -3,6 +3,7 @@ and one study trained end to end by the real queue worker."""
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from pathlib import Path
 
@@ -12,7 +13,7 @@ from engine.cli.commands import _as_random
 from engine.config import config_from_dict, load_preset
 from engine.errors import ConfigError
 from engine.store import Store
-from engine.study import load_study, plan_study, run_study, study_runs, study_table
+from engine.study import load_study, models_to_build, plan_study, run_study, study_runs, study_table
 from engine.worker import worker_info
 
 from .conftest import PRESETS
@@ -228,6 +229,25 @@ def test_shipped_study_files_open_with_a_how_to_run_comment() -> None:
         assert path.read_text().startswith("#"), f"{path.name} should open with a comment saying how to run it"
         if path not in STUDIES:  # the studies' own presets validate alone too
             assert load_preset(path).run.name
+
+
+def test_models_ren_builds_are_listed_for_building_before_the_runs(ren_home: Path) -> None:
+    """`ren study run` builds these first, so no run's wall time includes a build; random-init towers
+    read only the config and need none, and runs already kept need nothing."""
+    store = Store(ren_home)
+    freezing = load_study(PRESETS / "studies" / "freezing-easyvqa.toml")
+    assert models_to_build(plan_study(store, freezing)) == ["ren:easyvqa-vit", "ren:easyvqa-bert"]
+    base = load_study(PRESETS / "studies" / "base-model-easyvqa.toml")
+    steps = plan_study(store, base)
+    assert models_to_build(steps) == ["ren:easyvqa-vit", "ren:easyvqa-bert"]
+    random_only = [s for s in steps if s.planned.variant == "random"]
+    assert random_only and models_to_build(random_only) == []
+    kept = [dataclasses.replace(s, action="keep") for s in steps]
+    assert models_to_build(kept) == []
+    out = ren("study", "run", str(freezing.path), "--dry-run", env={"COLUMNS": "250", "REN_HOME": str(ren_home)})
+    assert out.returncode == 0, out.stderr
+    assert "would first build ren:easyvqa-vit, ren:easyvqa-bert" in out.stdout
+    assert not (ren_home / "models").exists()  # a dry run builds nothing
 
 
 # --- queuing -----------------------------------------------------------------------------------------------------

@@ -20,6 +20,7 @@ from engine.study import (
     find_study,
     has_checkpoint,
     load_study,
+    models_to_build,
     plan_study,
     study_table,
 )
@@ -35,12 +36,17 @@ def run(path: Path, *, gpus: int, dry_run: bool) -> None:
     study = load_study(path)
     steps = plan_study(store, study)
     _header(study, len(steps))
+    unbuilt = _unbuilt(models_to_build(steps))
     if dry_run:
         _print_plan(store, steps)
+        if unbuilt:
+            console.print(f"`ren study run` would first build {', '.join(unbuilt)} (once per store, minutes on a "
+                          "CPU; `ren models build all` does it ahead).", highlight=False)
         counts = {a: sum(s.action == a for s in steps) for a in ("new", "changed", "retry", "queue", "keep")}
         console.print("dry run: nothing queued. `ren study run` would "
                       + ", ".join(f"{_VERB[a]} {n}" for a, n in counts.items() if n) + ".", highlight=False)
         return
+    _build(unbuilt)
     records = apply_plan(store, study, steps, gpus=gpus)
     _print_plan(store, steps, [r.id for r in records])
     for step, record in zip(steps, records):
@@ -55,6 +61,27 @@ def run(path: Path, *, gpus: int, dry_run: bool) -> None:
                       highlight=False, soft_wrap=True)
     else:
         _worker_line(store)
+
+
+def _unbuilt(names: list[str]) -> list[str]:
+    if not names:
+        return []
+    from engine import unimodal  # torch: only for studies whose runs load models ren builds
+
+    return [name for name in names if unimodal.built_dir(name) is None]
+
+
+def _build(names: list[str]) -> None:
+    """Build the models first, here, so that no run's wall time includes a build."""
+    if not names:
+        return
+    from engine import unimodal
+    from engine.cli.models import _say
+
+    for name in names:
+        console.print(f"building {name} before queueing (once per store; its training is no run's compute)",
+                      highlight=False)
+        unimodal.ensure_built(name, log=_say)
 
 
 _VERB = {"new": "queue", "changed": "queue (config changed)", "retry": "retry", "queue": "queue existing",
