@@ -1,0 +1,137 @@
+"""Shared by the benchmarks: alternating side-by-side timing, the machine's description, and
+``bench/RESULTS.md``, where each benchmark rewrites only its own section.
+
+A section is delimited by ``<!-- bench:NAME -->`` and ``<!-- /bench:NAME -->``; it carries the
+command that produced it and the machine it ran on, so sections measured on different days (or on
+a GPU machine) stay honest about where their numbers come from.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import platform
+import re
+import shlex
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "bench" / "RESULTS.md"
+_HEADER = (
+    "# Benchmark results\n\n"
+    "Measured by the scripts in `bench/`; each section is rewritten by the script named in it and says\n"
+    "which machine it ran on. Times are medians over alternating repetitions (both sides measured\n"
+    "back to back in one process, so load on a shared machine hits both alike); ratios are of medians.\n"
+)
+
+
+def alternate(sides: dict[str, Callable[[], float]], repeats: int) -> dict[str, list[float]]:
+    """Call each side once per round, ``repeats`` rounds, rotating which side goes first; each call
+    returns its own measurement (seconds, or a rate). Returns every side's measurements."""
+    names = list(sides)
+    out: dict[str, list[float]] = {name: [] for name in names}
+    for round_ in range(repeats):
+        order = names[round_ % len(names):] + names[:round_ % len(names)]
+        for name in order:
+            out[name].append(sides[name]())
+    return out
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values)
+
+
+def timed(fn: Callable[[], object], sync: Callable[[], None] | None = None) -> float:
+    """Seconds one call of ``fn`` takes (``sync``: e.g. ``torch.cuda.synchronize``, before and after)."""
+    if sync:
+        sync()
+    start = time.perf_counter()
+    fn()
+    if sync:
+        sync()
+    return time.perf_counter() - start
+
+
+def _memory_gib() -> float | None:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                return int(line.split()[1]) / 2**20
+    except OSError:
+        return None
+    return None
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine(device: str | None = None) -> str:
+    """One line: CPU, cores, memory, GPU when given, library versions, load average, date."""
+    import torch
+
+    parts = [f"{cpu_model()}, {os.cpu_count()} cores"]
+    if (gib := _memory_gib()) is not None:
+        parts.append(f"{gib:.0f} GiB")
+    if device:
+        parts.append(device)
+    elif torch.cuda.is_available():
+        parts.append(torch.cuda.get_device_name())
+    else:
+        parts.append("no GPU")
+    versions = [f"Python {platform.python_version()}", f"torch {torch.__version__}"]
+    for name in ("transformers", "timm", "textual"):
+        module = sys.modules.get(name)
+        if module is not None:
+            versions.append(f"{name} {module.__version__}")
+    parts.append(", ".join(versions))
+    try:
+        parts.append("load average {:.1f} {:.1f} {:.1f}".format(*os.getloadavg()))
+    except OSError:
+        pass
+    parts.append(dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"))
+    return "; ".join(parts)
+
+
+def table(headers: list[str], rows: list[list[object]]) -> str:
+    """A Markdown table (cells formatted with ``str``)."""
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def write_section(name: str, title: str, body: str, *, device: str | None = None,
+                  path: Path = RESULTS) -> None:
+    """Replace (or append) section ``name`` of RESULTS.md: its title, the command that ran, the
+    machine, then ``body`` (Markdown)."""
+    command = " ".join(shlex.quote(a) for a in [".venv/bin/python", *_relative_argv()])
+    section = (f"<!-- bench:{name} -->\n## {title}\n\n`{command}`\n\nMachine: {machine(device)}\n\n"
+               f"{body.strip()}\n<!-- /bench:{name} -->")
+    text = path.read_text() if path.exists() else _HEADER
+    pattern = re.compile(rf"<!-- bench:{re.escape(name)} -->.*?<!-- /bench:{re.escape(name)} -->", re.S)
+    if pattern.search(text):
+        text = pattern.sub(lambda _: section, text)
+    else:
+        text = text.rstrip("\n") + "\n\n" + section + "\n"
+    tmp = path.with_suffix(".md.tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+def _relative_argv() -> list[str]:
+    script = Path(sys.argv[0]).resolve()
+    try:
+        first = str(script.relative_to(REPO))
+    except ValueError:
+        first = sys.argv[0]
+    return [first, *sys.argv[1:]]
