@@ -18,7 +18,6 @@ from textual.app import App, ComposeResult, SystemCommand
 from textual.binding import Binding
 from textual.containers import VerticalScroll
 from textual.screen import ModalScreen, Screen
-from textual.widgets import Markdown
 
 from engine.store import Store
 from ren_tui.backend import Backend
@@ -42,6 +41,8 @@ class HelpScreen(ModalScreen[None]):
     BINDINGS = [Binding("escape,q,question_mark", "dismiss", "Close")]
 
     def compose(self) -> ComposeResult:
+        from textual.widgets import Markdown  # markdown-it: imported when help first opens, not at start-up
+
         with VerticalScroll(id="help"):
             yield Markdown(HELP + self._screen_keys())
 

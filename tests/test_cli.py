@@ -55,6 +55,13 @@ def test_tui_import_imports_no_torch() -> None:
     assert not [m for m in HEAVY if m in mods]
 
 
+def test_tui_start_up_leaves_the_help_screens_markdown_parser_unloaded() -> None:
+    """markdown-it (about a quarter of ren-tui's own import time) loads when help first opens."""
+    mods = _modules_after("import ren_tui.app")
+    assert "ren_tui.screens.runs" in mods or "ren_tui.backend" in mods
+    assert not [m for m in mods if m.startswith("markdown_it")]
+
+
 def test_engine_never_imports_textual() -> None:
     mods = _modules_after("import engine.train, engine.cli.commands, engine.store")
     assert "torch" in mods
