@@ -615,7 +615,12 @@ class Store:
                 raise StoreError(
                     f"Cannot create {self._run_path(run_id)}: {_reason(exc)}."
                 ) from exc
-            table.insert(record.to_doc())
+            try:
+                table.insert(record.to_doc())
+            except StoreError:  # e.g. a full disk: leave no directory without a record
+                with contextlib.suppress(OSError):
+                    self._run_path(run_id).rmdir()
+                raise
         return record
 
     def get_run(self, run_id: str) -> RunRecord:

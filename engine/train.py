@@ -27,6 +27,7 @@ from typing import Any, Protocol
 import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
+from safetensors import SafetensorError
 from torch.utils.data import DataLoader, Sampler
 
 from engine import objectives as O
@@ -43,10 +44,10 @@ from engine.compute import (
 from engine.config import RunConfig, config_from_dict
 from engine.data.pipeline import DataBundle, build_data
 from engine.display import bucket_means
-from engine.errors import ConfigError, RenError, oom_message
+from engine.errors import ConfigError, RenError, StoreError, oom_message
 from engine.freeze import apply_freeze
 from engine.models import VLModel, build_model
-from engine.store import Store, atomic_write_text
+from engine.store import MetricsWriter, Store, atomic_write_text
 
 CHECKPOINTS = "checkpoints"
 LATEST = "latest"
@@ -190,25 +191,66 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return path if (path / "trainer_state.json").exists() else None
 
 
-def _save_checkpoint(accelerator: Accelerator, run_dir: Path, state: TrainState, keep: int) -> None:
+def _save_checkpoint(accelerator: Accelerator, run_dir: Path, state: TrainState, keep: int,
+                     writer: MetricsWriter | None) -> None:
     """accelerate ``save_state`` into a temp dir, then an atomic rename and pointer update,
-    so a kill at any instant leaves the previous checkpoint usable."""
+    so a kill at any instant leaves the previous checkpoint usable. The metrics logged up
+    to this step are flushed first: a run resumed from the checkpoint keeps them."""
+    if writer:
+        writer.flush()
     root = run_dir / CHECKPOINTS
     name = f"step_{state.step:08d}"
     tmp = root / f".tmp_{name}"
-    if accelerator.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)
+    if accelerator.is_main_process:  # also the temp dirs of saves killed part way
+        for stale in root.glob(".tmp_step_*"):
+            shutil.rmtree(stale, ignore_errors=True)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp), safe_serialization=True)
+    try:
+        accelerator.save_state(str(tmp), safe_serialization=True)
+        if accelerator.is_main_process:
+            (tmp / "trainer_state.json").write_text(json.dumps(state.__dict__))
+            final = root / name
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(tmp, final)
+    except (OSError, RuntimeError, SafetensorError) as exc:  # how torch and safetensors report failed writes
+        if accelerator.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+        previous = latest_checkpoint(run_dir)
+        kept = f"the previous checkpoint {previous.name} is unchanged" if previous else "there is no earlier one"
+        raise StoreError(
+            f"Cannot save the checkpoint of step {state.step} in {root}: {_write_error(exc)}; {kept}. "
+            f"Free disk space or make the store writable, then continue with `ren run --resume {run_dir.name}`."
+        ) from exc
     if accelerator.is_main_process:
-        (tmp / "trainer_state.json").write_text(json.dumps(state.__dict__))
-        final = root / name
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
         atomic_write_text(root / LATEST, name)
         for old in sorted(p for p in root.glob("step_*") if p.is_dir())[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
+
+
+def _write_error(exc: BaseException) -> str:
+    """A failed write in words: the OS reason when there is one (e.g. "No space left on device")."""
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    return f"{type(exc).__name__}: {exc} (a full disk or a read-only store gives this)"
+
+
+def _save_weights(run_dir: Path, weights: dict[str, torch.Tensor]) -> None:
+    """Write the final weights all or nothing; a failed write becomes a StoreError."""
+    from safetensors.torch import save_file
+
+    tmp, path = run_dir / f".{FINAL_WEIGHTS}.tmp", run_dir / FINAL_WEIGHTS
+    try:
+        save_file(weights, str(tmp))
+        os.replace(tmp, path)
+    except (OSError, SafetensorError) as exc:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise StoreError(
+            f"Cannot write the final weights {path}: {_write_error(exc)}; the run's last checkpoint holds the "
+            f"trained state. Free disk space or make the store writable, then `ren run --resume {run_dir.name}` "
+            "writes them."
+        ) from exc
 
 
 class _StopFlag:
@@ -381,7 +423,7 @@ def train(cfg: RunConfig, store: Store, run_id: str, *, resume: bool = False,
                         t_last = time.perf_counter()  # evaluation time is not training throughput
                     stopping = _should_stop(accelerator, stop)
                     if state.step % cfg.train.checkpoint_every == 0 and not stopping:
-                        _save_checkpoint(accelerator, run_dir, state, cfg.train.keep_checkpoints)
+                        _save_checkpoint(accelerator, run_dir, state, cfg.train.keep_checkpoints, writer)
                     if state.step >= cfg.train.max_steps or stopping:
                         break
                 else:
@@ -389,48 +431,58 @@ def train(cfg: RunConfig, store: Store, run_id: str, *, resume: bool = False,
                     state.batches_into_epoch = 0
             if stopping:
                 status = "cancelled"
-                _save_checkpoint(accelerator, run_dir, state, cfg.train.keep_checkpoints)
+                _save_checkpoint(accelerator, run_dir, state, cfg.train.keep_checkpoints, writer)
     except KeyboardInterrupt:
         status, error = "cancelled", "interrupted"
     except Exception as exc:  # record the failure, then re-raise for the caller
-        status, error = "failed", f"{type(exc).__name__}: {exc}"
-        if isinstance(exc, torch.OutOfMemoryError):
-            error = oom_message(batch_size=cfg.train.batch_size, micro_batch_size=micro,
-                                processes=accelerator.num_processes, where=_device_name(accelerator))
-        if writer:
-            writer.close()
-        if main:
-            store.mark_ended(run_id, "failed", error=error)
+        _record_failure(exc, cfg, store, run_id, writer, accelerator, micro)
         reporter.stop()
         raise
     reporter.stop()
 
     # --- final evaluation and weights ---------------------------------------
     final: dict[str, float] = {}
-    if status == "finished":
-        if cfg.task:
-            final = evaluate(model, eval_dl, accelerator, None, cfg.task.name, flops=flops)
-            state.eval_pflops += (flops.eval or 0.0) * final["eval_samples"] / 1e15
-            _record_scores(store, run_id, writer, state, final, main)
-            reporter.message(_format_scores(state.step, final, final=True))
-        if state.step % cfg.train.checkpoint_every:  # not saved at this step yet
-            _save_checkpoint(accelerator, run_dir, state, cfg.train.keep_checkpoints)
-        state_dict = accelerator.get_state_dict(model)  # every process: FSDP/DeepSpeed gather their shards
+    try:
+        if status == "finished":
+            if cfg.task:
+                final = evaluate(model, eval_dl, accelerator, None, cfg.task.name, flops=flops)
+                state.eval_pflops += (flops.eval or 0.0) * final["eval_samples"] / 1e15
+                _record_scores(store, run_id, writer, state, final, main)
+                reporter.message(_format_scores(state.step, final, final=True))
+            if state.step % cfg.train.checkpoint_every:  # not saved at this step yet
+                _save_checkpoint(accelerator, run_dir, state, cfg.train.keep_checkpoints, writer)
+            state_dict = accelerator.get_state_dict(model)  # every process: FSDP/DeepSpeed gather their shards
+            if main:
+                _save_weights(run_dir, {k: v.detach().cpu().contiguous() for k, v in state_dict.items()})
+        if writer:
+            writer.close()
         if main:
-            from safetensors.torch import save_file
-
-            weights = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
-            tmp = run_dir / f".{FINAL_WEIGHTS}.tmp"
-            save_file(weights, str(tmp))
-            os.replace(tmp, run_dir / FINAL_WEIGHTS)
-    if writer:
-        writer.close()
-    if main:
-        trace = {"loss_trace": bucket_means(losses, TRACE)} if losses else {}
-        store.update_run(run_id, step=state.step, **trace, **({"final_scores": final} if final else {}),
-                         compute=_compute(info, flops, timer, state, compute.get("samples_per_s"), accelerator.device))
-        store.mark_ended(run_id, status, error=error)
+            trace = {"loss_trace": bucket_means(losses, TRACE)} if losses else {}
+            store.update_run(run_id, step=state.step, **trace, **({"final_scores": final} if final else {}),
+                             compute=_compute(info, flops, timer, state, compute.get("samples_per_s"),
+                                              accelerator.device))
+            store.mark_ended(run_id, status, error=error)
+    except Exception as exc:
+        _record_failure(exc, cfg, store, run_id, writer, accelerator, micro)
+        raise
     return final
+
+
+def _record_failure(exc: Exception, cfg: RunConfig, store: Store, run_id: str, writer: MetricsWriter | None,
+                    accelerator: Accelerator, micro: int) -> None:
+    """Mark the run failed with the reason. When the store itself refuses writes (a full
+    disk), the points it cannot take are given up and the record, if it cannot be written,
+    is left "running" (shown as crashed once the process is gone): ``exc`` is what counts."""
+    error = f"{type(exc).__name__}: {exc}"
+    if isinstance(exc, torch.OutOfMemoryError):
+        error = oom_message(batch_size=cfg.train.batch_size, micro_batch_size=micro,
+                            processes=accelerator.num_processes, where=_device_name(accelerator))
+    if writer:
+        with contextlib.suppress(StoreError):
+            writer.close()
+    if accelerator.is_main_process:
+        with contextlib.suppress(StoreError):
+            store.mark_ended(run_id, "failed", error=error)
 
 
 def _logs(step: int, cfg: RunConfig) -> bool:
