@@ -925,7 +925,7 @@ def _describe(err: dict[str, Any], raw: dict[str, Any]) -> str:
         return f"{key} = {value!r} is not allowed: expected {ctx.get('expected')}."
     if kind == "value_error":
         return f"{key or 'preset'}: {str(ctx.get('error', err['msg']))}."
-    if kind.endswith("_type") or kind.endswith("_parsing"):
+    if kind.endswith("_type") or kind.endswith("_parsing") or kind == "int_from_float":
         return f"{key} = {value!r} has the wrong type: {err['msg'].lower()}."
     return f"{key}: {err['msg']}."
 

@@ -16,10 +16,15 @@ from typing import Callable
 import tomli_w
 
 from engine.config import RunConfig, config_from_dict, load_preset
-from engine.errors import ConfigError, RenError
+from engine.errors import ConfigError, RenError, RunNotFound
 from engine.store import RunRecord, Store
 
 PRESET_PREFIX = "preset:"
+RUN_PREFIX = "run:"
+WEIGHTS = "model.safetensors"
+# keys that fix the shapes of a model's weights (what may differ: dropout, image_size, checkpointing, source)
+_SHAPE_KEYS = ("library", "modality", "hidden_size", "layers", "heads", "mlp_ratio", "patch_size", "projection_dim",
+               "image_embedding")
 
 Trainer = Callable[[RunConfig, str], None]
 Provider = Callable[[RunConfig, Path], str]  # (pretraining config, its preset) -> the run id to start from
@@ -97,3 +102,60 @@ def resolve_init_from(cfg: RunConfig, preset_path: Path, store: Store, provide: 
     raw = cfg.to_dict()
     raw["train"]["init_from"] = f"run:{provide(upstream, path)}"
     return config_from_dict(raw)
+
+
+def check_init_from(store: Store, cfg: RunConfig) -> None:
+    """Refuse, before a run is created, a ``train.init_from`` that cannot give this model weights: an
+    unknown run, a run of another architecture, a missing file, or one that is not a safetensors file.
+    ``preset:`` sources are resolved by :func:`resolve_init_from` first."""
+    source = cfg.train.init_from
+    if not source or source.startswith(PRESET_PREFIX):
+        return
+    key = f"train.init_from = {source!r}"
+    if source.startswith(RUN_PREFIX):
+        try:
+            record = store.get_run(source[len(RUN_PREFIX):])
+        except RunNotFound as exc:
+            raise ConfigError(f"{key}: {exc}", key="train.init_from") from None
+        differences = _shape_differences(record.config.get("model", {}), cfg.to_dict()["model"])
+        if differences:
+            raise ConfigError(
+                f"{key}: run {record.id} is another architecture ({'; '.join(differences)}), so its weights do not "
+                "fit this model. Start from a run of the same model, or remove init_from.", key="train.init_from")
+        path = store.run_dir(record.id) / WEIGHTS
+        if path.exists():
+            _check_weights_file(path, key)
+        return
+    path = Path(source).expanduser()
+    if path.is_dir():
+        path = path / WEIGHTS
+    if not path.exists():
+        raise ConfigError(f"{key}: {path} does not exist; give a run (\"run:<id>\"), a checkpoint directory or a "
+                          ".safetensors file.", key="train.init_from")
+    _check_weights_file(path, key)
+
+
+def _shape_differences(theirs: dict, ours: dict) -> list[str]:
+    """``"model.fusion.hidden_size 32 there, 64 here"`` for each shape-setting key the two model tables set
+    differently (keys only one of them sets, such as sizes of a pretrained tower, are not compared)."""
+    if theirs.get("kind") != ours.get("kind"):
+        return [f"model.kind {theirs.get('kind')!r} there, {ours.get('kind')!r} here"]
+    out = []
+    for section in sorted(set(theirs) & set(ours)):
+        a, b = theirs[section], ours[section]
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += [f"model.{section}.{k} {a[k]!r} there, {b[k]!r} here"
+                    for k in _SHAPE_KEYS if k in a and k in b and a[k] != b[k]]
+    return out
+
+
+def _check_weights_file(path: Path, key: str) -> None:
+    """A :class:`RenError` unless ``path`` is a safetensors file whose header reads and covers the file."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="numpy"):
+            pass
+    except (SafetensorError, OSError) as exc:
+        raise RenError(f"{key}: {path} is not a readable safetensors file ({exc}); it is damaged or was not "
+                       "written by ren (only .safetensors weights are loaded, never pickles).") from None

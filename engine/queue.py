@@ -20,7 +20,7 @@ from typing import Any
 from engine.config import RunConfig, load_preset
 from engine.errors import RenError
 from engine.gpus import GPU, visible_gpus
-from engine.launch import Provider, create_run, find_finished, resolve_init_from
+from engine.launch import Provider, check_init_from, create_run, find_finished, resolve_init_from
 from engine.runner import log_files, log_path
 from engine.scheduler import plan
 from engine.store import END_STATUSES, QueueSettings, RunRecord, Store, is_alive
@@ -74,6 +74,7 @@ def add(store: Store, preset: Path, overrides: list[str] = (), *, gpus: int = 1,
     if name:
         overrides = [*overrides, f"run.name={json.dumps(name)}"]
     cfg = load_preset(preset, list(overrides))
+    check_init_from(store, cfg)
     deps, created = [store.get_run(dep).id for dep in after], []
     cfg = resolve_init_from(cfg, preset, store, queued_upstream(store, gpus, deps, created))
     record = create_run(store, cfg, str(preset))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import time
@@ -15,13 +16,15 @@ from rich.table import Table
 from engine.config import RunConfig, config_from_dict, load_preset
 from engine.display import format_duration, format_scores, format_steps, si
 from engine.errors import RenError
-from engine.launch import create_run, resolve_init_from, stored_config, trained_now
+from engine.launch import check_init_from, create_run, resolve_init_from, stored_config, trained_now
 from engine.store import RunRecord, Store
 
 console = Console()
 
 
 def run(preset: Path | None, overrides: list[str], *, resume: str | None, name: str | None, gpus: int) -> None:
+    if gpus < 1:
+        raise RenError(f"--gpus {gpus}: a run needs at least one GPU (or CPU process).")
     store = Store()
     if resume:
         if preset is not None or overrides:
@@ -37,6 +40,7 @@ def run(preset: Path | None, overrides: list[str], *, resume: str | None, name: 
         train_upstream = trained_now(store, lambda c, run_id: _train_here(c, store, run_id, resume=False),
                                      say=console.print)
         cfg = resolve_init_from(cfg, preset, store, train_upstream)
+        check_init_from(store, cfg)
         record = create_run(store, cfg, str(preset))
         console.print(f"run [bold]{record.id}[/] ({cfg.stage}, {cfg.model.kind}) in {store.run_dir(record.id)}")
     if gpus > 1 or cfg.distributed.strategy != "ddp":
@@ -50,12 +54,42 @@ def _train_here(cfg: RunConfig, store: Store, run_id: str, *, resume: bool) -> N
     from engine.train import train
 
     t0 = time.time()
-    scores = train(cfg, store, run_id, resume=resume, reporter=make_reporter(console))
+    try:
+        scores = train(cfg, store, run_id, resume=resume, reporter=make_reporter(console))
+    except Exception as exc:
+        if resume:
+            _refused_checkpoint(exc, store, run_id)
+        raise
     final = store.get_run(run_id)
     console.print(
         f"[bold]{final.status}[/] {final.id} in {time.time() - t0:.0f}s"
         + "".join(f"  {k} {v:.4f}" for k, v in scores.items() if k != "eval_samples")
     )
+
+
+def _refused_checkpoint(exc: Exception, store: Store, run_id: str) -> None:
+    """A :class:`RenError` naming the checkpoint when ``exc`` is a refused or unreadable checkpoint file
+    (weights-only unpickling refuses anything but tensors and plain state; safetensors a damaged file)."""
+    import pickle
+
+    from safetensors import SafetensorError
+
+    from engine.train import latest_checkpoint
+
+    checkpoint = latest_checkpoint(store.run_dir(run_id))
+    if checkpoint is not None and isinstance(exc, (pickle.UnpicklingError, SafetensorError)):
+        text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc))
+        if isinstance(exc, pickle.UnpicklingError):  # torch's text goes on to explain how to load it unsafely
+            found = re.search(r"Unsupported global: GLOBAL (\S+)", text)
+            reason = f"it names the Python object {found.group(1)}" if found else "it holds Python objects"
+            reason += ", which weights-only unpickling refuses."
+        else:
+            reason = " ".join(text.split()) + "."
+        raise RenError(
+            f"run {run_id}: its checkpoint {checkpoint} was refused: {reason} "
+            "Checkpoint files are loaded as tensors and plain state only, never as code; this one is damaged or "
+            "was replaced. Restore it, or remove the run's checkpoints directory to train it again from the start."
+        ) from None
 
 
 def _launch_distributed(cfg: RunConfig, run_id: str, gpus: int, *, resume: bool) -> None:

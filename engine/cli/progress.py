@@ -46,8 +46,8 @@ class RichReporter:
 class LineReporter:
     """Plain periodic lines (at most one every ``every_s`` seconds) for logs and pipes."""
 
-    def __init__(self, stream=sys.stdout, every_s: float = 10.0):
-        self.stream, self.every_s = stream, every_s
+    def __init__(self, stream=None, every_s: float = 10.0):
+        self.stream, self.every_s = stream or sys.stdout, every_s
         self.total, self.t0, self.last = 0, 0.0, 0.0
 
     def start(self, total: int, done: int) -> None:

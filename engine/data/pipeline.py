@@ -75,7 +75,7 @@ def _is_text_model(name: str | None) -> bool:
 
 def build_tokenizer(cfg: RunConfig) -> PreTrainedTokenizerBase:
     if cfg.data.tokenizer != "auto":
-        return load_tokenizer(cfg.data.tokenizer)
+        return load_tokenizer(cfg.data.tokenizer, "data.tokenizer")
     source = pretrained_text_source(cfg)
     if source is not None:
         return load_tokenizer(source)
@@ -220,13 +220,20 @@ def open_source(cfg: RunConfig, kind: str, split: str, *, answers: list[str] | N
     if cfg.data.hf is not None:
         from engine.data.hf_source import open_hf
 
-        return open_hf(cfg.data.hf, kind, split, answers=answers)
-    from engine.data.arrow import find_arrow_files, open_arrow
-    from engine.data.captions import CORPORA, open_corpus
+        source = open_hf(cfg.data.hf, kind, split, answers=answers)
+    else:
+        from engine.data.arrow import find_arrow_files, open_arrow
+        from engine.data.captions import CORPORA, open_corpus
 
-    if kind in CORPORA:
-        return open_corpus(cfg.data.root, kind, split)
-    return open_arrow(find_arrow_files(cfg.data.root, kind, split), kind)
+        source = (open_corpus(cfg.data.root, kind, split) if kind in CORPORA
+                  else open_arrow(find_arrow_files(cfg.data.root, kind, split), kind))
+    if len(source) == 0:
+        files = ", ".join(map(str, source.paths))
+        raise RenError(f"The {split!r} split of the {kind} data has no rows: {files} "
+                       f"{'holds' if len(source.paths) == 1 else 'hold'} none. Check that "
+                       f"{'it was' if len(source.paths) == 1 else 'they were'} written completely "
+                       "(`ren data prepare --force` rewrites them).")
+    return source
 
 
 def _split_set(cfg: RunConfig, split: str, tokenizer: PreTrainedTokenizerBase, size: int, norm: Normalization, *,

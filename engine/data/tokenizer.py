@@ -57,9 +57,10 @@ def build_word_tokenizer(texts: Iterable[str], *, lowercase: bool = True) -> Pre
     )
 
 
-def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
+def load_tokenizer(name_or_path: str, key: str = "model.text.name") -> PreTrainedTokenizerBase:
     """Load a fast tokenizer from a Hugging Face Hub id, a local directory or a text model ren builds
-    (``ren:easyvqa-bert``: its tokenizer needs no training, so this never builds the model).
+    (``ren:easyvqa-bert``: its tokenizer needs no training, so this never builds the model). ``key`` is
+    the preset key that named it, for the error message.
 
     Raises:
         ModelLoadError: The tokenizer cannot be loaded (hub unreachable or no
@@ -75,7 +76,7 @@ def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
             str(local) if local.is_dir() else name_or_path, use_fast=True, **hub_kwargs(name_or_path)
         )
     except (OSError, ValueError) as error:
-        raise ModelLoadError(_load_failure(name_or_path, local, error)) from error
+        raise ModelLoadError(_load_failure(name_or_path, local, error, key)) from error
     if not tokenizer.is_fast:
         raise ModelLoadError(
             f"The tokenizer {name_or_path!r} has no fast (Rust) version, which whole-word masking "
@@ -84,23 +85,23 @@ def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
     return tokenizer
 
 
-def _load_failure(name_or_path: str, local: Path, error: Exception) -> str:
-    """The one-paragraph message for a tokenizer that could not be loaded."""
+def _load_failure(name_or_path: str, local: Path, error: Exception, key: str) -> str:
+    """The one-paragraph message for a tokenizer that could not be loaded; ``key`` is the preset key that named it."""
     cause = " ".join(str(error).split())
-    fix = 'point the preset at a local directory holding it, e.g. model.text.name = "/path/to/dir"'
+    fix = f'point the preset at a local directory holding it, e.g. {key} = "/path/to/dir"'
     if local.is_dir():
         return (
-            f"Could not load the tokenizer {name_or_path!r}: the directory {local} exists but holds no "
+            f"Could not load the tokenizer {name_or_path!r} ({key}): the directory {local} exists but holds no "
             f"loadable tokenizer ({cause}). It needs the files save_pretrained() writes "
             f"(tokenizer.json, tokenizer_config.json); {fix}."
         )
     if name_or_path.startswith(("/", ".", "~")) or name_or_path.count("/") > 1 or "\\" in name_or_path:
         return (
-            f"Could not load the tokenizer {name_or_path!r}: the directory {local} does not exist. "
+            f"Could not load the tokenizer {name_or_path!r} ({key}): the directory {local} does not exist. "
             f"Check the path, or {fix}."
         )
     return (
-        f"Could not load the tokenizer {name_or_path!r}: it is not a local directory, and the "
+        f"Could not load the tokenizer {name_or_path!r} ({key}): it is not a local directory, and the "
         f"Hugging Face Hub could not be reached or has no such model ({cause}). To work offline, "
         f"download it once where the network is available (e.g. `hf download {name_or_path} "
         f"--local-dir /path/to/dir`) and {fix}."
