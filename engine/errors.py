@@ -32,6 +32,10 @@ class StoreError(RenError):
     """The results store cannot be read or written."""
 
 
+class StoreBusy(StoreError):
+    """The store's index lock stayed held by other processes past the timeout (nothing was written)."""
+
+
 class ModelLoadError(RenError):
     """A backbone could not be loaded (no network, missing directory, unknown name)."""
 

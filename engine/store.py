@@ -39,7 +39,7 @@ from tinydb import Query, TinyDB
 from tinydb.storages import Storage
 from tinydb.table import Table
 
-from engine.errors import RunNotFound, StoreError
+from engine.errors import RunNotFound, StoreBusy, StoreError
 
 Stage = Literal["pretrain", "finetune"]
 Status = Literal["created", "queued", "running", "finished", "failed", "cancelled", "crashed"]
@@ -530,7 +530,7 @@ class Store:
         try:
             self._lock.acquire()
         except Timeout as exc:
-            raise StoreError(
+            raise StoreBusy(
                 f"Waited {INDEX_LOCK_TIMEOUT_S:.0f} s for {self._lock.lock_file}; "
                 "another ren process is holding it."
             ) from exc

@@ -44,7 +44,7 @@ from engine.compute import (
 from engine.config import RunConfig, config_from_dict
 from engine.data.pipeline import DataBundle, build_data
 from engine.display import bucket_means
-from engine.errors import ConfigError, RenError, StoreError, oom_message
+from engine.errors import ConfigError, RenError, StoreBusy, StoreError, oom_message
 from engine.freeze import apply_freeze
 from engine.models import VLModel, build_model
 from engine.store import MetricsWriter, Store, atomic_write_text
@@ -408,8 +408,9 @@ def train(cfg: RunConfig, store: Store, run_id: str, *, resume: bool = False,
                                                accelerator.device)
                             writer.log(state.step, **metrics, **compute_series(compute))
                             if now - t_index >= INDEX_UPDATE_S:  # the shared index is rewritten whole
-                                store.update_run(run_id, step=state.step, loss_trace=bucket_means(losses, TRACE),
-                                                 compute=compute)
+                                with contextlib.suppress(StoreBusy):  # progress only: the next interval retries
+                                    store.update_run(run_id, step=state.step,
+                                                     loss_trace=bucket_means(losses, TRACE), compute=compute)
                                 t_index = now
                         reporter.step(state.step, metrics)
                     if cfg.task and state.step % cfg.train.eval_every == 0 and state.step < cfg.train.max_steps:
