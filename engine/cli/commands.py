@@ -22,6 +22,20 @@ from engine.store import RunRecord, Store
 console = Console()
 
 
+def _resume_point(store: Store, record: RunRecord) -> str:
+    """Where ``--resume`` continues: the last complete checkpoint's step (the record's step is updated every
+    few seconds and may be behind it, or ahead of it after a kill)."""
+    from engine.train import latest_checkpoint
+
+    checkpoint = latest_checkpoint(store.run_dir(record.id))
+    if checkpoint is None:
+        return "from the start (it saved no checkpoint)"
+    try:
+        return f"from step {json.loads((checkpoint / 'trainer_state.json').read_text())['step']}"
+    except (OSError, ValueError, KeyError):
+        return f"from {checkpoint.name}"
+
+
 def run(preset: Path | None, overrides: list[str], *, resume: str | None, name: str | None, gpus: int) -> None:
     if gpus < 1:
         raise RenError(f"--gpus {gpus}: a run needs at least one GPU (or CPU process).")
@@ -30,7 +44,7 @@ def run(preset: Path | None, overrides: list[str], *, resume: str | None, name: 
         if preset is not None or overrides:
             raise RenError("--resume continues a stored run with its stored config; drop the preset and --set.")
         record, cfg = stored_config(store, resume)
-        console.print(f"resuming [bold]{record.id}[/] from step {record.step}")
+        console.print(f"resuming [bold]{record.id}[/] {_resume_point(store, record)}")
     else:
         if preset is None:
             raise RenError("give a preset file (e.g. `ren run presets/quickstart.toml`) or --resume RUN_ID.")

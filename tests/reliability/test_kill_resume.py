@@ -155,7 +155,9 @@ def test_sigkill_at_ten_moments_then_resume_matches_the_uninterrupted_run(tmp_pa
         proc = spawn_ren("run", "--resume", run_id)
     out, err = proc.communicate(timeout=WAIT_S)
     assert proc.returncode == 0, err[-3000:]
-    assert f"resuming {run_id}" in out and f"finished {run_id}" in out
+    last = hits[-1][2]
+    assert f"resuming {run_id} " + (f"from step {last}" if last else "from the start") in out
+    assert f"finished {run_id}" in out
     print("\n".join(f"aimed at {aim:10} hit {hit:18} resumed from step {step}" for aim, hit, step in hits))
 
     listing = subprocess.run([*REN, "runs"], capture_output=True, text=True, timeout=WAIT_S)
