@@ -84,7 +84,7 @@ class Pipeline:
         from engine.data.pipeline import build_data
         from engine.models import build_model
         from engine.store import default_root
-        from engine.train import _finetune_step, _pretrain_step, param_groups
+        from engine.train import _finetune_step, _pretrain_step, build_optimizer
 
         cfg = load_preset(preset, overrides)
         self.batch = min(batch, cfg.train.batch_size)
@@ -94,9 +94,7 @@ class Pipeline:
         torch.manual_seed(self.cfg.run.seed)
         self.model = build_model(self.cfg, vocab_size=self.data.vocab_size, num_answers=self.data.num_answers).train()
         o = self.cfg.optim
-        self.optimizer = torch.optim.AdamW(
-            param_groups(self.model, lr=o.lr, weight_decay=o.weight_decay, head_lr_mult=o.head_lr_mult,
-                         fusion_lr_mult=o.fusion_lr_mult), lr=o.lr, betas=o.betas, eps=o.eps)
+        self.optimizer = build_optimizer(self.model, o, torch.device("cpu"))
         self.step_fn = _pretrain_step if self.cfg.objectives else _finetune_step
         self.steps_done = 0
         self.epoch = 0

@@ -7,7 +7,7 @@ FLOPs of one training step with ``engine.compute.FlopMeter`` (forward and backwa
 separate ``flop_counter`` contexts), then alternates (``bench/_results.alternate``, ``--repeats``
 rounds) two measurements so load on a shared machine hits both alike: ``--steps`` uncounted
 training steps (the trainer's ``_pretrain_step``/``_finetune_step`` forward, backward, gradient
-clipping, AdamW step over ``engine.train.param_groups``) and the peak. It reports, as medians:
+clipping, the trainer's AdamW step (``engine.train.build_optimizer``)) and the peak. It reports, as medians:
 
 - ``flops_per_step``: forward + backward FLOPs of one step (the batch's samples x FLOPs/sample);
 - ``step_s``: seconds per training step;
@@ -82,7 +82,7 @@ def measure(preset: Path, overrides: list[str], *, steps: int, repeats: int, bat
     from engine.data.pipeline import build_data
     from engine.models import build_model
     from engine.store import default_root
-    from engine.train import EpochSampler, _finetune_step, _identity, _pretrain_step, param_groups
+    from engine.train import EpochSampler, _finetune_step, _identity, _pretrain_step, build_optimizer
 
     cfg = load_preset(preset, [*overrides, *([f"train.batch_size={batch}"] if batch else [])])
     cuda = torch.cuda.is_available()
@@ -92,9 +92,7 @@ def measure(preset: Path, overrides: list[str], *, steps: int, repeats: int, bat
     torch.manual_seed(cfg.run.seed)
     model = build_model(cfg, vocab_size=data.vocab_size, num_answers=data.num_answers).to(device).train()
     o = cfg.optim
-    optimizer = torch.optim.AdamW(
-        param_groups(model, lr=o.lr, weight_decay=o.weight_decay, head_lr_mult=o.head_lr_mult,
-                     fusion_lr_mult=o.fusion_lr_mult), lr=o.lr, betas=o.betas, eps=o.eps)
+    optimizer = build_optimizer(model, o, device)
     step_fn = _pretrain_step if cfg.objectives else _finetune_step
     loader = DataLoader(data.train, batch_size=cfg.train.batch_size, sampler=EpochSampler(len(data.train), 0),
                         collate_fn=_identity, drop_last=True)

@@ -7,7 +7,7 @@ For each preset (the freezing study's two-tower pretraining, its towers ``ren:ea
 first; and ``presets/easyvqa_pretrain.toml``) and each freeze setting (none, vision, text, both,
 and the bottom half of each tower: its embeddings and the first half of its layers), the model is
 built as the trainer builds it: the same seed, ``engine.freeze.apply_freeze`` with the setting's
-``freeze.groups``, AdamW over ``engine.train.param_groups`` (trainable parameters only), and the
+``freeze.groups``, the trainer's AdamW (``engine.train.build_optimizer``: trainable parameters only, fused), and the
 trainer's step (``engine.train._pretrain_step`` forward, ``backward()``, gradient clipping,
 ``optimizer.step()``, ``zero_grad``) on the same pre-fetched batches.
 
@@ -114,15 +114,13 @@ class Bench:
 
         from engine.config import FreezeConfig
         from engine.freeze import apply_freeze
-        from engine.train import param_groups
+        from engine.train import build_optimizer
 
         model = self.model()
         report = apply_freeze(model, FreezeConfig(groups=groups))
         model.train()
         o = self.cfg.optim
-        optimizer = torch.optim.AdamW(
-            param_groups(model, lr=o.lr, weight_decay=o.weight_decay, head_lr_mult=o.head_lr_mult,
-                         fusion_lr_mult=o.fusion_lr_mult), lr=o.lr, betas=o.betas, eps=o.eps)
+        optimizer = build_optimizer(model, o, torch.device("cpu"))
         return Side(self, model, optimizer, report.trainable, report.total)
 
 

@@ -118,15 +118,19 @@ def step_fns(size: Size):
     """(ren step, HF step, ren model, HF model): each step runs one full training step on the same inputs."""
     import torch
 
+    from engine.config import OptimConfig
     from engine.tasks import task_loss
+    from engine.train import build_optimizer
 
     ids, mask, pixels, targets = make_inputs(size)
     torch.manual_seed(0)
     ren = build_ren(size)
     torch.manual_seed(0)
     vilt = build_vilt(size)
-    ren_opt = torch.optim.AdamW(ren.parameters(), lr=1e-4)
-    vilt_opt = torch.optim.AdamW(vilt.parameters(), lr=1e-4)
+    # each side's own optimizer: ren's trainer's (its parameter groups, fused AdamW) against the Hugging Face
+    # Trainer's default (fused AdamW over every parameter since torch 2.8)
+    ren_opt = build_optimizer(ren, OptimConfig(lr=1e-4, weight_decay=0.0), torch.device("cpu"))
+    vilt_opt = torch.optim.AdamW(vilt.parameters(), lr=1e-4, weight_decay=0.0, fused=True)
 
     def ren_step() -> None:
         logits = ren(ids, mask, pixels, task=True).logits["task"]
@@ -205,7 +209,8 @@ def report(results: list[dict], threads: int, repeats: int, steps: int) -> str:
     return body + f"""
 
 What is compared: one full training step (forward, ViLT's VQA loss (BCE on soft targets times the
-number of answers), backward, AdamW step, zero_grad) on the same inputs for both sides (text rows
+number of answers), backward, fused AdamW step on both sides (ren's trainer and the Hugging Face
+Trainer default), zero_grad) on the same inputs for both sides (text rows
 padded to different lengths, so both apply a key mask), random init, fp32 on CPU with {threads}
 thread(s). Sides alternate, {repeats} rounds of {steps} steps each after one warm-up step; ratio =
 ren samples/s / HF samples/s, of the medians. CPU ms/step is the process's CPU time per step

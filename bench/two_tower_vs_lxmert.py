@@ -165,15 +165,19 @@ def step_fns(size: Size):
     """(ren step, reference step, ren model, reference model), each one full training step on the same inputs."""
     import torch
 
+    from engine.config import OptimConfig
     from engine.tasks import task_loss
+    from engine.train import build_optimizer
 
     ids, mask, pixels, targets = make_inputs(size)
     torch.manual_seed(0)
     ren = build_ren(size)
     torch.manual_seed(0)
     ref = build_reference(size)
-    ren_opt = torch.optim.AdamW(ren.parameters(), lr=1e-4)
-    ref_opt = torch.optim.AdamW(ref.parameters(), lr=1e-4)
+    # each side's own optimizer: ren's trainer's (its parameter groups, fused AdamW) against the Hugging Face
+    # Trainer's default (fused AdamW over every parameter since torch 2.8)
+    ren_opt = build_optimizer(ren, OptimConfig(lr=1e-4, weight_decay=0.0), torch.device("cpu"))
+    ref_opt = torch.optim.AdamW(ref.parameters(), lr=1e-4, weight_decay=0.0, fused=True)
 
     def ren_step() -> None:
         task_loss("vqa", ren(ids, mask, pixels, task=True).logits["task"], targets, "bce").backward()
@@ -252,7 +256,8 @@ def report(results: list[dict], threads: int, repeats: int, steps: int) -> str:
     return body + f"""
 
 What is compared: one full training step (forward, VQA BCE loss on soft targets times the number of
-answers, backward, AdamW step, zero_grad) on the same inputs for both sides (text rows padded to
+answers, backward, fused AdamW step on both sides (ren's trainer and the Hugging Face
+Trainer default), zero_grad) on the same inputs for both sides (text rows padded to
 different lengths), random init, fp32 on CPU with {threads} thread(s). Sides alternate, {repeats}
 rounds of {steps} steps each after one warm-up step; ratio = ren samples/s / seed samples/s, of the
 medians. CPU ms/step is the process's CPU time per step
