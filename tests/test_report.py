@@ -56,7 +56,7 @@ def _pretrain(store: Store, name: str, seed: int, plan: Plan, *, overrides: tupl
         "flops_per_sample": {"forward": 1e9, "backward": 2e9, "train": 3e9, "eval": 1e9}, "device": "cpu: test",
         "dtype": "fp32", "processes": 1, "train_seconds": plan.wall_s}
     ended = {"ended_at": start + plan.wall_s} if status == "finished" else {}
-    store.update_run(record.id, status=status, started_at=start, step=600, study=study, compute=compute,
+    store.update_run(record.id, status=status, started_at=start, step=cfg.train.max_steps, study=study, compute=compute,
                      params={"total": 1_000_000, "trainable": plan.trainable,
                              "frozen": 1_000_000 - plan.trainable, "groups": {}}, **ended)
     with store.metrics_writer(record.id) as writer:
@@ -146,7 +146,8 @@ def test_study_rows_mean_std_and_savings(study) -> None:
     assert (vision.trainable, vision.total) == (600_000, 1_000_000)
     assert [s for s, _ in both.seed_scores["easy-vqa"]] == [0]
     assert any(runs["both", 1][0].id in n and "no compute record" in n for n in table.notes)
-    assert any(runs["both", 1][1].id in n and "is running (step 200/400)" in n for n in table.notes)
+    running = f"is running (step 200/{load_preset(FT).train.max_steps})"
+    assert any(runs["both", 1][1].id in n and running in n for n in table.notes)
 
 
 def test_a_newer_run_of_a_slot_supersedes_the_older(study) -> None:
@@ -196,7 +197,8 @@ def test_missing_data_is_a_dash(ren_home: Path) -> None:
     assert no_compute[7] == "33s" and no_compute[8] == "67.0%"  # wall time needs no compute record
     assert going[10] == "600K / 1.00M"
     notes = " ".join(table.notes)
-    assert f"pretraining {running.id} (seed 0) is running (step 600/600)" in notes
+    steps = load_preset(PRE).train.max_steps
+    assert f"pretraining {running.id} (seed 0) is running (step {steps}/{steps})" in notes
     assert f"pretraining {old.id} (seed 0) has no compute record" in notes
     assert "going has no easy_vqa finetune yet" in notes
 
