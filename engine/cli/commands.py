@@ -121,6 +121,7 @@ def _launch_distributed(cfg: RunConfig, run_id: str, gpus: int, *, resume: bool)
 
 def validate(preset: Path, overrides: list[str], *, as_json: bool, all_groups: bool) -> None:
     cfg = load_preset(preset, overrides)
+    check_init_from(Store(read_only=True), cfg)  # what `ren run` would refuse before creating the run
     summary = model_summary(cfg)
     if as_json:
         print(json.dumps({"config": cfg.to_dict(), "params": summary}, indent=2))
