@@ -18,6 +18,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "RESULTS.md"
@@ -135,3 +136,88 @@ def _relative_argv() -> list[str]:
     except ValueError:
         first = sys.argv[0]
     return [first, *sys.argv[1:]]
+
+
+def params(module: Any) -> int:
+    """Parameters of a torch module."""
+    return sum(p.numel() for p in module.parameters())
+
+
+def time_steps(sides: dict[str, Callable[[], None]], repeats: int, steps: int
+               ) -> tuple[dict[str, float], dict[str, float]]:
+    """Each side's training step, ``steps`` at a time, alternating over ``repeats`` rounds after one warm-up
+    call each (allocator, optimizer state). Returns the medians of the wall seconds and of the process CPU
+    seconds per step, by side; with one thread the CPU time is the work done, whatever share of a core a
+    shared machine left the process."""
+    for step in sides.values():
+        step()
+    cpu: dict[str, list[float]] = {name: [] for name in sides}
+
+    def measured(name: str, step: Callable[[], None]) -> Callable[[], float]:
+        def side() -> float:
+            start = time.process_time()
+            wall = timed(lambda: [step() for _ in range(steps)]) / steps
+            cpu[name].append((time.process_time() - start) / steps)
+            return wall
+        return side
+
+    walls = alternate({name: measured(name, step) for name, step in sides.items()}, repeats)
+    return ({name: median(v) for name, v in walls.items()}, {name: median(v) for name, v in cpu.items()})
+
+
+def vqa_inputs(*, batch: int, text_len: int, vocab: int, image: int, answers: int, cls_id: int | None = None,
+               seed: int = 0) -> tuple[Any, Any, Any, Any]:
+    """Token ids padded to varied lengths (row 0 full), their mask, images and soft VQA targets (three
+    answers a row, scored 1, 0.6 and 0.3); ``cls_id`` starts every row."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1000 if vocab > 2000 else 5, vocab, (batch, text_len), generator=g)
+    lengths = torch.randint(text_len // 4, text_len + 1, (batch,), generator=g)
+    lengths[0] = text_len
+    mask = (torch.arange(text_len)[None] < lengths[:, None]).long()
+    ids = ids * mask
+    if cls_id is not None:
+        ids[:, 0] = cls_id
+    pixels = torch.randn(batch, 3, image, image, generator=g)
+    targets = torch.zeros(batch, answers)
+    for row in range(batch):
+        picks = torch.randint(0, answers, (3,), generator=g)
+        targets[row, picks] = torch.tensor([1.0, 0.6, 0.3])
+    return ids, mask, pixels, targets
+
+
+def throughput_main(doc: str, name: str, title: str, sizes: tuple[Any, ...], quick_sizes: tuple[Any, ...],
+                    measure: Callable[[Any, int, int], dict], report: Callable[[list[dict], int, int, int], str],
+                    reference: str) -> None:
+    """The command line of a step-throughput comparison: ``--repeats``, ``--steps``, ``--threads``,
+    ``--quick``. Measures each size row with ``measure(size, repeats, steps)`` (a dict with ``ren_s``,
+    ``ref_s``, ``ratio``, ``cpu_ratio``) and rewrites section ``name`` after every row, so a stopped run
+    still leaves what it measured; ``--quick`` prints only."""
+    import argparse
+
+    import torch
+
+    parser = argparse.ArgumentParser(description=doc.split("\n")[0])
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--steps", type=int, default=1, help="training steps per timed measurement")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--quick", action="store_true", help="tiny sizes, a few seconds; prints only")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    rows = quick_sizes if args.quick else sizes
+    repeats = 3 if args.quick else args.repeats
+    steps = 1 if args.quick else args.steps
+    results: list[dict] = []
+    body = ""
+    for size in rows:
+        r = measure(size, repeats, steps)
+        print(f"{size.label()}: ren {r['ren_s'] * 1e3:.1f} ms, {reference} {r['ref_s'] * 1e3:.1f} ms, ratio "
+              f"{r['ratio']:.2f} (CPU time {r['cpu_ratio']:.2f})", flush=True)
+        results.append(r)
+        body = report(results, args.threads, repeats, steps)
+        if len(results) < len(rows):
+            body += f"\n\n(Partial: {len(results)} of {len(rows)} size rows measured so far.)"
+        if not args.quick:
+            write_section(name, title, body)
+    print(body)

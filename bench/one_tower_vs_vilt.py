@@ -28,16 +28,14 @@ its eager attention (no SDPA); ren's backbone is HF's ViT with ``attn_implementa
 
 from __future__ import annotations
 
-import argparse
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench._results import alternate, median, table, timed, write_section  # noqa: E402
+from bench._results import params, table, throughput_main, time_steps, vqa_inputs  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -70,22 +68,8 @@ QUICK_SIZES = [Size(64, 2, 2, 4.0, 16, 64, 16, 1000, 50, 4), Size(64, 2, 2, 4.0,
 
 
 def make_inputs(size: Size, seed: int = 0):
-    """Token ids with a realistic spread of padding, images and soft VQA targets (a few answers per row)."""
-    import torch
-
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(1000 if size.vocab > 2000 else 5, size.vocab, (size.batch, size.text_len), generator=g)
-    lengths = torch.randint(size.text_len // 4, size.text_len + 1, (size.batch,), generator=g)
-    lengths[0] = size.text_len
-    mask = (torch.arange(size.text_len)[None] < lengths[:, None]).long()
-    ids = ids * mask
-    ids[:, 0] = 101 if size.vocab > 101 else 1
-    pixels = torch.randn(size.batch, 3, size.image, size.image, generator=g)
-    targets = torch.zeros(size.batch, size.answers)
-    for row in range(size.batch):
-        picks = torch.randint(0, size.answers, (3,), generator=g)
-        targets[row, picks] = torch.tensor([1.0, 0.6, 0.3])
-    return ids, mask, pixels, targets
+    return vqa_inputs(batch=size.batch, text_len=size.text_len, vocab=size.vocab, image=size.image,
+                      answers=size.answers, cls_id=101 if size.vocab > 101 else 1, seed=seed)
 
 
 def build_ren(size: Size):
@@ -157,35 +141,16 @@ def image_tokens(size: Size, ren, vilt) -> tuple[int, int]:
     return ren_tokens, vilt_tokens - size.text_len
 
 
-def params(model) -> int:
-    return sum(p.numel() for p in model.parameters())
-
-
 def measure(size: Size, repeats: int, steps: int) -> dict:
     ren_step, vilt_step, ren, vilt = step_fns(size)
     ren_tokens, vilt_tokens = image_tokens(size, ren, vilt)
     if ren_tokens != vilt_tokens:
         raise SystemExit(f"image token counts differ: ren {ren_tokens}, ViLT {vilt_tokens}")
-    ren_step()
-    vilt_step()  # warm-up: allocator, AdamW state
-
-    cpu: dict[str, list[float]] = {"ren": [], "hf": []}
-
-    def run(name, fn):
-        def side() -> float:
-            start = time.process_time()
-            wall = timed(lambda: [fn() for _ in range(steps)]) / steps
-            cpu[name].append((time.process_time() - start) / steps)
-            return wall
-        return side
-
-    times = alternate({"ren": run("ren", ren_step), "hf": run("hf", vilt_step)}, repeats)
-    ren_s, hf_s = median(times["ren"]), median(times["hf"])
-    return {"size": size, "ren_params": params(ren), "hf_params": params(vilt), "hf_pooler": params(vilt.vilt.pooler),
+    wall, cpu = time_steps({"ren": ren_step, "ref": vilt_step}, repeats, steps)
+    return {"size": size, "ren_params": params(ren), "ref_params": params(vilt), "hf_pooler": params(vilt.vilt.pooler),
             "hf_token_type": params(vilt.vilt.embeddings.text_embeddings.token_type_embeddings),
-            "ren_s": ren_s, "hf_s": hf_s, "ratio": hf_s / ren_s, "tokens": ren_tokens,
-            "ren_cpu": median(cpu["ren"]), "hf_cpu": median(cpu["hf"]),
-            "cpu_ratio": median(cpu["hf"]) / median(cpu["ren"])}
+            "ren_s": wall["ren"], "ref_s": wall["ref"], "ratio": wall["ref"] / wall["ren"], "tokens": ren_tokens,
+            "ren_cpu": cpu["ren"], "ref_cpu": cpu["ref"], "cpu_ratio": cpu["ref"] / cpu["ren"]}
 
 
 def _verdict(ratio: float) -> str:
@@ -200,11 +165,11 @@ def report(results: list[dict], threads: int, repeats: int, steps: int) -> str:
                      f"{r['ren_cpu'] * 1e3:.1f}", f"{size.batch / r['ren_s']:.1f}",
                      f"**{r['ratio']:.2f}** ({_verdict(r['ratio'])})",
                      f"{r['cpu_ratio']:.2f} ({_verdict(r['cpu_ratio'])})"])
-        rows.append(["", "HF ViltForQuestionAnswering", f"{r['hf_params']:,}", f"{r['hf_s'] * 1e3:.1f}",
-                     f"{r['hf_cpu'] * 1e3:.1f}", f"{size.batch / r['hf_s']:.1f}", "1.00", "1.00"])
+        rows.append(["", "HF ViltForQuestionAnswering", f"{r['ref_params']:,}", f"{r['ref_s'] * 1e3:.1f}",
+                     f"{r['ref_cpu'] * 1e3:.1f}", f"{size.batch / r['ref_s']:.1f}", "1.00", "1.00"])
     body = table(["sizes", "side", "params", "step ms (median)", "CPU ms/step (median)", "samples/s",
                   "ratio ren/HF (target >= 1.2)", "CPU-time ratio"], rows)
-    diffs = ", ".join(sorted({f"D={r['size'].hidden}: HF {r['hf_params'] - r['ren_params']:+,}, token-type table "
+    diffs = ", ".join(sorted({f"D={r['size'].hidden}: HF {r['ref_params'] - r['ren_params']:+,}, token-type table "
                               f"{r['hf_token_type']:,}" for r in results}))
     return body + f"""
 
@@ -243,32 +208,8 @@ embedding, which ren's text embedding does not have.
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--repeats", type=int, default=7)
-    parser.add_argument("--steps", type=int, default=1, help="training steps per timed measurement")
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--quick", action="store_true", help="tiny sizes, a few seconds; prints only")
-    args = parser.parse_args()
-
-    import torch
-
-    torch.set_num_threads(args.threads)
-    sizes = QUICK_SIZES if args.quick else DEFAULT_SIZES
-    repeats = 3 if args.quick else args.repeats
-    steps = 1 if args.quick else args.steps
-    results = []
-    for size in sizes:
-        r = measure(size, repeats, steps)
-        print(f"{size.label()}: ren {r['ren_s'] * 1e3:.1f} ms, HF {r['hf_s'] * 1e3:.1f} ms, ratio {r['ratio']:.2f} "
-              f"(CPU time {r['cpu_ratio']:.2f})", flush=True)
-        results.append(r)
-        body = report(results, args.threads, repeats, steps)
-        if len(results) < len(sizes):
-            body += f"\n\n(Partial: {len(results)} of {len(sizes)} size rows measured so far.)"
-        if not args.quick:  # rewritten after every row, so a stopped run still leaves what it measured
-            write_section("one_tower_vs_vilt", "1. One-tower step throughput: ren vs HF ViltForQuestionAnswering", body)
-    print(body)
-
+    throughput_main(__doc__, "one_tower_vs_vilt", "1. One-tower step throughput: ren vs HF ViltForQuestionAnswering",
+                    DEFAULT_SIZES, QUICK_SIZES, measure, report, "HF")
 
 if __name__ == "__main__":
     main()

@@ -25,16 +25,14 @@ table gives median step times, samples/s and the ratio ``ren / reference`` of sa
 
 from __future__ import annotations
 
-import argparse
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench._results import alternate, median, table, timed, write_section  # noqa: E402
+from bench._results import params, table, throughput_main, time_steps, vqa_inputs  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -71,21 +69,8 @@ QUICK_SIZES = [Size(64, 2, 2, 64, 1, 2, 4.0, 16, 64, 16, 1000, 50, 4, fusion_dro
 
 
 def make_inputs(size: Size, seed: int = 0):
-    """Token ids padded to varied lengths, images and soft VQA targets (a few answers per row)."""
-    import torch
-
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(1000 if size.vocab > 2000 else 5, size.vocab, (size.batch, size.text_len), generator=g)
-    lengths = torch.randint(size.text_len // 4, size.text_len + 1, (size.batch,), generator=g)
-    lengths[0] = size.text_len
-    mask = (torch.arange(size.text_len)[None] < lengths[:, None]).long()
-    ids = ids * mask
-    pixels = torch.randn(size.batch, 3, size.image, size.image, generator=g)
-    targets = torch.zeros(size.batch, size.answers)
-    for row in range(size.batch):
-        picks = torch.randint(0, size.answers, (3,), generator=g)
-        targets[row, picks] = torch.tensor([1.0, 0.6, 0.3])
-    return ids, mask, pixels, targets
+    return vqa_inputs(batch=size.batch, text_len=size.text_len, vocab=size.vocab, image=size.image,
+                      answers=size.answers, seed=seed)
 
 
 def build_ren(size: Size):
@@ -192,10 +177,6 @@ def step_fns(size: Size):
     return ren_step, ref_step, ren, ref
 
 
-def params(module) -> int:
-    return sum(p.numel() for p in module.parameters())
-
-
 def param_breakdown(ren, ref) -> dict[str, tuple[int, int]]:
     """(ren, reference) parameters per part."""
     enc = ren.encoder
@@ -214,25 +195,10 @@ def param_breakdown(ren, ref) -> dict[str, tuple[int, int]]:
 
 def measure(size: Size, repeats: int, steps: int) -> dict:
     ren_step, ref_step, ren, ref = step_fns(size)
-    ren_step()
-    ref_step()  # warm-up: allocator, AdamW state
-
-    cpu: dict[str, list[float]] = {"ren": [], "ref": []}
-
-    def run(name, fn):
-        def side() -> float:
-            start = time.process_time()
-            wall = timed(lambda: [fn() for _ in range(steps)]) / steps
-            cpu[name].append((time.process_time() - start) / steps)
-            return wall
-        return side
-
-    times = alternate({"ren": run("ren", ren_step), "ref": run("ref", ref_step)}, repeats)
-    ren_s, ref_s = median(times["ren"]), median(times["ref"])
-    return {"size": size, "ren_params": params(ren), "ref_params": params(ref), "ren_s": ren_s, "ref_s": ref_s,
-            "ratio": ref_s / ren_s, "breakdown": param_breakdown(ren, ref),
-            "ren_cpu": median(cpu["ren"]), "ref_cpu": median(cpu["ref"]),
-            "cpu_ratio": median(cpu["ref"]) / median(cpu["ren"])}
+    wall, cpu = time_steps({"ren": ren_step, "ref": ref_step}, repeats, steps)
+    return {"size": size, "ren_params": params(ren), "ref_params": params(ref), "ren_s": wall["ren"],
+            "ref_s": wall["ref"], "ratio": wall["ref"] / wall["ren"], "breakdown": param_breakdown(ren, ref),
+            "ren_cpu": cpu["ren"], "ref_cpu": cpu["ref"], "cpu_ratio": cpu["ref"] / cpu["ren"]}
 
 
 def _verdict(ratio: float) -> str:
@@ -296,33 +262,9 @@ overhead, so they were not changed for the benchmark.
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--repeats", type=int, default=7)
-    parser.add_argument("--steps", type=int, default=1, help="training steps per timed measurement")
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--quick", action="store_true", help="tiny sizes, a few seconds; prints only")
-    args = parser.parse_args()
-
-    import torch
-
-    torch.set_num_threads(args.threads)
-    sizes = QUICK_SIZES if args.quick else DEFAULT_SIZES
-    repeats = 3 if args.quick else args.repeats
-    steps = 1 if args.quick else args.steps
-    results = []
-    for size in sizes:
-        r = measure(size, repeats, steps)
-        print(f"{size.label()}: ren {r['ren_s'] * 1e3:.1f} ms, seed {r['ref_s'] * 1e3:.1f} ms, ratio {r['ratio']:.2f} "
-              f"(CPU time {r['cpu_ratio']:.2f})", flush=True)
-        results.append(r)
-        body = report(results, args.threads, repeats, steps)
-        if len(results) < len(sizes):
-            body += f"\n\n(Partial: {len(results)} of {len(sizes)} size rows measured so far.)"
-        if not args.quick:  # rewritten after every row, so a stopped run still leaves what it measured
-            write_section("two_tower_vs_lxmert", "2. Two-tower step throughput: ren vs the seed's LxmertXLayer wiring",
-                          body)
-    print(body)
-
+    throughput_main(__doc__, "two_tower_vs_lxmert",
+                    "2. Two-tower step throughput: ren vs the seed's LxmertXLayer wiring", DEFAULT_SIZES, QUICK_SIZES,
+                    measure, report, "seed")
 
 if __name__ == "__main__":
     main()
