@@ -221,3 +221,25 @@ def throughput_main(doc: str, name: str, title: str, sizes: tuple[Any, ...], qui
         if not args.quick:
             write_section(name, title, body)
     print(body)
+
+
+def training_steps(ren: Any, ren_loss: Callable[[], Any], ref: Any, ref_loss: Callable[[], Any]
+                   ) -> tuple[Callable[[], None], Callable[[], None]]:
+    """One full training step each (loss, backward, optimizer step, zero_grad), with each side's own
+    optimizer: ren's trainer's (``engine.train.build_optimizer``: its parameter groups, fused AdamW) against
+    the Hugging Face Trainer's default (fused AdamW over every parameter since torch 2.8)."""
+    import torch
+
+    from engine.config import OptimConfig
+    from engine.train import build_optimizer
+
+    def step_of(loss: Callable[[], Any], optimizer: Any) -> Callable[[], None]:
+        def step() -> None:
+            loss().backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        return step
+
+    ren_opt = build_optimizer(ren, OptimConfig(lr=1e-4, weight_decay=0.0), torch.device("cpu"))
+    ref_opt = torch.optim.AdamW(ref.parameters(), lr=1e-4, weight_decay=0.0, fused=True)
+    return step_of(ren_loss, ren_opt), step_of(ref_loss, ref_opt)

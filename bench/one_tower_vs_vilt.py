@@ -35,7 +35,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench._results import params, table, throughput_main, time_steps, vqa_inputs  # noqa: E402
+from bench._results import params, table, throughput_main, time_steps, training_steps, vqa_inputs  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -102,31 +102,16 @@ def step_fns(size: Size):
     """(ren step, HF step, ren model, HF model): each step runs one full training step on the same inputs."""
     import torch
 
-    from engine.config import OptimConfig
     from engine.tasks import task_loss
-    from engine.train import build_optimizer
 
     ids, mask, pixels, targets = make_inputs(size)
     torch.manual_seed(0)
     ren = build_ren(size)
     torch.manual_seed(0)
     vilt = build_vilt(size)
-    # each side's own optimizer: ren's trainer's (its parameter groups, fused AdamW) against the Hugging Face
-    # Trainer's default (fused AdamW over every parameter since torch 2.8)
-    ren_opt = build_optimizer(ren, OptimConfig(lr=1e-4, weight_decay=0.0), torch.device("cpu"))
-    vilt_opt = torch.optim.AdamW(vilt.parameters(), lr=1e-4, weight_decay=0.0, fused=True)
-
-    def ren_step() -> None:
-        logits = ren(ids, mask, pixels, task=True).logits["task"]
-        task_loss("vqa", logits, targets, "bce").backward()
-        ren_opt.step()
-        ren_opt.zero_grad(set_to_none=True)
-
-    def vilt_step() -> None:
-        vilt(input_ids=ids, attention_mask=mask, pixel_values=pixels, labels=targets).loss.backward()
-        vilt_opt.step()
-        vilt_opt.zero_grad(set_to_none=True)
-
+    ren_step, vilt_step = training_steps(
+        ren, lambda: task_loss("vqa", ren(ids, mask, pixels, task=True).logits["task"], targets, "bce"),
+        vilt, lambda: vilt(input_ids=ids, attention_mask=mask, pixel_values=pixels, labels=targets).loss)
     return ren_step, vilt_step, ren, vilt
 
 

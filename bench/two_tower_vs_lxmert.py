@@ -32,7 +32,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench._results import params, table, throughput_main, time_steps, vqa_inputs  # noqa: E402
+from bench._results import params, table, throughput_main, time_steps, training_steps, vqa_inputs  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -150,30 +150,16 @@ def step_fns(size: Size):
     """(ren step, reference step, ren model, reference model), each one full training step on the same inputs."""
     import torch
 
-    from engine.config import OptimConfig
     from engine.tasks import task_loss
-    from engine.train import build_optimizer
 
     ids, mask, pixels, targets = make_inputs(size)
     torch.manual_seed(0)
     ren = build_ren(size)
     torch.manual_seed(0)
     ref = build_reference(size)
-    # each side's own optimizer: ren's trainer's (its parameter groups, fused AdamW) against the Hugging Face
-    # Trainer's default (fused AdamW over every parameter since torch 2.8)
-    ren_opt = build_optimizer(ren, OptimConfig(lr=1e-4, weight_decay=0.0), torch.device("cpu"))
-    ref_opt = torch.optim.AdamW(ref.parameters(), lr=1e-4, weight_decay=0.0, fused=True)
-
-    def ren_step() -> None:
-        task_loss("vqa", ren(ids, mask, pixels, task=True).logits["task"], targets, "bce").backward()
-        ren_opt.step()
-        ren_opt.zero_grad(set_to_none=True)
-
-    def ref_step() -> None:
-        task_loss("vqa", ref(ids, mask, pixels), targets, "bce").backward()
-        ref_opt.step()
-        ref_opt.zero_grad(set_to_none=True)
-
+    ren_step, ref_step = training_steps(
+        ren, lambda: task_loss("vqa", ren(ids, mask, pixels, task=True).logits["task"], targets, "bce"),
+        ref, lambda: task_loss("vqa", ref(ids, mask, pixels), targets, "bce"))
     return ren_step, ref_step, ren, ref
 
 
