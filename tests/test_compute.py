@@ -60,6 +60,13 @@ def encoder_layer(n: int, d: int, mlp: int) -> tuple[int, int]:
     return linear, attention
 
 
+def cls_only_layer(n: int, d: int, mlp: int) -> tuple[int, int]:
+    """:func:`encoder_layer` computed for the [CLS] row only (the last layer under a classifier): keys and
+    values of all ``n`` tokens, everything else for one."""
+    linear, _ = encoder_layer(1, d, mlp)
+    return linear - 2 * 2 * d * d + 2 * 2 * n * d * d, 2 * n * d + 2 * n * d
+
+
 def patch_embedding(image: int, patch: int, d: int) -> int:
     """A ViT patch embedding: a patch x patch convolution, stride patch, 3 -> d channels."""
     return 2 * (image // patch) ** 2 * d * (3 * patch * patch)
@@ -74,16 +81,18 @@ LINEAR_BWD, FIRST_LAYER_BWD, ATTENTION_BWD = 2.0, 1.0, 2.5
 
 def test_flops_of_a_tiny_one_tower_match_a_hand_count() -> None:
     """A ViT backbone (hidden 32, 2 layers, MLP 64) on [8 text tokens; CLS + 16 patches],
-    its pooler and the VQA head (Linear 32 -> 64, Linear 64 -> 7)."""
+    its pooler and the VQA head (Linear 32 -> 64, Linear 64 -> 7). The classifier reads the [CLS]
+    alone, so the last layer computes only its row."""
     model = make(one_tower("vision"), {"task": {}})
-    d, mlp, layers = 32, 64, 2
+    d, mlp = 32, 64
     n = L + 1 + (32 // 8) ** 2
     linear, attention = encoder_layer(n, d, mlp)
+    last_linear, last_attention = cls_only_layer(n, d, mlp)
     patches = patch_embedding(32, 8, d)
     pooler = 2 * d * d
     head = 2 * d * (2 * d) + 2 * (2 * d) * 7  # ClassifierHead: hidden = pooled_dim x head_hidden_mult (2.0)
-    forward = layers * (linear + attention) + patches + pooler + head
-    backward = (LINEAR_BWD * (layers * linear + pooler + head) + ATTENTION_BWD * layers * attention
+    forward = linear + attention + last_linear + last_attention + patches + pooler + head
+    backward = (LINEAR_BWD * (linear + last_linear + pooler + head) + ATTENTION_BWD * (attention + last_attention)
                 + FIRST_LAYER_BWD * patches)
 
     meter = measure(model, task_loss)

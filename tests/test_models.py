@@ -93,7 +93,8 @@ def test_one_tower_shapes(modality, pooler):
     f = out.features
     n_patches = 1 + (32 // 8) ** 2
     assert f.text.shape == (B, L, 32)
-    assert f.image.shape == (B, n_patches, 32)
+    assert f.image is None  # no head reads the fused image tokens: the last layer leaves them out
+    assert model.encoder(ids, mask, pix).image.shape == (B, n_patches, 32)
     assert f.pooled.shape == (B, 32 * (2 if pooler == "double" else 1))
     assert f.text_cls is None and f.image_cls is None
     # MLM logits only at the masked positions
@@ -147,7 +148,8 @@ def test_two_tower_shapes():
     pos = mlm_positions(mask)
     out = model(ids, mask, pix, mlm_positions=pos, itm_rows=slice(0, B), itc=True)
     f = out.features
-    assert f.text.shape == (B, L, 32) and f.image.shape == (B, 17, 32)
+    assert f.text.shape == (B, L, 32) and f.image is None
+    assert model.encoder(ids, mask, pix).image.shape == (B, 17, 32)
     assert f.pooled.shape == (B, 64)
     assert f.text_cls.shape == (B, 32) and f.image_cls.shape == (B, 32)
     assert out.logits["mlm"].shape == (int(pos.sum()), VOCAB)
@@ -170,7 +172,7 @@ def test_two_tower_with_timm_cnn():
     assert fmap.ndim == 4
     c, h, w = fmap.shape[1:]
     assert c == tower.hidden_size == 512 and h * w > 1
-    assert out.features.image.shape == (B, 1 + h * w, 32)
+    assert model.encoder(ids, mask, pix).image.shape == (B, 1 + h * w, 32)
     tokens = tower(pix)
     assert tokens.shape == (B, 1 + h * w, c)
     # first token summarises the map (mean), the rest are its positions in order
@@ -353,7 +355,7 @@ def test_pretrained_text_backbone_from_local_dir(hf_dirs):
     ids = ids.clamp(max=89)
     out = model(ids, mask, pix, task=True)
     assert out.logits["task"].shape == (B, N_ANSWERS)
-    assert out.features.image.shape == (B, 1 + (32 // 16) ** 2, 32)  # default patch 16
+    assert model.encoder(ids, mask, pix).image.shape == (B, 1 + (32 // 16) ** 2, 32)  # default patch 16
 
 
 def test_pretrained_vision_backbone_keeps_embeddings_and_final_norm(hf_dirs):
@@ -463,11 +465,13 @@ def test_unknown_timm_model_is_a_model_load_error():
 
 
 def _count_calls(layers) -> list[int]:
-    """Calls of each layer's attention block (hooks on a submodule also fire when
-    the backward pass recomputes a checkpointed layer)."""
+    """Calls of each layer's key projection (hooks on a submodule also fire when the backward pass
+    recomputes a checkpointed layer; a last layer computed for some rows only still projects keys)."""
     counts = [0] * len(layers)
     for i, layer in enumerate(layers):
-        layer.attention.register_forward_pre_hook(lambda *_, i=i: counts.__setitem__(i, counts[i] + 1))
+        attention = getattr(layer.attention, "self", layer.attention)  # BERT-style or ViT-style
+        key = getattr(attention, "key", None) or attention.k_proj
+        key.register_forward_pre_hook(lambda *_, i=i: counts.__setitem__(i, counts[i] + 1))
     return counts
 
 

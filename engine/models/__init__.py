@@ -66,7 +66,9 @@ class VLModel(nn.Module):
         if pair_pixel_values is not None:
             input_ids, attention_mask = input_ids.repeat(2, 1), attention_mask.repeat(2, 1)
             pixel_values = torch.cat([pixel_values, pair_pixel_values])
-        feats = self.encoder(input_ids, attention_mask, pixel_values)
+        # the fused tokens the heads read; the encoder's last layer computes only those rows and the pooler's
+        tokens = ("text",) * (mlm_positions is not None) + ("image",) * (task and boxes is not None)
+        feats = self.encoder(input_ids, attention_mask, pixel_values, tokens=tokens)
         out = Outputs(features=feats)
         if mlm_positions is not None:
             out.logits["mlm"] = self.heads["mlm"](feats.text[mlm_positions])
@@ -142,7 +144,7 @@ class VLModel(nn.Module):
         fusion per row). The score is the match logit minus the no-match logit, i.e. the log-odds
         ``log p(match) - log p(no match)``: ranks as ``p(match)`` does, without saturating."""
         head = self._itm_head("itm_scores")
-        return _match_log_odds(head(self.encoder(input_ids, attention_mask, pixel_values).pooled))
+        return _match_log_odds(head(self.encoder(input_ids, attention_mask, pixel_values, tokens=()).pooled))
 
     def fused_itm_scores(self, text_tokens: Tensor, attention_mask: Tensor, image_tokens: Tensor) -> Tensor:
         """:meth:`itm_scores` from tower outputs (:meth:`text_tokens`, :meth:`image_tokens`), running
@@ -151,7 +153,7 @@ class VLModel(nn.Module):
         if not isinstance(self.encoder, TwoTower):
             raise RenError(f"fused_itm_scores: a {_kind(self.encoder)} model has no fusion of separate tower "
                            "outputs; use itm_scores.")
-        return _match_log_odds(head(self.encoder.fuse(text_tokens, attention_mask, image_tokens).pooled))
+        return _match_log_odds(head(self.encoder.fuse(text_tokens, attention_mask, image_tokens, tokens=()).pooled))
 
     def groups(self) -> Groups:
         groups = dict(self.encoder.groups())

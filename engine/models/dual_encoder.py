@@ -3,6 +3,8 @@ projections. No fusion: usable for fast retrieval and as a first stage."""
 
 from __future__ import annotations
 
+from collections.abc import Collection
+
 from torch import Tensor, nn
 
 from engine import config as C
@@ -20,7 +22,9 @@ class DualEncoder(nn.Module):
         self.pooled_dim = 0
         self.text_dim = self.text.hidden_size
 
-    def forward(self, input_ids: Tensor, attention_mask: Tensor, pixel_values: Tensor) -> Features:
+    def forward(self, input_ids: Tensor, attention_mask: Tensor, pixel_values: Tensor, *,
+                tokens: Collection[str] = ()) -> Features:
+        """``tokens`` is accepted for a uniform encoder interface: a dual encoder has no fused tokens."""
         return Features(text_mask=attention_mask,
                         text_cls=self.text(input_ids, attention_mask)[:, 0],
                         image_cls=self.vision(pixel_values)[:, 0])

@@ -138,9 +138,13 @@ class CoAttentionLayer(nn.Module):
         self.mlp = MLP(hidden_size, mlp_ratio, dropout)
         self.drop = nn.Dropout(dropout)
 
-    def forward(self, x: Tensor, x_mask: Tensor | None, ctx: Tensor, ctx_mask: Tensor | None) -> Tensor:
+    def forward(self, x: Tensor, x_mask: Tensor | None, ctx: Tensor, ctx_mask: Tensor | None,
+                rows: slice | None = None) -> Tensor:
+        """``rows``: compute only these output rows (every row still serves as a key and value)."""
         h = self.norm_self(x)
-        x = x + self.drop(self.self_attn(h, h, x_mask))
+        if rows is not None:
+            x = x[:, rows]
+        x = x + self.drop(self.self_attn(h if rows is None else h[:, rows], h, x_mask))
         x = x + self.drop(self.cross_attn(self.norm_cross(x), self.norm_context(ctx), ctx_mask))
         return x + self.drop(self.mlp(self.norm_mlp(x)))
 
@@ -153,8 +157,9 @@ class FusionLayer(nn.Module):
         self.text = CoAttentionLayer(hidden_size, heads, mlp_ratio, dropout)
         self.image = CoAttentionLayer(hidden_size, heads, mlp_ratio, dropout)
 
-    def forward(self, t: Tensor, t_mask: Tensor | None, v: Tensor, v_mask: Tensor | None) -> tuple[Tensor, Tensor]:
-        return self.text(t, t_mask, v, v_mask), self.image(v, v_mask, t, t_mask)
+    def forward(self, t: Tensor, t_mask: Tensor | None, v: Tensor, v_mask: Tensor | None,
+                text_rows: slice | None = None, image_rows: slice | None = None) -> tuple[Tensor, Tensor]:
+        return self.text(t, t_mask, v, v_mask, text_rows), self.image(v, v_mask, t, t_mask, image_rows)
 
 
 class Pooler(nn.Module):

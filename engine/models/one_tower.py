@@ -9,6 +9,8 @@ added to both. Padding tokens are masked out of every attention.
 
 from __future__ import annotations
 
+from collections.abc import Collection
+
 import torch
 from torch import Tensor, nn
 
@@ -23,6 +25,7 @@ from engine.models.layers import (
     additive_mask,
     init_weights,
 )
+from engine.models.rows import layer_rows, run_layer
 from engine.models.towers import Groups
 from engine.models.types import Features
 
@@ -109,23 +112,40 @@ class OneTower(nn.Module):
         kwargs = {"interpolate_pos_encoding": True} if self._interpolate else {}
         return self.backbone.embeddings(pixel_values, **kwargs)
 
-    def forward(self, input_ids: Tensor, attention_mask: Tensor, pixel_values: Tensor) -> Features:
+    def forward(self, input_ids: Tensor, attention_mask: Tensor, pixel_values: Tensor, *,
+                tokens: Collection[str] = ("text", "image")) -> Features:
+        """``tokens``: which fused token sequences the caller reads (``"text"``, ``"image"``); the pooled
+        feature is always there. The last layer computes only the rows they and the pooler need
+        (:mod:`engine.models.rows`): ``tokens=()`` gives the pooled feature at a fraction of the last
+        layer's cost, and the ``Features`` fields not asked for are None."""
         t = self.embed_text(input_ids) + self.modality_type.weight[0]
         v = self.embed_image(pixel_values) + self.modality_type.weight[1]
         x = torch.cat([t, v], dim=1)
         n_text = t.shape[1]
         mask = torch.cat([attention_mask, attention_mask.new_ones(v.shape[:2])], dim=1)
         attn = additive_mask(mask, x.dtype)
-        for layer in self.layers:
-            out = layer(x, attention_mask=attn)
-            x = out[0] if isinstance(out, tuple) else out
+        *layers, last = self.layers or [None]
+        for layer in layers:
+            x = run_layer(layer, x, attn)
+        double = self.image_pooler is not None
+        image_cls = n_text  # where the image [CLS] ends up among the computed rows
+        if last is None:  # a stack of no layers
+            pass
+        elif "image" in tokens:
+            x = run_layer(last, x, attn)
+        elif "text" in tokens:  # the text rows, then the image [CLS] for a double pooler
+            x = layer_rows(last, x, attn, slice(0, n_text + int(double)))
+        elif double:
+            x, image_cls = layer_rows(last, x, attn, torch.tensor([0, n_text], device=x.device)), 1
+        else:
+            x = layer_rows(last, x, attn, slice(0, 1))
         if self.norm is not None:
             x = self.norm(x)
-        text, image = x[:, :n_text], x[:, n_text:]
         pooled = self.pooler(x[:, 0])
         if self.image_pooler is not None:
-            pooled = torch.cat([pooled, self.image_pooler(image[:, 0])], dim=-1)
-        return Features(text=text, image=image, text_mask=attention_mask, pooled=pooled)
+            pooled = torch.cat([pooled, self.image_pooler(x[:, image_cls])], dim=-1)
+        return Features(text=x[:, :n_text] if "text" in tokens else None,
+                        image=x[:, n_text:] if "image" in tokens else None, text_mask=attention_mask, pooled=pooled)
 
     def groups(self) -> Groups:
         if self.modality == "text":

@@ -4,6 +4,8 @@ projected to the fusion width, joined by a stack of co-attention fusion layers
 
 from __future__ import annotations
 
+from collections.abc import Collection
+
 import torch
 from torch import Tensor, nn
 
@@ -39,22 +41,31 @@ class TwoTower(nn.Module):
         self.pooled_dim = 2 * f.hidden_size
         self.unimodal_dims = (self.text.hidden_size, self.vision.hidden_size)
 
-    def forward(self, input_ids: Tensor, attention_mask: Tensor, pixel_values: Tensor) -> Features:
-        return self.fuse(self.text(input_ids, attention_mask), attention_mask, self.vision(pixel_values))
+    def forward(self, input_ids: Tensor, attention_mask: Tensor, pixel_values: Tensor, *,
+                tokens: Collection[str] = ("text", "image")) -> Features:
+        return self.fuse(self.text(input_ids, attention_mask), attention_mask, self.vision(pixel_values),
+                         tokens=tokens)
 
-    def fuse(self, t_uni: Tensor, attention_mask: Tensor, v_uni: Tensor) -> Features:
+    def fuse(self, t_uni: Tensor, attention_mask: Tensor, v_uni: Tensor, *,
+             tokens: Collection[str] = ("text", "image")) -> Features:
         """The fusion stack on given unimodal tower outputs (text tokens ``(B, L, D_t)`` with
         their mask, image tokens ``(B, N, D_v)``): lets retrieval encode each text and image
-        once and fuse only the pairs it scores."""
+        once and fuse only the pairs it scores. ``tokens``: which fused token sequences the caller
+        reads (``"text"``, ``"image"``); a stream not asked for gets only its [CLS] (the pooler's
+        input) computed in the last fusion layer, and its ``Features`` field is None."""
         t = self.text_proj(t_uni) + self.modality_type.weight[0]
         v = self.image_proj(v_uni) + self.modality_type.weight[1]
         t_mask = additive_mask(attention_mask, t.dtype)
-        for layer in self.fusion:
+        *layers, last = self.fusion
+        for layer in layers:
             t, v = layer(t, t_mask, v, None)
+        cls_only = slice(0, 1)
+        t, v = last(t, t_mask, v, None, None if "text" in tokens else cls_only,
+                    None if "image" in tokens else cls_only)
         t, v = self.text_norm(t), self.image_norm(v)
         pooled = torch.cat([self.text_pooler(t[:, 0]), self.image_pooler(v[:, 0])], dim=-1)
-        return Features(text=t, image=v, text_mask=attention_mask, pooled=pooled,
-                        text_cls=t_uni[:, 0], image_cls=v_uni[:, 0])
+        return Features(text=t if "text" in tokens else None, image=v if "image" in tokens else None,
+                        text_mask=attention_mask, pooled=pooled, text_cls=t_uni[:, 0], image_cls=v_uni[:, 0])
 
     def groups(self) -> Groups:
         groups = {**self.text.groups("text"), **self.vision.groups("vision")}
