@@ -116,11 +116,12 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Sequential):
-    def __init__(self, hidden_size: int, mlp_ratio: float, dropout: float):
+    """Linear -> GELU -> Linear. No dropout inside: the layer drops the MLP's output before the residual,
+    as BERT's and METER's layers (and HF's ViT) do."""
+
+    def __init__(self, hidden_size: int, mlp_ratio: float):
         inner = int(hidden_size * mlp_ratio)
-        super().__init__(
-            nn.Linear(hidden_size, inner), nn.GELU(), nn.Dropout(dropout), nn.Linear(inner, hidden_size)
-        )
+        super().__init__(nn.Linear(hidden_size, inner), nn.GELU(), nn.Linear(inner, hidden_size))
 
 
 class CoAttentionLayer(nn.Module):
@@ -135,7 +136,7 @@ class CoAttentionLayer(nn.Module):
         self.norm_context = nn.LayerNorm(hidden_size)
         self.cross_attn = Attention(hidden_size, heads, dropout)
         self.norm_mlp = nn.LayerNorm(hidden_size)
-        self.mlp = MLP(hidden_size, mlp_ratio, dropout)
+        self.mlp = MLP(hidden_size, mlp_ratio)
         self.drop = nn.Dropout(dropout)
 
     def forward(self, x: Tensor, x_mask: Tensor | None, ctx: Tensor, ctx_mask: Tensor | None,
