@@ -156,6 +156,8 @@ def report(results: list[dict], threads: int, repeats: int, steps: int) -> str:
                   "ratio ren/HF (target >= 1.2)", "CPU-time ratio"], rows)
     diffs = ", ".join(sorted({f"D={r['size'].hidden}: HF {r['ref_params'] - r['ren_params']:+,}, token-type table "
                               f"{r['hf_token_type']:,}" for r in results}))
+    r0_tokens = results[0]["tokens"] + results[0]["size"].text_len - 1
+    r_layers_all = " / ".join(str(r["size"].layers) for r in results)
     return body + f"""
 
 What is compared: one full training step (forward, ViLT's VQA loss (BCE on soft targets times the
@@ -173,16 +175,19 @@ modality-type embedding and pooler, task head with `head_hidden_mult = 2`). HF:
 `max_image_length = -1`, so ViLT keeps every patch; both encoders were checked to take the same
 number of image tokens ({", ".join(str(r["tokens"]) for r in results)}) after the text tokens.
 
-Dropout 0.0 is the default of both (`ViltConfig` and ren's backbone `dropout`); the original ViLT
-training used 0.1, hence the 0.1 row. At 0.0 PyTorch runs ren's attention in its fused CPU flash
-kernel while ViLT materialises the attention matrix (matmul, softmax, matmul); the linear layers'
-matmuls are the same work on both sides. With attention dropout > 0 PyTorch's CPU SDPA has no fused
-kernel and falls back to the same materialised softmax-dropout-matmul that ViLT runs, so at 0.1 ren
-has no kernel advantage left: the remaining differences are small ones both ways, ViLT's per-image
-Python patch selection (`visual_embed`: per-row `nonzero`, `multinomial`, interpolated position
-tables) on one side and the extra masking ops of SDPA's math fallback (`_safe_softmax`) on the
-other. A hand-written softmax-dropout-matmul measured no faster than that fallback on this machine,
-so ren's code was left as it is.
+Where ren's time goes differently: the encoder layers are the same matmuls on both sides, but
+(1) the VQA head reads only the pooler's [CLS] row of the last layer, so ren's last layer computes
+only that row (`engine/models/rows.py`: every token still serves as a key and value, but the queries,
+attention output, residuals, norms and MLP of the other {r0_tokens} rows at the first row's sizes are never
+computed), which removes most of the last of the encoder's {r_layers_all} layers (by row above) while ViLT
+computes and discards them; and (2) at dropout 0.0 PyTorch runs ren's attention in its fused CPU flash kernel while ViLT
+materialises the attention matrix (matmul, softmax, matmul). With attention dropout > 0 PyTorch's
+CPU SDPA has no fused kernel and falls back to the same materialised softmax-dropout-matmul that ViLT
+runs, so at 0.1 only (1) is left, plus small differences both ways: ViLT's per-image Python patch
+selection (`visual_embed`: per-row `nonzero`, `multinomial`, interpolated position tables) on one
+side and the extra masking ops of SDPA's math fallback (`_safe_softmax`) on the other. Dropout 0.0
+is the default of both (`ViltConfig` and ren's backbone `dropout`); the original ViLT training used
+0.1, hence the 0.1 row. The more layers, the smaller (1) is: it saves about 1/layers of the encoder.
 
 Parameters: ViLT's pooler ({results[0]["hf_pooler"]:,} parameters at D={results[0]["size"].hidden})
 is matched by ren's pooler; both have the same encoder layers, final LayerNorm, classifier, patch

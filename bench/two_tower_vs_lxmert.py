@@ -235,15 +235,22 @@ cross context, MLP) plus final norms, against LXMERT's 2 per stream plus the sha
 one; the matmul FLOPs per step are the same, since LXMERT runs its shared cross-attention in both
 directions too. The seed's towers carry their HF poolers (and BERT's 2-row token-type table), unused.
 
-Why the target is missed: the towers are the same HF code on both sides, so only the fusion can
-differ. With fusion dropout 0.0 ren's fusion attention runs in PyTorch's fused CPU flash kernel and
-LXMERT's eager attention does not, which is ren's whole advantage. With dropout 0.1 (the default of
-ren's fusion and of METER/Renaissance) CPU SDPA has no fused kernel, both sides materialise the
-attention, and ren's fusion does more elementwise work per layer than `LxmertXLayer`: a dropout on
-the 4x-wide MLP hidden activation in each stream (`engine.models.layers.MLP`; LXMERT has none there;
-drawing those masks is most of the extra cost on CPU) and one more LayerNorm per stream (the
-context norm of the pre-norm cross-attention). Those are model semantics (regularisation and normalisation choices), not
-overhead, so they were not changed for the benchmark.
+Where ren's time goes differently (the towers are the same HF code on both sides, so only the fusion
+can differ):
+- The classifier reads only the two [CLS] rows of the last fusion layer (the poolers' inputs), so
+  ren's last fusion layer computes only those rows (`TwoTower.fuse(tokens=())`, see
+  `engine/models/rows.py`): every row still serves as a key and value, but the queries, attention
+  outputs, residuals, norms and MLPs of the other rows are never computed. LXMERT computes and
+  discards them; with 2 fusion layers that is about a quarter of the fusion's matmul work.
+- At fusion dropout 0.0 ren's fusion attention runs in PyTorch's fused CPU flash kernel; LXMERT's eager
+  attention materialises the attention matrix. At 0.1 CPU SDPA has no fused kernel and both sides
+  materialise it.
+- ren's fusion MLP has no dropout inside (Linear, GELU, Linear; the block's output is dropped before
+  the residual), as in METER's and the seed's BERT-style layers. Until 2026-11-28 it also dropped the
+  4x-wide hidden activation, a regularisation METER does not have and the most expensive elementwise
+  op of the step on CPU (drawing the masks); it was removed as a departure from METER, and both
+  dropout rows above are measured without it.
+- One more LayerNorm per stream remains on ren's side (the context norm of its pre-norm cross-attention).
 """
 
 
