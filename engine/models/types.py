@@ -11,7 +11,8 @@ from torch import Tensor
 class Features:
     """Encoder outputs.
 
-    ``text``/``image``: fused token features (None for a dual encoder);
+    ``text``/``image``: fused token features (None for a dual encoder, and when the caller did not ask
+    for them: the last layer then computes only the rows it needs, see ``engine.models.rows``);
     ``pooled``: the joint representation fed to ITM and task heads;
     ``text_cls``/``image_cls``: unimodal summaries before fusion, for ITC.
     """
