@@ -287,6 +287,14 @@ def test_state_dict_has_no_aliases_and_round_trips(kind, tmp_path):
             assert torch.equal(x, y)
 
 
+def test_fusion_mlp_keeps_the_state_dict_keys_of_earlier_checkpoints():
+    """Its second linear is still ``mlp.3`` (a dropout sat at ``mlp.2`` until 2026-11-28): ``init_from``
+    keeps only keys this model has, so a renamed key would silently leave that linear untrained."""
+    sd = make(two_tower(), {"task": {}}).state_dict()
+    mlp = {k.split(".mlp.")[1] for k in sd if k.startswith("encoder.fusion.") and ".mlp." in k}
+    assert mlp == {"0.weight", "0.bias", "3.weight", "3.bias"}
+
+
 def test_group_names():
     groups = make(two_tower()).groups()
     assert {"text.embeddings", "text.layers[0]", "text.layers[1]", "text.final",

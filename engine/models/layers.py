@@ -4,6 +4,7 @@ co-attention fusion layers and poolers. Attention runs through PyTorch SDPA."""
 from __future__ import annotations
 
 import math
+from collections import OrderedDict
 
 import torch
 import torch.nn.functional as F
@@ -117,11 +118,15 @@ class Attention(nn.Module):
 
 class MLP(nn.Sequential):
     """Linear -> GELU -> Linear. No dropout inside: the layer drops the MLP's output before the residual,
-    as BERT's and METER's layers (and HF's ViT) do."""
+    as BERT's and METER's layers (and HF's ViT) do.
+
+    The parts are named ``0``, ``1`` and ``3``: until 2026-11-28 a dropout sat at ``2``, and keeping the
+    names keeps the state-dict keys, so checkpoints and ``init_from`` weights from then still load whole."""
 
     def __init__(self, hidden_size: int, mlp_ratio: float):
         inner = int(hidden_size * mlp_ratio)
-        super().__init__(nn.Linear(hidden_size, inner), nn.GELU(), nn.Linear(inner, hidden_size))
+        super().__init__(OrderedDict(
+            [("0", nn.Linear(hidden_size, inner)), ("1", nn.GELU()), ("3", nn.Linear(inner, hidden_size))]))
 
 
 class CoAttentionLayer(nn.Module):
