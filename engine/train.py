@@ -186,6 +186,22 @@ def init_weights_from(model: VLModel, source: str, store: Store) -> tuple[list[s
     return list(result.missing_keys), [k for k in state if k not in usable], resized
 
 
+def describe_init(source: str, missing: list[str], skipped: list[str], resized: list[str], shown: int = 6) -> str:
+    """The line a run prints after :func:`init_weights_from`. New heads and skipped heads are expected
+    (pretraining heads -> a task head); encoder tensors that stayed as built are named, since they
+    mean the weights do not fully fit this encoder."""
+    line = (f"initialised from {source} ({len(missing)} new, {len(skipped)} skipped, "
+            f"{len(resized)} resized tensors{': ' + ', '.join(resized) if resized else ''})")
+    unfit = [k for k in skipped if not k.startswith("heads.")]
+    absent = [k for k in missing if not k.startswith("heads.")]
+    for names, what in ((absent, "not in the weights, left as initialised"),
+                        (unfit, "in the weights but not fitting this model, ignored")):
+        if names:
+            more = f" and {len(names) - shown} more" if len(names) > shown else ""
+            line += f"; WARNING: {len(names)} encoder tensor(s) {what}: {', '.join(names[:shown])}{more}"
+    return line
+
+
 def latest_checkpoint(run_dir: Path) -> Path | None:
     pointer = run_dir / CHECKPOINTS / LATEST
     if not pointer.exists():
@@ -315,9 +331,7 @@ def train(cfg: RunConfig, store: Store, run_id: str, *, resume: bool = False,
     # a resumed run loads its own checkpoint; one resumed before its first checkpoint (a retry)
     # starts from init_from like a fresh run
     if cfg.train.init_from and not (resume and latest_checkpoint(run_dir) is not None):
-        missing, skipped, resized = init_weights_from(model, cfg.train.init_from, store)
-        reporter.message(f"initialised from {cfg.train.init_from} ({len(missing)} new, {len(skipped)} skipped, "
-                         f"{len(resized)} resized tensors{': ' + ', '.join(resized) if resized else ''})")
+        reporter.message(describe_init(cfg.train.init_from, *init_weights_from(model, cfg.train.init_from, store)))
     freeze_report = apply_freeze(model, cfg.freeze)
     if freeze_report.trainable == 0:
         raise ConfigError("freeze.groups freezes every parameter; nothing would train.")

@@ -16,7 +16,7 @@ from engine.errors import RenError
 from engine.models import VLModel, build_model
 from engine.models.resize import adapt_state_dict, resize_position_table
 from engine.store import Store
-from engine.train import FINAL_WEIGHTS, init_weights_from, train
+from engine.train import FINAL_WEIGHTS, describe_init, init_weights_from, train
 
 VOCAB = 60
 TINY = {"hidden_size": 32, "layers": 1, "heads": 2, "mlp_ratio": 2.0}
@@ -233,6 +233,26 @@ def test_init_from_a_run_at_a_smaller_image_size_reports_the_resized_table(ren_h
     assert torch.equal(loaded[key], resize_position_table(weights[key], 65, prefix_tokens=1))
     text_key = "encoder.text.model.embeddings.position_embeddings.weight"
     assert torch.equal(loaded[text_key], weights[text_key])
+
+
+def test_init_from_names_encoder_tensors_that_did_not_load(ren_home: Path, tmp_path: Path) -> None:
+    """Heads coming and going is expected; an encoder tensor that stays as built is named."""
+    store = Store(ren_home)
+    run_id, weights = _stored_run(store, "two_tower", 32, tmp_path)
+    fusion_key = next(k for k in weights if k.startswith("encoder.fusion.") and k.endswith("mlp.3.weight"))
+    renamed = {(k.replace("mlp.3.", "mlp.2.") if k == fusion_key else k): v for k, v in weights.items()}
+    save_file(renamed, str(store.run_dir(run_id) / FINAL_WEIGHTS))
+    model = _build("two_tower", 32, tmp_path, seed=1)
+    missing, skipped, resized = init_weights_from(model, f"run:{run_id}", store)
+    assert missing == [fusion_key] and skipped == [fusion_key.replace("mlp.3.", "mlp.2.")]
+    line = describe_init(f"run:{run_id}", missing, skipped, resized)
+    assert f"WARNING: 1 encoder tensor(s) not in the weights, left as initialised: {fusion_key}" in line
+    assert "not fitting this model, ignored: " + fusion_key.replace("mlp.3.", "mlp.2.") in line
+    # the usual pretraining -> finetuning swap of heads is not a warning
+    heads = describe_init("run:x", ["heads.task.0.weight"], ["heads.mlm.decoder.weight"], [])
+    assert heads == "initialised from run:x (1 new, 1 skipped, 0 resized tensors)"
+    many = describe_init("run:x", [f"encoder.t{i}" for i in range(9)], [], [])
+    assert "9 encoder tensor(s)" in many and many.endswith("encoder.t5 and 3 more")
 
 
 class Messages:
