@@ -56,7 +56,12 @@ class _Tower(_Section):
     mlp_ratio: float = Field(4.0, gt=0, le=16)
     """Manual towers: MLP width as a multiple of hidden_size."""
     dropout: float = Field(0.0, ge=0, lt=1)
-    """Dropout inside the tower (all sources)."""
+    """Dropout inside the tower (all sources): on hidden states and, unless ``attention_dropout`` is
+    set, on attention probabilities."""
+    attention_dropout: float | None = Field(None, ge=0, lt=1)
+    """Dropout on attention probabilities (all sources); unset: ``dropout``. Hugging Face configs keep
+    the two apart (``hidden_dropout_prob``, ``attention_probs_dropout_prob``). 0 with ``dropout`` > 0
+    keeps PyTorch's fused attention kernel while training (it has no dropout)."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass (less memory, ~30% more compute)."""
 
@@ -90,6 +95,11 @@ class _Tower(_Section):
         return False
 
     manual_only_keys: ClassVar[tuple[str, ...]] = _MANUAL_ONLY
+
+    @property
+    def attention_p(self) -> float:
+        """The attention dropout in effect."""
+        return self.dropout if self.attention_dropout is None else self.attention_dropout
 
     @model_serializer(mode="wrap")
     def _resolved(self, handler: Any) -> dict[str, Any]:
@@ -206,7 +216,15 @@ class Fusion(_Section):
     mlp_ratio: float = Field(4.0, gt=0, le=16)
     """MLP width as a multiple of hidden_size."""
     dropout: float = Field(0.1, ge=0, lt=1)
-    """Dropout in the fusion layers."""
+    """Dropout in the fusion layers: on each block's output before its residual and, unless
+    ``attention_dropout`` is set, on attention probabilities."""
+    attention_dropout: float | None = Field(None, ge=0, lt=1)
+    """Dropout on the fusion layers' attention probabilities; unset: ``dropout``."""
+
+    @property
+    def attention_p(self) -> float:
+        """The attention dropout in effect."""
+        return self.dropout if self.attention_dropout is None else self.attention_dropout
 
     @model_validator(mode="after")
     def _divisible(self) -> "Fusion":

@@ -161,7 +161,8 @@ def recipe_config(name: str) -> Any:
     """The Hugging Face config the recipe builds (no training, no files)."""
     from engine.models.hf import manual_text_config, manual_vision_config
 
-    sizes = dict(hidden_size=HIDDEN_SIZE, layers=LAYERS, heads=HEADS, mlp_ratio=MLP_RATIO, dropout=0.0)
+    sizes = dict(hidden_size=HIDDEN_SIZE, layers=LAYERS, heads=HEADS, mlp_ratio=MLP_RATIO, dropout=0.0,
+                 attention_dropout=0.0)
     if recipe_of(name) == "easyvqa-vit":
         config = manual_vision_config(patch_size=PATCH_SIZE, image_size=IMAGE_SIZE, **sizes)
         labels = _class_names()

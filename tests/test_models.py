@@ -576,3 +576,47 @@ def test_stored_config_of_a_vision_backbone_builds_again(hf_dirs):
     assert stored["model"]["backbone"]["patch_size"] == 16
     with pytest.raises(ConfigError, match="patches of 8"):
         make(stored["model"], {"task": {}})
+
+
+# ----------------------------------------------------------------------------
+# hidden and attention dropout
+# ----------------------------------------------------------------------------
+
+
+def _dropouts(module: torch.nn.Module) -> set[float]:
+    return {m.p for m in module.modules() if isinstance(m, torch.nn.Dropout)}
+
+
+@pytest.mark.parametrize("modality", ["text", "vision"])
+def test_attention_dropout_is_set_apart_from_hidden_dropout(modality):
+    model = make(one_tower(modality, dropout=0.1, attention_dropout=0.0), {"task": {}})
+    config = model.encoder.backbone.config
+    assert (config.hidden_dropout_prob, config.attention_probs_dropout_prob) == (0.1, 0.0)
+    layer = model.encoder.layers[0]
+    attention = layer.attention.self.dropout.p if modality == "text" else layer.attention.attention_dropout
+    assert attention == 0.0 and _dropouts(layer) == {0.1} | ({0.0} if modality == "text" else set())
+    same = make(one_tower(modality, dropout=0.1), {"task": {}}).encoder.backbone.config
+    assert same.attention_probs_dropout_prob == same.hidden_dropout_prob == 0.1  # unset: follows dropout
+
+
+def test_attention_dropout_of_a_pretrained_tower_and_of_the_fusion(hf_dirs):
+    model = make(two_tower(text={"source": "pretrained", "name": str(hf_dirs["bert"]), "dropout": 0.2,
+                                 "attention_dropout": 0.05},
+                           vision={**TINY, "patch_size": 8, "image_size": 32, "attention_dropout": 0.3}))
+    text, vision = model.encoder.text.model.config, model.encoder.vision.model.config
+    assert (text.hidden_dropout_prob, text.attention_probs_dropout_prob) == (0.2, 0.05)
+    assert (vision.hidden_dropout_prob, vision.attention_probs_dropout_prob) == (0.0, 0.3)
+    fusion = make(two_tower() | {"fusion": {**FUSION, "dropout": 0.1, "attention_dropout": 0.0}}).encoder.fusion[0]
+    assert fusion.text.self_attn.dropout == fusion.image.cross_attn.dropout == 0.0
+    assert fusion.text.drop.p == 0.1
+    default = make(two_tower() | {"fusion": {**FUSION, "dropout": 0.1}}).encoder.fusion[0]
+    assert default.text.self_attn.dropout == default.image.cross_attn.dropout == 0.1
+
+
+def test_attention_dropout_is_stored_only_when_set_and_checked():
+    stored = config_from_dict({"model": one_tower(), **PRETRAIN}).to_dict()
+    assert "attention_dropout" not in stored["model"]["backbone"]
+    cfg = config_from_dict({"model": one_tower(attention_dropout=0.0), **PRETRAIN})
+    assert config_from_dict(cfg.to_dict()) == cfg and cfg.model.backbone.attention_p == 0.0
+    with pytest.raises(ConfigError, match="attention_dropout"):
+        config_from_dict({"model": one_tower(attention_dropout=1.5), **PRETRAIN})

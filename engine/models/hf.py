@@ -104,7 +104,8 @@ def _model_class(config: Any) -> type | None:
         return None
 
 
-def _sizes(hidden_size: int, layers: int, heads: int, mlp_ratio: float, dropout: float) -> dict[str, Any]:
+def _sizes(hidden_size: int, layers: int, heads: int, mlp_ratio: float, dropout: float,
+           attention_dropout: float) -> dict[str, Any]:
     """The HF config fields that size a BERT- or ViT-style encoder."""
     return {
         "hidden_size": hidden_size,
@@ -112,12 +113,13 @@ def _sizes(hidden_size: int, layers: int, heads: int, mlp_ratio: float, dropout:
         "num_attention_heads": heads,
         "intermediate_size": int(hidden_size * mlp_ratio),
         "hidden_dropout_prob": dropout,
-        "attention_probs_dropout_prob": dropout,
+        "attention_probs_dropout_prob": attention_dropout,
     }
 
 
 def manual_text_config(*, vocab_size: int, max_positions: int, **sizes: Any) -> Any:
-    """A BERT config of the given sizes (``hidden_size``, ``layers``, ``heads``, ``mlp_ratio``, ``dropout``)."""
+    """A BERT config of the given sizes (``hidden_size``, ``layers``, ``heads``, ``mlp_ratio``, ``dropout``,
+    ``attention_dropout``)."""
     from transformers import BertConfig
 
     return BertConfig(vocab_size=vocab_size, max_position_embeddings=max_positions, type_vocab_size=1,
@@ -131,12 +133,16 @@ def manual_vision_config(*, patch_size: int, image_size: int, **sizes: Any) -> A
     return ViTConfig(patch_size=patch_size, image_size=image_size, qkv_bias=True, **_sizes(**sizes))
 
 
-def set_dropout(config: Any, dropout: float) -> None:
-    """Apply the preset's dropout to a loaded config (the common HF field names)."""
-    for field in ("hidden_dropout_prob", "attention_probs_dropout_prob", "dropout",
-                  "attention_dropout", "hidden_dropout"):
-        if hasattr(config, field) and isinstance(getattr(config, field), float):
-            setattr(config, field, dropout)
+_HIDDEN_DROPOUT = ("hidden_dropout_prob", "dropout", "hidden_dropout")
+_ATTENTION_DROPOUT = ("attention_probs_dropout_prob", "attention_dropout")
+
+
+def set_dropout(config: Any, dropout: float, attention_dropout: float) -> None:
+    """Apply the preset's hidden and attention dropout to a loaded config (the common HF field names)."""
+    for fields, value in ((_HIDDEN_DROPOUT, dropout), (_ATTENTION_DROPOUT, attention_dropout)):
+        for field in fields:
+            if hasattr(config, field) and isinstance(getattr(config, field), float):
+                setattr(config, field, value)
 
 
 def text_config_of(config: Any) -> Any:

@@ -133,13 +133,13 @@ class CoAttentionLayer(nn.Module):
     """One METER-style fusion layer for one stream: self-attention, cross-attention
     to the other stream, MLP; pre-LayerNorm residual blocks."""
 
-    def __init__(self, hidden_size: int, heads: int, mlp_ratio: float, dropout: float):
+    def __init__(self, hidden_size: int, heads: int, mlp_ratio: float, dropout: float, attention_dropout: float):
         super().__init__()
         self.norm_self = nn.LayerNorm(hidden_size)
-        self.self_attn = Attention(hidden_size, heads, dropout)
+        self.self_attn = Attention(hidden_size, heads, attention_dropout)
         self.norm_cross = nn.LayerNorm(hidden_size)
         self.norm_context = nn.LayerNorm(hidden_size)
-        self.cross_attn = Attention(hidden_size, heads, dropout)
+        self.cross_attn = Attention(hidden_size, heads, attention_dropout)
         self.norm_mlp = nn.LayerNorm(hidden_size)
         self.mlp = MLP(hidden_size, mlp_ratio)
         self.drop = nn.Dropout(dropout)
@@ -158,10 +158,10 @@ class CoAttentionLayer(nn.Module):
 class FusionLayer(nn.Module):
     """A pair of co-attention layers, text attending to image and image to text."""
 
-    def __init__(self, hidden_size: int, heads: int, mlp_ratio: float, dropout: float):
+    def __init__(self, hidden_size: int, heads: int, mlp_ratio: float, dropout: float, attention_dropout: float):
         super().__init__()
-        self.text = CoAttentionLayer(hidden_size, heads, mlp_ratio, dropout)
-        self.image = CoAttentionLayer(hidden_size, heads, mlp_ratio, dropout)
+        self.text = CoAttentionLayer(hidden_size, heads, mlp_ratio, dropout, attention_dropout)
+        self.image = CoAttentionLayer(hidden_size, heads, mlp_ratio, dropout, attention_dropout)
 
     def forward(self, t: Tensor, t_mask: Tensor | None, v: Tensor, v_mask: Tensor | None,
                 text_rows: slice | None = None, image_rows: slice | None = None) -> tuple[Tensor, Tensor]:

@@ -38,7 +38,7 @@ class OneTower(nn.Module):
         if b.source == "manual":
             self.modality = b.modality or "text"
             common = dict(hidden_size=b.hidden_size, layers=b.layers, heads=b.heads,
-                          mlp_ratio=b.mlp_ratio, dropout=b.dropout)
+                          mlp_ratio=b.mlp_ratio, dropout=b.dropout, attention_dropout=b.attention_p)
             config = (
                 hf.manual_text_config(vocab_size=vocab_size, max_positions=b.max_text_positions, **common)
                 if self.modality == "text"
@@ -52,7 +52,7 @@ class OneTower(nn.Module):
                     f"model.backbone.modality = {b.modality!r}, but {b.name!r} is a "
                     f"{self.modality} model; remove the key or pick another backbone."
                 )
-            hf.set_dropout(config, b.dropout)
+            hf.set_dropout(config, b.dropout, b.attention_p)
         self.backbone = hf.build_hf_model(config, name=b.name, pretrained=b.source == "pretrained", key=f"{key}.name")
         hidden = hf.hidden_size_of(config)
         self.hidden_size = hidden

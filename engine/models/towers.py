@@ -36,7 +36,7 @@ def _hf_groups(prefix: str, model: nn.Module, layers: nn.ModuleList, embeddings:
 
 def _sizes(cfg: C.TextTower | C.VisionTower) -> dict[str, Any]:
     return {"hidden_size": cfg.hidden_size, "layers": cfg.layers, "heads": cfg.heads,
-            "mlp_ratio": cfg.mlp_ratio, "dropout": cfg.dropout}
+            "mlp_ratio": cfg.mlp_ratio, "dropout": cfg.dropout, "attention_dropout": cfg.attention_p}
 
 
 def _build(cfg: C.TextTower | C.VisionTower, key: str, manual: Callable[[], Any],
@@ -47,7 +47,7 @@ def _build(cfg: C.TextTower | C.VisionTower, key: str, manual: Callable[[], Any]
         config = manual()
     else:
         config = part(hf.load_hf_config(cfg.name, f"{key}.name"))
-        hf.set_dropout(config, cfg.dropout)
+        hf.set_dropout(config, cfg.dropout, cfg.attention_p)
     model = hf.build_hf_model(config, name=cfg.name, pretrained=cfg.source == "pretrained", key=f"{key}.name")
     hf.encoder_layers(model, key)  # fail early for unsupported families
     if cfg.gradient_checkpointing:

@@ -26,7 +26,7 @@ class TwoTower(nn.Module):
         self.image_proj = nn.Linear(self.vision.hidden_size, f.hidden_size)
         self.modality_type = nn.Embedding(2, f.hidden_size)
         self.fusion = nn.ModuleList(
-            FusionLayer(f.hidden_size, f.heads, f.mlp_ratio, f.dropout) for _ in range(f.layers)
+            FusionLayer(f.hidden_size, f.heads, f.mlp_ratio, f.dropout, f.attention_p) for _ in range(f.layers)
         )
         self.text_norm = nn.LayerNorm(f.hidden_size)
         self.image_norm = nn.LayerNorm(f.hidden_size)
