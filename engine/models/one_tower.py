@@ -25,7 +25,7 @@ from engine.models.layers import (
     additive_mask,
     init_weights,
 )
-from engine.models.rows import layer_rows, run_layer
+from engine.models.rows import Rows, layer_rows, run_layer
 from engine.models.towers import Groups
 from engine.models.types import Features
 
@@ -124,21 +124,23 @@ class OneTower(nn.Module):
         n_text = t.shape[1]
         mask = torch.cat([attention_mask, attention_mask.new_ones(v.shape[:2])], dim=1)
         attn = additive_mask(mask, x.dtype)
-        *layers, last = self.layers or [None]
-        for layer in layers:
-            x = run_layer(layer, x, attn)
         double = self.image_pooler is not None
-        image_cls = n_text  # where the image [CLS] ends up among the computed rows
-        if last is None:  # a stack of no layers
-            pass
-        elif "image" in tokens:
-            x = run_layer(last, x, attn)
-        elif "text" in tokens:  # the text rows, then the image [CLS] for a double pooler
-            x = layer_rows(last, x, attn, slice(0, n_text + int(double)))
-        elif double:
-            x, image_cls = layer_rows(last, x, attn, torch.tensor([0, n_text], device=x.device)), 1
-        else:
-            x = layer_rows(last, x, attn, slice(0, 1))
+        rows: Rows | None = None  # the last layer's rows the caller and the pooler read; None: all
+        image_cls = n_text  # where the image [CLS] ends up among them
+        if "image" not in tokens:
+            if "text" in tokens:  # the text rows, then the image [CLS] for a double pooler
+                rows = slice(0, n_text + int(double))
+            elif double:
+                rows, image_cls = torch.tensor([0, n_text], device=x.device), 1
+            else:
+                rows = slice(0, 1)
+        layers = list(self.layers)
+        for layer in layers[:-1]:
+            x = run_layer(layer, x, attn)
+        if layers:
+            x = layer_rows(layers[-1], x, attn, rows)
+        elif rows is not None:
+            x = x[:, rows]
         if self.norm is not None:
             x = self.norm(x)
         pooled = self.pooler(x[:, 0])

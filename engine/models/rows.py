@@ -84,9 +84,11 @@ def run_layer(layer: nn.Module, x: Tensor, mask: Tensor | None) -> Tensor:
     return out[0] if isinstance(out, tuple) else out
 
 
-def layer_rows(layer: nn.Module, x: Tensor, mask: Tensor | None, rows: Rows) -> Tensor:
-    """The output rows ``rows`` of a Hugging Face encoder layer on ``x`` ``(B, L, D)``, attending over all
-    ``L`` rows with the additive key ``mask`` ``(B, 1, 1, L)`` (or None)."""
+def layer_rows(layer: nn.Module, x: Tensor, mask: Tensor | None, rows: Rows | None) -> Tensor:
+    """The output rows ``rows`` (None: all) of a Hugging Face encoder layer on ``x`` ``(B, L, D)``, attending
+    over all ``L`` rows with the additive key ``mask`` ``(B, 1, 1, L)`` (or None)."""
+    if rows is None:
+        return run_layer(layer, x, mask)
     if not supports_rows(layer):
         return run_layer(layer, x, mask)[:, rows]
     layout = LAYOUTS[type(layer).__name__]
