@@ -21,7 +21,7 @@ from engine.store import RunRecord, Store
 
 PRESET_PREFIX = "preset:"
 RUN_PREFIX = "run:"
-WEIGHTS = "model.safetensors"
+FINAL_WEIGHTS = "model.safetensors"  # a run's final weights; accelerate names a checkpoint's weights alike
 # keys that fix the shapes of a model's weights (what may differ: dropout, image_size, checkpointing, source)
 _SHAPE_KEYS = ("library", "modality", "hidden_size", "layers", "heads", "mlp_ratio", "patch_size", "projection_dim",
                "image_embedding")
@@ -122,13 +122,13 @@ def check_init_from(store: Store, cfg: RunConfig) -> None:
             raise ConfigError(
                 f"{key}: run {record.id} is another architecture ({'; '.join(differences)}), so its weights do not "
                 "fit this model. Start from a run of the same model, or remove init_from.", key="train.init_from")
-        path = store.run_dir(record.id) / WEIGHTS
+        path = store.run_dir(record.id) / FINAL_WEIGHTS
         if path.exists():
             _check_weights_file(path, key)
         return
     path = Path(source).expanduser()
     if path.is_dir():
-        path = path / WEIGHTS
+        path = path / FINAL_WEIGHTS
     if not path.exists():
         raise ConfigError(f"{key}: {path} does not exist; give a run (\"run:<id>\"), a checkpoint directory or a "
                           ".safetensors file.", key="train.init_from")

@@ -46,12 +46,12 @@ from engine.data.pipeline import DataBundle, build_data
 from engine.display import bucket_means
 from engine.errors import ConfigError, RenError, StoreBusy, StoreError, oom_message
 from engine.freeze import apply_freeze
+from engine.launch import FINAL_WEIGHTS
 from engine.models import VLModel, build_model
 from engine.store import MetricsWriter, Store, atomic_write_text
 
 CHECKPOINTS = "checkpoints"
 LATEST = "latest"
-FINAL_WEIGHTS = "model.safetensors"
 ANSWERS = "answers.json"  # what the task head's outputs mean, by index (the VQA vocabulary), for `ren eval task`
 INDEX_UPDATE_S = 5.0
 # Devices with torch's fused AdamW kernel (one kernel over all parameters; Hugging Face Trainer's default
@@ -170,11 +170,11 @@ def init_weights_from(model: VLModel, source: str, store: Store) -> tuple[list[s
             latest = latest_checkpoint(run_dir)
             if latest is None:
                 raise RenError(f"train.init_from = {source!r}: that run has no weights yet.")
-            path = latest / "model.safetensors"
+            path = latest / FINAL_WEIGHTS
     else:
         path = Path(source).expanduser()
         if path.is_dir():
-            path = path / (FINAL_WEIGHTS if (path / FINAL_WEIGHTS).exists() else "model.safetensors")
+            path = path / FINAL_WEIGHTS
         if not path.exists():
             raise RenError(f"train.init_from = {source!r}: {path} does not exist.")
     own = model.state_dict()
