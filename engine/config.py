@@ -40,7 +40,16 @@ class _Section(BaseModel):
 _MANUAL_ONLY = ("hidden_size", "layers", "heads", "mlp_ratio", "patch_size")
 
 
-class _Tower(_Section):
+class _Dropouts:
+    """For sections with the fields ``dropout`` and ``attention_dropout`` (unset: ``dropout``)."""
+
+    @property
+    def attention_p(self) -> float:
+        """The attention dropout in effect."""
+        return self.dropout if self.attention_dropout is None else self.attention_dropout
+
+
+class _Tower(_Section, _Dropouts):
     source: Literal["manual", "pretrained", "random"] = "manual"
     """``manual``: sized by the keys below, random init, no download.
     ``pretrained``: weights from ``name`` (a hub id or a local directory).
@@ -95,11 +104,6 @@ class _Tower(_Section):
         return False
 
     manual_only_keys: ClassVar[tuple[str, ...]] = _MANUAL_ONLY
-
-    @property
-    def attention_p(self) -> float:
-        """The attention dropout in effect."""
-        return self.dropout if self.attention_dropout is None else self.attention_dropout
 
     @model_serializer(mode="wrap")
     def _resolved(self, handler: Any) -> dict[str, Any]:
@@ -203,7 +207,7 @@ class Backbone(_Tower):
         return self
 
 
-class Fusion(_Section):
+class Fusion(_Section, _Dropouts):
     """Co-attention fusion layers (METER-style): each layer runs self-attention,
     cross-attention to the other modality and an MLP, for both streams."""
 
@@ -220,11 +224,6 @@ class Fusion(_Section):
     ``attention_dropout`` is set, on attention probabilities."""
     attention_dropout: float | None = Field(None, ge=0, lt=1)
     """Dropout on the fusion layers' attention probabilities; unset: ``dropout``."""
-
-    @property
-    def attention_p(self) -> float:
-        """The attention dropout in effect."""
-        return self.dropout if self.attention_dropout is None else self.attention_dropout
 
     @model_validator(mode="after")
     def _divisible(self) -> "Fusion":
