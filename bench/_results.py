@@ -187,6 +187,47 @@ def vqa_inputs(*, batch: int, text_len: int, vocab: int, image: int, answers: in
     return ids, mask, pixels, targets
 
 
+TARGET_RATIO = 1.2  # ren / reference samples/s, issue 7's target for both step-throughput comparisons
+
+
+def step_result(size: Any, ren: Any, ref: Any, wall: dict[str, float], cpu: dict[str, float]) -> dict:
+    """One size row of a step-throughput comparison, from :func:`time_steps`'s medians."""
+    return {"size": size, "ren_params": params(ren), "ref_params": params(ref), "ren_s": wall["ren"],
+            "ref_s": wall["ref"], "ratio": wall["ref"] / wall["ren"], "ren_cpu": cpu["ren"], "ref_cpu": cpu["ref"],
+            "cpu_ratio": cpu["ref"] / cpu["ren"]}
+
+
+def _verdict(ratio: float) -> str:
+    return "met" if ratio >= TARGET_RATIO else "missed"
+
+
+def throughput_table(results: list[dict], ren_side: str, ref_side: str, ref_short: str) -> str:
+    """The table of :func:`step_result` rows: two lines per size, ren's with the ratios."""
+    rows = []
+    for r in results:
+        size = r["size"]
+        rows.append([size.label(), ren_side, f"{r['ren_params']:,}", f"{r['ren_s'] * 1e3:.1f}",
+                     f"{r['ren_cpu'] * 1e3:.1f}", f"{size.batch / r['ren_s']:.1f}",
+                     f"**{r['ratio']:.2f}** ({_verdict(r['ratio'])})",
+                     f"{r['cpu_ratio']:.2f} ({_verdict(r['cpu_ratio'])})"])
+        rows.append(["", ref_side, f"{r['ref_params']:,}", f"{r['ref_s'] * 1e3:.1f}",
+                     f"{r['ref_cpu'] * 1e3:.1f}", f"{size.batch / r['ref_s']:.1f}", "1.00", "1.00"])
+    return table(["sizes", "side", "params", "step ms (median)", "CPU ms/step (median)", "samples/s",
+                  f"ratio ren/{ref_short} (target >= {TARGET_RATIO})", "CPU-time ratio"], rows)
+
+
+def compared(threads: int, repeats: int, steps: int, ref_short: str) -> str:
+    """What both step-throughput comparisons time, and how."""
+    return f"""What is compared: one full training step (forward, the VQA loss (BCE on soft targets times the
+number of answers, as ViLT trains it), backward, fused AdamW step on both sides (ren's trainer and the
+Hugging Face Trainer default), zero_grad) on the same inputs for both sides (text rows padded to
+different lengths, so both apply a key mask), random init, fp32 on CPU with {threads} thread(s). Sides
+alternate, {repeats} rounds of {steps} steps each after one warm-up step; ratio = ren samples/s /
+{ref_short} samples/s, of the medians. CPU ms/step is the process's CPU time per step
+(`time.process_time`): with one thread it is the work done, however much of a core the shared
+machine left the process, so on a loaded machine the CPU-time ratio is the steadier of the two."""
+
+
 def throughput_main(doc: str, name: str, title: str, sizes: tuple[Any, ...], quick_sizes: tuple[Any, ...],
                     measure: Callable[[Any, int, int], dict], report: Callable[[list[dict], int, int, int], str],
                     reference: str) -> None:

@@ -35,7 +35,16 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench._results import params, table, throughput_main, time_steps, training_steps, vqa_inputs  # noqa: E402
+from bench._results import (  # noqa: E402
+    compared,
+    params,
+    step_result,
+    throughput_main,
+    throughput_table,
+    time_steps,
+    training_steps,
+    vqa_inputs,
+)
 
 
 @dataclass(frozen=True)
@@ -133,42 +142,19 @@ def measure(size: Size, repeats: int, steps: int) -> dict:
     if ren_tokens != vilt_tokens:
         raise SystemExit(f"image token counts differ: ren {ren_tokens}, ViLT {vilt_tokens}")
     wall, cpu = time_steps({"ren": ren_step, "ref": vilt_step}, repeats, steps)
-    return {"size": size, "ren_params": params(ren), "ref_params": params(vilt), "hf_pooler": params(vilt.vilt.pooler),
-            "hf_token_type": params(vilt.vilt.embeddings.text_embeddings.token_type_embeddings),
-            "ren_s": wall["ren"], "ref_s": wall["ref"], "ratio": wall["ref"] / wall["ren"], "tokens": ren_tokens,
-            "ren_cpu": cpu["ren"], "ref_cpu": cpu["ref"], "cpu_ratio": cpu["ref"] / cpu["ren"]}
-
-
-def _verdict(ratio: float) -> str:
-    return "met" if ratio >= 1.2 else "missed"
+    return {**step_result(size, ren, vilt, wall, cpu), "hf_pooler": params(vilt.vilt.pooler),
+            "hf_token_type": params(vilt.vilt.embeddings.text_embeddings.token_type_embeddings), "tokens": ren_tokens}
 
 
 def report(results: list[dict], threads: int, repeats: int, steps: int) -> str:
-    rows = []
-    for r in results:
-        size = r["size"]
-        rows.append([size.label(), "ren one_tower", f"{r['ren_params']:,}", f"{r['ren_s'] * 1e3:.1f}",
-                     f"{r['ren_cpu'] * 1e3:.1f}", f"{size.batch / r['ren_s']:.1f}",
-                     f"**{r['ratio']:.2f}** ({_verdict(r['ratio'])})",
-                     f"{r['cpu_ratio']:.2f} ({_verdict(r['cpu_ratio'])})"])
-        rows.append(["", "HF ViltForQuestionAnswering", f"{r['ref_params']:,}", f"{r['ref_s'] * 1e3:.1f}",
-                     f"{r['ref_cpu'] * 1e3:.1f}", f"{size.batch / r['ref_s']:.1f}", "1.00", "1.00"])
-    body = table(["sizes", "side", "params", "step ms (median)", "CPU ms/step (median)", "samples/s",
-                  "ratio ren/HF (target >= 1.2)", "CPU-time ratio"], rows)
+    body = throughput_table(results, "ren one_tower", "HF ViltForQuestionAnswering", "HF")
     diffs = ", ".join(sorted({f"D={r['size'].hidden}: HF {r['ref_params'] - r['ren_params']:+,}, token-type table "
                               f"{r['hf_token_type']:,}" for r in results}))
     r0_tokens = results[0]["tokens"] + results[0]["size"].text_len - 1
     r_layers_all = " / ".join(str(r["size"].layers) for r in results)
     return body + f"""
 
-What is compared: one full training step (forward, ViLT's VQA loss (BCE on soft targets times the
-number of answers), backward, fused AdamW step on both sides (ren's trainer and the Hugging Face
-Trainer default), zero_grad) on the same inputs for both sides (text rows
-padded to different lengths, so both apply a key mask), random init, fp32 on CPU with {threads}
-thread(s). Sides alternate, {repeats} rounds of {steps} steps each after one warm-up step; ratio =
-ren samples/s / HF samples/s, of the medians. CPU ms/step is the process's CPU time per step
-(`time.process_time`): with one thread it is the work done, however much of a core the shared
-machine left the process, so on a loaded machine the CPU-time ratio is the steadier of the two.
+{compared(threads, repeats, steps, "HF")}
 ren: `build_model` on a `one_tower` config with a manual
 `modality = "vision"` backbone (HF `ViTModel` layers with SDPA attention, ren's fresh text embeddings,
 modality-type embedding and pooler, task head with `head_hidden_mult = 2`). HF:

@@ -32,7 +32,17 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench._results import params, table, throughput_main, time_steps, training_steps, vqa_inputs  # noqa: E402
+from bench._results import (  # noqa: E402
+    compared,
+    params,
+    step_result,
+    table,
+    throughput_main,
+    throughput_table,
+    time_steps,
+    training_steps,
+    vqa_inputs,
+)
 
 
 @dataclass(frozen=True)
@@ -182,39 +192,16 @@ def param_breakdown(ren, ref) -> dict[str, tuple[int, int]]:
 def measure(size: Size, repeats: int, steps: int) -> dict:
     ren_step, ref_step, ren, ref = step_fns(size)
     wall, cpu = time_steps({"ren": ren_step, "ref": ref_step}, repeats, steps)
-    return {"size": size, "ren_params": params(ren), "ref_params": params(ref), "ren_s": wall["ren"],
-            "ref_s": wall["ref"], "ratio": wall["ref"] / wall["ren"], "breakdown": param_breakdown(ren, ref),
-            "ren_cpu": cpu["ren"], "ref_cpu": cpu["ref"], "cpu_ratio": cpu["ref"] / cpu["ren"]}
-
-
-def _verdict(ratio: float) -> str:
-    return "met" if ratio >= 1.2 else "missed"
+    return {**step_result(size, ren, ref, wall, cpu), "breakdown": param_breakdown(ren, ref)}
 
 
 def report(results: list[dict], threads: int, repeats: int, steps: int) -> str:
-    rows = []
-    for r in results:
-        size = r["size"]
-        rows.append([size.label(), "ren two_tower", f"{r['ren_params']:,}", f"{r['ren_s'] * 1e3:.1f}",
-                     f"{r['ren_cpu'] * 1e3:.1f}", f"{size.batch / r['ren_s']:.1f}",
-                     f"**{r['ratio']:.2f}** ({_verdict(r['ratio'])})",
-                     f"{r['cpu_ratio']:.2f} ({_verdict(r['cpu_ratio'])})"])
-        rows.append(["", "seed wiring (HF towers + LxmertXLayer)", f"{r['ref_params']:,}", f"{r['ref_s'] * 1e3:.1f}",
-                     f"{r['ref_cpu'] * 1e3:.1f}", f"{size.batch / r['ref_s']:.1f}", "1.00", "1.00"])
-    body = table(["sizes", "side", "params", "step ms (median)", "CPU ms/step (median)", "samples/s",
-                  "ratio ren/seed (target >= 1.2)", "CPU-time ratio"], rows)
+    body = throughput_table(results, "ren two_tower", "seed wiring (HF towers + LxmertXLayer)", "seed")
     parts = table(["part", "ren", "seed wiring", "difference"],
                   [[name, f"{a:,}", f"{b:,}", f"{a - b:+,}"] for name, (a, b) in results[0]["breakdown"].items()])
     return body + f"""
 
-What is compared: one full training step (forward, VQA BCE loss on soft targets times the number of
-answers, backward, fused AdamW step on both sides (ren's trainer and the Hugging Face
-Trainer default), zero_grad) on the same inputs for both sides (text rows padded to
-different lengths), random init, fp32 on CPU with {threads} thread(s). Sides alternate, {repeats}
-rounds of {steps} steps each after one warm-up step; ratio = ren samples/s / seed samples/s, of the
-medians. CPU ms/step is the process's CPU time per step
-(`time.process_time`): with one thread it is the work done, however much of a core the shared
-machine left the process, so on a loaded machine the CPU-time ratio is the steadier of the two.
+{compared(threads, repeats, steps, "seed")}
 Both sides run the same towers: HF `BertModel` and `ViTModel` built from configs of the same
 sizes with SDPA attention (ren builds them itself; the seed's `AutoModel.from_config` picks SDPA too,
 and keeps the unused BERT/ViT poolers), so the difference is in the fusion: ren's `FusionLayer`s
