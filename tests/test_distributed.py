@@ -196,8 +196,12 @@ def test_accelerate_reads_the_fsdp_flags_as_intended(monkeypatch: pytest.MonkeyP
     env = prepare_multi_gpu_env(args)
     for key, value in env.items():
         monkeypatch.setenv(key, value)
-    monkeypatch.setattr(accel_dc, "is_cuda_available", lambda: True)  # sync_module_states asks for a device
+    # sync_module_states makes the plugin pick the device it initialises parameters on; pretend to be a CUDA box
+    # through torch's public API only (accelerate's own helpers are private and move between releases).
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    if hasattr(torch, "accelerator"):
+        monkeypatch.setattr(torch.accelerator, "current_accelerator", lambda *a, **k: torch.device("cuda"))
     plugin = accel_dc.FullyShardedDataParallelPlugin()
     assert plugin.fsdp_version == 1
     assert plugin.sharding_strategy == ShardingStrategy.SHARD_GRAD_OP
