@@ -1,7 +1,7 @@
 """Reports: what each variant of a study (or each of a set of pretraining runs) cost and what it bought.
 
 :func:`report_rows` gathers, per variant, the downstream scores of its finetunes (mean and sample
-standard deviation over seeds), the compute its pretraining used (PFLOPs, device-hours, wall time,
+standard deviation over seeds), the compute its pretraining used (PFLOPs, device-hours, training time,
 peak memory, parameters) and what that saves against the baseline variant. :func:`report_series`
 reads the curves the figures need, and :func:`write_report` writes ``report.md``, ``table.tex``,
 ``loss.png`` and ``score_vs_compute.png``. Everything is plain data with ready-formatted strings,
@@ -76,12 +76,14 @@ class VariantRow:
     score_delta: Mapping[str, float | None]
     pflops: Stat
     device_hours: Stat
-    wall_s: Stat
+    train_s: Stat
+    """Seconds in the training loop, summed over every session of a resumed run (evaluations and
+    start-up excluded): the record's ``compute["train_seconds"]``."""
     peak_memory_mb: Stat
     trainable: int | None
     total: int | None
     saved_pflops_pct: float | None
-    saved_wall_pct: float | None
+    saved_train_pct: float | None
     seed_scores: Mapping[str, tuple[tuple[int | None, float], ...]] = field(default_factory=dict)
 
     @property
@@ -109,8 +111,8 @@ class ReportTable:
         """Columns of the main table."""
         scores = [f"{task} ({self.metrics.get(task, 'score')})" for task in self.tasks]
         deltas = [f"Δ {task}" for task in self.tasks]
-        return ["variant", "seeds", *scores, *deltas, "PFLOPs", "saved PFLOPs", "device-h", "wall time",
-                "saved wall", "peak memory", "trainable / total params"]
+        return ["variant", "seeds", *scores, *deltas, "PFLOPs", "saved PFLOPs", "device-h", "train time",
+                "saved time", "peak memory", "trainable / total params"]
 
     def cells(self) -> list[list[str]]:
         """The main table, every cell a string (``—`` where data is missing)."""
@@ -122,7 +124,7 @@ class ReportTable:
                 *(format_stat(row.scores.get(task, Stat()), _score) for task in self.tasks),
                 *(_signed(row.score_delta.get(task)) for task in self.tasks),
                 _number(row.pflops.mean), _percent(row.saved_pflops_pct), _number(row.device_hours.mean),
-                format_seconds(row.wall_s.mean), _percent(row.saved_wall_pct), format_memory(row.peak_memory_mb.mean),
+                format_seconds(row.train_s.mean), _percent(row.saved_train_pct), format_memory(row.peak_memory_mb.mean),
                 f"{format_count(row.trainable, DASH)} / {format_count(row.total, DASH)}",
             ])
         return out
@@ -151,7 +153,7 @@ class ReportTable:
     def latex(self) -> str:
         """The main table as a booktabs ``tabular`` (needs ``\\usepackage{booktabs}``), ready to ``\\input``."""
         headers = ["Variant", *(f"{t} ({self.metrics.get(t, 'score')})" for t in self.tasks), "PFLOPs",
-                   "Saved PFLOPs", "Wall time", "Saved wall", "Trainable / total"]
+                   "Saved PFLOPs", "Train time", "Saved time", "Trainable / total"]
         keep = [0, *range(2, 2 + len(self.tasks)), 2 + 2 * len(self.tasks), 3 + 2 * len(self.tasks),
                 5 + 2 * len(self.tasks), 6 + 2 * len(self.tasks), 8 + 2 * len(self.tasks)]
         body = [[cells[i] for i in keep] for cells in self.cells()]
@@ -297,6 +299,18 @@ def _describe(record: RunRecord) -> str:
     return f"is {record.status}" if record.status in ("queued", "created") else f"ended {record.status}"
 
 
+def _train_seconds(record: RunRecord, where: str, notes: list[str]) -> float | None:
+    """The run's time in its training loop over all its sessions; without that record, its last
+    session's start to end (``mark_running`` resets ``started_at`` at every resume), with a note."""
+    if (seconds := _num(record.compute.get("train_seconds"))) is not None:
+        return seconds
+    if record.started_at is None or record.ended_at is None:
+        return None
+    notes.append(f"{where} records no training time (train_seconds); its train time is the wall time of its "
+                 "last session, start-up and evaluations included, earlier sessions of a resumed run left out.")
+    return record.ended_at - record.started_at
+
+
 @dataclass
 class _Group:
     """A variant being assembled: its pretraining runs and finetunes as records."""
@@ -308,17 +322,17 @@ class _Group:
 
 def _variant_row(group: _Group, is_baseline: bool, tasks: Sequence[str], metrics: Mapping[str, str],
                  notes: list[str]) -> VariantRow:
-    pflops, hours, wall, memory = [], [], [], []
+    pflops, hours, seconds, memory = [], [], [], []
     trainable = total = None
     for seed, r in group.pretrains:
         where = f"{group.name}: pretraining {r.id}" + (f" (seed {seed})" if seed is not None else "")
         if trainable is None and isinstance(r.params.get("trainable"), int):
             trainable, total = r.params["trainable"], r.params.get("total")
         if r.status != "finished":
-            notes.append(f"{where} {_describe(r)}; its compute and wall time are left out.")
+            notes.append(f"{where} {_describe(r)}; its compute and training time are left out.")
             continue
-        if r.started_at is not None and r.ended_at is not None:
-            wall.append(r.ended_at - r.started_at)
+        if (spent := _train_seconds(r, where, notes)) is not None:
+            seconds.append(spent)
         values = {key: _num(r.compute.get(key)) for key in ("pflops", "device_hours", "peak_memory_mb")}
         if not r.compute:
             notes.append(f"{where} has no compute record (it was trained before compute accounting, or its "
@@ -350,9 +364,9 @@ def _variant_row(group: _Group, is_baseline: bool, tasks: Sequence[str], metrics
         pretrains=tuple(_ref(r, seed) for seed, r in group.pretrains),
         finetunes=tuple(_ref(r, seed, task, parent) for seed, task, r, parent in group.finetunes),
         scores={task: Stat(tuple(v for _, v in pairs)) for task, pairs in scores.items()},
-        score_delta={}, pflops=Stat(tuple(pflops)), device_hours=Stat(tuple(hours)), wall_s=Stat(tuple(wall)),
+        score_delta={}, pflops=Stat(tuple(pflops)), device_hours=Stat(tuple(hours)), train_s=Stat(tuple(seconds)),
         peak_memory_mb=Stat(tuple(memory)), trainable=trainable, total=total if isinstance(total, int) else None,
-        saved_pflops_pct=None, saved_wall_pct=None,
+        saved_pflops_pct=None, saved_train_pct=None,
         seed_scores={task: tuple(sorted(pairs, key=lambda p: (p[0] is None, p[0] or 0))) for task, pairs in
                      scores.items()},
     )
@@ -374,7 +388,7 @@ def _against_baseline(rows: list[VariantRow], baseline: str, tasks: Sequence[str
             delta[task] = None if mine is None or theirs is None else mine - theirs
         out.append(dataclasses.replace(
             row, score_delta=delta, saved_pflops_pct=_saved(base.pflops.mean, row.pflops.mean),
-            saved_wall_pct=_saved(base.wall_s.mean, row.wall_s.mean)))
+            saved_train_pct=_saved(base.train_s.mean, row.train_s.mean)))
     return tuple(out)
 
 
@@ -649,7 +663,9 @@ def report_markdown(table: ReportTable, figures: Sequence[str] = ()) -> str:
     parts.append(table.markdown())
     parts.append(
         f"Scores are each finetune's final score, mean ± sample standard deviation over seeds (n finetunes). "
-        f"Compute columns are the pretraining's, mean over its finished seeds; saved = how much less than the "
+        f"Compute columns are the pretraining's, mean over its finished seeds; train time = seconds in the training "
+        f"loop summed over every session of a resumed run (evaluations and start-up excluded); saved = how much "
+        f"less than the "
         f"baseline variant {table.baseline} (negative: more), Δ = score minus the baseline's. {DASH} = no data.\n")
     if table.tasks:
         parts.append("## Per task\n")

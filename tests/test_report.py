@@ -139,9 +139,9 @@ def test_study_rows_mean_std_and_savings(study) -> None:
     # PFLOPs: 10 (baseline) -> 6 saves 40 %; "both" has compute for seed 0 only: 3 -> 70 %.
     assert vision.saved_pflops_pct == pytest.approx(40.0) and both.saved_pflops_pct == pytest.approx(70.0)
     assert both.pflops.n == 1
-    # Wall time: baseline (100 + 120) / 2 = 110 s; 66 s saves 40 %, 33 s saves 70 %.
-    assert none.wall_s.mean == pytest.approx(110.0)
-    assert vision.saved_wall_pct == pytest.approx(40.0) and both.saved_wall_pct == pytest.approx(70.0)
+    # Train time: baseline (100 + 120) / 2 = 110 s; 66 s saves 40 %, 33 s saves 70 %.
+    assert none.train_s.mean == pytest.approx(110.0)
+    assert vision.saved_train_pct == pytest.approx(40.0) and both.saved_train_pct == pytest.approx(70.0)
     assert none.device_hours.mean == pytest.approx(0.055) and none.peak_memory_mb.mean == pytest.approx(1000.0)
     assert (vision.trainable, vision.total) == (600_000, 1_000_000)
     assert [s for s, _ in both.seed_scores["easy-vqa"]] == [0]
@@ -157,7 +157,7 @@ def test_a_newer_run_of_a_slot_supersedes_the_older(study) -> None:
     newer = _pretrain(store, f"{STUDY}/vision/s1", 1, PLANS["vision", 1], study=tag, status="running")
     vision = _row(report_rows(store, STUDY), "vision")
     assert [ref.id for ref in vision.pretrains] == [runs["vision", 0][0].id, newer.id]
-    assert vision.pflops.n == 1 and vision.wall_s.n == 1
+    assert vision.pflops.n == 1 and vision.train_s.n == 1
     assert next(f for f in vision.finetunes if f.seed == 1).parent == runs["vision", 1][0].id  # what it started from
     notes = " ".join(report_rows(store, STUDY).notes)
     assert f"run {runs['vision', 1][0].id} was superseded by run {newer.id}" in notes
@@ -168,7 +168,7 @@ def test_markdown_table_content(study) -> None:
     table = report_rows(store, STUDY)  # by name: variants in the order their runs were created
     lines = table.markdown().splitlines()
     assert lines[0] == ("| variant | seeds | easy-vqa (vqa_score) | Δ easy-vqa | PFLOPs | saved PFLOPs | device-h | "
-                        "wall time | saved wall | peak memory | trainable / total params |")
+                        "train time | saved time | peak memory | trainable / total params |")
     assert lines[2] == ("| none (baseline) | 0, 1 | 0.8200 ± 0.0283 (n=2) | +0.0000 | 10 | 0.0% | 0.055 | 1m50s | "
                         "0.0% | 1000 MB | 1.00M / 1.00M |")
     assert lines[3] == ("| vision | 0, 1 | 0.7850 ± 0.0071 (n=2) | -0.0350 | 6 | 40.0% | 0.033 | 1m06s | 40.0% | "
@@ -194,13 +194,32 @@ def test_missing_data_is_a_dash(ren_home: Path) -> None:
     # columns: variant, seeds, score, delta, PFLOPs, saved, device-h, wall, saved wall, memory, params
     assert going[2:10] == [DASH] * 8
     assert no_compute[2] == DASH and no_compute[4] == DASH and no_compute[6] == DASH and no_compute[9] == DASH
-    assert no_compute[7] == "33s" and no_compute[8] == "67.0%"  # wall time needs no compute record
+    assert no_compute[7] == "33s" and no_compute[8] == "67.0%"  # without a compute record: the last session's
     assert going[10] == "600K / 1.00M"
     notes = " ".join(table.notes)
     steps = load_preset(PRE).train.max_steps
     assert f"pretraining {running.id} (seed 0) is running (step {steps}/{steps})" in notes
     assert f"pretraining {old.id} (seed 0) has no compute record" in notes
+    assert f"pretraining {old.id} (seed 0) records no training time (train_seconds)" in notes
     assert "going has no easy_vqa finetune yet" in notes
+
+
+def test_train_time_of_a_resumed_run_counts_every_session(ren_home: Path) -> None:
+    """A resumed run's started_at is its last session's start: train time is the recorded train_seconds."""
+    store = Store(ren_home)
+    base = _pretrain(store, "base", 0, PLANS["none", 0])  # 100 s in one session
+    resumed = _pretrain(store, "resumed", 0, PLANS["vision", 0])
+    # three sessions trained 25 + 25 + 30 s; the last ran from start + 500 to start + 535
+    compute = {**resumed.compute, "train_seconds": 80.0}
+    store.update_run(resumed.id, compute=compute, started_at=resumed.started_at + 500,
+                     ended_at=resumed.started_at + 535)
+    table = report_rows(store, [base.id, resumed.id])
+    row = _row(table, "resumed")
+    cells = dict(zip(table.headers(), table.cells()[1]))
+    print(f"resumed run: last session 35 s, trained 80 s in all -> train time {cells['train time']}, "
+          f"saved {cells['saved time']} against the 100 s baseline")
+    assert row.train_s.values == (80.0,) and row.saved_train_pct == pytest.approx(20.0)
+    assert (cells["train time"], cells["saved time"]) == ("1m20s", "20.0%")
 
 
 def test_runs_become_variants_by_name_with_their_finetunes(ren_home: Path) -> None:
@@ -245,7 +264,7 @@ def test_latex_table_escapes_names(ren_home: Path, tmp_path: Path) -> None:
     tex = table.latex()
     assert tex.startswith(r"\begin{tabular}{lrrrrrr}" + "\n\\toprule\n")
     assert r"\midrule" in tex and tex.endswith("\\bottomrule\n\\end{tabular}\n")
-    assert r"Variant & easy\_vqa (vqa\_score) & PFLOPs & Saved PFLOPs & Wall time & Saved wall" in tex
+    assert r"Variant & easy\_vqa (vqa\_score) & PFLOPs & Saved PFLOPs & Train time & Saved time" in tex
     assert r"pre\_50\%\&\#1 (baseline) & 0.8500 $\pm$ 0.0707 (n=2) & 10 & 0.0\% & 1m40s & 0.0\% & 1.00M / 1.00M \\" \
         in tex
 
