@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import math
 import re
 import statistics
@@ -85,6 +86,9 @@ class VariantRow:
     saved_pflops_pct: float | None
     saved_train_pct: float | None
     seed_scores: Mapping[str, tuple[tuple[int | None, float], ...]] = field(default_factory=dict)
+    compute_stage: str = "pretrain"
+    """Whose compute the compute columns hold: ``pretrain``, ``finetune`` (a variant without
+    pretraining runs), or ``""`` (no runs)."""
 
     @property
     def seeds(self) -> tuple[int | None, ...]:
@@ -320,32 +324,54 @@ class _Group:
     finetunes: list[tuple[int | None, str, RunRecord, str | None]] = field(default_factory=list)
 
 
-def _variant_row(group: _Group, is_baseline: bool, tasks: Sequence[str], metrics: Mapping[str, str],
-                 notes: list[str]) -> VariantRow:
-    pflops, hours, seconds, memory = [], [], [], []
-    trainable = total = None
-    for seed, r in group.pretrains:
-        where = f"{group.name}: pretraining {r.id}" + (f" (seed {seed})" if seed is not None else "")
-        if trainable is None and isinstance(r.params.get("trainable"), int):
-            trainable, total = r.params["trainable"], r.params.get("total")
+@dataclass
+class _Compute:
+    """A variant's compute columns as gathered: from its pretraining runs, or from its finetunes
+    when it has none (a finetune from a hub checkpoint or from scratch is the whole cost)."""
+
+    stage: str = ""
+    pflops: list[float] = field(default_factory=list)
+    hours: list[float] = field(default_factory=list)
+    seconds: list[float] = field(default_factory=list)
+    memory: list[float] = field(default_factory=list)
+    trainable: int | None = None
+    total: int | None = None
+
+
+def _gather_compute(group: _Group, notes: list[str]) -> _Compute:
+    own = [(seed, f"pretraining {r.id}", r) for seed, r in group.pretrains]
+    if not own and group.finetunes:
+        notes.append(f"{group.name} has no pretraining run; its compute, train time and parameter columns are "
+                     "its finetunes' (mean over the finished ones); its saved columns stay empty unless the "
+                     "baseline's are finetunes' too.")
+        own = [(seed, f"{task} finetune {r.id}", r) for seed, task, r, _ in group.finetunes]
+    out = _Compute(stage="pretrain" if group.pretrains else "finetune" if own else "")
+    for seed, what, r in own:
+        where = f"{group.name}: {what}" + (f" (seed {seed})" if seed is not None else "")
+        if out.trainable is None and isinstance(r.params.get("trainable"), int):
+            out.trainable, total = r.params["trainable"], r.params.get("total")
+            out.total = total if isinstance(total, int) else None
         if r.status != "finished":
-            notes.append(f"{where} {_describe(r)}; its compute and training time are left out.")
+            if r.stage == "pretrain":  # an unfinished finetune is noted with its score
+                notes.append(f"{where} {_describe(r)}; its compute and training time are left out.")
             continue
         if (spent := _train_seconds(r, where, notes)) is not None:
-            seconds.append(spent)
+            out.seconds.append(spent)
         values = {key: _num(r.compute.get(key)) for key in ("pflops", "device_hours", "peak_memory_mb")}
         if not r.compute:
             notes.append(f"{where} has no compute record (it was trained before compute accounting, or its "
                          "measurement failed); PFLOPs, device-hours and peak memory are left out.")
-        else:
-            lacking = [key for key, value in values.items() if value is None]
-            if lacking:
-                notes.append(f"{where}: its compute record lacks {', '.join(lacking)}.")
-        for key, out in (("pflops", pflops), ("device_hours", hours), ("peak_memory_mb", memory)):
+        elif lacking := [key for key, value in values.items() if value is None]:
+            notes.append(f"{where}: its compute record lacks {', '.join(lacking)}.")
+        for key, column in (("pflops", out.pflops), ("device_hours", out.hours), ("peak_memory_mb", out.memory)):
             if values[key] is not None:
-                out.append(values[key])
-    if not group.pretrains and group.finetunes:
-        notes.append(f"{group.name} has no pretraining run; its compute columns are empty.")
+                column.append(values[key])
+    return out
+
+
+def _variant_row(group: _Group, is_baseline: bool, tasks: Sequence[str], metrics: Mapping[str, str],
+                 notes: list[str]) -> VariantRow:
+    compute = _gather_compute(group, notes)
     scores: dict[str, list[tuple[int | None, float]]] = {task: [] for task in tasks}
     for seed, task, r, _ in group.finetunes:
         where = f"{group.name}: {task} finetune {r.id}" + (f" (seed {seed})" if seed is not None else "")
@@ -364,11 +390,12 @@ def _variant_row(group: _Group, is_baseline: bool, tasks: Sequence[str], metrics
         pretrains=tuple(_ref(r, seed) for seed, r in group.pretrains),
         finetunes=tuple(_ref(r, seed, task, parent) for seed, task, r, parent in group.finetunes),
         scores={task: Stat(tuple(v for _, v in pairs)) for task, pairs in scores.items()},
-        score_delta={}, pflops=Stat(tuple(pflops)), device_hours=Stat(tuple(hours)), train_s=Stat(tuple(seconds)),
-        peak_memory_mb=Stat(tuple(memory)), trainable=trainable, total=total if isinstance(total, int) else None,
-        saved_pflops_pct=None, saved_train_pct=None,
+        score_delta={}, pflops=Stat(tuple(compute.pflops)), device_hours=Stat(tuple(compute.hours)),
+        train_s=Stat(tuple(compute.seconds)), peak_memory_mb=Stat(tuple(compute.memory)),
+        trainable=compute.trainable, total=compute.total, saved_pflops_pct=None, saved_train_pct=None,
         seed_scores={task: tuple(sorted(pairs, key=lambda p: (p[0] is None, p[0] or 0))) for task, pairs in
                      scores.items()},
+        compute_stage=compute.stage,
     )
 
 
@@ -382,13 +409,14 @@ def _against_baseline(rows: list[VariantRow], baseline: str, tasks: Sequence[str
     base = next(row for row in rows if row.variant == baseline)
     out = []
     for row in rows:
+        same = row.compute_stage == base.compute_stage  # savings compare like with like
         delta = {}
         for task in tasks:
             mine, theirs = row.scores[task].mean, base.scores[task].mean
             delta[task] = None if mine is None or theirs is None else mine - theirs
         out.append(dataclasses.replace(
-            row, score_delta=delta, saved_pflops_pct=_saved(base.pflops.mean, row.pflops.mean),
-            saved_train_pct=_saved(base.train_s.mean, row.train_s.mean)))
+            row, score_delta=delta, saved_pflops_pct=_saved(base.pflops.mean, row.pflops.mean) if same else None,
+            saved_train_pct=_saved(base.train_s.mean, row.train_s.mean) if same else None))
     return tuple(out)
 
 
@@ -463,25 +491,49 @@ def _plain_table(store: Store, runs: Sequence[RunRecord | str]) -> ReportTable:
                              "it is reported on its own.")
         if head.id not in {h.id for h in heads}:
             heads.append(head)
-    names = [h.name for h in heads]
+    pools = _pool_seeds(heads)
+    names = [pool[0].name for pool in pools]
     groups = []
-    for head in heads:
-        label = head.name if names.count(head.name) == 1 else f"{head.name}@{head.id[-4:]}"
+    for pool in pools:
+        label = pool[0].name if names.count(pool[0].name) == 1 else f"{pool[0].name}@{pool[0].id[-4:]}"
         group = _Group(label)
-        if head.stage == "pretrain":
-            group.pretrains.append((_seed(head), head))
-            for r in sorted(everything, key=lambda r: (r.created_at or 0.0, r.id)):
-                if r.stage == "finetune" and _starts_from(r, head.id):
-                    group.finetunes.append((_seed(r), _task_label(r), r, head.id))
-        else:
-            group.finetunes.append((_seed(head), _task_label(head), head, None))
+        for head in pool:
+            if head.stage == "pretrain":
+                group.pretrains.append((_seed(head), head))
+                for r in sorted(everything, key=lambda r: (r.created_at or 0.0, r.id)):
+                    if r.stage == "finetune" and _starts_from(r, head.id):
+                        group.finetunes.append((_seed(r), _task_label(r), r, head.id))
+            else:
+                group.finetunes.append((_seed(head), _task_label(head), head, None))
         groups.append(group)
-    compared = [f"{g.name}: {'pretraining' if h.stage == 'pretrain' else 'finetune'} run {h.id}"
-                + (f" and {len(g.finetunes)} finetune(s) started from it" if h.stage == "pretrain" else "")
-                for g, h in zip(groups, heads)]
+    compared = [f"{g.name}: {'pretraining' if pool[0].stage == 'pretrain' else 'finetune'} run(s) "
+                + ", ".join(f"{h.id} (seed {_seed(h)})" for h in pool)
+                + (f" and {len(g.finetunes)} finetune(s) started from them" if pool[0].stage == "pretrain" else "")
+                for g, pool in zip(groups, pools)]
     title_names = [g.name for g in groups]
     title = "Runs " + ", ".join(title_names) if len(title_names) <= 4 else f"{len(title_names)} runs"
     return _table(_runs_name(heads), title, "", compared, groups, groups[0].name, notes)
+
+
+def _without_seed(record: RunRecord) -> str:
+    """The run's stage and config with ``run.seed`` left out, canonical: equal for the seeds of one variant."""
+    config = {**record.config, "run": {k: v for k, v in record.config.get("run", {}).items() if k != "seed"}}
+    return json.dumps([record.stage, config], sort_keys=True, default=str)
+
+
+def _pool_seeds(heads: Sequence[RunRecord]) -> list[list[RunRecord]]:
+    """The listed runs as variants: runs whose configs differ only in their seed are one variant
+    (seeds over which its scores are averaged); a run repeating a seed of its pool starts another."""
+    pools: list[list[RunRecord]] = []
+    for head in heads:
+        key = _without_seed(head)
+        pool = next((p for p in pools if _without_seed(p[0]) == key
+                     and all(_seed(h) != _seed(head) for h in p)), None)
+        if pool is None:
+            pools.append([head])
+        else:
+            pool.append(head)
+    return pools
 
 
 def _runs_name(heads: Sequence[RunRecord]) -> str:
@@ -494,7 +546,8 @@ def report_rows(store: Store, source: Study | str | Sequence[RunRecord | str]) -
     (records or ids). A study's variants are its runs' ``study["variant"]``, compared against its
     baseline. Otherwise each listed pretraining run is a variant of its own, with every finetune
     started from it (``init_from = "run:<id>"``), compared against the first; a listed finetune
-    stands for the run it started from (for itself when it started from none)."""
+    stands for the run it started from (for itself when it started from none). Listed runs whose
+    configs differ only in ``run.seed`` are one variant, its seeds pooled."""
     if isinstance(source, Study):
         return _study_table(store, source.name, baseline=source.baseline, description=source.description,
                             variants=list(source.variants), compared=_study_compared(source),
@@ -663,7 +716,8 @@ def report_markdown(table: ReportTable, figures: Sequence[str] = ()) -> str:
     parts.append(table.markdown())
     parts.append(
         f"Scores are each finetune's final score, mean ± sample standard deviation over seeds (n finetunes). "
-        f"Compute columns are the pretraining's, mean over its finished seeds; train time = seconds in the training "
+        f"Compute columns are the pretraining's (a variant without one: its finetunes'), mean over its finished "
+        f"seeds; train time = seconds in the training "
         f"loop summed over every session of a resumed run (evaluations and start-up excluded); saved = how much "
         f"less than the "
         f"baseline variant {table.baseline} (negative: more), Δ = score minus the baseline's. {DASH} = no data.\n")

@@ -225,7 +225,7 @@ def test_train_time_of_a_resumed_run_counts_every_session(ren_home: Path) -> Non
 def test_runs_become_variants_by_name_with_their_finetunes(ren_home: Path) -> None:
     store = Store(ren_home)
     first = _pretrain(store, "pre", 0, PLANS["none", 0])
-    second = _pretrain(store, "pre", 1, PLANS["vision", 0])
+    second = _pretrain(store, "pre", 1, PLANS["vision", 0], overrides=('freeze.groups=["vision"]',))
     scores = [_finetune(store, second, seed, score) for seed, score in ((0, 0.7), (1, 0.9))]
     _finetune(store, first, 0, 0.6)
     # A listed finetune stands for its pretraining; the first listed is the baseline.
@@ -251,8 +251,59 @@ def test_a_finetune_from_scratch_is_its_own_variant(ren_home: Path) -> None:
     row = _row(table, "scratch")
     assert row.pretrains == () and row.scores["easy_vqa"].mean == pytest.approx(0.5)
     assert row.score_delta["easy_vqa"] == pytest.approx(-0.3)
-    assert table.cells()[1][4:10] == [DASH] * 6
-    assert "scratch has no pretraining run" in " ".join(table.notes)
+    # no compute record: its last session's time only; no savings against a pretraining baseline
+    assert table.cells()[1][4:10] == [DASH, DASH, DASH, "10s", DASH, DASH]
+    assert "scratch has no pretraining run; its compute, train time and parameter columns are its finetunes'" \
+        in " ".join(table.notes)
+
+
+def _scratch(store: Store, seed: int, train_seconds: float) -> RunRecord:
+    """A finished finetune from no run of the store (hub weights or scratch), with its compute record."""
+    raw = load_preset(FT, ["run.name=scratch", f"run.seed={seed}"]).to_dict()
+    raw["train"]["init_from"] = None
+    record = create_run(store, config_from_dict(raw), str(FT))
+    compute = {"pflops": 2.0 + seed, "device_hours": train_seconds / 3600, "peak_memory_mb": 300.0,
+               "train_seconds": train_seconds, "processes": 1}
+    return store.update_run(record.id, status="finished", started_at=T0, ended_at=T0 + 999, compute=compute,
+                            final_scores={"vqa_score": 0.5 + seed / 10}, params={"total": 1_000_000,
+                            "trainable": 600_000, "frozen": 400_000, "groups": {}})
+
+
+def test_finetune_only_variants_show_their_own_compute(ren_home: Path) -> None:
+    store = Store(ren_home)
+    pre = _pretrain(store, "pre", 0, PLANS["none", 0])
+    _finetune(store, pre, 0, 0.8)
+    runs = [_scratch(store, 0, 40.0), _scratch(store, 1, 60.0)]
+    alone = report_rows(store, [r.id for r in runs])
+    cells = dict(zip(alone.headers(), alone.cells()[0]))
+    print({k: cells[k] for k in ("seeds", "PFLOPs", "train time", "peak memory", "trainable / total params")})
+    assert [row.variant for row in alone.rows] == ["scratch"] and alone.rows[0].compute_stage == "finetune"
+    assert (cells["seeds"], cells["PFLOPs"], cells["saved PFLOPs"], cells["train time"], cells["saved time"]) \
+        == ("0, 1", "2.5", "0.0%", "50s", "0.0%")
+    assert (cells["peak memory"], cells["trainable / total params"]) == ("300 MB", "600K / 1.00M")
+    mixed = _row(report_rows(store, [pre.id, *(r.id for r in runs)]), "scratch")
+    assert mixed.pflops.mean == pytest.approx(2.5) and mixed.saved_pflops_pct is None  # not like with like
+
+
+def test_listed_seeds_of_one_config_pool_into_one_variant(ren_home: Path) -> None:
+    """`ren report RUN RUN ...`: runs differing only in run.seed are one variant with several seeds."""
+    store = Store(ren_home)
+    seeds = [_pretrain(store, "pre", seed, PLANS["none", seed]) for seed in (0, 1)]
+    for pre, score in zip(seeds, (0.80, 0.84)):
+        _finetune(store, pre, _seed_of(pre), score)
+    other = _pretrain(store, "pre", 0, PLANS["vision", 0], overrides=('freeze.groups=["vision"]',))
+    _finetune(store, other, 0, 0.78)
+    table = report_rows(store, [seeds[0].id, seeds[1].id, other.id])
+    print([(row.variant, row.seeds, row.scores["easy_vqa"].values) for row in table.rows])
+    assert [row.variant for row in table.rows] == [f"pre@{seeds[0].id[-4:]}", f"pre@{other.id[-4:]}"]
+    pooled = table.rows[0]
+    assert pooled.seeds == (0, 1) and pooled.scores["easy_vqa"].mean == pytest.approx(0.82)
+    assert pooled.scores["easy_vqa"].n == 2 and pooled.train_s.mean == pytest.approx(110.0)
+    assert len(report_rows(store, [seeds[0].id, seeds[0].id]).rows) == 1  # the same run twice is one run
+
+
+def _seed_of(record: RunRecord) -> int:
+    return record.config["run"]["seed"]
 
 
 def test_latex_table_escapes_names(ren_home: Path, tmp_path: Path) -> None:
