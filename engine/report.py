@@ -87,6 +87,8 @@ class VariantRow:
     saved_train_pct: float | None
     seed_scores: Mapping[str, tuple[tuple[int | None, float], ...]] = field(default_factory=dict)
     compute_stage: str = "pretrain"
+    delta_ci: Mapping[str, Interval] = field(default_factory=dict)
+    """Per task, the 95% CI of the score minus the baseline's (none for the baseline itself)."""
     """Whose compute the compute columns hold: ``pretrain``, ``finetune`` (a variant without
     pretraining runs), or ``""`` (no runs)."""
 
@@ -114,7 +116,7 @@ class ReportTable:
     def headers(self) -> list[str]:
         """Columns of the main table."""
         scores = [f"{task} ({self.metrics.get(task, 'score')})" for task in self.tasks]
-        deltas = [f"Δ {task}" for task in self.tasks]
+        deltas = [f"Δ {task} [95% CI]" for task in self.tasks]
         return ["variant", "seeds", *scores, *deltas, "PFLOPs", "saved PFLOPs", "device-h", "train time",
                 "saved time", "peak memory", "trainable / total params"]
 
@@ -126,7 +128,7 @@ class ReportTable:
                 f"{row.variant} (baseline)" if row.is_baseline else row.variant,
                 ", ".join(DASH if s is None else str(s) for s in row.seeds) or DASH,
                 *(format_stat(row.scores.get(task, Stat()), _score) for task in self.tasks),
-                *(_signed(row.score_delta.get(task)) for task in self.tasks),
+                *(format_delta(row, task) for task in self.tasks),
                 _number(row.pflops.mean), _percent(row.saved_pflops_pct), _number(row.device_hours.mean),
                 format_seconds(row.train_s.mean), _percent(row.saved_train_pct), format_memory(row.peak_memory_mb.mean),
                 f"{format_count(row.trainable, DASH)} / {format_count(row.total, DASH)}",
@@ -135,7 +137,7 @@ class ReportTable:
 
     def task_headers(self) -> list[str]:
         """Columns of the per-task table."""
-        return ["task", "variant", "metric", "n", "mean ± std", "per seed", "Δ vs baseline"]
+        return ["task", "variant", "metric", "n", "mean ± std", "per seed", "Δ vs baseline", "95% CI", "how"]
 
     def task_cells(self) -> list[list[str]]:
         """One line per task and variant: every seed's score and the summary."""
@@ -147,7 +149,7 @@ class ReportTable:
                                      for seed, value in row.seed_scores.get(task, ()))
                 out.append([task, row.variant, self.metrics.get(task, DASH), str(stat.n),
                             format_stat(stat, _score, with_n=False), per_seed or DASH,
-                            _signed(row.score_delta.get(task))])
+                            _signed(row.score_delta.get(task)), *_interval_cells(row.delta_ci.get(task))])
         return out
 
     def markdown(self) -> str:
@@ -156,9 +158,10 @@ class ReportTable:
 
     def latex(self) -> str:
         """The main table as a booktabs ``tabular`` (needs ``\\usepackage{booktabs}``), ready to ``\\input``."""
-        headers = ["Variant", *(f"{t} ({self.metrics.get(t, 'score')})" for t in self.tasks), "PFLOPs",
-                   "Saved PFLOPs", "Train time", "Saved time", "Trainable / total"]
-        keep = [0, *range(2, 2 + len(self.tasks)), 2 + 2 * len(self.tasks), 3 + 2 * len(self.tasks),
+        headers = ["Variant", *(f"{t} ({self.metrics.get(t, 'score')})" for t in self.tasks),
+                   *(f"Δ {t} [95% CI]" for t in self.tasks), "PFLOPs", "Saved PFLOPs", "Train time", "Saved time",
+                   "Trainable / total"]
+        keep = [0, *range(2, 2 + 2 * len(self.tasks)), 2 + 2 * len(self.tasks), 3 + 2 * len(self.tasks),
                 5 + 2 * len(self.tasks), 6 + 2 * len(self.tasks), 8 + 2 * len(self.tasks)]
         body = [[cells[i] for i in keep] for cells in self.cells()]
         lines = [r"\begin{tabular}{l" + "r" * (len(headers) - 1) + "}", r"\toprule",
@@ -187,6 +190,99 @@ class ReportSeries:
     score_compute: Mapping[str, tuple[Curve, ...]] = field(default_factory=dict)
 
 
+# --- confidence intervals ------------------------------------------------------------
+
+LEVEL = 0.95
+
+
+def _betacf(a: float, b: float, x: float) -> float:
+    """The continued fraction of the regularised incomplete beta function (modified Lentz)."""
+    tiny = 1e-300
+    c, d = 1.0, 1.0 - (a + b) * x / (a + 1.0)
+    d = 1.0 / (d if abs(d) > tiny else tiny)
+    out = d
+    for m in range(1, 500):
+        even = m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m))
+        odd = -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1))
+        for term in (even, odd):
+            d = 1.0 + term * d
+            d = 1.0 / (d if abs(d) > tiny else tiny)
+            c = 1.0 + term / c
+            c = c if abs(c) > tiny else tiny
+            out *= c * d
+        if abs(c * d - 1.0) < 1e-15:
+            break
+    return out
+
+
+def _beta_inc(a: float, b: float, x: float) -> float:
+    """The regularised incomplete beta function I_x(a, b)."""
+    if x <= 0.0 or x >= 1.0:
+        return 0.0 if x <= 0.0 else 1.0
+    front = math.exp(math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log1p(-x))
+    if x < (a + 1.0) / (a + b + 2.0):
+        return front * _betacf(a, b, x) / a
+    return 1.0 - front * _betacf(b, a, 1.0 - x) / b
+
+
+def t_quantile(p: float, df: float) -> float:
+    """The ``p`` quantile (p > 0.5) of Student's t with ``df`` (> 0, not necessarily whole) degrees of
+    freedom, found by bisection on the exact two-sided tail P(|T| > t) = I_{df/(df+t^2)}(df/2, 1/2)."""
+    tail = 2.0 * (1.0 - p)
+    low, high = 0.0, 1.0
+    while _beta_inc(df / 2, 0.5, df / (df + high * high)) > tail:
+        high *= 2.0
+    for _ in range(200):
+        mid = (low + high) / 2
+        low, high = (mid, high) if _beta_inc(df / 2, 0.5, df / (df + mid * mid)) > tail else (low, mid)
+    return (low + high) / 2
+
+
+@dataclass(frozen=True)
+class Interval:
+    """The 95% confidence interval of a variant's score minus the baseline's, or why there is none.
+    ``how`` names the method (paired t over the seeds both ran, or Welch's unpaired t) or the reason."""
+
+    low: float | None
+    high: float | None
+    how: str
+
+    @property
+    def within_noise(self) -> bool | None:
+        """Whether the interval contains 0 (None without an interval)."""
+        return None if self.low is None or self.high is None else self.low <= 0.0 <= self.high
+
+
+def difference_interval(mine: Sequence[tuple[int | None, float]],
+                        base: Sequence[tuple[int | None, float]]) -> Interval:
+    """95% CI of mean(mine) - mean(base) from ``(seed, score)`` pairs. When the two share seeds, a
+    paired t interval on the per-seed differences of the shared seeds (n - 1 degrees of freedom);
+    with no shared seed, Welch's interval (Welch-Satterthwaite degrees of freedom)."""
+    a = {seed: v for seed, v in mine if seed is not None}
+    b = {seed: v for seed, v in base if seed is not None}
+    shared = sorted(set(a) & set(b))
+    if shared:
+        if len(shared) < 2:
+            return Interval(None, None, f"no interval: seed {shared[0]} is the only seed both ran, and a paired "
+                                        "interval needs 2")
+        diffs = [a[seed] - b[seed] for seed in shared]
+        half = t_quantile(0.5 + LEVEL / 2, len(diffs) - 1) * statistics.stdev(diffs) / math.sqrt(len(diffs))
+        centre = statistics.fmean(diffs)
+        return Interval(centre - half, centre + half,
+                        f"paired t over seeds {', '.join(map(str, shared))} (n={len(shared)})")
+    x, y = [v for _, v in mine], [v for _, v in base]
+    if len(x) < 2 or len(y) < 2:
+        return Interval(None, None, f"no interval: no seed in common, and an unpaired interval needs 2 scores on "
+                                    f"each side (n={len(x)} and {len(y)})")
+    vx, vy = statistics.variance(x) / len(x), statistics.variance(y) / len(y)
+    centre = statistics.fmean(x) - statistics.fmean(y)
+    if vx + vy == 0.0:
+        return Interval(centre, centre, f"Welch (n={len(x)} and {len(y)}; no spread on either side)")
+    df = (vx + vy) ** 2 / (vx ** 2 / (len(x) - 1) + vy ** 2 / (len(y) - 1))
+    half = t_quantile(0.5 + LEVEL / 2, df) * math.sqrt(vx + vy)
+    return Interval(centre - half, centre + half, f"Welch (n={len(x)} and {len(y)}, df={df:.1f})")
+
+
 # --- formatting ------------------------------------------------------------------
 
 
@@ -201,6 +297,27 @@ def format_stat(stat: Stat, fmt: Any = _score, *, with_n: bool = True) -> str:
     text = fmt(stat.mean) if stat.std is None else f"{fmt(stat.mean)} ± {fmt(stat.std)}"
     return f"{text} (n={stat.n})" if with_n else text
 
+
+def format_delta(row: VariantRow, task: str) -> str:
+    """``"-0.0350 [-0.2256, +0.1556] within noise"``: Δ to the baseline, its 95% CI and whether that
+    contains 0; ``"-0.1200 (no CI)"`` without one; the baseline's own Δ alone."""
+    delta, interval = row.score_delta.get(task), row.delta_ci.get(task)
+    if delta is None or interval is None:
+        return _signed(delta)
+    if interval.low is None or interval.high is None:
+        return f"{_signed(delta)} (no CI)"
+    return (f"{_signed(delta)} [{_signed(interval.low)}, {_signed(interval.high)}]"
+            + (" within noise" if interval.within_noise else ""))
+
+
+def _interval_cells(interval: Interval | None) -> list[str]:
+    """The per-task table's ``95% CI`` and ``how`` cells."""
+    if interval is None:
+        return [DASH, "baseline"]
+    if interval.low is None or interval.high is None:
+        return [DASH, interval.how]
+    verdict = "within noise (contains 0)" if interval.within_noise else "excludes 0"
+    return [f"[{_signed(interval.low)}, {_signed(interval.high)}] {verdict}", interval.how]
 
 def _number(value: float | None) -> str:
     """Three significant digits: ``1.23``, ``0.000312``, ``1,234``."""
@@ -414,8 +531,11 @@ def _against_baseline(rows: list[VariantRow], baseline: str, tasks: Sequence[str
         for task in tasks:
             mine, theirs = row.scores[task].mean, base.scores[task].mean
             delta[task] = None if mine is None or theirs is None else mine - theirs
+        intervals = {} if row is base else {
+            task: difference_interval(row.seed_scores[task], base.seed_scores[task]) for task in tasks}
         out.append(dataclasses.replace(
-            row, score_delta=delta, saved_pflops_pct=_saved(base.pflops.mean, row.pflops.mean) if same else None,
+            row, score_delta=delta, delta_ci=intervals,
+            saved_pflops_pct=_saved(base.pflops.mean, row.pflops.mean) if same else None,
             saved_train_pct=_saved(base.train_s.mean, row.train_s.mean) if same else None))
     return tuple(out)
 
@@ -705,6 +825,25 @@ def _draw_scores(table: ReportTable, series: ReportSeries, path: Path) -> None:
     plt.close(fig)
 
 
+def difference_lines(table: ReportTable) -> list[str]:
+    """One plain sentence per task and non-baseline variant: Δ, its interval, and whether it is noise."""
+    lines = []
+    for task in table.tasks:
+        for row in table.rows:
+            interval, delta = row.delta_ci.get(task), row.score_delta.get(task)
+            if interval is None or delta is None:
+                continue
+            head = f"{task}, {row.variant} − {table.baseline}: Δ {_signed(delta)}"
+            if interval.low is None or interval.high is None:
+                lines.append(f"{head}; {interval.how}.")
+                continue
+            verdict = ("within noise (the interval contains 0)" if interval.within_noise
+                       else "the interval excludes 0")
+            lines.append(f"{head}, {LEVEL:.0%} CI [{_signed(interval.low)}, {_signed(interval.high)}] "
+                         f"({interval.how}): {verdict}.")
+    return lines
+
+
 def report_markdown(table: ReportTable, figures: Sequence[str] = ()) -> str:
     """The whole ``report.md``: title, what was compared, the tables, notes and figure links."""
     parts = [f"# {table.title}\n"]
@@ -721,6 +860,13 @@ def report_markdown(table: ReportTable, figures: Sequence[str] = ()) -> str:
         f"loop summed over every session of a resumed run (evaluations and start-up excluded); saved = how much "
         f"less than the "
         f"baseline variant {table.baseline} (negative: more), Δ = score minus the baseline's. {DASH} = no data.\n")
+    parts.append(f"[low, high] is the {LEVEL:.0%} confidence interval of Δ: a paired t interval on the per-seed "
+                 "differences over the seeds both variants ran, when they share seeds (fewer than 2 shared seeds: "
+                 "no interval); Welch's unpaired t interval when they share none. *Within noise* = the interval "
+                 "contains 0: the seeds do not show the difference to be real.\n")
+    if lines := difference_lines(table):
+        parts.append("## Differences to the baseline\n")
+        parts.append("".join(f"- {line}\n" for line in lines))
     if table.tasks:
         parts.append("## Per task\n")
         parts.append(markdown_table(table.task_headers(), table.task_cells()))

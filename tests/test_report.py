@@ -9,7 +9,15 @@ import pytest
 
 from engine.config import config_from_dict, load_preset
 from engine.launch import create_run
-from engine.report import DASH, ReportTable, report_rows, report_series, write_report
+from engine.report import (
+    DASH,
+    ReportTable,
+    difference_interval,
+    report_rows,
+    report_series,
+    t_quantile,
+    write_report,
+)
 from engine.store import RunRecord, Store
 
 from .conftest import PRESETS
@@ -167,17 +175,20 @@ def test_markdown_table_content(study) -> None:
     store, _, _ = study
     table = report_rows(store, STUDY)  # by name: variants in the order their runs were created
     lines = table.markdown().splitlines()
-    assert lines[0] == ("| variant | seeds | easy-vqa (vqa_score) | Δ easy-vqa | PFLOPs | saved PFLOPs | device-h | "
-                        "train time | saved time | peak memory | trainable / total params |")
+    assert lines[0] == ("| variant | seeds | easy-vqa (vqa_score) | Δ easy-vqa [95% CI] | PFLOPs | saved PFLOPs | "
+                        "device-h | train time | saved time | peak memory | trainable / total params |")
     assert lines[2] == ("| none (baseline) | 0, 1 | 0.8200 ± 0.0283 (n=2) | +0.0000 | 10 | 0.0% | 0.055 | 1m50s | "
                         "0.0% | 1000 MB | 1.00M / 1.00M |")
-    assert lines[3] == ("| vision | 0, 1 | 0.7850 ± 0.0071 (n=2) | -0.0350 | 6 | 40.0% | 0.033 | 1m06s | 40.0% | "
-                        "700 MB | 600K / 1.00M |")
-    assert lines[4] == ("| both | 0, 1 | 0.7000 (n=1) | -0.1200 | 3 | 70.0% | 0.015 | 33s | 70.0% | 500 MB | "
+    # paired over seeds 0, 1: differences -0.02, -0.05; -0.035 +/- 12.7062 * 0.0212132 / sqrt(2)
+    assert lines[3] == ("| vision | 0, 1 | 0.7850 ± 0.0071 (n=2) | -0.0350 [-0.2256, +0.1556] within noise | 6 | "
+                        "40.0% | 0.033 | 1m06s | 40.0% | 700 MB | 600K / 1.00M |")
+    assert lines[4] == ("| both | 0, 1 | 0.7000 (n=1) | -0.1200 (no CI) | 3 | 70.0% | 0.015 | 33s | 70.0% | 500 MB | "
                         "250K / 1.00M |")
     per_task = table.task_cells()
     assert per_task[0] == ["easy-vqa", "none", "vqa_score", "2", "0.8200 ± 0.0283", "seed 0: 0.8000, seed 1: 0.8400",
-                           "+0.0000"]
+                           "+0.0000", DASH, "baseline"]
+    assert per_task[1][7:] == ["[-0.2256, +0.1556] within noise (contains 0)", "paired t over seeds 0, 1 (n=2)"]
+    assert per_task[2][7:] == [DASH, "no interval: seed 0 is the only seed both ran, and a paired interval needs 2"]
 
 
 def test_missing_data_is_a_dash(ren_home: Path) -> None:
@@ -313,11 +324,12 @@ def test_latex_table_escapes_names(ren_home: Path, tmp_path: Path) -> None:
     _finetune(store, odd, 1, 0.9)
     table = report_rows(store, [odd.id])
     tex = table.latex()
-    assert tex.startswith(r"\begin{tabular}{lrrrrrr}" + "\n\\toprule\n")
+    assert tex.startswith(r"\begin{tabular}{lrrrrrrr}" + "\n\\toprule\n")
     assert r"\midrule" in tex and tex.endswith("\\bottomrule\n\\end{tabular}\n")
-    assert r"Variant & easy\_vqa (vqa\_score) & PFLOPs & Saved PFLOPs & Train time & Saved time" in tex
-    assert r"pre\_50\%\&\#1 (baseline) & 0.8500 $\pm$ 0.0707 (n=2) & 10 & 0.0\% & 1m40s & 0.0\% & 1.00M / 1.00M \\" \
-        in tex
+    assert (r"Variant & easy\_vqa (vqa\_score) & $\Delta$ easy\_vqa [95\% CI] & PFLOPs & Saved PFLOPs & Train time & "
+            r"Saved time") in tex
+    assert (r"pre\_50\%\&\#1 (baseline) & 0.8500 $\pm$ 0.0707 (n=2) & +0.0000 & 10 & 0.0\% & 1m40s & 0.0\% & "
+            r"1.00M / 1.00M \\") in tex
 
 
 def test_series_and_files(study, tmp_path: Path) -> None:
@@ -399,3 +411,57 @@ def test_report_modules_import_neither_torch_nor_matplotlib() -> None:
     mods = _modules_after("import engine.report, engine.cli.report")
     assert "engine.study" in mods
     assert not [m for m in (*HEAVY, "matplotlib", "textual") if m in mods]
+
+
+def test_t_quantiles_match_the_tables() -> None:
+    """t_{0.975, df} from printed tables; df = 1.6842 (Welch) from mpmath's regularised betainc, solved."""
+    table = {1: 12.7062047, 2: 4.3026527, 4: 2.7764451, 10: 2.2281389, 30: 2.0422725, 1.6842105263: 5.1762316}
+    got = {df: t_quantile(0.975, df) for df in table}
+    print({df: round(q, 7) for df, q in got.items()})
+    assert all(got[df] == pytest.approx(q, abs=1e-6) for df, q in table.items())
+
+
+def test_difference_intervals_against_hand_computed_values() -> None:
+    base = [(0, 0.80), (1, 0.84), (2, 0.82)]
+    # paired: differences -0.02, -0.05, -0.02: mean -0.03, sd sqrt(0.0003), se 0.01; t_{0.975,2} = 4.3026527
+    noise = difference_interval([(0, 0.78), (1, 0.79), (2, 0.80)], base)
+    # differences -0.10, -0.09, -0.11: mean -0.10, sd 0.01, se 0.01 / sqrt(3)
+    real = difference_interval([(0, 0.70), (1, 0.75), (2, 0.71)], base)
+    # Welch, no seed in common: var 0.0008 / 2 + 0.0004 / 3, df 1.6842105, t = 5.1762316: -0.10 +/- 0.1195399
+    welch = difference_interval([(5, 0.70), (6, 0.74)], base)
+    one = difference_interval([(0, 0.70), (7, 0.75)], base)
+    print(f"paired within noise {noise}\npaired real {real}\nWelch {welch}\none shared seed {one}")
+    assert (noise.low, noise.high) == (pytest.approx(-0.03 - 0.043026527), pytest.approx(-0.03 + 0.043026527))
+    assert noise.within_noise and noise.how == "paired t over seeds 0, 1, 2 (n=3)"
+    half = 4.3026527 * 0.01 / 3 ** 0.5
+    assert (real.low, real.high) == (pytest.approx(-0.10 - half), pytest.approx(-0.10 + half))
+    assert real.within_noise is False
+    assert (welch.low, welch.high) == (pytest.approx(-0.2195399, abs=1e-7), pytest.approx(0.0195399, abs=1e-7))
+    assert welch.how == "Welch (n=2 and 3, df=1.7)" and welch.within_noise
+    assert one.low is None and one.within_noise is None and "seed 0 is the only seed both ran" in one.how
+
+
+def test_report_files_give_the_interval_and_say_which_differences_are_noise(ren_home: Path, tmp_path: Path) -> None:
+    """Three seeds of a baseline and two variants, listed as run ids: pooled, paired, written out."""
+    store = Store(ren_home)
+    variants = {"base": (None, (0.80, 0.84, 0.82)), "frozen": ('["vision"]', (0.70, 0.75, 0.71)),
+                "same": ('["text"]', (0.78, 0.79, 0.80))}
+    ids = []
+    for name, (groups, scores) in variants.items():
+        freeze = (f"freeze.groups={groups}",) if groups else ()
+        for seed, score in enumerate(scores):
+            pre = _pretrain(store, name, seed, PLANS["none", seed % 2], overrides=freeze)
+            _finetune(store, pre, seed, score)
+            ids.append(pre.id)
+    table = report_rows(store, ids)
+    write_report(table, report_series(store, table), tmp_path / "out")
+    markdown, tex = (tmp_path / "out" / "report.md").read_text(), (tmp_path / "out" / "table.tex").read_text()
+    section = markdown.split("## Differences to the baseline\n")[1].split("##")[0]
+    print(section)
+    assert "paired t interval on the per-seed differences" in markdown
+    assert ("- easy_vqa, frozen − base: Δ -0.1000, 95% CI [-0.1248, -0.0752] (paired t over seeds 0, 1, 2 (n=3)): "
+            "the interval excludes 0.") in section
+    assert ("- easy_vqa, same − base: Δ -0.0300, 95% CI [-0.0730, +0.0130] (paired t over seeds 0, 1, 2 (n=3)): "
+            "within noise (the interval contains 0).") in section
+    assert r"frozen & 0.7200 $\pm$ 0.0265 (n=3) & -0.1000 [-0.1248, -0.0752] & " in tex
+    assert r"same & 0.7900 $\pm$ 0.0100 (n=3) & -0.0300 [-0.0730, +0.0130] within noise & " in tex
