@@ -202,7 +202,7 @@ def test_missing_data_is_a_dash(ren_home: Path) -> None:
     assert [row.variant for row in table.rows] == ["done", "going", "old"] and table.baseline == "done"
     cells = {row[0]: row for row in table.cells()}
     going, no_compute = cells["going"], cells["old"]
-    # columns: variant, seeds, score, delta, PFLOPs, saved, device-h, wall, saved wall, memory, params
+    # columns: variant, seeds, score, delta, PFLOPs, saved, device-h, train time, saved time, memory, params
     assert going[2:10] == [DASH] * 8
     assert no_compute[2] == DASH and no_compute[4] == DASH and no_compute[6] == DASH and no_compute[9] == DASH
     assert no_compute[7] == "33s" and no_compute[8] == "67.0%"  # without a compute record: the last session's
