@@ -2,7 +2,8 @@
 
 :func:`report_rows` gathers, per variant, the downstream scores of its finetunes (mean and sample
 standard deviation over seeds), the compute its pretraining used (PFLOPs, device-hours, training time,
-peak memory, parameters) and what that saves against the baseline variant. :func:`report_series`
+peak memory, parameters), what that saves against the baseline variant, and the 95% confidence
+interval of each score's difference to the baseline (:func:`difference_interval`). :func:`report_series`
 reads the curves the figures need, and :func:`write_report` writes ``report.md``, ``table.tex``,
 ``loss.png`` and ``score_vs_compute.png``. Everything is plain data with ready-formatted strings,
 so the TUI can show the same tables. No torch here; matplotlib is imported only to draw (Agg).
