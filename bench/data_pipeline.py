@@ -107,7 +107,7 @@ class Pipeline:
         from engine.train import EpochSampler, _identity
 
         sampler = EpochSampler(len(self.data.train), self.cfg.run.seed)
-        sampler.set_epoch(self.epoch)
+        sampler.use_epoch(self.epoch)
         self.epoch += 1  # each call reads a different permutation, as successive epochs do
         return DataLoader(self.data.train, batch_size=self.batch, sampler=sampler, collate_fn=_identity,
                           drop_last=True, num_workers=workers)

@@ -1,8 +1,9 @@
 """Reports: what each variant of a study (or each of a set of pretraining runs) cost and what it bought.
 
 :func:`report_rows` gathers, per variant, the downstream scores of its finetunes (mean and sample
-standard deviation over seeds), the compute its pretraining used (PFLOPs, device-hours, wall time,
-peak memory, parameters) and what that saves against the baseline variant. :func:`report_series`
+standard deviation over seeds), the compute its pretraining used (PFLOPs, device-hours, training time,
+peak memory, parameters), what that saves against the baseline variant, and the 95% confidence
+interval of each score's difference to the baseline (:func:`difference_interval`). :func:`report_series`
 reads the curves the figures need, and :func:`write_report` writes ``report.md``, ``table.tex``,
 ``loss.png`` and ``score_vs_compute.png``. Everything is plain data with ready-formatted strings,
 so the TUI can show the same tables. No torch here; matplotlib is imported only to draw (Agg).
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import math
 import re
 import statistics
@@ -76,13 +78,20 @@ class VariantRow:
     score_delta: Mapping[str, float | None]
     pflops: Stat
     device_hours: Stat
-    wall_s: Stat
+    train_s: Stat
+    """Seconds in the training loop, summed over every session of a resumed run (evaluations and
+    start-up excluded): the record's ``compute["train_seconds"]``."""
     peak_memory_mb: Stat
     trainable: int | None
     total: int | None
     saved_pflops_pct: float | None
-    saved_wall_pct: float | None
+    saved_train_pct: float | None
     seed_scores: Mapping[str, tuple[tuple[int | None, float], ...]] = field(default_factory=dict)
+    compute_stage: str = "pretrain"
+    delta_ci: Mapping[str, Interval] = field(default_factory=dict)
+    """Per task, the 95% CI of the score minus the baseline's (none for the baseline itself)."""
+    """Whose compute the compute columns hold: ``pretrain``, ``finetune`` (a variant without
+    pretraining runs), or ``""`` (no runs)."""
 
     @property
     def seeds(self) -> tuple[int | None, ...]:
@@ -108,9 +117,9 @@ class ReportTable:
     def headers(self) -> list[str]:
         """Columns of the main table."""
         scores = [f"{task} ({self.metrics.get(task, 'score')})" for task in self.tasks]
-        deltas = [f"Δ {task}" for task in self.tasks]
-        return ["variant", "seeds", *scores, *deltas, "PFLOPs", "saved PFLOPs", "device-h", "wall time",
-                "saved wall", "peak memory", "trainable / total params"]
+        deltas = [f"Δ {task} [95% CI]" for task in self.tasks]
+        return ["variant", "seeds", *scores, *deltas, "PFLOPs", "saved PFLOPs", "device-h", "train time",
+                "saved time", "peak memory", "trainable / total params"]
 
     def cells(self) -> list[list[str]]:
         """The main table, every cell a string (``—`` where data is missing)."""
@@ -120,16 +129,16 @@ class ReportTable:
                 f"{row.variant} (baseline)" if row.is_baseline else row.variant,
                 ", ".join(DASH if s is None else str(s) for s in row.seeds) or DASH,
                 *(format_stat(row.scores.get(task, Stat()), _score) for task in self.tasks),
-                *(_signed(row.score_delta.get(task)) for task in self.tasks),
+                *(format_delta(row, task) for task in self.tasks),
                 _number(row.pflops.mean), _percent(row.saved_pflops_pct), _number(row.device_hours.mean),
-                format_seconds(row.wall_s.mean), _percent(row.saved_wall_pct), format_memory(row.peak_memory_mb.mean),
+                format_seconds(row.train_s.mean), _percent(row.saved_train_pct), format_memory(row.peak_memory_mb.mean),
                 f"{format_count(row.trainable, DASH)} / {format_count(row.total, DASH)}",
             ])
         return out
 
     def task_headers(self) -> list[str]:
         """Columns of the per-task table."""
-        return ["task", "variant", "metric", "n", "mean ± std", "per seed", "Δ vs baseline"]
+        return ["task", "variant", "metric", "n", "mean ± std", "per seed", "Δ vs baseline", "95% CI", "how"]
 
     def task_cells(self) -> list[list[str]]:
         """One line per task and variant: every seed's score and the summary."""
@@ -141,7 +150,7 @@ class ReportTable:
                                      for seed, value in row.seed_scores.get(task, ()))
                 out.append([task, row.variant, self.metrics.get(task, DASH), str(stat.n),
                             format_stat(stat, _score, with_n=False), per_seed or DASH,
-                            _signed(row.score_delta.get(task))])
+                            _signed(row.score_delta.get(task)), *_interval_cells(row.delta_ci.get(task))])
         return out
 
     def markdown(self) -> str:
@@ -150,9 +159,10 @@ class ReportTable:
 
     def latex(self) -> str:
         """The main table as a booktabs ``tabular`` (needs ``\\usepackage{booktabs}``), ready to ``\\input``."""
-        headers = ["Variant", *(f"{t} ({self.metrics.get(t, 'score')})" for t in self.tasks), "PFLOPs",
-                   "Saved PFLOPs", "Wall time", "Saved wall", "Trainable / total"]
-        keep = [0, *range(2, 2 + len(self.tasks)), 2 + 2 * len(self.tasks), 3 + 2 * len(self.tasks),
+        headers = ["Variant", *(f"{t} ({self.metrics.get(t, 'score')})" for t in self.tasks),
+                   *(f"Δ {t} [95% CI]" for t in self.tasks), "PFLOPs", "Saved PFLOPs", "Train time", "Saved time",
+                   "Trainable / total"]
+        keep = [0, *range(2, 2 + 2 * len(self.tasks)), 2 + 2 * len(self.tasks), 3 + 2 * len(self.tasks),
                 5 + 2 * len(self.tasks), 6 + 2 * len(self.tasks), 8 + 2 * len(self.tasks)]
         body = [[cells[i] for i in keep] for cells in self.cells()]
         lines = [r"\begin{tabular}{l" + "r" * (len(headers) - 1) + "}", r"\toprule",
@@ -181,6 +191,99 @@ class ReportSeries:
     score_compute: Mapping[str, tuple[Curve, ...]] = field(default_factory=dict)
 
 
+# --- confidence intervals ------------------------------------------------------------
+
+LEVEL = 0.95
+
+
+def _betacf(a: float, b: float, x: float) -> float:
+    """The continued fraction of the regularised incomplete beta function (modified Lentz)."""
+    tiny = 1e-300
+    c, d = 1.0, 1.0 - (a + b) * x / (a + 1.0)
+    d = 1.0 / (d if abs(d) > tiny else tiny)
+    out = d
+    for m in range(1, 500):
+        even = m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m))
+        odd = -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1))
+        for term in (even, odd):
+            d = 1.0 + term * d
+            d = 1.0 / (d if abs(d) > tiny else tiny)
+            c = 1.0 + term / c
+            c = c if abs(c) > tiny else tiny
+            out *= c * d
+        if abs(c * d - 1.0) < 1e-15:
+            break
+    return out
+
+
+def _beta_inc(a: float, b: float, x: float) -> float:
+    """The regularised incomplete beta function I_x(a, b)."""
+    if x <= 0.0 or x >= 1.0:
+        return 0.0 if x <= 0.0 else 1.0
+    front = math.exp(math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log1p(-x))
+    if x < (a + 1.0) / (a + b + 2.0):
+        return front * _betacf(a, b, x) / a
+    return 1.0 - front * _betacf(b, a, 1.0 - x) / b
+
+
+def t_quantile(p: float, df: float) -> float:
+    """The ``p`` quantile (p > 0.5) of Student's t with ``df`` (> 0, not necessarily whole) degrees of
+    freedom, found by bisection on the exact two-sided tail P(|T| > t) = I_{df/(df+t^2)}(df/2, 1/2)."""
+    tail = 2.0 * (1.0 - p)
+    low, high = 0.0, 1.0
+    while _beta_inc(df / 2, 0.5, df / (df + high * high)) > tail:
+        high *= 2.0
+    for _ in range(200):
+        mid = (low + high) / 2
+        low, high = (mid, high) if _beta_inc(df / 2, 0.5, df / (df + mid * mid)) > tail else (low, mid)
+    return (low + high) / 2
+
+
+@dataclass(frozen=True)
+class Interval:
+    """The 95% confidence interval of a variant's score minus the baseline's, or why there is none.
+    ``how`` names the method (paired t over the seeds both ran, or Welch's unpaired t) or the reason."""
+
+    low: float | None
+    high: float | None
+    how: str
+
+    @property
+    def within_noise(self) -> bool | None:
+        """Whether the interval contains 0 (None without an interval)."""
+        return None if self.low is None or self.high is None else self.low <= 0.0 <= self.high
+
+
+def difference_interval(mine: Sequence[tuple[int | None, float]],
+                        base: Sequence[tuple[int | None, float]]) -> Interval:
+    """95% CI of mean(mine) - mean(base) from ``(seed, score)`` pairs. When the two share seeds, a
+    paired t interval on the per-seed differences of the shared seeds (n - 1 degrees of freedom);
+    with no shared seed, Welch's interval (Welch-Satterthwaite degrees of freedom)."""
+    a = {seed: v for seed, v in mine if seed is not None}
+    b = {seed: v for seed, v in base if seed is not None}
+    shared = sorted(set(a) & set(b))
+    if shared:
+        if len(shared) < 2:
+            return Interval(None, None, f"no interval: seed {shared[0]} is the only seed both ran, and a paired "
+                                        "interval needs 2")
+        diffs = [a[seed] - b[seed] for seed in shared]
+        half = t_quantile(0.5 + LEVEL / 2, len(diffs) - 1) * statistics.stdev(diffs) / math.sqrt(len(diffs))
+        centre = statistics.fmean(diffs)
+        return Interval(centre - half, centre + half,
+                        f"paired t over seeds {', '.join(map(str, shared))} (n={len(shared)})")
+    x, y = [v for _, v in mine], [v for _, v in base]
+    if len(x) < 2 or len(y) < 2:
+        return Interval(None, None, f"no interval: no seed in common, and an unpaired interval needs 2 scores on "
+                                    f"each side (n={len(x)} and {len(y)})")
+    vx, vy = statistics.variance(x) / len(x), statistics.variance(y) / len(y)
+    centre = statistics.fmean(x) - statistics.fmean(y)
+    if vx + vy == 0.0:
+        return Interval(centre, centre, f"Welch (n={len(x)} and {len(y)}; no spread on either side)")
+    df = (vx + vy) ** 2 / (vx ** 2 / (len(x) - 1) + vy ** 2 / (len(y) - 1))
+    half = t_quantile(0.5 + LEVEL / 2, df) * math.sqrt(vx + vy)
+    return Interval(centre - half, centre + half, f"Welch (n={len(x)} and {len(y)}, df={df:.1f})")
+
+
 # --- formatting ------------------------------------------------------------------
 
 
@@ -195,6 +298,27 @@ def format_stat(stat: Stat, fmt: Any = _score, *, with_n: bool = True) -> str:
     text = fmt(stat.mean) if stat.std is None else f"{fmt(stat.mean)} ± {fmt(stat.std)}"
     return f"{text} (n={stat.n})" if with_n else text
 
+
+def format_delta(row: VariantRow, task: str) -> str:
+    """``"-0.0350 [-0.2256, +0.1556] within noise"``: Δ to the baseline, its 95% CI and whether that
+    contains 0; ``"-0.1200 (no CI)"`` without one; the baseline's own Δ alone."""
+    delta, interval = row.score_delta.get(task), row.delta_ci.get(task)
+    if delta is None or interval is None:
+        return _signed(delta)
+    if interval.low is None or interval.high is None:
+        return f"{_signed(delta)} (no CI)"
+    return (f"{_signed(delta)} [{_signed(interval.low)}, {_signed(interval.high)}]"
+            + (" within noise" if interval.within_noise else ""))
+
+
+def _interval_cells(interval: Interval | None) -> list[str]:
+    """The per-task table's ``95% CI`` and ``how`` cells."""
+    if interval is None:
+        return [DASH, "baseline"]
+    if interval.low is None or interval.high is None:
+        return [DASH, interval.how]
+    verdict = "within noise (contains 0)" if interval.within_noise else "excludes 0"
+    return [f"[{_signed(interval.low)}, {_signed(interval.high)}] {verdict}", interval.how]
 
 def _number(value: float | None) -> str:
     """Three significant digits: ``1.23``, ``0.000312``, ``1,234``."""
@@ -297,6 +421,18 @@ def _describe(record: RunRecord) -> str:
     return f"is {record.status}" if record.status in ("queued", "created") else f"ended {record.status}"
 
 
+def _train_seconds(record: RunRecord, where: str, notes: list[str]) -> float | None:
+    """The run's time in its training loop over all its sessions; without that record, its last
+    session's start to end (``mark_running`` resets ``started_at`` at every resume), with a note."""
+    if (seconds := _num(record.compute.get("train_seconds"))) is not None:
+        return seconds
+    if record.started_at is None or record.ended_at is None:
+        return None
+    notes.append(f"{where} records no training time (train_seconds); its train time is the wall time of its "
+                 "last session, start-up and evaluations included, earlier sessions of a resumed run left out.")
+    return record.ended_at - record.started_at
+
+
 @dataclass
 class _Group:
     """A variant being assembled: its pretraining runs and finetunes as records."""
@@ -306,32 +442,54 @@ class _Group:
     finetunes: list[tuple[int | None, str, RunRecord, str | None]] = field(default_factory=list)
 
 
-def _variant_row(group: _Group, is_baseline: bool, tasks: Sequence[str], metrics: Mapping[str, str],
-                 notes: list[str]) -> VariantRow:
-    pflops, hours, wall, memory = [], [], [], []
-    trainable = total = None
-    for seed, r in group.pretrains:
-        where = f"{group.name}: pretraining {r.id}" + (f" (seed {seed})" if seed is not None else "")
-        if trainable is None and isinstance(r.params.get("trainable"), int):
-            trainable, total = r.params["trainable"], r.params.get("total")
+@dataclass
+class _Compute:
+    """A variant's compute columns as gathered: from its pretraining runs, or from its finetunes
+    when it has none (a finetune from a hub checkpoint or from scratch is the whole cost)."""
+
+    stage: str = ""
+    pflops: list[float] = field(default_factory=list)
+    hours: list[float] = field(default_factory=list)
+    seconds: list[float] = field(default_factory=list)
+    memory: list[float] = field(default_factory=list)
+    trainable: int | None = None
+    total: int | None = None
+
+
+def _gather_compute(group: _Group, notes: list[str]) -> _Compute:
+    own = [(seed, f"pretraining {r.id}", r) for seed, r in group.pretrains]
+    if not own and group.finetunes:
+        notes.append(f"{group.name} has no pretraining run; its compute, train time and parameter columns are "
+                     "its finetunes' (mean over the finished ones); its saved columns stay empty unless the "
+                     "baseline's are finetunes' too.")
+        own = [(seed, f"{task} finetune {r.id}", r) for seed, task, r, _ in group.finetunes]
+    out = _Compute(stage="pretrain" if group.pretrains else "finetune" if own else "")
+    for seed, what, r in own:
+        where = f"{group.name}: {what}" + (f" (seed {seed})" if seed is not None else "")
+        if out.trainable is None and isinstance(r.params.get("trainable"), int):
+            out.trainable, total = r.params["trainable"], r.params.get("total")
+            out.total = total if isinstance(total, int) else None
         if r.status != "finished":
-            notes.append(f"{where} {_describe(r)}; its compute and wall time are left out.")
+            if r.stage == "pretrain":  # an unfinished finetune is noted with its score
+                notes.append(f"{where} {_describe(r)}; its compute and training time are left out.")
             continue
-        if r.started_at is not None and r.ended_at is not None:
-            wall.append(r.ended_at - r.started_at)
+        if (spent := _train_seconds(r, where, notes)) is not None:
+            out.seconds.append(spent)
         values = {key: _num(r.compute.get(key)) for key in ("pflops", "device_hours", "peak_memory_mb")}
         if not r.compute:
             notes.append(f"{where} has no compute record (it was trained before compute accounting, or its "
                          "measurement failed); PFLOPs, device-hours and peak memory are left out.")
-        else:
-            lacking = [key for key, value in values.items() if value is None]
-            if lacking:
-                notes.append(f"{where}: its compute record lacks {', '.join(lacking)}.")
-        for key, out in (("pflops", pflops), ("device_hours", hours), ("peak_memory_mb", memory)):
+        elif lacking := [key for key, value in values.items() if value is None]:
+            notes.append(f"{where}: its compute record lacks {', '.join(lacking)}.")
+        for key, column in (("pflops", out.pflops), ("device_hours", out.hours), ("peak_memory_mb", out.memory)):
             if values[key] is not None:
-                out.append(values[key])
-    if not group.pretrains and group.finetunes:
-        notes.append(f"{group.name} has no pretraining run; its compute columns are empty.")
+                column.append(values[key])
+    return out
+
+
+def _variant_row(group: _Group, is_baseline: bool, tasks: Sequence[str], metrics: Mapping[str, str],
+                 notes: list[str]) -> VariantRow:
+    compute = _gather_compute(group, notes)
     scores: dict[str, list[tuple[int | None, float]]] = {task: [] for task in tasks}
     for seed, task, r, _ in group.finetunes:
         where = f"{group.name}: {task} finetune {r.id}" + (f" (seed {seed})" if seed is not None else "")
@@ -350,11 +508,12 @@ def _variant_row(group: _Group, is_baseline: bool, tasks: Sequence[str], metrics
         pretrains=tuple(_ref(r, seed) for seed, r in group.pretrains),
         finetunes=tuple(_ref(r, seed, task, parent) for seed, task, r, parent in group.finetunes),
         scores={task: Stat(tuple(v for _, v in pairs)) for task, pairs in scores.items()},
-        score_delta={}, pflops=Stat(tuple(pflops)), device_hours=Stat(tuple(hours)), wall_s=Stat(tuple(wall)),
-        peak_memory_mb=Stat(tuple(memory)), trainable=trainable, total=total if isinstance(total, int) else None,
-        saved_pflops_pct=None, saved_wall_pct=None,
+        score_delta={}, pflops=Stat(tuple(compute.pflops)), device_hours=Stat(tuple(compute.hours)),
+        train_s=Stat(tuple(compute.seconds)), peak_memory_mb=Stat(tuple(compute.memory)),
+        trainable=compute.trainable, total=compute.total, saved_pflops_pct=None, saved_train_pct=None,
         seed_scores={task: tuple(sorted(pairs, key=lambda p: (p[0] is None, p[0] or 0))) for task, pairs in
                      scores.items()},
+        compute_stage=compute.stage,
     )
 
 
@@ -368,13 +527,17 @@ def _against_baseline(rows: list[VariantRow], baseline: str, tasks: Sequence[str
     base = next(row for row in rows if row.variant == baseline)
     out = []
     for row in rows:
+        same = row.compute_stage == base.compute_stage  # savings compare like with like
         delta = {}
         for task in tasks:
             mine, theirs = row.scores[task].mean, base.scores[task].mean
             delta[task] = None if mine is None or theirs is None else mine - theirs
+        intervals = {} if row is base else {
+            task: difference_interval(row.seed_scores[task], base.seed_scores[task]) for task in tasks}
         out.append(dataclasses.replace(
-            row, score_delta=delta, saved_pflops_pct=_saved(base.pflops.mean, row.pflops.mean),
-            saved_wall_pct=_saved(base.wall_s.mean, row.wall_s.mean)))
+            row, score_delta=delta, delta_ci=intervals,
+            saved_pflops_pct=_saved(base.pflops.mean, row.pflops.mean) if same else None,
+            saved_train_pct=_saved(base.train_s.mean, row.train_s.mean) if same else None))
     return tuple(out)
 
 
@@ -449,25 +612,49 @@ def _plain_table(store: Store, runs: Sequence[RunRecord | str]) -> ReportTable:
                              "it is reported on its own.")
         if head.id not in {h.id for h in heads}:
             heads.append(head)
-    names = [h.name for h in heads]
+    pools = _pool_seeds(heads)
+    names = [pool[0].name for pool in pools]
     groups = []
-    for head in heads:
-        label = head.name if names.count(head.name) == 1 else f"{head.name}@{head.id[-4:]}"
+    for pool in pools:
+        label = pool[0].name if names.count(pool[0].name) == 1 else f"{pool[0].name}@{pool[0].id[-4:]}"
         group = _Group(label)
-        if head.stage == "pretrain":
-            group.pretrains.append((_seed(head), head))
-            for r in sorted(everything, key=lambda r: (r.created_at or 0.0, r.id)):
-                if r.stage == "finetune" and _starts_from(r, head.id):
-                    group.finetunes.append((_seed(r), _task_label(r), r, head.id))
-        else:
-            group.finetunes.append((_seed(head), _task_label(head), head, None))
+        for head in pool:
+            if head.stage == "pretrain":
+                group.pretrains.append((_seed(head), head))
+                for r in sorted(everything, key=lambda r: (r.created_at or 0.0, r.id)):
+                    if r.stage == "finetune" and _starts_from(r, head.id):
+                        group.finetunes.append((_seed(r), _task_label(r), r, head.id))
+            else:
+                group.finetunes.append((_seed(head), _task_label(head), head, None))
         groups.append(group)
-    compared = [f"{g.name}: {'pretraining' if h.stage == 'pretrain' else 'finetune'} run {h.id}"
-                + (f" and {len(g.finetunes)} finetune(s) started from it" if h.stage == "pretrain" else "")
-                for g, h in zip(groups, heads)]
+    compared = [f"{g.name}: {'pretraining' if pool[0].stage == 'pretrain' else 'finetune'} run(s) "
+                + ", ".join(f"{h.id} (seed {_seed(h)})" for h in pool)
+                + (f" and {len(g.finetunes)} finetune(s) started from them" if pool[0].stage == "pretrain" else "")
+                for g, pool in zip(groups, pools)]
     title_names = [g.name for g in groups]
     title = "Runs " + ", ".join(title_names) if len(title_names) <= 4 else f"{len(title_names)} runs"
     return _table(_runs_name(heads), title, "", compared, groups, groups[0].name, notes)
+
+
+def _without_seed(record: RunRecord) -> str:
+    """The run's stage and config with ``run.seed`` left out, canonical: equal for the seeds of one variant."""
+    config = {**record.config, "run": {k: v for k, v in record.config.get("run", {}).items() if k != "seed"}}
+    return json.dumps([record.stage, config], sort_keys=True, default=str)
+
+
+def _pool_seeds(heads: Sequence[RunRecord]) -> list[list[RunRecord]]:
+    """The listed runs as variants: runs whose configs differ only in their seed are one variant
+    (seeds over which its scores are averaged); a run repeating a seed of its pool starts another."""
+    pools: list[list[RunRecord]] = []
+    for head in heads:
+        key = _without_seed(head)
+        pool = next((p for p in pools if _without_seed(p[0]) == key
+                     and all(_seed(h) != _seed(head) for h in p)), None)
+        if pool is None:
+            pools.append([head])
+        else:
+            pool.append(head)
+    return pools
 
 
 def _runs_name(heads: Sequence[RunRecord]) -> str:
@@ -480,7 +667,8 @@ def report_rows(store: Store, source: Study | str | Sequence[RunRecord | str]) -
     (records or ids). A study's variants are its runs' ``study["variant"]``, compared against its
     baseline. Otherwise each listed pretraining run is a variant of its own, with every finetune
     started from it (``init_from = "run:<id>"``), compared against the first; a listed finetune
-    stands for the run it started from (for itself when it started from none)."""
+    stands for the run it started from (for itself when it started from none). Listed runs whose
+    configs differ only in ``run.seed`` are one variant, its seeds pooled."""
     if isinstance(source, Study):
         return _study_table(store, source.name, baseline=source.baseline, description=source.description,
                             variants=list(source.variants), compared=_study_compared(source),
@@ -638,6 +826,25 @@ def _draw_scores(table: ReportTable, series: ReportSeries, path: Path) -> None:
     plt.close(fig)
 
 
+def difference_lines(table: ReportTable) -> list[str]:
+    """One plain sentence per task and non-baseline variant: Δ, its interval, and whether it is noise."""
+    lines = []
+    for task in table.tasks:
+        for row in table.rows:
+            interval, delta = row.delta_ci.get(task), row.score_delta.get(task)
+            if interval is None or delta is None:
+                continue
+            head = f"{task}, {row.variant} − {table.baseline}: Δ {_signed(delta)}"
+            if interval.low is None or interval.high is None:
+                lines.append(f"{head}; {interval.how}.")
+                continue
+            verdict = ("within noise (the interval contains 0)" if interval.within_noise
+                       else "the interval excludes 0")
+            lines.append(f"{head}, {LEVEL:.0%} CI [{_signed(interval.low)}, {_signed(interval.high)}] "
+                         f"({interval.how}): {verdict}.")
+    return lines
+
+
 def report_markdown(table: ReportTable, figures: Sequence[str] = ()) -> str:
     """The whole ``report.md``: title, what was compared, the tables, notes and figure links."""
     parts = [f"# {table.title}\n"]
@@ -649,8 +856,18 @@ def report_markdown(table: ReportTable, figures: Sequence[str] = ()) -> str:
     parts.append(table.markdown())
     parts.append(
         f"Scores are each finetune's final score, mean ± sample standard deviation over seeds (n finetunes). "
-        f"Compute columns are the pretraining's, mean over its finished seeds; saved = how much less than the "
+        f"Compute columns are the pretraining's (a variant without one: its finetunes'), mean over its finished "
+        f"seeds; train time = seconds in the training "
+        f"loop summed over every session of a resumed run (evaluations and start-up excluded); saved = how much "
+        f"less than the "
         f"baseline variant {table.baseline} (negative: more), Δ = score minus the baseline's. {DASH} = no data.\n")
+    parts.append(f"[low, high] is the {LEVEL:.0%} confidence interval of Δ: a paired t interval on the per-seed "
+                 "differences over the seeds both variants ran, when they share seeds (fewer than 2 shared seeds: "
+                 "no interval); Welch's unpaired t interval when they share none. *Within noise* = the interval "
+                 "contains 0: the seeds do not show the difference to be real.\n")
+    if lines := difference_lines(table):
+        parts.append("## Differences to the baseline\n")
+        parts.append("".join(f"- {line}\n" for line in lines))
     if table.tasks:
         parts.append("## Per task\n")
         parts.append(markdown_table(table.task_headers(), table.task_cells()))

@@ -92,12 +92,17 @@ class TrainState:
 
 class EpochSampler(Sampler[int]):
     """A random permutation that depends only on (seed, epoch): resuming at epoch e,
-    batch b replays exactly the order an uninterrupted run would have used."""
+    batch b replays exactly the order an uninterrupted run would have used.
+
+    The trainer sets the epoch with :meth:`use_epoch`, on purpose not ``set_epoch``: accelerate's
+    prepared loader calls ``set_epoch`` on its sampler with its own count of ``iter()`` calls, which
+    restarts at 0 in a resumed process (and the loader ``skip_first_batches`` returns counts apart
+    from it), so it would replay epoch 0's order in every later epoch."""
 
     def __init__(self, n: int, seed: int):
         self.n, self.seed, self.epoch = n, seed, 0
 
-    def set_epoch(self, epoch: int) -> None:
+    def use_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def __iter__(self):
@@ -384,7 +389,7 @@ def train(cfg: RunConfig, store: Store, run_id: str, *, resume: bool = False,
         with _StopFlag() as stop:
             stopping = False
             while state.step < cfg.train.max_steps and not stopping:
-                sampler.set_epoch(state.epoch)
+                sampler.use_epoch(state.epoch)
                 batches = (accelerator.skip_first_batches(train_dl, state.batches_into_epoch * accum)
                            if state.batches_into_epoch else train_dl)
                 model.train()

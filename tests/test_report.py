@@ -9,7 +9,15 @@ import pytest
 
 from engine.config import config_from_dict, load_preset
 from engine.launch import create_run
-from engine.report import DASH, ReportTable, report_rows, report_series, write_report
+from engine.report import (
+    DASH,
+    ReportTable,
+    difference_interval,
+    report_rows,
+    report_series,
+    t_quantile,
+    write_report,
+)
 from engine.store import RunRecord, Store
 
 from .conftest import PRESETS
@@ -139,9 +147,9 @@ def test_study_rows_mean_std_and_savings(study) -> None:
     # PFLOPs: 10 (baseline) -> 6 saves 40 %; "both" has compute for seed 0 only: 3 -> 70 %.
     assert vision.saved_pflops_pct == pytest.approx(40.0) and both.saved_pflops_pct == pytest.approx(70.0)
     assert both.pflops.n == 1
-    # Wall time: baseline (100 + 120) / 2 = 110 s; 66 s saves 40 %, 33 s saves 70 %.
-    assert none.wall_s.mean == pytest.approx(110.0)
-    assert vision.saved_wall_pct == pytest.approx(40.0) and both.saved_wall_pct == pytest.approx(70.0)
+    # Train time: baseline (100 + 120) / 2 = 110 s; 66 s saves 40 %, 33 s saves 70 %.
+    assert none.train_s.mean == pytest.approx(110.0)
+    assert vision.saved_train_pct == pytest.approx(40.0) and both.saved_train_pct == pytest.approx(70.0)
     assert none.device_hours.mean == pytest.approx(0.055) and none.peak_memory_mb.mean == pytest.approx(1000.0)
     assert (vision.trainable, vision.total) == (600_000, 1_000_000)
     assert [s for s, _ in both.seed_scores["easy-vqa"]] == [0]
@@ -157,7 +165,7 @@ def test_a_newer_run_of_a_slot_supersedes_the_older(study) -> None:
     newer = _pretrain(store, f"{STUDY}/vision/s1", 1, PLANS["vision", 1], study=tag, status="running")
     vision = _row(report_rows(store, STUDY), "vision")
     assert [ref.id for ref in vision.pretrains] == [runs["vision", 0][0].id, newer.id]
-    assert vision.pflops.n == 1 and vision.wall_s.n == 1
+    assert vision.pflops.n == 1 and vision.train_s.n == 1
     assert next(f for f in vision.finetunes if f.seed == 1).parent == runs["vision", 1][0].id  # what it started from
     notes = " ".join(report_rows(store, STUDY).notes)
     assert f"run {runs['vision', 1][0].id} was superseded by run {newer.id}" in notes
@@ -167,17 +175,20 @@ def test_markdown_table_content(study) -> None:
     store, _, _ = study
     table = report_rows(store, STUDY)  # by name: variants in the order their runs were created
     lines = table.markdown().splitlines()
-    assert lines[0] == ("| variant | seeds | easy-vqa (vqa_score) | Δ easy-vqa | PFLOPs | saved PFLOPs | device-h | "
-                        "wall time | saved wall | peak memory | trainable / total params |")
+    assert lines[0] == ("| variant | seeds | easy-vqa (vqa_score) | Δ easy-vqa [95% CI] | PFLOPs | saved PFLOPs | "
+                        "device-h | train time | saved time | peak memory | trainable / total params |")
     assert lines[2] == ("| none (baseline) | 0, 1 | 0.8200 ± 0.0283 (n=2) | +0.0000 | 10 | 0.0% | 0.055 | 1m50s | "
                         "0.0% | 1000 MB | 1.00M / 1.00M |")
-    assert lines[3] == ("| vision | 0, 1 | 0.7850 ± 0.0071 (n=2) | -0.0350 | 6 | 40.0% | 0.033 | 1m06s | 40.0% | "
-                        "700 MB | 600K / 1.00M |")
-    assert lines[4] == ("| both | 0, 1 | 0.7000 (n=1) | -0.1200 | 3 | 70.0% | 0.015 | 33s | 70.0% | 500 MB | "
+    # paired over seeds 0, 1: differences -0.02, -0.05; -0.035 +/- 12.7062 * 0.0212132 / sqrt(2)
+    assert lines[3] == ("| vision | 0, 1 | 0.7850 ± 0.0071 (n=2) | -0.0350 [-0.2256, +0.1556] within noise | 6 | "
+                        "40.0% | 0.033 | 1m06s | 40.0% | 700 MB | 600K / 1.00M |")
+    assert lines[4] == ("| both | 0, 1 | 0.7000 (n=1) | -0.1200 (no CI) | 3 | 70.0% | 0.015 | 33s | 70.0% | 500 MB | "
                         "250K / 1.00M |")
     per_task = table.task_cells()
     assert per_task[0] == ["easy-vqa", "none", "vqa_score", "2", "0.8200 ± 0.0283", "seed 0: 0.8000, seed 1: 0.8400",
-                           "+0.0000"]
+                           "+0.0000", DASH, "baseline"]
+    assert per_task[1][7:] == ["[-0.2256, +0.1556] within noise (contains 0)", "paired t over seeds 0, 1 (n=2)"]
+    assert per_task[2][7:] == [DASH, "no interval: seed 0 is the only seed both ran, and a paired interval needs 2"]
 
 
 def test_missing_data_is_a_dash(ren_home: Path) -> None:
@@ -191,22 +202,41 @@ def test_missing_data_is_a_dash(ren_home: Path) -> None:
     assert [row.variant for row in table.rows] == ["done", "going", "old"] and table.baseline == "done"
     cells = {row[0]: row for row in table.cells()}
     going, no_compute = cells["going"], cells["old"]
-    # columns: variant, seeds, score, delta, PFLOPs, saved, device-h, wall, saved wall, memory, params
+    # columns: variant, seeds, score, delta, PFLOPs, saved, device-h, train time, saved time, memory, params
     assert going[2:10] == [DASH] * 8
     assert no_compute[2] == DASH and no_compute[4] == DASH and no_compute[6] == DASH and no_compute[9] == DASH
-    assert no_compute[7] == "33s" and no_compute[8] == "67.0%"  # wall time needs no compute record
+    assert no_compute[7] == "33s" and no_compute[8] == "67.0%"  # without a compute record: the last session's
     assert going[10] == "600K / 1.00M"
     notes = " ".join(table.notes)
     steps = load_preset(PRE).train.max_steps
     assert f"pretraining {running.id} (seed 0) is running (step {steps}/{steps})" in notes
     assert f"pretraining {old.id} (seed 0) has no compute record" in notes
+    assert f"pretraining {old.id} (seed 0) records no training time (train_seconds)" in notes
     assert "going has no easy_vqa finetune yet" in notes
+
+
+def test_train_time_of_a_resumed_run_counts_every_session(ren_home: Path) -> None:
+    """A resumed run's started_at is its last session's start: train time is the recorded train_seconds."""
+    store = Store(ren_home)
+    base = _pretrain(store, "base", 0, PLANS["none", 0])  # 100 s in one session
+    resumed = _pretrain(store, "resumed", 0, PLANS["vision", 0])
+    # three sessions trained 25 + 25 + 30 s; the last ran from start + 500 to start + 535
+    compute = {**resumed.compute, "train_seconds": 80.0}
+    store.update_run(resumed.id, compute=compute, started_at=resumed.started_at + 500,
+                     ended_at=resumed.started_at + 535)
+    table = report_rows(store, [base.id, resumed.id])
+    row = _row(table, "resumed")
+    cells = dict(zip(table.headers(), table.cells()[1]))
+    print(f"resumed run: last session 35 s, trained 80 s in all -> train time {cells['train time']}, "
+          f"saved {cells['saved time']} against the 100 s baseline")
+    assert row.train_s.values == (80.0,) and row.saved_train_pct == pytest.approx(20.0)
+    assert (cells["train time"], cells["saved time"]) == ("1m20s", "20.0%")
 
 
 def test_runs_become_variants_by_name_with_their_finetunes(ren_home: Path) -> None:
     store = Store(ren_home)
     first = _pretrain(store, "pre", 0, PLANS["none", 0])
-    second = _pretrain(store, "pre", 1, PLANS["vision", 0])
+    second = _pretrain(store, "pre", 1, PLANS["vision", 0], overrides=('freeze.groups=["vision"]',))
     scores = [_finetune(store, second, seed, score) for seed, score in ((0, 0.7), (1, 0.9))]
     _finetune(store, first, 0, 0.6)
     # A listed finetune stands for its pretraining; the first listed is the baseline.
@@ -232,8 +262,59 @@ def test_a_finetune_from_scratch_is_its_own_variant(ren_home: Path) -> None:
     row = _row(table, "scratch")
     assert row.pretrains == () and row.scores["easy_vqa"].mean == pytest.approx(0.5)
     assert row.score_delta["easy_vqa"] == pytest.approx(-0.3)
-    assert table.cells()[1][4:10] == [DASH] * 6
-    assert "scratch has no pretraining run" in " ".join(table.notes)
+    # no compute record: its last session's time only; no savings against a pretraining baseline
+    assert table.cells()[1][4:10] == [DASH, DASH, DASH, "10s", DASH, DASH]
+    assert "scratch has no pretraining run; its compute, train time and parameter columns are its finetunes'" \
+        in " ".join(table.notes)
+
+
+def _scratch(store: Store, seed: int, train_seconds: float) -> RunRecord:
+    """A finished finetune from no run of the store (hub weights or scratch), with its compute record."""
+    raw = load_preset(FT, ["run.name=scratch", f"run.seed={seed}"]).to_dict()
+    raw["train"]["init_from"] = None
+    record = create_run(store, config_from_dict(raw), str(FT))
+    compute = {"pflops": 2.0 + seed, "device_hours": train_seconds / 3600, "peak_memory_mb": 300.0,
+               "train_seconds": train_seconds, "processes": 1}
+    return store.update_run(record.id, status="finished", started_at=T0, ended_at=T0 + 999, compute=compute,
+                            final_scores={"vqa_score": 0.5 + seed / 10}, params={"total": 1_000_000,
+                            "trainable": 600_000, "frozen": 400_000, "groups": {}})
+
+
+def test_finetune_only_variants_show_their_own_compute(ren_home: Path) -> None:
+    store = Store(ren_home)
+    pre = _pretrain(store, "pre", 0, PLANS["none", 0])
+    _finetune(store, pre, 0, 0.8)
+    runs = [_scratch(store, 0, 40.0), _scratch(store, 1, 60.0)]
+    alone = report_rows(store, [r.id for r in runs])
+    cells = dict(zip(alone.headers(), alone.cells()[0]))
+    print({k: cells[k] for k in ("seeds", "PFLOPs", "train time", "peak memory", "trainable / total params")})
+    assert [row.variant for row in alone.rows] == ["scratch"] and alone.rows[0].compute_stage == "finetune"
+    assert (cells["seeds"], cells["PFLOPs"], cells["saved PFLOPs"], cells["train time"], cells["saved time"]) \
+        == ("0, 1", "2.5", "0.0%", "50s", "0.0%")
+    assert (cells["peak memory"], cells["trainable / total params"]) == ("300 MB", "600K / 1.00M")
+    mixed = _row(report_rows(store, [pre.id, *(r.id for r in runs)]), "scratch")
+    assert mixed.pflops.mean == pytest.approx(2.5) and mixed.saved_pflops_pct is None  # not like with like
+
+
+def test_listed_seeds_of_one_config_pool_into_one_variant(ren_home: Path) -> None:
+    """`ren report RUN RUN ...`: runs differing only in run.seed are one variant with several seeds."""
+    store = Store(ren_home)
+    seeds = [_pretrain(store, "pre", seed, PLANS["none", seed]) for seed in (0, 1)]
+    for pre, score in zip(seeds, (0.80, 0.84)):
+        _finetune(store, pre, _seed_of(pre), score)
+    other = _pretrain(store, "pre", 0, PLANS["vision", 0], overrides=('freeze.groups=["vision"]',))
+    _finetune(store, other, 0, 0.78)
+    table = report_rows(store, [seeds[0].id, seeds[1].id, other.id])
+    print([(row.variant, row.seeds, row.scores["easy_vqa"].values) for row in table.rows])
+    assert [row.variant for row in table.rows] == [f"pre@{seeds[0].id[-4:]}", f"pre@{other.id[-4:]}"]
+    pooled = table.rows[0]
+    assert pooled.seeds == (0, 1) and pooled.scores["easy_vqa"].mean == pytest.approx(0.82)
+    assert pooled.scores["easy_vqa"].n == 2 and pooled.train_s.mean == pytest.approx(110.0)
+    assert len(report_rows(store, [seeds[0].id, seeds[0].id]).rows) == 1  # the same run twice is one run
+
+
+def _seed_of(record: RunRecord) -> int:
+    return record.config["run"]["seed"]
 
 
 def test_latex_table_escapes_names(ren_home: Path, tmp_path: Path) -> None:
@@ -243,11 +324,12 @@ def test_latex_table_escapes_names(ren_home: Path, tmp_path: Path) -> None:
     _finetune(store, odd, 1, 0.9)
     table = report_rows(store, [odd.id])
     tex = table.latex()
-    assert tex.startswith(r"\begin{tabular}{lrrrrrr}" + "\n\\toprule\n")
+    assert tex.startswith(r"\begin{tabular}{lrrrrrrr}" + "\n\\toprule\n")
     assert r"\midrule" in tex and tex.endswith("\\bottomrule\n\\end{tabular}\n")
-    assert r"Variant & easy\_vqa (vqa\_score) & PFLOPs & Saved PFLOPs & Wall time & Saved wall" in tex
-    assert r"pre\_50\%\&\#1 (baseline) & 0.8500 $\pm$ 0.0707 (n=2) & 10 & 0.0\% & 1m40s & 0.0\% & 1.00M / 1.00M \\" \
-        in tex
+    assert (r"Variant & easy\_vqa (vqa\_score) & $\Delta$ easy\_vqa [95\% CI] & PFLOPs & Saved PFLOPs & Train time & "
+            r"Saved time") in tex
+    assert (r"pre\_50\%\&\#1 (baseline) & 0.8500 $\pm$ 0.0707 (n=2) & +0.0000 & 10 & 0.0\% & 1m40s & 0.0\% & "
+            r"1.00M / 1.00M \\") in tex
 
 
 def test_series_and_files(study, tmp_path: Path) -> None:
@@ -329,3 +411,57 @@ def test_report_modules_import_neither_torch_nor_matplotlib() -> None:
     mods = _modules_after("import engine.report, engine.cli.report")
     assert "engine.study" in mods
     assert not [m for m in (*HEAVY, "matplotlib", "textual") if m in mods]
+
+
+def test_t_quantiles_match_the_tables() -> None:
+    """t_{0.975, df} from printed tables; df = 1.6842 (Welch) from mpmath's regularised betainc, solved."""
+    table = {1: 12.7062047, 2: 4.3026527, 4: 2.7764451, 10: 2.2281389, 30: 2.0422725, 1.6842105263: 5.1762316}
+    got = {df: t_quantile(0.975, df) for df in table}
+    print({df: round(q, 7) for df, q in got.items()})
+    assert all(got[df] == pytest.approx(q, abs=1e-6) for df, q in table.items())
+
+
+def test_difference_intervals_against_hand_computed_values() -> None:
+    base = [(0, 0.80), (1, 0.84), (2, 0.82)]
+    # paired: differences -0.02, -0.05, -0.02: mean -0.03, sd sqrt(0.0003), se 0.01; t_{0.975,2} = 4.3026527
+    noise = difference_interval([(0, 0.78), (1, 0.79), (2, 0.80)], base)
+    # differences -0.10, -0.09, -0.11: mean -0.10, sd 0.01, se 0.01 / sqrt(3)
+    real = difference_interval([(0, 0.70), (1, 0.75), (2, 0.71)], base)
+    # Welch, no seed in common: var 0.0008 / 2 + 0.0004 / 3, df 1.6842105, t = 5.1762316: -0.10 +/- 0.1195399
+    welch = difference_interval([(5, 0.70), (6, 0.74)], base)
+    one = difference_interval([(0, 0.70), (7, 0.75)], base)
+    print(f"paired within noise {noise}\npaired real {real}\nWelch {welch}\none shared seed {one}")
+    assert (noise.low, noise.high) == (pytest.approx(-0.03 - 0.043026527), pytest.approx(-0.03 + 0.043026527))
+    assert noise.within_noise and noise.how == "paired t over seeds 0, 1, 2 (n=3)"
+    half = 4.3026527 * 0.01 / 3 ** 0.5
+    assert (real.low, real.high) == (pytest.approx(-0.10 - half), pytest.approx(-0.10 + half))
+    assert real.within_noise is False
+    assert (welch.low, welch.high) == (pytest.approx(-0.2195399, abs=1e-7), pytest.approx(0.0195399, abs=1e-7))
+    assert welch.how == "Welch (n=2 and 3, df=1.7)" and welch.within_noise
+    assert one.low is None and one.within_noise is None and "seed 0 is the only seed both ran" in one.how
+
+
+def test_report_files_give_the_interval_and_say_which_differences_are_noise(ren_home: Path, tmp_path: Path) -> None:
+    """Three seeds of a baseline and two variants, listed as run ids: pooled, paired, written out."""
+    store = Store(ren_home)
+    variants = {"base": (None, (0.80, 0.84, 0.82)), "frozen": ('["vision"]', (0.70, 0.75, 0.71)),
+                "same": ('["text"]', (0.78, 0.79, 0.80))}
+    ids = []
+    for name, (groups, scores) in variants.items():
+        freeze = (f"freeze.groups={groups}",) if groups else ()
+        for seed, score in enumerate(scores):
+            pre = _pretrain(store, name, seed, PLANS["none", seed % 2], overrides=freeze)
+            _finetune(store, pre, seed, score)
+            ids.append(pre.id)
+    table = report_rows(store, ids)
+    write_report(table, report_series(store, table), tmp_path / "out")
+    markdown, tex = (tmp_path / "out" / "report.md").read_text(), (tmp_path / "out" / "table.tex").read_text()
+    section = markdown.split("## Differences to the baseline\n")[1].split("##")[0]
+    print(section)
+    assert "paired t interval on the per-seed differences" in markdown
+    assert ("- easy_vqa, frozen − base: Δ -0.1000, 95% CI [-0.1248, -0.0752] (paired t over seeds 0, 1, 2 (n=3)): "
+            "the interval excludes 0.") in section
+    assert ("- easy_vqa, same − base: Δ -0.0300, 95% CI [-0.0730, +0.0130] (paired t over seeds 0, 1, 2 (n=3)): "
+            "within noise (the interval contains 0).") in section
+    assert r"frozen & 0.7200 $\pm$ 0.0265 (n=3) & -0.1000 [-0.1248, -0.0752] & " in tex
+    assert r"same & 0.7900 $\pm$ 0.0100 (n=3) & -0.0300 [-0.0730, +0.0130] within noise & " in tex

@@ -161,10 +161,10 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(ren_home: Path, data_c
 
 def test_sampler_order_depends_only_on_seed_and_epoch() -> None:
     a, b = EpochSampler(100, seed=3), EpochSampler(100, seed=3)
-    a.set_epoch(2)
-    b.set_epoch(2)
+    a.use_epoch(2)
+    b.use_epoch(2)
     assert list(a) == list(b) and sorted(a) == list(range(100))
-    b.set_epoch(3)
+    b.use_epoch(3)
     assert list(a) != list(b)
 
 

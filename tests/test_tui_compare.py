@@ -219,3 +219,25 @@ async def test_variants_view_shows_the_report_table_with_compute_savings(ren_hom
         await pilot.press("v")
         await pilot.pause()
         assert [str(c.label) for c in table.columns.values()][0] == "run"
+
+
+async def test_variants_view_shows_the_difference_interval_of_the_report(ren_home: Path, tmp_path: Path) -> None:
+    """Seeds of one config pool into a variant, and Δ carries its paired 95% CI, as in report.md."""
+    from .test_report import PLANS, _finetune, _pretrain
+
+    store = Store(ren_home)
+    runs = []
+    for name, freeze, scores in (("base", (), (0.80, 0.84)), ("frozen", ('freeze.groups=["vision"]',), (0.78, 0.79))):
+        for seed, score in enumerate(scores):
+            runs.append(_pretrain(store, name, seed, PLANS["none", seed], overrides=freeze))
+            _finetune(store, runs[-1], seed, score)
+    app = RenApp(Backend(store, start_worker=False))
+    async with app.run_test(size=(200, 40)) as pilot:
+        screen = await open_compare(app, pilot, runs, tmp_path / "exports")
+        await pilot.press("v")
+        await pilot.pause()
+        table = screen.query_one("#scores", DataTable)
+        headers = [str(c.label) for c in table.columns.values()]
+        row = dict(zip(headers, map(str, table.get_row("frozen"))))
+        print(row["Δ easy_vqa [95% CI]"])
+        assert row["seeds"] == "0, 1" and row["Δ easy_vqa [95% CI]"] == "-0.0350 [-0.2256, +0.1556] within noise"
