@@ -24,29 +24,23 @@ def mask_tokens(
     num_special: int,
     generator: torch.Generator,
 ) -> tuple[Tensor, Tensor]:
-    """BERT masking: choose tokens (or whole words) with ``mask_prob``; of the chosen,
-    80% become [MASK], 10% a random token, 10% stay. Returns (masked ids, labels)
-    with labels ``-100`` where nothing is predicted. ``word_ids`` is -1 at special
-    and padding tokens, which are never chosen. At least one token per sequence
-    with any words is chosen so that every row contributes to the loss.
+    """BERT masking: choose ``max(1, round(n * mask_prob))`` of a row's ``n`` words (or
+    tokens), uniformly at random, as Hugging Face's ``DataCollatorForWholeWordMask`` does;
+    of the chosen tokens 80% become [MASK], 10% a random token, 10% stay. Returns (masked
+    ids, labels) with labels ``-100`` where nothing is predicted. ``word_ids`` is -1 at
+    special and padding tokens, which are never chosen; a row without words gets nothing.
     """
     device = input_ids.device
     eligible = word_ids >= 0
-    if whole_word:
-        n_words = int(word_ids.max().item()) + 1 if eligible.any() else 0
-        pick_word = torch.rand((input_ids.shape[0], max(n_words, 1)), generator=generator) < mask_prob
-        chosen = eligible & pick_word.to(device).gather(1, word_ids.clamp(min=0))
+    if whole_word:  # units are the words present in the row
+        n_units = int(word_ids.max().item()) + 1 if eligible.any() else 1
+        present = torch.zeros(input_ids.shape[0], n_units + 1, dtype=torch.bool, device=device)
+        # special tokens write to a spare last column, which is dropped
+        present = present.scatter_(1, torch.where(eligible, word_ids, n_units), True)[:, :n_units]
     else:
-        chosen = eligible & (torch.rand(input_ids.shape, generator=generator).to(device) < mask_prob)
-    # guarantee one prediction per row that has any word
-    empty = ~chosen.any(dim=1) & eligible.any(dim=1)
-    if empty.any():
-        first = eligible.float().argmax(dim=1)
-        if whole_word:  # the whole first word, not just its first sub-token
-            first_word = word_ids.gather(1, first[:, None])
-            chosen |= empty[:, None] & eligible & (word_ids == first_word)
-        else:
-            chosen[empty, first[empty]] = True
+        present = eligible
+    picked = _choose_uniformly(present, mask_prob, generator)
+    chosen = eligible & (picked.gather(1, word_ids.clamp(min=0)) if whole_word else picked)
     labels = torch.where(chosen, input_ids, torch.full_like(input_ids, IGNORE))
     roll = torch.rand(input_ids.shape, generator=generator).to(device)
     masked = input_ids.clone()
@@ -55,6 +49,16 @@ def mask_tokens(
     swap = chosen & (roll >= 0.8) & (roll < 0.9)
     masked[swap] = random_tokens[swap]
     return masked, labels
+
+
+def _choose_uniformly(present: Tensor, share: float, generator: torch.Generator) -> Tensor:
+    """Per row, a uniformly random subset of the ``present`` units of size
+    ``max(1, round(n * share))`` (none in a row without units)."""
+    n = present.sum(dim=1)
+    k = torch.where(n > 0, torch.round(n.double() * share).long().clamp(min=1), 0)
+    scores = torch.rand(present.shape, generator=generator).to(present.device).masked_fill(~present, 2.0)
+    rank = scores.argsort(dim=1).argsort(dim=1)  # 0 for the lowest score: a random order of the units
+    return present & (rank < k[:, None])
 
 
 def mlm_loss(logits: Tensor, labels: Tensor) -> Tensor:

@@ -163,6 +163,54 @@ def test_whole_word_rate_is_per_word():
     assert chosen_words / words == pytest.approx(0.25, abs=0.03)
 
 
+def _rows_of(lengths: list[int], max_span: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """One row per entry of ``lengths`` (its number of words), each word 1 to ``max_span``
+    tokens, laid out as in :func:`_batch`."""
+    g = torch.Generator().manual_seed(seed)
+    spans = [torch.randint(1, max_span + 1, (n,), generator=g) for n in lengths]
+    width = 2 + max(int(s.sum()) for s in spans)
+    word_ids = torch.full((len(lengths), width), -1, dtype=torch.long)
+    for r, s in enumerate(spans):
+        word_ids[r, 1:1 + int(s.sum())] = torch.repeat_interleave(torch.arange(len(s)), s)
+    input_ids = torch.where(word_ids >= 0, torch.randint(NUM_SPECIAL, VOCAB, word_ids.shape, generator=g), 0)
+    input_ids[:, 0] = 1
+    return input_ids, word_ids
+
+
+def _unit_hits(labels: torch.Tensor, word_ids: torch.Tensor, whole_word: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(which units were chosen, which units exist) per row: words, or word tokens in order."""
+    chosen, eligible = labels != O.IGNORE, word_ids >= 0
+    if whole_word:
+        units = int(word_ids.max()) + 1
+        index = torch.where(eligible, word_ids, units)  # special tokens go to a spare column
+        hit = torch.zeros(len(labels), units + 1, dtype=torch.bool).scatter_(1, index, chosen)
+        exists = torch.zeros(len(labels), units + 1, dtype=torch.bool).scatter_(1, index, True)
+        return hit[:, :units], exists[:, :units]
+    order = (~eligible).long().argsort(dim=1, stable=True)  # word tokens first, in order
+    return chosen.gather(1, order), eligible.gather(1, order)
+
+
+@pytest.mark.parametrize("whole_word", [True, False])
+def test_masked_units_are_uniform_over_positions_and_their_count_is_round_n_p(whole_word):
+    """Every word (token) position of a row is equally likely to be a target, and a row of
+    n units gets max(1, round(n * p)) of them (the old first-word fallback put about half of
+    the targets of 5-word captions on the first word). Words span 1-3 tokens."""
+    p = 0.15
+    for lengths in ([5] * 8000, [n for n in (2, 3, 7, 12) for _ in range(5000)]):
+        ids, wids = _rows_of(lengths, max_span=3 if whole_word else 1)  # token level: n tokens
+        _, labels = _mask(ids, wids, mask_prob=p, whole_word=whole_word)
+        hit, exists = _unit_hits(labels, wids, whole_word)
+        n = exists.sum(dim=1)
+        expected = torch.round(n.double() * p).long().clamp(min=1)
+        assert torch.equal(hit.sum(dim=1), expected)
+        for length in n.unique().tolist():
+            rows = n == length
+            share = hit[rows][:, :length].float().mean(dim=0)  # P(unit at this position is a target)
+            print(f"whole_word={whole_word} {length}-unit rows: per-position target rate "
+                  f"{[round(x, 3) for x in share.tolist()]}, max/min {(share.max() / share.min()).item():.3f}")
+            assert share.max() <= 1.25 * share.min()
+
+
 def test_mask_tokens_is_deterministic_given_the_seed():
     ids, wids = _batch(32, 8)
     a = _mask(ids, wids, seed=7)
