@@ -6,6 +6,8 @@ and is deterministic given its ``generator``.
 
 from __future__ import annotations
 
+import hashlib
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -59,6 +61,14 @@ def _choose_uniformly(present: Tensor, share: float, generator: torch.Generator)
     scores = torch.rand(present.shape, generator=generator).to(present.device).masked_fill(~present, 2.0)
     rank = scores.argsort(dim=1).argsort(dim=1)  # 0 for the lowest score: a random order of the units
     return present & (rank < k[:, None])
+
+
+def micro_batch_seed(seed: int, step: int, micro_batch: int, process: int) -> int:
+    """The seed of one micro-batch's masking and negative sampling: a pure function of the
+    run seed, the optimizer step, the micro-batch's index within that step and the process, so
+    a resumed run draws what an uninterrupted one drew, and no two micro-batches share draws."""
+    key = f"{seed}/{step}/{micro_batch}/{process}".encode()
+    return int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little")
 
 
 def mlm_loss(logits: Tensor, labels: Tensor) -> Tensor:

@@ -377,6 +377,7 @@ def train(cfg: RunConfig, store: Store, run_id: str, *, resume: bool = False,
     sums: dict[str, torch.Tensor] = {}  # step metrics stay on the device until logged
     count, t_last, samples_last = 0, time.perf_counter(), state.samples_seen
     t_index = 0.0
+    micro_index = 0  # micro-batch within the optimizer step; every step (and a resumed run) starts at 0
     losses: list[float] = []  # every logged loss of this session, for the record's sparkline
     reporter.start(cfg.train.max_steps, state.step)
     status, error = "finished", None
@@ -391,8 +392,8 @@ def train(cfg: RunConfig, store: Store, run_id: str, *, resume: bool = False,
                 for batch in timer.batches(batches):
                     timer.start(sampled=_logs(state.step + 1, cfg), warm=flops.done)
                     with accelerator.accumulate(model):
-                        seed = cfg.run.seed * 7_919 + state.step * 131 + accelerator.process_index
-                        gen = torch.Generator().manual_seed(seed)  # masking/negatives: a function of the step
+                        gen = torch.Generator().manual_seed(O.micro_batch_seed(
+                            cfg.run.seed, state.step, micro_index, accelerator.process_index))
                         with flops.count("forward", batch):
                             loss, parts = step_fn(model, batch, cfg, data, gen)
                         timer.mark("forward")
@@ -406,6 +407,7 @@ def train(cfg: RunConfig, store: Store, run_id: str, *, resume: bool = False,
                             group["lr"] = group["base_lr"] * factor
                         optimizer.step()
                         optimizer.zero_grad(set_to_none=True)
+                    micro_index = 0 if accelerator.sync_gradients else micro_index + 1
                     timer.mark("optimizer")
                     for k, v in parts.items():
                         sums[k] = sums[k] + v if k in sums else v
