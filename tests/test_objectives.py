@@ -227,6 +227,11 @@ def test_mask_tokens_is_deterministic_given_the_seed():
 # ----------------------------------------------------------------------------
 
 
+def _distinct(image_ids: torch.Tensor) -> torch.Tensor:
+    """Text keys of a batch whose captions all differ."""
+    return torch.arange(len(image_ids))
+
+
 def _images(image_ids: torch.Tensor) -> torch.Tensor:
     """One distinct constant image per image id (pixels identify the image)."""
     return image_ids.float()[:, None, None, None].expand(-1, 3, 4, 4).clone()
@@ -238,7 +243,7 @@ def test_itm_negatives_never_show_the_true_image():
     pix = _images(image_ids)
     negatives = 0
     for seed in range(50):
-        out, labels = O.itm_pairs(pix, image_ids, negative_ratio=0.5, generator=_gen(seed))
+        out, labels, _ = O.itm_pairs(pix, image_ids, _distinct(image_ids), negative_ratio=0.5, generator=_gen(seed))
         shown = out[:, 0, 0, 0].long()
         assert torch.equal(shown[labels == 1], image_ids[labels == 1])  # positives keep their pixels
         assert (shown[labels == 0] != image_ids[labels == 0]).all()  # negatives: another image
@@ -251,7 +256,7 @@ def test_itm_positive_rows_keep_their_own_pixels():
     g = torch.Generator().manual_seed(0)
     pix = torch.randn(16, 3, 8, 8, generator=g)
     image_ids = torch.arange(16)
-    out, labels = O.itm_pairs(pix, image_ids, negative_ratio=0.5, generator=_gen(1))
+    out, labels, _ = O.itm_pairs(pix, image_ids, _distinct(image_ids), negative_ratio=0.5, generator=_gen(1))
     assert labels.dtype == torch.long and set(labels.tolist()) <= {0, 1}
     assert torch.equal(out[labels == 1], pix[labels == 1])
     for r in (labels == 0).nonzero().flatten().tolist():
@@ -263,21 +268,29 @@ def test_itm_ratio_roughly_right():
     image_ids = torch.arange(4000)
     pix = torch.zeros(4000, 1, 1, 1)
     for ratio in (0.25, 0.5):
-        _, labels = O.itm_pairs(pix, image_ids, negative_ratio=ratio, generator=_gen(0))
+        _, labels, _ = O.itm_pairs(pix, image_ids, _distinct(image_ids), negative_ratio=ratio, generator=_gen(0))
         assert (labels == 0).float().mean().item() == pytest.approx(ratio, abs=0.03)
 
 
 def test_itm_batch_of_one_image_has_no_negatives():
     image_ids = torch.tensor([5, 5, 5, 5])
     pix = torch.randn(4, 3, 4, 4)
-    out, labels = O.itm_pairs(pix, image_ids, negative_ratio=0.9, generator=_gen(0))
+    out, labels, unpaired = O.itm_pairs(pix, image_ids, _distinct(image_ids), negative_ratio=0.9,
+                                        generator=_gen(0))
     assert (labels == 1).all()
     assert torch.equal(out, pix)
+    assert unpaired > 0  # the rows that drew a negative and found none are counted, not faked
 
 
 # ----------------------------------------------------------------------------
 # itc_loss
 # ----------------------------------------------------------------------------
+
+
+def _positives(image_ids: torch.Tensor) -> torch.Tensor:
+    """ITC positives of pairs with distinct captions: the pairs showing the same image."""
+    keys = _distinct(image_ids)
+    return O.describes(image_ids, keys, image_ids, keys)
 
 
 def _logits(text: torch.Tensor, image: torch.Tensor, scale: float = 10.0) -> torch.Tensor:
@@ -289,8 +302,8 @@ def test_itc_lower_for_aligned_than_shuffled():
     image = torch.randn(8, 16, generator=g)
     text = image + 0.1 * torch.randn(8, 16, generator=g)
     ids = torch.arange(8)
-    aligned = O.itc_loss(_logits(text, image), ids)
-    shuffled = O.itc_loss(_logits(text[torch.roll(torch.arange(8), 1)], image), ids)
+    aligned = O.itc_loss(_logits(text, image), _positives(ids))
+    shuffled = O.itc_loss(_logits(text[torch.roll(torch.arange(8), 1)], image), _positives(ids))
     assert aligned < 0.1 < shuffled
     assert torch.isfinite(aligned) and aligned >= 0
 
@@ -299,7 +312,7 @@ def test_itc_matches_clip_loss_without_duplicates():
     g = torch.Generator().manual_seed(1)
     logits = torch.randn(6, 6, generator=g)
     expected = 0.5 * (F.cross_entropy(logits, torch.arange(6)) + F.cross_entropy(logits.T, torch.arange(6)))
-    assert torch.allclose(O.itc_loss(logits, torch.arange(6)), expected, atol=1e-6)
+    assert torch.allclose(O.itc_loss(logits, _positives(torch.arange(6))), expected, atol=1e-6)
 
 
 def test_itc_duplicate_images_are_all_positives():
@@ -312,7 +325,7 @@ def test_itc_duplicate_images_are_all_positives():
         -(targets * F.log_softmax(logits, dim=1)).sum(1).mean()
         - (targets * F.log_softmax(logits.T, dim=1)).sum(1).mean()
     )
-    assert torch.allclose(O.itc_loss(logits, ids), expected, atol=1e-6)
+    assert torch.allclose(O.itc_loss(logits, _positives(ids)), expected, atol=1e-6)
 
     # a perfect model scores both copies of the image equally for both captions:
     # with duplicates as positives that is the optimum (no gradient); treating the
@@ -320,20 +333,20 @@ def test_itc_duplicate_images_are_all_positives():
     base = torch.randn(3, 16, generator=g)
     image = base[[0, 0, 1, 2]]
     perfect = _logits(image.clone(), image, scale=30.0).requires_grad_(True)
-    loss = O.itc_loss(perfect, ids)
+    loss = O.itc_loss(perfect, _positives(ids))
     (grad,) = torch.autograd.grad(loss, perfect)
     assert torch.isfinite(loss)
     assert grad.abs().max() < 1e-3
     assert loss.item() == pytest.approx(0.5 * math.log(2), abs=1e-3)  # entropy of the soft targets
-    (grad_unique,) = torch.autograd.grad(O.itc_loss(perfect, torch.arange(4)), perfect)
+    (grad_unique,) = torch.autograd.grad(O.itc_loss(perfect, _positives(torch.arange(4))), perfect)
     assert grad_unique.abs().max() > 0.05
     # symmetric in texts and images
-    assert torch.allclose(O.itc_loss(perfect.detach().T, ids), loss.detach(), atol=1e-6)
+    assert torch.allclose(O.itc_loss(perfect.detach().T, _positives(ids)), loss.detach(), atol=1e-6)
 
 
 def test_itc_gradient_flows():
     logits = torch.randn(4, 4, requires_grad=True)
-    O.itc_loss(logits, torch.tensor([0, 0, 1, 2])).backward()
+    O.itc_loss(logits, _positives(torch.tensor([0, 0, 1, 2]))).backward()
     assert logits.grad is not None and torch.isfinite(logits.grad).all()
 
 
