@@ -308,10 +308,17 @@ class ITMObjective(_Section):
     """Weight in the summed loss."""
     negative_ratio: float = Field(0.5, gt=0, lt=1)
     """Share of pairs in a batch whose image is replaced by another image."""
+    negatives: Literal["random", "hard"] = "random"
+    """Where a negative image comes from, among the images of the batch gathered over all
+    processes that neither show the pair's image nor carry its caption: ``random`` uniformly;
+    ``hard`` drawn from the softmax of the ITC similarities, as ALBEF (needs [objectives.itc];
+    costs one extra tower pass without gradients)."""
 
 
 class ITCObjective(_Section):
-    """Image-text contrastive loss on the unimodal summaries (two towers only)."""
+    """Image-text contrastive loss on the unimodal summaries (two towers only), over the
+    batch gathered from every process (with gradients, as open_clip); pairs with the same
+    image or the same caption text are positives."""
 
     weight: float = Field(1.0, ge=0)
     """Weight in the summed loss."""
@@ -336,6 +343,11 @@ class Objectives(_Section):
         if not (self.mlm or self.itm or self.itc):
             raise ValueError(
                 "enable at least one objective, e.g. [objectives.mlm] or [objectives.itm]"
+            )
+        if self.itm and self.itm.negatives == "hard" and not self.itc:
+            raise ValueError(
+                "itm.negatives = \"hard\" draws each negative from the ITC similarities; add "
+                "[objectives.itc] (a two_tower model) or set itm.negatives = \"random\""
             )
         return self
 
@@ -683,6 +695,8 @@ class RunConfig(_Section):
                 "objectives.itc needs separate text and image embeddings; use "
                 "kind = \"two_tower\" or \"dual_encoder\", or drop [objectives.itc]"
             )
+        if self.objectives and (self.objectives.itm or self.objectives.itc):
+            _check_pairs(self.train)
         if self.model.kind == "dual_encoder" and self.objectives and (
             self.objectives.mlm or self.objectives.itm
         ):
@@ -713,6 +727,20 @@ class RunConfig(_Section):
     def to_dict(self) -> dict[str, Any]:
         """The resolved config as plain TOML/JSON-compatible data."""
         return _drop_none(self.model_dump(mode="json"))
+
+
+def _check_pairs(train: TrainConfig) -> None:
+    """ITM needs another pair to draw a negative from and ITC another pair to contrast with.
+    Both see the micro batch gathered over processes, micro_batch_size x processes pairs; the
+    number of processes is only known at launch, so a micro batch of 1 is refused outright
+    (on one process it leaves every ITM pair a match and the ITC loss 0)."""
+    if train.batch_size < 2:
+        raise ValueError(f"train.batch_size = {train.batch_size}: [objectives.itm] and [objectives.itc] compare "
+                         "each pair with the other pairs of the batch; set batch_size >= 2")
+    if train.micro_batch_size == 1:
+        raise ValueError("train.micro_batch_size = 1: [objectives.itm] and [objectives.itc] compare each pair with "
+                         "the other pairs of the micro batch (gathered over processes), and on one process a micro "
+                         "batch of 1 has none; set micro_batch_size >= 2")
 
 
 def _drop_none(obj: Any) -> Any:

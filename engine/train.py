@@ -382,6 +382,7 @@ def train(cfg: RunConfig, store: Store, run_id: str, *, resume: bool = False,
     sums: dict[str, torch.Tensor] = {}  # step metrics stay on the device until logged
     count, t_last, samples_last = 0, time.perf_counter(), state.samples_seen
     t_index = 0.0
+    micro_index = 0  # micro-batch within the optimizer step; every step (and a resumed run) starts at 0
     losses: list[float] = []  # every logged loss of this session, for the record's sparkline
     reporter.start(cfg.train.max_steps, state.step)
     status, error = "finished", None
@@ -396,8 +397,8 @@ def train(cfg: RunConfig, store: Store, run_id: str, *, resume: bool = False,
                 for batch in timer.batches(batches):
                     timer.start(sampled=_logs(state.step + 1, cfg), warm=flops.done)
                     with accelerator.accumulate(model):
-                        seed = cfg.run.seed * 7_919 + state.step * 131 + accelerator.process_index
-                        gen = torch.Generator().manual_seed(seed)  # masking/negatives: a function of the step
+                        gen = torch.Generator().manual_seed(O.micro_batch_seed(
+                            cfg.run.seed, state.step, micro_index, accelerator.process_index))
                         with flops.count("forward", batch):
                             loss, parts = step_fn(model, batch, cfg, data, gen)
                         timer.mark("forward")
@@ -411,6 +412,7 @@ def train(cfg: RunConfig, store: Store, run_id: str, *, resume: bool = False,
                             group["lr"] = group["base_lr"] * factor
                         optimizer.step()
                         optimizer.zero_grad(set_to_none=True)
+                    micro_index = 0 if accelerator.sync_gradients else micro_index + 1
                     timer.mark("optimizer")
                     for k, v in parts.items():
                         sums[k] = sums[k] + v if k in sums else v
@@ -564,11 +566,14 @@ def _pretrain_step(model: torch.nn.Module, batch: dict[str, torch.Tensor], cfg: 
                    data: DataBundle, gen: torch.Generator) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """One forward over row blocks: MLM rows (masked text, true images), then ITM rows
     (clean text, about half the images swapped) or, without ITM, clean pairs for ITC.
-    ITC pairs the clean texts with the true images of the batch."""
+    ITC pairs the clean texts with the true images of the batch. ITM negatives and ITC
+    compare against the batch gathered over every process; pairs with equal caption text
+    count as the same pair (never an ITM negative, an ITC positive)."""
     obj = cfg.objectives
     assert obj is not None
     ids, mask, pix, image_ids = batch["input_ids"], batch["attention_mask"], batch["pixel_values"], batch["image_ids"]
     b = ids.shape[0]
+    keys = O.text_keys(ids, mask)
     blocks: list[tuple[torch.Tensor, torch.Tensor]] = []
     if obj.mlm:
         masked, mlm_labels = O.mask_tokens(
@@ -578,7 +583,13 @@ def _pretrain_step(model: torch.nn.Module, batch: dict[str, torch.Tensor], cfg: 
         )
         blocks.append((masked, pix))
     if obj.itm:
-        itm_pix, itm_labels = O.itm_pairs(pix, image_ids, negative_ratio=obj.itm.negative_ratio, generator=gen)
+        hard_logits = None
+        if obj.itm.negatives == "hard":
+            with torch.no_grad():
+                emb = model(ids, mask, pix, towers_only=True).itc
+                hard_logits = emb.scale * emb.text @ O.gather(emb.image).T
+        itm_pix, itm_labels, unpaired = O.itm_pairs(pix, image_ids, keys, negative_ratio=obj.itm.negative_ratio,
+                                                    generator=gen, hard_logits=hard_logits)
         blocks.append((ids, itm_pix))
     elif obj.itc:
         blocks.append((ids, pix))
@@ -597,16 +608,18 @@ def _pretrain_step(model: torch.nn.Module, batch: dict[str, torch.Tensor], cfg: 
     if obj.itm:
         parts["itm"] = (O.itm_loss(out.logits["itm"], itm_labels), obj.itm.weight)
     if obj.itc:
-        texts = slice(n_mlm, n_mlm + b)  # clean texts
+        emb, texts = out.itc, slice(n_mlm, n_mlm + b)  # clean texts
         if obj.mlm or not obj.itm:  # rows 0..b show the true images
-            pair_logits, pair_ids = out.logits["itc"][texts, :b], image_ids
+            itc = O.gathered_itc_loss(emb.text[texts], emb.image[:b], emb.scale, image_ids, keys)
         else:  # only the ITM rows exist: keep their matched pairs
-            keep = itm_labels.bool()
-            pair_logits, pair_ids = out.logits["itc"][texts, texts][keep][:, keep], image_ids[keep]
-        parts["itc"] = (O.itc_loss(pair_logits, pair_ids), obj.itc.weight)
+            itc = O.gathered_itc_loss(emb.text[texts], emb.image[texts], emb.scale, image_ids, keys,
+                                      valid=itm_labels.bool())
+        parts["itc"] = (itc, obj.itc.weight)
     loss = sum(weight * value for value, weight in parts.values())
     logged = {f"loss_{name}": value.detach() for name, (value, _) in parts.items()}
     logged["loss"] = loss.detach()
+    if obj.itm:  # share of pairs that drew a negative but had no valid one in the gathered batch
+        logged["itm_unpaired"] = unpaired.detach().float() / b
     return loss, logged
 
 

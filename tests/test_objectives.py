@@ -163,6 +163,54 @@ def test_whole_word_rate_is_per_word():
     assert chosen_words / words == pytest.approx(0.25, abs=0.03)
 
 
+def _rows_of(lengths: list[int], max_span: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """One row per entry of ``lengths`` (its number of words), each word 1 to ``max_span``
+    tokens, laid out as in :func:`_batch`."""
+    g = torch.Generator().manual_seed(seed)
+    spans = [torch.randint(1, max_span + 1, (n,), generator=g) for n in lengths]
+    width = 2 + max(int(s.sum()) for s in spans)
+    word_ids = torch.full((len(lengths), width), -1, dtype=torch.long)
+    for r, s in enumerate(spans):
+        word_ids[r, 1:1 + int(s.sum())] = torch.repeat_interleave(torch.arange(len(s)), s)
+    input_ids = torch.where(word_ids >= 0, torch.randint(NUM_SPECIAL, VOCAB, word_ids.shape, generator=g), 0)
+    input_ids[:, 0] = 1
+    return input_ids, word_ids
+
+
+def _unit_hits(labels: torch.Tensor, word_ids: torch.Tensor, whole_word: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(which units were chosen, which units exist) per row: words, or word tokens in order."""
+    chosen, eligible = labels != O.IGNORE, word_ids >= 0
+    if whole_word:
+        units = int(word_ids.max()) + 1
+        index = torch.where(eligible, word_ids, units)  # special tokens go to a spare column
+        hit = torch.zeros(len(labels), units + 1, dtype=torch.bool).scatter_(1, index, chosen)
+        exists = torch.zeros(len(labels), units + 1, dtype=torch.bool).scatter_(1, index, True)
+        return hit[:, :units], exists[:, :units]
+    order = (~eligible).long().argsort(dim=1, stable=True)  # word tokens first, in order
+    return chosen.gather(1, order), eligible.gather(1, order)
+
+
+@pytest.mark.parametrize("whole_word", [True, False])
+def test_masked_units_are_uniform_over_positions_and_their_count_is_round_n_p(whole_word):
+    """Every word (token) position of a row is equally likely to be a target, and a row of
+    n units gets max(1, round(n * p)) of them (the old first-word fallback put about half of
+    the targets of 5-word captions on the first word). Words span 1-3 tokens."""
+    p = 0.15
+    for lengths in ([5] * 8000, [n for n in (2, 3, 7, 12) for _ in range(5000)]):
+        ids, wids = _rows_of(lengths, max_span=3 if whole_word else 1)  # token level: n tokens
+        _, labels = _mask(ids, wids, mask_prob=p, whole_word=whole_word)
+        hit, exists = _unit_hits(labels, wids, whole_word)
+        n = exists.sum(dim=1)
+        expected = torch.round(n.double() * p).long().clamp(min=1)
+        assert torch.equal(hit.sum(dim=1), expected)
+        for length in n.unique().tolist():
+            rows = n == length
+            share = hit[rows][:, :length].float().mean(dim=0)  # P(unit at this position is a target)
+            print(f"whole_word={whole_word} {length}-unit rows: per-position target rate "
+                  f"{[round(x, 3) for x in share.tolist()]}, max/min {(share.max() / share.min()).item():.3f}")
+            assert share.max() <= 1.25 * share.min()
+
+
 def test_mask_tokens_is_deterministic_given_the_seed():
     ids, wids = _batch(32, 8)
     a = _mask(ids, wids, seed=7)
@@ -179,6 +227,11 @@ def test_mask_tokens_is_deterministic_given_the_seed():
 # ----------------------------------------------------------------------------
 
 
+def _distinct(image_ids: torch.Tensor) -> torch.Tensor:
+    """Text keys of a batch whose captions all differ."""
+    return torch.arange(len(image_ids))
+
+
 def _images(image_ids: torch.Tensor) -> torch.Tensor:
     """One distinct constant image per image id (pixels identify the image)."""
     return image_ids.float()[:, None, None, None].expand(-1, 3, 4, 4).clone()
@@ -190,7 +243,7 @@ def test_itm_negatives_never_show_the_true_image():
     pix = _images(image_ids)
     negatives = 0
     for seed in range(50):
-        out, labels = O.itm_pairs(pix, image_ids, negative_ratio=0.5, generator=_gen(seed))
+        out, labels, _ = O.itm_pairs(pix, image_ids, _distinct(image_ids), negative_ratio=0.5, generator=_gen(seed))
         shown = out[:, 0, 0, 0].long()
         assert torch.equal(shown[labels == 1], image_ids[labels == 1])  # positives keep their pixels
         assert (shown[labels == 0] != image_ids[labels == 0]).all()  # negatives: another image
@@ -203,7 +256,7 @@ def test_itm_positive_rows_keep_their_own_pixels():
     g = torch.Generator().manual_seed(0)
     pix = torch.randn(16, 3, 8, 8, generator=g)
     image_ids = torch.arange(16)
-    out, labels = O.itm_pairs(pix, image_ids, negative_ratio=0.5, generator=_gen(1))
+    out, labels, _ = O.itm_pairs(pix, image_ids, _distinct(image_ids), negative_ratio=0.5, generator=_gen(1))
     assert labels.dtype == torch.long and set(labels.tolist()) <= {0, 1}
     assert torch.equal(out[labels == 1], pix[labels == 1])
     for r in (labels == 0).nonzero().flatten().tolist():
@@ -215,21 +268,29 @@ def test_itm_ratio_roughly_right():
     image_ids = torch.arange(4000)
     pix = torch.zeros(4000, 1, 1, 1)
     for ratio in (0.25, 0.5):
-        _, labels = O.itm_pairs(pix, image_ids, negative_ratio=ratio, generator=_gen(0))
+        _, labels, _ = O.itm_pairs(pix, image_ids, _distinct(image_ids), negative_ratio=ratio, generator=_gen(0))
         assert (labels == 0).float().mean().item() == pytest.approx(ratio, abs=0.03)
 
 
 def test_itm_batch_of_one_image_has_no_negatives():
     image_ids = torch.tensor([5, 5, 5, 5])
     pix = torch.randn(4, 3, 4, 4)
-    out, labels = O.itm_pairs(pix, image_ids, negative_ratio=0.9, generator=_gen(0))
+    out, labels, unpaired = O.itm_pairs(pix, image_ids, _distinct(image_ids), negative_ratio=0.9,
+                                        generator=_gen(0))
     assert (labels == 1).all()
     assert torch.equal(out, pix)
+    assert unpaired > 0  # the rows that drew a negative and found none are counted, not faked
 
 
 # ----------------------------------------------------------------------------
 # itc_loss
 # ----------------------------------------------------------------------------
+
+
+def _positives(image_ids: torch.Tensor) -> torch.Tensor:
+    """ITC positives of pairs with distinct captions: the pairs showing the same image."""
+    keys = _distinct(image_ids)
+    return O.describes(image_ids, keys, image_ids, keys)
 
 
 def _logits(text: torch.Tensor, image: torch.Tensor, scale: float = 10.0) -> torch.Tensor:
@@ -241,8 +302,8 @@ def test_itc_lower_for_aligned_than_shuffled():
     image = torch.randn(8, 16, generator=g)
     text = image + 0.1 * torch.randn(8, 16, generator=g)
     ids = torch.arange(8)
-    aligned = O.itc_loss(_logits(text, image), ids)
-    shuffled = O.itc_loss(_logits(text[torch.roll(torch.arange(8), 1)], image), ids)
+    aligned = O.itc_loss(_logits(text, image), _positives(ids))
+    shuffled = O.itc_loss(_logits(text[torch.roll(torch.arange(8), 1)], image), _positives(ids))
     assert aligned < 0.1 < shuffled
     assert torch.isfinite(aligned) and aligned >= 0
 
@@ -251,7 +312,7 @@ def test_itc_matches_clip_loss_without_duplicates():
     g = torch.Generator().manual_seed(1)
     logits = torch.randn(6, 6, generator=g)
     expected = 0.5 * (F.cross_entropy(logits, torch.arange(6)) + F.cross_entropy(logits.T, torch.arange(6)))
-    assert torch.allclose(O.itc_loss(logits, torch.arange(6)), expected, atol=1e-6)
+    assert torch.allclose(O.itc_loss(logits, _positives(torch.arange(6))), expected, atol=1e-6)
 
 
 def test_itc_duplicate_images_are_all_positives():
@@ -264,7 +325,7 @@ def test_itc_duplicate_images_are_all_positives():
         -(targets * F.log_softmax(logits, dim=1)).sum(1).mean()
         - (targets * F.log_softmax(logits.T, dim=1)).sum(1).mean()
     )
-    assert torch.allclose(O.itc_loss(logits, ids), expected, atol=1e-6)
+    assert torch.allclose(O.itc_loss(logits, _positives(ids)), expected, atol=1e-6)
 
     # a perfect model scores both copies of the image equally for both captions:
     # with duplicates as positives that is the optimum (no gradient); treating the
@@ -272,20 +333,20 @@ def test_itc_duplicate_images_are_all_positives():
     base = torch.randn(3, 16, generator=g)
     image = base[[0, 0, 1, 2]]
     perfect = _logits(image.clone(), image, scale=30.0).requires_grad_(True)
-    loss = O.itc_loss(perfect, ids)
+    loss = O.itc_loss(perfect, _positives(ids))
     (grad,) = torch.autograd.grad(loss, perfect)
     assert torch.isfinite(loss)
     assert grad.abs().max() < 1e-3
     assert loss.item() == pytest.approx(0.5 * math.log(2), abs=1e-3)  # entropy of the soft targets
-    (grad_unique,) = torch.autograd.grad(O.itc_loss(perfect, torch.arange(4)), perfect)
+    (grad_unique,) = torch.autograd.grad(O.itc_loss(perfect, _positives(torch.arange(4))), perfect)
     assert grad_unique.abs().max() > 0.05
     # symmetric in texts and images
-    assert torch.allclose(O.itc_loss(perfect.detach().T, ids), loss.detach(), atol=1e-6)
+    assert torch.allclose(O.itc_loss(perfect.detach().T, _positives(ids)), loss.detach(), atol=1e-6)
 
 
 def test_itc_gradient_flows():
     logits = torch.randn(4, 4, requires_grad=True)
-    O.itc_loss(logits, torch.tensor([0, 0, 1, 2])).backward()
+    O.itc_loss(logits, _positives(torch.tensor([0, 0, 1, 2]))).backward()
     assert logits.grad is not None and torch.isfinite(logits.grad).all()
 
 

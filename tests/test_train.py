@@ -183,6 +183,8 @@ def test_lr_schedule_warms_up_then_decays() -> None:
         ("two_tower", {"mlm": {}, "itc": {}}),
         ("two_tower", {"itm": {}, "itc": {}}),
         ("two_tower", {"mlm": {}, "itm": {}}),
+        ("two_tower", {"itm": {"negatives": "hard"}, "itc": {}}),
+        ("two_tower", {"mlm": {}, "itm": {"negatives": "hard"}, "itc": {}}),
         ("one_tower", {"mlm": {}}),
         ("dual_encoder", {"itc": {}}),
     ],
@@ -205,8 +207,9 @@ def test_every_objective_combination_trains(kind: str, objectives: dict, data_ca
     batch = data.train.__getitems__(list(range(0, 48, 3)))
     loss, parts = _pretrain_step(model, batch, cfg, data, torch.Generator().manual_seed(0))
     loss.backward()
-    assert set(parts) == {"loss", *(f"loss_{name}" for name in objectives)}
-    assert all(v > 0 for v in parts.values())
+    losses = {"loss", *(f"loss_{name}" for name in objectives)}
+    assert set(parts) == losses | ({"itm_unpaired"} if "itm" in objectives else set())
+    assert all(parts[name] > 0 for name in losses)
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
 
 
@@ -235,3 +238,40 @@ def test_a_busy_index_skips_a_progress_update_but_never_fails_the_run(
     assert refused == [1, 2, 3, 4, 5]
     assert record.status == "finished" and record.step == cfg.train.max_steps
     assert [s for s, _ in store.series(run_id, "loss")] == [1, 2, 3, 4, 5, 6]
+
+
+def test_each_micro_batch_of_a_step_draws_its_own_masks(ren_home: Path, data_cache: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """With gradient accumulation the micro-batches of one optimizer step get different seeds
+    (they once shared one, so masks and negatives repeated within a step), each the pure
+    function micro_batch_seed(seed, step, micro-batch index within the step, process)."""
+    import engine.train as train_module
+    from engine import objectives as O
+
+    probe_ids = torch.arange(1, 41).reshape(2, 20) + 10
+    probe_words = torch.arange(20).repeat(2, 1)
+    seen: list[tuple[int, torch.Tensor]] = []
+    real_step = train_module._pretrain_step
+
+    def recording_step(model, batch, cfg, data, gen):  # noqa: ANN001, ANN202
+        probe = torch.Generator()
+        probe.set_state(gen.get_state())
+        _, labels = O.mask_tokens(probe_ids, probe_words, mask_prob=0.15, whole_word=True, mask_id=3,
+                                  vocab_size=100, num_special=5, generator=probe)
+        seen.append((gen.initial_seed(), labels))
+        return real_step(model, batch, cfg, data, gen)
+
+    monkeypatch.setattr(train_module, "_pretrain_step", recording_step)
+    store = Store(ren_home)
+    raw = tiny_pretrain(data_cache)
+    raw["train"].update(max_steps=2, batch_size=16, micro_batch_size=8, checkpoint_every=10)
+    cfg, run_id = start(store, raw)
+    train(cfg, store, run_id)
+    seeds = [seed for seed, _ in seen]
+    assert seeds == [O.micro_batch_seed(0, step, micro, 0) for step in (0, 1) for micro in (0, 1)]
+    assert len(set(seeds)) == 4
+    for step in (0, 2):  # the two micro-batches of each step mask the same probe differently
+        assert not torch.equal(seen[step][1], seen[step + 1][1])
+    assert O.micro_batch_seed(3, 1, 0, 1) == O.micro_batch_seed(3, 1, 0, 1)  # pure: same coordinates, same seed
+    grid = {O.micro_batch_seed(s, t, m, p) for s in range(3) for t in range(50) for m in range(8) for p in range(8)}
+    assert len(grid) == 3 * 50 * 8 * 8  # no two coordinates collide

@@ -15,7 +15,7 @@ from torch import Tensor, nn
 from engine import config as C
 from engine.errors import RenError
 from engine.models.dual_encoder import DualEncoder
-from engine.models.heads import ClassifierHead, ITCHead, ITMHead, MLMHead, RegionHead
+from engine.models.heads import ClassifierHead, ITCEmbeddings, ITCHead, ITMHead, MLMHead, RegionHead
 from engine.models.one_tower import OneTower
 from engine.models.towers import Groups
 from engine.models.two_tower import TwoTower
@@ -31,8 +31,12 @@ ARCHITECTURES: dict[str, type[nn.Module]] = {
 
 @dataclass
 class Outputs:
+    """``logits["itc"]`` is this process's (texts x images) similarity matrix; the ITC loss
+    compares ``itc``, the embeddings, after gathering them over processes."""
+
     features: Features
     logits: dict[str, Tensor] = field(default_factory=dict)
+    itc: ITCEmbeddings | None = None
 
 
 class VLModel(nn.Module):
@@ -58,11 +62,18 @@ class VLModel(nn.Module):
         pair_pixel_values: Tensor | None = None,
         boxes: Tensor | None = None,
         box_mask: Tensor | None = None,
+        towers_only: bool = False,
     ) -> Outputs:
         """``pair_pixel_values`` (NLVR2): a second image per text; both images are encoded
         with the text in one batch and the task head sees the two pooled features side by side.
         ``boxes``/``box_mask`` (RefCOCO): candidate boxes ``(B, K, 4)`` (``x0, y0, x1, y1`` in
-        ``[0, 1]``) and which are real; the task logits are then one per box."""
+        ``[0, 1]``) and which are real; the task logits are then one per box. ``towers_only``:
+        only the ITC embeddings from the separate towers, no fusion (to sample hard ITM
+        negatives; it goes through ``forward`` so that DDP/FSDP wrappers and autocast apply)."""
+        if towers_only:
+            head = self._itc_head("towers_only")
+            return Outputs(features=Features(), itc=head(self.text_tokens(input_ids, attention_mask)[:, 0],
+                                                         self.image_tokens(pixel_values)[:, 0]))
         if pair_pixel_values is not None:
             input_ids, attention_mask = input_ids.repeat(2, 1), attention_mask.repeat(2, 1)
             pixel_values = torch.cat([pixel_values, pair_pixel_values])
@@ -75,7 +86,8 @@ class VLModel(nn.Module):
         if itm_rows is not None:
             out.logits["itm"] = self.heads["itm"](feats.pooled[itm_rows])
         if itc:
-            out.logits["itc"] = self.heads["itc"](feats.text_cls, feats.image_cls)
+            out.itc = self.heads["itc"](feats.text_cls, feats.image_cls)
+            out.logits["itc"] = out.itc.logits()
         if task and boxes is not None:
             out.logits["task"] = self.heads["task"](feats.image, feats.pooled, boxes, box_mask)
         elif task:
@@ -200,4 +212,4 @@ def build_model(cfg: C.RunConfig, *, vocab_size: int, num_answers: int | None = 
     return VLModel(encoder, heads)
 
 
-__all__ = ["ARCHITECTURES", "Outputs", "VLModel", "build_model"]
+__all__ = ["ARCHITECTURES", "ITCEmbeddings", "Outputs", "VLModel", "build_model"]

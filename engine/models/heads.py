@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -32,8 +33,22 @@ class ITMHead(nn.Linear):
         init_weights(self)
 
 
+@dataclass
+class ITCEmbeddings:
+    """L2-normalised ITC embeddings of each row's text and image, and the logit scale (the
+    exponentiated learnt log-scale, clamped at 100 as CLIP does): similarity logits are
+    ``scale * text @ image.T``. The ITC loss gathers them over processes before comparing."""
+
+    text: Tensor
+    image: Tensor
+    scale: Tensor
+
+    def logits(self) -> Tensor:
+        return self.scale * self.text @ self.image.T
+
+
 class ITCHead(nn.Module):
-    """Projects unimodal summaries to a shared space; returns image-text similarity logits."""
+    """Projects unimodal summaries to a shared space, L2-normalised, with the logit scale."""
 
     def __init__(self, text_dim: int, image_dim: int, dim: int, temperature: float, learnable: bool):
         super().__init__()
@@ -51,9 +66,9 @@ class ITCHead(nn.Module):
     def embed(self, text_cls: Tensor, image_cls: Tensor) -> tuple[Tensor, Tensor]:
         return F.normalize(self.text_proj(text_cls), dim=-1), F.normalize(self.image_proj(image_cls), dim=-1)
 
-    def forward(self, text_cls: Tensor, image_cls: Tensor) -> Tensor:
+    def forward(self, text_cls: Tensor, image_cls: Tensor) -> ITCEmbeddings:
         t, v = self.embed(text_cls, image_cls)
-        return self.logit_scale.clamp(max=math.log(100.0)).exp() * t @ v.T
+        return ITCEmbeddings(t, v, self.logit_scale.clamp(max=math.log(100.0)).exp())
 
 
 class ClassifierHead(nn.Sequential):
