@@ -554,9 +554,10 @@ class OptimConfig(_Section):
     warmup_ratio: float = Field(0.1, ge=0, lt=1)
     """Share of the optimizer steps spent warming up linearly from 0."""
     head_lr_mult: float = Field(1.0, gt=0, le=1000)
-    """Learning-rate multiplier for the heads and poolers."""
+    """Learning-rate multiplier for the heads (poolers: see ``fusion_lr_mult``)."""
     fusion_lr_mult: float = Field(1.0, gt=0, le=1000)
-    """Learning-rate multiplier for the fusion layers."""
+    """Learning-rate multiplier for the fusion layers and a two-tower model's poolers (METER's cross-modal
+    rate); a one-tower model's pooler learns at the base rate (ViLT)."""
     grad_clip: float | None = Field(1.0, gt=0)
     """Clip the global gradient norm to this value (omit to disable)."""
 

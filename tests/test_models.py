@@ -620,3 +620,28 @@ def test_attention_dropout_is_stored_only_when_set_and_checked():
     assert config_from_dict(cfg.to_dict()) == cfg and cfg.model.backbone.attention_p == 0.0
     with pytest.raises(ConfigError, match="attention_dropout"):
         config_from_dict({"model": one_tower(attention_dropout=1.5), **PRETRAIN})
+
+
+# ----------------------------------------------------------------------------
+# learning-rate multipliers
+# ----------------------------------------------------------------------------
+
+
+def _lr_of(model, modules) -> set[float]:
+    from engine.train import param_groups
+
+    lr = {id(p): g["lr"] for g in param_groups(model, lr=1.0, weight_decay=0.01, head_lr_mult=10.0,
+                                                     fusion_lr_mult=5.0) for p in g["params"]}
+    return {lr[id(p)] for m in modules for p in m.parameters()}
+
+
+def test_poolers_learn_at_their_reference_rate():
+    """METER's cross-modal poolers take the cross-modal multiplier, ViLT's pooler the base rate; the task
+    head takes the head multiplier in both."""
+    two = make(two_tower(), {"task": {}})
+    assert _lr_of(two, two.groups()["pooler"]) == {5.0}
+    assert _lr_of(two, two.groups()["fusion.layers[0]"]) == {5.0}
+    assert _lr_of(two, [two.heads["task"]]) == {10.0}
+    one = make(one_tower("text", "double"), {"task": {}})
+    assert _lr_of(one, one.groups()["pooler"]) == {1.0}
+    assert _lr_of(one, [one.heads["task"]]) == {10.0}

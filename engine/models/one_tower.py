@@ -10,6 +10,7 @@ added to both. Padding tokens are masked out of every attention.
 from __future__ import annotations
 
 from collections.abc import Collection
+from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -31,6 +32,10 @@ from engine.models.types import Features
 
 
 class OneTower(nn.Module):
+    pooler_lr: ClassVar[str] = "base"
+    """The pooler learns at the base rate, as ViLT's does (vilt/modules/vilt_utils.py ``set_schedule``
+    gives ``lr_mult`` to the task classifiers only)."""
+
     def __init__(self, cfg: C.OneTowerModel, vocab_size: int):
         super().__init__()
         b = cfg.backbone

@@ -5,6 +5,7 @@ projected to the fusion width, joined by a stack of co-attention fusion layers
 from __future__ import annotations
 
 from collections.abc import Collection
+from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -16,6 +17,10 @@ from engine.models.types import Features
 
 
 class TwoTower(nn.Module):
+    pooler_lr: ClassVar[str] = "fusion"
+    """The poolers learn at the fusion layers' rate, as METER's cross-modal poolers do (meter/modules/
+    meter_utils.py ``set_schedule``: every ``cross_modal`` name gets ``lr_mult_cross_modal``)."""
+
     def __init__(self, cfg: C.TwoTowerModel, vocab_size: int):
         super().__init__()
         f = cfg.fusion
