@@ -128,6 +128,54 @@ def test_nlvr2_pair_head_sees_both_images_side_by_side():
     assert not torch.allclose(logits, swapped)  # the order of the images matters, as in ViLT
 
 
+NLVR2 = {"task": {"name": "nlvr2"}, "data": {"dataset": "nlvr2", "root": "/unused"}}
+NLVR2_KINDS = {"one_tower": lambda: one_tower("text"), "two_tower": two_tower}
+
+
+@pytest.mark.parametrize("kind", list(NLVR2_KINDS))
+def test_nlvr2_second_image_has_its_own_type_row(kind):
+    """ViLT/METER: the second image gets token type 2, a row of its own that starts as the image row
+    and is trained apart from it."""
+    model = make(NLVR2_KINDS[kind](), NLVR2).eval()
+    types = model.encoder.modality_type.weight
+    assert types.shape[0] == 3 and torch.equal(types[2], types[1])
+    ids, mask, pix = inputs()
+    other = torch.randn_like(pix)
+    with torch.no_grad():
+        types[2].add_(torch.randn_like(types[2]))  # the rows now differ: each image must read its own
+        logits = model(ids, mask, pix, task=True, pair_pixel_values=other).logits["task"]
+        first = model(ids, mask, pix).features.pooled
+        second = model.encoder(ids, mask, other, image_types=torch.full((B,), 2)).pooled
+        as_first = model(ids, mask, other).features.pooled
+    assert torch.allclose(logits, model.heads["task"](torch.cat([first, second], dim=1)), atol=1e-5)
+    assert not torch.allclose(second, as_first, atol=1e-4)
+    model.train()
+    model(ids, mask, pix, task=True, pair_pixel_values=other).logits["task"].sum().backward()
+    grad = model.encoder.modality_type.weight.grad
+    assert grad[2].abs().sum() > 0 and not torch.allclose(grad[2], grad[1])
+
+
+@pytest.mark.parametrize("kind", list(NLVR2_KINDS))
+def test_nlvr2_type_row_starts_as_the_pretrained_image_row(kind, ren_home, tmp_path):
+    """``train.init_from`` of a pretraining (2 type rows) fills the third row with the pretrained image
+    row, as ViLT does when it builds its NLVR2 model after loading; an NLVR2 checkpoint of 2 rows (runs
+    before the third row) still loads, and gives both images the image row as it did."""
+    from engine.store import Store
+    from engine.train import init_weights_from
+
+    pretrained = make(NLVR2_KINDS[kind](), PRETRAIN, seed=1).state_dict()
+    save_file(pretrained, str(tmp_path / "model.safetensors"))
+    model = make(NLVR2_KINDS[kind](), NLVR2, seed=2)
+    _, _, resized = init_weights_from(model, str(tmp_path), Store(ren_home))
+    stored = pretrained["encoder.modality_type.weight"]
+    assert stored.shape[0] == 2 and "encoder.modality_type.weight" in resized
+    assert torch.equal(model.encoder.modality_type.weight, stored[[0, 1, 1]])
+    old = {k: v for k, v in make(NLVR2_KINDS[kind](), NLVR2, seed=3).state_dict().items()}
+    old["encoder.modality_type.weight"] = stored
+    model.load_state_dict(old, strict=True)
+    assert torch.equal(model.encoder.modality_type.weight, stored[[0, 1, 1]])
+
+
 def test_snli_ve_head_has_three_classes():
     model = make(one_tower("text"), {"task": {"name": "snli_ve"}, "data": {"dataset": "snli_ve", "root": "/x"}})
     ids, mask, pix = inputs()

@@ -20,6 +20,7 @@ from engine.errors import ConfigError
 from engine.models import hf
 from engine.models.layers import (
     ConvStemEmbeddings,
+    ModalityTypes,
     PatchEmbeddings,
     Pooler,
     TextEmbeddings,
@@ -36,7 +37,7 @@ class OneTower(nn.Module):
     """The pooler learns at the base rate, as ViLT's does (vilt/modules/vilt_utils.py ``set_schedule``
     gives ``lr_mult`` to the task classifiers only)."""
 
-    def __init__(self, cfg: C.OneTowerModel, vocab_size: int):
+    def __init__(self, cfg: C.OneTowerModel, vocab_size: int, pair_images: bool = False):
         super().__init__()
         b = cfg.backbone
         key = "model.backbone"
@@ -84,8 +85,7 @@ class OneTower(nn.Module):
         self._interpolate = self.modality == "vision" and hf.accepts_kwarg(
             self.backbone.embeddings, "interpolate_pos_encoding"
         )
-        self.modality_type = nn.Embedding(2, hidden)
-        nn.init.normal_(self.modality_type.weight, std=0.02)
+        self.modality_type = ModalityTypes(hidden, pair_images)
         self.pooler_kind = cfg.pooler
         self.pooler = Pooler(hidden)
         self.image_pooler = Pooler(hidden) if cfg.pooler == "double" else None
@@ -118,13 +118,14 @@ class OneTower(nn.Module):
         return self.backbone.embeddings(pixel_values, **kwargs)
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor, pixel_values: Tensor, *,
-                tokens: Collection[str] = ("text", "image")) -> Features:
-        """``tokens``: which fused token sequences the caller reads (``"text"``, ``"image"``); the pooled
+                tokens: Collection[str] = ("text", "image"), image_types: Tensor | None = None) -> Features:
+        """``image_types``: each sample's image type row ``(B,)`` (1, or 2 for NLVR2's second image); unset: 1.
+        ``tokens``: which fused token sequences the caller reads (``"text"``, ``"image"``); the pooled
         feature is always there. The last layer computes only the rows they and the pooler need
         (:mod:`engine.models.rows`): ``tokens=()`` gives the pooled feature at a fraction of the last
         layer's cost, and the ``Features`` fields not asked for are None."""
         t = self.embed_text(input_ids) + self.modality_type.weight[0]
-        v = self.embed_image(pixel_values) + self.modality_type.weight[1]
+        v = self.embed_image(pixel_values) + self.modality_type.image(image_types)
         x = torch.cat([t, v], dim=1)
         n_text = t.shape[1]
         mask = torch.cat([attention_mask, attention_mask.new_ones(v.shape[:2])], dim=1)
