@@ -64,9 +64,11 @@ class _Tower(_Section, _Dropouts):
     """Manual towers: attention heads (must divide hidden_size)."""
     mlp_ratio: float = Field(4.0, gt=0, le=16)
     """Manual towers: MLP width as a multiple of hidden_size."""
-    dropout: float = Field(0.0, ge=0, lt=1)
+    dropout: float | None = Field(None, ge=0, lt=1)
     """Dropout inside the tower (all sources): on hidden states and, unless ``attention_dropout`` is
-    set, on attention probabilities."""
+    set, on attention probabilities. Unset: 0.0 for manual towers (and timm ones); a pretrained or random
+    tower keeps its checkpoint's own (e.g. ELECTRA's 0.1), which the resolved config records (with
+    ``attention_dropout`` where the checkpoint's differs)."""
     attention_dropout: float | None = Field(None, ge=0, lt=1)
     """Dropout on attention probabilities (all sources); unset: ``dropout``. Hugging Face configs keep
     the two apart (``hidden_dropout_prob``, ``attention_probs_dropout_prob``). 0 with ``dropout`` > 0
@@ -100,10 +102,32 @@ class _Tower(_Section, _Dropouts):
                 )
         return self
 
+    @model_validator(mode="after")
+    def _dropout_in_effect(self) -> "_Tower":
+        """Record the dropout the tower runs with when the preset leaves it unset: the checkpoint's own
+        for a named HF model (left unset when its config cannot be read here; building it will say why)."""
+        if self.dropout is not None:
+            return self
+        if self.source == "manual" or getattr(self, "library", "hf") == "timm":
+            object.__setattr__(self, "dropout", 0.0)
+            return self
+        from engine.models.hf import checkpoint_dropouts
+
+        assert self.name is not None
+        hidden, attention = checkpoint_dropouts(self.name, self.config_part)
+        if hidden is not None:
+            object.__setattr__(self, "dropout", hidden)
+            if self.attention_dropout is None and attention is not None and attention != hidden:
+                object.__setattr__(self, "attention_dropout", attention)
+        return self
+
     def _allows_manual_name(self) -> bool:
         return False
 
     manual_only_keys: ClassVar[tuple[str, ...]] = _MANUAL_ONLY
+    config_part: ClassVar[str] = ""
+    """Which part of a composite (CLIP-like) checkpoint config the tower is: ``text``, ``vision``, or the
+    whole config."""
 
     @model_serializer(mode="wrap")
     def _resolved(self, handler: Any) -> dict[str, Any]:
@@ -119,12 +143,16 @@ class _Tower(_Section, _Dropouts):
 class TextTower(_Tower):
     """A text encoder (BERT, ELECTRA, RoBERTa, ... or a manual BERT-style stack)."""
 
+    config_part: ClassVar[str] = "text"
+
     max_positions: int = Field(64, ge=8, le=8192)
     """Manual towers only: size of the position table (>= data.max_text_len)."""
 
 
 class VisionTower(_Tower):
     """A vision encoder: a HF vision model (ViT, DeiT, ...) or any timm model."""
+
+    config_part: ClassVar[str] = "vision"
 
     library: Literal["hf", "timm"] = "hf"
     """``timm`` builds ``name`` with timm.create_model (CNNs included: their last

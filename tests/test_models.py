@@ -693,3 +693,41 @@ def test_poolers_learn_at_their_reference_rate():
     one = make(one_tower("text", "double"), {"task": {}})
     assert _lr_of(one, one.groups()["pooler"]) == {1.0}
     assert _lr_of(one, [one.heads["task"]]) == {10.0}
+
+
+# ----------------------------------------------------------------------------
+# a pretrained tower's own dropout
+# ----------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def dropout_bert(tmp_path_factory) -> Path:
+    """A tiny BERT whose config says hidden dropout 0.1 and attention dropout 0.05."""
+    from transformers import BertConfig, BertModel
+
+    path = tmp_path_factory.mktemp("dropout_bert") / "bert"
+    BertModel(BertConfig(vocab_size=90, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                         intermediate_size=64, max_position_embeddings=32, hidden_dropout_prob=0.1,
+                         attention_probs_dropout_prob=0.05)).save_pretrained(path)
+    return path
+
+
+@pytest.mark.parametrize("source", ["pretrained", "random"])
+def test_a_named_tower_keeps_its_checkpoints_dropout(dropout_bert, source):
+    """Unset, the dropout is the checkpoint's own, and the stored config says so; a preset's value wins;
+    manual towers keep 0.0."""
+    tower = {"source": source, "name": str(dropout_bert)}
+    cfg = config_from_dict({"model": two_tower(text=tower), **PRETRAIN})
+    assert (cfg.model.text.dropout, cfg.model.text.attention_p) == (0.1, 0.05)
+    stored = cfg.to_dict()["model"]["text"]
+    assert (stored["dropout"], stored["attention_dropout"]) == (0.1, 0.05)
+    assert config_from_dict(cfg.to_dict()) == cfg
+    built = build_model(cfg, vocab_size=VOCAB).encoder.text.model
+    assert (built.config.hidden_dropout_prob, built.config.attention_probs_dropout_prob) == (0.1, 0.05)
+    assert _dropouts(built.encoder) == {0.1, 0.05}
+    backbone = config_from_dict({"model": {"kind": "one_tower", "backbone": tower}, **PRETRAIN}).model.backbone
+    assert (backbone.dropout, backbone.attention_p) == (0.1, 0.05)
+    chosen = config_from_dict({"model": two_tower(text={**tower, "dropout": 0.0}), **PRETRAIN}).model.text
+    assert (chosen.dropout, chosen.attention_p) == (0.0, 0.0)
+    manual = config_from_dict({"model": two_tower(), **PRETRAIN}).model.text
+    assert (manual.dropout, manual.attention_p) == (0.0, 0.0)

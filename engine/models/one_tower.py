@@ -62,11 +62,12 @@ class OneTower(nn.Module):
         self.backbone = hf.build_hf_model(config, name=b.name, pretrained=b.source == "pretrained", key=f"{key}.name")
         hidden = hf.hidden_size_of(config)
         self.hidden_size = hidden
+        dropout = b.dropout if b.dropout is not None else hf.dropouts_of(config)[0] or 0.0  # fresh embeddings
         hf.encoder_layers(self.backbone, key)  # fail early for unsupported families
         if self.modality == "text":
             self.vocab_size = config.vocab_size
             stem = ConvStemEmbeddings if b.image_embedding == "conv" else PatchEmbeddings
-            self.image_embeddings = stem(b.image_size, b.patch_size, hidden, b.dropout)
+            self.image_embeddings = stem(b.image_size, b.patch_size, hidden, dropout)
             init_weights(self.image_embeddings)
         else:
             self.vocab_size = vocab_size
@@ -81,7 +82,7 @@ class OneTower(nn.Module):
                     f"model.backbone.patch_size = {b.patch_size}, but {b.name!r} uses "
                     f"patches of {own_patch}; remove the key."
                 )
-            self.text_embeddings = TextEmbeddings(vocab_size, hidden, b.max_text_positions, b.dropout)
+            self.text_embeddings = TextEmbeddings(vocab_size, hidden, b.max_text_positions, dropout)
         self._interpolate = self.modality == "vision" and hf.accepts_kwarg(
             self.backbone.embeddings, "interpolate_pos_encoding"
         )
