@@ -183,21 +183,28 @@ class VisionTower(_Tower):
 class Backbone(_Tower):
     """The single shared encoder of a one-tower model.
 
-    ``modality`` says which modality the backbone was built for: its own
-    embeddings are kept for that modality and a fresh embedding is added for
-    the other. For pretrained/random backbones it is read from the config.
+    ``modality`` says which modality the backbone was built for: with
+    ``embeddings = "backbone"`` its own embeddings are kept for that modality
+    and a fresh embedding is added for the other. For pretrained/random
+    backbones it is read from the config.
     """
 
     modality: Literal["text", "vision"] | None = None
     """The backbone's native modality; manual backbones default to ``text``,
     pretrained/random ones take it from their config."""
+    embeddings: Literal["backbone", "fresh"] = "backbone"
+    """``backbone`` (ViLT): keep the backbone's own embedding for its modality, and its final LayerNorm;
+    the other modality gets a fresh one. ``fresh`` (Renaissance, one_tower_encoder.py): keep only the
+    encoder layers; both modalities get fresh embeddings (word + position + LayerNorm for text, patches
+    + [CLS] + position for images) and there is no final LayerNorm, as Renaissance takes ``model.encoder``
+    alone (a ViT's final ``layernorm`` and any pooler sit outside it)."""
     image_embedding: Literal["patch", "conv"] = "patch"
-    """The fresh image embedding of a text backbone: ``patch`` (ViLT: one linear
-    projection per patch) or ``conv`` (a stride-2 convolution stem, "early
-    convolutions"; needs a power-of-two patch_size)."""
+    """A fresh image embedding (a text backbone's, or any with ``embeddings = "fresh"``): ``patch`` (ViLT:
+    one linear projection per patch) or ``conv`` (a stride-2 convolution stem, "early convolutions"; needs
+    a power-of-two patch_size)."""
     patch_size: int = Field(16, ge=1, le=64)
-    """Patch size of the image embedding (fresh for text backbones; must match a
-    vision backbone's own patch size when given)."""
+    """Patch size of the image embedding (fresh for text backbones and with ``embeddings = "fresh"``; must
+    match a vision backbone's own patch size when it keeps its embedding and the key is given)."""
     image_size: int = Field(224, ge=8, le=2048)
     """Input resolution of the images."""
     max_text_positions: int = Field(64, ge=8, le=8192)
@@ -208,10 +215,10 @@ class Backbone(_Tower):
     @model_serializer(mode="wrap")
     def _resolved(self, handler: Any) -> dict[str, Any]:
         """As :meth:`_Tower._resolved`; a pretrained or random backbone's ``patch_size`` is stored only when the
-        preset gave it, since a vision backbone's own patch size (which the default need not match) wins, and
-        a stored default would then read back as a contradiction."""
+        preset gave it or the embeddings are fresh (which use it), since a vision backbone's own patch size
+        (which the default need not match) wins, and a stored default would then read back as a contradiction."""
         data = super()._resolved(handler)
-        if self.source != "manual" and "patch_size" not in self.model_fields_set:
+        if self.source != "manual" and "patch_size" not in self.model_fields_set and self.embeddings == "backbone":
             data.pop("patch_size", None)
         return data
 
@@ -223,10 +230,10 @@ class Backbone(_Tower):
             raise ValueError(
                 f"image_embedding = \"conv\" needs a power-of-two patch_size (got {self.patch_size})"
             )
-        if self.modality == "vision" and self.image_embedding != "patch":
+        if self.modality == "vision" and self.image_embedding != "patch" and self.embeddings == "backbone":
             raise ValueError(
-                "image_embedding applies to text backbones only; a vision backbone keeps "
-                "its own pretrained patch embedding"
+                "image_embedding applies to fresh image embeddings only; a vision backbone keeps "
+                "its own pretrained patch embedding unless embeddings = \"fresh\""
             )
         if self.image_size % self.patch_size:
             raise ValueError(

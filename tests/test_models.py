@@ -70,6 +70,7 @@ def mlm_positions(mask: torch.Tensor) -> torch.Tensor:
 ALL_KINDS = {
     "one_tower_text": (lambda: one_tower("text"), PRETRAIN),
     "one_tower_vision_double": (lambda: one_tower("vision", "double"), {"task": {}}),
+    "one_tower_vision_fresh": (lambda: one_tower("vision", embeddings="fresh"), PRETRAIN),
     "two_tower": (two_tower, PRETRAIN_ITC),
     "two_tower_timm": (lambda: two_tower(vision=TIMM_VISION), PRETRAIN_ITC),
     "dual_encoder": (dual_encoder, {"objectives": {"itc": {}}}),
@@ -440,6 +441,33 @@ def test_pretrained_vision_backbone_keeps_embeddings_and_final_norm(hf_dirs):
         f = enc(ids, mask, pix)
     assert torch.allclose(f.text, torch.full_like(f.text, 0.5))
     assert torch.allclose(f.image, torch.full_like(f.image, 0.5))
+
+
+@pytest.mark.parametrize("which", ["bert", "vit"])
+def test_fresh_embeddings_keep_only_the_encoder_layers(hf_dirs, which):
+    """Renaissance's one-tower takes ``model.encoder`` alone: the pretrained layers, none of the backbone's
+    embeddings, final norm or pooler; both modalities get fresh embeddings (patch size and vocabulary of
+    the preset and the data, not the backbone's)."""
+    spec = {"kind": "one_tower", "backbone": {"source": "pretrained", "name": str(hf_dirs[which]), "image_size": 32,
+                                              "embeddings": "fresh"}}
+    stored = config_from_dict({"model": spec, "task": {}}).to_dict()["model"]  # the fresh patches' size is kept
+    assert (stored["backbone"]["embeddings"], stored["backbone"]["patch_size"]) == ("fresh", 16)
+    model = make(stored, {"task": {}})
+    enc = model.encoder
+    sd, saved = enc.backbone.state_dict(), hf_dirs[f"{which}_sd"]
+    layer_keys = {k for k in saved if k.split(".")[0] in ("encoder", "layers")}  # BERT: encoder.layer; ViT: layers
+    assert len(layer_keys) > 10 and set(sd) == layer_keys
+    assert all(torch.equal(sd[k], saved[k]) for k in sd)
+    assert enc.norm is None and enc.vocab_size == VOCAB
+    groups = model.groups()
+    assert groups["backbone.text_embeddings"] == [enc.text_embeddings]
+    assert groups["backbone.image_embeddings"] == [enc.image_embeddings]
+    assert groups["backbone.final"] == []
+    ids, mask, pix = inputs()
+    f = enc(ids, mask, pix)
+    assert f.image.shape == (B, 1 + (32 // 16) ** 2, 32)  # the preset's (default) 16-pixel patches
+    f.pooled.sum().backward()
+    assert enc.text_embeddings.word.weight.grad is not None and enc.image_embeddings.proj.weight.grad is not None
 
 
 @pytest.mark.parametrize("which", ["bert", "vit"])

@@ -200,6 +200,16 @@ def encoder_layers(model: nn.Module, key: str) -> nn.ModuleList:
     )
 
 
+def keep_encoder_only(model: nn.Module, key: str) -> None:
+    """Drop every top-level part of an HF model but the one holding its layers: its embeddings (and
+    their projection), a final norm outside the encoder, a pooler. Renaissance's one-tower takes
+    ``model.encoder`` alone (renaissance/modules/one_tower_encoder.py)."""
+    layers = encoder_layers(model, key)
+    for name, child in list(model.named_children()):
+        if not any(m is layers for m in child.modules()):
+            setattr(model, name, None)
+
+
 def final_norm(model: nn.Module) -> nn.Module | None:
     """The encoder's final normalisation layer, if it has one (ViT-style)."""
     for name in ("layernorm", "post_layernorm", "final_layer_norm", "norm", "ln_f"):

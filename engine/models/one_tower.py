@@ -1,10 +1,12 @@
 """One-tower (ViLT-style single-stream) encoder.
 
 One HF transformer encoder, text or vision, processes the concatenation
-``[text tokens ; image patches]``. The backbone keeps its own pretrained
-embeddings for its native modality (and its final LayerNorm, if it has one);
-the other modality gets a fresh embedding. A learned modality-type embedding is
-added to both. Padding tokens are masked out of every attention.
+``[text tokens ; image patches]``. With ``embeddings = "backbone"`` (ViLT) the
+backbone keeps its own pretrained embeddings for its native modality (and its
+final LayerNorm, if it has one) and the other modality gets a fresh embedding;
+with ``"fresh"`` (Renaissance) only the encoder layers are kept and both
+modalities get fresh embeddings. A learned modality-type embedding is added to
+both. Padding tokens are masked out of every attention.
 """
 
 from __future__ import annotations
@@ -64,26 +66,19 @@ class OneTower(nn.Module):
         self.hidden_size = hidden
         dropout = b.dropout if b.dropout is not None else hf.dropouts_of(config)[0] or 0.0  # fresh embeddings
         hf.encoder_layers(self.backbone, key)  # fail early for unsupported families
-        if self.modality == "text":
-            self.vocab_size = config.vocab_size
+        self.fresh = b.embeddings == "fresh"
+        self.text_embeddings: TextEmbeddings | None = None
+        self.image_embeddings: PatchEmbeddings | None = None
+        if self.modality == "text" or self.fresh:
             stem = ConvStemEmbeddings if b.image_embedding == "conv" else PatchEmbeddings
             self.image_embeddings = stem(b.image_size, b.patch_size, hidden, dropout)
             init_weights(self.image_embeddings)
         else:
-            self.vocab_size = vocab_size
-            if b.image_embedding != "patch":
-                raise ConfigError(
-                    f"model.backbone.image_embedding applies to text backbones; {b.name!r} is a "
-                    "vision model and keeps its own patch embedding. Remove the key."
-                )
-            own_patch = getattr(config, "patch_size", b.patch_size)
-            if "patch_size" in b.model_fields_set and own_patch != b.patch_size:
-                raise ConfigError(
-                    f"model.backbone.patch_size = {b.patch_size}, but {b.name!r} uses "
-                    f"patches of {own_patch}; remove the key."
-                )
+            self._check_own_patches(b, config)
+        self.vocab_size = config.vocab_size if self.modality == "text" and not self.fresh else vocab_size
+        if self.modality == "vision" or self.fresh:
             self.text_embeddings = TextEmbeddings(vocab_size, hidden, b.max_text_positions, dropout)
-        self._interpolate = self.modality == "vision" and hf.accepts_kwarg(
+        self._interpolate = self.modality == "vision" and not self.fresh and hf.accepts_kwarg(
             self.backbone.embeddings, "interpolate_pos_encoding"
         )
         self.modality_type = ModalityTypes(hidden, pair_images)
@@ -94,6 +89,23 @@ class OneTower(nn.Module):
         self.text_dim = hidden
         if b.gradient_checkpointing:
             hf.enable_checkpointing(self.backbone)
+        if self.fresh:  # after checkpointing, which looks up the backbone's input embeddings
+            hf.keep_encoder_only(self.backbone, key)
+
+    @staticmethod
+    def _check_own_patches(b: C.Backbone, config: object) -> None:
+        """A vision backbone that keeps its own patch embedding: the preset may not ask for another."""
+        if b.image_embedding != "patch":
+            raise ConfigError(
+                f"model.backbone.image_embedding applies to fresh image embeddings; {b.name!r} is a vision "
+                "model and keeps its own patch embedding. Remove the key, or set embeddings = \"fresh\"."
+            )
+        own_patch = getattr(config, "patch_size", b.patch_size)
+        if "patch_size" in b.model_fields_set and own_patch != b.patch_size:
+            raise ConfigError(
+                f"model.backbone.patch_size = {b.patch_size}, but {b.name!r} uses "
+                f"patches of {own_patch}; remove the key."
+            )
 
     @property
     def layers(self) -> nn.ModuleList:
@@ -106,14 +118,14 @@ class OneTower(nn.Module):
         return hf.final_norm(self.backbone)
 
     def embed_text(self, input_ids: Tensor) -> Tensor:
-        if self.modality == "vision":
+        if self.text_embeddings is not None:
             return self.text_embeddings(input_ids)
         x = self.backbone.embeddings(input_ids=input_ids)
         project = getattr(self.backbone, "embeddings_project", None)
         return project(x) if project is not None else x
 
     def embed_image(self, pixel_values: Tensor) -> Tensor:
-        if self.modality == "text":
+        if self.image_embeddings is not None:
             return self.image_embeddings(pixel_values)
         kwargs = {"interpolate_pos_encoding": True} if self._interpolate else {}
         return self.backbone.embeddings(pixel_values, **kwargs)
@@ -157,13 +169,13 @@ class OneTower(nn.Module):
                         image=x[:, n_text:] if "image" in tokens else None, text_mask=attention_mask, pooled=pooled)
 
     def groups(self) -> Groups:
-        if self.modality == "text":
-            text_emb = [self.backbone.embeddings]
+        own: list[nn.Module] = []  # the backbone's own embedding, where it is kept
+        if not self.fresh:
+            own = [self.backbone.embeddings]
             if getattr(self.backbone, "embeddings_project", None) is not None:
-                text_emb.append(self.backbone.embeddings_project)
-            image_emb: list[nn.Module] = [self.image_embeddings]
-        else:
-            text_emb, image_emb = [self.text_embeddings], [self.backbone.embeddings]
+                own.append(self.backbone.embeddings_project)
+        text_emb = [self.text_embeddings] if self.text_embeddings is not None else own
+        image_emb = [self.image_embeddings] if self.image_embeddings is not None else own
         groups: Groups = {
             "backbone.text_embeddings": text_emb,
             "backbone.image_embeddings": image_emb,
