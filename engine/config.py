@@ -111,7 +111,7 @@ class _Tower(_Section, _Dropouts):
         if self.source == "manual" or getattr(self, "library", "hf") == "timm":
             object.__setattr__(self, "dropout", 0.0)
             return self
-        from engine.models.hf import checkpoint_dropouts
+        from engine.hub import checkpoint_dropouts  # torch-free, but for ren: models
 
         assert self.name is not None
         hidden, attention = checkpoint_dropouts(self.name, self.config_part)

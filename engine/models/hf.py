@@ -9,15 +9,14 @@ therefore run exactly the same code path as pretrained ones.
 
 from __future__ import annotations
 
-import functools
 import inspect
 from pathlib import Path
 from typing import Any
 
 from torch import nn
 
-from engine.errors import ModelLoadError, RenError
-from engine.hub import hub_kwargs, hub_reachable, is_ren_model
+from engine.errors import ModelLoadError
+from engine.hub import ATTENTION_DROPOUT_FIELDS, HIDDEN_DROPOUT_FIELDS, hub_kwargs, hub_reachable, is_ren_model
 from engine.hub import looks_like_path as _looks_like_path
 
 _LOCAL_HINT = (
@@ -134,36 +133,13 @@ def manual_vision_config(*, patch_size: int, image_size: int, **sizes: Any) -> A
     return ViTConfig(patch_size=patch_size, image_size=image_size, qkv_bias=True, **_sizes(**sizes))
 
 
-_HIDDEN_DROPOUT = ("hidden_dropout_prob", "dropout", "hidden_dropout")
-_ATTENTION_DROPOUT = ("attention_probs_dropout_prob", "attention_dropout")
-
-
 def set_dropout(config: Any, dropout: float | None, attention_dropout: float | None) -> None:
     """Apply the preset's hidden and attention dropout to a loaded config (the common HF field names);
     None keeps the config's own."""
-    for fields, value in ((_HIDDEN_DROPOUT, dropout), (_ATTENTION_DROPOUT, attention_dropout)):
+    for fields, value in ((HIDDEN_DROPOUT_FIELDS, dropout), (ATTENTION_DROPOUT_FIELDS, attention_dropout)):
         for field in fields:
             if value is not None and isinstance(getattr(config, field, None), float):
                 setattr(config, field, value)
-
-
-def dropouts_of(config: Any) -> tuple[float | None, float | None]:
-    """(hidden, attention) dropout of a config, under the common HF field names; None where it has none."""
-    found = [next((v for f in fields if isinstance(v := getattr(config, f, None), float)), None)
-             for fields in (_HIDDEN_DROPOUT, _ATTENTION_DROPOUT)]
-    return found[0], found[1]
-
-
-@functools.lru_cache(maxsize=64)
-def checkpoint_dropouts(name: str, part: str) -> tuple[float | None, float | None]:
-    """(hidden, attention) dropout of the named checkpoint's config (its ``text``/``vision`` part, or
-    the whole config for ``part=""``); (None, None) when the config cannot be read."""
-    try:
-        config = load_hf_config(name, "name")
-    except (RenError, OSError, ValueError):
-        return None, None
-    pick = {"text": text_config_of, "vision": vision_config_of}.get(part)
-    return dropouts_of(pick(config) if pick else config)
 
 
 def text_config_of(config: Any) -> Any:

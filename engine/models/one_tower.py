@@ -19,6 +19,7 @@ from torch import Tensor, nn
 
 from engine import config as C
 from engine.errors import ConfigError
+from engine.hub import dropouts_in
 from engine.models import hf
 from engine.models.layers import (
     ConvStemEmbeddings,
@@ -64,7 +65,7 @@ class OneTower(nn.Module):
         self.backbone = hf.build_hf_model(config, name=b.name, pretrained=b.source == "pretrained", key=f"{key}.name")
         hidden = hf.hidden_size_of(config)
         self.hidden_size = hidden
-        dropout = b.dropout if b.dropout is not None else hf.dropouts_of(config)[0] or 0.0  # fresh embeddings
+        dropout = b.dropout if b.dropout is not None else dropouts_in(config)[0] or 0.0  # fresh embeddings
         hf.encoder_layers(self.backbone, key)  # fail early for unsupported families
         self.fresh = b.embeddings == "fresh"
         self.text_embeddings: TextEmbeddings | None = None
