@@ -759,3 +759,18 @@ def test_a_named_tower_keeps_its_checkpoints_dropout(dropout_bert, source):
     assert (chosen.dropout, chosen.attention_p) == (0.0, 0.0)
     manual = config_from_dict({"model": two_tower(), **PRETRAIN}).model.text
     assert (manual.dropout, manual.attention_p) == (0.0, 0.0)
+
+
+def test_reading_a_checkpoints_dropout_loads_no_torch():
+    """Validating a preset stays light (the TUI validates in its own process): the dropout comes from the
+    checkpoint's config.json (here ELECTRA-small's, 0.1, in the tests' hub cache)."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from engine.config import config_from_dict\n"
+            "cfg = config_from_dict({'model': {'kind': 'one_tower', 'backbone': {'source': 'pretrained', "
+            "'name': 'google/electra-small-discriminator'}}, 'objectives': {'mlm': {}}})\n"
+            "print(cfg.model.backbone.dropout, 'torch' in sys.modules, 'transformers' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).resolve().parents[1])
+    assert out.stdout.split() == ["0.1", "False", "False"]
