@@ -44,8 +44,9 @@ class _Dropouts:
     """For sections with the fields ``dropout`` and ``attention_dropout`` (unset: ``dropout``)."""
 
     @property
-    def attention_p(self) -> float:
-        """The attention dropout in effect."""
+    def attention_p(self) -> float | None:
+        """The attention dropout in effect; None only for a tower whose checkpoint config could not be read
+        when the preset was validated (the checkpoint's own is then kept)."""
         return self.dropout if self.attention_dropout is None else self.attention_dropout
 
 
