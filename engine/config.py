@@ -44,8 +44,9 @@ class _Dropouts:
     """For sections with the fields ``dropout`` and ``attention_dropout`` (unset: ``dropout``)."""
 
     @property
-    def attention_p(self) -> float:
-        """The attention dropout in effect."""
+    def attention_p(self) -> float | None:
+        """The attention dropout in effect; None only for a tower whose checkpoint config could not be read
+        when the preset was validated (the checkpoint's own is then kept)."""
         return self.dropout if self.attention_dropout is None else self.attention_dropout
 
 
@@ -64,9 +65,11 @@ class _Tower(_Section, _Dropouts):
     """Manual towers: attention heads (must divide hidden_size)."""
     mlp_ratio: float = Field(4.0, gt=0, le=16)
     """Manual towers: MLP width as a multiple of hidden_size."""
-    dropout: float = Field(0.0, ge=0, lt=1)
+    dropout: float | None = Field(None, ge=0, lt=1)
     """Dropout inside the tower (all sources): on hidden states and, unless ``attention_dropout`` is
-    set, on attention probabilities."""
+    set, on attention probabilities. Unset: 0.0 for manual towers (and timm ones); a pretrained or random
+    tower keeps its checkpoint's own (e.g. ELECTRA's 0.1), which the resolved config records (with
+    ``attention_dropout`` where the checkpoint's differs)."""
     attention_dropout: float | None = Field(None, ge=0, lt=1)
     """Dropout on attention probabilities (all sources); unset: ``dropout``. Hugging Face configs keep
     the two apart (``hidden_dropout_prob``, ``attention_probs_dropout_prob``). 0 with ``dropout`` > 0
@@ -100,10 +103,32 @@ class _Tower(_Section, _Dropouts):
                 )
         return self
 
+    @model_validator(mode="after")
+    def _dropout_in_effect(self) -> "_Tower":
+        """Record the dropout the tower runs with when the preset leaves it unset: the checkpoint's own
+        for a named HF model (left unset when its config cannot be read here; building it will say why)."""
+        if self.dropout is not None:
+            return self
+        if self.source == "manual" or getattr(self, "library", "hf") == "timm":
+            object.__setattr__(self, "dropout", 0.0)
+            return self
+        from engine.hub import checkpoint_dropouts  # torch-free, but for ren: models
+
+        assert self.name is not None
+        hidden, attention = checkpoint_dropouts(self.name, self.config_part)
+        if hidden is not None:
+            object.__setattr__(self, "dropout", hidden)
+            if self.attention_dropout is None and attention is not None and attention != hidden:
+                object.__setattr__(self, "attention_dropout", attention)
+        return self
+
     def _allows_manual_name(self) -> bool:
         return False
 
     manual_only_keys: ClassVar[tuple[str, ...]] = _MANUAL_ONLY
+    config_part: ClassVar[str] = ""
+    """Which part of a composite (CLIP-like) checkpoint config the tower is: ``text``, ``vision``, or the
+    whole config."""
 
     @model_serializer(mode="wrap")
     def _resolved(self, handler: Any) -> dict[str, Any]:
@@ -119,12 +144,16 @@ class _Tower(_Section, _Dropouts):
 class TextTower(_Tower):
     """A text encoder (BERT, ELECTRA, RoBERTa, ... or a manual BERT-style stack)."""
 
+    config_part: ClassVar[str] = "text"
+
     max_positions: int = Field(64, ge=8, le=8192)
     """Manual towers only: size of the position table (>= data.max_text_len)."""
 
 
 class VisionTower(_Tower):
     """A vision encoder: a HF vision model (ViT, DeiT, ...) or any timm model."""
+
+    config_part: ClassVar[str] = "vision"
 
     library: Literal["hf", "timm"] = "hf"
     """``timm`` builds ``name`` with timm.create_model (CNNs included: their last
@@ -155,21 +184,28 @@ class VisionTower(_Tower):
 class Backbone(_Tower):
     """The single shared encoder of a one-tower model.
 
-    ``modality`` says which modality the backbone was built for: its own
-    embeddings are kept for that modality and a fresh embedding is added for
-    the other. For pretrained/random backbones it is read from the config.
+    ``modality`` says which modality the backbone was built for: with
+    ``embeddings = "backbone"`` its own embeddings are kept for that modality
+    and a fresh embedding is added for the other. For pretrained/random
+    backbones it is read from the config.
     """
 
     modality: Literal["text", "vision"] | None = None
     """The backbone's native modality; manual backbones default to ``text``,
     pretrained/random ones take it from their config."""
+    embeddings: Literal["backbone", "fresh"] = "backbone"
+    """``backbone`` (ViLT): keep the backbone's own embedding for its modality, and its final LayerNorm;
+    the other modality gets a fresh one. ``fresh`` (Renaissance, one_tower_encoder.py): keep only the
+    encoder layers; both modalities get fresh embeddings (word + position + LayerNorm for text, patches
+    + [CLS] + position for images) and there is no final LayerNorm, as Renaissance takes ``model.encoder``
+    alone (a ViT's final ``layernorm`` and any pooler sit outside it)."""
     image_embedding: Literal["patch", "conv"] = "patch"
-    """The fresh image embedding of a text backbone: ``patch`` (ViLT: one linear
-    projection per patch) or ``conv`` (a stride-2 convolution stem, "early
-    convolutions"; needs a power-of-two patch_size)."""
+    """A fresh image embedding (a text backbone's, or any with ``embeddings = "fresh"``): ``patch`` (ViLT:
+    one linear projection per patch) or ``conv`` (a stride-2 convolution stem, "early convolutions"; needs
+    a power-of-two patch_size)."""
     patch_size: int = Field(16, ge=1, le=64)
-    """Patch size of the image embedding (fresh for text backbones; must match a
-    vision backbone's own patch size when given)."""
+    """Patch size of the image embedding (fresh for text backbones and with ``embeddings = "fresh"``; must
+    match a vision backbone's own patch size when it keeps its embedding and the key is given)."""
     image_size: int = Field(224, ge=8, le=2048)
     """Input resolution of the images."""
     max_text_positions: int = Field(64, ge=8, le=8192)
@@ -180,10 +216,10 @@ class Backbone(_Tower):
     @model_serializer(mode="wrap")
     def _resolved(self, handler: Any) -> dict[str, Any]:
         """As :meth:`_Tower._resolved`; a pretrained or random backbone's ``patch_size`` is stored only when the
-        preset gave it, since a vision backbone's own patch size (which the default need not match) wins, and
-        a stored default would then read back as a contradiction."""
+        preset gave it or the embeddings are fresh (which use it), since a vision backbone's own patch size
+        (which the default need not match) wins, and a stored default would then read back as a contradiction."""
         data = super()._resolved(handler)
-        if self.source != "manual" and "patch_size" not in self.model_fields_set:
+        if self.source != "manual" and "patch_size" not in self.model_fields_set and self.embeddings == "backbone":
             data.pop("patch_size", None)
         return data
 
@@ -195,10 +231,10 @@ class Backbone(_Tower):
             raise ValueError(
                 f"image_embedding = \"conv\" needs a power-of-two patch_size (got {self.patch_size})"
             )
-        if self.modality == "vision" and self.image_embedding != "patch":
+        if self.modality == "vision" and self.image_embedding != "patch" and self.embeddings == "backbone":
             raise ValueError(
-                "image_embedding applies to text backbones only; a vision backbone keeps "
-                "its own pretrained patch embedding"
+                "image_embedding applies to fresh image embeddings only; a vision backbone keeps "
+                "its own pretrained patch embedding unless embeddings = \"fresh\""
             )
         if self.image_size % self.patch_size:
             raise ValueError(
@@ -566,9 +602,10 @@ class OptimConfig(_Section):
     warmup_ratio: float = Field(0.1, ge=0, lt=1)
     """Share of the optimizer steps spent warming up linearly from 0."""
     head_lr_mult: float = Field(1.0, gt=0, le=1000)
-    """Learning-rate multiplier for the heads and poolers."""
+    """Learning-rate multiplier for the heads (poolers: see ``fusion_lr_mult``)."""
     fusion_lr_mult: float = Field(1.0, gt=0, le=1000)
-    """Learning-rate multiplier for the fusion layers."""
+    """Learning-rate multiplier for the fusion layers and a two-tower model's poolers (METER's cross-modal
+    rate); a one-tower model's pooler learns at the base rate (ViLT)."""
     grad_clip: float | None = Field(1.0, gt=0)
     """Clip the global gradient norm to this value (omit to disable)."""
 

@@ -24,7 +24,7 @@ RUN_PREFIX = "run:"
 FINAL_WEIGHTS = "model.safetensors"  # a run's final weights; accelerate names a checkpoint's weights alike
 # keys that fix the shapes of a model's weights (what may differ: dropout, image_size, checkpointing, source)
 _SHAPE_KEYS = ("library", "modality", "hidden_size", "layers", "heads", "mlp_ratio", "patch_size", "projection_dim",
-               "image_embedding")
+               "image_embedding", "embeddings")
 
 Trainer = Callable[[RunConfig, str], None]
 Provider = Callable[[RunConfig, Path], str]  # (pretraining config, its preset) -> the run id to start from

@@ -127,13 +127,17 @@ def lr_factor(step: int, total: int, warmup: int, schedule: str) -> float:
 
 def param_groups(model: VLModel, *, lr: float, weight_decay: float, head_lr_mult: float,
                  fusion_lr_mult: float) -> list[dict[str, Any]]:
-    """AdamW groups: no weight decay on biases, norms and embeddings tables;
-    learning-rate multipliers for heads (and poolers) and fusion layers."""
+    """AdamW groups: no weight decay on biases, norms and embeddings tables; learning-rate multipliers
+    for heads and fusion layers. Poolers follow their architecture's reference (``pooler_lr`` of the
+    encoder): METER gives its cross-modal poolers the cross-modal rate, ViLT its pooler the base rate."""
+    pooler_mult = fusion_lr_mult if getattr(model.encoder, "pooler_lr", "base") == "fusion" else 1.0
     buckets: dict[tuple[float, float], list[torch.nn.Parameter]] = {}
     for group_name, modules in model.groups().items():
         mult = 1.0
-        if group_name.startswith(("heads.", "pooler")):
+        if group_name.startswith("heads."):
             mult = head_lr_mult
+        elif group_name == "pooler":
+            mult = pooler_mult
         elif group_name.startswith("fusion."):
             mult = fusion_lr_mult
         for module in modules:

@@ -70,6 +70,7 @@ def mlm_positions(mask: torch.Tensor) -> torch.Tensor:
 ALL_KINDS = {
     "one_tower_text": (lambda: one_tower("text"), PRETRAIN),
     "one_tower_vision_double": (lambda: one_tower("vision", "double"), {"task": {}}),
+    "one_tower_vision_fresh": (lambda: one_tower("vision", embeddings="fresh"), PRETRAIN),
     "two_tower": (two_tower, PRETRAIN_ITC),
     "two_tower_timm": (lambda: two_tower(vision=TIMM_VISION), PRETRAIN_ITC),
     "dual_encoder": (dual_encoder, {"objectives": {"itc": {}}}),
@@ -126,6 +127,54 @@ def test_nlvr2_pair_head_sees_both_images_side_by_side():
     assert torch.allclose(logits, model.heads["task"](torch.cat([pooled_a, pooled_b], dim=1)), atol=1e-5)
     swapped = model(ids, mask, other, task=True, pair_pixel_values=pix).logits["task"]
     assert not torch.allclose(logits, swapped)  # the order of the images matters, as in ViLT
+
+
+NLVR2 = {"task": {"name": "nlvr2"}, "data": {"dataset": "nlvr2", "root": "/unused"}}
+NLVR2_KINDS = {"one_tower": lambda: one_tower("text"), "two_tower": two_tower}
+
+
+@pytest.mark.parametrize("kind", list(NLVR2_KINDS))
+def test_nlvr2_second_image_has_its_own_type_row(kind):
+    """ViLT/METER: the second image gets token type 2, a row of its own that starts as the image row
+    and is trained apart from it."""
+    model = make(NLVR2_KINDS[kind](), NLVR2).eval()
+    types = model.encoder.modality_type.weight
+    assert types.shape[0] == 3 and torch.equal(types[2], types[1])
+    ids, mask, pix = inputs()
+    other = torch.randn_like(pix)
+    with torch.no_grad():
+        types[2].add_(torch.randn_like(types[2]))  # the rows now differ: each image must read its own
+        logits = model(ids, mask, pix, task=True, pair_pixel_values=other).logits["task"]
+        first = model(ids, mask, pix).features.pooled
+        second = model.encoder(ids, mask, other, image_types=torch.full((B,), 2)).pooled
+        as_first = model(ids, mask, other).features.pooled
+    assert torch.allclose(logits, model.heads["task"](torch.cat([first, second], dim=1)), atol=1e-5)
+    assert not torch.allclose(second, as_first, atol=1e-4)
+    model.train()
+    model(ids, mask, pix, task=True, pair_pixel_values=other).logits["task"].sum().backward()
+    grad = model.encoder.modality_type.weight.grad
+    assert grad[2].abs().sum() > 0 and not torch.allclose(grad[2], grad[1])
+
+
+@pytest.mark.parametrize("kind", list(NLVR2_KINDS))
+def test_nlvr2_type_row_starts_as_the_pretrained_image_row(kind, ren_home, tmp_path):
+    """``train.init_from`` of a pretraining (2 type rows) fills the third row with the pretrained image
+    row, as ViLT does when it builds its NLVR2 model after loading; an NLVR2 checkpoint of 2 rows (runs
+    before the third row) still loads, and gives both images the image row as it did."""
+    from engine.store import Store
+    from engine.train import init_weights_from
+
+    pretrained = make(NLVR2_KINDS[kind](), PRETRAIN, seed=1).state_dict()
+    save_file(pretrained, str(tmp_path / "model.safetensors"))
+    model = make(NLVR2_KINDS[kind](), NLVR2, seed=2)
+    _, _, resized = init_weights_from(model, str(tmp_path), Store(ren_home))
+    stored = pretrained["encoder.modality_type.weight"]
+    assert stored.shape[0] == 2 and "encoder.modality_type.weight" in resized
+    assert torch.equal(model.encoder.modality_type.weight, stored[[0, 1, 1]])
+    old = {k: v for k, v in make(NLVR2_KINDS[kind](), NLVR2, seed=3).state_dict().items()}
+    old["encoder.modality_type.weight"] = stored
+    model.load_state_dict(old, strict=True)
+    assert torch.equal(model.encoder.modality_type.weight, stored[[0, 1, 1]])
 
 
 def test_snli_ve_head_has_three_classes():
@@ -395,6 +444,33 @@ def test_pretrained_vision_backbone_keeps_embeddings_and_final_norm(hf_dirs):
 
 
 @pytest.mark.parametrize("which", ["bert", "vit"])
+def test_fresh_embeddings_keep_only_the_encoder_layers(hf_dirs, which):
+    """Renaissance's one-tower takes ``model.encoder`` alone: the pretrained layers, none of the backbone's
+    embeddings, final norm or pooler; both modalities get fresh embeddings (patch size and vocabulary of
+    the preset and the data, not the backbone's)."""
+    spec = {"kind": "one_tower", "backbone": {"source": "pretrained", "name": str(hf_dirs[which]), "image_size": 32,
+                                              "embeddings": "fresh"}}
+    stored = config_from_dict({"model": spec, "task": {}}).to_dict()["model"]  # the fresh patches' size is kept
+    assert (stored["backbone"]["embeddings"], stored["backbone"]["patch_size"]) == ("fresh", 16)
+    model = make(stored, {"task": {}})
+    enc = model.encoder
+    sd, saved = enc.backbone.state_dict(), hf_dirs[f"{which}_sd"]
+    layer_keys = {k for k in saved if k.split(".")[0] in ("encoder", "layers")}  # BERT: encoder.layer; ViT: layers
+    assert len(layer_keys) > 10 and set(sd) == layer_keys
+    assert all(torch.equal(sd[k], saved[k]) for k in sd)
+    assert enc.norm is None and enc.vocab_size == VOCAB
+    groups = model.groups()
+    assert groups["backbone.text_embeddings"] == [enc.text_embeddings]
+    assert groups["backbone.image_embeddings"] == [enc.image_embeddings]
+    assert groups["backbone.final"] == []
+    ids, mask, pix = inputs()
+    f = enc(ids, mask, pix)
+    assert f.image.shape == (B, 1 + (32 // 16) ** 2, 32)  # the preset's (default) 16-pixel patches
+    f.pooled.sum().backward()
+    assert enc.text_embeddings.word.weight.grad is not None and enc.image_embeddings.proj.weight.grad is not None
+
+
+@pytest.mark.parametrize("which", ["bert", "vit"])
 def test_random_source_same_shapes_fresh_weights(hf_dirs, which):
     model = _pretrained_one_tower(hf_dirs[which], source="random")
     saved = hf_dirs[f"{which}_sd"]
@@ -620,3 +696,81 @@ def test_attention_dropout_is_stored_only_when_set_and_checked():
     assert config_from_dict(cfg.to_dict()) == cfg and cfg.model.backbone.attention_p == 0.0
     with pytest.raises(ConfigError, match="attention_dropout"):
         config_from_dict({"model": one_tower(attention_dropout=1.5), **PRETRAIN})
+
+
+# ----------------------------------------------------------------------------
+# learning-rate multipliers
+# ----------------------------------------------------------------------------
+
+
+def _lr_of(model, modules) -> set[float]:
+    from engine.train import param_groups
+
+    lr = {id(p): g["lr"] for g in param_groups(model, lr=1.0, weight_decay=0.01, head_lr_mult=10.0,
+                                                     fusion_lr_mult=5.0) for p in g["params"]}
+    return {lr[id(p)] for m in modules for p in m.parameters()}
+
+
+def test_poolers_learn_at_their_reference_rate():
+    """METER's cross-modal poolers take the cross-modal multiplier, ViLT's pooler the base rate; the task
+    head takes the head multiplier in both."""
+    two = make(two_tower(), {"task": {}})
+    assert _lr_of(two, two.groups()["pooler"]) == {5.0}
+    assert _lr_of(two, two.groups()["fusion.layers[0]"]) == {5.0}
+    assert _lr_of(two, [two.heads["task"]]) == {10.0}
+    one = make(one_tower("text", "double"), {"task": {}})
+    assert _lr_of(one, one.groups()["pooler"]) == {1.0}
+    assert _lr_of(one, [one.heads["task"]]) == {10.0}
+
+
+# ----------------------------------------------------------------------------
+# a pretrained tower's own dropout
+# ----------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def dropout_bert(tmp_path_factory) -> Path:
+    """A tiny BERT whose config says hidden dropout 0.1 and attention dropout 0.05."""
+    from transformers import BertConfig, BertModel
+
+    path = tmp_path_factory.mktemp("dropout_bert") / "bert"
+    BertModel(BertConfig(vocab_size=90, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                         intermediate_size=64, max_position_embeddings=32, hidden_dropout_prob=0.1,
+                         attention_probs_dropout_prob=0.05)).save_pretrained(path)
+    return path
+
+
+@pytest.mark.parametrize("source", ["pretrained", "random"])
+def test_a_named_tower_keeps_its_checkpoints_dropout(dropout_bert, source):
+    """Unset, the dropout is the checkpoint's own, and the stored config says so; a preset's value wins;
+    manual towers keep 0.0."""
+    tower = {"source": source, "name": str(dropout_bert)}
+    cfg = config_from_dict({"model": two_tower(text=tower), **PRETRAIN})
+    assert (cfg.model.text.dropout, cfg.model.text.attention_p) == (0.1, 0.05)
+    stored = cfg.to_dict()["model"]["text"]
+    assert (stored["dropout"], stored["attention_dropout"]) == (0.1, 0.05)
+    assert config_from_dict(cfg.to_dict()) == cfg
+    built = build_model(cfg, vocab_size=VOCAB).encoder.text.model
+    assert (built.config.hidden_dropout_prob, built.config.attention_probs_dropout_prob) == (0.1, 0.05)
+    assert _dropouts(built.encoder) == {0.1, 0.05}
+    backbone = config_from_dict({"model": {"kind": "one_tower", "backbone": tower}, **PRETRAIN}).model.backbone
+    assert (backbone.dropout, backbone.attention_p) == (0.1, 0.05)
+    chosen = config_from_dict({"model": two_tower(text={**tower, "dropout": 0.0}), **PRETRAIN}).model.text
+    assert (chosen.dropout, chosen.attention_p) == (0.0, 0.0)
+    manual = config_from_dict({"model": two_tower(), **PRETRAIN}).model.text
+    assert (manual.dropout, manual.attention_p) == (0.0, 0.0)
+
+
+def test_reading_a_checkpoints_dropout_loads_no_torch():
+    """Validating a preset stays light (the TUI validates in its own process): the dropout comes from the
+    checkpoint's config.json (here ELECTRA-small's, 0.1, in the tests' hub cache)."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from engine.config import config_from_dict\n"
+            "cfg = config_from_dict({'model': {'kind': 'one_tower', 'backbone': {'source': 'pretrained', "
+            "'name': 'google/electra-small-discriminator'}}, 'objectives': {'mlm': {}}})\n"
+            "print(cfg.model.backbone.dropout, 'torch' in sys.modules, 'transformers' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).resolve().parents[1])
+    assert out.stdout.split() == ["0.1", "False", "False"]

@@ -169,11 +169,12 @@ def test_axes_expand_into_a_grid(study_file: Path) -> None:
 
 def test_the_electra_variant_is_the_shipped_electra_preset() -> None:
     study = load_study(PRESETS / "studies" / "base-model-paper.toml")
-    electra = next(p for p in study.expand() if p.variant == "electra" and p.stage == "pretrain")
+    electra = next(p for p in study.expand() if p.variant == "start=electra,embeddings=fresh" and p.stage == "pretrain")
     raw, shipped = electra.config.to_dict(), load_preset(PRESETS / "coco_vg_one_tower_electra_pretrain.toml").to_dict()
     raw.pop("run"), shipped.pop("run")
     assert raw == shipped
-    random = next(p for p in study.expand() if p.variant == "random-electra" and p.stage == "finetune")
+    random = next(p for p in study.expand()
+                  if p.variant == "start=random-electra,embeddings=fresh" and p.stage == "finetune")
     assert random.config.model.backbone.source == "random" and random.config.model.kind == "one_tower"
     assert random.config.data.tokenizer == "google/electra-small-discriminator"  # inherited
     assert random.config.data.dataset in ("vqav2", "nlvr2", "snli_ve")
@@ -222,6 +223,18 @@ def test_every_shipped_study_loads_expands_and_builds(path: Path) -> None:
     assert len(distinct) == len(study.variants)  # no two variants train the same thing
 
 
+@pytest.mark.parametrize("name", ["base-model-easyvqa.toml", "base-model-paper.toml"])
+def test_base_model_studies_follow_the_papers_protocol_and_ask_the_other(name: str) -> None:
+    """The paper keeps only the encoder layers of each start (fresh embeddings: the baseline's and the
+    presets' protocol); keeping the start's own embedding (ViLT's) is the second axis."""
+    study = load_study(PRESETS / "studies" / name)
+    protocol = {p.variant: p.config.model.backbone.embeddings for p in study.expand() if p.stage == "pretrain"}
+    assert protocol[study.baseline] == "fresh"
+    assert sorted(set(protocol.values())) == ["backbone", "fresh"]
+    assert all(variant.split(",")[1] == f"embeddings={used}" for variant, used in protocol.items())
+    assert load_preset(study.pretrain).model.backbone.embeddings == "fresh"
+
+
 def test_shipped_study_files_open_with_a_how_to_run_comment() -> None:
     names = {p.name for p in STUDIES}
     assert {"freezing-easyvqa.toml", "freezing-paper.toml", "base-model-paper.toml"} <= names
@@ -240,7 +253,7 @@ def test_models_ren_builds_are_listed_for_building_before_the_runs(ren_home: Pat
     base = load_study(PRESETS / "studies" / "base-model-easyvqa.toml")
     steps = plan_study(store, base)
     assert models_to_build(steps) == ["ren:easyvqa-vit", "ren:easyvqa-bert"]
-    random_only = [s for s in steps if s.planned.variant == "random"]
+    random_only = [s for s in steps if s.planned.variant.startswith("start=random,")]
     assert random_only and models_to_build(random_only) == []
     kept = [dataclasses.replace(s, action="keep") for s in steps]
     assert models_to_build(kept) == []

@@ -124,8 +124,9 @@ def test_recipe_directories_load_as_one_tower_backbones(modality: str, vit_dir, 
     assert encoder.modality == modality and len(encoder.layers) == unimodal.LAYERS
     saved = _weights(path)
     backbone = encoder.backbone.state_dict()
-    assert backbone.keys() == saved.keys()
-    assert all(torch.equal(backbone[k], saved[k]) for k in saved)
+    kept = {k for k in saved if k.split(".")[0] in ("encoder", "layers")}  # embeddings = "fresh": the layers only
+    assert kept and backbone.keys() == kept
+    assert all(torch.equal(backbone[k], saved[k]) for k in kept)
     if modality == "vision":  # pixels normalised with the statistics the ViT was trained with
         assert data.train.norm.source == str(path / "preprocessor_config.json")
     batch = data.eval.__getitems__(list(range(8)))
@@ -215,7 +216,8 @@ def test_validate_reads_only_configs(ren_home: Path, capsys: pytest.CaptureFixtu
     assert text.returncode == 0, text.stderr
     report = json.loads(text.stdout)
     assert report["config"]["model"]["backbone"]["name"] == "ren:easyvqa-bert"
-    assert report["params"]["groups"]["backbone.text_embeddings"]["total"] == 8960  # BERT's, (35 + 32 + 1 + 2) x 128
+    # fresh (the study's protocol): (35 words + 32 positions) x 128 + a LayerNorm; BERT's own had 2 token types more
+    assert report["params"]["groups"]["backbone.text_embeddings"]["total"] == (35 + 32) * 128 + 2 * 128
     commands.validate(FINETUNE, [], as_json=True, all_groups=False)
     assert json.loads(capsys.readouterr().out)["params"]["groups"]["heads.task"]["total"] > 0
     assert not (ren_home / "models").exists()
@@ -223,13 +225,14 @@ def test_validate_reads_only_configs(ren_home: Path, capsys: pytest.CaptureFixtu
 
 def test_study_plans_three_starts_that_share_one_tokenizer(ren_home: Path) -> None:
     study = load_study(STUDY)
-    assert study.baseline == "random" and list(study.variants) == ["vision", "text", "random"]
+    variants = [f"start={v},embeddings={e}" for v in ("vision", "text", "random") for e in ("fresh", "backbone")]
+    assert study.baseline == "start=random,embeddings=fresh" and list(study.variants) == variants
     planned = study.expand()
-    assert [(p.variant, p.stage) for p in planned] == [
-        (v, s) for v in ("vision", "text", "random") for s in ("pretrain", "finetune")]
-    starts = {p.variant: (p.config.model.backbone.source, p.config.model.backbone.name) for p in planned}
-    assert starts == {"vision": ("pretrained", "ren:easyvqa-vit"), "text": ("pretrained", "ren:easyvqa-bert"),
-                      "random": ("random", "ren:easyvqa-vit")}
+    assert [(p.variant, p.stage) for p in planned] == [(v, s) for v in variants for s in ("pretrain", "finetune")]
+    starts = {p.variant.split(",")[0]: (p.config.model.backbone.source, p.config.model.backbone.name)
+              for p in planned}
+    assert starts == {"start=vision": ("pretrained", "ren:easyvqa-vit"),
+                      "start=text": ("pretrained", "ren:easyvqa-bert"), "start=random": ("random", "ren:easyvqa-vit")}
     for pre, fine in zip(planned[::2], planned[1::2], strict=True):
         assert fine.config.model == pre.config.model  # the finetuning takes its pretraining's encoder
     vocab = _easy_vqa_word_tokenizer().get_vocab()

@@ -65,7 +65,8 @@ class VLModel(nn.Module):
         towers_only: bool = False,
     ) -> Outputs:
         """``pair_pixel_values`` (NLVR2): a second image per text; both images are encoded
-        with the text in one batch and the task head sees the two pooled features side by side.
+        with the text in one batch, the second with its own image type row (as in ViLT and METER),
+        and the task head sees the two pooled features side by side.
         ``boxes``/``box_mask`` (RefCOCO): candidate boxes ``(B, K, 4)`` (``x0, y0, x1, y1`` in
         ``[0, 1]``) and which are real; the task logits are then one per box. ``towers_only``:
         only the ITC embeddings from the separate towers, no fusion (to sample hard ITM
@@ -74,12 +75,15 @@ class VLModel(nn.Module):
             head = self._itc_head("towers_only")
             return Outputs(features=Features(), itc=head(self.text_tokens(input_ids, attention_mask)[:, 0],
                                                          self.image_tokens(pixel_values)[:, 0]))
+        pair: dict[str, Tensor] = {}
         if pair_pixel_values is not None:
             input_ids, attention_mask = input_ids.repeat(2, 1), attention_mask.repeat(2, 1)
             pixel_values = torch.cat([pixel_values, pair_pixel_values])
+            first_or_second = torch.arange(1, 3, device=pixel_values.device)  # image type rows 1 and 2
+            pair["image_types"] = first_or_second.repeat_interleave(len(pair_pixel_values))
         # the fused tokens the heads read; the encoder's last layer computes only those rows and the pooler's
         tokens = ("text",) * (mlm_positions is not None) + ("image",) * (task and boxes is not None)
-        feats = self.encoder(input_ids, attention_mask, pixel_values, tokens=tokens)
+        feats = self.encoder(input_ids, attention_mask, pixel_values, tokens=tokens, **pair)
         out = Outputs(features=feats)
         if mlm_positions is not None:
             out.logits["mlm"] = self.heads["mlm"](feats.text[mlm_positions])
@@ -192,7 +196,8 @@ def _match_log_odds(logits: Tensor) -> Tensor:
 
 def build_model(cfg: C.RunConfig, *, vocab_size: int, num_answers: int | None = None) -> VLModel:
     """The encoder for ``cfg.model`` with the heads for its objectives or task."""
-    encoder = ARCHITECTURES[cfg.model.kind](cfg.model, vocab_size)
+    pair = {"pair_images": True} if cfg.task is not None and cfg.task.name == "nlvr2" else {}
+    encoder = ARCHITECTURES[cfg.model.kind](cfg.model, vocab_size, **pair)
     heads: dict[str, nn.Module] = {}
     if cfg.objectives is not None:
         obj = cfg.objectives

@@ -16,7 +16,7 @@ from typing import Any
 from torch import nn
 
 from engine.errors import ModelLoadError
-from engine.hub import hub_kwargs, hub_reachable, is_ren_model
+from engine.hub import ATTENTION_DROPOUT_FIELDS, HIDDEN_DROPOUT_FIELDS, hub_kwargs, hub_reachable, is_ren_model
 from engine.hub import looks_like_path as _looks_like_path
 
 _LOCAL_HINT = (
@@ -133,15 +133,12 @@ def manual_vision_config(*, patch_size: int, image_size: int, **sizes: Any) -> A
     return ViTConfig(patch_size=patch_size, image_size=image_size, qkv_bias=True, **_sizes(**sizes))
 
 
-_HIDDEN_DROPOUT = ("hidden_dropout_prob", "dropout", "hidden_dropout")
-_ATTENTION_DROPOUT = ("attention_probs_dropout_prob", "attention_dropout")
-
-
-def set_dropout(config: Any, dropout: float, attention_dropout: float) -> None:
-    """Apply the preset's hidden and attention dropout to a loaded config (the common HF field names)."""
-    for fields, value in ((_HIDDEN_DROPOUT, dropout), (_ATTENTION_DROPOUT, attention_dropout)):
+def set_dropout(config: Any, dropout: float | None, attention_dropout: float | None) -> None:
+    """Apply the preset's hidden and attention dropout to a loaded config (the common HF field names);
+    None keeps the config's own."""
+    for fields, value in ((HIDDEN_DROPOUT_FIELDS, dropout), (ATTENTION_DROPOUT_FIELDS, attention_dropout)):
         for field in fields:
-            if hasattr(config, field) and isinstance(getattr(config, field), float):
+            if value is not None and isinstance(getattr(config, field, None), float):
                 setattr(config, field, value)
 
 
@@ -177,6 +174,16 @@ def encoder_layers(model: nn.Module, key: str) -> nn.ModuleList:
         "(looked for encoder.layer, encoder.layers, layers, transformer.layer); "
         "this family cannot be used here."
     )
+
+
+def keep_encoder_only(model: nn.Module, key: str) -> None:
+    """Drop every top-level part of an HF model but the one holding its layers: its embeddings (and
+    their projection), a final norm outside the encoder, a pooler. Renaissance's one-tower takes
+    ``model.encoder`` alone (renaissance/modules/one_tower_encoder.py)."""
+    layers = encoder_layers(model, key)
+    for name, child in list(model.named_children()):
+        if not any(m is layers for m in child.modules()):
+            setattr(model, name, None)
 
 
 def final_norm(model: nn.Module) -> nn.Module | None:

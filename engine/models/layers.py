@@ -168,6 +168,38 @@ class FusionLayer(nn.Module):
         return self.text(t, t_mask, v, v_mask, text_rows), self.image(v, v_mask, t, t_mask, image_rows)
 
 
+class ModalityTypes(nn.Embedding):
+    """Token-type rows added to the inputs: 0 text, 1 image and, with ``pair_images`` (NLVR2), 2 for the
+    second image. ViLT (vilt/modules/vilt_module.py), METER (meter/modules/meter_module.py) and Renaissance
+    (one_tower_encoder.py ``adjust_type_embeds_for_nlvr2``) build the NLVR2 table after loading the
+    pretrained weights, the new row a copy of the image row; so here, a 2-row table loaded into a 3-row
+    one (a pretraining, or a checkpoint of an older NLVR2 run) fills the third row with its image row."""
+
+    def __init__(self, hidden_size: int, pair_images: bool = False):
+        super().__init__(3 if pair_images else 2, hidden_size)
+        nn.init.normal_(self.weight, std=0.02)
+        with torch.no_grad():
+            self.weight[2:] = self.weight[1]
+
+    def image(self, image_types: Tensor | None) -> Tensor:
+        """The row(s) to add to image tokens: the image row, or per sample ``image_types`` ``(B,)`` -> ``(B, 1, D)``."""
+        return self.weight[1] if image_types is None else self(image_types)[:, None]
+
+    def _load_from_state_dict(self, state_dict: dict[str, Tensor], prefix: str, *args: object) -> None:
+        key = prefix + "weight"
+        if key in state_dict:
+            state_dict[key] = grow_type_table(state_dict[key], self.num_embeddings)
+        super()._load_from_state_dict(state_dict, prefix, *args)
+
+
+def grow_type_table(table: Tensor, rows: int) -> Tensor:
+    """A (2, D) text/image type table grown to ``rows`` = 3 with the image row copied (see
+    :class:`ModalityTypes`); any other table as it is."""
+    if table.ndim == 2 and table.shape[0] == 2 and rows == 3:
+        return torch.cat([table, table[1:]])
+    return table
+
+
 class Pooler(nn.Module):
     """Dense + tanh on one token (BERT/ViLT pooler)."""
 

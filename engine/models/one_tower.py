@@ -1,24 +1,29 @@
 """One-tower (ViLT-style single-stream) encoder.
 
 One HF transformer encoder, text or vision, processes the concatenation
-``[text tokens ; image patches]``. The backbone keeps its own pretrained
-embeddings for its native modality (and its final LayerNorm, if it has one);
-the other modality gets a fresh embedding. A learned modality-type embedding is
-added to both. Padding tokens are masked out of every attention.
+``[text tokens ; image patches]``. With ``embeddings = "backbone"`` (ViLT) the
+backbone keeps its own pretrained embeddings for its native modality (and its
+final LayerNorm, if it has one) and the other modality gets a fresh embedding;
+with ``"fresh"`` (Renaissance) only the encoder layers are kept and both
+modalities get fresh embeddings. A learned modality-type embedding is added to
+both. Padding tokens are masked out of every attention.
 """
 
 from __future__ import annotations
 
 from collections.abc import Collection
+from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
 
 from engine import config as C
 from engine.errors import ConfigError
+from engine.hub import dropouts_in
 from engine.models import hf
 from engine.models.layers import (
     ConvStemEmbeddings,
+    ModalityTypes,
     PatchEmbeddings,
     Pooler,
     TextEmbeddings,
@@ -31,7 +36,11 @@ from engine.models.types import Features
 
 
 class OneTower(nn.Module):
-    def __init__(self, cfg: C.OneTowerModel, vocab_size: int):
+    pooler_lr: ClassVar[str] = "base"
+    """The pooler learns at the base rate, as ViLT's does (vilt/modules/vilt_utils.py ``set_schedule``
+    gives ``lr_mult`` to the task classifiers only)."""
+
+    def __init__(self, cfg: C.OneTowerModel, vocab_size: int, pair_images: bool = False):
         super().__init__()
         b = cfg.backbone
         key = "model.backbone"
@@ -56,31 +65,24 @@ class OneTower(nn.Module):
         self.backbone = hf.build_hf_model(config, name=b.name, pretrained=b.source == "pretrained", key=f"{key}.name")
         hidden = hf.hidden_size_of(config)
         self.hidden_size = hidden
+        dropout = b.dropout if b.dropout is not None else dropouts_in(config)[0] or 0.0  # fresh embeddings
         hf.encoder_layers(self.backbone, key)  # fail early for unsupported families
-        if self.modality == "text":
-            self.vocab_size = config.vocab_size
+        self.fresh = b.embeddings == "fresh"
+        self.text_embeddings: TextEmbeddings | None = None
+        self.image_embeddings: PatchEmbeddings | None = None
+        if self.modality == "text" or self.fresh:
             stem = ConvStemEmbeddings if b.image_embedding == "conv" else PatchEmbeddings
-            self.image_embeddings = stem(b.image_size, b.patch_size, hidden, b.dropout)
+            self.image_embeddings = stem(b.image_size, b.patch_size, hidden, dropout)
             init_weights(self.image_embeddings)
         else:
-            self.vocab_size = vocab_size
-            if b.image_embedding != "patch":
-                raise ConfigError(
-                    f"model.backbone.image_embedding applies to text backbones; {b.name!r} is a "
-                    "vision model and keeps its own patch embedding. Remove the key."
-                )
-            own_patch = getattr(config, "patch_size", b.patch_size)
-            if "patch_size" in b.model_fields_set and own_patch != b.patch_size:
-                raise ConfigError(
-                    f"model.backbone.patch_size = {b.patch_size}, but {b.name!r} uses "
-                    f"patches of {own_patch}; remove the key."
-                )
-            self.text_embeddings = TextEmbeddings(vocab_size, hidden, b.max_text_positions, b.dropout)
-        self._interpolate = self.modality == "vision" and hf.accepts_kwarg(
+            self._check_own_patches(b, config)
+        self.vocab_size = config.vocab_size if self.modality == "text" and not self.fresh else vocab_size
+        if self.modality == "vision" or self.fresh:
+            self.text_embeddings = TextEmbeddings(vocab_size, hidden, b.max_text_positions, dropout)
+        self._interpolate = self.modality == "vision" and not self.fresh and hf.accepts_kwarg(
             self.backbone.embeddings, "interpolate_pos_encoding"
         )
-        self.modality_type = nn.Embedding(2, hidden)
-        nn.init.normal_(self.modality_type.weight, std=0.02)
+        self.modality_type = ModalityTypes(hidden, pair_images)
         self.pooler_kind = cfg.pooler
         self.pooler = Pooler(hidden)
         self.image_pooler = Pooler(hidden) if cfg.pooler == "double" else None
@@ -88,6 +90,23 @@ class OneTower(nn.Module):
         self.text_dim = hidden
         if b.gradient_checkpointing:
             hf.enable_checkpointing(self.backbone)
+        if self.fresh:  # after checkpointing, which looks up the backbone's input embeddings
+            hf.keep_encoder_only(self.backbone, key)
+
+    @staticmethod
+    def _check_own_patches(b: C.Backbone, config: object) -> None:
+        """A vision backbone that keeps its own patch embedding: the preset may not ask for another."""
+        if b.image_embedding != "patch":
+            raise ConfigError(
+                f"model.backbone.image_embedding applies to fresh image embeddings; {b.name!r} is a vision "
+                "model and keeps its own patch embedding. Remove the key, or set embeddings = \"fresh\"."
+            )
+        own_patch = getattr(config, "patch_size", b.patch_size)
+        if "patch_size" in b.model_fields_set and own_patch != b.patch_size:
+            raise ConfigError(
+                f"model.backbone.patch_size = {b.patch_size}, but {b.name!r} uses "
+                f"patches of {own_patch}; remove the key."
+            )
 
     @property
     def layers(self) -> nn.ModuleList:
@@ -100,26 +119,27 @@ class OneTower(nn.Module):
         return hf.final_norm(self.backbone)
 
     def embed_text(self, input_ids: Tensor) -> Tensor:
-        if self.modality == "vision":
+        if self.text_embeddings is not None:
             return self.text_embeddings(input_ids)
         x = self.backbone.embeddings(input_ids=input_ids)
         project = getattr(self.backbone, "embeddings_project", None)
         return project(x) if project is not None else x
 
     def embed_image(self, pixel_values: Tensor) -> Tensor:
-        if self.modality == "text":
+        if self.image_embeddings is not None:
             return self.image_embeddings(pixel_values)
         kwargs = {"interpolate_pos_encoding": True} if self._interpolate else {}
         return self.backbone.embeddings(pixel_values, **kwargs)
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor, pixel_values: Tensor, *,
-                tokens: Collection[str] = ("text", "image")) -> Features:
-        """``tokens``: which fused token sequences the caller reads (``"text"``, ``"image"``); the pooled
+                tokens: Collection[str] = ("text", "image"), image_types: Tensor | None = None) -> Features:
+        """``image_types``: each sample's image type row ``(B,)`` (1, or 2 for NLVR2's second image); unset: 1.
+        ``tokens``: which fused token sequences the caller reads (``"text"``, ``"image"``); the pooled
         feature is always there. The last layer computes only the rows they and the pooler need
         (:mod:`engine.models.rows`): ``tokens=()`` gives the pooled feature at a fraction of the last
         layer's cost, and the ``Features`` fields not asked for are None."""
         t = self.embed_text(input_ids) + self.modality_type.weight[0]
-        v = self.embed_image(pixel_values) + self.modality_type.weight[1]
+        v = self.embed_image(pixel_values) + self.modality_type.image(image_types)
         x = torch.cat([t, v], dim=1)
         n_text = t.shape[1]
         mask = torch.cat([attention_mask, attention_mask.new_ones(v.shape[:2])], dim=1)
@@ -150,13 +170,13 @@ class OneTower(nn.Module):
                         image=x[:, n_text:] if "image" in tokens else None, text_mask=attention_mask, pooled=pooled)
 
     def groups(self) -> Groups:
-        if self.modality == "text":
-            text_emb = [self.backbone.embeddings]
+        own: list[nn.Module] = []  # the backbone's own embedding, where it is kept
+        if not self.fresh:
+            own = [self.backbone.embeddings]
             if getattr(self.backbone, "embeddings_project", None) is not None:
-                text_emb.append(self.backbone.embeddings_project)
-            image_emb: list[nn.Module] = [self.image_embeddings]
-        else:
-            text_emb, image_emb = [self.text_embeddings], [self.backbone.embeddings]
+                own.append(self.backbone.embeddings_project)
+        text_emb = [self.text_embeddings] if self.text_embeddings is not None else own
+        image_emb = [self.image_embeddings] if self.image_embeddings is not None else own
         groups: Groups = {
             "backbone.text_embeddings": text_emb,
             "backbone.image_embeddings": image_emb,

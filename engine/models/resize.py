@@ -1,4 +1,6 @@
-"""Resizing learned position tables when a run starts from weights trained at another image size.
+"""Resizing learned tables when a run starts from weights trained for another shape: image position
+tables trained at another image size, and the 2-row text/image type table of a pretraining grown to the
+3 rows of an NLVR2 model (:class:`engine.models.layers.ModalityTypes`).
 
 A vision position table holds a few leading non-grid tokens ([CLS], DeiT's
 distillation token) followed by a square grid of patch positions. Moving from
@@ -22,6 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from engine.errors import RenError
+from engine.models.layers import grow_type_table
 
 MAX_PREFIX_TOKENS = 8
 """Most non-grid tokens a table may carry (timm: [CLS] + up to 4 registers; DeiT: 2)."""
@@ -36,6 +39,9 @@ PLAIN_KEYS = re.compile(
 
 ANTIALIASED_KEYS = re.compile(r"(?:^|\.)pos_embed$")
 """timm vision transformers' position tables, resampled with antialiased bicubic."""
+
+TYPE_KEYS = re.compile(r"(?:^|\.)modality_type\.weight$")
+"""Text/image type tables, grown by a row for the second image of NLVR2."""
 
 
 def _side(n: int) -> int | None:
@@ -90,12 +96,17 @@ def prefix_tokens_of(key: str, old_len: int, new_len: int) -> int:
 
 def adapt_state_dict(state: dict[str, Tensor], model_state: dict[str, Tensor]) -> tuple[dict[str, Tensor], list[str]]:
     """``state`` with every image position table whose length differs from the model's
-    (``model_state``) resized to it. Returns (adapted state, resized keys); other tensors,
-    text position tables included, are passed through untouched."""
+    (``model_state``) resized to it, and a 2-row type table grown to the model's 3 rows. Returns
+    (adapted state, resized keys); other tensors, text position tables included, are passed through
+    untouched."""
     out = dict(state)
     resized: list[str] = []
     for key, table in state.items():
         own = model_state.get(key)
+        if own is not None and TYPE_KEYS.search(key) and own.shape != table.shape:
+            out[key] = grow_type_table(table, own.shape[0])
+            resized += [key] if out[key].shape == own.shape else []
+            continue
         antialias = bool(ANTIALIASED_KEYS.search(key))
         if own is None or own.shape == table.shape or not (antialias or PLAIN_KEYS.search(key)):
             continue
