@@ -279,6 +279,21 @@ def test_fp16_on_a_cpu_records_and_shows_the_fp32_that_ran(tmp_path: Path, ren_h
     assert "fp32 (fp16 was requested and not applied on this device)" in text and "fp32 peak" in text
 
 
+def test_utilisation_above_the_peak_is_kept_and_flagged(ren_home: Path) -> None:
+    from engine.cli.commands import _compute_rows
+    from engine.display import format_compute
+
+    store = Store(ren_home)
+    record = store.create_run(name="r", stage="pretrain", kind="one_tower", config={}, max_steps=10)
+    record = store.update_run(record.id, compute={
+        "flops_per_sample": {"train": 3e8}, "achieved_flops": 1.036e11, "utilisation": 1.036, "peak_flops": 1e11,
+        "peak_source": "measured", "device": "cpu: x", "dtype": "fp32", "requested_dtype": "fp32", "processes": 1})
+    assert "(104% of peak, above 100%)" in format_compute(record)
+    rows = dict(_compute_rows(record))
+    assert "103.6% of 1 x" in rows["utilisation"] and "above 100%: the machine was busier" in rows["utilisation"]
+    assert rows["device"] == "cpu: x, fp32, 1 process(es)"
+
+
 # --- the step timer ---------------------------------------------------------------------------
 
 
