@@ -77,7 +77,7 @@ def measure(preset: Path, overrides: list[str], *, steps: int, repeats: int, bat
     import torch
     from torch.utils.data import DataLoader
 
-    from engine.compute import DTYPES, FlopMeter, device_label, measure_matmul_peak, table_peak
+    from engine.compute import FlopMeter, device_label, measure_matmul_peak, table_peak
     from engine.config import load_preset
     from engine.data.pipeline import build_data
     from engine.models import build_model
@@ -87,7 +87,9 @@ def measure(preset: Path, overrides: list[str], *, steps: int, repeats: int, bat
     cfg = load_preset(preset, [*overrides, *([f"train.batch_size={batch}"] if batch else [])])
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
-    dtype = "bf16" if cuda else DTYPES.get(cfg.train.mixed_precision, "fp32")
+    # the dtype the step runs in, as under accelerate: bf16 autocast, or none (accelerate runs no fp16
+    # autocast on a CPU, so fp16 trains in fp32 there and its peak is the fp32 one)
+    dtype = "bf16" if cuda or cfg.train.mixed_precision == "bf16" else "fp32"
     data = build_data(cfg, cache_dir=Path(cfg.data.cache_dir) if cfg.data.cache_dir else default_root() / "cache")
     torch.manual_seed(cfg.run.seed)
     model = build_model(cfg, vocab_size=data.vocab_size, num_answers=data.num_answers).to(device).train()

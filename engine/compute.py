@@ -6,8 +6,19 @@ another) and of its first evaluation batch, and divides them by the batch's samp
 (:class:`FlopMeter`). Cumulative compute is then FLOPs per sample x samples seen, and
 utilisation is the achieved FLOP/s against the device's peak: a table of vendor
 figures for known GPUs (:func:`table_peak`), else a matmul measured once per machine
-and cached (:func:`device_peak`). :class:`StepTimer` splits step time into data wait,
-forward, backward and optimizer, synchronising the device only on sampled steps.
+and cached (:func:`device_peak`), each in the dtype the training's matmuls actually
+ran in (:func:`autocast_dtype`: accelerate applies no autocast for fp16 on a CPU, so
+such a run trains, and is measured, in fp32, and records ``requested_dtype = "fp16"``).
+
+A measured peak is the fastest of :data:`PEAK_REPEATS` timed matmuls after
+:data:`PEAK_WARMUP` untimed ones (:func:`best_seconds`), with the training's thread
+count: other load on a shared machine only ever slows a matmul, so the fastest repeat
+is the least disturbed one (a median read low under load, and utilisation rose above
+100%). Utilisation is recorded as measured, not clipped: above 1.0 it says the peak was
+measured under more load than the training ran under, and ``ren show`` flags it.
+
+:class:`StepTimer` splits step time into data wait, forward, backward and optimizer,
+synchronising the device only on sampled steps.
 
 FLOPs are what ``flop_counter`` counts: 2 per multiply-add of matmuls, convolutions and
 attention (elementwise ops, norms and softmax are not counted). On a CPU, PyTorch runs
@@ -18,11 +29,11 @@ scaled-dot-product attention through a kernel that ``flop_counter`` has no formu
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import platform
 import re
 import resource
-import statistics
 import sys
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -37,7 +48,10 @@ from engine.store import atomic_write_text
 
 PHASES = ("data", "forward", "backward", "optimizer")
 DTYPES = {"no": "fp32", "bf16": "bf16", "fp16": "fp16"}  # accelerate's mixed_precision -> dtype name
-PEAK_CACHE = "peak_flops.json"
+PEAK_CACHE = "peak_flops_v2.json"
+"""v2: best of repeats, in the dtype that ran (v1's medians in the requested dtype are not reused)."""
+PEAK_WARMUP = 2
+PEAK_REPEATS = 10
 
 
 # --- FLOPs ----------------------------------------------------------------------------
@@ -198,28 +212,47 @@ def device_label(device: torch.device) -> str:
 _TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def measure_matmul_peak(device: torch.device, dtype: str, *, repeats: int = 5, max_size: int = 4096) -> float:
-    """FLOP/s of square matmuls in ``dtype`` on ``device`` (the median of ``repeats``), with
-    the process's thread count; the size doubles from 512 until one matmul takes 50 ms."""
+def autocast_dtype(autocast: contextlib.AbstractContextManager[Any], device: torch.device) -> str:
+    """The dtype ("fp32", "bf16", "fp16") a matmul on ``device`` yields inside ``autocast``, the context the
+    training's forward runs in (``accelerator.autocast()``): what ran, whatever precision was asked for."""
+    ones = torch.ones(2, 2, device=device)
+    with autocast:
+        out = torch.mm(ones, ones)
+    return {value: key for key, value in _TORCH_DTYPES.items()}[out.dtype]
+
+
+def best_seconds(run: Callable[[], Any], *, sync: Callable[[], None], warmup: int, repeats: int,
+                 clock: Callable[[], float] = time.perf_counter) -> float:
+    """The fastest of ``repeats`` timed calls of ``run``, after ``warmup`` untimed ones (caches, thread pools
+    and clocks up to speed). The fastest, not the median: load from other processes only slows a call, so
+    the minimum is the least disturbed measurement (the advice of Python's ``timeit``)."""
+    for _ in range(warmup):
+        run()
+    times = []
+    for _ in range(repeats):
+        sync()
+        start = clock()
+        run()
+        sync()
+        times.append(clock() - start)
+    return min(times)
+
+
+def measure_matmul_peak(device: torch.device, dtype: str, *, repeats: int = PEAK_REPEATS, warmup: int = PEAK_WARMUP,
+                        max_size: int = 4096, clock: Callable[[], float] = time.perf_counter) -> float:
+    """FLOP/s of square matmuls in ``dtype`` on ``device`` (:func:`best_seconds` of ``repeats``), with the
+    process's thread count; the size doubles from 512 until one matmul takes 50 ms."""
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-
-    def timed(a: torch.Tensor, b: torch.Tensor) -> float:
-        sync()
-        start = time.perf_counter()
-        torch.mm(a, b)
-        sync()
-        return time.perf_counter() - start
-
     n = 512
     while True:
         g = torch.Generator(device=device).manual_seed(0)
         a = torch.randn(n, n, generator=g, device=device).to(_TORCH_DTYPES[dtype])
         b = torch.randn(n, n, generator=g, device=device).to(_TORCH_DTYPES[dtype])
-        timed(a, b)  # warm-up
-        if timed(a, b) >= 0.05 or n >= max_size:
+        matmul = functools.partial(torch.mm, a, b)
+        if best_seconds(matmul, sync=sync, warmup=1, repeats=1, clock=clock) >= 0.05 or n >= max_size:
             break
         n *= 2
-    seconds = statistics.median(timed(a, b) for _ in range(repeats))
+    seconds = best_seconds(matmul, sync=sync, warmup=warmup, repeats=repeats, clock=clock)
     return 2 * n**3 / seconds
 
 
@@ -351,23 +384,29 @@ def peak_memory_mb(device: torch.device) -> float:
 
 @dataclass(frozen=True)
 class DeviceInfo:
-    """What a run trains on: device name, dtype, processes, and the per-device peak."""
+    """What a run trains on: device name, the dtype its matmuls ran in (``dtype``) and the one
+    ``train.mixed_precision`` asked for (``requested_dtype``), processes, and the per-device peak in ``dtype``."""
 
     device: str
     dtype: str
     processes: int
     peak_flops: float | None = None
     peak_source: str | None = None
+    requested_dtype: str | None = None
 
     @classmethod
-    def detect(cls, device: torch.device, mixed_precision: str, processes: int, cache_dir: Path) -> DeviceInfo:
-        """This process's device; ``mixed_precision`` as accelerate names it ("no", "bf16", "fp16")."""
-        dtype = DTYPES.get(mixed_precision, "fp32")
+    def detect(cls, device: torch.device, mixed_precision: str, processes: int, cache_dir: Path, *,
+               autocast: contextlib.AbstractContextManager[Any]) -> DeviceInfo:
+        """This process's device; ``mixed_precision`` as accelerate names it ("no", "bf16", "fp16");
+        ``autocast`` the context the training's forward runs in (``accelerator.autocast()``)."""
+        dtype = autocast_dtype(autocast, device)
         peak, source = device_peak(device, dtype, cache_dir)
-        return cls(device_label(device), dtype, processes, peak, source)
+        return cls(device_label(device), dtype, processes, peak, source, DTYPES.get(mixed_precision, "fp32"))
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"device": self.device, "dtype": self.dtype, "processes": self.processes}
+        if self.requested_dtype is not None:
+            out["requested_dtype"] = self.requested_dtype
         if self.peak_flops is not None:
             out.update(peak_flops=self.peak_flops, peak_source=self.peak_source)
         return out

@@ -103,7 +103,8 @@ def format_compute(record: RunRecord) -> str:
     if per_sample.get("train"):
         parts.append(f"{si(per_sample['train'], 'FLOP')}/sample")
     if c.get("achieved_flops"):
-        util = f" ({c['utilisation']:.0%} of peak)" if c.get("utilisation") is not None else ""
+        util = c.get("utilisation")
+        util = "" if util is None else f" ({util:.0%} of peak{', above 100%' if util > 1 else ''})"
         parts.append(f"{si(c['achieved_flops'], 'FLOP/s')}{util}")
     if c.get("pflops") is not None:
         parts.append(f"{c['pflops']:.3g} PFLOPs")

@@ -368,7 +368,7 @@ def train(cfg: RunConfig, store: Store, run_id: str, *, resume: bool = False,
     main = accelerator.is_main_process
     flops = FlopMeter()  # counts the first step and the first evaluation batch
     info = (DeviceInfo.detect(accelerator.device, accelerator.mixed_precision, accelerator.num_processes,
-                              store.root / "cache") if main else None)
+                              store.root / "cache", autocast=accelerator.autocast()) if main else None)
     accelerator.wait_for_everyone()  # a CPU peak is measured once per machine, with the other processes idle
     timer = StepTimer(sync=device_sync(accelerator.device), micro_batches=accum, seconds=state.train_seconds)
     compute: dict[str, Any] = {}

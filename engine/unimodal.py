@@ -5,12 +5,22 @@ The paper's base-model study starts a one-tower encoder from a vision model
 easy-VQA scale, there are no such checkpoints, so two recipes train small
 stand-ins on easy-VQA's *training* split, on a CPU, in a few minutes:
 
-- ``easyvqa-vit``: a ViT (``ViTForImageClassification``) trained, as DeiT is,
-  to classify images: each training image's colour and shape (24 classes),
-  as :func:`engine.data.easyvqa.easy_vqa_captions` derives them from its
-  questions and answers. Horizontal flips and shifts of up to 4 pixels augment
-  the images (no vertical flips: they turn easy-VQA's upright triangles over,
-  and the ViT then stalls on shapes). Held out: the 1,000 test images.
+- ``easyvqa-vit``: a ViT (``ViTForMaskedImageModeling``) pretrained self-supervised, as SimMIM
+  (microsoft/SimMIM, ``models/simmim.py``, ``data/data_simmim.py``) pretrains one: 60% of the
+  16x16-pixel blocks of each training image (2x2 patches; SimMIM's ViT masks 32-pixel blocks of 16-pixel
+  patches, the same 2x2) have their patch embeddings replaced by a learned mask token, and a linear head
+  (a 1x1 convolution and a pixel shuffle) predicts their pixels, normalised as the model's input is; the
+  loss is the L1 distance on masked pixels only (``transformers``' ``ViTForMaskedImageModeling`` is this
+  model and loss). It sees the training images and nothing else: not the questions, answers, colours or
+  shapes, which are easy-VQA's answer space, so the vision start is self-supervised as the MLM BERT below
+  is. Where it differs from SimMIM: horizontal flips and shifts of up to 4 pixels augment the images
+  instead of random resized crops (no vertical flips: they turn easy-VQA's upright triangles over), and
+  the optimiser is this module's AdamW with warm-up and cosine decay. The targets are normalised with the
+  input's fixed mean and std, not per patch as MAE's ``norm_pix_loss``: an easy-VQA patch is often one
+  flat colour, which per-patch normalisation would turn into zeros. Held out: the 1,000 test images, on
+  which the build measures the masked L1 (seeded masks) and, to show what the features hold, k-NN accuracy
+  on colour and on shape (DINO's weighted k-NN on mean-pooled patch features, training images as the
+  memory), each also for the same ViT at its random initialisation.
 - ``easyvqa-bert``: a BERT (``BertForMaskedLM``) of the same width and depth,
   trained with masked language modelling (15% of the words; 80/10/10) on the
   training questions and captions, with the easy-VQA word tokenizer saved
@@ -21,7 +31,9 @@ Both are built from the configs a ``manual`` tower of the same sizes gets
 one-tower started from either differs from a random one only in its weights.
 
 A preset names them as ``ren:easyvqa-vit`` / ``ren:easyvqa-bert`` (a backbone's
-``name``, or ``data.tokenizer``). They live in ``$REN_HOME/models/<name>/`` in
+``name``, or ``data.tokenizer``). They live in ``$REN_HOME/models/<name>-v<version>/``
+(:data:`RECIPE_VERSIONS`: a new version of a recipe builds into a new directory, so the build of an
+older one, such as version 1's supervised ViT, is never reused) in
 the ``save_pretrained`` format (``config.json``, ``model.safetensors``, a
 ``preprocessor_config.json`` or the tokenizer files) plus ``recipe.json``,
 ren's record of the build. The first use that needs the weights builds the
@@ -46,7 +58,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from filelock import FileLock, Timeout
@@ -56,7 +67,8 @@ from engine.errors import ModelLoadError
 from engine.hub import REN_PREFIX
 
 RECIPES = ("easyvqa-vit", "easyvqa-bert")
-RECIPE_VERSION = 1
+RECIPE_VERSIONS = {"easyvqa-vit": 2, "easyvqa-bert": 1}
+"""Each recipe's version, part of its directory's name. easyvqa-vit 1 was a colour x shape classifier."""
 RECORD_FILE = "recipe.json"
 SEED = 0
 
@@ -77,6 +89,16 @@ _LR = 1e-3
 _WEIGHT_DECAY = 0.01
 _WARMUP = 0.05
 _SHIFT = 4
+_MASK_RATIO_IMAGE = 0.6
+"""SimMIM's mask ratio for ViT (configs/vit_base__800ep: MASK_RATIO 0.6)."""
+_MASK_BLOCK = 16
+"""Pixels per side of a masked block: 2x2 patches, as SimMIM's ViT (MASK_PATCH_SIZE 32, patch 16)."""
+_KNN = 20
+_KNN_TEMPERATURE = 0.07
+"""DINO's k-NN evaluation (facebookresearch/dino eval_knn.py: nb_knn 20, temperature 0.07)."""
+_KNN_MEMORY = 1000
+"""Training images whose features the k-NN searches (DINO: all; a quarter here keeps the build's evaluation
+to a few percent of its time)."""
 _MASK_PROB = 0.15
 _MAX_TEXT_LEN = 24
 _HELD_OUT_TEXTS = 4096
@@ -128,8 +150,9 @@ def models_root() -> Path:
 
 
 def model_dir(name: str) -> Path:
-    """Where the model ``name`` is (or will be) built."""
-    return models_root() / recipe_of(name)
+    """Where the model ``name`` is (or will be) built by the current version of its recipe."""
+    recipe = recipe_of(name)
+    return models_root() / f"{recipe}-v{RECIPE_VERSIONS[recipe]}"
 
 
 def built_dir(name: str) -> Path | None:
@@ -145,10 +168,11 @@ def built_dir(name: str) -> Path | None:
             f"{path} exists but is not a complete build of {REN_PREFIX}{recipe_of(name)} ({record} is missing "
             f"or unreadable: {exc}); delete it or run `ren models build {recipe_of(name)} --force`."
         ) from None
-    if version != RECIPE_VERSION:
+    current = RECIPE_VERSIONS[recipe_of(name)]
+    if version != current:
         raise ModelLoadError(
             f"{path} was built by version {version} of the {recipe_of(name)} recipe; this ren builds version "
-            f"{RECIPE_VERSION}. Rebuild it with `ren models build {recipe_of(name)} --force` (runs that used the "
+            f"{current}. Rebuild it with `ren models build {recipe_of(name)} --force` (runs that used the "
             "old weights keep their scores but cannot be repeated with them)."
         )
     return path
@@ -165,10 +189,8 @@ def recipe_config(name: str) -> Any:
                  attention_dropout=0.0)
     if recipe_of(name) == "easyvqa-vit":
         config = manual_vision_config(patch_size=PATCH_SIZE, image_size=IMAGE_SIZE, **sizes)
-        labels = _class_names()
-        config.architectures = ["ViTForImageClassification"]
-        config.id2label = dict(enumerate(labels))
-        config.label2id = {label: index for index, label in enumerate(labels)}
+        config.encoder_stride = PATCH_SIZE  # the reconstruction head predicts each token's own patch
+        config.architectures = ["ViTForMaskedImageModeling"]
         return config
     config = manual_text_config(vocab_size=len(recipe_tokenizer()), max_positions=MAX_POSITIONS, **sizes)
     config.architectures = ["BertForMaskedLM"]
@@ -252,10 +274,10 @@ def read_report(path: Path) -> BuildReport:
 
 def _build_locked(name: str, *, force: bool, steps: int | None, log: Log) -> Path:
     recipe = recipe_of(name)
-    root = models_root()
+    target = model_dir(name)
+    root = target.parent
     root.mkdir(parents=True, exist_ok=True)
-    target = root / recipe
-    lock = FileLock(root / f".{recipe}.lock")
+    lock = FileLock(root / f".{target.name}.lock")
     try:
         lock.acquire(timeout=0)
     except Timeout:
@@ -264,17 +286,17 @@ def _build_locked(name: str, *, force: bool, steps: int | None, log: Log) -> Pat
     try:
         if not force and built_dir(name) is not None:
             return target
-        for stale in root.glob(f".{recipe}.tmp-*"):  # left by a build that was killed
+        for stale in root.glob(f".{target.name}.tmp-*"):  # left by a build that was killed
             shutil.rmtree(stale, ignore_errors=True)
-        work = Path(tempfile.mkdtemp(dir=root, prefix=f".{recipe}.tmp-"))
+        work = Path(tempfile.mkdtemp(dir=root, prefix=f".{target.name}.tmp-"))
         work.chmod(0o755)  # mkdtemp's 0700 would hide the model from other users of a shared $REN_HOME
         try:
             log(f"building {REN_PREFIX}{recipe} in {target} (a few minutes, once) ...")
             report = train_recipe(recipe, work, steps=steps, cache_dir=_cache_dir(), log=log)
             log(report.summary())
             if target.exists():
-                old = Path(tempfile.mkdtemp(dir=root, prefix=f".{recipe}.tmp-old-"))
-                os.replace(target, old / recipe)
+                old = Path(tempfile.mkdtemp(dir=root, prefix=f".{target.name}.tmp-old-"))
+                os.replace(target, old / target.name)
                 os.replace(work, target)
                 shutil.rmtree(old, ignore_errors=True)
             else:
@@ -307,50 +329,95 @@ def train_recipe(name: str, out_dir: Path, *, steps: int | None = None, seed: in
                                      cache_dir=cache_dir, log=log)
     finally:
         torch.set_num_threads(threads)
-    record = {**asdict(report), "recipe": recipe, "version": RECIPE_VERSION, "seed": seed,
+    record = {**asdict(report), "recipe": recipe, "version": RECIPE_VERSIONS[recipe], "seed": seed,
               "torch": torch.__version__, "threads": _THREADS}
     (out_dir / RECORD_FILE).write_text(json.dumps(record, indent=2) + "\n")
     return report
 
 
 def _train_vit(out_dir: Path, *, steps: int, seed: int, cache_dir: Path, log: Log | None) -> BuildReport:
-    from transformers import ViTForImageClassification, ViTImageProcessor
+    from transformers import ViTForMaskedImageModeling, ViTImageProcessor
 
-    from engine.data.easyvqa import easy_vqa_captions, load_easy_vqa
-    from engine.data.transforms import Normalization
+    from engine.data.easyvqa import load_easy_vqa
 
     data = load_easy_vqa(cache_dir)
-    norm = Normalization(IMAGE_MEAN, IMAGE_STD)
     images = {split: torch.from_numpy(data.split(split).images).permute(0, 3, 1, 2) for split in ("train", "test")}
-    labels = {split: torch.from_numpy(_image_classes(easy_vqa_captions(data, split))) for split in images}
-    model = ViTForImageClassification(recipe_config("easyvqa-vit"))
-    batch = _BATCH["easyvqa-vit"]
-    generator = torch.Generator().manual_seed(seed)
-
-    def loss_of(step: int) -> Tensor:
-        rows = torch.randint(0, len(images["train"]), (batch,), generator=generator)
-        pixels = norm.apply(_augment(images["train"][rows], generator))
-        return F.cross_entropy(model(pixel_values=pixels).logits, labels["train"][rows])
-
-    seconds, train_loss = _optimise(model, loss_of, steps, log)
-    model.eval()
-    with torch.no_grad():
-        predicted = torch.cat([model(pixel_values=norm.apply(chunk)).logits.argmax(-1)
-                               for chunk in images["test"].split(250)])
-    truth = labels["test"]
-    shapes = len(_class_names()) // len(_colours())
-    metrics = {
-        "accuracy": _mean(predicted == truth),
-        "colour_accuracy": _mean(predicted // shapes == truth // shapes),
-        "shape_accuracy": _mean(predicted % shapes == truth % shapes),
-        "majority_class_accuracy": _mean(truth == torch.bincount(labels["train"]).argmax()),
-    }
+    model = ViTForMaskedImageModeling(recipe_config("easyvqa-vit"))
+    masks = _block_masks(len(images["test"]), torch.Generator().manual_seed(seed + 1))
+    initial = _evaluate_vit(model, data, images, masks)
+    seconds, train_loss = _pretrain_vit(model, images["train"], steps, torch.Generator().manual_seed(seed), log)
+    metrics = {**_evaluate_vit(model, data, images, masks), **{f"random_init_{k}": v for k, v in initial.items()}}
     model.save_pretrained(out_dir)
     ViTImageProcessor(size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}, image_mean=list(IMAGE_MEAN),
                       image_std=list(IMAGE_STD)).save_pretrained(out_dir)
-    return BuildReport("easyvqa-vit", steps, batch, seconds, train_loss,
-                       f"the {len(truth)} easy-VQA test images (colour and shape, {len(_class_names())} classes)",
+    return BuildReport("easyvqa-vit", steps, _BATCH["easyvqa-vit"], seconds, train_loss,
+                       f"the {len(images['test'])} easy-VQA test images (masked L1 under seeded masks; k-NN on "
+                       f"colour and shape, k={_KNN}, the first {_KNN_MEMORY} training images as memory)",
                        metrics)
+
+
+def _pretrain_vit(model: Any, images_u8: Tensor, steps: int, generator: torch.Generator,
+                  log: Log | None) -> tuple[float, float]:
+    """SimMIM on ``images_u8`` (uint8, N x 3 x H x W), the only data it is given: no labels reach it."""
+    norm = _vit_norm()
+    batch = _BATCH["easyvqa-vit"]
+
+    def loss_of(step: int) -> Tensor:
+        rows = torch.randint(0, len(images_u8), (batch,), generator=generator)
+        pixels = norm.apply(_augment(images_u8[rows], generator))
+        return model(pixel_values=pixels, bool_masked_pos=_block_masks(batch, generator)).loss
+
+    return _optimise(model, loss_of, steps, log)
+
+
+def _block_masks(n: int, generator: torch.Generator) -> Tensor:
+    """``n`` SimMIM masks over the patch grid, flattened: ``ceil(ratio x blocks)`` random blocks of
+    ``_MASK_BLOCK`` pixels each (as SimMIM's ``MaskGenerator``, drawn from ``generator``)."""
+    side, scale = IMAGE_SIZE // _MASK_BLOCK, _MASK_BLOCK // PATCH_SIZE
+    count = math.ceil(side * side * _MASK_RATIO_IMAGE)
+    chosen = torch.rand(n, side * side, generator=generator).argsort(1)[:, :count]
+    blocks = torch.zeros(n, side * side, dtype=torch.bool).scatter_(1, chosen, True).view(n, side, side)
+    return blocks.repeat_interleave(scale, 1).repeat_interleave(scale, 2).flatten(1)
+
+
+def _evaluate_vit(model: Any, data: Any, images: dict[str, Tensor], masks: Tensor) -> dict[str, float]:
+    """Masked L1 on the test images under ``masks``; k-NN accuracy of colour and of shape from mean-pooled
+    features (the first ``_KNN_MEMORY`` training images as memory). The labels come in here, after training,
+    and only to score frozen features."""
+    from engine.data.easyvqa import PALETTE, SHAPES, easy_vqa_captions
+
+    norm = _vit_norm()
+    model.eval()
+    with torch.no_grad():
+        test = images["test"].split(250)
+        l1 = [float(model(pixel_values=norm.apply(x), bool_masked_pos=m).loss) * len(x)
+              for x, m in zip(test, masks.split(250), strict=True)]
+        memory = {"train": images["train"][:_KNN_MEMORY], "test": images["test"]}
+        features = {split: torch.cat([model.vit(pixel_values=norm.apply(x)).last_hidden_state[:, 1:].mean(1)
+                                      for x in memory[split].split(250)]) for split in memory}
+    corpora = {split: easy_vqa_captions(data, split) for split in memory}
+    metrics = {"masked_l1": sum(l1) / len(images["test"])}
+    for kind, values in (("colour", list(PALETTE)), ("shape", list(SHAPES))):
+        labels = {split: torch.tensor([values.index(v) for v in getattr(corpus, f"{kind}s")][:len(features[split])])
+                  for split, corpus in corpora.items()}
+        metrics[f"knn_{kind}_accuracy"] = _knn_accuracy(features["train"], labels["train"], features["test"],
+                                                        labels["test"], len(values))
+    return metrics
+
+
+def _knn_accuracy(train: Tensor, train_labels: Tensor, test: Tensor, test_labels: Tensor, classes: int) -> float:
+    """Weighted k-NN, as DINO's ``eval_knn.py``: the ``_KNN`` most cosine-similar training features vote for
+    their labels with weight ``exp(similarity / _KNN_TEMPERATURE)``."""
+    similarity, nearest = (F.normalize(test, dim=1) @ F.normalize(train, dim=1).T).topk(_KNN, dim=1)
+    weights = (similarity / _KNN_TEMPERATURE).exp()
+    votes = torch.zeros(len(test), classes).scatter_add_(1, train_labels[nearest], weights)
+    return _mean(votes.argmax(1) == test_labels)
+
+
+def _vit_norm() -> Any:
+    from engine.data.transforms import Normalization
+
+    return Normalization(IMAGE_MEAN, IMAGE_STD)
 
 
 def _train_bert(out_dir: Path, *, steps: int, seed: int, cache_dir: Path, log: Log | None) -> BuildReport:
@@ -433,24 +500,6 @@ def _augment(images_u8: Tensor, generator: torch.Generator) -> Tensor:
     offsets = torch.randint(0, 2 * _SHIFT + 1, (n, 2), generator=generator).tolist()
     return torch.stack([padded[i, :, dy:dy + height, dx:dx + width] for i, (dy, dx) in enumerate(offsets)]).to(
         torch.uint8)
-
-
-def _colours() -> list[str]:
-    from engine.data.easyvqa import PALETTE
-
-    return list(PALETTE)
-
-
-def _class_names() -> list[str]:
-    """``"<colour> <shape>"``, colour-major: class ``c * 3 + s``."""
-    from engine.data.easyvqa import SHAPES
-
-    return [f"{colour} {shape}" for colour in _colours() for shape in SHAPES]
-
-
-def _image_classes(corpus: Any) -> np.ndarray:
-    index = {label: i for i, label in enumerate(_class_names())}
-    return np.array([index[f"{c} {s}"] for c, s in zip(corpus.colours, corpus.shapes, strict=True)], dtype=np.int64)
 
 
 def _texts(data: Any, split: str) -> list[str]:

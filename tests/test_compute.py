@@ -3,6 +3,7 @@ timer, and what a real run stores (Contract 1) and `ren show` prints."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import time
@@ -217,6 +218,80 @@ def test_cpu_peak_is_measured_once_per_machine_threads_and_dtype(tmp_path: Path,
     finally:
         torch.set_num_threads(threads)
     assert calls == [("fp32", threads), ("fp32", threads + 1)]
+
+
+class ScriptedClock:
+    """A clock whose timed spans last the given seconds, one per timed call; every ``torch.mm`` it sees is
+    counted, and so is whether the span it ran in was timed."""
+
+    def __init__(self, durations: list[float]) -> None:
+        self.durations, self.now, self.timing, self.calls = list(durations), 0.0, False, []
+
+    def __call__(self) -> float:
+        if self.timing:
+            self.now += self.durations.pop(0)
+        self.timing = not self.timing
+        return self.now
+
+    def mm(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        self.calls.append(self.timing)
+        return a
+
+
+def test_the_peak_is_the_fastest_repeat_after_untimed_warm_ups(monkeypatch: pytest.MonkeyPatch) -> None:
+    # one size (512 = max_size: one warm-up and one timed call), then 2 warm-ups and 5 repeats, most of them
+    # slowed by other load: the peak is the fastest (0.1 s), not the median (0.3 s)
+    clock = ScriptedClock([9.0, 0.4, 0.1, 0.5, 0.3, 0.2])
+    monkeypatch.setattr(C.torch, "mm", clock.mm)
+    peak = C.measure_matmul_peak(torch.device("cpu"), "fp32", repeats=5, warmup=2, max_size=512, clock=clock)
+    assert peak == pytest.approx(2 * 512**3 / 0.1)
+    assert clock.calls == [False, True, False, False, True, True, True, True, True] and not clock.durations
+
+
+def test_the_precision_is_what_autocast_makes_of_a_matmul() -> None:
+    cpu = torch.device("cpu")
+    assert C.autocast_dtype(contextlib.nullcontext(), cpu) == "fp32"
+    assert C.autocast_dtype(torch.autocast("cpu", dtype=torch.bfloat16), cpu) == "bf16"
+    assert C.autocast_dtype(torch.autocast("cpu", dtype=torch.float16), cpu) == "fp16"
+
+
+@pytest.mark.slow
+def test_fp16_on_a_cpu_records_and_shows_the_fp32_that_ran(tmp_path: Path, ren_home: Path, data_cache: Path) -> None:
+    # accelerate runs no fp16 autocast on a CPU: the run trains in fp32, so its peak must be the fp32 one
+    # (seeded here, so nothing is measured) and `ren show` must say that fp16 was not applied
+    key = f"cpu: {C.cpu_name()}|1 threads|fp32"
+    (ren_home / "cache").mkdir(parents=True)
+    (ren_home / "cache" / C.PEAK_CACHE).write_text(json.dumps({key: 1.25e12}))
+    preset = tmp_path / "fp16.toml"
+    preset.write_text(
+        f'extends = "{REPO / "tests" / "fixtures" / "one_tower.toml"}"\n'
+        f'[data]\ncache_dir = "{data_cache}"\neval_max_samples = 64\n'
+        '[train]\nmax_steps = 4\nlog_every = 2\neval_every = 100\ncpu_threads = 1\nmixed_precision = "fp16"\n'
+    )
+    result = ren("run", str(preset), timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    record = Store(ren_home).list_runs()[0]
+    c = record.compute
+    assert (c["dtype"], c["requested_dtype"], c["peak_flops"]) == ("fp32", "fp16", 1.25e12)
+    shown = ren("show", record.id)
+    assert shown.returncode == 0, shown.stderr
+    text = " ".join(shown.stdout.split())
+    assert "fp32 (fp16 was requested and not applied on this device)" in text and "fp32 peak" in text
+
+
+def test_utilisation_above_the_peak_is_kept_and_flagged(ren_home: Path) -> None:
+    from engine.cli.commands import _compute_rows
+    from engine.display import format_compute
+
+    store = Store(ren_home)
+    record = store.create_run(name="r", stage="pretrain", kind="one_tower", config={}, max_steps=10)
+    record = store.update_run(record.id, compute={
+        "flops_per_sample": {"train": 3e8}, "achieved_flops": 1.036e11, "utilisation": 1.036, "peak_flops": 1e11,
+        "peak_source": "measured", "device": "cpu: x", "dtype": "fp32", "requested_dtype": "fp32", "processes": 1})
+    assert "(104% of peak, above 100%)" in format_compute(record)
+    rows = dict(_compute_rows(record))
+    assert "103.6% of 1 x" in rows["utilisation"] and "above 100%: the machine was busier" in rows["utilisation"]
+    assert rows["device"] == "cpu: x, fp32, 1 process(es)"
 
 
 # --- the step timer ---------------------------------------------------------------------------

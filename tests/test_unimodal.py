@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -48,47 +49,73 @@ def bert_dir(tmp_path_factory: pytest.TempPathFactory, data_cache: Path) -> tupl
 
 
 def _install(built: Path, ren_home: Path, recipe: str) -> Path:
-    """Put a recipe's output where a build renames it: ``$REN_HOME/models/<recipe>``."""
-    target = ren_home / "models" / recipe
+    """Put a recipe's output where a build renames it: ``$REN_HOME/models/<recipe>-v<version>``."""
+    target = ren_home / "models" / f"{recipe}-v{unimodal.RECIPE_VERSIONS[recipe]}"
     shutil.copytree(built, target)
     return target
 
 
 def _weights(path: Path) -> dict[str, torch.Tensor]:
-    """The base model's tensors in the saved task model (the ViT classifier, the BERT MLM model), loaded
-    by its own class: the classifier whose test accuracy the ViT test checks."""
-    from transformers import BertForMaskedLM, ViTForImageClassification
+    """The base model's tensors in the saved task model (the SimMIM ViT, the BERT MLM model), loaded by its
+    own class, less the ViT's mask token (pretraining's input, not the encoder's)."""
+    from transformers import BertForMaskedLM, ViTForMaskedImageModeling
 
     if (path / "preprocessor_config.json").exists():
-        return ViTForImageClassification.from_pretrained(str(path)).vit.state_dict()
+        weights = ViTForMaskedImageModeling.from_pretrained(str(path)).vit.state_dict()
+        return {k: v for k, v in weights.items() if k != "embeddings.mask_token"}
     return BertForMaskedLM.from_pretrained(str(path)).bert.state_dict()
 
 
 # --- the recipes ---------------------------------------------------------------------------------------------
 
 
-def test_vit_recipe_learns_colour_and_shape_from_training_images(vit_dir, data_cache: Path) -> None:
-    from transformers import ViTForImageClassification
+def test_vit_recipe_learns_to_reconstruct_masked_patches(vit_dir, data_cache: Path) -> None:
+    from transformers import AutoModel, ViTForMaskedImageModeling
 
-    from engine.data.easyvqa import easy_vqa_captions
     from engine.data.transforms import HALF
 
     path, report = vit_dir
     assert report.steps == VIT_STEPS and report.batch_size == 64
     assert sorted(os.listdir(path)) == ["config.json", "model.safetensors", "preprocessor_config.json", "recipe.json"]
-    # 24 colour x shape classes: guessing scores 1/24, the most common training class 4.3%, colour alone 1/8.
-    assert report.metrics["majority_class_accuracy"] < 0.06
-    assert report.metrics["accuracy"] > 0.15
-    assert report.metrics["colour_accuracy"] > 0.4
-    # The saved classifier is the one that scored: reload it and score the test images again.
-    model = ViTForImageClassification.from_pretrained(str(path)).eval()
-    data = load_easy_vqa(data_cache)
-    corpus = easy_vqa_captions(data, "test")
-    truth = [model.config.label2id[f"{c} {s}"] for c, s in zip(corpus.colours, corpus.shapes, strict=True)]
-    pixels = HALF.apply(torch.from_numpy(data.test.images).permute(0, 3, 1, 2))
+    m = report.metrics
+    # the held-out reconstruction error falls well below the same ViT's at its random initialisation
+    assert m["masked_l1"] < 0.5 * m["random_init_masked_l1"] and report.train_loss < 0.5 * m["random_init_masked_l1"]
+    assert {"knn_colour_accuracy", "knn_shape_accuracy", "random_init_knn_shape_accuracy"} <= set(m)
+    # The saved model is the one that scored: reload it and score the test images under the same masks.
+    model = ViTForMaskedImageModeling.from_pretrained(str(path)).eval()
+    masks = unimodal._block_masks(1000, torch.Generator().manual_seed(unimodal.SEED + 1))
+    assert masks.shape == (1000, 64) and (masks.sum(1) == 40).all()  # 10 of 16 blocks of 2x2 patches
+    pixels = HALF.apply(torch.from_numpy(load_easy_vqa(data_cache).test.images).permute(0, 3, 1, 2))
     with torch.no_grad():
-        predicted = torch.cat([model(pixel_values=chunk).logits.argmax(-1) for chunk in pixels.split(250)])
-    assert float((predicted == torch.tensor(truth)).float().mean()) == pytest.approx(report.metrics["accuracy"])
+        l1 = sum(float(model(pixel_values=x, bool_masked_pos=b).loss) * len(x)
+                 for x, b in zip(pixels.split(250), masks.split(250), strict=True)) / 1000
+    assert l1 == pytest.approx(m["masked_l1"], rel=1e-5)
+    # a standard HF ViT directory: AutoModel gives the plain encoder with the trained weights
+    encoder = AutoModel.from_pretrained(str(path))
+    assert type(encoder).__name__ == "ViTModel"
+    assert all(torch.equal(encoder.state_dict()[k], v) for k, v in _weights(path).items())
+
+
+def test_vit_build_never_sees_the_labels(vit_dir, data_cache: Path, tmp_path: Path,
+                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every image's colour and shape (what easy-VQA's answers say) permuted: the same weights, to the bit;
+    only the k-NN scores, which read the labels after training, may change."""
+    import numpy as np
+
+    from engine.data import easyvqa
+
+    real = easyvqa.easy_vqa_captions
+
+    def permuted(data, split):
+        corpus = real(data, split)
+        order = np.random.default_rng(1).permutation(len(corpus.colours))
+        return dataclasses.replace(corpus, colours=[corpus.colours[i] for i in order],
+                                   shapes=[corpus.shapes[i] for i in order])
+
+    monkeypatch.setattr(easyvqa, "easy_vqa_captions", permuted)
+    unimodal.train_recipe("easyvqa-vit", tmp_path, steps=VIT_STEPS, cache_dir=data_cache)
+    a, b = load_file(vit_dir[0] / "model.safetensors"), load_file(tmp_path / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_bert_recipe_learns_the_questions_and_saves_the_word_tokenizer(bert_dir) -> None:
@@ -135,6 +162,15 @@ def test_recipe_directories_load_as_one_tower_backbones(modality: str, vit_dir, 
     assert out.logits["task"].shape == (8, 13) and torch.isfinite(out.logits["task"]).all()
 
 
+def test_recipe_directories_load_as_two_tower_towers(vit_dir, bert_dir) -> None:
+    cfg = load_preset(STUDIES / "easyvqa_two_tower_pretrain_short.toml",
+                      [f'model.vision.name="{vit_dir[0]}"', f'model.text.name="{bert_dir[0]}"'])
+    model = build_model(cfg, vocab_size=len(build_tokenizer(cfg)))
+    for tower, path in ((model.encoder.vision.model, vit_dir[0]), (model.encoder.text.model, bert_dir[0])):
+        weights = tower.state_dict()
+        assert all(torch.equal(weights[k], v) for k, v in _weights(path).items())
+
+
 # --- names: ren:easyvqa-vit, ren:easyvqa-bert ----------------------------------------------------------------
 
 
@@ -167,13 +203,13 @@ def test_concurrent_first_uses_build_once(ren_home: Path, data_cache: Path, tmp_
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ}) for i in range(2)]
     outs = [run.communicate(timeout=240) for run in runs]
     assert [run.returncode for run in runs] == [0, 0], [err for _, err in outs]
-    target = ren_home / "models" / "easyvqa-bert"
+    target = ren_home / "models" / "easyvqa-bert-v1"
     assert {out.strip().splitlines()[-1] for out, _ in outs} == {str(target)}
     logs = "".join(err for _, err in outs)
     assert logs.count("building ren:easyvqa-bert in ") == 1
     assert logs.count("another process is building ren:easyvqa-bert; waiting") == 1
     assert unimodal.read_report(target).steps == 5
-    assert not list((ren_home / "models").glob(".easyvqa-bert.tmp-*"))  # no temporary directory left
+    assert not list((ren_home / "models").glob(".easyvqa-bert-v1.tmp-*"))  # no temporary directory left
     record = (target / "recipe.json").read_bytes()
     messages: list[str] = []
     assert unimodal.ensure_built("ren:easyvqa-bert", log=messages.append) == target
@@ -184,7 +220,7 @@ def test_unknown_names_and_stale_builds_are_named(ren_home: Path) -> None:
     with pytest.raises(ModelLoadError, match=r"model.backbone.name = 'ren:easyvqa-vgg' is not a model ren builds.*"
                                              r"ren:easyvqa-vit, ren:easyvqa-bert"):
         build_model(load_preset(PRETRAIN, ['model.backbone.name="ren:easyvqa-vgg"']), vocab_size=35)
-    stale = ren_home / "models" / "easyvqa-vit"
+    stale = ren_home / "models" / "easyvqa-vit-v2"
     stale.mkdir(parents=True)
     with pytest.raises(ModelLoadError, match="not a complete build.*--force"):
         unimodal.load_config("ren:easyvqa-vit")
@@ -194,6 +230,18 @@ def test_unknown_names_and_stale_builds_are_named(ren_home: Path) -> None:
         unimodal.ensure_built("ren:easyvqa-vit")
     with pytest.raises(ModelLoadError, match="'ren:easyvqa-vit' is a vision model and has no tokenizer"):
         load_tokenizer("ren:easyvqa-vit")
+
+
+def test_a_build_of_the_supervised_vit_is_not_reused(vit_dir, ren_home: Path) -> None:
+    """Version 1 of easyvqa-vit (a colour x shape classifier) lived in models/easyvqa-vit: a ren that builds
+    version 2 looks elsewhere, so the old weights never start a run."""
+    old = ren_home / "models" / "easyvqa-vit"
+    shutil.copytree(vit_dir[0], old)
+    record = json.loads((old / "recipe.json").read_text())
+    (old / "recipe.json").write_text(json.dumps({**record, "version": 1}))
+    assert unimodal.built_dir("ren:easyvqa-vit") is None
+    assert unimodal.model_dir("ren:easyvqa-vit") == ren_home / "models" / "easyvqa-vit-v2"
+    assert unimodal.load_config("ren:easyvqa-vit").architectures == ["ViTForMaskedImageModeling"]
 
 
 def test_models_build_cli_reuses_a_build_and_names_bad_models(bert_dir, ren_home: Path) -> None:

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import tomli_w
 from rich.console import Console
@@ -228,6 +229,14 @@ def show(run_id: str) -> None:
     console.print(tomli_w.dumps(r.config), highlight=False, markup=False)
 
 
+def _precision(compute: dict[str, Any]) -> str:
+    """The dtype the run's matmuls ran in, and the one asked for where that was not applied."""
+    dtype, requested = compute.get("dtype", "?"), compute.get("requested_dtype")
+    if requested and requested != dtype:
+        return f"{dtype} [yellow]({requested} was requested and not applied on this device)[/]"
+    return str(dtype)
+
+
 def _seconds(value: float) -> str:
     return f"{value * 1e3:.3g} ms" if value < 1 else f"{value:.3g} s"
 
@@ -266,6 +275,8 @@ def _compute_rows(r: RunRecord) -> list[tuple[str, str]]:
             processes = c.get("processes", 1)
             line += (f" = {c.get('utilisation', 0):.1%} of {processes} x {si(c['peak_flops'], 'FLOP/s')} "
                      f"{c.get('dtype', '')} peak ({source})")
+            if c.get("utilisation", 0) > 1:
+                line += " [yellow](above 100%: the machine was busier when its peak was measured than in this run)[/]"
         rows.append(("utilisation", line))
     split = c.get("step_split_s") or {}
     if split:
@@ -281,7 +292,7 @@ def _compute_rows(r: RunRecord) -> list[tuple[str, str]]:
             total += f"   {c['device_hours']:.4g} device-hours ({_seconds(c.get('train_seconds', 0.0))} training)"
         rows.append(("total", total))
     if c.get("device"):
-        rows.append(("device", f"{c['device']}, {c.get('dtype', '?')}, {c.get('processes', 1)} process(es)"))
+        rows.append(("device", f"{c['device']}, {_precision(c)}, {c.get('processes', 1)} process(es)"))
     return rows
 
 
