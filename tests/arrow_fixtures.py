@@ -86,7 +86,13 @@ def corrupt_bytes(index: int) -> bytes:
 
 
 def _text(index: int, length: int = 5) -> str:
+    """A caption; captions 12 apart repeat, as real corpora repeat captions ("a man riding a wave")."""
     return " ".join(WORDS[(index * 7 + k * 5) % len(WORDS)] for k in range(length))
+
+
+def _distinct_text(index: int, length: int = 5) -> str:
+    """A caption no other index below ``len(WORDS) ** length`` shares (``index`` in base len(WORDS))."""
+    return " ".join(WORDS[(index // len(WORDS) ** k) % len(WORDS)] for k in range(length))
 
 
 class _Images:
@@ -121,8 +127,8 @@ def _write(path: Path, rows: list[dict[str, Any]], schema: pa.Schema, rows_per_b
 
 
 def _caption_rows(n: int, start: int, split: str, images: _Images, captions_per_image: int,
-                  id_format: str) -> list[dict[str, Any]]:
-    return [{"image": images(i), "caption": [_text(i * captions_per_image + k) for k in range(captions_per_image)],
+                  id_format: str, text: Callable[[int], str] = _text) -> list[dict[str, Any]]:
+    return [{"image": images(i), "caption": [text(i * captions_per_image + k) for k in range(captions_per_image)],
              "image_id": id_format.format(i), "split": split} for i in range(start, start + n)]
 
 
@@ -138,9 +144,11 @@ def write_coco_caption(directory: Path, split: str = "train", n: int = 4, *, sta
 
 def write_f30k_caption(directory: Path, split: str = "train", n: int = 4, *, start: int = 0,
                        distinct_images: int | None = None, corrupt: Collection[int] = (),
-                       rows_per_batch: int | None = None) -> Written:
-    """``f30k_caption_karpathy_{split}.arrow`` (write_f30k_karpathy.py)."""
-    rows = _caption_rows(n, start, split, _Images("JPEG", distinct_images, corrupt), 5, "{:010d}.jpg")
+                       rows_per_batch: int | None = None, distinct_captions: bool = False) -> Written:
+    """``f30k_caption_karpathy_{split}.arrow`` (write_f30k_karpathy.py); ``distinct_captions``: no caption
+    repeats, so no two texts tie in a ranking."""
+    rows = _caption_rows(n, start, split, _Images("JPEG", distinct_images, corrupt), 5, "{:010d}.jpg",
+                         _distinct_text if distinct_captions else _text)
     return _write(Path(directory) / f"f30k_caption_karpathy_{split}.arrow", rows, _CAPTION_SCHEMA, rows_per_batch)
 
 
