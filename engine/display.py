@@ -49,11 +49,17 @@ def format_scores(scores: dict[str, float], *, short: bool = False) -> str:
 
 
 def format_duration(record: RunRecord) -> str:
-    """``"3m10s"``, ``"2h05m"``, or ``"-"`` for a run that has not started."""
-    d = record.duration_s
-    if d is None:
+    """The run's session time: ``"3m10s"``, ``"2h05m"``, or ``"-"`` for a run that has not started."""
+    return format_seconds(record.duration_s)
+
+
+def format_seconds(seconds: float | None) -> str:
+    """``"3m10s"``, ``"2h05m"``, or ``"-"`` when unknown."""
+    if seconds is None:
         return "-"
-    return f"{int(d // 3600)}h{int(d % 3600 // 60):02d}m" if d >= 3600 else f"{int(d // 60)}m{int(d % 60):02d}s"
+    if seconds >= 3600:
+        return f"{int(seconds // 3600)}h{int(seconds % 3600 // 60):02d}m"
+    return f"{int(seconds // 60)}m{int(seconds % 60):02d}s"
 
 
 def format_steps(record: RunRecord) -> str:

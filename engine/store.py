@@ -225,6 +225,14 @@ class RunRecord:
             return time.time() - self.started_at
         return None
 
+    @property
+    def train_s(self) -> float | None:
+        """Seconds in the training loop over every session of the run (``compute.train_seconds``: a resumed
+        run's earlier sessions count, start-up and evaluations do not); :attr:`duration_s` for records
+        without it."""
+        seconds = self.compute.get("train_seconds")
+        return float(seconds) if isinstance(seconds, (int, float)) else self.duration_s
+
     def to_doc(self) -> dict[str, Any]:
         """The JSON-ready document stored in the index."""
         doc = dataclasses.asdict(self)

@@ -619,8 +619,8 @@ class StudyRow:
     """Finetunes: the task's score (``vqa_score``, ``accuracy``)."""
     score: float | None
     """Finetunes: that score from the final evaluation."""
-    wall_s: float | None
-    """Seconds the run trained (start to end; to now while running)."""
+    train_s: float | None
+    """Seconds the run trained, over all its sessions (:attr:`RunRecord.train_s`)."""
     current: bool
     """False when the stored run's config differs from the study file's (``ren study run``
     queues the new config as a new run)."""
@@ -661,7 +661,7 @@ def _row(variant: str, seed: int, stage: str, task: str | None, name: str, recor
                         None)
     init = record.init_from or ""
     return StudyRow(variant, seed, stage, task, name, record.id, record.status, record.step, record.max_steps, metric,
-                    record.final_scores.get(metric) if metric else None, record.duration_s, current,
+                    record.final_scores.get(metric) if metric else None, record.train_s, current,
                     init[4:] if init.startswith("run:") else None, record.error)
 
 

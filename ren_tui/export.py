@@ -10,7 +10,7 @@ import json
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-from engine.display import format_count, format_duration, format_steps, latex_escape
+from engine.display import format_count, format_seconds, format_steps, latex_escape
 from engine.store import RunRecord
 
 
@@ -42,19 +42,19 @@ def score_rows(records: Sequence[RunRecord]) -> tuple[list[str], list[list[str]]
     """The Compare score table: one row per run, every cell a string.
 
     Columns: run, stage/kind, steps, best and final value per task, trainable params,
-    wall time and samples seen (compute in FLOPs is not recorded, so not shown).
+    train time (over every session of a resumed run) and samples seen.
     """
     tasks = task_names(records)
     headers = ["run", "stage/kind", "steps"]
     for task in tasks:
         headers += [f"best {task}", f"final {task}"]
-    headers += ["trainable params", "wall time", "samples seen"]
+    headers += ["trainable params", "train time", "samples seen"]
     rows = []
     for r in records:
         row = [r.name, f"{r.stage}/{r.kind}", format_steps(r)]
         for task in tasks:
             row += [_score(r.best_scores, task), _score(r.final_scores, task)]
-        row += [format_count(r.params.get("trainable")), format_duration(r), format_count(samples_seen(r))]
+        row += [format_count(r.params.get("trainable")), format_seconds(r.train_s), format_count(samples_seen(r))]
         rows.append(row)
     return headers, rows
 

@@ -115,6 +115,19 @@ def test_mark_running_ended_and_delete(store: Store) -> None:
         store.get_run(rec.id)
 
 
+def test_train_time_counts_every_session_of_a_resumed_run(store: Store) -> None:
+    """``train_s`` is the trainer's cumulative loop time; ``duration_s`` only the last session's span,
+    since every resume restarts ``started_at``. A record without the trainer's figure falls back."""
+    rec = _create(store)
+    store.mark_running(rec.id, pid=os.getpid(), host=HOST, device="cpu")
+    ended = store.mark_ended(rec.id, "cancelled")
+    assert ended.train_s == ended.duration_s  # nothing recorded yet
+    store.mark_running(rec.id, pid=os.getpid(), host=HOST, device="cpu")  # the resumed session
+    store.update_run(rec.id, compute={"train_seconds": 95.5})
+    resumed = store.mark_ended(rec.id, "finished")
+    assert resumed.train_s == 95.5 and resumed.duration_s < 5
+
+
 def test_default_root_and_read_only(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("REN_HOME", raising=False)
     monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "xdg"))

@@ -434,7 +434,7 @@ def test_a_tiny_study_trains_end_to_end_under_the_worker(tmp_path: Path, ren_hom
         ("none", "pretrain", "finished"), ("none", "finetune", "finished"),
         ("frozen", "pretrain", "finished"), ("frozen", "finetune", "finished")], [r.error for r in rows]
     for pre, ft in (rows[:2], rows[2:]):
-        assert pre.step == pre.max_steps == 2 and pre.wall_s > 0 and pre.score is None
+        assert pre.step == pre.max_steps == 2 and pre.train_s > 0 and pre.score is None
         assert ft.after == pre.run_id and ft.metric == "vqa_score" and 0 <= ft.score <= 1
         assert store.get_run(ft.run_id).started_at >= store.get_run(pre.run_id).ended_at
     frozen = store.get_run(rows[2].run_id).params

@@ -71,7 +71,7 @@ async def test_compare_curves_scores_diff_and_export(ren_home: Path, tmp_path: P
 
         scores = screen.query_one("#scores", DataTable)
         assert [str(c.label) for c in scores.columns.values()] == [
-            "run", "stage/kind", "steps", "best vqa_score", "final vqa_score", "trainable params", "wall time",
+            "run", "stage/kind", "steps", "best vqa_score", "final vqa_score", "trainable params", "train time",
             "samples seen"]
         gamma = scores.get_row(runs[2].id)
         assert gamma[:3] == ["gamma", "finetune/two_tower", "200/200"]
@@ -119,7 +119,7 @@ def test_score_rows_formats_scores_params_and_compute(ren_home: Path) -> None:
     queued = store.create_run(name="queued", stage="pretrain", kind="one_tower", config={"train": {}}, max_steps=10)
     headers, rows = score_rows([done, queued])
     assert headers == ["run", "stage/kind", "steps", "best vqa_score", "final vqa_score", "trainable params",
-                       "wall time", "samples seen"]
+                       "train time", "samples seen"]
     best, final = done.best_scores["eval/vqa_score"], done.final_scores["vqa_score"]
     assert rows[0] == ["done", "finetune/two_tower", "200/200", f"{best:.4f}", f"{final:.4f}", "600K", "1m39s",
                        "12.8K"]

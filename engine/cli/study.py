@@ -10,6 +10,7 @@ from rich.table import Table
 
 from engine import queue as Q
 from engine.cli.queue import _worker_line
+from engine.display import format_seconds
 from engine.errors import RenError
 from engine.store import Store
 from engine.study import (
@@ -175,7 +176,7 @@ def _status_lines(rows: list[StudyRow], reasons: dict[str, str]) -> None:
             console.print(f"[bold]{row.variant}[/]", highlight=False)
             variant = row.variant
         stage, status, steps, score = _cells(row)
-        line = f"  s{row.seed} {stage:<9} {status} {steps}  {score}  {_duration(row.wall_s)}  {row.run_id or ''}"
+        line = f"  s{row.seed} {stage:<9} {status} {steps}  {score}  {format_seconds(row.train_s)}  {row.run_id or ''}"
         console.print(line, highlight=False, soft_wrap=True)
         note = _note(row, reasons)
         if note:
@@ -194,7 +195,7 @@ def _status_table(rows: list[StudyRow], reasons: dict[str, str]) -> Table:
         variant = row.variant
         stage, status, steps, score = _cells(row)
         table.add_row(row.variant if first else "", f"s{row.seed}", stage, row.run_id or "-", status, steps, score,
-                      _duration(row.wall_s), _note(row, reasons))
+                      format_seconds(row.train_s), _note(row, reasons))
     return table
 
 
@@ -208,10 +209,3 @@ def _note(row: StudyRow, reasons: dict[str, str]) -> str:
     if row.status == "planned":
         return "not queued yet: `ren study run`"
     return ""
-
-
-def _duration(seconds: float | None) -> str:
-    if seconds is None:
-        return "-"
-    return (f"{int(seconds // 3600)}h{int(seconds % 3600 // 60):02d}m" if seconds >= 3600
-            else f"{int(seconds // 60)}m{int(seconds % 60):02d}s")
