@@ -372,7 +372,7 @@ class TaskConfig(_Section):
         return data
 
 
-_DEFAULT_SPLITS = {"easy_vqa": ("train", "test"), "vqav2": ("train+trainable_val", "rest_val"),
+_DEFAULT_SPLITS = {"easy_vqa": ("train", "val"), "vqav2": ("train+trainable_val", "rest_val"),
                    "snli_ve": ("train", "dev"), "nlvr2": ("train", "dev"), "captions": ("train", "val"),
                    "refcoco": ("train", "val"), "refcoco+": ("train", "val"), "refcocog": ("train", "val")}
 _TASK_DATASETS = {"vqa": ("easy_vqa", "vqav2"), "snli_ve": ("snli_ve",), "nlvr2": ("nlvr2",),
@@ -461,8 +461,11 @@ class DataConfig(_Section):
     max_text_len: int = Field(40, ge=4, le=4096)
     """Texts are truncated to this many tokens (special tokens included)."""
     eval_split: str | None = None
-    """The split evaluated during and after training; default ``test`` for
-    easy_vqa, ``rest_val`` (ViLT's minival) for vqav2, ``dev`` for snli_ve and nlvr2,
+    """The split evaluated during and after training (``best_scores`` and
+    ``final_scores``); default ``val`` for easy_vqa (400 train images held out;
+    its test split is scored once after training, as ``test_scores``; ``test``
+    selects on the test split, as runs made before ``val`` existed did),
+    ``rest_val`` (ViLT's minival) for vqav2, ``dev`` for snli_ve and nlvr2,
     ``val`` for the RefCOCO sets (``testA``, ``testB`` and Renaissance's ``test`` also exist)."""
     eval_max_samples: int | None = Field(None, ge=1)
     """Evaluate on the first N samples of the eval split during training (the
@@ -489,10 +492,11 @@ class DataConfig(_Section):
         if self.eval_split is None:
             object.__setattr__(self, "eval_split", evaluate)
         if self.dataset == "easy_vqa":
-            for key, value, allowed in (("train_split", self.train_split, train), ("eval_split", self.eval_split,
-                                                                                     evaluate)):
-                if value != allowed:
-                    raise ValueError(f"{key} = {value!r}: easy_vqa has one {key.split('_')[0]} split, {allowed!r}")
+            if self.train_split != train:
+                raise ValueError(f"train_split = {self.train_split!r}: easy_vqa has one train split, {train!r}")
+            if self.eval_split not in ("val", "test"):
+                raise ValueError(f"eval_split = {self.eval_split!r}: easy_vqa evaluates on 'val' (held out of its "
+                                 "train split) or, as runs made before 'val' existed did, 'test'")
             if self.root is not None:
                 raise ValueError("'root' applies to data sets read from files; easy_vqa is embedded (remove it)")
             if self.augment != "none" or self.num_workers:

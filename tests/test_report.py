@@ -167,8 +167,8 @@ def test_markdown_table_content(study) -> None:
     store, _, _ = study
     table = report_rows(store, STUDY)  # by name: variants in the order their runs were created
     lines = table.markdown().splitlines()
-    assert lines[0] == ("| variant | seeds | easy-vqa (vqa_score) | Δ easy-vqa | PFLOPs | saved PFLOPs | device-h | "
-                        "wall time | saved wall | peak memory | trainable / total params |")
+    assert lines[0] == ("| variant | seeds | easy-vqa (vqa_score on val) | Δ easy-vqa | PFLOPs | saved PFLOPs | "
+                        "device-h | wall time | saved wall | peak memory | trainable / total params |")
     assert lines[2] == ("| none (baseline) | 0, 1 | 0.8200 ± 0.0283 (n=2) | +0.0000 | 10 | 0.0% | 0.055 | 1m50s | "
                         "0.0% | 1000 MB | 1.00M / 1.00M |")
     assert lines[3] == ("| vision | 0, 1 | 0.7850 ± 0.0071 (n=2) | -0.0350 | 6 | 40.0% | 0.033 | 1m06s | 40.0% | "
@@ -245,7 +245,7 @@ def test_latex_table_escapes_names(ren_home: Path, tmp_path: Path) -> None:
     tex = table.latex()
     assert tex.startswith(r"\begin{tabular}{lrrrrrr}" + "\n\\toprule\n")
     assert r"\midrule" in tex and tex.endswith("\\bottomrule\n\\end{tabular}\n")
-    assert r"Variant & easy\_vqa (vqa\_score) & PFLOPs & Saved PFLOPs & Wall time & Saved wall" in tex
+    assert r"Variant & easy\_vqa (vqa\_score on val) & PFLOPs & Saved PFLOPs & Wall time & Saved wall" in tex
     assert r"pre\_50\%\&\#1 (baseline) & 0.8500 $\pm$ 0.0707 (n=2) & 10 & 0.0\% & 1m40s & 0.0\% & 1.00M / 1.00M \\" \
         in tex
 

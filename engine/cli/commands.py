@@ -14,7 +14,7 @@ from rich.console import Console
 from rich.table import Table
 
 from engine.config import RunConfig, config_from_dict, load_preset
-from engine.display import format_duration, format_scores, format_steps, si
+from engine.display import format_duration, format_run_scores, format_steps, si
 from engine.errors import RenError
 from engine.launch import check_init_from, create_run, resolve_init_from, stored_config, trained_now
 from engine.store import RunRecord, Store
@@ -194,7 +194,7 @@ def list_runs(limit: int) -> None:
         table.add_column(col, no_wrap=True)
     for r in records:
         cells = {"name": r.name, "stage": r.stage, "status": _status(r), "steps": format_steps(r),
-                 "best": format_scores(r.best_scores, short=True), "time": format_duration(r)}
+                 "best": format_run_scores(r, short=True), "time": format_duration(r)}
         table.add_row(r.id, *(cells[c] for c in columns))
     console.print(table)
 
@@ -216,8 +216,8 @@ def show(run_id: str) -> None:
         _print_params(r.params, all_groups=False)
     if r.compute:
         _print_compute(r)
-    if r.best_scores or r.final_scores:
-        console.print(f"best: {format_scores(r.best_scores)}   final: {format_scores(r.final_scores)}")
+    if r.best_scores or r.final_scores or r.test_scores:
+        console.print(format_run_scores(r), highlight=False)
     points = store.read_metrics(r.id)
     train_points = [p for p in points if "loss" in p]
     if train_points:

@@ -19,7 +19,7 @@ from transformers import PreTrainedTokenizerBase
 
 from engine.config import RunConfig
 from engine.data.datasets import CaptionDataset, VQADataset
-from engine.data.easyvqa import easy_vqa_captions, load_easy_vqa
+from engine.data.easyvqa import EasyVQA, load_easy_vqa, run_split_captions
 from engine.data.tokenizer import build_word_tokenizer, load_tokenizer
 from engine.data.transforms import Normalization, resolve_normalization
 from engine.errors import ConfigError, RenError
@@ -36,6 +36,7 @@ class DataBundle:
     tokenizer: PreTrainedTokenizerBase
     num_answers: int | None
     answers: list[str] | None
+    test: Dataset | None = None  # scored once after training, never during it (easy-VQA's test split)
 
     @property
     def vocab_size(self) -> int:
@@ -132,20 +133,22 @@ def build_data(cfg: RunConfig, *, cache_dir: Path) -> DataBundle:
         return _refcoco(cfg, tokenizer, size, norm)
     data = load_easy_vqa(cache_dir)
     if cfg.task is not None:
-        splits = [data.train, data.split(cfg.data.eval_split)]
-        train_ds, eval_ds = (
-            VQADataset(s.images, s.image_index, s.questions, s.answer_ids, len(data.answers), tokenizer, max_len, size,
-                       norm)
-            for s in splits
-        )
-        return DataBundle(train_ds, eval_ds, tokenizer, len(data.answers), list(data.answers))
-    corpora = [("train", data.train), (cfg.data.eval_split, data.split(cfg.data.eval_split))]
+        train_ds, eval_ds = (_easy_vqa_set(cfg, data, name, tokenizer)
+                             for name in (cfg.data.train_split, cfg.data.eval_split))
+        test_ds = _easy_vqa_set(cfg, data, "test", tokenizer) if cfg.data.eval_split != "test" else None
+        return DataBundle(train_ds, eval_ds, tokenizer, len(data.answers), list(data.answers), test_ds)
     train_ds, eval_ds = (
         CaptionDataset(split.images, corpus.image_index, corpus.texts, tokenizer, max_len, size, norm)
-        for name, split in corpora
-        for corpus in [easy_vqa_captions(data, name)]
+        for split, corpus in (run_split_captions(data, name) for name in (cfg.data.train_split, cfg.data.eval_split))
     )
     return DataBundle(train_ds, eval_ds, tokenizer, None, None)
+
+
+def _easy_vqa_set(cfg: RunConfig, data: EasyVQA, split: str, tokenizer: PreTrainedTokenizerBase) -> VQADataset:
+    """easy-VQA's run split ``split`` (``train``, ``val`` or ``test``) as a VQA data set."""
+    s = data.run_split(split)
+    return VQADataset(s.images, s.image_index, s.questions, s.answer_ids, len(data.answers), tokenizer,
+                      cfg.data.max_text_len, image_size_of(cfg), resolve_normalization(cfg))
 
 
 @dataclass
