@@ -472,9 +472,13 @@ class DataConfig(_Section):
     final evaluation always uses the whole split)."""
     cache_dir: str | None = None
     """Where decoded images are cached; default ``$REN_HOME/cache``."""
-    augment: Literal["none", "randaugment"] = "none"
-    """Training images: a random 50-100% area crop, plus RandAugment with
-    ``randaugment`` (file-backed data sets; easy-VQA's images are pre-resized)."""
+    augment: Literal["none", "randaugment", "crop", "crop+randaugment"] = "none"
+    """Training images (file-backed data sets; easy-VQA's images are pre-resized).
+    ``none``: as evaluation sees them (shorter side resized, centre crop), as ViLT
+    and METER finetune and pretrain without ``randaug``. ``randaugment``: RandAugment
+    (2 ops, magnitude 9) first, as their ``*_randaug`` transforms. ``crop``: a random
+    50-100% area crop instead of the centre crop (ALBEF's; neither ViLT nor METER
+    crops); ``crop+randaugment``: that crop, then RandAugment."""
     num_workers: int = Field(0, ge=0, le=64)
     """DataLoader worker processes decoding images (file-backed data sets)."""
     image_norm: Literal["auto", "imagenet", "clip", "half"] = "auto"
@@ -511,8 +515,8 @@ class DataConfig(_Section):
                              "[data.hf] table (a Hugging Face data set)")
         if self.dataset.startswith("refcoco") and self.augment != "none":
             raise ValueError(f"augment = {self.augment!r}: {self.dataset} images are seen whole so that the candidate "
-                             "boxes keep their place; RandAugment's shears, rotations and translations would move "
-                             "the objects away from their boxes. Remove augment")
+                             "boxes keep their place; random crops and RandAugment's shears, rotations and "
+                             "translations would move the objects away from their boxes. Remove augment")
         if (self.dataset == "captions") != bool(self.corpora):
             raise ValueError("'corpora' lists the caption corpora of dataset = \"captions\" (e.g. "
                              "[\"coco_caption\", \"vg\"]); give both or neither")

@@ -68,6 +68,19 @@ def test_unreadable_images_drop_their_questions_and_are_counted(vqa_dir: Path) -
     assert batch["labels"].shape[0] == 5 * 3 - 3 and source.skipped_images == 1
 
 
+def test_default_training_images_are_the_evaluation_view(tmp_path: Path, vqa_dir: Path) -> None:
+    """augment = "none" (the default) trains on exactly what evaluation sees: no random crop."""
+    data = build_data(load_preset(preset(tmp_path, vqa_dir)), cache_dir=tmp_path / "cache")
+    batches = []
+    for seed in range(3):
+        torch.manual_seed(seed)
+        batches.append(data.train.__getitems__([0, 3])["pixel_values"])
+    assert all(torch.equal(batch, batches[0]) for batch in batches)
+    eval_view = ArrowVQADataset(data.train.source, data.tokenizer, 16, data.eval.transform, data.eval.norm,
+                                data.num_answers).__getitems__([0, 3])["pixel_values"]
+    assert torch.equal(batches[0], eval_view)
+
+
 def test_the_pipeline_joins_splits_and_explains_bad_input(tmp_path: Path, vqa_dir: Path) -> None:
     cfg = load_preset(preset(tmp_path, vqa_dir))
     assert (cfg.data.train_split, cfg.data.eval_split) == ("train+trainable_val", "rest_val")

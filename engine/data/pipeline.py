@@ -250,7 +250,7 @@ def _split_set(cfg: RunConfig, split: str, tokenizer: PreTrainedTokenizerBase, s
     if dataset in refcoco.DATASETS:  # whole images, so every candidate box stays in view
         return refcoco.ArrowRefCOCODataset(open_source(cfg, dataset, split), tokenizer, max_len,
                                            whole_image_transform(size), norm)
-    transform = image_transform(size, train=train, randaugment=train and cfg.data.augment == "randaugment")
+    transform = image_transform(size, train=train, augment=cfg.data.augment)
     if dataset == "vqav2":
         return vqav2.ArrowVQADataset(open_source(cfg, dataset, split, answers=answers), tokenizer, max_len, transform,
                                      norm, len(answers or ()))
@@ -287,7 +287,7 @@ def _captions(cfg: RunConfig, tokenizer: PreTrainedTokenizerBase, size: int, nor
         raise ConfigError(f"data.eval_split = {cfg.data.eval_split!r}: none of the corpora {', '.join(corpora)} has "
                           "such a split; add coco_caption, f30k_caption or cc, or choose another eval_split.")
     evaluate = [open_source(cfg, corpus, cfg.data.eval_split) for corpus in with_eval]
-    train_tf = image_transform(size, train=True, randaugment=cfg.data.augment == "randaugment")
+    train_tf = image_transform(size, train=True, augment=cfg.data.augment)
     max_len = cfg.data.max_text_len
     return DataBundle(ArrowCaptionDataset(train, tokenizer, max_len, train_tf, norm),
                       ArrowCaptionDataset(evaluate, tokenizer, max_len, image_transform(size, train=False), norm),
