@@ -47,7 +47,7 @@ from engine.data.arrow import ArrowSource, list_lengths
 from engine.data.images import ImageTransform, image_transform
 from engine.data.pipeline import EvalSplit
 from engine.data.transforms import Normalization
-from engine.errors import RenError
+from engine.errors import ConfigError, RenError
 from engine.models import VLModel
 from engine.models.two_tower import TwoTower
 from engine.retrieval import evaluate_retrieval
@@ -469,7 +469,8 @@ def run_answers(store: Store, record: RunRecord, cfg: RunConfig, where: str) -> 
             raise RenError(f"{where}: {path} must hold a JSON list of answer strings (the task head's outputs by "
                            "index), as training writes it.")
         return answers, f"stored with the run in {path}"
-    origin = f"rebuilt from the train split {cfg.data.train_split!r} of {cfg.data.root or cfg.data.hf.path}"
+    data = "the easy_vqa package" if cfg.data.dataset == "easy_vqa" else cfg.data.root or cfg.data.hf.path
+    origin = f"rebuilt from the train split {cfg.data.train_split!r} of {data}"
     try:
         return task_answers(cfg), origin
     except RenError as exc:
@@ -488,13 +489,9 @@ def load_task_eval(store: Store, run_id: str, split: str | None = None, *, root:
 
     record, cfg, where = _stored_config(store, run_id, "run", root)
     check_task_config(cfg, where)
-    if cfg.data.dataset == "easy_vqa":
-        raise RenError(f"{where} finetuned on the embedded easy_vqa data, whose test split training already scored "
-                       "(its final scores, `ren show`); `ren eval task` reads the arrow data sets (vqav2, snli_ve, "
-                       "nlvr2, refcoco).")
     path = _final_weights(store, record, where)
     split = split or cfg.data.eval_split
-    if cfg.data.hf is None:
+    if cfg.data.hf is None and cfg.data.dataset != "easy_vqa":
         try:
             find_arrow_files(cfg.data.root, cfg.data.dataset, split)
         except RenError as exc:
@@ -502,7 +499,11 @@ def load_task_eval(store: Store, run_id: str, split: str | None = None, *, root:
                            "--root at the directory that holds it now.") from None
     answers, origin = run_answers(store, record, cfg, where)
     tokenizer = build_tokenizer(cfg)
-    data = eval_dataset(cfg, split, tokenizer=tokenizer, answers=answers)
+    cache = Path(cfg.data.cache_dir) if cfg.data.cache_dir else store.root / "cache"  # as training reads easy_vqa
+    try:
+        data = eval_dataset(cfg, split, tokenizer=tokenizer, answers=answers, cache_dir=cache)
+    except ConfigError as exc:
+        raise RenError(f"{where} ({cfg.task.name} on {cfg.data.dataset}): {exc}") from None
     num_answers = len(answers) if cfg.task.name == "vqa" and answers is not None else None
     model = _load_model(cfg, path, where, len(tokenizer), num_answers, device, origin)
     return TaskEval(record, cfg, where, split, model, data)

@@ -19,6 +19,7 @@ from transformers import PreTrainedTokenizerBase
 
 from engine.config import RunConfig
 from engine.data.datasets import CaptionDataset, VQADataset
+from engine.data.easyvqa import RUN_SPLITS as EASY_VQA_SPLITS
 from engine.data.easyvqa import EasyVQA, load_easy_vqa, run_split_captions
 from engine.data.tokenizer import build_word_tokenizer, load_tokenizer
 from engine.data.transforms import Normalization, resolve_normalization
@@ -161,32 +162,40 @@ class EvalSplit:
 
 
 def eval_dataset(cfg: RunConfig, split: str, *, tokenizer: PreTrainedTokenizerBase | None = None,
-                 answers: list[str] | None = None) -> EvalSplit:
-    """Split ``split`` (``a+b`` joins splits) of ``cfg``'s file-backed task data set, with the
-    evaluation transform and the run's tokenizer (built from ``cfg`` when not given). VQA labels
-    index the run's training vocabulary: ``answers`` when given (e.g. stored with the run), else
-    :func:`task_answers`. easy_vqa has no other split to read: training scores its test split."""
+                 answers: list[str] | None = None, cache_dir: Path | None = None) -> EvalSplit:
+    """Split ``split`` of ``cfg``'s task data set, with the evaluation transform and the run's tokenizer
+    (built from ``cfg`` when not given): for file-backed data sets ``a+b`` joins splits; easy_vqa has
+    ``train``, ``val`` and ``test`` (:meth:`EasyVQA.run_split`; decoded images cached in ``cache_dir``).
+    VQA labels index the run's training vocabulary: ``answers`` when given (e.g. stored with the run),
+    else :func:`task_answers`."""
     if cfg.task is None:
         raise ConfigError("eval_dataset reads a task's data; this config has no [task] (a pretraining run).")
-    if cfg.data.dataset == "easy_vqa":
-        raise ConfigError("eval_dataset reads file-backed data sets; easy_vqa is embedded, and training already "
-                          "scores its test split (the run's final scores).")
     tokenizer = tokenizer or build_tokenizer(cfg)
-    size, norm = image_size_of(cfg), resolve_normalization(cfg)
     answers = answers if answers is not None else task_answers(cfg)
+    if cfg.data.dataset == "easy_vqa":
+        if split not in EASY_VQA_SPLITS:
+            raise ConfigError(f"easy_vqa has the splits {', '.join(EASY_VQA_SPLITS)}; there is no split {split!r}.")
+        if cache_dir is None:
+            raise ValueError("eval_dataset needs cache_dir to read easy_vqa (where its decoded images are cached)")
+        return EvalSplit(_easy_vqa_set(cfg, load_easy_vqa(cache_dir), split, tokenizer), answers, True)
+    size, norm = image_size_of(cfg), resolve_normalization(cfg)
     dataset = _split_set(cfg, split, tokenizer, size, norm, train=False,
                          answers=answers if cfg.task.name == "vqa" else None)
     return EvalSplit(dataset, answers, cfg.data.dataset != "vqav2" or _has_answers(dataset.source))
 
 
 def task_answers(cfg: RunConfig) -> list[str] | None:
-    """What a file-backed task's head outputs mean, by index, as training builds it: the VQAv2
-    answer vocabulary (read from the train split), SNLI-VE's and NLVR2's class names; None for
+    """What a task's head outputs mean, by index, as training builds it: easy-VQA's 13 answers, the
+    VQAv2 answer vocabulary (read from the train split), SNLI-VE's and NLVR2's class names; None for
     RefCOCO (one output per candidate box)."""
     from engine.data import nlvr2, snli_ve
 
-    if cfg.task is None or cfg.data.dataset not in ("vqav2", "snli_ve", "nlvr2"):
+    if cfg.task is None or cfg.data.dataset not in ("easy_vqa", "vqav2", "snli_ve", "nlvr2"):
         return None
+    if cfg.data.dataset == "easy_vqa":
+        import easy_vqa
+
+        return list(easy_vqa.get_answers())
     if cfg.data.dataset == "vqav2":
         from engine.data.vqav2 import answer_vocabulary
 
