@@ -103,3 +103,25 @@ def test_ren_run_finetunes_and_evaluates_on_vqav2_arrow_files(tmp_path: Path, vq
     assert record.final_scores["eval_samples"] == 12  # 5 images x 3 questions, one image unreadable
     assert 0.0 <= record.final_scores["vqa_score"] <= 1.0
     assert [s for s, _ in Store(ren_home).series(record.id, "loss")] == [2, 4]
+
+
+def test_validate_sizes_the_answer_head_as_the_run_builds_it(tmp_path: Path, vqa_dir: Path) -> None:
+    from engine.cli.commands import console, model_summary, validate
+    from engine.freeze import apply_freeze
+    from engine.models import build_model
+
+    path = preset(tmp_path, vqa_dir)
+    cfg = load_preset(path)
+    data = build_data(cfg, cache_dir=tmp_path / "cache")
+    assert data.num_answers < 3129  # the fixture's files hold a handful of answers, not ViLT's 3,129
+    with torch.device("meta"):
+        built = build_model(cfg, vocab_size=data.vocab_size, num_answers=data.num_answers)
+    assert model_summary(cfg) == apply_freeze(built, cfg.freeze).to_dict()
+    with console.capture() as captured:
+        validate(path, [], as_json=False, all_groups=False)
+    assert (f"answer head: {data.num_answers} answers (the answers of the 'train+trainable_val' split's files)"
+            in " ".join(captured.get().split()))
+    with console.capture() as captured:  # data not readable here: ViLT's size, and why
+        validate(preset(tmp_path, tmp_path / "elsewhere"), [], as_json=False, all_groups=False)
+    shown = " ".join(captured.get().split())
+    assert "answer head: 3129 answers (ViLT's VQAv2 vocabulary; the training data cannot be read here" in shown

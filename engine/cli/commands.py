@@ -120,6 +120,8 @@ def _launch_distributed(cfg: RunConfig, run_id: str, gpus: int, *, resume: bool)
 
 
 def validate(preset: Path, overrides: list[str], *, as_json: bool, all_groups: bool) -> None:
+    from engine.data.pipeline import answer_head
+
     cfg = load_preset(preset, overrides)
     check_init_from(Store(read_only=True), cfg)  # what `ren run` would refuse before creating the run
     summary = model_summary(cfg)
@@ -128,6 +130,9 @@ def validate(preset: Path, overrides: list[str], *, as_json: bool, all_groups: b
         return
     console.print(f"[bold]{preset}[/]: valid ({cfg.stage}, {cfg.model.kind})\n")
     console.print(tomli_w.dumps(cfg.to_dict()), highlight=False, markup=False)
+    answers, source = answer_head(cfg)
+    if answers is not None:
+        console.print(f"answer head: {answers} answers ({source})", highlight=False, markup=False)
     _print_params(summary, all_groups)
 
 

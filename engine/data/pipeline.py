@@ -108,15 +108,26 @@ VQAV2_ANSWERS = 3129  # ViLT's and METER's vocabulary: answers given 9+ times in
 
 
 def num_answers(cfg: RunConfig) -> int | None:
-    """The size of the answer head (for reports built without the data; training
-    takes it from the data's own vocabulary)."""
-    if cfg.task is None or cfg.task.name != "vqa":
-        return None
-    if cfg.data.dataset == "vqav2":
-        return VQAV2_ANSWERS
-    import easy_vqa
+    """The size of the VQA answer head as training builds it (:func:`answer_head`)."""
+    return answer_head(cfg)[0]
 
-    return len(easy_vqa.get_answers())
+
+def answer_head(cfg: RunConfig) -> tuple[int | None, str]:
+    """The size of the VQA answer head as training builds it, from the data's own vocabulary
+    (:func:`task_answers`), and where that size came from; ``(None, "")`` without a VQA task. VQAv2
+    data that cannot be read here (``ren validate`` on another machine) gives ViLT's 3,129, said so."""
+    if cfg.task is None or cfg.task.name != "vqa":
+        return None, ""
+    try:
+        answers = task_answers(cfg)
+    except RenError as exc:
+        if cfg.data.dataset != "vqav2":
+            raise
+        return VQAV2_ANSWERS, f"ViLT's VQAv2 vocabulary; the training data cannot be read here ({exc})"
+    assert answers is not None  # a VQA task always has an answer list
+    if cfg.data.dataset == "easy_vqa":
+        return len(answers), "easy-VQA's answers"
+    return len(answers), f"the answers of the {cfg.data.train_split!r} split's files"
 
 
 def build_data(cfg: RunConfig, *, cache_dir: Path) -> DataBundle:
