@@ -496,6 +496,8 @@ class DataConfig(_Section):
         if self.eval_split is None:
             object.__setattr__(self, "eval_split", evaluate)
         if self.dataset == "easy_vqa":
+            if self.hf is not None:
+                raise ValueError("[data.hf] applies to data sets read from files; easy_vqa is embedded (remove it)")
             if self.train_split != train:
                 raise ValueError(f"train_split = {self.train_split!r}: easy_vqa has one train split, {train!r}")
             if self.eval_split not in ("val", "test"):
@@ -506,8 +508,6 @@ class DataConfig(_Section):
             if self.augment != "none" or self.num_workers:
                 raise ValueError("augment and num_workers apply to data sets read from files; easy_vqa keeps "
                                  "its images decoded in memory")
-            if self.hf is not None:
-                raise ValueError("[data.hf] applies to data sets read from files; easy_vqa is embedded (remove it)")
         elif self.hf is not None:
             self._check_hf(self.hf)
         elif self.root is None:
