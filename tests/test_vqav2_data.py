@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -125,3 +126,29 @@ def test_validate_sizes_the_answer_head_as_the_run_builds_it(tmp_path: Path, vqa
         validate(preset(tmp_path, tmp_path / "elsewhere"), [], as_json=False, all_groups=False)
     shown = " ".join(captured.get().split())
     assert "answer head: 3129 answers (ViLT's VQAv2 vocabulary; the training data cannot be read here" in shown
+
+
+def test_auto_tokenizer_on_arrow_data_is_built_from_the_training_text(tmp_path: Path, vqa_dir: Path) -> None:
+    from engine.cli.commands import console, show
+    from engine.data import pipeline
+    from engine.data.tokenizer import SPECIAL_TOKENS
+
+    path = tmp_path / "auto.toml"  # a manual text side: no pretrained tokenizer to take
+    path.write_text(preset(tmp_path, vqa_dir).read_text().replace(f'tokenizer = "{TOKENIZER}"\n', ""))
+    cfg = load_preset(path)
+    assert cfg.data.tokenizer == "auto"
+    data = build_data(cfg, cache_dir=tmp_path / "cache")
+    questions = [q for split in ("train", "trainable_val")
+                 for qs in open_arrow([vqa_dir / f"vqav2_{split}.arrow"], "vqav2").column("questions").to_pylist()
+                 for q in qs]
+    words = {w for q in questions for w in re.findall(r"\w+|[^\w\s]", q.lower())}
+    assert set(data.tokenizer.get_vocab()) == words | set(SPECIAL_TOKENS)  # the train split's words, no more
+    pipeline._WORD_TOKENIZERS.clear()  # rebuilt from the same files: the same ids (evaluation relies on it)
+    assert pipeline.build_tokenizer(cfg).get_vocab() == data.tokenizer.get_vocab()
+    assert data.tokenizer.unk_token_id not in data.tokenizer(questions[0])["input_ids"]
+    store = Store()
+    record = store.create_run(name="auto", stage="finetune", kind="one_tower", config=cfg.to_dict())
+    with console.capture() as captured:
+        show(record.id)
+    assert ("tokenizer: word-level, built from the text of the 'train+trainable_val' split of vqav2 "
+            "(data.tokenizer = \"auto\")") in " ".join(captured.get().split())

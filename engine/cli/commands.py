@@ -223,6 +223,8 @@ def show(run_id: str) -> None:
         _print_compute(r)
     if r.best_scores or r.final_scores or r.test_scores:
         console.print(format_run_scores(r), highlight=False)
+    if (tokenizer := _tokenizer_of(r)) is not None:
+        console.print(f"tokenizer: {tokenizer}", highlight=False, markup=False)
     points = store.read_metrics(r.id)
     train_points = [p for p in points if "loss" in p]
     if train_points:
@@ -231,6 +233,17 @@ def show(run_id: str) -> None:
             f"{k} {v:.4g}" for k, v in last.items() if k not in ("time",) and isinstance(v, (int, float))))
     console.print(f"\nrun directory: {store.run_dir(r.id)}\nconfig:")
     console.print(tomli_w.dumps(r.config), highlight=False, markup=False)
+
+
+def _tokenizer_of(r: RunRecord) -> str | None:
+    """The tokenizer the run's config builds, in words; None when its config no longer resolves here
+    (e.g. a hub backbone whose config is not cached)."""
+    from engine.data.pipeline import describe_tokenizer
+
+    try:
+        return describe_tokenizer(config_from_dict(r.config, source=f"run {r.id}"))
+    except RenError:
+        return None
 
 
 def _seconds(value: float) -> str:

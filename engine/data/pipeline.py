@@ -76,18 +76,63 @@ def _is_text_model(name: str | None) -> bool:
 
 
 def build_tokenizer(cfg: RunConfig) -> PreTrainedTokenizerBase:
+    """The run's tokenizer: ``data.tokenizer`` when named; with ``auto``, the pretrained text backbone's
+    own, else a word-level tokenizer built from the data's text (:func:`describe_tokenizer`)."""
     if cfg.data.tokenizer != "auto":
         return load_tokenizer(cfg.data.tokenizer, "data.tokenizer")
     source = pretrained_text_source(cfg)
     if source is not None:
         return load_tokenizer(source)
-    if cfg.data.dataset != "easy_vqa":
-        raise ConfigError(
-            f"data.tokenizer = \"auto\" needs a pretrained text backbone to take the tokenizer from; with "
-            f"a manual or random text side on {cfg.data.dataset}, set data.tokenizer to a hub id or directory "
-            "(e.g. \"bert-base-uncased\")."
-        )
-    return _easy_vqa_word_tokenizer()
+    if cfg.data.dataset == "easy_vqa":
+        return _easy_vqa_word_tokenizer()
+    return _data_word_tokenizer(cfg)
+
+
+def describe_tokenizer(cfg: RunConfig) -> str:
+    """Which tokenizer :func:`build_tokenizer` builds for ``cfg``, in words (for ``ren show``)."""
+    if cfg.data.tokenizer != "auto":
+        return f"{cfg.data.tokenizer} (data.tokenizer)"
+    source = pretrained_text_source(cfg)
+    if source is not None:
+        return f"{source} (the pretrained text backbone's, data.tokenizer = \"auto\")"
+    if cfg.data.dataset == "easy_vqa":
+        return "word-level, built from easy-VQA's questions and captions (data.tokenizer = \"auto\")"
+    corpora = ", ".join(_text_kinds(cfg))
+    return (f"word-level, built from the text of the {cfg.data.train_split!r} split of {corpora} "
+            "(data.tokenizer = \"auto\")")
+
+
+_WORD_TOKENIZERS: dict[tuple, PreTrainedTokenizerBase] = {}  # reading every training text once per process
+
+
+def _data_word_tokenizer(cfg: RunConfig) -> PreTrainedTokenizerBase:
+    """Word-level tokenizer over every text of the training split (all of its corpora for caption
+    pretraining): deterministic, as the vocabulary is sorted, and the same for evaluation, which
+    rebuilds it from the same files."""
+    kinds = _text_kinds(cfg)
+    key = (kinds, cfg.data.train_split, cfg.data.root, cfg.data.hf.model_dump_json() if cfg.data.hf else None)
+    if key not in _WORD_TOKENIZERS:
+        texts = [text for kind in kinds for text in _split_texts(open_source(cfg, kind, cfg.data.train_split), kind)]
+        _WORD_TOKENIZERS[key] = build_word_tokenizer(texts)
+    return _WORD_TOKENIZERS[key]
+
+
+def _text_kinds(cfg: RunConfig) -> tuple[str, ...]:
+    """The arrow kinds whose text the run trains on."""
+    return tuple(cfg.data.corpora) if cfg.data.dataset == "captions" else (cfg.data.dataset,)
+
+
+def _split_texts(source: ArrowSource | HFSource, kind: str) -> list[str]:
+    """Every text of ``source``: its kind's text column (ViLT's ``text_column_name``), flattened."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    from engine.data.arrow import arrow_kind
+
+    column = source.column(arrow_kind(kind).text_column)
+    while pa.types.is_list(column.type) or pa.types.is_large_list(column.type):
+        column = pc.list_flatten(column)
+    return [text for text in column.to_pylist() if text]
 
 
 @lru_cache(maxsize=1)
