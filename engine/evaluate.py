@@ -444,12 +444,9 @@ class TaskEval:
     model: VLModel
     data: EvalSplit  # the split's dataset, the head's answers, whether it has labels
 
-    @property
-    def score_key(self) -> str:
-        """The key of this split's score among the run's final scores: ``{dataset}/{split}/{metric}``."""
-        from engine.tasks import METRICS
-
-        return f"{self.cfg.data.dataset}/{self.split}/{METRICS[self.cfg.task.name]}"
+    def score_key(self, metric: str) -> str:
+        """The key of this split's ``metric`` among the run's final scores: ``{dataset}/{split}/{metric}``."""
+        return f"{self.cfg.data.dataset}/{self.split}/{metric}"
 
 
 def run_answers(store: Store, record: RunRecord, cfg: RunConfig, where: str) -> tuple[list[str] | None, str]:
@@ -539,7 +536,7 @@ def task_scores(model: VLModel, dataset: torch.utils.data.Dataset, task: str, *,
     from torch.utils.data import DataLoader
 
     from engine.data.datasets import identity_collate
-    from engine.tasks import METRICS
+    from engine.tasks import METRICS, metric_name
     from engine.train import score_batch
 
     param = next(model.parameters())
@@ -547,9 +544,11 @@ def task_scores(model: VLModel, dataset: torch.utils.data.Dataset, task: str, *,
     result = TaskResult(METRICS[task], 0.0, 0, len(dataset), 0.0)
     total, t0 = 0.0, time.perf_counter()
     was_training = model.training
+    official = True
     model.eval()
     try:
         for batch in loader:
+            official = official and "official_scores" in batch
             batch = {key: value.to(param.device) if isinstance(value, Tensor) else value
                      for key, value in batch.items()}
             with _autocast(param.device, mixed_precision):
@@ -563,5 +562,6 @@ def task_scores(model: VLModel, dataset: torch.utils.data.Dataset, task: str, *,
     finally:
         model.train(was_training)
     result.score = total / max(result.samples, 1)
+    result.metric = metric_name(task, official and result.samples > 0)
     result.seconds = time.perf_counter() - t0
     return result

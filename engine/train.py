@@ -636,9 +636,10 @@ def _finetune_step(model: torch.nn.Module, batch: dict[str, torch.Tensor], cfg: 
 
 def score_batch(model: torch.nn.Module, batch: dict[str, torch.Tensor], task: str
                 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One evaluation batch: the task head's logits and each sample's score (what :func:`evaluate` averages)."""
+    """One evaluation batch: the task head's logits and each sample's score (what :func:`evaluate` averages):
+    the official VQA accuracy where the batch brings ``official_scores``, else the task's score."""
     logits = _task_logits(model, batch)
-    return logits, T.task_score(task, logits, batch["labels"], batch.get("boxes"))
+    return logits, T.task_score(task, logits, batch.get("official_scores", batch["labels"]), batch.get("boxes"))
 
 
 @torch.no_grad()
@@ -649,8 +650,9 @@ def evaluate(model: torch.nn.Module, loader: DataLoader, accelerator: Accelerato
     (FSDP/DeepSpeed) models evaluate too. ``flops`` counts the first batch's forward."""
     was_training = model.training
     model.eval()
-    total, n = 0.0, 0
+    total, n, official = 0.0, 0, True
     for batch in loader:
+        official = official and "official_scores" in batch
         with flops.count("eval", batch) if flops else contextlib.nullcontext():
             scores = score_batch(model, batch, task)[1]
         scores = accelerator.gather_for_metrics(scores)
@@ -659,7 +661,7 @@ def evaluate(model: torch.nn.Module, loader: DataLoader, accelerator: Accelerato
         if max_samples and n >= max_samples:
             break
     model.train(was_training)
-    return {T.METRICS[task]: total / max(n, 1), "eval_samples": float(n)}
+    return {T.metric_name(task, official and n > 0): total / max(n, 1), "eval_samples": float(n)}
 
 
 def _score_test(model: torch.nn.Module, data: DataBundle, micro: int, accelerator: Accelerator, task: str,

@@ -318,7 +318,7 @@ def _split_set(cfg: RunConfig, split: str, tokenizer: PreTrainedTokenizerBase, s
     transform = image_transform(size, train=train, augment=cfg.data.augment)
     if dataset == "vqav2":
         return vqav2.ArrowVQADataset(open_source(cfg, dataset, split, answers=answers), tokenizer, max_len, transform,
-                                     norm, len(answers or ()))
+                                     norm, len(answers or ()), None if train else answers)
     cls = snli_ve.ArrowSNLIVEDataset if dataset == "snli_ve" else nlvr2.ArrowNLVR2Dataset
     return cls(open_source(cfg, dataset, split), tokenizer, max_len, transform, norm)
 
