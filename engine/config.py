@@ -420,7 +420,7 @@ class TaskConfig(_Section):
         return data
 
 
-_DEFAULT_SPLITS = {"easy_vqa": ("train", "test"), "vqav2": ("train+trainable_val", "rest_val"),
+_DEFAULT_SPLITS = {"easy_vqa": ("train", "val"), "vqav2": ("train+trainable_val", "rest_val"),
                    "snli_ve": ("train", "dev"), "nlvr2": ("train", "dev"), "captions": ("train", "val"),
                    "refcoco": ("train", "val"), "refcoco+": ("train", "val"), "refcocog": ("train", "val")}
 _TASK_DATASETS = {"vqa": ("easy_vqa", "vqav2"), "snli_ve": ("snli_ve",), "nlvr2": ("nlvr2",),
@@ -509,17 +509,24 @@ class DataConfig(_Section):
     max_text_len: int = Field(40, ge=4, le=4096)
     """Texts are truncated to this many tokens (special tokens included)."""
     eval_split: str | None = None
-    """The split evaluated during and after training; default ``test`` for
-    easy_vqa, ``rest_val`` (ViLT's minival) for vqav2, ``dev`` for snli_ve and nlvr2,
+    """The split evaluated during and after training (``best_scores`` and
+    ``final_scores``); default ``val`` for easy_vqa (400 train images held out;
+    its test split is scored once after training, as ``test_scores``; ``test``
+    selects on the test split, as runs made before ``val`` existed did),
+    ``rest_val`` (ViLT's minival) for vqav2, ``dev`` for snli_ve and nlvr2,
     ``val`` for the RefCOCO sets (``testA``, ``testB`` and Renaissance's ``test`` also exist)."""
     eval_max_samples: int | None = Field(None, ge=1)
     """Evaluate on the first N samples of the eval split during training (the
     final evaluation always uses the whole split)."""
     cache_dir: str | None = None
     """Where decoded images are cached; default ``$REN_HOME/cache``."""
-    augment: Literal["none", "randaugment"] = "none"
-    """Training images: a random 50-100% area crop, plus RandAugment with
-    ``randaugment`` (file-backed data sets; easy-VQA's images are pre-resized)."""
+    augment: Literal["none", "randaugment", "crop", "crop+randaugment"] = "none"
+    """Training images (file-backed data sets; easy-VQA's images are pre-resized).
+    ``none``: as evaluation sees them (shorter side resized, centre crop), as ViLT
+    and METER finetune and pretrain without ``randaug``. ``randaugment``: RandAugment
+    (2 ops, magnitude 9) first, as their ``*_randaug`` transforms. ``crop``: a random
+    50-100% area crop instead of the centre crop (ALBEF's; neither ViLT nor METER
+    crops); ``crop+randaugment``: that crop, then RandAugment."""
     num_workers: int = Field(0, ge=0, le=64)
     """DataLoader worker processes decoding images (file-backed data sets)."""
     image_norm: Literal["auto", "imagenet", "clip", "half"] = "auto"
@@ -537,17 +544,18 @@ class DataConfig(_Section):
         if self.eval_split is None:
             object.__setattr__(self, "eval_split", evaluate)
         if self.dataset == "easy_vqa":
-            for key, value, allowed in (("train_split", self.train_split, train), ("eval_split", self.eval_split,
-                                                                                     evaluate)):
-                if value != allowed:
-                    raise ValueError(f"{key} = {value!r}: easy_vqa has one {key.split('_')[0]} split, {allowed!r}")
+            if self.hf is not None:
+                raise ValueError("[data.hf] applies to data sets read from files; easy_vqa is embedded (remove it)")
+            if self.train_split != train:
+                raise ValueError(f"train_split = {self.train_split!r}: easy_vqa has one train split, {train!r}")
+            if self.eval_split not in ("val", "test"):
+                raise ValueError(f"eval_split = {self.eval_split!r}: easy_vqa evaluates on 'val' (held out of its "
+                                 "train split) or, as runs made before 'val' existed did, 'test'")
             if self.root is not None:
                 raise ValueError("'root' applies to data sets read from files; easy_vqa is embedded (remove it)")
             if self.augment != "none" or self.num_workers:
                 raise ValueError("augment and num_workers apply to data sets read from files; easy_vqa keeps "
                                  "its images decoded in memory")
-            if self.hf is not None:
-                raise ValueError("[data.hf] applies to data sets read from files; easy_vqa is embedded (remove it)")
         elif self.hf is not None:
             self._check_hf(self.hf)
         elif self.root is None:
@@ -555,8 +563,8 @@ class DataConfig(_Section):
                              "[data.hf] table (a Hugging Face data set)")
         if self.dataset.startswith("refcoco") and self.augment != "none":
             raise ValueError(f"augment = {self.augment!r}: {self.dataset} images are seen whole so that the candidate "
-                             "boxes keep their place; RandAugment's shears, rotations and translations would move "
-                             "the objects away from their boxes. Remove augment")
+                             "boxes keep their place; random crops and RandAugment's shears, rotations and "
+                             "translations would move the objects away from their boxes. Remove augment")
         if (self.dataset == "captions") != bool(self.corpora):
             raise ValueError("'corpora' lists the caption corpora of dataset = \"captions\" (e.g. "
                              "[\"coco_caption\", \"vg\"]); give both or neither")

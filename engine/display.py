@@ -37,15 +37,39 @@ def latex_escape(text: str) -> str:
     return "".join(_LATEX_SPECIAL.get(ch, ch) for ch in text)
 
 
-def format_scores(scores: dict[str, float], *, short: bool = False) -> str:
-    """``"vqa_score 0.9998"`` (``short``: ``"vqa 0.9998"``); ``"-"`` when empty."""
+def format_scores(scores: dict[str, float], *, short: bool = False, split: str | None = None) -> str:
+    """``"vqa_score 0.9998"`` (``short``: ``"vqa 0.9998"``); ``"-"`` when empty. With ``split``, the scores
+    measured on the eval split (keys without a ``/`` after ``eval/``) are named ``"val/vqa_score"``; keys
+    such as ``"vqav2/test/vqa_score"`` (``ren eval task``) already name theirs."""
     parts = []
     for key, value in scores.items():
         if key == "eval_samples":
             continue
         name = key.removeprefix("eval/")
-        parts.append(f"{name.removesuffix('_score') if short else name} {value:.4f}")
+        name = name.removesuffix("_score") if short else name
+        parts.append(f"{split}/{name}" if split and "/" not in name else name)
+        parts[-1] += f" {value:.4f}"
     return ", ".join(parts) or "-"
+
+
+def eval_split_of(record: RunRecord) -> str | None:
+    """The split a run's best and final scores were measured on: recorded with them, else (records made
+    before it was) the run config's ``data.eval_split``; None when neither says."""
+    split = record.eval_split or record.config.get("data", {}).get("eval_split")
+    return split if isinstance(split, str) else None
+
+
+def format_run_scores(record: RunRecord, *, short: bool = False) -> str:
+    """A run's scores, each named by its split: ``"best val/vqa_score 0.9900   final val/vqa_score 0.9800
+    test/vqa_score 0.9700"`` (``short``: the best scores only, ``"val/vqa 0.9900"``)."""
+    split = eval_split_of(record)
+    if short:
+        return format_scores(record.best_scores, short=True, split=split)
+    parts = [f"{what} {format_scores(scores, split=split)}" for what, scores in
+             (("best", record.best_scores), ("final", record.final_scores)) if scores]
+    if record.test_scores:  # keyed "test/<metric>": named already
+        parts.append(format_scores(record.test_scores))
+    return "   ".join(parts) or "-"
 
 
 def format_duration(record: RunRecord) -> str:

@@ -47,7 +47,7 @@ from engine.data.arrow import ArrowSource, list_lengths
 from engine.data.images import ImageTransform, image_transform
 from engine.data.pipeline import EvalSplit
 from engine.data.transforms import Normalization
-from engine.errors import RenError
+from engine.errors import ConfigError, RenError
 from engine.models import VLModel
 from engine.models.two_tower import TwoTower
 from engine.retrieval import evaluate_retrieval
@@ -444,12 +444,9 @@ class TaskEval:
     model: VLModel
     data: EvalSplit  # the split's dataset, the head's answers, whether it has labels
 
-    @property
-    def score_key(self) -> str:
-        """The key of this split's score among the run's final scores: ``{dataset}/{split}/{metric}``."""
-        from engine.tasks import METRICS
-
-        return f"{self.cfg.data.dataset}/{self.split}/{METRICS[self.cfg.task.name]}"
+    def score_key(self, metric: str) -> str:
+        """The key of this split's ``metric`` among the run's final scores: ``{dataset}/{split}/{metric}``."""
+        return f"{self.cfg.data.dataset}/{self.split}/{metric}"
 
 
 def run_answers(store: Store, record: RunRecord, cfg: RunConfig, where: str) -> tuple[list[str] | None, str]:
@@ -469,7 +466,8 @@ def run_answers(store: Store, record: RunRecord, cfg: RunConfig, where: str) -> 
             raise RenError(f"{where}: {path} must hold a JSON list of answer strings (the task head's outputs by "
                            "index), as training writes it.")
         return answers, f"stored with the run in {path}"
-    origin = f"rebuilt from the train split {cfg.data.train_split!r} of {cfg.data.root or cfg.data.hf.path}"
+    data = "the easy_vqa package" if cfg.data.dataset == "easy_vqa" else cfg.data.root or cfg.data.hf.path
+    origin = f"rebuilt from the train split {cfg.data.train_split!r} of {data}"
     try:
         return task_answers(cfg), origin
     except RenError as exc:
@@ -488,13 +486,9 @@ def load_task_eval(store: Store, run_id: str, split: str | None = None, *, root:
 
     record, cfg, where = _stored_config(store, run_id, "run", root)
     check_task_config(cfg, where)
-    if cfg.data.dataset == "easy_vqa":
-        raise RenError(f"{where} finetuned on the embedded easy_vqa data, whose test split training already scored "
-                       "(its final scores, `ren show`); `ren eval task` reads the arrow data sets (vqav2, snli_ve, "
-                       "nlvr2, refcoco).")
     path = _final_weights(store, record, where)
     split = split or cfg.data.eval_split
-    if cfg.data.hf is None:
+    if cfg.data.hf is None and cfg.data.dataset != "easy_vqa":
         try:
             find_arrow_files(cfg.data.root, cfg.data.dataset, split)
         except RenError as exc:
@@ -502,7 +496,11 @@ def load_task_eval(store: Store, run_id: str, split: str | None = None, *, root:
                            "--root at the directory that holds it now.") from None
     answers, origin = run_answers(store, record, cfg, where)
     tokenizer = build_tokenizer(cfg)
-    data = eval_dataset(cfg, split, tokenizer=tokenizer, answers=answers)
+    cache = Path(cfg.data.cache_dir) if cfg.data.cache_dir else store.root / "cache"  # as training reads easy_vqa
+    try:
+        data = eval_dataset(cfg, split, tokenizer=tokenizer, answers=answers, cache_dir=cache)
+    except ConfigError as exc:
+        raise RenError(f"{where} ({cfg.task.name} on {cfg.data.dataset}): {exc}") from None
     num_answers = len(answers) if cfg.task.name == "vqa" and answers is not None else None
     model = _load_model(cfg, path, where, len(tokenizer), num_answers, device, origin)
     return TaskEval(record, cfg, where, split, model, data)
@@ -538,7 +536,7 @@ def task_scores(model: VLModel, dataset: torch.utils.data.Dataset, task: str, *,
     from torch.utils.data import DataLoader
 
     from engine.data.datasets import identity_collate
-    from engine.tasks import METRICS
+    from engine.tasks import METRICS, metric_name
     from engine.train import score_batch
 
     param = next(model.parameters())
@@ -546,9 +544,11 @@ def task_scores(model: VLModel, dataset: torch.utils.data.Dataset, task: str, *,
     result = TaskResult(METRICS[task], 0.0, 0, len(dataset), 0.0)
     total, t0 = 0.0, time.perf_counter()
     was_training = model.training
+    official = True
     model.eval()
     try:
         for batch in loader:
+            official = official and "official_scores" in batch
             batch = {key: value.to(param.device) if isinstance(value, Tensor) else value
                      for key, value in batch.items()}
             with _autocast(param.device, mixed_precision):
@@ -562,5 +562,6 @@ def task_scores(model: VLModel, dataset: torch.utils.data.Dataset, task: str, *,
     finally:
         model.train(was_training)
     result.score = total / max(result.samples, 1)
+    result.metric = metric_name(task, official and result.samples > 0)
     result.seconds = time.perf_counter() - t0
     return result

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from engine.display import format_count, latex_escape, markdown_table
+from engine.display import eval_split_of, format_count, latex_escape, markdown_table
 from engine.errors import RenError, RunNotFound
 from engine.store import RunRecord, Store, atomic_write_text
 from engine.study import Study, flatten, study_runs
@@ -113,10 +113,16 @@ class ReportTable:
     metrics: Mapping[str, str]
     rows: tuple[VariantRow, ...]
     notes: tuple[str, ...]
+    splits: Mapping[str, str] = field(default_factory=dict)  # task -> the split its scores were measured on
+
+    def score_label(self, task: str) -> str:
+        """``"vqa_score on val"``: the task's metric and the split of its scores."""
+        split = self.splits.get(task)
+        return self.metrics.get(task, "score") + (f" on {split}" if split else "")
 
     def headers(self) -> list[str]:
         """Columns of the main table."""
-        scores = [f"{task} ({self.metrics.get(task, 'score')})" for task in self.tasks]
+        scores = [f"{task} ({self.score_label(task)})" for task in self.tasks]
         deltas = [f"Δ {task} [95% CI]" for task in self.tasks]
         return ["variant", "seeds", *scores, *deltas, "PFLOPs", "saved PFLOPs", "device-h", "train time",
                 "saved time", "peak memory", "trainable / total params"]
@@ -159,7 +165,7 @@ class ReportTable:
 
     def latex(self) -> str:
         """The main table as a booktabs ``tabular`` (needs ``\\usepackage{booktabs}``), ready to ``\\input``."""
-        headers = ["Variant", *(f"{t} ({self.metrics.get(t, 'score')})" for t in self.tasks),
+        headers = ["Variant", *(f"{t} ({self.score_label(t)})" for t in self.tasks),
                    *(f"Δ {t} [95% CI]" for t in self.tasks), "PFLOPs", "Saved PFLOPs", "Train time", "Saved time",
                    "Trainable / total"]
         keep = [0, *range(2, 2 + 2 * len(self.tasks)), 2 + 2 * len(self.tasks), 3 + 2 * len(self.tasks),
@@ -545,17 +551,21 @@ def _table(name: str, title: str, description: str, compared: list[str], groups:
            baseline: str, notes: list[str], planned_tasks: Sequence[str] = ()) -> ReportTable:
     tasks = list(dict.fromkeys([*planned_tasks, *(task for g in groups for _, task, _, _ in g.finetunes)]))
     metrics: dict[str, str] = {}
+    splits: dict[str, set[str]] = {}
     for g in groups:
         for _, task, r, _ in g.finetunes:
             if task not in metrics and (metric := _metric(r)):
                 metrics[task] = metric
+            if (split := eval_split_of(r)) is not None:
+                splits.setdefault(task, set()).add(split)
     for task in tasks:
         if task not in metrics:
             notes.append(f"No {task} finetune has been scored yet.")
     rows = [_variant_row(g, g.name == baseline, tasks, metrics, notes) for g in groups]
     return ReportTable(name=name, title=title, description=description, compared=tuple(compared),
                        baseline=baseline, tasks=tuple(tasks), metrics=metrics,
-                       rows=_against_baseline(rows, baseline, tasks), notes=tuple(notes))
+                       rows=_against_baseline(rows, baseline, tasks), notes=tuple(notes),
+                       splits={task: " + ".join(sorted(seen)) for task, seen in splits.items()})
 
 
 def _study_table(store: Store, name: str, *, baseline: str | None, description: str, variants: Sequence[str],

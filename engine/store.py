@@ -196,6 +196,11 @@ class RunRecord:
     compute: dict[str, Any] = field(default_factory=dict)  # FLOPs, throughput, PFLOPs, device-hours (engine.compute)
     best_scores: dict[str, float] = field(default_factory=dict)
     final_scores: dict[str, float] = field(default_factory=dict)
+    # The split best_scores' and final_scores' eval/* keys were measured on (records made before it was
+    # kept: None, and the split is the config's data.eval_split; engine.display.eval_split_of).
+    eval_split: str | None = None
+    # The test split, scored once with the final weights and never used to choose anything: {split/metric: score}.
+    test_scores: dict[str, float] = field(default_factory=dict)
     error: str | None = None
     init_from: str | None = None
     loss_trace: tuple[float, ...] = ()  # the training loss so far, in at most 24 bucket means (for sparklines)

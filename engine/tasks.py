@@ -56,6 +56,15 @@ def refcoco_score(logits: Tensor, labels: Tensor, boxes: Tensor) -> Tensor:
 
 CLASSES = {"snli_ve": 3, "nlvr2": 2}  # vqa: the data set's answer vocabulary; refcoco: one logit per box
 METRICS = {"vqa": "vqa_score", "snli_ve": "accuracy", "nlvr2": "accuracy", "refcoco": "accuracy"}
+# VQA scored by the official scorer (GT-Vision-Lab/VQA vqaEval.py) against the annotators' raw answers, where
+# the split carries them; "vqa_score" is ViLT's soft-target score (engine.vqa_answers).
+OFFICIAL_VQA_METRIC = "vqa_accuracy"
+
+
+def metric_name(task: str, official: bool) -> str:
+    """The name of a task's evaluation score: :data:`OFFICIAL_VQA_METRIC` when every VQA batch was scored
+    by the official scorer, else :data:`METRICS`."""
+    return OFFICIAL_VQA_METRIC if official and task == "vqa" else METRICS[task]
 
 
 def num_classes(task: str, num_answers: int | None) -> int:

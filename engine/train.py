@@ -451,8 +451,8 @@ def train(cfg: RunConfig, store: Store, run_id: str, *, resume: bool = False,
                             scores = evaluate(model, eval_dl, accelerator, cfg.data.eval_max_samples, cfg.task.name,
                                               flops=flops)
                         state.eval_pflops += (flops.eval or 0.0) * scores["eval_samples"] / 1e15
-                        _record_scores(store, run_id, writer, state, scores, main)
-                        reporter.message(_format_scores(state.step, scores))
+                        _record_scores(store, run_id, writer, state, scores, main, cfg.data.eval_split)
+                        reporter.message(_format_scores(state.step, scores, split=cfg.data.eval_split))
                         model.train()
                         t_last = time.perf_counter()  # evaluation time is not training throughput
                     stopping = _should_stop(accelerator, stop)
@@ -476,13 +476,17 @@ def train(cfg: RunConfig, store: Store, run_id: str, *, resume: bool = False,
 
     # --- final evaluation and weights ---------------------------------------
     final: dict[str, float] = {}
+    test: dict[str, float] = {}
     try:
         if status == "finished":
             if cfg.task:
                 final = evaluate(model, eval_dl, accelerator, None, cfg.task.name, flops=flops)
                 state.eval_pflops += (flops.eval or 0.0) * final["eval_samples"] / 1e15
-                _record_scores(store, run_id, writer, state, final, main)
-                reporter.message(_format_scores(state.step, final, final=True))
+                _record_scores(store, run_id, writer, state, final, main, cfg.data.eval_split)
+                reporter.message(_format_scores(state.step, final, final=True, split=cfg.data.eval_split))
+                if data.test is not None:  # once, after every choice was made on the eval split
+                    test = _score_test(model, data, micro, accelerator, cfg.task.name, flops, state)
+                    reporter.message(_format_scores(state.step, test, final=True, split="test"))
             if state.step % cfg.train.checkpoint_every:  # not saved at this step yet
                 _save_checkpoint(accelerator, run_dir, state, cfg.train.keep_checkpoints, writer)
             state_dict = accelerator.get_state_dict(model)  # every process: FSDP/DeepSpeed gather their shards
@@ -492,7 +496,8 @@ def train(cfg: RunConfig, store: Store, run_id: str, *, resume: bool = False,
             writer.close()
         if main:
             trace = {"loss_trace": bucket_means(losses, TRACE)} if losses else {}
-            store.update_run(run_id, step=state.step, **trace, **({"final_scores": final} if final else {}),
+            tested = {"test_scores": {f"test/{k}": v for k, v in test.items() if k != "eval_samples"}} if test else {}
+            store.update_run(run_id, step=state.step, **trace, **({"final_scores": final} if final else {}), **tested,
                              compute=_compute(info, flops, timer, state, compute.get("samples_per_s"),
                                               accelerator.device))
             store.mark_ended(run_id, status, error=error)
@@ -653,9 +658,10 @@ def _finetune_step(model: torch.nn.Module, batch: dict[str, torch.Tensor], cfg: 
 
 def score_batch(model: torch.nn.Module, batch: dict[str, torch.Tensor], task: str
                 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One evaluation batch: the task head's logits and each sample's score (what :func:`evaluate` averages)."""
+    """One evaluation batch: the task head's logits and each sample's score (what :func:`evaluate` averages):
+    the official VQA accuracy where the batch brings ``official_scores``, else the task's score."""
     logits = _task_logits(model, batch)
-    return logits, T.task_score(task, logits, batch["labels"], batch.get("boxes"))
+    return logits, T.task_score(task, logits, batch.get("official_scores", batch["labels"]), batch.get("boxes"))
 
 
 @torch.no_grad()
@@ -666,8 +672,9 @@ def evaluate(model: torch.nn.Module, loader: DataLoader, accelerator: Accelerato
     (FSDP/DeepSpeed) models evaluate too. ``flops`` counts the first batch's forward."""
     was_training = model.training
     model.eval()
-    total, n = 0.0, 0
+    total, n, official = 0.0, 0, True
     for batch in loader:
+        official = official and "official_scores" in batch
         with flops.count("eval", batch) if flops else contextlib.nullcontext():
             scores = score_batch(model, batch, task)[1]
         scores = accelerator.gather_for_metrics(scores)
@@ -676,11 +683,20 @@ def evaluate(model: torch.nn.Module, loader: DataLoader, accelerator: Accelerato
         if max_samples and n >= max_samples:
             break
     model.train(was_training)
-    return {T.METRICS[task]: total / max(n, 1), "eval_samples": float(n)}
+    return {T.metric_name(task, official and n > 0): total / max(n, 1), "eval_samples": float(n)}
+
+
+def _score_test(model: torch.nn.Module, data: DataBundle, micro: int, accelerator: Accelerator, task: str,
+                flops: FlopMeter, state: TrainState) -> dict[str, float]:
+    """The final model's score on the data's test split (``data.test``), whole."""
+    loader = accelerator.prepare(DataLoader(data.test, batch_size=max(micro, 256), collate_fn=_identity))
+    scores = evaluate(model, loader, accelerator, None, task, flops=flops)
+    state.eval_pflops += (flops.eval or 0.0) * scores["eval_samples"] / 1e15
+    return scores
 
 
 def _record_scores(store: Store, run_id: str, writer: Any, state: TrainState,
-                   scores: dict[str, float], main: bool) -> None:
+                   scores: dict[str, float], main: bool, split: str | None) -> None:
     metric = {f"eval/{k}": v for k, v in scores.items() if k != "eval_samples"}
     best = dict(state.best_scores or {})
     for k, v in metric.items():
@@ -689,11 +705,11 @@ def _record_scores(store: Store, run_id: str, writer: Any, state: TrainState,
     if main and writer:
         writer.log(state.step, **metric)
         writer.flush()
-        store.update_run(run_id, best_scores=best)
+        store.update_run(run_id, best_scores=best, eval_split=split)
 
 
-def _format_scores(step: int, scores: dict[str, float], final: bool = False) -> str:
-    label = "final" if final else f"step {step}"
+def _format_scores(step: int, scores: dict[str, float], final: bool = False, split: str | None = None) -> str:
+    label = ("final" if final else f"step {step}") + (f" ({split})" if split else "")
     return f"{label}: " + ", ".join(
         f"{k} {v:.4f}" for k, v in scores.items() if k != "eval_samples"
     ) + f" on {int(scores.get('eval_samples', 0))} samples"

@@ -162,6 +162,30 @@ def vqa_accuracy(prediction: str, gt_answers: Sequence[str]) -> float:
     return sum(per_subset) / len(per_subset)
 
 
+def answer_forms(vocab: Sequence[str]) -> dict[str, list[int]]:
+    """The ids of the vocabulary's answers by each answer's whitespace-cleaned and normalised form (what
+    :func:`official_targets` looks candidates up in)."""
+    forms: dict[str, list[int]] = {}
+    for label, answer in enumerate(vocab):
+        for form in {_clean_whitespace(answer), normalize_answer(answer)} if answer else ():
+            forms.setdefault(form, []).append(label)
+    return forms
+
+
+def official_targets(gt_answers: Sequence[str], vocab: Sequence[str], forms: Mapping[str, Sequence[int]]
+                     ) -> torch.Tensor:
+    """Each vocabulary answer's official accuracy (:func:`vqa_accuracy`) against the annotators' ``gt_answers``,
+    as a float32 vector of length ``len(vocab)``: its entry at the predicted answer is the prediction's official
+    score. An answer can score above 0 only when its cleaned form equals an annotator's (annotators agree) or its
+    normalised form does (they disagree), so only those (looked up in ``forms``, :func:`answer_forms`) are scored."""
+    target = torch.zeros(len(vocab), dtype=torch.float32)
+    labels = {label for answer in gt_answers for form in (_clean_whitespace(answer), normalize_answer(answer))
+              for label in forms.get(form, ())}
+    for label in labels:
+        target[label] = vqa_accuracy(vocab[label], gt_answers)
+    return target
+
+
 def build_answer_vocab(answer_lists: Iterable[Sequence[str]], min_count: int = VILT_MIN_COUNT) -> list[str]:
     """The normalised answers seen at least ``min_count`` times over all lists, by count (descending), then
     alphabetically. An answer that normalises to the empty string is left out. ViLT/METER pass one list per

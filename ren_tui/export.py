@@ -10,7 +10,7 @@ import json
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-from engine.display import format_count, format_seconds, format_steps, latex_escape
+from engine.display import eval_split_of, format_count, format_seconds, format_steps, latex_escape
 from engine.store import RunRecord
 
 
@@ -41,19 +41,24 @@ def _score(scores: Mapping[str, float], task: str) -> str:
 def score_rows(records: Sequence[RunRecord]) -> tuple[list[str], list[list[str]]]:
     """The Compare score table: one row per run, every cell a string.
 
-    Columns: run, stage/kind, steps, best and final value per task, trainable params,
-    train time (over every session of a resumed run) and samples seen.
+    Columns: run, stage/kind, steps, best and final value per task (named by their split: the scored runs'
+    common eval split, else "eval split"), the test value per task where a run has one, trainable
+    params, train time (over every session of a resumed run) and samples seen.
     """
     tasks = task_names(records)
+    splits = {eval_split_of(r) for r in records if r.best_scores or r.final_scores}
+    split = splits.pop() if len(splits) == 1 and None not in splits else "eval split"
+    tested = any(r.test_scores for r in records)
     headers = ["run", "stage/kind", "steps"]
     for task in tasks:
-        headers += [f"best {task}", f"final {task}"]
+        headers += [f"best {split}/{task}", f"final {split}/{task}"] + ([f"test/{task}"] if tested else [])
     headers += ["trainable params", "train time", "samples seen"]
     rows = []
     for r in records:
         row = [r.name, f"{r.stage}/{r.kind}", format_steps(r)]
         for task in tasks:
             row += [_score(r.best_scores, task), _score(r.final_scores, task)]
+            row += [_score(r.test_scores, f"test/{task}")] if tested else []
         row += [format_count(r.params.get("trainable")), format_seconds(r.train_s), format_count(samples_seen(r))]
         rows.append(row)
     return headers, rows

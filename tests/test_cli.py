@@ -206,7 +206,7 @@ def test_two_processes_train_like_one_with_the_same_global_batch(tmp_path: Path,
     assert two.device.startswith("2x cpu") and not one.device.startswith("2x")
     assert two.status == "finished" and two.step == 8
     assert [s for s, _ in store.series(two.id, "eval/vqa_score")] == [4, 8]
-    assert two.final_scores["eval_samples"] == 9673  # gathered from both processes, no duplicates
+    assert two.final_scores["eval_samples"] == 3892  # the val split, gathered from both processes, no duplicates
     loss_two, loss_one = store.series(two.id, "loss"), store.series(one.id, "loss")
     assert [s for s, _ in loss_two] == [s for s, _ in loss_one] == [2, 4, 6, 8]
     worst = max(abs(a - b) / max(abs(b), 1.0) for (_, a), (_, b) in zip(loss_two, loss_one))

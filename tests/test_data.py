@@ -24,6 +24,8 @@ from engine.data.easyvqa import (
     easy_vqa_captions,
     load_easy_vqa,
     read_colour_shape,
+    run_split_captions,
+    run_split_rows,
 )
 from engine.data.tokenizer import build_word_tokenizer, load_tokenizer
 from engine.errors import ModelLoadError
@@ -87,6 +89,32 @@ def test_official_split_sizes_and_contents(data: EasyVQA) -> None:
         assert np.array_equal(data.test.images[7], np.asarray(png.convert("RGB")))
     with pytest.raises(ValueError, match="unknown easy-VQA split"):
         data.split("validation")
+
+
+def test_validation_split_holds_out_whole_images_of_the_train_split(data: EasyVQA) -> None:
+    train, val, test = (data.run_split(name) for name in ("train", "val", "test"))
+    assert (len(train.images), len(val.images), len(test.images)) == (3_600, 400, 1_000)
+    (_, train_rows), (_, val_rows) = (run_split_rows(data, name) for name in ("train", "val"))
+    assert val_rows.tolist() == list(range(9, 4_000, 10))  # the documented, fixed choice
+    assert not set(train_rows) & set(val_rows) and len(set(train_rows) | set(val_rows)) == 4_000
+    for split, rows in ((train, train_rows), (val, val_rows)):
+        on_side = np.isin(data.train.image_index, rows)  # every question of each image goes with the image
+        assert split.questions == [q for q, keep in zip(data.train.questions, on_side, strict=True) if keep]
+        assert np.array_equal(split.answer_ids, data.train.answer_ids[on_side])
+        assert np.array_equal(split.images[split.image_index], data.train.images[data.train.image_index[on_side]])
+    assert len(train.questions) + len(val.questions) == len(data.train.questions) == 38_575
+    assert np.array_equal(test.images, data.test.images) and test.questions == data.test.questions
+    with pytest.raises(ValueError, match="unknown easy-VQA split"):
+        data.run_split("validation")
+
+
+def test_validation_captions_are_those_of_its_images(data: EasyVQA, captions: dict[str, CaptionCorpus]) -> None:
+    val, corpus = run_split_captions(data, "val")
+    whole = captions["train"]
+    assert len(val.images) == 400 and len(corpus.texts) == 1_200
+    assert corpus.texts == [t for t, i in zip(whole.texts, whole.image_index, strict=True) if i % 10 == 9]
+    assert corpus.colours == whole.colours[9::10] and corpus.shapes == whole.shapes[9::10]
+    assert np.array_equal(corpus.image_index, np.repeat(np.arange(400), 3))
 
 
 def test_cache_is_reused_without_decoding_pngs(data: EasyVQA, cache_dir: Path, monkeypatch) -> None:

@@ -31,3 +31,26 @@ def test_format_compute_summarises_the_compute_record(ren_home) -> None:
                                        "peak_memory_mb": 1536.0})
     assert format_compute(record) == ("1.19M/1.56M params trained · 295 MFLOP/sample · 32.4 GFLOP/s (31% of peak) · "
                                       "0.0123 PFLOPs · 0.25 device-h · peak 1.50 GB")
+
+
+def test_scores_are_named_by_the_split_they_were_measured_on(ren_home) -> None:
+    from engine.cli.commands import console, show
+    from engine.display import format_run_scores
+    from engine.store import Store
+
+    store = Store(ren_home)
+    new = store.create_run(name="new", stage="finetune", kind="one_tower", config={"data": {"eval_split": "val"}})
+    new = store.update_run(new.id, best_scores={"eval/vqa_score": 0.9}, final_scores={"vqa_score": 0.8},
+                           eval_split="val", test_scores={"test/vqa_score": 0.7})
+    assert format_run_scores(new, short=True) == "val/vqa 0.9000"
+    assert format_run_scores(new) == "best val/vqa_score 0.9000   final val/vqa_score 0.8000   test/vqa_score 0.7000"
+    # a record made before the split was kept: its config says where it evaluated
+    old = store.create_run(name="old", stage="finetune", kind="one_tower", config={"data": {"eval_split": "test"}})
+    old = store.update_run(old.id, best_scores={"eval/vqa_score": 0.9},
+                           final_scores={"vqa_score": 0.8, "vqav2/rest_val/vqa_score": 0.6})
+    assert old.eval_split is None and not old.test_scores
+    assert format_run_scores(old) == ("best test/vqa_score 0.9000   final test/vqa_score 0.8000, "
+                                      "vqav2/rest_val/vqa_score 0.6000")
+    with console.capture() as captured:
+        show(new.id)
+    assert "best val/vqa_score 0.9000   final val/vqa_score 0.8000   test/vqa_score 0.7000" in captured.get()

@@ -243,8 +243,26 @@ def test_eval_task_refuses_runs_it_cannot_score(tmp_path: Path, ren_home: Path) 
     easy = tmp_path / "easy.toml"
     easy.write_text(f'extends = "{ONE_TOWER}"\n[run]\nname = "easy"\n')
     quick = create_run(store, load_preset(easy), None)
-    with pytest.raises(RenError, match=rf"run {quick.id} finetuned on the embedded easy_vqa data"):
-        _task(quick.id)
     with pytest.raises(RenError, match=rf"--root: run {quick.id} reads the embedded easy_vqa data"):
         _task(quick.id, root=root)
     assert all(store.get_run(r.id).final_scores == {} for r in (pre, created, quick))
+
+
+def test_eval_task_scores_an_easy_vqa_run_on_each_split_as_training_did(ren_home: Path, data_cache: Path) -> None:
+    from engine.train import train
+
+    from .test_train import start, tiny_finetune
+
+    store = Store(ren_home)
+    cfg, run_id = start(store, tiny_finetune(data_cache, max_steps=4, eval_every=4, checkpoint_every=4))
+    train(cfg, store, run_id)
+    trained = store.get_run(run_id)
+    for split in ("val", "test", "train"):
+        _task(run_id, split=split, batch_size=512)
+    scores = store.get_run(run_id).final_scores
+    assert scores["easy_vqa/val/vqa_score"] == pytest.approx(trained.final_scores["vqa_score"], abs=1e-6)
+    assert scores["easy_vqa/test/vqa_score"] == pytest.approx(trained.test_scores["test/vqa_score"], abs=1e-6)
+    assert 0.0 < scores["easy_vqa/train/vqa_score"] <= 1.0
+    with pytest.raises(RenError, match=rf"run {run_id} \(vqa on easy_vqa\): easy_vqa has the splits train, val, "
+                                       "test; there is no split 'dev'"):
+        _task(run_id, split="dev")

@@ -372,5 +372,32 @@ def test_ren_run_finetunes_and_evaluates_on_an_hf_vqav2_data_set(tmp_path: Path,
     (record,) = store.list_runs()
     assert record.status == "finished" and record.step == 3
     assert record.final_scores["eval_samples"] == 5  # 6 questions, one image unreadable
-    assert 0.0 <= record.final_scores["vqa_score"] <= 1.0
-    assert [s for s, _ in store.series(record.id, "eval/vqa_score")] == [2, 3]
+    assert 0.0 <= record.final_scores["vqa_accuracy"] <= 1.0  # the official scorer: HF rows keep raw answers
+    assert [s for s, _ in store.series(record.id, "eval/vqa_accuracy")] == [2, 3]
+
+
+def test_hf_vqav2_is_scored_with_the_official_vqa_accuracy(tmp_path: Path) -> None:
+    import torch
+
+    from engine.data.pipeline import build_tokenizer, eval_dataset
+    from engine.evaluate import task_scores
+    from engine.models import build_model
+    from engine.vqa_answers import vqa_accuracy
+
+    root = write_disk(tmp_path / "disk", train=vqa_split(10), validation=vqa_split(4, start=15))
+    cfg = load_preset(vqa_preset(tmp_path, root))
+    split = eval_dataset(cfg, "validation")
+    assert split.answers == ["yes", "2", "no"]
+    batch = split.dataset.__getitems__([0, 1, 2, 3])
+    # question 16's annotators: "Two", "2", "two", "3": three 2s of four answers. ViLT's soft target for "2"
+    # is 0.9 (its table assumes ten answers); the official leave-one-out mean is (3 x 2/3 + 1) / 4 = 0.75.
+    assert batch["question_ids"][1] == 1016
+    assert batch["labels"][1].tolist() == pytest.approx([0.0, 0.9, 0.0])
+    assert batch["official_scores"][1].tolist() == pytest.approx([0.0, 0.75, 0.0])
+    torch.manual_seed(0)
+    model = build_model(cfg, vocab_size=len(build_tokenizer(cfg)), num_answers=3).eval()
+    result = task_scores(model, split.dataset, "vqa", batch_size=3, keep_predictions=True)
+    assert result.metric == "vqa_accuracy" and result.samples == 4
+    expected = [vqa_accuracy(split.answers[p], answers_of(q - 1000))
+                for p, q in zip(result.predictions, result.question_ids, strict=True)]
+    assert result.score == pytest.approx(sum(expected) / 4)

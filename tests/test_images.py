@@ -27,8 +27,17 @@ def test_eval_resizes_the_short_side_and_takes_the_centre() -> None:
     assert torch.equal(out, image_transform(64, train=False)(three_bands()))  # deterministic
 
 
-def test_train_crops_at_random_and_never_flips() -> None:
-    transform = image_transform(48, train=True)
+def test_augment_none_trains_on_the_evaluation_view() -> None:
+    image = three_bands(300, 240)
+    expected = image_transform(48, train=False)(image)
+    for seed in range(5):  # no random crop (ViLT and METER finetune without one): the same pixels every time
+        torch.manual_seed(seed)
+        assert torch.equal(image_transform(48, train=True)(image), expected)
+        assert torch.equal(image_transform(48, train=True, augment="none")(image), expected)
+
+
+def test_crop_crops_at_random_and_never_flips() -> None:
+    transform = image_transform(48, train=True, augment="crop")
     crops = []
     for seed in range(20):
         torch.manual_seed(seed)
@@ -49,9 +58,10 @@ def test_randaugment_changes_pixels_not_shape() -> None:
     torch.manual_seed(0)
     plain = image_transform(64, train=True)(image)
     torch.manual_seed(0)
-    augmented = image_transform(64, train=True, randaugment=True)(image)
+    augmented = image_transform(64, train=True, augment="randaugment")(image)
     assert augmented.shape == plain.shape == (3, 64, 64)
     assert not torch.equal(plain, augmented)
+    assert torch.equal(image_transform(64, train=False, augment="randaugment")(image), plain)  # never in evaluation
 
 
 

@@ -146,7 +146,8 @@ def test_vqav2_writes_vilts_files_with_labels_scores_and_skips(tmp_path: Path) -
     calls: list[tuple[int, int]] = []
     report = prepare("vqav2", source, out, progress=lambda done, total: calls.append((done, total)))
 
-    columns = ["image", "questions", "answers", "answer_labels", "answer_scores", "image_id", "question_id", "split"]
+    columns = ["image", "questions", "answers", "answer_labels", "answer_scores", "image_id", "question_id", "split",
+               "raw_answers"]
     vocab = ["yes", "2"]
     for split in ("train", "val"):
         rows = _rows(find_arrow_files(out, "vqav2", split)[0], "vqav2", columns)
@@ -161,10 +162,13 @@ def test_vqav2_writes_vilts_files_with_labels_scores_and_skips(tmp_path: Path) -
             assert row["answer_scores"] == scores
             assert row["answers"] == [[vocab[label] for label in question] for question in labels]
             assert row["split"] == split
+            annotated = {qid: answers for entries in (_VQA_TRAIN | _VQA_VAL).values() for qid, _, answers in entries}
+            assert row["raw_answers"] == [annotated[qid] for qid in qids]  # for the official VQA accuracy
     for split, by_image in (("test", {21: [2101, 2102], 22: [2201]}), ("test-dev", _VQA_TEST_DEV)):
         rows = _rows(out / f"vqav2_{split}.arrow", "vqav2", columns)
         assert [(row["image_id"], row["question_id"]) for row in rows] == list(by_image.items())
-        assert all(row["answers"] == row["answer_labels"] == row["answer_scores"] == [] for row in rows)
+        assert all(row["answers"] == row["answer_labels"] == row["answer_scores"] == row["raw_answers"] == []
+                   for row in rows)
         assert all(row["image"] == images[row["image_id"]] and row["split"] == split for row in rows)
     # ViLT's minival: the last 1,000 images of val (here all three), trainable_val the rest (none)
     assert report.rows["vqav2_trainable_val.arrow"] == 0

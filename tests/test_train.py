@@ -70,9 +70,10 @@ def test_finetune_records_metrics_scores_checkpoints_and_weights(ren_home: Path,
     record = store.get_run(run_id)
     assert record.status == "finished" and record.step == 20
     assert 0.0 < final["vqa_score"] <= 1.0
-    assert final["eval_samples"] == 9673  # the final evaluation uses the whole test split
+    assert final["eval_samples"] == 3892  # the final evaluation uses the whole validation split
     assert record.final_scores["vqa_score"] == final["vqa_score"]
-    assert "eval/vqa_score" in record.best_scores
+    assert "eval/vqa_score" in record.best_scores and record.eval_split == "val"
+    assert list(record.test_scores) == ["test/vqa_score"] and 0.0 < record.test_scores["test/vqa_score"] <= 1.0
     assert record.params["trainable"] == record.params["total"] > 0
     assert record.device.startswith("cpu")
 
@@ -88,6 +89,33 @@ def test_finetune_records_metrics_scores_checkpoints_and_weights(ren_home: Path,
     ckpts = sorted(p.name for p in (run_dir / "checkpoints").glob("step_*"))
     assert ckpts == ["step_00000010", "step_00000020"]
     assert latest_checkpoint(run_dir).name == "step_00000020"
+
+
+def test_easy_vqa_selects_on_val_and_scores_test_once_after_training(ren_home: Path, data_cache: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    import engine.train as engine_train
+
+    bundles, calls = [], []
+    build_data, evaluate = engine_train.build_data, engine_train.evaluate
+
+    def keep_bundle(*args, **kwargs):
+        bundles.append(build_data(*args, **kwargs))
+        return bundles[-1]
+
+    def note_split(model, loader, *args, **kwargs):
+        calls.append({id(bundles[0].eval): "val", id(bundles[0].test): "test"}[id(loader.dataset)])
+        return evaluate(model, loader, *args, **kwargs)
+
+    monkeypatch.setattr(engine_train, "build_data", keep_bundle)
+    monkeypatch.setattr(engine_train, "evaluate", note_split)
+    store = Store(ren_home)
+    cfg, run_id = start(store, tiny_finetune(data_cache, max_steps=10, eval_every=5, checkpoint_every=5))
+    train(cfg, store, run_id)
+    assert calls == ["val", "val", "test"]  # step 5, final, then test once
+    assert len(bundles[0].eval) == 3892 and len(bundles[0].test) == 9673
+    record = store.get_run(run_id)
+    assert record.eval_split == "val" and set(record.test_scores) == {"test/vqa_score"}
+    assert store.series(run_id, "eval/vqa_score")[-1][1] == record.final_scores["vqa_score"]  # val, not test
 
 
 def test_pretraining_logs_each_objective_and_their_weighted_sum(ren_home: Path, data_cache: Path) -> None:

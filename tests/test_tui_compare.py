@@ -71,7 +71,7 @@ async def test_compare_curves_scores_diff_and_export(ren_home: Path, tmp_path: P
 
         scores = screen.query_one("#scores", DataTable)
         assert [str(c.label) for c in scores.columns.values()] == [
-            "run", "stage/kind", "steps", "best vqa_score", "final vqa_score", "trainable params", "train time",
+            "run", "stage/kind", "steps", "best val/vqa_score", "final val/vqa_score", "trainable params", "train time",
             "samples seen"]
         gamma = scores.get_row(runs[2].id)
         assert gamma[:3] == ["gamma", "finetune/two_tower", "200/200"]
@@ -91,7 +91,7 @@ async def test_compare_curves_scores_diff_and_export(ren_home: Path, tmp_path: P
         markdown = (tmp_path / "exports" / f"{stem}.md").read_text()
         assert app.clipboard == markdown
         lines = markdown.splitlines()
-        assert lines[0].startswith("| run | stage/kind | steps | best vqa_score |") and lines[1].startswith("|---|")
+        assert lines[0].startswith("| run | stage/kind | steps | best val/vqa_score |") and lines[1].startswith("|---|")
         for run, line in zip(runs, lines[2:], strict=True):
             assert line.startswith(f"| {run.name} | finetune/two_tower |")
             assert f"| {run.best_scores['eval/vqa_score']:.4f} |" in line
@@ -99,7 +99,7 @@ async def test_compare_curves_scores_diff_and_export(ren_home: Path, tmp_path: P
         assert rows[0][0] == "run" and [r[0] for r in rows[1:]] == ["alpha", "beta", "gamma"]
         assert rows[1][3] == f"{runs[0].best_scores['eval/vqa_score']:.4f}"
         latex = (tmp_path / "exports" / f"{stem}.tex").read_text()
-        assert r"best vqa\_score" in latex and r"finetune/two\_tower" in latex and "vqa_score" not in latex
+        assert r"best val/vqa\_score" in latex and r"finetune/two\_tower" in latex and "vqa_score" not in latex
 
 
 async def test_compare_with_identical_configs_says_so(ren_home: Path, tmp_path: Path) -> None:
@@ -118,7 +118,7 @@ def test_score_rows_formats_scores_params_and_compute(ren_home: Path) -> None:
     done = canned_run(store, "done", steps=200)
     queued = store.create_run(name="queued", stage="pretrain", kind="one_tower", config={"train": {}}, max_steps=10)
     headers, rows = score_rows([done, queued])
-    assert headers == ["run", "stage/kind", "steps", "best vqa_score", "final vqa_score", "trainable params",
+    assert headers == ["run", "stage/kind", "steps", "best val/vqa_score", "final val/vqa_score", "trainable params",
                        "train time", "samples seen"]
     best, final = done.best_scores["eval/vqa_score"], done.final_scores["vqa_score"]
     assert rows[0] == ["done", "finetune/two_tower", "200/200", f"{best:.4f}", f"{final:.4f}", "600K", "1m39s",

@@ -51,7 +51,7 @@ async def test_monitor_shows_the_run_and_follows_new_points(ren_home: Path) -> N
         assert isinstance(screen, MonitorScreen)
         text = header(screen)
         assert run.id in text and "running" in text and f"{run.step}/400 steps" in text
-        assert "vqa_score 0." in text
+        assert "best val/vqa 0." in text
         loss_points = sum("loss" in p for p in replay.points[:120])
         chart = screen.chart
         assert list(chart.series) == ["loss", "loss_mlm"]

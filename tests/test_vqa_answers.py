@@ -13,10 +13,12 @@ import torch
 from engine.errors import RenError
 from engine.vqa_answers import (
     VQAExample,
+    answer_forms,
     batch_vqa_score,
     build_answer_vocab,
     load_vqa_json,
     normalize_answer,
+    official_targets,
     soft_score,
     soft_targets,
     target_vector,
@@ -397,3 +399,14 @@ def test_load_vqa_json_inconsistent_records(tmp_path: Path) -> None:
     content["questions"].append(content["questions"][0])
     with pytest.raises(RenError, match=r"questions\[3\] repeats question_id 458752000"):
         load_vqa_json(_write(tmp_path / QUESTIONS_NAME, content), None)
+
+
+@pytest.mark.parametrize("gt", [["2"] * 3 + ["two"] * 2 + ["yes"] * 5,  # disagree: both sides normalised
+                                ["Two"] * 10,  # all agree: compared verbatim, so "two" scores 0
+                                ["yes", "Yes.", "no"],  # fewer than ten answers: leave-one-out over three
+                                ["a dog", "dog", "dogs", "the dog", "cat"]])
+def test_official_targets_give_each_answer_its_official_accuracy(gt: list[str]) -> None:
+    vocab = ["yes", "no", "2", "two", "Two", "dog", "dogs", "cat", ""]
+    target = official_targets(gt, vocab, answer_forms(vocab))
+    assert target.dtype == torch.float32 and target.shape == (len(vocab),)
+    assert target.tolist() == pytest.approx([vqa_accuracy(a, gt) if a else 0.0 for a in vocab])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -68,6 +69,19 @@ def test_unreadable_images_drop_their_questions_and_are_counted(vqa_dir: Path) -
     assert batch["labels"].shape[0] == 5 * 3 - 3 and source.skipped_images == 1
 
 
+def test_default_training_images_are_the_evaluation_view(tmp_path: Path, vqa_dir: Path) -> None:
+    """augment = "none" (the default) trains on exactly what evaluation sees: no random crop."""
+    data = build_data(load_preset(preset(tmp_path, vqa_dir)), cache_dir=tmp_path / "cache")
+    batches = []
+    for seed in range(3):
+        torch.manual_seed(seed)
+        batches.append(data.train.__getitems__([0, 3])["pixel_values"])
+    assert all(torch.equal(batch, batches[0]) for batch in batches)
+    eval_view = ArrowVQADataset(data.train.source, data.tokenizer, 16, data.eval.transform, data.eval.norm,
+                                data.num_answers).__getitems__([0, 3])["pixel_values"]
+    assert torch.equal(batches[0], eval_view)
+
+
 def test_the_pipeline_joins_splits_and_explains_bad_input(tmp_path: Path, vqa_dir: Path) -> None:
     cfg = load_preset(preset(tmp_path, vqa_dir))
     assert (cfg.data.train_split, cfg.data.eval_split) == ("train+trainable_val", "rest_val")
@@ -90,3 +104,51 @@ def test_ren_run_finetunes_and_evaluates_on_vqav2_arrow_files(tmp_path: Path, vq
     assert record.final_scores["eval_samples"] == 12  # 5 images x 3 questions, one image unreadable
     assert 0.0 <= record.final_scores["vqa_score"] <= 1.0
     assert [s for s, _ in Store(ren_home).series(record.id, "loss")] == [2, 4]
+
+
+def test_validate_sizes_the_answer_head_as_the_run_builds_it(tmp_path: Path, vqa_dir: Path) -> None:
+    from engine.cli.commands import console, model_summary, validate
+    from engine.freeze import apply_freeze
+    from engine.models import build_model
+
+    path = preset(tmp_path, vqa_dir)
+    cfg = load_preset(path)
+    data = build_data(cfg, cache_dir=tmp_path / "cache")
+    assert data.num_answers < 3129  # the fixture's files hold a handful of answers, not ViLT's 3,129
+    with torch.device("meta"):
+        built = build_model(cfg, vocab_size=data.vocab_size, num_answers=data.num_answers)
+    assert model_summary(cfg) == apply_freeze(built, cfg.freeze).to_dict()
+    with console.capture() as captured:
+        validate(path, [], as_json=False, all_groups=False)
+    assert (f"answer head: {data.num_answers} answers (the answers of the 'train+trainable_val' split's files)"
+            in " ".join(captured.get().split()))
+    with console.capture() as captured:  # data not readable here: ViLT's size, and why
+        validate(preset(tmp_path, tmp_path / "elsewhere"), [], as_json=False, all_groups=False)
+    shown = " ".join(captured.get().split())
+    assert "answer head: 3129 answers (ViLT's VQAv2 vocabulary; the training data cannot be read here" in shown
+
+
+def test_auto_tokenizer_on_arrow_data_is_built_from_the_training_text(tmp_path: Path, vqa_dir: Path) -> None:
+    from engine.cli.commands import console, show
+    from engine.data import pipeline
+    from engine.data.tokenizer import SPECIAL_TOKENS
+
+    path = tmp_path / "auto.toml"  # a manual text side: no pretrained tokenizer to take
+    path.write_text(preset(tmp_path, vqa_dir).read_text().replace(f'tokenizer = "{TOKENIZER}"\n', ""))
+    cfg = load_preset(path)
+    assert cfg.data.tokenizer == "auto"
+    data = build_data(cfg, cache_dir=tmp_path / "cache")
+    questions = [q for split in ("train", "trainable_val")
+                 for qs in open_arrow([vqa_dir / f"vqav2_{split}.arrow"], "vqav2").column("questions").to_pylist()
+                 for q in qs]
+    words = {w for q in questions for w in re.findall(r"\w+|[^\w\s]", q.lower())}
+    assert set(data.tokenizer.get_vocab()) == words | set(SPECIAL_TOKENS)  # the train split's words, no more
+    pipeline._WORD_TOKENIZERS.clear()  # rebuilt from the same files: the same ids (evaluation relies on it)
+    assert pipeline.build_tokenizer(cfg).get_vocab() == data.tokenizer.get_vocab()
+    assert data.tokenizer.unk_token_id not in data.tokenizer(questions[0])["input_ids"]
+    store = Store()
+    record = store.create_run(name="auto", stage="finetune", kind="one_tower", config=cfg.to_dict())
+    with console.capture() as captured:
+        show(record.id)
+    assert ("tokenizer: word-level, built from the text of the 'train+trainable_val' split of vqav2 "
+            "(data.tokenizer = \"auto\")") in " ".join(captured.get().split())

@@ -306,8 +306,8 @@ def eval_retrieval(
 def eval_task(
     run_id: RunArg,
     split: Annotated[Optional[str], typer.Option(help="The split scored, e.g. test1 (NLVR2), test (SNLI-VE), "
-                                                 "rest_val, test-dev (VQAv2), testA (RefCOCO); default: the "
-                                                 "run's eval_split.")] = None,
+                                                 "rest_val, test-dev (VQAv2), testA (RefCOCO), val (easy_vqa); "
+                                                 "default: the run's eval_split.")] = None,
     root: Annotated[Optional[Path], typer.Option("--root", help="Directory of the arrow files, if they moved "
                                                  "(default: the run's data.root).")] = None,
     submission: Annotated[Optional[Path], typer.Option(help="VQAv2: write the result JSON for the evaluation "

@@ -15,7 +15,7 @@ from rich.console import Console
 from rich.table import Table
 
 from engine.config import RunConfig, config_from_dict, load_preset
-from engine.display import format_duration, format_scores, format_steps, si
+from engine.display import format_duration, format_run_scores, format_steps, si
 from engine.errors import RenError
 from engine.launch import check_init_from, create_run, resolve_init_from, stored_config, trained_now
 from engine.store import RunRecord, Store
@@ -121,6 +121,8 @@ def _launch_distributed(cfg: RunConfig, run_id: str, gpus: int, *, resume: bool)
 
 
 def validate(preset: Path, overrides: list[str], *, as_json: bool, all_groups: bool) -> None:
+    from engine.data.pipeline import answer_head
+
     cfg = load_preset(preset, overrides)
     check_init_from(Store(read_only=True), cfg)  # what `ren run` would refuse before creating the run
     summary = model_summary(cfg)
@@ -129,6 +131,9 @@ def validate(preset: Path, overrides: list[str], *, as_json: bool, all_groups: b
         return
     console.print(f"[bold]{preset}[/]: valid ({cfg.stage}, {cfg.model.kind})\n")
     console.print(tomli_w.dumps(cfg.to_dict()), highlight=False, markup=False)
+    answers, source = answer_head(cfg)
+    if answers is not None:
+        console.print(f"answer head: {answers} answers ({source})", highlight=False, markup=False)
     _print_params(summary, all_groups)
 
 
@@ -195,7 +200,7 @@ def list_runs(limit: int) -> None:
         table.add_column(col, no_wrap=True)
     for r in records:
         cells = {"name": r.name, "stage": r.stage, "status": _status(r), "steps": format_steps(r),
-                 "best": format_scores(r.best_scores, short=True), "time": format_duration(r)}
+                 "best": format_run_scores(r, short=True), "time": format_duration(r)}
         table.add_row(r.id, *(cells[c] for c in columns))
     console.print(table)
 
@@ -217,8 +222,10 @@ def show(run_id: str) -> None:
         _print_params(r.params, all_groups=False)
     if r.compute:
         _print_compute(r)
-    if r.best_scores or r.final_scores:
-        console.print(f"best: {format_scores(r.best_scores)}   final: {format_scores(r.final_scores)}")
+    if r.best_scores or r.final_scores or r.test_scores:
+        console.print(format_run_scores(r), highlight=False)
+    if (tokenizer := _tokenizer_of(r)) is not None:
+        console.print(f"tokenizer: {tokenizer}", highlight=False, markup=False)
     points = store.read_metrics(r.id)
     train_points = [p for p in points if "loss" in p]
     if train_points:
@@ -235,6 +242,17 @@ def _precision(compute: dict[str, Any]) -> str:
     if requested and requested != dtype:
         return f"{dtype} [yellow]({requested} was requested and not applied on this device)[/]"
     return str(dtype)
+
+
+def _tokenizer_of(r: RunRecord) -> str | None:
+    """The tokenizer the run's config builds, in words; None when its config no longer resolves here
+    (e.g. a hub backbone whose config is not cached)."""
+    from engine.data.pipeline import describe_tokenizer
+
+    try:
+        return describe_tokenizer(config_from_dict(r.config, source=f"run {r.id}"))
+    except RenError:
+        return None
 
 
 def _seconds(value: float) -> str:

@@ -126,11 +126,11 @@ def task(run_id: str, *, split: str | None, root: Path | None, submission: Path 
     left_out = result.items - result.samples
     note = f" ({left_out} left out: their images could not be decoded)" if left_out else ""
     if data.labelled:
-        console.print(f"{result.metric} {result.score:.4f} on {result.samples} samples{note} in "
-                      f"{result.seconds:.1f}s", highlight=False)
+        console.print(f"{result.metric} {result.score:.4f}{_scorer(result.metric, cfg.data.dataset)} on "
+                      f"{result.samples} samples{note} in {result.seconds:.1f}s", highlight=False)
         current = store.get_run(run.record.id).final_scores
-        store.update_run(run.record.id, final_scores={**current, run.score_key: result.score})
-        console.print(f"stored in the run's final scores as {run.score_key}")
+        store.update_run(run.record.id, final_scores={**current, run.score_key(result.metric): result.score})
+        console.print(f"stored in the run's final scores as {run.score_key(result.metric)}")
     if submission is not None:
         if left_out:
             raise RenError(f"Not writing {submission}: {left_out} of {result.items} questions of split "
@@ -141,3 +141,14 @@ def task(run_id: str, *, split: str | None, root: Path | None, submission: Path 
         answers = data.answers or []
         write_submission(result.question_ids, [answers[i] for i in result.predictions], submission)
         console.print(f"submission: {len(result.predictions)} answers written to {submission}")
+
+
+def _scorer(metric: str, dataset: str) -> str:
+    """Which VQAv2 scorer produced ``metric``, in words (nothing for other data sets)."""
+    from engine.tasks import OFFICIAL_VQA_METRIC
+
+    if dataset != "vqav2":
+        return ""
+    if metric == OFFICIAL_VQA_METRIC:
+        return " (the official VQA accuracy over the annotators' answers, vqaEval.py)"
+    return " (ViLT's soft score: the files carry no raw annotator answers)"

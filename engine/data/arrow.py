@@ -149,7 +149,8 @@ ARROW_KINDS: dict[str, ArrowKind] = {
             columns={"image": "binary", "questions": "list<string>", "answers": "list<list<string>>",
                      "answer_labels": "list<list<int>>", "answer_scores": "list<list<float>>",
                      "image_id": "int", "question_id": "list<int>"},
-            optional={"split": "string"}, image_columns=("image",), text_column="questions",
+            optional={"split": "string", "raw_answers": "list<list<string>>"}, image_columns=("image",),
+            text_column="questions",
             vilt_splits={"train": "train+trainable_val", "val": "rest_val", "test": "test"}),
         ArrowKind(
             name="nlvr2", writer="vilt/utils/write_nlvr2.py",

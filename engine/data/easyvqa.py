@@ -39,6 +39,16 @@ taken from the questions asked about that image and their answers:
    image whose colour and shape the annotations settle, the pixel reading
    agrees with them (the test suite checks all 5,000 images).
 
+The validation split
+--------------------
+easy-VQA ships a train and a test split only. ren holds out every
+:data:`VAL_EVERY`-th image of the package's train split (rows 9, 19, ..., 3999
+in image-id order: 400 images, 10%) with all of its questions as ``val``;
+``train`` is the other 3,600 images. The images are drawn independently at
+random by the package's generator, so a fixed stride is as good as a random
+draw and needs no seed. :meth:`EasyVQA.run_split` reads these splits;
+:meth:`EasyVQA.split` reads the package's own.
+
 Each image then gets one caption from each of :data:`CAPTION_TEMPLATES`, in
 that order: "a red circle.", "a circle that is red.", "the image shows a red
 circle." Captions are listed image by image: caption ``k`` describes image
@@ -61,7 +71,9 @@ import numpy as np
 from PIL import Image
 
 CACHE_NAME = "easy_vqa_v1.npz"
-SPLITS = ("train", "test")
+SPLITS = ("train", "test")  # the package's splits, as cached
+RUN_SPLITS = ("train", "val", "test")  # the splits a run trains, selects and tests on
+VAL_EVERY = 10  # every 10th image of the package's train split is a validation image
 IMAGE_SIZE = 64
 
 SHAPES = ("circle", "rectangle", "triangle")
@@ -103,6 +115,12 @@ class VQASplit:
     answer_ids: np.ndarray
     image_index: np.ndarray
 
+    def subset(self, rows: np.ndarray) -> VQASplit:
+        """The images at ``rows`` (ascending) with all their questions, image rows renumbered."""
+        keep = np.isin(self.image_index, rows)
+        return VQASplit(self.images[rows], [q for q, k in zip(self.questions, keep, strict=True) if k],
+                        self.answer_ids[keep], np.searchsorted(rows, self.image_index[keep]).astype(np.int64))
+
 
 @dataclass(frozen=True, eq=False)
 class EasyVQA:
@@ -117,6 +135,23 @@ class EasyVQA:
         if name not in SPLITS:
             raise ValueError(f"unknown easy-VQA split {name!r}; expected one of {SPLITS}")
         return self.train if name == "train" else self.test
+
+    def run_split(self, name: str) -> VQASplit:
+        """Return a run's split ``name``: "train" (the package's train split less the
+        validation images), "val" or "test" (see the module docstring)."""
+        package, rows = run_split_rows(self, name)
+        return self.split(package).subset(rows)
+
+
+def run_split_rows(data: EasyVQA, name: str) -> tuple[str, np.ndarray]:
+    """The package split that a run's split ``name`` is drawn from, and its image rows (ascending)."""
+    if name not in RUN_SPLITS:
+        raise ValueError(f"unknown easy-VQA split {name!r}; expected one of {RUN_SPLITS}")
+    if name == "test":
+        return "test", np.arange(len(data.test.images))
+    rows = np.arange(len(data.train.images))
+    is_val = rows % VAL_EVERY == VAL_EVERY - 1
+    return "train", rows[is_val if name == "val" else ~is_val]
 
 
 @dataclass(frozen=True, eq=False)
@@ -137,6 +172,13 @@ class CaptionCorpus:
     colours: list[str]
     shapes: list[str]
     from_pixels: np.ndarray
+
+    def subset(self, rows: np.ndarray) -> CaptionCorpus:
+        """The captions of the images at ``rows`` (ascending), image rows renumbered."""
+        keep = np.isin(self.image_index, rows)
+        return CaptionCorpus(np.searchsorted(rows, self.image_index[keep]).astype(np.int64),
+                             [t for t, k in zip(self.texts, keep, strict=True) if k],
+                             [self.colours[r] for r in rows], [self.shapes[r] for r in rows], self.from_pixels[rows])
 
 
 def load_easy_vqa(cache_dir: Path) -> EasyVQA:
@@ -239,6 +281,13 @@ def easy_vqa_captions(data: EasyVQA, split: str) -> CaptionCorpus:
     ]
     image_index = np.repeat(np.arange(num_images, dtype=np.int64), len(CAPTION_TEMPLATES))
     return CaptionCorpus(image_index, texts, values["colour"], values["shape"], from_pixels)
+
+
+def run_split_captions(data: EasyVQA, name: str) -> tuple[VQASplit, CaptionCorpus]:
+    """A run's split ``name`` (see :meth:`EasyVQA.run_split`) and its captions. Captions are derived
+    from the whole package split, image by image, so a subset's captions are those of its images."""
+    package, rows = run_split_rows(data, name)
+    return data.split(package).subset(rows), easy_vqa_captions(data, package).subset(rows)
 
 
 def _rgb_codes(rgb: np.ndarray) -> np.ndarray:

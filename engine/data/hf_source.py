@@ -35,7 +35,8 @@ Columns. ``data.hf.columns`` maps ren's column names (the layout's, see
   normalised answers with ViLT's soft scores, in first-seen order (what
   :func:`~engine.vqa_answers.soft_targets` gives), and ``answers`` holds the
   vocabulary strings aligned with them, as ViLT's files do. An eval split is
-  labelled with the training split's vocabulary.
+  labelled with the training split's vocabulary. ``raw_answers`` keeps each
+  question's annotators' answers as given, for the official VQA accuracy.
 * SNLI-VE: ``premise`` (optional) and ``hypothesis`` form the ``sentences``
   pair; ``labels`` are METER's ids (0 contradiction, 1 neutral, 2 entailment),
   or names as strings or an HF ``ClassLabel`` (mapped by name).
@@ -481,8 +482,10 @@ class HFSource(ImageRows):
             return _lists(rows, _lists(offsets, values).filter(pa.array(answered)))
 
         strings = pa.array(list(vocabulary), pa.string()).take(pa.array(labels, pa.int64()))
+        raw = _lists(np.concatenate([[0], np.cumsum(lengths)]), flat.cast(pa.string()))  # as given, per question
         return {"answers": per_row(strings), "answer_labels": per_row(pa.array(labels, pa.int64())),
-                "answer_scores": per_row(pa.array(table[np.minimum(counts, len(SOFT_SCORES))]))}
+                "answer_scores": per_row(pa.array(table[np.minimum(counts, len(SOFT_SCORES))])),
+                "raw_answers": _lists(rows, raw.filter(pa.array(answered)))}
 
     def _vocabulary(self, group_answers: pa.Array, question: np.ndarray, counts: np.ndarray,
                     min_count: int) -> list[str]:

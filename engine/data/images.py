@@ -1,10 +1,14 @@
 """Decoded images to model-sized uint8 tensors, for data sets read from files.
 
 Evaluation resizes the shorter side to the model's image size and takes the
-centre crop (as METER and CLIP do). Training takes a random crop of 50-100% of
-the image area, resized to the image size (ALBEF's crop), and optionally
-RandAugment (2 operations of magnitude 9, as ViLT and ALBEF use). Nothing
-flips images: "left" and "right" in questions and captions must stay true.
+centre crop (as METER and CLIP do). Training does the same unless
+``data.augment`` asks for more (:data:`AUGMENTS`): ``randaugment`` first applies
+RandAugment (2 operations of magnitude 9) to the decoded image, as METER's
+``clip_randaug`` and ViLT's ``pixelbert_randaug`` finetuning transforms do;
+neither reference crops at random. ``crop`` takes a random crop of 50-100% of
+the image area resized to the image size (ALBEF's crop) instead of the centre
+crop, and ``crop+randaugment`` follows it with RandAugment. Nothing flips
+images: "left" and "right" in questions and captions must stay true.
 Referring expressions (:func:`whole_image_transform`) see the whole image
 resized to a square, so that every candidate box stays in view and keeps its
 place relative to the image.
@@ -14,6 +18,7 @@ Normalisation happens per batch, with :class:`engine.data.transforms.Normalizati
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Literal
 
 from PIL import Image
 from torch import Tensor
@@ -22,17 +27,23 @@ from torchvision.transforms import v2
 TRAIN_CROP_SCALE = (0.5, 1.0)
 RANDAUGMENT_OPS, RANDAUGMENT_MAGNITUDE = 2, 9
 
+Augment = Literal["none", "randaugment", "crop", "crop+randaugment"]
+AUGMENTS: tuple[Augment, ...] = ("none", "randaugment", "crop", "crop+randaugment")
 ImageTransform = Callable[[Image.Image], Tensor]
 
 
-def image_transform(size: int, *, train: bool, randaugment: bool = False) -> ImageTransform:
-    """A PIL RGB image -> ``(3, size, size)`` uint8 tensor."""
-    if train:
-        steps: list = [v2.RandomResizedCrop(size, scale=TRAIN_CROP_SCALE, antialias=True)]
-        if randaugment:
-            steps.append(v2.RandAugment(num_ops=RANDAUGMENT_OPS, magnitude=RANDAUGMENT_MAGNITUDE))
+def image_transform(size: int, *, train: bool, augment: Augment = "none") -> ImageTransform:
+    """A PIL RGB image -> ``(3, size, size)`` uint8 tensor; ``augment`` applies when ``train``."""
+    augment = augment if train else "none"
+    if augment not in AUGMENTS:
+        raise ValueError(f"unknown augment {augment!r}; expected one of {AUGMENTS}")
+    randaugment = [v2.RandAugment(num_ops=RANDAUGMENT_OPS, magnitude=RANDAUGMENT_MAGNITUDE)]
+    if augment.startswith("crop"):
+        steps = [v2.RandomResizedCrop(size, scale=TRAIN_CROP_SCALE, antialias=True)]
+        steps += randaugment if augment == "crop+randaugment" else []
     else:
-        steps = [v2.Resize(size, antialias=True), v2.CenterCrop(size)]
+        steps = (randaugment if augment == "randaugment" else []) + [v2.Resize(size, antialias=True),
+                                                                      v2.CenterCrop(size)]
     return v2.Compose([v2.PILToTensor(), *steps])
 
 

@@ -19,7 +19,8 @@ from transformers import PreTrainedTokenizerBase
 
 from engine.config import RunConfig
 from engine.data.datasets import CaptionDataset, VQADataset
-from engine.data.easyvqa import easy_vqa_captions, load_easy_vqa
+from engine.data.easyvqa import RUN_SPLITS as EASY_VQA_SPLITS
+from engine.data.easyvqa import EasyVQA, load_easy_vqa, run_split_captions
 from engine.data.tokenizer import build_word_tokenizer, load_tokenizer
 from engine.data.transforms import Normalization, resolve_normalization
 from engine.errors import ConfigError, RenError
@@ -36,6 +37,7 @@ class DataBundle:
     tokenizer: PreTrainedTokenizerBase
     num_answers: int | None
     answers: list[str] | None
+    test: Dataset | None = None  # scored once after training, never during it (easy-VQA's test split)
 
     @property
     def vocab_size(self) -> int:
@@ -74,18 +76,63 @@ def _is_text_model(name: str | None) -> bool:
 
 
 def build_tokenizer(cfg: RunConfig) -> PreTrainedTokenizerBase:
+    """The run's tokenizer: ``data.tokenizer`` when named; with ``auto``, the pretrained text backbone's
+    own, else a word-level tokenizer built from the data's text (:func:`describe_tokenizer`)."""
     if cfg.data.tokenizer != "auto":
         return load_tokenizer(cfg.data.tokenizer, "data.tokenizer")
     source = pretrained_text_source(cfg)
     if source is not None:
         return load_tokenizer(source)
-    if cfg.data.dataset != "easy_vqa":
-        raise ConfigError(
-            f"data.tokenizer = \"auto\" needs a pretrained text backbone to take the tokenizer from; with "
-            f"a manual or random text side on {cfg.data.dataset}, set data.tokenizer to a hub id or directory "
-            "(e.g. \"bert-base-uncased\")."
-        )
-    return _easy_vqa_word_tokenizer()
+    if cfg.data.dataset == "easy_vqa":
+        return _easy_vqa_word_tokenizer()
+    return _data_word_tokenizer(cfg)
+
+
+def describe_tokenizer(cfg: RunConfig) -> str:
+    """Which tokenizer :func:`build_tokenizer` builds for ``cfg``, in words (for ``ren show``)."""
+    if cfg.data.tokenizer != "auto":
+        return f"{cfg.data.tokenizer} (data.tokenizer)"
+    source = pretrained_text_source(cfg)
+    if source is not None:
+        return f"{source} (the pretrained text backbone's, data.tokenizer = \"auto\")"
+    if cfg.data.dataset == "easy_vqa":
+        return "word-level, built from easy-VQA's questions and captions (data.tokenizer = \"auto\")"
+    corpora = ", ".join(_text_kinds(cfg))
+    return (f"word-level, built from the text of the {cfg.data.train_split!r} split of {corpora} "
+            "(data.tokenizer = \"auto\")")
+
+
+_WORD_TOKENIZERS: dict[tuple, PreTrainedTokenizerBase] = {}  # reading every training text once per process
+
+
+def _data_word_tokenizer(cfg: RunConfig) -> PreTrainedTokenizerBase:
+    """Word-level tokenizer over every text of the training split (all of its corpora for caption
+    pretraining): deterministic, as the vocabulary is sorted, and the same for evaluation, which
+    rebuilds it from the same files."""
+    kinds = _text_kinds(cfg)
+    key = (kinds, cfg.data.train_split, cfg.data.root, cfg.data.hf.model_dump_json() if cfg.data.hf else None)
+    if key not in _WORD_TOKENIZERS:
+        texts = [text for kind in kinds for text in _split_texts(open_source(cfg, kind, cfg.data.train_split), kind)]
+        _WORD_TOKENIZERS[key] = build_word_tokenizer(texts)
+    return _WORD_TOKENIZERS[key]
+
+
+def _text_kinds(cfg: RunConfig) -> tuple[str, ...]:
+    """The arrow kinds whose text the run trains on."""
+    return tuple(cfg.data.corpora) if cfg.data.dataset == "captions" else (cfg.data.dataset,)
+
+
+def _split_texts(source: ArrowSource | HFSource, kind: str) -> list[str]:
+    """Every text of ``source``: its kind's text column (ViLT's ``text_column_name``), flattened."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    from engine.data.arrow import arrow_kind
+
+    column = source.column(arrow_kind(kind).text_column)
+    while pa.types.is_list(column.type) or pa.types.is_large_list(column.type):
+        column = pc.list_flatten(column)
+    return [text for text in column.to_pylist() if text]
 
 
 @lru_cache(maxsize=1)
@@ -106,15 +153,26 @@ VQAV2_ANSWERS = 3129  # ViLT's and METER's vocabulary: answers given 9+ times in
 
 
 def num_answers(cfg: RunConfig) -> int | None:
-    """The size of the answer head (for reports built without the data; training
-    takes it from the data's own vocabulary)."""
-    if cfg.task is None or cfg.task.name != "vqa":
-        return None
-    if cfg.data.dataset == "vqav2":
-        return VQAV2_ANSWERS
-    import easy_vqa
+    """The size of the VQA answer head as training builds it (:func:`answer_head`)."""
+    return answer_head(cfg)[0]
 
-    return len(easy_vqa.get_answers())
+
+def answer_head(cfg: RunConfig) -> tuple[int | None, str]:
+    """The size of the VQA answer head as training builds it, from the data's own vocabulary
+    (:func:`task_answers`), and where that size came from; ``(None, "")`` without a VQA task. VQAv2
+    data that cannot be read here (``ren validate`` on another machine) gives ViLT's 3,129, said so."""
+    if cfg.task is None or cfg.task.name != "vqa":
+        return None, ""
+    try:
+        answers = task_answers(cfg)
+    except RenError as exc:
+        if cfg.data.dataset != "vqav2":
+            raise
+        return VQAV2_ANSWERS, f"ViLT's VQAv2 vocabulary; the training data cannot be read here ({exc})"
+    assert answers is not None  # a VQA task always has an answer list
+    if cfg.data.dataset == "easy_vqa":
+        return len(answers), "easy-VQA's answers"
+    return len(answers), f"the answers of the {cfg.data.train_split!r} split's files"
 
 
 def build_data(cfg: RunConfig, *, cache_dir: Path) -> DataBundle:
@@ -132,20 +190,22 @@ def build_data(cfg: RunConfig, *, cache_dir: Path) -> DataBundle:
         return _refcoco(cfg, tokenizer, size, norm)
     data = load_easy_vqa(cache_dir)
     if cfg.task is not None:
-        splits = [data.train, data.split(cfg.data.eval_split)]
-        train_ds, eval_ds = (
-            VQADataset(s.images, s.image_index, s.questions, s.answer_ids, len(data.answers), tokenizer, max_len, size,
-                       norm)
-            for s in splits
-        )
-        return DataBundle(train_ds, eval_ds, tokenizer, len(data.answers), list(data.answers))
-    corpora = [("train", data.train), (cfg.data.eval_split, data.split(cfg.data.eval_split))]
+        train_ds, eval_ds = (_easy_vqa_set(cfg, data, name, tokenizer)
+                             for name in (cfg.data.train_split, cfg.data.eval_split))
+        test_ds = _easy_vqa_set(cfg, data, "test", tokenizer) if cfg.data.eval_split != "test" else None
+        return DataBundle(train_ds, eval_ds, tokenizer, len(data.answers), list(data.answers), test_ds)
     train_ds, eval_ds = (
         CaptionDataset(split.images, corpus.image_index, corpus.texts, tokenizer, max_len, size, norm)
-        for name, split in corpora
-        for corpus in [easy_vqa_captions(data, name)]
+        for split, corpus in (run_split_captions(data, name) for name in (cfg.data.train_split, cfg.data.eval_split))
     )
     return DataBundle(train_ds, eval_ds, tokenizer, None, None)
+
+
+def _easy_vqa_set(cfg: RunConfig, data: EasyVQA, split: str, tokenizer: PreTrainedTokenizerBase) -> VQADataset:
+    """easy-VQA's run split ``split`` (``train``, ``val`` or ``test``) as a VQA data set."""
+    s = data.run_split(split)
+    return VQADataset(s.images, s.image_index, s.questions, s.answer_ids, len(data.answers), tokenizer,
+                      cfg.data.max_text_len, image_size_of(cfg), resolve_normalization(cfg))
 
 
 @dataclass
@@ -158,32 +218,40 @@ class EvalSplit:
 
 
 def eval_dataset(cfg: RunConfig, split: str, *, tokenizer: PreTrainedTokenizerBase | None = None,
-                 answers: list[str] | None = None) -> EvalSplit:
-    """Split ``split`` (``a+b`` joins splits) of ``cfg``'s file-backed task data set, with the
-    evaluation transform and the run's tokenizer (built from ``cfg`` when not given). VQA labels
-    index the run's training vocabulary: ``answers`` when given (e.g. stored with the run), else
-    :func:`task_answers`. easy_vqa has no other split to read: training scores its test split."""
+                 answers: list[str] | None = None, cache_dir: Path | None = None) -> EvalSplit:
+    """Split ``split`` of ``cfg``'s task data set, with the evaluation transform and the run's tokenizer
+    (built from ``cfg`` when not given): for file-backed data sets ``a+b`` joins splits; easy_vqa has
+    ``train``, ``val`` and ``test`` (:meth:`EasyVQA.run_split`; decoded images cached in ``cache_dir``).
+    VQA labels index the run's training vocabulary: ``answers`` when given (e.g. stored with the run),
+    else :func:`task_answers`."""
     if cfg.task is None:
         raise ConfigError("eval_dataset reads a task's data; this config has no [task] (a pretraining run).")
-    if cfg.data.dataset == "easy_vqa":
-        raise ConfigError("eval_dataset reads file-backed data sets; easy_vqa is embedded, and training already "
-                          "scores its test split (the run's final scores).")
     tokenizer = tokenizer or build_tokenizer(cfg)
-    size, norm = image_size_of(cfg), resolve_normalization(cfg)
     answers = answers if answers is not None else task_answers(cfg)
+    if cfg.data.dataset == "easy_vqa":
+        if split not in EASY_VQA_SPLITS:
+            raise ConfigError(f"easy_vqa has the splits {', '.join(EASY_VQA_SPLITS)}; there is no split {split!r}.")
+        if cache_dir is None:
+            raise ValueError("eval_dataset needs cache_dir to read easy_vqa (where its decoded images are cached)")
+        return EvalSplit(_easy_vqa_set(cfg, load_easy_vqa(cache_dir), split, tokenizer), answers, True)
+    size, norm = image_size_of(cfg), resolve_normalization(cfg)
     dataset = _split_set(cfg, split, tokenizer, size, norm, train=False,
                          answers=answers if cfg.task.name == "vqa" else None)
     return EvalSplit(dataset, answers, cfg.data.dataset != "vqav2" or _has_answers(dataset.source))
 
 
 def task_answers(cfg: RunConfig) -> list[str] | None:
-    """What a file-backed task's head outputs mean, by index, as training builds it: the VQAv2
-    answer vocabulary (read from the train split), SNLI-VE's and NLVR2's class names; None for
+    """What a task's head outputs mean, by index, as training builds it: easy-VQA's 13 answers, the
+    VQAv2 answer vocabulary (read from the train split), SNLI-VE's and NLVR2's class names; None for
     RefCOCO (one output per candidate box)."""
     from engine.data import nlvr2, snli_ve
 
-    if cfg.task is None or cfg.data.dataset not in ("vqav2", "snli_ve", "nlvr2"):
+    if cfg.task is None or cfg.data.dataset not in ("easy_vqa", "vqav2", "snli_ve", "nlvr2"):
         return None
+    if cfg.data.dataset == "easy_vqa":
+        import easy_vqa
+
+        return list(easy_vqa.get_answers())
     if cfg.data.dataset == "vqav2":
         from engine.data.vqav2 import answer_vocabulary
 
@@ -247,10 +315,10 @@ def _split_set(cfg: RunConfig, split: str, tokenizer: PreTrainedTokenizerBase, s
     if dataset in refcoco.DATASETS:  # whole images, so every candidate box stays in view
         return refcoco.ArrowRefCOCODataset(open_source(cfg, dataset, split), tokenizer, max_len,
                                            whole_image_transform(size), norm)
-    transform = image_transform(size, train=train, randaugment=train and cfg.data.augment == "randaugment")
+    transform = image_transform(size, train=train, augment=cfg.data.augment)
     if dataset == "vqav2":
         return vqav2.ArrowVQADataset(open_source(cfg, dataset, split, answers=answers), tokenizer, max_len, transform,
-                                     norm, len(answers or ()))
+                                     norm, len(answers or ()), None if train else answers)
     cls = snli_ve.ArrowSNLIVEDataset if dataset == "snli_ve" else nlvr2.ArrowNLVR2Dataset
     return cls(open_source(cfg, dataset, split), tokenizer, max_len, transform, norm)
 
@@ -284,7 +352,7 @@ def _captions(cfg: RunConfig, tokenizer: PreTrainedTokenizerBase, size: int, nor
         raise ConfigError(f"data.eval_split = {cfg.data.eval_split!r}: none of the corpora {', '.join(corpora)} has "
                           "such a split; add coco_caption, f30k_caption or cc, or choose another eval_split.")
     evaluate = [open_source(cfg, corpus, cfg.data.eval_split) for corpus in with_eval]
-    train_tf = image_transform(size, train=True, randaugment=cfg.data.augment == "randaugment")
+    train_tf = image_transform(size, train=True, augment=cfg.data.augment)
     max_len = cfg.data.max_text_len
     return DataBundle(ArrowCaptionDataset(train, tokenizer, max_len, train_tf, norm),
                       ArrowCaptionDataset(evaluate, tokenizer, max_len, image_transform(size, train=False), norm),

@@ -48,7 +48,9 @@ What follows ViLT and what differs
   them as written, so "two" does not count for "2" there), and ``answers`` holds
   the vocabulary strings of those labels, as ViLT writes them. Train and val questions with no answer in the
   vocabulary are left out (ViLT's filter), and so are images left without
-  questions. Test rows have empty answer lists, typed like the train rows
+  questions. One column more than ViLT's: ``raw_answers``, each question's ten
+  annotators' answers as given, so that evaluation can compute the official VQA
+  accuracy (ViLT's readers ignore it). Test rows have empty answer lists, typed like the train rows
   (ViLT's are ``list<null>``; the reader accepts both). ViLT shuffles the images
   of a split at random before writing and cuts ``rest_val`` (its minival) off as
   the last 1,000 rows of ``vqav2_val.arrow``; here rows follow the order of the
@@ -151,7 +153,8 @@ CAPTION_SCHEMA = pa.schema([("image", pa.binary()), ("caption", _LIST_STRING), (
                             ("split", _STRING)])
 VQAV2_SCHEMA = pa.schema([("image", pa.binary()), ("questions", _LIST_STRING), ("answers", pa.list_(_LIST_STRING)),
                           ("answer_labels", pa.list_(_LIST_INT)), ("answer_scores", pa.list_(pa.list_(pa.float64()))),
-                          ("image_id", pa.int64()), ("question_id", _LIST_INT), ("split", _STRING)])
+                          ("image_id", pa.int64()), ("question_id", _LIST_INT), ("split", _STRING),
+                          ("raw_answers", pa.list_(_LIST_STRING))])
 NLVR2_SCHEMA = pa.schema([("image_0", pa.binary()), ("image_1", pa.binary()), ("questions", _LIST_STRING),
                           ("answers", _LIST_STRING), ("identifier", _STRING)])
 SNLI_SCHEMA = pa.schema([("image", pa.binary()), ("sentences", pa.list_(_LIST_STRING)), ("labels", _LIST_INT)])
@@ -682,8 +685,10 @@ def _vqav2_outputs(source: Path, splits: Sequence[str], names: dict[str, str]) -
     for split in splits:
         name, (_, annotations, folder) = names[split], files[split]
         output = _Output(name, VQAV2_SCHEMA)
-        # image id -> question ids, questions, answers, labels, scores (the last three stay empty for test splits)
-        images: dict[int, tuple[list[int], list[str], list[list[str]], list[list[int]], list[list[float]]]] = {}
+        # image id -> question ids, questions, answers, labels, scores, raw answers (the last four stay empty for
+        # test splits)
+        images: dict[int, tuple[list[int], list[str], list[list[str]], list[list[int]], list[list[float]],
+                                list[list[str]]]] = {}
         for example in examples[split]:
             if annotations is not None:
                 labels, scores = soft_targets(example.answers, vocab_index)
@@ -692,17 +697,18 @@ def _vqav2_outputs(source: Path, splits: Sequence[str], names: dict[str, str]) -
                         name, f"question {example.question_id}", NO_VOCAB_ANSWER,
                         f"multiple_choice_answer {example.multiple_choice_answer!r}"))
                     continue
-            question_ids, questions, answers, label_lists, score_lists = images.setdefault(
-                example.image_id, ([], [], [], [], []))
+            question_ids, questions, answers, label_lists, score_lists, raw_lists = images.setdefault(
+                example.image_id, ([], [], [], [], [], []))
             question_ids.append(example.question_id)
             questions.append(example.question)
             if annotations is not None:
                 answers.append([vocab[label] for label in labels])
                 label_lists.append(labels)
                 score_lists.append(scores)
-        for image_id, (question_ids, questions, answers, label_lists, score_lists) in images.items():
+                raw_lists.append(list(example.answers))
+        for image_id, (question_ids, questions, answers, label_lists, score_lists, raw_lists) in images.items():
             image = folder / f"COCO_{folder.name}_{image_id:012d}.jpg"
-            cells = (questions, answers, label_lists, score_lists, image_id, question_ids, split)
+            cells = (questions, answers, label_lists, score_lists, image_id, question_ids, split, raw_lists)
             output.rows.append(_Row(f"image {image_id} ({_plural(len(questions), 'question')})", (image,), cells,
                                     len(questions)))
         outputs.append(output)

@@ -7,6 +7,13 @@ vocabulary is the one the files were written with; its strings are read back
 from the ``answers`` column. Images are decoded per batch (once per image, even
 when several of its questions are in the batch) in the DataLoader's workers.
 A question whose image cannot be decoded is left out of its batch and counted.
+
+ViLT's files keep only the answers in the vocabulary (with their soft scores),
+not the annotators' ten raw answers, so the official VQA accuracy cannot be
+computed from them. Files that also carry ``raw_answers`` (each question's
+annotators' answers, as given; a Hugging Face VQAv2 source has them) give an
+evaluation batch ``official_scores``: each answer's official accuracy
+(:func:`engine.vqa_answers.official_targets`), which scoring then uses.
 """
 
 from __future__ import annotations
@@ -24,6 +31,7 @@ from engine.data.arrow import ArrowSource, expand_items, list_lengths, numbers
 from engine.data.images import ImageTransform
 from engine.data.transforms import Normalization
 from engine.errors import RenError
+from engine.vqa_answers import answer_forms, official_targets
 
 
 def answer_vocabulary(sources: Sequence[ArrowSource]) -> list[str]:
@@ -48,12 +56,18 @@ def answer_vocabulary(sources: Sequence[ArrowSource]) -> list[str]:
 class ArrowVQADataset(Dataset):
     """One item per question. Batch keys: ``input_ids``, ``attention_mask`` (B x L),
     ``pixel_values`` (B x 3 x S x S, normalised), ``labels`` (B x num_answers soft
-    targets), ``question_ids`` (B,)."""
+    targets), ``question_ids`` (B,); with ``answers`` (the vocabulary) and files that carry
+    ``raw_answers``, also ``official_scores`` (B x num_answers, see the module docstring)."""
 
     def __init__(self, source: ArrowSource, tokenizer: PreTrainedTokenizerBase, max_text_len: int,
-                 transform: ImageTransform, norm: Normalization, num_answers: int) -> None:
+                 transform: ImageTransform, norm: Normalization, num_answers: int,
+                 answers: Sequence[str] | None = None) -> None:
         self.source, self.tokenizer, self.max_text_len = source, tokenizer, max_text_len
         self.transform, self.norm, self.num_answers = transform, norm, num_answers
+        self.vocab = list(answers) if answers is not None and has_raw_answers(source) else None
+        if self.vocab is not None and len(self.vocab) != num_answers:
+            raise RenError(f"ArrowVQADataset: {len(self.vocab)} answers for a head of {num_answers}.")
+        self.forms = answer_forms(self.vocab) if self.vocab is not None else {}
         self.rows, self.slots = expand_items(list_lengths(source.column("questions")))
         if not len(self.rows):
             raise RenError(f"{', '.join(map(str, source.paths))}: no questions.")
@@ -63,13 +77,19 @@ class ArrowVQADataset(Dataset):
 
     def __getitems__(self, indices: list[int]) -> dict[str, Tensor]:
         images: dict[tuple[int, str], Tensor | None] = {}
-        texts, targets, qids, pixels = [], [], [], []
+        texts, targets, qids, pixels, official = [], [], [], [], []
+        columns = ("questions", "answer_labels", "answer_scores", "question_id")
+        columns += ("raw_answers",) if self.vocab is not None else ()
         for index in indices:
             row, slot = int(self.rows[index]), int(self.slots[index])
             pixel = self.source.transformed_image(row, self.transform, images)
             if pixel is None:
                 continue
-            cells = self.source.row(row, ("questions", "answer_labels", "answer_scores", "question_id"))
+            cells = self.source.row(row, columns)
+            if self.vocab is not None:  # a question without answers scores 0, as with the soft targets
+                raw = [answer for answer in _slot(cells.get("raw_answers"), slot) if answer is not None]
+                official.append(official_targets(raw, self.vocab, self.forms) if raw
+                                else torch.zeros(self.num_answers))
             target = torch.zeros(self.num_answers)
             if cells["answer_labels"]:
                 labels = torch.as_tensor(cells["answer_labels"][slot], dtype=torch.int64)
@@ -87,6 +107,23 @@ class ArrowVQADataset(Dataset):
                            f"({self.source.skipped_images} skipped so far) in {self.source.paths[0]}.")
         encoding = self.tokenizer(texts, padding="longest", truncation=True, max_length=self.max_text_len,
                                   return_tensors="pt")
-        return {"input_ids": encoding["input_ids"], "attention_mask": encoding["attention_mask"],
-                "pixel_values": self.norm.apply(torch.stack(pixels)), "labels": torch.stack(targets),
-                "question_ids": torch.as_tensor(qids, dtype=torch.int64)}
+        batch = {"input_ids": encoding["input_ids"], "attention_mask": encoding["attention_mask"],
+                 "pixel_values": self.norm.apply(torch.stack(pixels)), "labels": torch.stack(targets),
+                 "question_ids": torch.as_tensor(qids, dtype=torch.int64)}
+        if self.vocab is not None:
+            batch["official_scores"] = torch.stack(official)
+        return batch
+
+
+def _slot(lists: list[list[str | None]] | None, slot: int) -> list[str | None]:
+    """Question ``slot``'s list in a row's list column (empty where the row has none: test splits)."""
+    return (lists[slot] or []) if lists and slot < len(lists) else []
+
+
+def has_raw_answers(source: ArrowSource) -> bool:
+    """Whether the rows carry ``raw_answers`` (the annotators' answers; ViLT's files do not)."""
+    try:
+        source.column("raw_answers")
+    except RenError:
+        return False
+    return True

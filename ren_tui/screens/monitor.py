@@ -20,7 +20,7 @@ from textual.screen import Screen
 from textual.widgets import Footer, Static
 from textual.worker import Worker, get_current_worker
 
-from engine.display import format_compute, format_duration, format_scores, format_steps
+from engine.display import format_compute, format_duration, format_run_scores, format_steps
 from engine.errors import RenError
 from engine.store import RunRecord
 from ren_tui.backend import Series
@@ -217,7 +217,7 @@ class MonitorScreen(Screen[None]):
         self.query_one("#header", Static).update(Content.from_markup(
             f"[b]$id[/b] · [{style}]$status[/] · $steps steps · $duration · $device · best $best",
             id=r.id, status=r.status, steps=format_steps(r), duration=format_duration(r),
-            device=r.device or "no device", best=format_scores(r.best_scores),
+            device=r.device or "no device", best=format_run_scores(r, short=True),
         ) + (Content.from_markup("\n[$text-muted]$compute", compute=compute) if (compute := format_compute(r)) else ""))
 
     def _show_controls(self) -> None:

@@ -16,7 +16,7 @@ from textual.binding import Binding
 from textual.screen import Screen
 from textual.widgets import DataTable, Footer, Header, Input, Static
 
-from engine.display import format_duration, format_scores, format_steps, sparkline
+from engine.display import format_duration, format_run_scores, format_steps, sparkline
 from engine.errors import RenError
 from engine.store import RunRecord
 from ren_tui.dialogs import Confirm, Prompt
@@ -177,7 +177,7 @@ class RunsScreen(Screen[None]):
         name = f"{study_of(r)} / {r.name}" if self.view.group and study_of(r) else r.name
         cells = {"✓": "✓" if r.id in self.marked else "", "name": name, "kind": f"{STAGE[r.stage]} {r.kind}",
                  "status": r.status, "progress": progress(r), "loss": sparkline(r.loss_trace),
-                 "best": format_scores(r.best_scores, short=True), "time": format_duration(r),
+                 "best": format_run_scores(r, short=True), "time": format_duration(r),
                  "device": r.device or "-", "tags": ", ".join(t for t in r.tags if t != ARCHIVED)}
         return tuple(cells[c] for c in self.columns)
 
@@ -217,8 +217,8 @@ class RunsScreen(Screen[None]):
         if r.params:
             lines.append(f"parameters {r.params.get('total', 0):,} · trainable {r.params.get('trainable', 0):,} "
                          f"· frozen {r.params.get('frozen', 0):,}")
-        if r.final_scores:
-            lines.append(f"final {format_scores(r.final_scores)}")
+        if r.final_scores or r.test_scores:
+            lines.append(format_run_scores(r))
         if r.notes:
             lines.append(f"notes: {r.notes}")
         if r.error:
