@@ -30,6 +30,8 @@ from engine.data.easyvqa import (
 from engine.data.tokenizer import build_word_tokenizer, load_tokenizer
 from engine.errors import ModelLoadError
 
+from .conftest import PRESETS
+
 
 @pytest.fixture(scope="session")
 def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
@@ -106,6 +108,21 @@ def test_validation_split_holds_out_whole_images_of_the_train_split(data: EasyVQ
     assert np.array_equal(test.images, data.test.images) and test.questions == data.test.questions
     with pytest.raises(ValueError, match="unknown easy-VQA split"):
         data.run_split("validation")
+
+
+@pytest.mark.parametrize("preset", ["quickstart.toml", "easyvqa_pretrain.toml"])
+def test_a_run_that_evaluates_on_test_trains_on_the_whole_train_split(preset: str, cache_dir: Path) -> None:
+    """Runs made before "val" existed store eval_split = "test" and trained on all 4,000 train images;
+    resumed, they must see that data again. New runs train on the 3,600 images "val" leaves."""
+    from engine.config import load_preset
+    from engine.data.pipeline import build_data
+
+    sizes = {}
+    for split in ("val", "test"):
+        cfg = load_preset(PRESETS / preset, [f'data.eval_split="{split}"'])
+        sizes[split] = len(build_data(cfg, cache_dir=cache_dir).train)
+    whole = 38_575 if preset == "quickstart.toml" else 3 * 4_000  # questions, or three captions per image
+    assert sizes == {"val": whole - (3_892 if preset == "quickstart.toml" else 3 * 400), "test": whole}
 
 
 def test_validation_captions_are_those_of_its_images(data: EasyVQA, captions: dict[str, CaptionCorpus]) -> None:

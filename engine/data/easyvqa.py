@@ -136,20 +136,25 @@ class EasyVQA:
             raise ValueError(f"unknown easy-VQA split {name!r}; expected one of {SPLITS}")
         return self.train if name == "train" else self.test
 
-    def run_split(self, name: str) -> VQASplit:
+    def run_split(self, name: str, *, hold_out_val: bool = True) -> VQASplit:
         """Return a run's split ``name``: "train" (the package's train split less the
-        validation images), "val" or "test" (see the module docstring)."""
-        package, rows = run_split_rows(self, name)
+        validation images, or all of it without ``hold_out_val``), "val" or "test" (see the
+        module docstring)."""
+        package, rows = run_split_rows(self, name, hold_out_val=hold_out_val)
         return self.split(package).subset(rows)
 
 
-def run_split_rows(data: EasyVQA, name: str) -> tuple[str, np.ndarray]:
-    """The package split that a run's split ``name`` is drawn from, and its image rows (ascending)."""
+def run_split_rows(data: EasyVQA, name: str, *, hold_out_val: bool = True) -> tuple[str, np.ndarray]:
+    """The package split that a run's split ``name`` is drawn from, and its image rows (ascending).
+    ``hold_out_val=False``: "train" is the whole package split, as for runs made before "val" existed
+    (they evaluate on test), so that such a run resumes on the data it started on."""
     if name not in RUN_SPLITS:
         raise ValueError(f"unknown easy-VQA split {name!r}; expected one of {RUN_SPLITS}")
     if name == "test":
         return "test", np.arange(len(data.test.images))
     rows = np.arange(len(data.train.images))
+    if name == "train" and not hold_out_val:
+        return "train", rows
     is_val = rows % VAL_EVERY == VAL_EVERY - 1
     return "train", rows[is_val if name == "val" else ~is_val]
 
@@ -283,10 +288,10 @@ def easy_vqa_captions(data: EasyVQA, split: str) -> CaptionCorpus:
     return CaptionCorpus(image_index, texts, values["colour"], values["shape"], from_pixels)
 
 
-def run_split_captions(data: EasyVQA, name: str) -> tuple[VQASplit, CaptionCorpus]:
+def run_split_captions(data: EasyVQA, name: str, *, hold_out_val: bool = True) -> tuple[VQASplit, CaptionCorpus]:
     """A run's split ``name`` (see :meth:`EasyVQA.run_split`) and its captions. Captions are derived
     from the whole package split, image by image, so a subset's captions are those of its images."""
-    package, rows = run_split_rows(data, name)
+    package, rows = run_split_rows(data, name, hold_out_val=hold_out_val)
     return data.split(package).subset(rows), easy_vqa_captions(data, package).subset(rows)
 
 

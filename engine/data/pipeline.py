@@ -196,16 +196,23 @@ def build_data(cfg: RunConfig, *, cache_dir: Path) -> DataBundle:
         return DataBundle(train_ds, eval_ds, tokenizer, len(data.answers), list(data.answers), test_ds)
     train_ds, eval_ds = (
         CaptionDataset(split.images, corpus.image_index, corpus.texts, tokenizer, max_len, size, norm)
-        for split, corpus in (run_split_captions(data, name) for name in (cfg.data.train_split, cfg.data.eval_split))
+        for split, corpus in (run_split_captions(data, name, hold_out_val=_holds_out_val(cfg))
+                              for name in (cfg.data.train_split, cfg.data.eval_split))
     )
     return DataBundle(train_ds, eval_ds, tokenizer, None, None)
 
 
 def _easy_vqa_set(cfg: RunConfig, data: EasyVQA, split: str, tokenizer: PreTrainedTokenizerBase) -> VQADataset:
     """easy-VQA's run split ``split`` (``train``, ``val`` or ``test``) as a VQA data set."""
-    s = data.run_split(split)
+    s = data.run_split(split, hold_out_val=_holds_out_val(cfg))
     return VQADataset(s.images, s.image_index, s.questions, s.answer_ids, len(data.answers), tokenizer,
                       cfg.data.max_text_len, image_size_of(cfg), resolve_normalization(cfg))
+
+
+def _holds_out_val(cfg: RunConfig) -> bool:
+    """Whether easy-VQA's train split gives up its validation images: not for a run that evaluates
+    on test, as runs made before "val" existed do (so they resume on the data they started on)."""
+    return cfg.data.eval_split != "test"
 
 
 @dataclass
