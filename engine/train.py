@@ -576,13 +576,14 @@ def _pretrain_step(model: torch.nn.Module, batch: dict[str, torch.Tensor], cfg: 
     """One forward over row blocks: MLM rows (masked text, true images), then ITM rows
     (clean text, about half the images swapped) or, without ITM, clean pairs for ITC.
     ITC pairs the clean texts with the true images of the batch. ITM negatives and ITC
-    compare against the batch gathered over every process; pairs with equal caption text
-    count as the same pair (never an ITM negative, an ITC positive)."""
+    compare against the batch gathered over every process; pairs with equal caption keys (the
+    data set's ``text_keys`` where it has them, else equal tokens) count as the same pair (never an
+    ITM negative, an ITC positive)."""
     obj = cfg.objectives
     assert obj is not None
     ids, mask, pix, image_ids = batch["input_ids"], batch["attention_mask"], batch["pixel_values"], batch["image_ids"]
     b = ids.shape[0]
-    keys = O.text_keys(ids, mask)
+    keys = batch["text_keys"] if "text_keys" in batch else O.text_keys(ids, mask)  # the data's meaning, else tokens
     blocks: list[tuple[torch.Tensor, torch.Tensor]] = []
     if obj.mlm:
         masked, mlm_labels = O.mask_tokens(

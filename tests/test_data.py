@@ -125,6 +125,18 @@ def test_a_run_that_evaluates_on_test_trains_on_the_whole_train_split(preset: st
     assert sizes == {"val": whole - (3_892 if preset == "quickstart.toml" else 3 * 400), "test": whole}
 
 
+def test_caption_meaning_keys_join_paraphrases_and_images_of_one_colour_and_shape(
+        captions: dict[str, CaptionCorpus]) -> None:
+    corpus = captions["train"]
+    keys = corpus.meaning_keys()
+    meaning = [(corpus.colours[i], corpus.shapes[i]) for i in corpus.image_index]
+    assert len(keys) == len(corpus.texts) == 12_000
+    assert len(set(keys.tolist())) == len(set(meaning)) <= 24
+    pairs = np.random.default_rng(0).integers(0, len(keys), size=(20_000, 2))
+    for a, b in pairs:  # equal keys exactly where the captions say the same colour and shape
+        assert (keys[a] == keys[b]) == (meaning[a] == meaning[b])
+
+
 def test_validation_captions_are_those_of_its_images(data: EasyVQA, captions: dict[str, CaptionCorpus]) -> None:
     val, corpus = run_split_captions(data, "val")
     whole = captions["train"]

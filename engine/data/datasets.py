@@ -135,7 +135,10 @@ class CaptionDataset(_ImageTextDataset):
     Batch keys: ``input_ids``, ``attention_mask``, ``special_tokens_mask`` and
     ``word_ids`` (int64, B x L; ``word_ids`` is -1 on special and padding
     tokens, for whole-word masking), ``pixel_values`` (float32,
-    B x 3 x S x S) and ``image_ids`` (int64, the row in ``images_u8``).
+    B x 3 x S x S) and ``image_ids`` (int64, the row in ``images_u8``); with
+    ``text_keys`` given, also ``text_keys`` (int64, B: captions with one key say
+    the same thing, so ITM never takes one as the other's negative; without it the
+    trainer keys captions by their tokens).
     """
 
     def __init__(
@@ -147,9 +150,20 @@ class CaptionDataset(_ImageTextDataset):
         max_text_len: int,
         image_size: int,
         norm: Normalization = HALF,
+        *,
+        text_keys: np.ndarray | None = None,
     ) -> None:
         super().__init__(images_u8, image_index, captions, tokenizer, max_text_len, image_size, with_word_ids=True,
                          norm=norm)
+        if text_keys is not None and len(text_keys) != len(captions):
+            raise ValueError(f"{len(text_keys)} text keys for {len(captions)} captions")
+        self.text_keys = None if text_keys is None else torch.as_tensor(np.asarray(text_keys), dtype=torch.int64)
+
+    def __getitems__(self, indices: list[int]) -> dict[str, Tensor]:
+        batch = super().__getitems__(indices)
+        if self.text_keys is not None:
+            batch["text_keys"] = self.text_keys[torch.as_tensor(indices, dtype=torch.int64)]
+        return batch
 
 
 def _check_range(values: Tensor, upper: int, what: str) -> None:

@@ -178,6 +178,15 @@ class CaptionCorpus:
     shapes: list[str]
     from_pixels: np.ndarray
 
+    def meaning_keys(self) -> np.ndarray:
+        """int64, one per caption: the colour x shape its image shows. The captions of one image say the
+        same in three templates, and every image of that colour and shape has the same three: a text
+        describes every image with its key (see :func:`engine.objectives.describes`)."""
+        colours, shapes = list(PALETTE), list(SHAPES)
+        per_image = np.array([colours.index(c) * len(shapes) + shapes.index(s)
+                              for c, s in zip(self.colours, self.shapes, strict=True)], dtype=np.int64)
+        return per_image[self.image_index]
+
     def subset(self, rows: np.ndarray) -> CaptionCorpus:
         """The captions of the images at ``rows`` (ascending), image rows renumbered."""
         keep = np.isin(self.image_index, rows)

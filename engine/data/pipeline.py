@@ -195,7 +195,8 @@ def build_data(cfg: RunConfig, *, cache_dir: Path) -> DataBundle:
         test_ds = _easy_vqa_set(cfg, data, "test", tokenizer) if cfg.data.eval_split != "test" else None
         return DataBundle(train_ds, eval_ds, tokenizer, len(data.answers), list(data.answers), test_ds)
     train_ds, eval_ds = (
-        CaptionDataset(split.images, corpus.image_index, corpus.texts, tokenizer, max_len, size, norm)
+        CaptionDataset(split.images, corpus.image_index, corpus.texts, tokenizer, max_len, size, norm,
+                       text_keys=corpus.meaning_keys())
         for split, corpus in (run_split_captions(data, name, hold_out_val=_holds_out_val(cfg))
                               for name in (cfg.data.train_split, cfg.data.eval_split))
     )
