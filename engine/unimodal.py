@@ -67,8 +67,9 @@ from engine.errors import ModelLoadError
 from engine.hub import REN_PREFIX
 
 RECIPES = ("easyvqa-vit", "easyvqa-bert")
-RECIPE_VERSIONS = {"easyvqa-vit": 2, "easyvqa-bert": 1}
-"""Each recipe's version, part of its directory's name. easyvqa-vit 1 was a colour x shape classifier."""
+RECIPE_VERSIONS = {"easyvqa-vit": 2, "easyvqa-bert": 2}
+"""Each recipe's version, part of its directory's name. easyvqa-vit 1 was a colour x shape classifier;
+easyvqa-bert 1 was trained with the MLM masking that put half of its targets on a caption's first word."""
 RECORD_FILE = "recipe.json"
 SEED = 0
 

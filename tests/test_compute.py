@@ -367,8 +367,10 @@ def test_ren_run_stores_compute_and_ren_show_prints_it(tmp_path: Path, ren_home:
           f"{step_s * (steps - 1) / c['train_seconds']:.0%} of the training time")
     assert 0.4 * c["train_seconds"] <= step_s * (steps - 1) <= c["train_seconds"]
     # the evaluation at step 24 stops after its first batch of 256 (the eval loader's batch size,
-    # past eval_max_samples); the final one covers the whole test split
-    assert c["eval_pflops"] == pytest.approx(per["eval"] * (256 + record.final_scores["eval_samples"]) / 1e15)
+    # past eval_max_samples); the final one covers the whole validation split, then the test split
+    # (easy-VQA's 9,673 questions) is scored once
+    assert record.final_scores["eval_samples"] == 3_892 and set(record.test_scores) == {"test/vqa_score"}
+    assert c["eval_pflops"] == pytest.approx(per["eval"] * (256 + 3_892 + 9_673) / 1e15)
 
     pflops = store.series(record.id, "compute/pflops")
     assert [s for s, _ in pflops] == list(range(2, steps + 1, 2))

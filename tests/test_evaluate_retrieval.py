@@ -150,9 +150,11 @@ def test_caption_split_lists_every_caption_in_order(f30k_dir: Path) -> None:
 
 def test_retrieval_inputs_batches_and_cache_give_the_full_forward(f30k_dir: Path, tokenizer) -> None:
     """Texts and images embedded in batches, and ITM scores fused from the kept tower outputs,
-    equal one full-batch forward of the model on the same captions and images."""
+    equal one full-batch forward of the model on the same captions and images. The weights are
+    sharpened so that the ITM scores differ between pairs and a mixed-up pair would show (at
+    their initial scale they differ by about 1e-3)."""
     source = open_arrow([f30k_dir / "f30k_caption_karpathy_test.arrow"], "f30k_caption")
-    model = make(TWO_TOWER, vocab=len(tokenizer), seed=3)
+    model = _sharpened(make(TWO_TOWER, vocab=len(tokenizer), seed=3))
     inputs = RetrievalInputs(model, tokenizer, source, image_size=32, norm=HALF, decode_workers=2)
     assert inputs.rerank and (inputs.n_texts, inputs.n_images) == (30, 6)
     with pytest.raises(RenError, match="embed every text and image first"):
@@ -170,7 +172,7 @@ def test_retrieval_inputs_batches_and_cache_give_the_full_forward(f30k_dir: Path
         got = inputs.itm_score(text_idx, image_idx)
         want = model.itm_scores(ids[text_idx], mask[text_idx], pix[image_idx])
     assert torch.allclose(got, want, atol=1e-5)
-    assert float(want.std()) > 1e-3  # the scores differ between pairs, so a mixed-up pair would show
+    assert float(want.std()) > 0.05  # the scores differ between pairs, so a mixed-up pair would show
 
 
 @pytest.mark.parametrize("k", [2, 40])

@@ -182,7 +182,9 @@ def test_ren_names_resolve_to_the_build_in_ren_home(vit_dir, ren_home: Path) -> 
     assert cfg.model.backbone.name == "ren:easyvqa-vit"
     model = build_model(cfg, vocab_size=len(build_tokenizer(cfg)))
     saved = _weights(installed)
-    assert all(torch.equal(model.encoder.backbone.state_dict()[k], saved[k]) for k in saved)
+    kept = model.encoder.backbone.state_dict()  # the study's protocol (fresh embeddings): the encoder layers only
+    assert set(kept) == {k for k in saved if k.split(".")[0] in ("encoder", "layers")} and kept  # BERT, ViT names
+    assert all(torch.equal(v, saved[k]) for k, v in kept.items())
 
 
 def test_concurrent_first_uses_build_once(ren_home: Path, data_cache: Path, tmp_path: Path) -> None:
@@ -203,13 +205,13 @@ def test_concurrent_first_uses_build_once(ren_home: Path, data_cache: Path, tmp_
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ}) for i in range(2)]
     outs = [run.communicate(timeout=240) for run in runs]
     assert [run.returncode for run in runs] == [0, 0], [err for _, err in outs]
-    target = ren_home / "models" / "easyvqa-bert-v1"
+    target = ren_home / "models" / "easyvqa-bert-v2"
     assert {out.strip().splitlines()[-1] for out, _ in outs} == {str(target)}
     logs = "".join(err for _, err in outs)
     assert logs.count("building ren:easyvqa-bert in ") == 1
     assert logs.count("another process is building ren:easyvqa-bert; waiting") == 1
     assert unimodal.read_report(target).steps == 5
-    assert not list((ren_home / "models").glob(".easyvqa-bert-v1.tmp-*"))  # no temporary directory left
+    assert not list((ren_home / "models").glob(".easyvqa-bert-v2.tmp-*"))  # no temporary directory left
     record = (target / "recipe.json").read_bytes()
     messages: list[str] = []
     assert unimodal.ensure_built("ren:easyvqa-bert", log=messages.append) == target
@@ -276,7 +278,9 @@ def test_study_plans_three_starts_that_share_one_tokenizer(ren_home: Path) -> No
     variants = [f"start={v},embeddings={e}" for v in ("vision", "text", "random") for e in ("fresh", "backbone")]
     assert study.baseline == "start=random,embeddings=fresh" and list(study.variants) == variants
     planned = study.expand()
-    assert [(p.variant, p.stage) for p in planned] == [(v, s) for v in variants for s in ("pretrain", "finetune")]
+    assert study.seeds == (0, 1, 2)
+    assert [(p.variant, p.seed, p.stage) for p in planned] == [
+        (v, seed, s) for v in variants for seed in study.seeds for s in ("pretrain", "finetune")]
     starts = {p.variant.split(",")[0]: (p.config.model.backbone.source, p.config.model.backbone.name)
               for p in planned}
     assert starts == {"start=vision": ("pretrained", "ren:easyvqa-vit"),
