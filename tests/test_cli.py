@@ -170,6 +170,8 @@ def test_run_trains_the_named_pretraining_then_finetunes(tmp_path: Path, ren_hom
     first = ren("run", str(tmp_path / "ft.toml"), timeout=300)
     assert first.returncode == 0, first.stderr
     assert "init_from: training" in first.stdout and first.stdout.count("finished") == 2
+    closing = [line for line in first.stdout.splitlines() if line.startswith("finished")][-1]
+    assert re.search(r"  val/vqa_score \d\.\d{4}  test/vqa_score \d\.\d{4}$", closing), closing  # named by split
     listing = ren("runs").stdout
     assert "pre" in listing and "ft" in listing and listing.count("finished") == 2
 

@@ -15,7 +15,7 @@ from rich.console import Console
 from rich.table import Table
 
 from engine.config import RunConfig, config_from_dict, load_preset
-from engine.display import format_duration, format_run_scores, format_steps, si
+from engine.display import eval_split_of, format_duration, format_run_scores, format_scores, format_steps, si
 from engine.errors import RenError
 from engine.launch import check_init_from, create_run, resolve_init_from, stored_config, trained_now
 from engine.store import RunRecord, Store
@@ -76,10 +76,9 @@ def _train_here(cfg: RunConfig, store: Store, run_id: str, *, resume: bool) -> N
             _refused_checkpoint(exc, store, run_id)
         raise
     final = store.get_run(run_id)
-    console.print(
-        f"[bold]{final.status}[/] {final.id} in {time.time() - t0:.0f}s"
-        + "".join(f"  {k} {v:.4f}" for k, v in scores.items() if k != "eval_samples")
-    )
+    named = [format_scores(scores, split=eval_split_of(final))] if scores else []
+    named += [format_scores(final.test_scores)] if final.test_scores else []
+    console.print(f"[bold]{final.status}[/] {final.id} in {time.time() - t0:.0f}s" + "".join(f"  {s}" for s in named))
 
 
 def _refused_checkpoint(exc: Exception, store: Store, run_id: str) -> None:
