@@ -78,7 +78,8 @@ def _train_here(cfg: RunConfig, store: Store, run_id: str, *, resume: bool) -> N
     final = store.get_run(run_id)
     named = [format_scores(scores, split=eval_split_of(final))] if scores else []
     named += [format_scores(final.test_scores)] if final.test_scores else []
-    console.print(f"[bold]{final.status}[/] {final.id} in {time.time() - t0:.0f}s" + "".join(f"  {s}" for s in named))
+    console.print(f"[bold]{final.status}[/] {final.id} in {time.time() - t0:.0f}s" + "".join(f"  {s}" for s in named),
+                  soft_wrap=True)  # one line, whatever the terminal's width, for scripts that read it
 
 
 def _refused_checkpoint(exc: Exception, store: Store, run_id: str) -> None:
