@@ -1,4 +1,4 @@
-"""Text captures of every ren-tui screen, for the README's "Using the workbench".
+"""Text captures of every ren-tui screen, for docs/tui.md.
 
     .venv/bin/python docs/capture_screens.py [--size 100x24]
 
