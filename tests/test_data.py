@@ -206,7 +206,7 @@ def test_pixel_reading_agrees_with_annotations_wherever_they_settle_it(
 ) -> None:
     for split, expected_from_pixels in (("train", 422), ("test", 112)):
         images, corpus = data.split(split).images, captions[split]
-        assert int(corpus.from_pixels.sum()) == expected_from_pixels  # as the module docstring says
+        assert int(corpus.from_pixels.sum()) == expected_from_pixels  # as docs/tasks-and-data.md says
         for image in np.flatnonzero(~corpus.from_pixels):
             assert read_colour_shape(images[image]) == (corpus.colours[image], corpus.shapes[image])
 

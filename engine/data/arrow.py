@@ -1,78 +1,9 @@
 """Reading the arrow files of ViLT, METER and Renaissance as they are, memory-mapped.
 
-ViLT (``vilt/utils/write_*.py``), METER and Renaissance store each split of a
-data set as one Arrow IPC *file* (``pa.Table.from_pandas`` then
-``pa.RecordBatchFileWriter``), one row per image, with the image's encoded bytes
-(JPEG; PNG for NLVR2) in a binary column. :func:`open_arrow` memory-maps such
-files (``mmap`` wrapped zero-copy in a ``pa.BufferReader``, which is what
-``pa.memory_map`` does, plus an ``madvise`` hint): the table is backed by the
-page cache, so opening a 100 GB pretraining shard costs no heap memory, and
-:meth:`ArrowSource.row` converts only the cells asked for.
-:func:`find_arrow_files` finds a split's files in a data directory.
-
-Layouts (:data:`ARROW_KINDS`; ``[...]`` columns are optional, checked when present)
-------------------------------------------------------------------------------------
-============  ========================================================  =====================================
-kind          files (``{split}`` in the name)                           columns
-============  ========================================================  =====================================
-coco_caption  ``coco_caption_karpathy_{train,restval,val,test}.arrow``  image, caption list<string>,
-                                                                        image_id string (file name), [split]
-f30k_caption  ``f30k_caption_karpathy_{train,val,test}.arrow``          as coco_caption
-vg            ``vg.arrow`` (split ``train``)                            image, caption list<string>, image_id
-                                                                        string, [width, height, x, y
-                                                                        list<number>: one per region]
-cc            ``conceptual_caption_{train,val}_{i}.arrow`` (shards)     as coco_caption
-sbu           ``sbu_{i}.arrow`` (shards, split ``train``)               as coco_caption
-vqav2         ``vqav2_{train,val,trainable_val,rest_val,test,           image, questions list<string>, answers
-              test-dev}.arrow``                                         list<list<string>>, answer_labels
-                                                                        list<list<int>>, answer_scores
-                                                                        list<list<float>>, image_id int,
-                                                                        question_id list<int>, [split]
-nlvr2         ``nlvr2_{train,dev,test1,balanced_dev,balanced_test1,     image_0, image_1 (PNG), questions
-              unbalanced_dev,unbalanced_test1}.arrow``                  list<string>, answers list<string>
-                                                                        ("True"/"False"), identifier string
-snli_ve       ``snli_{train,dev,test}.arrow`` (METER ``write_snli.py``) image, sentences list<list<string>>
-                                                                        ([premise, hypothesis] pairs), labels
-                                                                        list<int> (0 contradiction,
-                                                                        1 neutral, 2 entailment)
-refcoco       ``refcoco_unc_{train,val,test,testA,testB}.arrow``        image, sentences list<string>, bboxes
-              (Renaissance's ``write_refcoco`` writes ``test``, which   list<list<number>> (COCO [x, y, w, h]
-              holds testA and testB; ``ren data prepare`` writes them
-              apart)
-                                                                        pixels, every object in the image),
-                                                                        labels int (index of the referred
-                                                                        object in bboxes)
-refcoco+      ``refcoco+_unc_{...}.arrow``, splits as refcoco           as refcoco
-refcocog      ``refcocog_umd_{train,val,test}.arrow``                   as refcoco
-============  ========================================================  =====================================
-
-Each row holds all texts of its image; ViLT's ``text_column_name`` (kept as
-:attr:`ArrowKind.text_column`) names the list a dataset expands to one example
-per text: ``caption`` for the caption sets (ViLT drops duplicate captions),
-``questions`` for VQAv2 and NLVR2 (the k-th question goes with the k-th entry of
-``answers``, ``answer_labels``, ``answer_scores``, ``question_id``), and
-``sentences`` for SNLI-VE (METER reads the hypothesis, element 1 of each pair)
-and RefCOCO. The caption sets' ``split`` column is written by ViLT, not METER.
-
-Type names: ``binary`` and ``string`` accept Arrow's large variants too (pandas
-3 writes ``large_string``), ``int`` any integer width, ``float`` any float,
-``number`` either, ``list<...>`` list and large list. A list whose values are
-all empty is typed ``list<null>`` by pandas (VQAv2 test files have no answers),
-so ``null`` is accepted as a list's value type.
-
-Splits
-------
-A split name is the ``{split}`` of the file names above; ``"a+b"`` joins splits
-in that order. :attr:`ArrowKind.vilt_splits` says which files ViLT's dataset
-classes (METER's for SNLI-VE, Renaissance's for RefCOCO) read for their
-train/val/test splits: COCO trains on ``train+restval`` and VQAv2 on
-``train+trainable_val`` (METER uses ``train+val`` for both), F30K trains on
-``train+val`` and validates on ``test``, and NLVR2 and SNLI-VE validate and
-test on the same ``dev+test1`` (``dev+test``) files.
-
-Files are read as written (uncompressed IPC, so reading is zero-copy); Arrow
-*stream* files, such as the cache files of Hugging Face ``datasets``, are not
-this format and are refused with an error.
+:func:`open_arrow` memory-maps one file (the table is backed by the page cache, so a 100 GB shard costs no heap
+memory) and :meth:`ArrowSource.row` converts only the cells asked for; :func:`find_arrow_files` finds a split's
+files. :data:`ARROW_KINDS` holds each data set's layout: its files, its columns and ViLT's splits. The layouts,
+type names and splits in full: docs/tasks-and-data.md, "The arrow files of ViLT, METER and Renaissance".
 """
 
 from __future__ import annotations
@@ -103,7 +34,7 @@ class ArrowKind:
     name: str
     writer: str  # the script that writes these files
     splits: Mapping[str, tuple[str, ...]]  # split -> file-name glob patterns, in order
-    columns: Mapping[str, str]  # required column -> type (see the module docstring)
+    columns: Mapping[str, str]  # required column -> type (see docs/tasks-and-data.md)
     image_columns: tuple[str, ...]
     text_column: str
     vilt_splits: Mapping[str, str]  # ViLT/METER's train/val/test -> split ("a+b" joins)
@@ -183,7 +114,7 @@ _ATOMS = {
 
 
 def type_matches(arrow_type: pa.DataType, spec: str) -> bool:
-    """Whether ``arrow_type`` is of the type named ``spec`` (see the module docstring)."""
+    """Whether ``arrow_type`` is of the type named ``spec`` (see "Type names" in docs/tasks-and-data.md)."""
     if spec.startswith("list<") and spec.endswith(">"):
         if not (pa.types.is_list(arrow_type) or pa.types.is_large_list(arrow_type)
                 or pa.types.is_fixed_size_list(arrow_type)):

@@ -1,59 +1,10 @@
 """easy-VQA, the embedded default data set, and the caption corpus derived from it.
 
-easy-VQA (the ``easy_vqa`` package) holds 4,000 train and 1,000 test 64x64 RGB
-images, each showing one shape in one colour on a light background, with
-38,575 train and 9,673 test questions. Every question has one of 13 answers:
-3 shapes (circle, rectangle, triangle), 8 colours (black, blue, brown, gray,
-green, red, teal, yellow), "yes" and "no". :func:`load_easy_vqa` decodes the
-PNGs once and caches the arrays in ``<cache_dir>/easy_vqa_v1.npz``; later loads
-read only that file.
-
-How the captions are derived
-----------------------------
-:func:`easy_vqa_captions` gives every image exactly one colour and one shape,
-taken from the questions asked about that image and their answers:
-
-1. An answer that is a colour is the image's colour ("what color is the
-   shape?" -> "red"); an answer that is a shape is its shape ("what shape is
-   in the image?" -> "circle"). A colour or shape named in such a question
-   holds too ("what color is the circle?" -> the shape is a circle; "what is
-   the red shape?" -> the colour is red).
-2. A yes/no question names one colour or one shape. It is negated when it
-   contains the word "not" or "no" ("is there not a red shape?", "is no
-   circle present?"). The image has what the question names when the answer
-   is "yes" to a plain question or "no" to a negated one; otherwise it does
-   not have it.
-3. What steps 1 and 2 say the image has must agree (otherwise
-   :class:`ValueError`) and is its colour or shape. When they name no colour
-   (or no shape) but rule out all candidates but one, that one is it.
-4. The annotations leave the colour or the shape open for about 11% of the
-   images (422 of 4,000 train and 112 of 1,000 test images). For those, the value is
-   read from the pixels by :func:`read_colour_shape`: easy-VQA draws shapes in
-   the exact CSS colours of :data:`PALETTE`; the colour is the palette entry
-   that the most pixels equal, and those pixels form the shape's mask. The
-   shape is "rectangle" when the mask fills at least 90% of its bounding box,
-   otherwise "circle" when the mask is mirror-symmetric (intersection over
-   union with its up-down and with its left-right mirror image both at least
-   0.625), otherwise "triangle". A value read from the pixels must be one
-   that step 2 does not rule out (otherwise :class:`ValueError`). On every
-   image whose colour and shape the annotations settle, the pixel reading
-   agrees with them (the test suite checks all 5,000 images).
-
-The validation split
---------------------
-easy-VQA ships a train and a test split only. ren holds out every
-:data:`VAL_EVERY`-th image of the package's train split (rows 9, 19, ..., 3999
-in image-id order: 400 images, 10%) with all of its questions as ``val``;
-``train`` is the other 3,600 images. The images are drawn independently at
-random by the package's generator, so a fixed stride is as good as a random
-draw and needs no seed. :meth:`EasyVQA.run_split` reads these splits;
-:meth:`EasyVQA.split` reads the package's own.
-
-Each image then gets one caption from each of :data:`CAPTION_TEMPLATES`, in
-that order: "a red circle.", "a circle that is red.", "the image shows a red
-circle." Captions are listed image by image: caption ``k`` describes image
-``k // 3`` with template ``k % 3``. Nothing is random, so two calls return the
-same corpus.
+:func:`load_easy_vqa` decodes the package's PNGs once and caches them; :func:`easy_vqa_captions` gives every image
+one colour and one shape, read from its questions and answers (where they leave it open, from the pixels:
+:func:`read_colour_shape`), and three captions; :meth:`EasyVQA.run_split` holds out every :data:`VAL_EVERY`-th
+training image as ``val``. How, step by step: docs/tasks-and-data.md, "easy-VQA and the caption corpus derived
+from it".
 """
 
 from __future__ import annotations
@@ -138,8 +89,8 @@ class EasyVQA:
 
     def run_split(self, name: str, *, hold_out_val: bool = True) -> VQASplit:
         """Return a run's split ``name``: "train" (the package's train split less the
-        validation images, or all of it without ``hold_out_val``), "val" or "test" (see the
-        module docstring)."""
+        validation images, or all of it without ``hold_out_val``), "val" or "test" (see
+        docs/tasks-and-data.md, "The validation split")."""
         package, rows = run_split_rows(self, name, hold_out_val=hold_out_val)
         return self.split(package).subset(rows)
 
@@ -161,7 +112,7 @@ def run_split_rows(data: EasyVQA, name: str, *, hold_out_val: bool = True) -> tu
 
 @dataclass(frozen=True, eq=False)
 class CaptionCorpus:
-    """Image-caption pairs for one split (see the module docstring).
+    """Image-caption pairs for one split (see docs/tasks-and-data.md).
 
     Attributes:
         image_index: int64 row in the split's images, one per caption.
@@ -218,7 +169,7 @@ def load_easy_vqa(cache_dir: Path) -> EasyVQA:
 def read_colour_shape(image: np.ndarray) -> tuple[str, str]:
     """Read the colour and the shape of an easy-VQA image from its pixels.
 
-    ``image`` is ``(H, W, 3)`` uint8 RGB. See step 4 of the module docstring.
+    ``image`` is ``(H, W, 3)`` uint8 RGB. See step 4 of "How the captions are derived" in docs/tasks-and-data.md.
     """
     codes = _rgb_codes(image)
     counts = [int((codes == code).sum()) for code in _PALETTE_CODES]
@@ -238,7 +189,7 @@ def read_colour_shape(image: np.ndarray) -> tuple[str, str]:
 
 
 def easy_vqa_captions(data: EasyVQA, split: str) -> CaptionCorpus:
-    """Derive the image-caption corpus of ``split`` (see the module docstring)."""
+    """Derive the image-caption corpus of ``split`` (see docs/tasks-and-data.md)."""
     vqa = data.split(split)
     vocab = {"colour": tuple(PALETTE), "shape": SHAPES}
     kind_of = {word: kind for kind, words in vocab.items() for word in words}

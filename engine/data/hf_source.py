@@ -1,53 +1,10 @@
 """Hugging Face ``datasets`` as a data source, read as ViLT's arrow rows.
 
-:func:`open_hf` loads a split of the data set that ``[data.hf]`` names (a hub
-id, or a local directory: ``save_to_disk`` output, parquet files or an
-imagefolder; :func:`detect_format`) and returns an :class:`HFSource`, which
-the task datasets read exactly as they read an
-:class:`~engine.data.arrow.ArrowSource`: the same ``kind``, ``column``,
-``row``, ``image``, ``transformed_image`` and ``locate``. ``datasets`` keeps
-the data memory-mapped (hub, parquet and imagefolder data are converted once
-into its cache); images stay there and are read one cell at a time.
-
-Rows. A ViLT row is an image with lists of texts; an HF row is usually one
-example (one question, hypothesis, sentence). Each HF row becomes a ViLT row
-whose per-image lists hold that one example: a scalar column is wrapped into a
-one-element list (whole columns at once, with pyarrow), and a column that is
-already a list (a list of captions per image) is kept. Caption corpora are the
-exception: rows with one caption each are grouped by ``image_id`` (when the data
-has one) into one row per image, so that pretraining's ITM negatives and ITC
-positives and retrieval see each image once.
-
-Columns. ``data.hf.columns`` maps ren's column names (the layout's, see
-:mod:`engine.data.arrow`) to the HF data set's, over the defaults of
-:data:`engine.config.HF_COLUMNS`. Conversions:
-
-* images: an HF ``Image()`` column (``{bytes, path}``: the bytes, else the file
-  at ``path``, as imagefolder data stores them) or raw binary. An image that is
-  missing or unreadable is skipped and counted in ``skipped_images``.
-* VQAv2 ``answers``: the annotators' answers, as a list of ``{answer, ...}``
-  structs (HuggingFaceM4/VQAv2), a list of strings or one string. The answer
-  vocabulary is built from the training split with ViLT's rule
-  (:func:`~engine.vqa_answers.build_answer_vocab` over each question's majority
-  answer: its ``multiple_choice_answer``, else its commonest normalised answer,
-  kept when it is the majority answer of ``answer_min_count`` questions); each
-  question's ``answer_labels``/``answer_scores`` are the vocabulary ids of its
-  normalised answers with ViLT's soft scores, in first-seen order (what
-  :func:`~engine.vqa_answers.soft_targets` gives), and ``answers`` holds the
-  vocabulary strings aligned with them, as ViLT's files do. An eval split is
-  labelled with the training split's vocabulary. ``raw_answers`` keeps each
-  question's annotators' answers as given, for the official VQA accuracy.
-* SNLI-VE: ``premise`` (optional) and ``hypothesis`` form the ``sentences``
-  pair; ``labels`` are METER's ids (0 contradiction, 1 neutral, 2 entailment),
-  or names as strings or an HF ``ClassLabel`` (mapped by name).
-* NLVR2 ``answers``: ``"True"``/``"False"``, booleans, or 0/1 (by the
-  ``ClassLabel`` names when there are some). A missing ``identifier`` becomes
-  ``{split}-{row}``.
-
-A column the mapping names that the data lacks, or one of a type that cannot
-be converted, is a :class:`RenError` naming the data set, split, column and
-mapping key; ``image_id``, ``multiple_choice_answer``, ``premise`` and
-``identifier`` may be absent unless the preset maps them explicitly.
+:func:`open_hf` loads a split of the data set that ``[data.hf]`` names (a hub id or a local directory) and returns
+an :class:`HFSource`, which the task datasets read exactly as they read an :class:`~engine.data.arrow.ArrowSource`.
+Each HF row becomes a ViLT row holding its one example (one-caption rows are grouped per image), its columns mapped
+over :data:`engine.config.HF_COLUMNS`. Rows, columns and conversions in full: docs/tasks-and-data.md, "Hugging Face
+data sets as a source".
 """
 
 from __future__ import annotations
@@ -150,7 +107,7 @@ def _lists(offsets: np.ndarray, values: pa.Array) -> pa.Array:
 class HFSource(ImageRows):
     """The rows of one or more splits of the data set ``path`` (``parts``: each
     split's name and ``datasets.Dataset``) read as the arrow layout ``kind`` (see
-    the module docstring). ``columns`` overrides the default column mapping;
+    docs/tasks-and-data.md). ``columns`` overrides the default column mapping;
     ``answers`` and ``answer_min_count`` are :func:`open_hf`'s. :attr:`paths`
     name the splits for messages (``"HuggingFaceM4/VQAv2 [train]"``). The
     converted text columns live in memory; images are read from the data sets'
@@ -432,7 +389,7 @@ class HFSource(ImageRows):
             for split, part in zip(self.splits, self._parts)])
 
     def _vqa_answers(self, vocabulary: Sequence[str] | None, min_count: int) -> dict[str, pa.Array]:
-        """``answers``, ``answer_labels`` and ``answer_scores`` as ViLT writes them (see the module docstring)."""
+        """``answers``, ``answer_labels`` and ``answer_scores`` as ViLT writes them (see docs/tasks-and-data.md)."""
         column = self._required_chunked("answers")  # not combined: only the answer strings are copied
         n = len(column)
         t = column.type
