@@ -21,6 +21,7 @@ from filelock import FileLock
 from PIL import Image
 
 import engine.data.prepare as prepare_module
+import engine.data.prepare._writer as writer_module
 from engine.data.arrow import find_arrow_files, open_arrow, open_split
 from engine.data.prepare import (
     MISSING_ANNOTATION,
@@ -630,11 +631,11 @@ def test_rows_are_written_in_record_batches_by_rows_and_by_bytes(tmp_path: Path,
                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     source = tmp_path / "vqa"
     images = _write_vqav2(source)
-    monkeypatch.setattr(prepare_module, "BATCH_ROWS", 2)
+    monkeypatch.setattr(writer_module, "BATCH_ROWS", 2)
     prepare_vqav2(source, tmp_path / "by_rows", rest_val_images=1)
     assert _batch_rows(tmp_path / "by_rows" / "vqav2_val.arrow") == [2, 1]
-    monkeypatch.setattr(prepare_module, "BATCH_ROWS", 1000)
-    monkeypatch.setattr(prepare_module, "BATCH_BYTES", len(images[11]) + len(images[12]))
+    monkeypatch.setattr(writer_module, "BATCH_ROWS", 1000)
+    monkeypatch.setattr(writer_module, "BATCH_BYTES", len(images[11]) + len(images[12]))
     prepare_vqav2(source, tmp_path / "by_bytes", rest_val_images=1)
     assert _batch_rows(tmp_path / "by_bytes" / "vqav2_val.arrow") == [2, 1]
     for out in ("by_rows", "by_bytes"):
