@@ -600,12 +600,20 @@ def test_gradient_checkpointing_trains_a_step(kind):
     assert any(not torch.equal(before[k], after[k]) for k in before)
 
 
-def test_gradient_checkpointing_timm_tower():
-    model = make(two_tower(vision={**TIMM_VISION, "gradient_checkpointing": True}), PRETRAIN)
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_gradient_checkpointing_timm_tower(checkpointing):
+    """timm's ResNet recomputes each stage's blocks in the backward pass when checkpointing is on, and only then."""
+    model = make(two_tower(vision={**TIMM_VISION, "gradient_checkpointing": checkpointing}), PRETRAIN)
     model.train()
+    blocks = [stage[0] for stage in (model.encoder.vision.model.layer1, model.encoder.vision.model.layer4)]
+    calls = [0] * len(blocks)
+    for i, block in enumerate(blocks):
+        block.conv1.register_forward_pre_hook(lambda *_, i=i: calls.__setitem__(i, calls[i] + 1))
     ids, mask, pix = inputs(b=2, image_size=64)
     out = model(ids, mask[:2], pix, itm_rows=slice(0, 2))
+    assert calls == [1, 1]
     out.logits["itm"].sum().backward()
+    assert calls == ([2, 2] if checkpointing else [1, 1])
     assert model.encoder.vision.model.conv1.weight.grad is not None
 
 
