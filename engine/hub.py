@@ -65,16 +65,17 @@ def dropouts_in(config: Any) -> tuple[float | None, float | None]:
 def checkpoint_dropouts(name: str, part: str) -> tuple[float | None, float | None]:
     """(hidden, attention) dropout of the named checkpoint (its ``text``/``vision`` part of a composite
     config, or the whole config for ``part=""``), read from its config.json without torch or transformers
-    (a ``ren:`` model's config comes from :mod:`engine.unimodal`, which does import them); (None, None)
+    (a ``ren:`` model's from its build, or the recipe's own when it is not built yet); (None, None)
     when there is no readable config."""
     if is_ren_model(name):
-        from engine import unimodal
+        from engine import recipes
         from engine.errors import RenError
 
         try:
-            return dropouts_in(unimodal.load_config(name))
+            built = recipes.config_json(name)
         except RenError:
             return None, None
+        return dropouts_in(built) if built is not None else (recipes.DROPOUT, recipes.DROPOUT)
     raw = _config_json(name)
     if raw is None:
         return None, None

@@ -65,12 +65,8 @@ from torch import Tensor
 
 from engine.errors import ModelLoadError
 from engine.hub import REN_PREFIX
+from engine.recipes import DROPOUT, RECIPE_VERSIONS, RECORD_FILE, built_dir, model_dir, recipe_of
 
-RECIPES = ("easyvqa-vit", "easyvqa-bert")
-RECIPE_VERSIONS = {"easyvqa-vit": 2, "easyvqa-bert": 2}
-"""Each recipe's version, part of its directory's name. easyvqa-vit 1 was a colour x shape classifier;
-easyvqa-bert 1 was trained with the MLM masking that put half of its targets on a caption's first word."""
-RECORD_FILE = "recipe.json"
 SEED = 0
 
 HIDDEN_SIZE = 128
@@ -130,55 +126,6 @@ class BuildReport:
                 f"final train loss {self.train_loss:.4f}; on {self.held_out}: {scores}")
 
 
-def recipe_of(name: str, key: str | None = None) -> str:
-    """The recipe a ``ren:`` name (or a bare recipe name) names; a :class:`ModelLoadError` for unknown ones
-    (naming the config ``key`` that holds the name, when given)."""
-    recipe = name.removeprefix(REN_PREFIX)
-    if recipe not in RECIPES:
-        where = f"{key} = {name!r}" if key else repr(name)
-        raise ModelLoadError(
-            f"{where} is not a model ren builds: the models ren builds are "
-            f"{', '.join(REN_PREFIX + r for r in RECIPES)} (see `ren models build --help`)."
-        )
-    return recipe
-
-
-def models_root() -> Path:
-    """``$REN_HOME/models``."""
-    from engine.store import default_root
-
-    return default_root() / "models"
-
-
-def model_dir(name: str) -> Path:
-    """Where the model ``name`` is (or will be) built by the current version of its recipe."""
-    recipe = recipe_of(name)
-    return models_root() / f"{recipe}-v{RECIPE_VERSIONS[recipe]}"
-
-
-def built_dir(name: str) -> Path | None:
-    """The model's directory if it has been built by the current recipe, else None."""
-    path = model_dir(name)
-    record = path / RECORD_FILE
-    if not path.exists():
-        return None
-    try:
-        version = json.loads(record.read_text()).get("version")
-    except (OSError, ValueError) as exc:
-        raise ModelLoadError(
-            f"{path} exists but is not a complete build of {REN_PREFIX}{recipe_of(name)} ({record} is missing "
-            f"or unreadable: {exc}); delete it or run `ren models build {recipe_of(name)} --force`."
-        ) from None
-    current = RECIPE_VERSIONS[recipe_of(name)]
-    if version != current:
-        raise ModelLoadError(
-            f"{path} was built by version {version} of the {recipe_of(name)} recipe; this ren builds version "
-            f"{current}. Rebuild it with `ren models build {recipe_of(name)} --force` (runs that used the "
-            "old weights keep their scores but cannot be repeated with them)."
-        )
-    return path
-
-
 # --------------------------------------------------------------------------- what needs no training
 
 
@@ -186,8 +133,8 @@ def recipe_config(name: str) -> Any:
     """The Hugging Face config the recipe builds (no training, no files)."""
     from engine.models.hf import manual_text_config, manual_vision_config
 
-    sizes = dict(hidden_size=HIDDEN_SIZE, layers=LAYERS, heads=HEADS, mlp_ratio=MLP_RATIO, dropout=0.0,
-                 attention_dropout=0.0)
+    sizes = dict(hidden_size=HIDDEN_SIZE, layers=LAYERS, heads=HEADS, mlp_ratio=MLP_RATIO, dropout=DROPOUT,
+                 attention_dropout=DROPOUT)
     if recipe_of(name) == "easyvqa-vit":
         config = manual_vision_config(patch_size=PATCH_SIZE, image_size=IMAGE_SIZE, **sizes)
         config.encoder_stride = PATCH_SIZE  # the reconstruction head predicts each token's own patch

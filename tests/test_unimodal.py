@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from engine import unimodal
+from engine import recipes, unimodal
 from engine.cli import commands
 from engine.cli.commands import model_summary
 from engine.config import load_preset
@@ -50,7 +50,7 @@ def bert_dir(tmp_path_factory: pytest.TempPathFactory, data_cache: Path) -> tupl
 
 def _install(built: Path, ren_home: Path, recipe: str) -> Path:
     """Put a recipe's output where a build renames it: ``$REN_HOME/models/<recipe>-v<version>``."""
-    target = ren_home / "models" / f"{recipe}-v{unimodal.RECIPE_VERSIONS[recipe]}"
+    target = ren_home / "models" / f"{recipe}-v{recipes.RECIPE_VERSIONS[recipe]}"
     shutil.copytree(built, target)
     return target
 
@@ -241,8 +241,8 @@ def test_a_build_of_the_supervised_vit_is_not_reused(vit_dir, ren_home: Path) ->
     shutil.copytree(vit_dir[0], old)
     record = json.loads((old / "recipe.json").read_text())
     (old / "recipe.json").write_text(json.dumps({**record, "version": 1}))
-    assert unimodal.built_dir("ren:easyvqa-vit") is None
-    assert unimodal.model_dir("ren:easyvqa-vit") == ren_home / "models" / "easyvqa-vit-v2"
+    assert recipes.built_dir("ren:easyvqa-vit") is None
+    assert recipes.model_dir("ren:easyvqa-vit") == ren_home / "models" / "easyvqa-vit-v2"
     assert unimodal.load_config("ren:easyvqa-vit").architectures == ["ViTForMaskedImageModeling"]
 
 
@@ -295,3 +295,22 @@ def test_study_plans_three_starts_that_share_one_tokenizer(ren_home: Path) -> No
         sizes.add(sum(g["total"] for name, g in summary["groups"].items() if name.startswith("backbone.layers")))
     assert len(sizes) == 1  # the same encoder layers, whatever their start
     assert not (ren_home / "models").exists()
+
+
+def test_validating_a_preset_that_names_a_ren_model_loads_no_torch(vit_dir, ren_home: Path, tmp_path: Path) -> None:
+    """The config reads a ren: model's dropout from its build's config.json (or the recipe's, unbuilt) without
+    torch, so `ren validate` and the TUI's Compose screen stay light."""
+    preset = tmp_path / "unset_dropout.toml"  # the study's preset, its dropout left to the checkpoint
+    preset.write_text(PRETRAIN.read_text().replace("dropout = 0.0\n", ""))
+    code = ("from engine.config import load_preset\n"
+            f"cfg = load_preset({str(preset)!r})\n"
+            "print('dropout', cfg.model.backbone.dropout)\n"
+            "import sys; print(sorted(m for m in ('torch', 'transformers', 'timm') if m in sys.modules))")
+    for built in (False, True):
+        if built:
+            installed = _install(vit_dir[0], ren_home, "easyvqa-vit")
+            config = json.loads((installed / "config.json").read_text())
+            (installed / "config.json").write_text(json.dumps({**config, "hidden_dropout_prob": 0.25}))
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO,
+                             env={**os.environ}).stdout.splitlines()
+        assert out == [f"dropout {0.25 if built else 0.0}", "[]"]

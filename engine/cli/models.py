@@ -12,8 +12,9 @@ console = Console()
 def build(name: str, *, force: bool) -> None:
     """Build ``easyvqa-vit``, ``easyvqa-bert`` or ``all`` into ``$REN_HOME/models`` and say what each learned."""
     from engine import unimodal
+    from engine.recipes import RECIPES, recipe_of
 
-    recipes = unimodal.RECIPES if name == "all" else (unimodal.recipe_of(name),)
+    recipes = RECIPES if name == "all" else (recipe_of(name),)
     for recipe in recipes:
         path, report = unimodal.build(recipe, force=force, log=_say)
         if report is None:

@@ -67,9 +67,9 @@ def run(path: Path, *, gpus: int, dry_run: bool) -> None:
 def _unbuilt(names: list[str]) -> list[str]:
     if not names:
         return []
-    from engine import unimodal  # torch: only for studies whose runs load models ren builds
+    from engine.recipes import built_dir
 
-    return [name for name in names if unimodal.built_dir(name) is None]
+    return [name for name in names if built_dir(name) is None]
 
 
 def _build(names: list[str]) -> None:
