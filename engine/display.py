@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 from engine.store import RunRecord
@@ -93,23 +94,28 @@ def format_steps(record: RunRecord) -> str:
 SPARK = "▁▂▃▄▅▆▇█"
 
 
-def bucket_means(values: list[float], buckets: int) -> list[float]:
-    """``values`` reduced to at most ``buckets`` means of consecutive runs, in order."""
-    if len(values) <= buckets:
-        return list(values)
-    edges = [round(i * len(values) / buckets) for i in range(buckets + 1)]
-    return [sum(values[a:b]) / (b - a) for a, b in zip(edges, edges[1:])]
+def bucket_means(values: list[float], buckets: int) -> list[float | None]:
+    """``values`` reduced to at most ``buckets`` means of consecutive runs, in order; None for a run that
+    holds a NaN or infinity (a run record holds standard JSON only)."""
+    edges = ([round(i * len(values) / buckets) for i in range(buckets + 1)] if len(values) > buckets
+             else list(range(len(values) + 1)))
+    means: list[float | None] = []
+    for a, b in zip(edges, edges[1:]):
+        run = values[a:b]
+        means.append(sum(run) / len(run) if all(map(math.isfinite, run)) else None)
+    return means
 
 
-def sparkline(values: list[float] | tuple[float, ...]) -> str:
-    """``"█▆▄▃▂▁"``: one block per value, scaled between the values' min and max."""
-    finite = [v for v in values if v == v]
+def sparkline(values: Sequence[float | None]) -> str:
+    """``"█▆▄▃▂▁"``: one block per value, scaled between the finite values' min and max; a blank for
+    None, NaN or infinity."""
+    finite = [v for v in values if v is not None and math.isfinite(v)]
     if not finite:
-        return ""
+        return " " * len(values) if values else ""
     low, high = min(finite), max(finite)
     span = (high - low) or 1.0
-    return "".join(" " if v != v else SPARK[min(int((v - low) / span * len(SPARK)), len(SPARK) - 1)]
-                   for v in values)
+    return "".join(SPARK[min(int((v - low) / span * len(SPARK)), len(SPARK) - 1)]
+                   if v is not None and math.isfinite(v) else " " for v in values)
 
 
 def si(value: float, unit: str) -> str:
