@@ -186,14 +186,16 @@ def _collapse(name: str) -> str:
 
 
 def list_runs(limit: int) -> None:
-    records = Store().list_runs()[:limit]
-    if not records:
+    store = Store()
+    records = store.list_runs()[:limit]
+    unreadable = store.unreadable_runs()  # shown whatever the limit: each needs a repair
+    if not records and not unreadable:
         console.print("no runs yet: try `ren run presets/quickstart.toml`")
         return
     table = Table(box=None, pad_edge=False, padding=(0, 2, 0, 0), header_style="bold")
     # ids are what `ren show` and `--resume` take: never shorten them. They carry the
     # run name too, so the name column is shown only when there is room for it.
-    table.add_column("id", no_wrap=True, min_width=max(len(r.id) for r in records))
+    table.add_column("id", no_wrap=True, min_width=max(len(r.id) for r in [*records, *unreadable]))
     wide = console.width >= 120
     columns = ("name", "stage", "status", "steps", "best", "time") if wide else ("status", "steps", "best", "time")
     for col in columns:
@@ -202,7 +204,15 @@ def list_runs(limit: int) -> None:
         cells = {"name": r.name, "stage": r.stage, "status": _status(r), "steps": format_steps(r),
                  "best": format_run_scores(r, short=True), "time": format_duration(r)}
         table.add_row(r.id, *(cells[c] for c in columns))
+    for u in unreadable:
+        table.add_row(u.id, *("[red]unreadable[/]" if c == "status" else "-" for c in columns))
     console.print(table)
+    if unreadable:
+        console.print(f"\nunreadable records in {store.index_path}, left out of the queue and the TUI (restore "
+                      "them from a backup or remove them with a JSON editor):", highlight=False, markup=False,
+                      soft_wrap=True)
+        for u in unreadable:
+            console.print(f"  {u.id}: {u.reason}", highlight=False, markup=False)
 
 
 def show(run_id: str) -> None:
