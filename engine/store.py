@@ -149,6 +149,34 @@ def _legacy_constant(name: str) -> None:
     return None
 
 
+def process_umask() -> int:
+    """This process's umask, read without changing it where Linux reports it (setting it to read it would
+    race with other threads creating files), else set and restored at once."""
+    with contextlib.suppress(OSError, ValueError):
+        with open("/proc/self/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def follow_umask(path: Path) -> None:
+    """Give ``path`` (a directory with everything under it) the mode a plain ``open`` or ``mkdir`` would:
+    0o666 or 0o777 less the umask. Writers that go through a temporary file (``tempfile``, safetensors,
+    ``mkdtemp``) create 0600 or 0700, which would hide weights and caches from the other users of a shared
+    store; call this on what they wrote before renaming it into place."""
+    umask = process_umask()
+    os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~umask)
+    if path.is_dir():
+        for root, dirs, files in os.walk(path):
+            for name in dirs:
+                os.chmod(os.path.join(root, name), 0o777 & ~umask)
+            for name in files:
+                os.chmod(os.path.join(root, name), 0o666 & ~umask)
+
+
 def _read_json(path: Path, **options: Any) -> Any | None:
     """The parsed contents of ``path``, or None when it does not exist."""
     try:

@@ -48,7 +48,7 @@ from engine.errors import ConfigError, RenError, StoreBusy, StoreError, oom_mess
 from engine.freeze import apply_freeze
 from engine.launch import FINAL_WEIGHTS
 from engine.models import VLModel, build_model
-from engine.store import MetricsWriter, Store, atomic_write_text
+from engine.store import MetricsWriter, Store, atomic_write_text, follow_umask, json_text
 
 CHECKPOINTS = "checkpoints"
 LATEST = "latest"
@@ -236,7 +236,8 @@ def _save_checkpoint(accelerator: Accelerator, run_dir: Path, state: TrainState,
     try:
         accelerator.save_state(str(tmp), safe_serialization=True)
         if accelerator.is_main_process:
-            (tmp / "trainer_state.json").write_text(json.dumps(state.__dict__))
+            (tmp / "trainer_state.json").write_text(json_text(state.__dict__, tmp / "trainer_state.json"))
+            follow_umask(tmp)  # safetensors writes the weights 0600
             final = root / name
             shutil.rmtree(final, ignore_errors=True)
             os.replace(tmp, final)
@@ -270,6 +271,7 @@ def _save_weights(run_dir: Path, weights: dict[str, torch.Tensor]) -> None:
     tmp, path = run_dir / f".{FINAL_WEIGHTS}.tmp", run_dir / FINAL_WEIGHTS
     try:
         save_file(weights, str(tmp))
+        follow_umask(tmp)  # safetensors writes 0600: the other users of a shared store could not read it
         os.replace(tmp, path)
     except (OSError, SafetensorError) as exc:
         with contextlib.suppress(OSError):
@@ -335,7 +337,7 @@ def train(cfg: RunConfig, store: Store, run_id: str, *, resume: bool = False,
     run_dir = store.run_dir(run_id)
     data = build_data(cfg, cache_dir=Path(cfg.data.cache_dir) if cfg.data.cache_dir else store.root / "cache")
     if cfg.task and data.answers is not None and accelerator.is_main_process:
-        atomic_write_text(run_dir / ANSWERS, json.dumps(data.answers))
+        atomic_write_text(run_dir / ANSWERS, json_text(data.answers, run_dir / ANSWERS))
     model = build_model(cfg, vocab_size=data.vocab_size, num_answers=data.num_answers)
     # a resumed run loads its own checkpoint; one resumed before its first checkpoint (a retry)
     # starts from init_from like a fresh run

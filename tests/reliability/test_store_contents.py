@@ -4,11 +4,14 @@ traceback, and the other runs stay listed."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 from pathlib import Path
 
 import pytest
 
 from engine.store import Store
+from tests.reliability.conftest import REN, REPO, tiny_preset
 from tests.reliability.test_bad_inputs import cli_streams
 
 
@@ -58,3 +61,31 @@ def test_an_index_holding_an_array_exits_2_naming_the_file(
     message = " ".join(err.split())
     assert code == 2 and "Traceback" not in err, err
     assert f"Cannot read {ren_home / 'index.json'}: it holds a JSON array" in message
+
+
+# --- permissions follow the umask ----------------------------------------------------------------------------
+
+
+def _modes(root: Path, umask: int) -> list[str]:
+    """Every path under ``root`` whose mode is not what a plain open (files) or mkdir (directories) gives."""
+    wrong = []
+    for path in [root, *root.rglob("*")]:
+        expected = (0o777 if path.is_dir() else 0o666) & ~umask
+        if path.stat().st_mode & 0o777 != expected:
+            wrong.append(f"{path.relative_to(root)} {path.stat().st_mode & 0o777:o} (expected {expected:o})")
+    return wrong
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("umask", [0o022, 0o002], ids=["umask-022", "umask-002"])
+def test_every_file_a_tiny_run_writes_follows_the_umask(umask: int, tmp_path: Path, ren_home: Path) -> None:
+    """The weights, checkpoints and the decoded data cache too: writers that go through a temporary file
+    (tempfile, safetensors) create 0600, which hid them from the other users of a shared store."""
+    preset = tiny_preset(tmp_path / "p.toml", ren_home / "cache", max_steps=4, checkpoint_every=2)
+    result = subprocess.run([*REN, "run", str(preset)], capture_output=True, text=True, timeout=600, cwd=REPO,
+                            preexec_fn=lambda: os.umask(umask))
+    assert result.returncode == 0, result.stderr[-3000:]
+    run_dir = next((ren_home / "runs").iterdir())
+    assert (run_dir / "model.safetensors").exists() and list((run_dir / "checkpoints").glob("step_*/*.safetensors"))
+    assert list((ren_home / "cache").glob("*.npz"))
+    assert _modes(ren_home, umask) == []
