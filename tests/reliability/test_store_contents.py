@@ -4,6 +4,7 @@ traceback, and the other runs stay listed."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 from pathlib import Path
@@ -89,3 +90,47 @@ def test_every_file_a_tiny_run_writes_follows_the_umask(umask: int, tmp_path: Pa
     assert (run_dir / "model.safetensors").exists() and list((run_dir / "checkpoints").glob("step_*/*.safetensors"))
     assert list((ren_home / "cache").glob("*.npz"))
     assert _modes(ren_home, umask) == []
+
+
+# --- null metrics read correctly ------------------------------------------------------------------------------
+
+
+async def test_the_monitor_charts_a_run_whose_metrics_hold_nulls(ren_home: Path) -> None:
+    """The points a diverged run logged (null with a flag in the file) are left out of the curve; the chart
+    neither breaks nor scales to them."""
+    from ren_tui.app import RenApp
+    from ren_tui.backend import Backend
+    from ren_tui.screens.monitor import MonitorScreen
+    from tests.tui_fake import canned_run
+
+    store = Store(ren_home)
+    run = canned_run(store, "diverged", steps=40, status="failed", eval_every=0)
+    with store.metrics_writer(run.id) as writer:
+        writer.log(41, loss=float("nan"))
+        writer.log(42, loss=float("inf"))
+    text = (store.run_dir(run.id) / "metrics" / "000000.json").read_text()
+    assert '"loss":null' in text and "NaN" not in text and "Infinity" not in text
+    app = RenApp(Backend(store, start_worker=False))
+    async with app.run_test(size=(120, 40)) as pilot:
+        app.open_monitor(run.id)
+        await pilot.pause()
+        await app.workers.wait_for_complete()
+        await pilot.pause()
+        assert isinstance(app.screen, MonitorScreen)
+        xs, ys = app.screen.chart.series["loss"]
+        assert xs[-2:] == [41, 42] and math.isnan(ys[-2]) and ys[-1] == math.inf
+        plotted_xs, plotted_ys = app.screen.chart.plotted["loss"]
+        assert plotted_xs[-1] == 40 and all(math.isfinite(y) for y in plotted_ys)
+
+
+def test_show_prints_a_null_metric_as_nan(ren_home: Path, monkeypatch: pytest.MonkeyPatch,
+                                          capsys: pytest.CaptureFixture[str]) -> None:
+    store = Store(ren_home)
+    run = store.create_run(name="r", stage="finetune", kind="one_tower", config={})
+    with store.metrics_writer(run.id) as writer:
+        writer.log(1, loss=1.0, lr=0.1)
+        writer.log(2, loss=float("nan"), lr=0.1)
+    code, out, err = cli_streams(["show", run.id], monkeypatch, capsys)
+    assert code == 0, err
+    assert "last logged: step 2  loss nan  lr 0.1" in out
+
