@@ -73,6 +73,22 @@ def format_run_scores(record: RunRecord, *, short: bool = False) -> str:
     return "   ".join(parts) or "-"
 
 
+def format_versions(record: RunRecord) -> list[str]:
+    """The software a run trained with: ``"versions: python 3.12.3, ren 0.1.0, ..."``, and for a run resumed
+    with other versions, ``"  before step 40 it ran with torch 2.5.1"`` per earlier session; [] for records
+    made before versions were kept."""
+    if not record.versions:
+        return []
+    latest = record.versions[-1]
+    since = f" (from step {latest.get('from_step')})" if len(record.versions) > 1 else ""
+    lines = ["versions: " + ", ".join(f"{k} {v}" for k, v in latest.items() if k != "from_step") + since]
+    for earlier, later in zip(record.versions, record.versions[1:]):
+        changed = [f"{k} {earlier.get(k, '-')}" for k in {**earlier, **later}
+                   if k != "from_step" and earlier.get(k) != later.get(k)]
+        lines.append(f"  before step {later.get('from_step')} it ran with {', '.join(changed)}")
+    return lines
+
+
 def format_duration(record: RunRecord) -> str:
     """The run's session time: ``"3m10s"``, ``"2h05m"``, or ``"-"`` for a run that has not started."""
     return format_seconds(record.duration_s)

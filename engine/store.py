@@ -311,6 +311,10 @@ class RunRecord:
     log_tail: str | None = None
     # A study's run: {"name", "variant", "seed", "stage", "task", "file"} (engine.study).
     study: dict[str, Any] | None = None
+    # The software it trained with, to reproduce it: {"from_step", "python", "ren", "ren_commit", "torch",
+    # "transformers", "timm", "accelerate"} per session that ran with other versions than the one before
+    # (a resumed run keeps the earlier ones; engine.train.software_versions).
+    versions: tuple[dict[str, Any], ...] = ()
 
     @property
     def duration_s(self) -> float | None:
@@ -362,7 +366,7 @@ class RunRecord:
 
 
 _FIELDS = frozenset(f.name for f in dataclasses.fields(RunRecord))
-_TUPLE_FIELDS = ("tags", "after", "devices", "loss_trace")
+_TUPLE_FIELDS = ("tags", "after", "devices", "loss_trace", "versions")
 _SCORE_FIELDS = ("best_scores", "final_scores", "test_scores")
 _REQUIRED = tuple(f.name for f in dataclasses.fields(RunRecord)
                   if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING)
@@ -459,7 +463,7 @@ def _check_fields(fields: dict[str, Any]) -> dict[str, Any]:
         )
     if "tags" in fields:
         fields = {**fields, "tags": _as_tags(fields["tags"])}
-    for key in ("after", "devices", "loss_trace"):
+    for key in ("after", "devices", "loss_trace", "versions"):
         if key in fields:
             fields = {**fields, key: tuple(fields[key])}
     return fields

@@ -15,9 +15,11 @@ import contextlib
 import json
 import math
 import os
+import platform
 import shutil
 import signal
 import socket
+import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -447,9 +449,10 @@ def train(cfg: RunConfig, store: Store, run_id: str, *, resume: bool = False,
     timer = StepTimer(sync=device_sync(accelerator.device), micro_batches=accum, seconds=state.train_seconds)
     compute: dict[str, Any] = {}
     if main:
+        versions = session_versions(store.get_run(run_id).versions, software_versions(), state.step)
         store.mark_running(run_id, pid=os.getpid(), host=socket.gethostname(), device=_device_name(accelerator),
                            params=freeze_report.to_dict(), max_steps=cfg.train.max_steps,
-                           compute=_compute(info, flops, timer, state, None, accelerator.device))
+                           compute=_compute(info, flops, timer, state, None, accelerator.device), versions=versions)
     writer = store.metrics_writer(run_id) if main else None
     if writer:
         writer.rewind(state.step)
@@ -586,6 +589,39 @@ def train(cfg: RunConfig, store: Store, run_id: str, *, resume: bool = False,
                         {"step": state.step, "loss_trace": bucket_means(losses, TRACE)})
         raise
     return final
+
+
+VERSIONED = ("torch", "transformers", "timm", "accelerate")
+
+
+def software_versions() -> dict[str, str]:
+    """The versions a run trains with: python, ren (and the commit of its source, when that is a git
+    checkout), torch, transformers, timm, accelerate."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    def installed(name: str) -> str:
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            return "not installed"
+
+    out = {"python": platform.python_version(), "ren": installed("ren")}
+    source = Path(__file__).resolve().parents[1]
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
+        commit = subprocess.run(["git", "-C", str(source), "rev-parse", "--short=12", "HEAD"], capture_output=True,
+                                text=True, timeout=10)
+        if commit.returncode == 0 and commit.stdout.strip():
+            out["ren_commit"] = commit.stdout.strip()
+    return {**out, **{name: installed(name) for name in VERSIONED}}
+
+
+def session_versions(earlier: tuple[dict[str, Any], ...], now: dict[str, str], step: int
+                     ) -> tuple[dict[str, Any], ...]:
+    """A run's versions once a session starting at ``step`` runs with ``now``: the earlier sessions', plus
+    ``now`` when it differs from the last of them."""
+    if earlier and {k: v for k, v in earlier[-1].items() if k != "from_step"} == now:
+        return earlier
+    return (*earlier, {"from_step": step, **now})
 
 
 def _record_failure(exc: Exception, cfg: RunConfig, store: Store, run_id: str, writer: MetricsWriter | None,

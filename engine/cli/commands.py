@@ -15,7 +15,15 @@ from rich.console import Console
 from rich.table import Table
 
 from engine.config import RunConfig, config_from_dict, load_preset
-from engine.display import eval_split_of, format_duration, format_run_scores, format_scores, format_steps, si
+from engine.display import (
+    eval_split_of,
+    format_duration,
+    format_run_scores,
+    format_scores,
+    format_steps,
+    format_versions,
+    si,
+)
 from engine.errors import RenError
 from engine.launch import check_init_from, create_run, resolve_init_from, stored_config, trained_now
 from engine.store import RunRecord, Store
@@ -236,6 +244,8 @@ def show(run_id: str) -> None:
         console.print(format_run_scores(r), highlight=False)
     if (tokenizer := _tokenizer_of(r)) is not None:
         console.print(f"tokenizer: {tokenizer}", highlight=False, markup=False)
+    for line in format_versions(r):
+        console.print(line, highlight=False, markup=False)
     points = store.read_metrics(r.id)
     train_points = [p for p in points if "loss" in p]
     if train_points:

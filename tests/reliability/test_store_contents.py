@@ -134,3 +134,42 @@ def test_show_prints_a_null_metric_as_nan(ren_home: Path, monkeypatch: pytest.Mo
     assert code == 0, err
     assert "last logged: step 2  loss nan  lr 0.1" in out
 
+
+# --- versions -------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_a_run_records_the_versions_it_ran_with_and_a_resumed_one_notes_a_change(
+        ren_home: Path, data_cache: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """Each session's versions are kept when they differ from the last ones (a resume with the same
+    software adds nothing); `ren show` prints the latest and what the earlier steps ran with."""
+    import platform
+    from importlib.metadata import version
+
+    from engine.train import train
+    from tests.test_train import start, tiny_finetune
+
+    store = Store(ren_home)
+    cfg, run_id = start(store, tiny_finetune(data_cache, max_steps=4, log_every=2, eval_every=100,
+                                             checkpoint_every=2))
+    train(cfg, store, run_id)
+    (session,) = store.get_run(run_id).versions
+    expected = {"python": platform.python_version(), "ren": version("ren"), "torch": version("torch"),
+                "transformers": version("transformers"), "timm": version("timm"),
+                "accelerate": version("accelerate")}
+    assert {k: session[k] for k in expected} == expected and session["from_step"] == 0
+    code, out, err = cli_streams(["show", run_id], monkeypatch, capsys)
+    shown = " ".join(out.split())
+    assert code == 0 and f"versions: python {expected['python']}, ren {expected['ren']}" in shown, out
+    assert f"torch {expected['torch']}, transformers {expected['transformers']}" in shown
+
+    store.update_run(run_id, versions=({**session, "torch": "2.0.0", "timm": "0.9.0"},))  # an older session
+    train(cfg, store, run_id, resume=True)
+    train(cfg, store, run_id, resume=True)  # the same versions again: nothing new to keep
+    earlier, latest = store.get_run(run_id).versions
+    assert earlier["torch"] == "2.0.0" and latest == {**session, "from_step": 4}
+    code, out, err = cli_streams(["show", run_id], monkeypatch, capsys)
+    shown = " ".join(out.split())
+    assert f"torch {expected['torch']}" in shown and "(from step 4)" in shown
+    assert "before step 4 it ran with torch 2.0.0, timm 0.9.0" in shown, out
