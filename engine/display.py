@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Sequence
 
 from engine.store import RunRecord
@@ -11,6 +12,28 @@ _LATEX_SPECIAL = {
     "\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "_": r"\_", "#": r"\#", "$": r"\$",
     "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}",
 }
+
+
+# Characters that act on a terminal or reorder text rather than show: C0 and C1 controls (ESC starts the ANSI
+# sequences that move the cursor, clear the screen or set its title), DEL, and Unicode's line separators
+# and bidirectional marks, embeddings, overrides and isolates (which can show text in another order).
+_NOT_C0 = "\x7f-\x9f\u061c\u200e\u200f\u2028\u2029\u202a-\u202e\u2066-\u2069"
+_CONTROL = re.compile(f"[\x00-\x1f{_NOT_C0}]")
+_CONTROL_LINES = re.compile(f"[\x00-\x08\x0b-\x1f{_NOT_C0}]")  # newline and tab kept
+_NAMED = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def _visible(match: re.Match[str]) -> str:
+    char = match.group()
+    return _NAMED.get(char) or (f"\\x{ord(char):02x}" if ord(char) < 0x100 else f"\\u{ord(char):04x}")
+
+
+def terminal_safe(text: str, *, lines: bool = False) -> str:
+    """``text`` with each control character written as its escape (``\\x1b``, ``\\r``, ``\\u202e``), for
+    printing what users and files wrote (a run's name, notes, tags, error, log): raw, an ANSI sequence in
+    it would act on the terminal of whoever looks. ``lines`` keeps newlines and tabs (notes, a log tail).
+    Markup is left alone: the CLI and the TUI escape it for their own renderers."""
+    return (_CONTROL_LINES if lines else _CONTROL).sub(_visible, text)
 
 
 def format_count(n: float | None, missing: str = "-") -> str:
