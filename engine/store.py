@@ -37,7 +37,7 @@ import socket
 import time
 import types
 import typing
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -352,7 +352,7 @@ class RunRecord:
                 values[key] = {k: v for k, v in values[key].items() if v is not None}
         problems = [f"field {name!r} is missing" for name in _REQUIRED if name not in values]
         problems += [f"field {name!r} is {value!r}, not {_describe(_HINTS[name])}"
-                     for name, value in values.items() if not _fits(value, _HINTS[name])]
+                     for name, value in values.items() if not _CHECKS[name](value)]
         if problems:
             raise UnreadableRecord("; ".join(problems))
         for key in _TUPLE_FIELDS:
@@ -406,28 +406,38 @@ def _describe(hint: Any) -> str:
     return "a list" if origin is tuple else words.get(hint, str(hint))
 
 
-def _fits(value: Any, hint: Any) -> bool:
-    """Whether a JSON value fits a RunRecord field's type hint (lists stand for tuples)."""
+_JSON_TYPES = {type(None): {type(None)}, bool: {bool}, int: {int}, float: {int, float}, str: {str}}
+
+
+def _checker(hint: Any) -> Callable[[Any], bool]:
+    """Whether a parsed JSON value fits a RunRecord field's type hint (lists stand for tuples), as a function
+    made once per field: listing a large store checks every record. JSON gives exact types, so a type test
+    is enough (and keeps booleans out of numbers)."""
     origin = get_origin(hint)
+    options = get_args(hint) if origin is Union or origin is types.UnionType else (hint,)
+    if all(option in _JSON_TYPES for option in options):
+        allowed = frozenset().union(*(_JSON_TYPES[option] for option in options))
+        return lambda value: type(value) in allowed
     if hint is Any:
-        return True
-    if origin is Union or origin is types.UnionType:
-        return any(_fits(value, h) for h in get_args(hint))
+        return lambda value: True
+    if len(options) > 1:
+        checks = [_checker(option) for option in options]
+        return lambda value: any(fits(value) for fits in checks)
     if origin is Literal:
-        return value in get_args(hint)
-    if hint is type(None):
-        return value is None
-    if hint is bool:
-        return isinstance(value, bool)
-    if hint in (int, float):
-        return isinstance(value, (int, float) if hint is float else int) and not isinstance(value, bool)
-    if hint is str:
-        return isinstance(value, str)
+        literals = get_args(hint)
+        return lambda value: value in literals
     if origin is dict:
-        return isinstance(value, dict) and all(_fits(v, get_args(hint)[1]) for v in value.values())
+        if get_args(hint)[1] is Any:
+            return lambda value: type(value) is dict
+        item = _checker(get_args(hint)[1])
+        return lambda value: type(value) is dict and all(map(item, value.values()))
     if origin is tuple:
-        return isinstance(value, (list, tuple)) and all(_fits(v, get_args(hint)[0]) for v in value)
-    return True
+        item = _checker(get_args(hint)[0])
+        return lambda value: type(value) in (list, tuple) and all(map(item, value))
+    raise TypeError(f"RunRecord field type {hint} has no JSON check; add one to engine.store._checker.")
+
+
+_CHECKS = {name: _checker(hint) for name, hint in _HINTS.items()}
 
 
 def _slug(name: str) -> str:
