@@ -640,6 +640,11 @@ class TrainConfig(_Section):
     """Start from a previous run's weights: ``"run:<id>"`` or a checkpoint directory."""
     cpu_threads: int | None = Field(None, ge=1)
     """torch CPU threads (default: torch's choice)."""
+    max_nonfinite_steps: int = Field(10, ge=0)
+    """Fail the run once this many optimizer steps in a row had a NaN or infinite loss on any process
+    (0: never). A degenerate batch or an fp16 overflow spoils a step and the next ones recover, while
+    weights that turned NaN never do: ten in a row tells the two apart and wastes little compute.
+    Checked where metrics are logged (every log_every steps) and before each checkpoint."""
 
 
 _STRATEGY_KEYS = {"fsdp": ("fsdp_sharding", "fsdp_offload"), "deepspeed": ("zero_stage", "zero_offload")}

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import re
 from collections.abc import Sequence
 
 from engine.store import RunRecord
@@ -10,6 +12,28 @@ _LATEX_SPECIAL = {
     "\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "_": r"\_", "#": r"\#", "$": r"\$",
     "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}",
 }
+
+
+# Characters that act on a terminal or reorder text rather than show: C0 and C1 controls (ESC starts the ANSI
+# sequences that move the cursor, clear the screen or set its title), DEL, and Unicode's line separators
+# and bidirectional marks, embeddings, overrides and isolates (which can show text in another order).
+_NOT_C0 = "\x7f-\x9f\u061c\u200e\u200f\u2028\u2029\u202a-\u202e\u2066-\u2069"
+_CONTROL = re.compile(f"[\x00-\x1f{_NOT_C0}]")
+_CONTROL_LINES = re.compile(f"[\x00-\x08\x0b-\x1f{_NOT_C0}]")  # newline and tab kept
+_NAMED = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def _visible(match: re.Match[str]) -> str:
+    char = match.group()
+    return _NAMED.get(char) or (f"\\x{ord(char):02x}" if ord(char) < 0x100 else f"\\u{ord(char):04x}")
+
+
+def terminal_safe(text: str, *, lines: bool = False) -> str:
+    """``text`` with each control character written as its escape (``\\x1b``, ``\\r``, ``\\u202e``), for
+    printing what users and files wrote (a run's name, notes, tags, error, log): raw, an ANSI sequence in
+    it would act on the terminal of whoever looks. ``lines`` keeps newlines and tabs (notes, a log tail).
+    Markup is left alone: the CLI and the TUI escape it for their own renderers."""
+    return (_CONTROL_LINES if lines else _CONTROL).sub(_visible, text)
 
 
 def format_count(n: float | None, missing: str = "-") -> str:
@@ -72,6 +96,22 @@ def format_run_scores(record: RunRecord, *, short: bool = False) -> str:
     return "   ".join(parts) or "-"
 
 
+def format_versions(record: RunRecord) -> list[str]:
+    """The software a run trained with: ``"versions: python 3.12.3, ren 0.1.0, ..."``, and for a run resumed
+    with other versions, ``"  before step 40 it ran with torch 2.5.1"`` per earlier session; [] for records
+    made before versions were kept."""
+    if not record.versions:
+        return []
+    latest = record.versions[-1]
+    since = f" (from step {latest.get('from_step')})" if len(record.versions) > 1 else ""
+    lines = ["versions: " + ", ".join(f"{k} {v}" for k, v in latest.items() if k != "from_step") + since]
+    for earlier, later in zip(record.versions, record.versions[1:]):
+        changed = [f"{k} {earlier.get(k, '-')}" for k in {**earlier, **later}
+                   if k != "from_step" and earlier.get(k) != later.get(k)]
+        lines.append(f"  before step {later.get('from_step')} it ran with {', '.join(changed)}")
+    return lines
+
+
 def format_duration(record: RunRecord) -> str:
     """The run's session time: ``"3m10s"``, ``"2h05m"``, or ``"-"`` for a run that has not started."""
     return format_seconds(record.duration_s)
@@ -93,23 +133,28 @@ def format_steps(record: RunRecord) -> str:
 SPARK = "▁▂▃▄▅▆▇█"
 
 
-def bucket_means(values: list[float], buckets: int) -> list[float]:
-    """``values`` reduced to at most ``buckets`` means of consecutive runs, in order."""
-    if len(values) <= buckets:
-        return list(values)
-    edges = [round(i * len(values) / buckets) for i in range(buckets + 1)]
-    return [sum(values[a:b]) / (b - a) for a, b in zip(edges, edges[1:])]
+def bucket_means(values: list[float], buckets: int) -> list[float | None]:
+    """``values`` reduced to at most ``buckets`` means of consecutive runs, in order; None for a run that
+    holds a NaN or infinity (a run record holds standard JSON only)."""
+    edges = ([round(i * len(values) / buckets) for i in range(buckets + 1)] if len(values) > buckets
+             else list(range(len(values) + 1)))
+    means: list[float | None] = []
+    for a, b in zip(edges, edges[1:]):
+        run = values[a:b]
+        means.append(sum(run) / len(run) if all(map(math.isfinite, run)) else None)
+    return means
 
 
-def sparkline(values: list[float] | tuple[float, ...]) -> str:
-    """``"█▆▄▃▂▁"``: one block per value, scaled between the values' min and max."""
-    finite = [v for v in values if v == v]
+def sparkline(values: Sequence[float | None]) -> str:
+    """``"█▆▄▃▂▁"``: one block per value, scaled between the finite values' min and max; a blank for
+    None, NaN or infinity."""
+    finite = [v for v in values if v is not None and math.isfinite(v)]
     if not finite:
-        return ""
+        return " " * len(values) if values else ""
     low, high = min(finite), max(finite)
     span = (high - low) or 1.0
-    return "".join(" " if v != v else SPARK[min(int((v - low) / span * len(SPARK)), len(SPARK) - 1)]
-                   for v in values)
+    return "".join(SPARK[min(int((v - low) / span * len(SPARK)), len(SPARK) - 1)]
+                   if v is not None and math.isfinite(v) else " " for v in values)
 
 
 def si(value: float, unit: str) -> str:

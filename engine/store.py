@@ -8,6 +8,14 @@ Layout under the store root::
     runs/<run_id>/metrics.lock        held by the run's single MetricsWriter
     runs/<run_id>/metrics/NNNNNN.json metric segments of at most ``segment_points`` points
 
+Every JSON file holds standard JSON only: no ``NaN`` or ``Infinity``, which Python writes by default and
+strict readers (jq, exporters to MLflow or TensorBoard) reject. A record given a non-finite number is
+refused with a StoreError naming the field. A metric point keeps its place in the series instead: each
+non-finite value is written as ``null`` and the point gets a ``"nonfinite"`` object naming what each one
+was, e.g. ``{"step": 37, "loss": null, "nonfinite": {"loss": "nan"}}``; the readers here give the value
+back as logged (``float("nan")``), and a ``null`` without a flag reads as NaN. An index written by an
+older ren with ``NaN`` in it still reads (those values as absent), and its next write is standard JSON.
+
 Every file is written to a temporary file in the same directory, fsynced and then
 ``os.replace``-d onto its name, so readers in other processes need no lock and never
 see a half-written file, and a process killed at any instant leaves the old or the
@@ -20,18 +28,21 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import math
 import os
 import re
 import secrets
 import shutil
 import socket
 import time
-from collections.abc import Iterable, Iterator, Mapping
+import types
+import typing
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Literal, get_args
+from typing import Any, Literal, Union, get_args, get_origin
 
 import psutil
 from filelock import FileLock, Timeout
@@ -56,6 +67,7 @@ _RUNS_TABLE = "runs"
 _QUEUE_TABLE = "queue"
 _TMP_SUFFIX = ".tmp"
 _SEGMENT_RE = re.compile(r"^(\d{6,})\.json$")
+NONFINITE = "nonfinite"  # a metric point's {key: "nan" | "inf" | "-inf"} for the values written as null
 
 
 def default_root() -> Path:
@@ -81,9 +93,35 @@ def _fsync_dir(directory: Path) -> None:
             os.close(fd)
 
 
+def nonfinite_values(value: Any, where: str = "") -> Iterator[tuple[str, float]]:
+    """``(path, number)`` of every NaN or infinity in ``value``, walking dicts (``a.b``) and lists (``a[2]``)."""
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            yield where, value
+    elif isinstance(value, Mapping):
+        for key, item in value.items():
+            yield from nonfinite_values(item, f"{where}.{key}" if where else str(key))
+    elif isinstance(value, (list, tuple)):
+        for i, item in enumerate(value):
+            yield from nonfinite_values(item, f"{where}[{i}]")
+
+
+def json_text(data: Any, path: Path, **options: Any) -> str:
+    """``data`` as standard JSON; a NaN or infinity in it is a StoreError naming ``path`` and where it is
+    (strict readers such as jq reject the ``NaN`` and ``Infinity`` Python would write)."""
+    try:
+        return json.dumps(data, allow_nan=False, **options)
+    except ValueError:
+        found = next(nonfinite_values(data), None)
+        if found is None:
+            raise
+        raise StoreError(f"Cannot write {path}: {found[0] or 'the value'} is {found[1]}, and standard JSON has no "
+                         "NaN or Infinity; nothing was written.") from None
+
+
 def _atomic_write_json(path: Path, data: Any) -> None:
-    """Replace ``path`` with ``data`` as JSON, all or nothing; OSError becomes StoreError."""
-    atomic_write_text(path, json.dumps(data, separators=(",", ":")))
+    """Replace ``path`` with ``data`` as standard JSON, all or nothing; OSError becomes StoreError."""
+    atomic_write_text(path, json_text(data, path, separators=(",", ":")))
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -106,17 +144,55 @@ def atomic_write_text(path: Path, text: str) -> None:
     _fsync_dir(path.parent)
 
 
-def _read_json(path: Path) -> Any | None:
+def _legacy_constant(name: str) -> None:
+    """``NaN``/``Infinity`` in an index written by an older ren: read as absent (null)."""
+    return None
+
+
+def process_umask() -> int:
+    """This process's umask, read without changing it where Linux reports it (setting it to read it would
+    race with other threads creating files), else set and restored at once."""
+    with contextlib.suppress(OSError, ValueError):
+        with open("/proc/self/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def follow_umask(path: Path) -> None:
+    """Give ``path`` (a directory with everything under it) the mode a plain ``open`` or ``mkdir`` would:
+    0o666 or 0o777 less the umask. Writers that go through a temporary file (``tempfile``, safetensors,
+    ``mkdtemp``) create 0600 or 0700, which would hide weights and caches from the other users of a shared
+    store; call this on what they wrote before renaming it into place."""
+    umask = process_umask()
+    os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~umask)
+    if path.is_dir():
+        for root, dirs, files in os.walk(path):
+            for name in dirs:
+                os.chmod(os.path.join(root, name), 0o777 & ~umask)
+            for name in files:
+                os.chmod(os.path.join(root, name), 0o666 & ~umask)
+
+
+def _read_json(path: Path, **options: Any) -> Any | None:
     """The parsed contents of ``path``, or None when it does not exist."""
     try:
         with open(path, encoding="utf-8") as fh:
-            return json.load(fh)
+            return json.load(fh, **options)
     except FileNotFoundError:
         return None
     except OSError as exc:
         raise StoreError(f"Cannot read {path}: {_reason(exc)}.") from exc
     except ValueError as exc:
         raise StoreError(f"Cannot read {path}: it is not valid JSON ({exc}).") from exc
+
+
+def _json_kind(value: Any) -> str:
+    return {dict: "object", list: "array", str: "string", bool: "boolean", type(None): "null"}.get(
+        type(value), "number")
 
 
 def _remove_stale_temps(directory: Path, name: str = "*") -> None:
@@ -139,8 +215,23 @@ class AtomicJSONStorage(Storage):
         self.read_only = read_only
 
     def read(self) -> dict[str, dict[str, Any]] | None:
-        """The whole database, or None when the file does not exist yet."""
-        return _read_json(self.path)
+        """The whole database, or None when the file does not exist yet; StoreError when it is not a TinyDB
+        database (an object of tables, each an object of documents)."""
+        data = _read_json(self.path, parse_constant=_legacy_constant)
+        if data is None:
+            return None
+        if not isinstance(data, dict):
+            raise StoreError(f"Cannot read {self.path}: it holds a JSON {_json_kind(data)}, not ren's index of runs "
+                             "(an object of tables). Restore it from a backup, or move it aside and ren starts an "
+                             "empty index (the run directories stay).")
+        for name, table in data.items():
+            bad = (None if isinstance(table, dict) else f"its table {name!r} is a JSON {_json_kind(table)}") or next(
+                (f"entry {key} of its table {name!r} is a JSON {_json_kind(doc)}, not a record"
+                 for key, doc in table.items() if not isinstance(doc, dict)), None)
+            if bad:
+                raise StoreError(f"Cannot read {self.path}: {bad}. Restore it from a backup, or remove that entry "
+                                 "with a JSON editor.")
+        return data
 
     def write(self, data: dict[str, dict[str, Any]]) -> None:
         """Atomically replace the file with ``data``."""
@@ -203,7 +294,9 @@ class RunRecord:
     test_scores: dict[str, float] = field(default_factory=dict)
     error: str | None = None
     init_from: str | None = None
-    loss_trace: tuple[float, ...] = ()  # the training loss so far, in at most 24 bucket means (for sparklines)
+    # The training loss so far, in at most 24 bucket means (for sparklines); None for a bucket that held a NaN
+    # or infinite loss.
+    loss_trace: tuple[float | None, ...] = ()
     # Queue: what the run asks for, where the worker placed it, how it is supervised.
     gpus: int = 1
     after: tuple[str, ...] = ()
@@ -218,6 +311,10 @@ class RunRecord:
     log_tail: str | None = None
     # A study's run: {"name", "variant", "seed", "stage", "task", "file"} (engine.study).
     study: dict[str, Any] | None = None
+    # The software it trained with, to reproduce it: {"from_step", "python", "ren", "ren_commit", "torch",
+    # "transformers", "timm", "accelerate"} per session that ran with other versions than the one before
+    # (a resumed run keeps the earlier ones; engine.train.software_versions).
+    versions: tuple[dict[str, Any], ...] = ()
 
     @property
     def duration_s(self) -> float | None:
@@ -247,8 +344,17 @@ class RunRecord:
 
     @classmethod
     def from_doc(cls, doc: Mapping[str, Any]) -> RunRecord:
-        """Build a record from an index document, ignoring keys it does not know."""
+        """Build a record from an index document, ignoring keys it does not know; a document that is not a
+        run record (a field missing or of the wrong type) raises :class:`UnreadableRecord`."""
         values = {k: v for k, v in doc.items() if k in _FIELDS}
+        for key in _SCORE_FIELDS:  # an older ren wrote NaN scores, which read as null: absent
+            if isinstance(values.get(key), dict):
+                values[key] = {k: v for k, v in values[key].items() if v is not None}
+        problems = [f"field {name!r} is missing" for name in _REQUIRED if name not in values]
+        problems += [f"field {name!r} is {value!r}, not {_describe(_HINTS[name])}"
+                     for name, value in values.items() if not _CHECKS[name](value)]
+        if problems:
+            raise UnreadableRecord("; ".join(problems))
         for key in _TUPLE_FIELDS:
             values[key] = tuple(values.get(key, ()))
         return cls(**values)
@@ -260,7 +366,78 @@ class RunRecord:
 
 
 _FIELDS = frozenset(f.name for f in dataclasses.fields(RunRecord))
-_TUPLE_FIELDS = ("tags", "after", "devices", "loss_trace")
+_TUPLE_FIELDS = ("tags", "after", "devices", "loss_trace", "versions")
+_SCORE_FIELDS = ("best_scores", "final_scores", "test_scores")
+_REQUIRED = tuple(f.name for f in dataclasses.fields(RunRecord)
+                  if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING)
+_HINTS = typing.get_type_hints(RunRecord)
+
+
+class UnreadableRecord(ValueError):
+    """An index document that is not a run record; the message says which fields are wrong."""
+
+
+@dataclass(frozen=True)
+class Unreadable:
+    """An index document that is not a run record: its id (or ``"#<n>"``, its place in the index, when it
+    has no usable one) and what is wrong with it."""
+
+    id: str
+    reason: str
+
+
+def _doc_name(doc: Mapping[str, Any]) -> str:
+    run_id = doc.get("id")
+    if isinstance(run_id, str) and run_id:
+        return run_id
+    return f"#{doc.doc_id}" if hasattr(doc, "doc_id") else "without an id"
+
+
+def _describe(hint: Any) -> str:
+    """A RunRecord field's type hint in words: ``"a whole number or null"``."""
+    origin = get_origin(hint)
+    if origin is Union or origin is types.UnionType:
+        return " or ".join(_describe(h) for h in get_args(hint))
+    if origin is Literal:
+        return "one of " + ", ".join(map(str, get_args(hint)))
+    if origin is dict:
+        return "an object of numbers" if get_args(hint)[1] is float else "an object"
+    words = {type(None): "null", bool: "true or false", int: "a whole number", float: "a number", str: "text"}
+    return "a list" if origin is tuple else words.get(hint, str(hint))
+
+
+_JSON_TYPES = {type(None): {type(None)}, bool: {bool}, int: {int}, float: {int, float}, str: {str}}
+
+
+def _checker(hint: Any) -> Callable[[Any], bool]:
+    """Whether a parsed JSON value fits a RunRecord field's type hint (lists stand for tuples), as a function
+    made once per field: listing a large store checks every record. JSON gives exact types, so a type test
+    is enough (and keeps booleans out of numbers)."""
+    origin = get_origin(hint)
+    options = get_args(hint) if origin is Union or origin is types.UnionType else (hint,)
+    if all(option in _JSON_TYPES for option in options):
+        allowed = frozenset().union(*(_JSON_TYPES[option] for option in options))
+        return lambda value: type(value) in allowed
+    if hint is Any:
+        return lambda value: True
+    if len(options) > 1:
+        checks = [_checker(option) for option in options]
+        return lambda value: any(fits(value) for fits in checks)
+    if origin is Literal:
+        literals = get_args(hint)
+        return lambda value: value in literals
+    if origin is dict:
+        if get_args(hint)[1] is Any:
+            return lambda value: type(value) is dict
+        item = _checker(get_args(hint)[1])
+        return lambda value: type(value) is dict and all(map(item, value.values()))
+    if origin is tuple:
+        item = _checker(get_args(hint)[0])
+        return lambda value: type(value) in (list, tuple) and all(map(item, value))
+    raise TypeError(f"RunRecord field type {hint} has no JSON check; add one to engine.store._checker.")
+
+
+_CHECKS = {name: _checker(hint) for name, hint in _HINTS.items()}
 
 
 def _slug(name: str) -> str:
@@ -296,10 +473,18 @@ def _check_fields(fields: dict[str, Any]) -> dict[str, Any]:
         )
     if "tags" in fields:
         fields = {**fields, "tags": _as_tags(fields["tags"])}
-    for key in ("after", "devices", "loss_trace"):
+    for key in ("after", "devices", "loss_trace", "versions"):
         if key in fields:
             fields = {**fields, key: tuple(fields[key])}
     return fields
+
+
+def _refuse_nonfinite(fields: Mapping[str, Any], run: str) -> None:
+    """StoreError naming the first NaN or infinity in record ``fields``: the index holds standard JSON only."""
+    found = next(nonfinite_values(fields), None)
+    if found is not None:
+        raise StoreError(f"Cannot record run {run}: {found[0]} is {found[1]}, and the store holds standard JSON "
+                         "only (no NaN or Infinity, which strict JSON readers reject); nothing was written.")
 
 
 def _segment_path(metrics_dir: Path, index: int) -> Path:
@@ -316,13 +501,36 @@ def _segment_indices(metrics_dir: Path) -> list[int]:
     return sorted(int(m.group(1)) for name in names if (m := _SEGMENT_RE.match(name)))
 
 
+def _encode_point(point: dict[str, Any]) -> dict[str, Any]:
+    """A point as written: NaN and infinities become null, named in its ``"nonfinite"`` object."""
+    flags = {key: "nan" if math.isnan(value) else "inf" if value > 0 else "-inf"
+             for key, value in point.items() if isinstance(value, float) and not math.isfinite(value)}
+    if not flags:
+        return point
+    return {**{key: None if key in flags else value for key, value in point.items()}, NONFINITE: flags}
+
+
+def _decode_point(point: Any) -> Any:
+    """A point as logged: each null value is the number its ``"nonfinite"`` flag names (NaN without one)."""
+    if not isinstance(point, dict) or (NONFINITE not in point and None not in point.values()):
+        return point
+    flags = point.get(NONFINITE)
+    flags = flags if isinstance(flags, dict) else {}
+    return {key: float(flags.get(key) if flags.get(key) in ("inf", "-inf") else "nan") if value is None else value
+            for key, value in point.items() if key != NONFINITE}
+
+
+def _write_segment(path: Path, points: list[dict[str, Any]]) -> None:
+    _atomic_write_json(path, {"points": [_encode_point(p) for p in points]})
+
+
 def _read_segment(path: Path) -> list[dict[str, Any]]:
     data = _read_json(path)
     if data is None:
         return []
     if not isinstance(data, dict) or not isinstance(data.get("points"), list):
         raise StoreError(f"Cannot read {path}: it is not a metrics segment.")
-    return data["points"]
+    return [_decode_point(p) for p in data["points"]]
 
 
 def _read_points(metrics_dir: Path) -> list[dict[str, Any]]:
@@ -400,7 +608,7 @@ class MetricsWriter:
             if len(kept) == len(points):
                 break
             if kept:
-                _atomic_write_json(path, {"points": kept})
+                _write_segment(path, kept)
             else:
                 try:
                     path.unlink()
@@ -412,8 +620,9 @@ class MetricsWriter:
         """Buffer one point; flush when ``flush_every_s`` has passed since the last flush."""
         if self._closed:
             raise ValueError(f"The metrics writer of run {self.run_id} is closed.")
-        if "time" in values:
-            raise ValueError("'time' is recorded with every point; give the metric another name.")
+        for reserved in ("time", NONFINITE):
+            if reserved in values:
+                raise ValueError(f"{reserved!r} is recorded with the points; give the metric another name.")
         point: dict[str, Any] = {"step": int(step), "time": time.time()}
         point.update((key, float(value)) for key, value in values.items())
         self._pending.append(point)
@@ -425,7 +634,7 @@ class MetricsWriter:
         while self._pending:
             room = self.segment_points - len(self._points)
             points = self._points + self._pending[:room]
-            _atomic_write_json(_segment_path(self.metrics_dir, self._segment), {"points": points})
+            _write_segment(_segment_path(self.metrics_dir, self._segment), points)
             self._pending = self._pending[room:]
             if len(points) >= self.segment_points:
                 self._segment, self._points = self._segment + 1, []
@@ -519,7 +728,7 @@ class Store:
         self.read_only = read_only
         self.index_path = self.root / "index.json"
         self._lock = FileLock(self.root / "index.lock", timeout=INDEX_LOCK_TIMEOUT_S)
-        self._listed: tuple[tuple[int, int, int] | None, list[RunRecord]] = (None, [])
+        self._listed: tuple[tuple[int, int, int] | None, list[RunRecord], list[Unreadable]] = (None, [], [])
         if not read_only:
             try:
                 (self.root / "runs").mkdir(parents=True, exist_ok=True)
@@ -559,10 +768,10 @@ class Store:
         """The record whose id is ``key`` or, failing that, the only one starting with it."""
         for doc in docs:
             if doc.get("id") == key:
-                return RunRecord.from_doc(doc)
+                return self._record(doc)
         matches = [doc for doc in docs if key and str(doc.get("id", "")).startswith(key)]
         if len(matches) == 1:
-            return RunRecord.from_doc(matches[0])
+            return self._record(matches[0])
         if not matches:
             raise RunNotFound(
                 f"No run with id {key!r} in the store at {self.root}; `ren runs` lists the runs."
@@ -572,6 +781,25 @@ class Store:
             f"The id prefix {key!r} matches {len(ids)} runs ({', '.join(ids)}); "
             "give more of the id (`ren runs` lists them)."
         )
+
+    def _record(self, doc: Mapping[str, Any]) -> RunRecord:
+        """The run record of an index document; StoreError naming the file, the run and what is wrong."""
+        try:
+            return RunRecord.from_doc(doc)
+        except UnreadableRecord as exc:
+            raise StoreError(f"Run {_doc_name(doc)} in {self.index_path} is unreadable: {exc}. Restore the "
+                             "record from a backup or remove it with a JSON editor; the other runs are not "
+                             "affected.") from None
+
+    def _records(self, docs: Iterable[Mapping[str, Any]]) -> tuple[list[RunRecord], list[Unreadable]]:
+        """The readable records of ``docs``, and what is wrong with each of the others."""
+        records, unreadable = [], []
+        for doc in docs:
+            try:
+                records.append(RunRecord.from_doc(doc))
+            except UnreadableRecord as exc:
+                unreadable.append(Unreadable(_doc_name(doc), str(exc)))
+        return records, unreadable
 
     def _report(self, record: RunRecord) -> RunRecord:
         """The record as it should be shown: a vanished local process means "crashed"."""
@@ -602,6 +830,7 @@ class Store:
         """Record a new run with status "created" and make its directory."""
         if stage not in STAGES:
             raise ValueError(f"Unknown stage {stage!r}; expected one of {', '.join(STAGES)}.")
+        _refuse_nonfinite({"config": config}, name)
         created_at = time.time()
         with self._locked_table() as table:
             taken = {doc.get("id") for doc in table.all()}
@@ -650,19 +879,26 @@ class Store:
         return st.st_ino, st.st_mtime_ns, st.st_size
 
     def list_runs(self) -> list[RunRecord]:
-        """All runs, newest first. The parsed index is kept while the file is unchanged
-        (every write replaces it, so its inode, time and size identify a version), which
-        makes polling a large store cheap; liveness is checked afresh on every call."""
+        """All readable runs, newest first (:meth:`unreadable_runs` says which records are not). The parsed
+        index is kept while the file is unchanged (every write replaces it, so its inode, time and size
+        identify a version), which makes polling a large store cheap; liveness is checked afresh on every
+        call."""
         stamp = self.index_stamp()
         if stamp is None or stamp != self._listed[0]:
-            records = [RunRecord.from_doc(doc) for doc in self._table().all()]
+            records, unreadable = self._records(self._table().all())
             records.sort(key=lambda r: (r.created_at or 0.0, r.id), reverse=True)
-            self._listed = (stamp, records)
+            self._listed = (stamp, records, unreadable)
         return [self._report(record) for record in self._listed[1]]
+
+    def unreadable_runs(self) -> list[Unreadable]:
+        """The index's documents that are not run records (a field missing or of the wrong type), which
+        :meth:`list_runs` leaves out, as of its last call."""
+        return list(self._listed[2])
 
     def update_run(self, run_id: str, **fields: Any) -> RunRecord:
         """Set record fields; an unknown field name raises ValueError."""
         fields = _check_fields(fields)
+        _refuse_nonfinite(fields, run_id)
         with self._locked_table() as table:
             record = dataclasses.replace(self._find(table.all(), run_id), **fields)
             table.update(record.to_doc(), Query().id == record.id)
@@ -740,7 +976,7 @@ class Store:
 
     def queued_runs(self) -> list[RunRecord]:
         """Queued runs in queue order."""
-        records = [RunRecord.from_doc(d) for d in self._table().all() if d.get("status") == "queued"]
+        records = self._records(d for d in self._table().all() if d.get("status") == "queued")[0]
         return sorted(records, key=lambda r: (r.queue_pos or 0.0, r.queued_at or 0.0))
 
     def move_in_queue(self, run_id: str, position: int) -> list[RunRecord]:
@@ -749,7 +985,7 @@ class Store:
             record = self._find(table.all(), run_id)
             if record.status != "queued":
                 raise StoreError(f"Run {record.id} is {record.status}, not queued; only queued runs can move.")
-            order = [r for r in (RunRecord.from_doc(d) for d in table.all() if d.get("status") == "queued")]
+            order = self._records(d for d in table.all() if d.get("status") == "queued")[0]
             order.sort(key=lambda r: (r.queue_pos or 0.0, r.queued_at or 0.0))
             order = [r for r in order if r.id != record.id]
             order.insert(min(max(position, 1), len(order) + 1) - 1, record)

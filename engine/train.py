@@ -15,9 +15,11 @@ import contextlib
 import json
 import math
 import os
+import platform
 import shutil
 import signal
 import socket
+import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -48,7 +50,7 @@ from engine.errors import ConfigError, RenError, StoreBusy, StoreError, oom_mess
 from engine.freeze import apply_freeze
 from engine.launch import FINAL_WEIGHTS
 from engine.models import VLModel, build_model
-from engine.store import MetricsWriter, Store, atomic_write_text
+from engine.store import MetricsWriter, Store, atomic_write_text, follow_umask, json_text
 
 CHECKPOINTS = "checkpoints"
 LATEST = "latest"
@@ -236,7 +238,8 @@ def _save_checkpoint(accelerator: Accelerator, run_dir: Path, state: TrainState,
     try:
         accelerator.save_state(str(tmp), safe_serialization=True)
         if accelerator.is_main_process:
-            (tmp / "trainer_state.json").write_text(json.dumps(state.__dict__))
+            (tmp / "trainer_state.json").write_text(json_text(state.__dict__, tmp / "trainer_state.json"))
+            follow_umask(tmp)  # safetensors writes the weights 0600
             final = root / name
             shutil.rmtree(final, ignore_errors=True)
             os.replace(tmp, final)
@@ -270,6 +273,7 @@ def _save_weights(run_dir: Path, weights: dict[str, torch.Tensor]) -> None:
     tmp, path = run_dir / f".{FINAL_WEIGHTS}.tmp", run_dir / FINAL_WEIGHTS
     try:
         save_file(weights, str(tmp))
+        follow_umask(tmp)  # safetensors writes 0600: the other users of a shared store could not read it
         os.replace(tmp, path)
     except (OSError, SafetensorError) as exc:
         with contextlib.suppress(OSError):
@@ -279,6 +283,78 @@ def _save_weights(run_dir: Path, weights: dict[str, torch.Tensor]) -> None:
             f"trained state. Free disk space or make the store writable, then `ren run --resume {run_dir.name}` "
             "writes them."
         ) from exc
+
+
+class Diverged(RenError):
+    """The losses stayed NaN or infinite for ``train.max_nonfinite_steps`` optimizer steps in a row."""
+
+
+_NONFINITE_WORDS = {1: "nan", 2: "inf", 3: "-inf"}
+
+
+class NonfiniteGuard:
+    """Counts the optimizer steps in a row whose losses (the logged ``loss*`` values) were NaN or infinite
+    on any process, and says when ``limit`` (``train.max_nonfinite_steps``; 0: never) is reached.
+
+    Each micro batch's losses become codes on the device (0 finite, 1 NaN, 2 +inf, 3 -inf), a step keeps
+    the largest of its micro batches', so the loop adds no device sync. :meth:`check` gathers the steps
+    since the last check from every process (the largest code of each): all processes read the same history
+    and stop at the same step, whichever one diverged, and none waits in a collective the others left. Every
+    process must call it at the same steps (where metrics are logged, before a checkpoint)."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.keys: list[str] = []
+        self._step: torch.Tensor | None = None  # this step's codes, per key
+        self._pending: list[torch.Tensor] = []  # the codes of each step since the last check
+        self._streak, self._since, self._what = 0, 0, {}
+
+    def observe(self, parts: dict[str, torch.Tensor]) -> None:
+        """One micro batch's logged values (those named ``loss*`` are watched)."""
+        if not self.limit:
+            return
+        if not self.keys:
+            self.keys = [k for k in parts if k.startswith("loss")]
+        values = torch.stack([parts[k].detach().float().reshape(()) for k in self.keys])
+        codes = torch.where(values.isnan(), 1,
+                            torch.where(values == math.inf, 2, torch.where(values == -math.inf, 3, 0)))
+        self._step = codes if self._step is None else torch.maximum(self._step, codes)
+
+    def end_step(self) -> None:
+        if self._step is not None:
+            self._pending.append(self._step)
+            self._step = None
+
+    def check(self, accelerator: Accelerator, step: int) -> None:
+        """Raise :class:`Diverged` when the steps up to ``step`` (1-based) end ``limit`` non-finite ones in a row."""
+        if not self._pending:
+            return
+        history = torch.stack(self._pending)
+        self._pending = []
+        if accelerator.num_processes > 1:
+            history = accelerator.gather(history[None]).amax(0)
+        first = step - len(history) + 1
+        for offset, codes in enumerate(history.tolist()):
+            if not any(codes):
+                self._streak = 0
+                continue
+            self._streak += 1
+            if self._streak == 1:
+                self._since = first + offset
+                self._what = {k: _NONFINITE_WORDS[c] for k, c in zip(self.keys, codes) if c}
+        if self._streak >= self.limit:
+            raise Diverged(
+                f"{self._describe()} at step {self._since}, and the losses stayed NaN or infinite for "
+                f"{self._streak} steps in a row (train.max_nonfinite_steps = {self.limit}): the run diverged. Lower "
+                "optim.lr, set optim.grad_clip or use bf16 rather than fp16, then start it again.")
+
+    def _describe(self) -> str:
+        """``"loss_mlm and loss were nan"``, ``"loss was inf"``."""
+        by_kind: dict[str, list[str]] = {}
+        for key, word in self._what.items():
+            by_kind.setdefault(word, []).append(key)
+        return ", ".join(f"{' and '.join(keys)} {'was' if len(keys) == 1 else 'were'} {word}"
+                         for word, keys in by_kind.items())
 
 
 class _StopFlag:
@@ -335,7 +411,7 @@ def train(cfg: RunConfig, store: Store, run_id: str, *, resume: bool = False,
     run_dir = store.run_dir(run_id)
     data = build_data(cfg, cache_dir=Path(cfg.data.cache_dir) if cfg.data.cache_dir else store.root / "cache")
     if cfg.task and data.answers is not None and accelerator.is_main_process:
-        atomic_write_text(run_dir / ANSWERS, json.dumps(data.answers))
+        atomic_write_text(run_dir / ANSWERS, json_text(data.answers, run_dir / ANSWERS))
     model = build_model(cfg, vocab_size=data.vocab_size, num_answers=data.num_answers)
     # a resumed run loads its own checkpoint; one resumed before its first checkpoint (a retry)
     # starts from init_from like a fresh run
@@ -373,9 +449,10 @@ def train(cfg: RunConfig, store: Store, run_id: str, *, resume: bool = False,
     timer = StepTimer(sync=device_sync(accelerator.device), micro_batches=accum, seconds=state.train_seconds)
     compute: dict[str, Any] = {}
     if main:
+        versions = session_versions(store.get_run(run_id).versions, software_versions(), state.step)
         store.mark_running(run_id, pid=os.getpid(), host=socket.gethostname(), device=_device_name(accelerator),
                            params=freeze_report.to_dict(), max_steps=cfg.train.max_steps,
-                           compute=_compute(info, flops, timer, state, None, accelerator.device))
+                           compute=_compute(info, flops, timer, state, None, accelerator.device), versions=versions)
     writer = store.metrics_writer(run_id) if main else None
     if writer:
         writer.rewind(state.step)
@@ -388,6 +465,7 @@ def train(cfg: RunConfig, store: Store, run_id: str, *, resume: bool = False,
     t_index = 0.0
     micro_index = 0  # micro-batch within the optimizer step; every step (and a resumed run) starts at 0
     losses: list[float] = []  # every logged loss of this session, for the record's sparkline
+    guard = NonfiniteGuard(cfg.train.max_nonfinite_steps)
     reporter.start(cfg.train.max_steps, state.step)
     status, error = "finished", None
     try:
@@ -418,11 +496,13 @@ def train(cfg: RunConfig, store: Store, run_id: str, *, resume: bool = False,
                         optimizer.zero_grad(set_to_none=True)
                     micro_index = 0 if accelerator.sync_gradients else micro_index + 1
                     timer.mark("optimizer")
+                    guard.observe(parts)
                     for k, v in parts.items():
                         sums[k] = sums[k] + v if k in sums else v
                     count += 1
                     if not accelerator.sync_gradients:
                         continue
+                    guard.end_step()
                     state.step += 1
                     state.batches_into_epoch += 1
                     state.samples_seen += cfg.train.batch_size
@@ -446,6 +526,7 @@ def train(cfg: RunConfig, store: Store, run_id: str, *, resume: bool = False,
                                                      loss_trace=bucket_means(losses, TRACE), compute=compute)
                                 t_index = now
                         reporter.step(state.step, metrics)
+                        guard.check(accelerator, state.step)
                     if cfg.task and state.step % cfg.train.eval_every == 0 and state.step < cfg.train.max_steps:
                         with timer.paused():
                             scores = evaluate(model, eval_dl, accelerator, cfg.data.eval_max_samples, cfg.task.name,
@@ -457,6 +538,7 @@ def train(cfg: RunConfig, store: Store, run_id: str, *, resume: bool = False,
                         t_last = time.perf_counter()  # evaluation time is not training throughput
                     stopping = _should_stop(accelerator, stop)
                     if state.step % cfg.train.checkpoint_every == 0 and not stopping:
+                        guard.check(accelerator, state.step)  # no diverged weights over the last good ones
                         _save_checkpoint(accelerator, run_dir, state, cfg.train.keep_checkpoints, writer)
                     if state.step >= cfg.train.max_steps or stopping:
                         break
@@ -469,7 +551,8 @@ def train(cfg: RunConfig, store: Store, run_id: str, *, resume: bool = False,
     except KeyboardInterrupt:
         status, error = "cancelled", "interrupted"
     except Exception as exc:  # record the failure, then re-raise for the caller
-        _record_failure(exc, cfg, store, run_id, writer, accelerator, micro)
+        _record_failure(exc, cfg, store, run_id, writer, accelerator, micro,
+                        {"step": state.step, "loss_trace": bucket_means(losses, TRACE)})
         reporter.stop()
         raise
     reporter.stop()
@@ -502,16 +585,51 @@ def train(cfg: RunConfig, store: Store, run_id: str, *, resume: bool = False,
                                               accelerator.device))
             store.mark_ended(run_id, status, error=error)
     except Exception as exc:
-        _record_failure(exc, cfg, store, run_id, writer, accelerator, micro)
+        _record_failure(exc, cfg, store, run_id, writer, accelerator, micro,
+                        {"step": state.step, "loss_trace": bucket_means(losses, TRACE)})
         raise
     return final
 
 
+VERSIONED = ("torch", "transformers", "timm", "accelerate")
+
+
+def software_versions() -> dict[str, str]:
+    """The versions a run trains with: python, ren (and the commit of its source, when that is a git
+    checkout), torch, transformers, timm, accelerate."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    def installed(name: str) -> str:
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            return "not installed"
+
+    out = {"python": platform.python_version(), "ren": installed("ren")}
+    source = Path(__file__).resolve().parents[1]
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
+        commit = subprocess.run(["git", "-C", str(source), "rev-parse", "--short=12", "HEAD"], capture_output=True,
+                                text=True, timeout=10)
+        if commit.returncode == 0 and commit.stdout.strip():
+            out["ren_commit"] = commit.stdout.strip()
+    return {**out, **{name: installed(name) for name in VERSIONED}}
+
+
+def session_versions(earlier: tuple[dict[str, Any], ...], now: dict[str, str], step: int
+                     ) -> tuple[dict[str, Any], ...]:
+    """A run's versions once a session starting at ``step`` runs with ``now``: the earlier sessions', plus
+    ``now`` when it differs from the last of them."""
+    if earlier and {k: v for k, v in earlier[-1].items() if k != "from_step"} == now:
+        return earlier
+    return (*earlier, {"from_step": step, **now})
+
+
 def _record_failure(exc: Exception, cfg: RunConfig, store: Store, run_id: str, writer: MetricsWriter | None,
-                    accelerator: Accelerator, micro: int) -> None:
-    """Mark the run failed with the reason. When the store itself refuses writes (a full
-    disk), the points it cannot take are given up and the record, if it cannot be written,
-    is left "running" (shown as crashed once the process is gone): ``exc`` is what counts."""
+                    accelerator: Accelerator, micro: int, progress: dict[str, Any]) -> None:
+    """Mark the run failed with the reason, and record its ``progress`` (the step it reached, its loss trace).
+    When the store itself refuses writes (a full disk), the points it cannot take are given up and the
+    record, if it cannot be written, is left "running" (shown as crashed once the process is gone): ``exc``
+    is what counts."""
     error = f"{type(exc).__name__}: {exc}"
     if isinstance(exc, torch.OutOfMemoryError):
         error = oom_message(batch_size=cfg.train.batch_size, micro_batch_size=micro,
@@ -520,6 +638,8 @@ def _record_failure(exc: Exception, cfg: RunConfig, store: Store, run_id: str, w
         with contextlib.suppress(StoreError):
             writer.close()
     if accelerator.is_main_process:
+        with contextlib.suppress(StoreError):
+            store.update_run(run_id, **progress)
         with contextlib.suppress(StoreError):
             store.mark_ended(run_id, "failed", error=error)
 
@@ -701,7 +821,8 @@ def _record_scores(store: Store, run_id: str, writer: Any, state: TrainState,
     metric = {f"eval/{k}": v for k, v in scores.items() if k != "eval_samples"}
     best = dict(state.best_scores or {})
     for k, v in metric.items():
-        best[k] = max(best.get(k, -math.inf), v)
+        if math.isfinite(v):  # a NaN score is in the metrics (as null), never the best
+            best[k] = max(best.get(k, -math.inf), v)
     state.best_scores = best
     if main and writer:
         writer.log(state.step, **metric)

@@ -66,6 +66,7 @@ from torch import Tensor
 from engine.errors import ModelLoadError
 from engine.hub import REN_PREFIX
 from engine.recipes import DROPOUT, RECIPE_VERSIONS, RECORD_FILE, built_dir, model_dir, recipe_of
+from engine.store import follow_umask
 
 SEED = 0
 
@@ -237,11 +238,11 @@ def _build_locked(name: str, *, force: bool, steps: int | None, log: Log) -> Pat
         for stale in root.glob(f".{target.name}.tmp-*"):  # left by a build that was killed
             shutil.rmtree(stale, ignore_errors=True)
         work = Path(tempfile.mkdtemp(dir=root, prefix=f".{target.name}.tmp-"))
-        work.chmod(0o755)  # mkdtemp's 0700 would hide the model from other users of a shared $REN_HOME
         try:
             log(f"building {REN_PREFIX}{recipe} in {target} (a few minutes, once) ...")
             report = train_recipe(recipe, work, steps=steps, cache_dir=_cache_dir(), log=log)
             log(report.summary())
+            follow_umask(work)  # mkdtemp's 0700 and safetensors' 0600 would hide the model from other users
             if target.exists():
                 old = Path(tempfile.mkdtemp(dir=root, prefix=f".{target.name}.tmp-old-"))
                 os.replace(target, old / target.name)

@@ -56,6 +56,7 @@ from typing import Any
 import torch
 
 from engine.errors import RenError
+from engine.store import follow_umask
 
 PUNCTUATION = (";", "/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-", ">", "<", "@", "`", ",", "?",
                "!")
@@ -265,6 +266,7 @@ def write_submission(question_ids: Sequence[int], answers: Sequence[str], path: 
     try:
         with os.fdopen(descriptor, "w", encoding="utf-8") as file:
             json.dump(records, file)
+        follow_umask(Path(temporary))  # mkstemp creates 0600; a submission file is as readable as any other
         os.replace(temporary, path)
     except BaseException:
         Path(temporary).unlink(missing_ok=True)

@@ -11,6 +11,16 @@ def test_bucket_means_keep_order_and_average_runs() -> None:
     assert len(bucket_means([1.0] * 1001, 24)) == 24
 
 
+def test_a_bucket_holding_a_non_finite_loss_is_a_gap_in_the_trace() -> None:
+    """The record's loss trace goes to the index, which holds standard JSON: a bucket with a NaN or
+    infinite loss is None there (not a mean that hides it), drawn as a blank in the sparkline."""
+    nan, inf = float("nan"), float("inf")
+    assert bucket_means([1.0, nan, 3.0], 5) == [1.0, None, 3.0]
+    assert bucket_means([4.0, 2.0, 2.0, nan, inf, 1.0], 3) == [3.0, None, None]
+    assert sparkline([3.0, None, 1.0]) == "█ ▁"
+    assert sparkline([None, inf]) == "  "
+
+
 def test_sparkline_scales_between_min_and_max() -> None:
     assert sparkline([3.0, 2.0, 1.0]) == "█▅▁"
     assert sparkline([1.0, 1.0]) == "▁▁"

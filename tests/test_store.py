@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import json
+import math
 import os
 import signal
 import socket
@@ -17,7 +18,7 @@ import psutil
 import pytest
 
 from engine.errors import RunNotFound, StoreError
-from engine.store import RunRecord, Store, default_root
+from engine.store import RunRecord, Store, Unreadable, default_root
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -369,3 +370,126 @@ def test_list_runs_sees_every_write_and_checks_liveness_each_time(store: Store) 
     child.kill()
     child.wait()
     assert reader.list_runs()[0].status == "crashed"  # the index did not change; the process did
+
+
+# -- standard JSON only ------------------------------------------------------------
+
+
+def _strict(path: Path) -> object:
+    """``path`` parsed as standard JSON: NaN and Infinity, which Python writes by default, are refused."""
+    def refuse(name: str) -> None:
+        raise ValueError(f"{path} holds {name}, which is not JSON")
+    return json.loads(path.read_text(encoding="utf-8"), parse_constant=refuse)
+
+
+def test_non_finite_metrics_are_written_as_null_with_a_flag_and_read_back(store: Store) -> None:
+    rec = _create(store)
+    with store.metrics_writer(rec.id, segment_points=2) as writer:
+        writer.log(1, loss=2.0, loss_mlm=1.0)
+        writer.log(2, loss=float("nan"), loss_mlm=float("inf"), loss_itm=float("-inf"))
+        writer.log(3, loss=1.5)
+    on_disk = [p for name in _segments(store, rec.id)
+               for p in _strict(store.run_dir(rec.id) / "metrics" / name)["points"]]
+    assert on_disk[1]["loss"] is None and on_disk[1]["loss_mlm"] is None and on_disk[1]["loss_itm"] is None
+    assert on_disk[1]["nonfinite"] == {"loss": "nan", "loss_mlm": "inf", "loss_itm": "-inf"}
+    assert "nonfinite" not in on_disk[0] and "nonfinite" not in on_disk[2]
+    points = store.read_metrics(rec.id)  # the values as logged
+    assert math.isnan(points[1]["loss"]) and points[1]["loss_mlm"] == math.inf and points[1]["loss_itm"] == -math.inf
+    assert "nonfinite" not in points[1]
+    with store.metrics_writer(rec.id, segment_points=2) as writer:  # a resumed run rewrites the segments
+        writer.rewind(2)
+        writer.log(3, loss=float("nan"))
+    for name in _segments(store, rec.id):
+        _strict(store.run_dir(rec.id) / "metrics" / name)
+    assert [math.isnan(v) for _, v in store.series(rec.id, "loss")] == [False, True, True]
+    with pytest.raises(ValueError, match="nonfinite"):
+        store.metrics_writer(rec.id).log(4, nonfinite=1.0)
+
+
+def test_a_null_metric_without_a_flag_reads_as_nan(store: Store) -> None:
+    rec = _create(store)
+    (store.run_dir(rec.id) / "metrics").mkdir()
+    (store.run_dir(rec.id) / "metrics" / "000000.json").write_text(
+        '{"points": [{"step": 1, "time": 1.0, "loss": null}, {"step": 2, "time": 2.0, "loss": NaN}]}')
+    assert [(s, math.isnan(v)) for s, v in store.series(rec.id, "loss")] == [(1, True), (2, True)]
+
+
+def test_the_index_holds_standard_json_only(store: Store) -> None:
+    rec = _create(store)
+    with pytest.raises(StoreError, match=r"best_scores\.eval/acc is nan.*standard JSON"):
+        store.update_run(rec.id, best_scores={"eval/acc": float("nan")})
+    with pytest.raises(StoreError, match=r"config\.objectives\.mlm\.weight is inf"):
+        store.create_run(name="x", stage="pretrain", kind="dual", config={"objectives": {"mlm": {"weight": math.inf}}})
+    store.update_run(rec.id, loss_trace=(2.0, None, 1.0), best_scores={"eval/acc": 0.5})
+    _strict(store.index_path)
+    assert store.get_run(rec.id).loss_trace == (2.0, None, 1.0)
+    assert [r.id for r in store.list_runs()] == [rec.id]  # the refused create left no record
+
+
+def test_an_index_written_with_nan_by_an_older_ren_still_reads_and_heals_on_the_next_write(store: Store) -> None:
+    rec = _create(store)
+    other = _create(store, "other")
+    text = store.index_path.read_text()
+    doc = json.loads(text)
+    for entry in doc["runs"].values():
+        if entry["id"] == rec.id:
+            entry.update(best_scores={"eval/acc": float("nan"), "eval/f1": 0.5}, loss_trace=[1.0, float("nan")],
+                         compute={"pflops": float("inf")})
+    store.index_path.write_text(json.dumps(doc))  # Python's default: NaN and Infinity literals
+    assert "NaN" in store.index_path.read_text()
+    read = store.get_run(rec.id)
+    assert read.best_scores == {"eval/f1": 0.5} and read.loss_trace == (1.0, None)
+    store.update_run(other.id, notes="a write of another run")
+    _strict(store.index_path)
+    assert store.get_run(rec.id).best_scores == {"eval/f1": 0.5}
+
+
+# -- a damaged index ---------------------------------------------------------------
+
+
+def _edit_index(store: Store, change) -> None:
+    doc = json.loads(store.index_path.read_text())
+    change(doc)
+    store.index_path.write_text(json.dumps(doc))
+
+
+@pytest.mark.parametrize(("text", "says"), [
+    ("[]", "it holds a JSON array, not ren's index of runs"),
+    ('{"runs": []}', "its table 'runs' is a JSON array"),
+    ('{"runs": {"1": "x"}}', "entry 1 of its table 'runs' is a JSON string, not a record"),
+])
+def test_an_index_that_is_not_tinydb_is_a_store_error_naming_the_file(store: Store, text: str, says: str) -> None:
+    _create(store)
+    store.index_path.write_text(text)
+    for read in (store.list_runs, lambda: store.get_run("x"), lambda: _create(store), store.queued_runs):
+        with pytest.raises(StoreError) as info:
+            read()
+        assert str(store.index_path) in str(info.value) and says in str(info.value)
+    assert store.index_path.read_text() == text  # nothing was written over it
+
+
+def test_a_broken_record_is_named_and_the_others_still_list(store: Store) -> None:
+    good, missing, mistyped = _create(store, "good"), _create(store, "missing"), _create(store, "mistyped")
+    store.enqueue(good.id)
+
+    def damage(doc: dict) -> None:
+        for entry in doc["runs"].values():
+            if entry["id"] == missing.id:
+                del entry["stage"], entry["kind"]
+            elif entry["id"] == mistyped.id:
+                entry.update(tags=5, status="queued", step="ten")
+        doc["runs"]["99"] = {"name": "no id"}
+    _edit_index(store, damage)
+
+    assert [r.id for r in store.list_runs()] == [good.id]
+    assert store.unreadable_runs() == [
+        Unreadable(missing.id, "field 'stage' is missing; field 'kind' is missing"),
+        Unreadable(mistyped.id, "field 'tags' is 5, not a list; field 'step' is 'ten', not a whole number"),
+        Unreadable("#99", "field 'id' is missing; field 'stage' is missing; field 'kind' is missing; "
+                          "field 'status' is missing"),
+    ]
+    with pytest.raises(StoreError) as info:
+        store.get_run(missing.id)
+    assert f"Run {missing.id} in {store.index_path} is unreadable: field 'stage' is missing" in str(info.value)
+    assert [r.id for r in store.queued_runs()] == [good.id]  # the queue goes on without the broken one
+    assert store.update_run(good.id, notes="still writable").notes == "still writable"

@@ -12,10 +12,20 @@ from typing import Any
 
 import tomli_w
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from engine.config import RunConfig, config_from_dict, load_preset
-from engine.display import eval_split_of, format_duration, format_run_scores, format_scores, format_steps, si
+from engine.display import (
+    eval_split_of,
+    format_duration,
+    format_run_scores,
+    format_scores,
+    format_steps,
+    format_versions,
+    si,
+    terminal_safe,
+)
 from engine.errors import RenError
 from engine.launch import check_init_from, create_run, resolve_init_from, stored_config, trained_now
 from engine.store import RunRecord, Store
@@ -186,54 +196,69 @@ def _collapse(name: str) -> str:
 
 
 def list_runs(limit: int) -> None:
-    records = Store().list_runs()[:limit]
-    if not records:
+    store = Store()
+    records = store.list_runs()[:limit]
+    unreadable = store.unreadable_runs()  # shown whatever the limit: each needs a repair
+    if not records and not unreadable:
         console.print("no runs yet: try `ren run presets/quickstart.toml`")
         return
     table = Table(box=None, pad_edge=False, padding=(0, 2, 0, 0), header_style="bold")
     # ids are what `ren show` and `--resume` take: never shorten them. They carry the
     # run name too, so the name column is shown only when there is room for it.
-    table.add_column("id", no_wrap=True, min_width=max(len(r.id) for r in records))
+    table.add_column("id", no_wrap=True, min_width=max(len(r.id) for r in [*records, *unreadable]))
     wide = console.width >= 120
     columns = ("name", "stage", "status", "steps", "best", "time") if wide else ("status", "steps", "best", "time")
     for col in columns:
         table.add_column(col, no_wrap=True)
     for r in records:
-        cells = {"name": r.name, "stage": r.stage, "status": _status(r), "steps": format_steps(r),
-                 "best": format_run_scores(r, short=True), "time": format_duration(r)}
-        table.add_row(r.id, *(cells[c] for c in columns))
+        cells = {"name": _shown(r.name), "stage": r.stage, "status": _status(r), "steps": format_steps(r),
+                 "best": _shown(format_run_scores(r, short=True)), "time": format_duration(r)}
+        table.add_row(_shown(r.id), *(cells[c] for c in columns))
+    for u in unreadable:
+        table.add_row(_shown(u.id), *("[red]unreadable[/]" if c == "status" else "-" for c in columns))
     console.print(table)
+    if unreadable:
+        console.print(f"\nunreadable records in {store.index_path}, left out of the queue and the TUI (restore "
+                      "them from a backup or remove them with a JSON editor):", highlight=False, markup=False,
+                      soft_wrap=True)
+        for u in unreadable:
+            console.print(terminal_safe(f"  {u.id}: {u.reason}"), highlight=False, markup=False)
 
 
 def show(run_id: str) -> None:
     store = Store()
     r = store.get_run(run_id)
-    console.print(f"[bold]{r.id}[/]  {r.name}  {r.stage}/{r.kind}  {_status(r)}")
+    console.print(f"[bold]{_shown(r.id)}[/]  {_shown(r.name)}  {_shown(f'{r.stage}/{r.kind}')}  {_status(r)}")
     console.print(f"steps {format_steps(r)}  duration {format_duration(r)}  "
-                  f"device {r.device or '-'}  host {r.host or '-'}")
+                  f"device {_shown(r.device or '-')}  host {_shown(r.host or '-')}")
     if r.tags:
-        console.print("tags: " + ", ".join(r.tags))
+        console.print("tags: " + ", ".join(map(_shown, r.tags)))
+    if r.notes:
+        console.print("notes: " + terminal_safe(r.notes, lines=True), highlight=False, markup=False)
     if r.error:
-        console.print(f"[red]error:[/] {r.error}")
+        console.print(f"[red]error:[/] {_shown(r.error, lines=True)}")
     if r.log_tail and r.status in ("failed", "crashed"):
         console.print("last lines of its log (`ren logs` has all):")
-        console.print(r.log_tail, highlight=False, markup=False)
+        console.print(terminal_safe(r.log_tail, lines=True), highlight=False, markup=False)
     if r.params:
         _print_params(r.params, all_groups=False)
     if r.compute:
         _print_compute(r)
     if r.best_scores or r.final_scores or r.test_scores:
-        console.print(format_run_scores(r), highlight=False)
+        console.print(_shown(format_run_scores(r)), highlight=False)
     if (tokenizer := _tokenizer_of(r)) is not None:
-        console.print(f"tokenizer: {tokenizer}", highlight=False, markup=False)
+        console.print(f"tokenizer: {terminal_safe(tokenizer)}", highlight=False, markup=False)
+    for line in format_versions(r):
+        console.print(terminal_safe(line), highlight=False, markup=False)
     points = store.read_metrics(r.id)
     train_points = [p for p in points if "loss" in p]
     if train_points:
         last = train_points[-1]
         console.print("last logged: " + "  ".join(
-            f"{k} {v:.4g}" for k, v in last.items() if k not in ("time",) and isinstance(v, (int, float))))
-    console.print(f"\nrun directory: {store.run_dir(r.id)}\nconfig:")
-    console.print(tomli_w.dumps(r.config), highlight=False, markup=False)
+            f"{terminal_safe(k)} {v:.4g}" for k, v in last.items() if k != "time" and isinstance(v, (int, float))),
+            markup=False)
+    console.print(f"\nrun directory: {store.run_dir(r.id)}\nconfig:", markup=False)
+    console.print(terminal_safe(tomli_w.dumps(r.config), lines=True), highlight=False, markup=False)
 
 
 def _precision(compute: dict[str, Any]) -> str:
@@ -310,7 +335,7 @@ def _compute_rows(r: RunRecord) -> list[tuple[str, str]]:
             total += f"   {c['device_hours']:.4g} device-hours ({_seconds(c.get('train_seconds', 0.0))} training)"
         rows.append(("total", total))
     if c.get("device"):
-        rows.append(("device", f"{c['device']}, {_precision(c)}, {c.get('processes', 1)} process(es)"))
+        rows.append(("device", f"{_shown(str(c['device']))}, {_precision(c)}, {c.get('processes', 1)} process(es)"))
     return rows
 
 
@@ -321,6 +346,12 @@ def _print_compute(r: RunRecord) -> None:
     for label, text in _compute_rows(r):
         table.add_row(label, text)
     console.print(table)
+
+
+def _shown(text: str, *, lines: bool = False) -> str:
+    """Text from a run record for rich markup: its control characters escaped (engine.display.terminal_safe),
+    its brackets too, so a name like "[red]x" prints as written."""
+    return escape(terminal_safe(text, lines=lines))
 
 
 def _status(r: RunRecord) -> str:

@@ -21,6 +21,8 @@ import easy_vqa
 import numpy as np
 from PIL import Image
 
+from engine.store import follow_umask
+
 CACHE_NAME = "easy_vqa_v1.npz"
 SPLITS = ("train", "test")  # the package's splits, as cached
 RUN_SPLITS = ("train", "val", "test")  # the splits a run trains, selects and tests on
@@ -333,6 +335,7 @@ def _write_cache(data: EasyVQA, path: Path) -> None:
     try:
         with os.fdopen(descriptor, "wb") as file:
             np.savez_compressed(file, **arrays)
+        follow_umask(Path(temporary))  # mkstemp's 0600 would hide the cache from the other users of a store
         os.replace(temporary, path)
     except BaseException:
         Path(temporary).unlink(missing_ok=True)

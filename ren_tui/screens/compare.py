@@ -35,6 +35,7 @@ from ren_tui.export import (
     to_csv,
     to_latex,
 )
+from ren_tui.text import cell, safe
 from ren_tui.widgets.chart import Chart
 
 if TYPE_CHECKING:
@@ -52,9 +53,10 @@ def shared_metrics(series: list[Series]) -> list[str]:
 
 
 def run_labels(records: list[RunRecord]) -> list[str]:
-    """Run names, with the end of the id added where two runs share a name."""
+    """Run names, with the end of the id added where two runs share a name (control characters escaped:
+    plain text, for the chart's legend; ren_tui.text.cell for a table)."""
     names = [r.name for r in records]
-    return [f"{r.name} ({r.id[-4:]})" if names.count(r.name) > 1 else r.name for r in records]
+    return [safe(f"{r.name} ({r.id[-4:]})" if names.count(r.name) > 1 else r.name) for r in records]
 
 
 class CompareScreen(Screen[None]):
@@ -161,11 +163,11 @@ class CompareScreen(Screen[None]):
         headers, rows = self.score_table()
         table = self.query_one("#scores", DataTable)
         table.clear(columns=True)
-        table.add_columns(*headers)
+        table.add_columns(*map(cell, headers))
         keys = ([r.variant for r in self.report.rows] if self.view == "variants" and self.report is not None
                 else [r.id for r in self.records])
         for key, row in zip(keys, rows):
-            table.add_row(*row, key=key)
+            table.add_row(*(cell(value) if isinstance(value, str) else value for value in row), key=key)
         table.border_title = ("variants: scores over seeds, pretraining compute, savings against the first run"
                               if self.view == "variants" else "scores")
 
@@ -180,11 +182,11 @@ class CompareScreen(Screen[None]):
         diffs = {r.id: {key: other for key, _, other in config_diff(base.config, r.config)} for _, r in others}
         keys = list(dict.fromkeys(key for diff in diffs.values() for key in diff))
         base_values = flatten(base.config)
-        table.add_columns("key", f"{labels[self.baseline]} (baseline)", *(label for label, _ in others))
+        table.add_columns("key", cell(f"{labels[self.baseline]} (baseline)"), *(cell(label) for label, _ in others))
         for key in keys:
-            cells = [format_value(diffs[r.id][key]) if key in diffs[r.id] else Text("=", style="dim")
+            cells = [cell(format_value(diffs[r.id][key])) if key in diffs[r.id] else Text("=", style="dim")
                      for _, r in others]
-            table.add_row(key, format_value(base_values.get(key, MISSING)), *cells, key=key)
+            table.add_row(cell(key), cell(format_value(base_values.get(key, MISSING))), *cells, key=key)
         table.border_title = (f"config: {len(keys)} key{'s' * (len(keys) != 1)} differ from the baseline"
                               if keys else "config: every run matches the baseline")
 

@@ -15,7 +15,6 @@ import re
 from textual import work
 from textual.app import ComposeResult
 from textual.binding import Binding
-from textual.content import Content
 from textual.screen import Screen
 from textual.widgets import Footer, Static
 from textual.worker import Worker, get_current_worker
@@ -25,6 +24,7 @@ from engine.errors import RenError
 from engine.store import RunRecord
 from ren_tui.backend import Series
 from ren_tui.dialogs import Prompt
+from ren_tui.text import markup, safe
 from ren_tui.widgets.chart import Chart, Curve
 
 REFRESH_S = 1.0
@@ -195,7 +195,7 @@ class MonitorScreen(Screen[None]):
         self._series, self._stamp = series, drawn[0]
         self._show_header(record)
         log = self.query_one("#log", Static)
-        log.update("\n".join(lines) if lines else "(no log: only runs started by the queue have one)")
+        log.update(safe("\n".join(lines), lines=True) if lines else "(no log: only runs started by the queue have one)")
         if plotted is None or drawn[1] != self.x_mode:
             return
         self._drawn = drawn
@@ -210,15 +210,15 @@ class MonitorScreen(Screen[None]):
                           if chart_of(key) == self.shown})
 
     def _failed(self, message: str) -> None:
-        self.query_one("#header", Static).update(Content.from_markup("[$error]$msg", msg=message))
+        self.query_one("#header", Static).update(markup("[$error]$msg", msg=message))
 
     def _show_header(self, r: RunRecord) -> None:
         style = STATUS_STYLE.get(r.status, "$text-muted")
-        self.query_one("#header", Static).update(Content.from_markup(
+        self.query_one("#header", Static).update(markup(
             f"[b]$id[/b] · [{style}]$status[/] · $steps steps · $duration · $device · best $best",
             id=r.id, status=r.status, steps=format_steps(r), duration=format_duration(r),
             device=r.device or "no device", best=format_run_scores(r, short=True),
-        ) + (Content.from_markup("\n[$text-muted]$compute", compute=compute) if (compute := format_compute(r)) else ""))
+        ) + (markup("\n[$text-muted]$compute", compute=compute) if (compute := format_compute(r)) else ""))
 
     def _show_controls(self) -> None:
         x_range = self.chart.x_range

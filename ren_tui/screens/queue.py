@@ -17,6 +17,7 @@ from rich.cells import cell_len
 from textual import events, on, work
 from textual.app import ComposeResult
 from textual.binding import Binding
+from textual.content import Content
 from textual.markup import escape
 from textual.screen import Screen
 from textual.widgets import DataTable, Footer, Header, Static
@@ -26,6 +27,7 @@ from engine.display import format_duration, format_steps
 from engine.errors import RenError
 from engine.store import END_STATUSES, RunRecord
 from ren_tui.dialogs import Confirm, Prompt
+from ren_tui.text import cell, markup, safe
 
 if TYPE_CHECKING:
     from engine.gpus import GPU
@@ -55,23 +57,24 @@ def memory_bar(used_mb: int, total_mb: int) -> str:
     return f"[{colour}]{'█' * filled}[/][$text-muted]{'░' * (BAR_CELLS - filled)}[/]"
 
 
-def gpu_line(gpu: GPU, holders: Sequence[RunRecord], view: QueueView) -> str:
-    """One GPU: index, name, memory bar, utilisation and who holds it (markup)."""
+def gpu_line(gpu: GPU, holders: Sequence[RunRecord], view: QueueView) -> Content:
+    """One GPU: index, name, memory bar, utilisation and who holds it (the runs' names as plain text)."""
     name = gpu.name.removeprefix("NVIDIA ")
     memory = f"{gpu.memory_used_mb / 1024:5.1f}/{gpu.memory_total_mb / 1024:.0f} GiB"
     util = f"{gpu.utilization_pct:3d}%" if gpu.utilization_pct is not None else "   -"
     allowed = view.settings.allow_gpus
     foreign = view.settings.foreign_memory_mb
     if holders:
-        who = "← " + ", ".join(escape(r.name) for r in holders)
+        who = "← $names"
     elif allowed is not None and gpu.index not in allowed:
         who = "[$text-muted]not for the queue (allow_gpus)[/]"
     elif foreign is not None and gpu.memory_used_mb > foreign:
         who = "[$warning]busy: other processes[/]"
     else:
         who = "[$success]free[/]"
-    return (f"[b]{gpu.index:>2}[/b] {escape(name[:22]):<22} {memory_bar(gpu.memory_used_mb, gpu.memory_total_mb)} "
-            f"{memory} {util} {who}")
+    bar = memory_bar(gpu.memory_used_mb, gpu.memory_total_mb)
+    return markup(f"[b]{gpu.index:>2}[/b] {escape(name[:22]):<22} {bar} {memory} {util} {who}",
+                  names=", ".join(r.name for r in holders))
 
 
 def cpu_line(view: QueueView) -> str:
@@ -107,26 +110,28 @@ def first_line(text: str | None, width: int = 100) -> str:
 def running_cells(r: RunRecord) -> tuple[str, ...]:
     on = "gpu " + ",".join(map(str, r.devices)) if r.devices else "cpu"
     pid = "stopping" if r.cancel_requested_at else str(r.pid or r.runner_pid or "-")
-    return (r.name, on, format_steps(r), format_duration(r), pid, r.id)
+    return (cell(r.name), on, format_steps(r), format_duration(r), pid, cell(r.id))
 
 
 def queued_cells(position: int, r: RunRecord, reason: str) -> tuple[str, ...]:
-    return (str(position), r.name, str(r.gpus), ("resumes · " if r.resume else "") + reason, r.id)
+    return (str(position), cell(r.name), str(r.gpus), cell(("resumes · " if r.resume else "") + reason), cell(r.id))
 
 
 def recent_cells(r: RunRecord) -> tuple[str, ...]:
-    return (r.name, r.status, format_steps(r), format_duration(r), first_line(r.error), r.id)
+    error = first_line(safe(r.error or "", lines=True))  # a carriage return shown, not taken for a line break
+    return (cell(r.name), r.status, format_steps(r), format_duration(r), cell(error), cell(r.id))
 
 
-def detail(r: RunRecord, reason: str) -> str:
-    """The selected run in full: id, status, and why it waits, how to follow it, or how it ended (markup)."""
+def detail(r: RunRecord, reason: str) -> Content:
+    """The selected run in full: id, status, and why it waits, how to follow it, or how it ended."""
     if r.status == "queued":
         about = reason
     elif r.status == "running":
         about = f"{r.stage} {r.kind} · `ren logs {r.id} -f` follows its output"
     else:
         about = r.error or ""
-    return f"[b]{escape(r.id)}[/b] {r.status}" + (f" · {escape(about)}" if about else "")
+    return markup("[b]$id[/b] $status" + (" · $about" if about else ""), lines=True, id=r.id, status=r.status,
+                  about=about)
 
 
 def recent_runs(records: Sequence[RunRecord]) -> list[RunRecord]:
@@ -218,8 +223,9 @@ class QueueScreen(Screen[None]):
         self.records = {r.id: r for r in records}
         self.query_one("#state", Static).update(state_line(view))
         running_all = [r for r in records if r.status == "running"]
-        lines = [gpu_line(g, gpu_holders(g, running_all), view) for g in view.gpus] or [cpu_line(view)]
-        self.query_one("#gpus", Static).update("\n".join(lines))
+        lines = ([gpu_line(g, gpu_holders(g, running_all), view) for g in view.gpus]
+                 or [Content.from_markup(cpu_line(view))])
+        self.query_one("#gpus", Static).update(Content("\n").join(lines))
         recent = recent_runs(records)
         self.fill("running", [(r.id, running_cells(r)) for r in view.running])
         self.fill("queued", [(r.id, queued_cells(i, r, view.reasons.get(r.id, "")))

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from textual import on, work
 from textual.app import ComposeResult
 from textual.binding import Binding
+from textual.content import Content
 from textual.screen import Screen
 from textual.widgets import DataTable, Footer, Header, Input, Static
 
@@ -20,6 +21,7 @@ from engine.display import format_duration, format_run_scores, format_steps, spa
 from engine.errors import RenError
 from engine.store import RunRecord
 from ren_tui.dialogs import Confirm, Prompt
+from ren_tui.text import cell, markup, safe
 
 REFRESH_S = 2.0
 ARCHIVED = "archived"
@@ -175,10 +177,11 @@ class RunsScreen(Screen[None]):
 
     def cells(self, r: RunRecord) -> tuple[str, ...]:
         name = f"{study_of(r)} / {r.name}" if self.view.group and study_of(r) else r.name
-        cells = {"✓": "✓" if r.id in self.marked else "", "name": name, "kind": f"{STAGE[r.stage]} {r.kind}",
-                 "status": r.status, "progress": progress(r), "loss": sparkline(r.loss_trace),
-                 "best": format_run_scores(r, short=True), "time": format_duration(r),
-                 "device": r.device or "-", "tags": ", ".join(t for t in r.tags if t != ARCHIVED)}
+        cells = {"✓": "✓" if r.id in self.marked else "", "name": cell(name),
+                 "kind": cell(f"{STAGE[r.stage]} {r.kind}"), "status": r.status, "progress": progress(r),
+                 "loss": sparkline(r.loss_trace), "best": cell(format_run_scores(r, short=True)),
+                 "time": format_duration(r), "device": cell(r.device or "-"),
+                 "tags": cell(", ".join(t for t in r.tags if t != ARCHIVED))}
         return tuple(cells[c] for c in self.columns)
 
     def show_status(self, shown: int) -> None:
@@ -213,17 +216,18 @@ class RunsScreen(Screen[None]):
         if r is None:
             self.query_one("#detail", Static).update("")
             return
-        lines = [f"[b]{r.id}[/b]  {r.stage}/{r.kind}  {r.status}  device {r.device or '-'}"]
+        lines = [markup("[b]$id[/b]  $stage/$kind  $status  device $device", id=r.id, stage=r.stage, kind=r.kind,
+                        status=r.status, device=r.device or "-")]
         if r.params:
             lines.append(f"parameters {r.params.get('total', 0):,} · trainable {r.params.get('trainable', 0):,} "
                          f"· frozen {r.params.get('frozen', 0):,}")
         if r.final_scores or r.test_scores:
-            lines.append(format_run_scores(r))
+            lines.append(safe(format_run_scores(r)))
         if r.notes:
-            lines.append(f"notes: {r.notes}")
+            lines.append(markup("notes: $notes", lines=True, notes=r.notes))
         if r.error:
-            lines.append(f"[red]error:[/] {r.error}")
-        self.query_one("#detail", Static).update("\n".join(lines))
+            lines.append(markup("[red]error:[/] $error", lines=True, error=r.error))
+        self.query_one("#detail", Static).update(Content("\n").join(lines))
 
     # --- actions ------------------------------------------------------------------
 
@@ -296,7 +300,7 @@ class RunsScreen(Screen[None]):
         try:
             record = self.app.backend.update(run_id, **fields)
         except RenError as exc:
-            self.notify(str(exc), severity="error")
+            self.notify(safe(str(exc)), severity="error", markup=False)
             return
         self.records[record.id] = record
         self.render_table()
@@ -310,8 +314,8 @@ class RunsScreen(Screen[None]):
                 tags = [t.strip() for t in value.split(",") if t.strip()]
                 self._apply(r.id, tags=tags + ([ARCHIVED] if ARCHIVED in r.tags else []))
 
-        self.app.push_screen(Prompt(f"Tags of {r.name} (comma separated)",
-                                    ", ".join(t for t in r.tags if t != ARCHIVED),
+        self.app.push_screen(Prompt(markup("Tags of $name (comma separated)", name=r.name),
+                                    safe(", ".join(t for t in r.tags if t != ARCHIVED)),
                                     hint=f"a tag {STUDY_PREFIX}NAME puts the run in a study"), done)
 
     def action_notes(self) -> None:
@@ -322,14 +326,15 @@ class RunsScreen(Screen[None]):
             if value is not None:
                 self._apply(r.id, notes=value)
 
-        self.app.push_screen(Prompt(f"Notes on {r.name}", r.notes), done)
+        self.app.push_screen(Prompt(markup("Notes on $name", name=r.name), safe(r.notes)), done)
 
     def action_archive(self) -> None:
         if (r := self.current()) is None:
             return
         tags = [t for t in r.tags if t != ARCHIVED] + ([] if ARCHIVED in r.tags else [ARCHIVED])
         self._apply(r.id, tags=tags)
-        self.notify(f"{r.name} {'archived (A shows archived runs)' if ARCHIVED in tags else 'restored'}")
+        self.notify(safe(f"{r.name} {'archived (A shows archived runs)' if ARCHIVED in tags else 'restored'}"),
+                    markup=False)
 
     def action_delete(self) -> None:
         if (r := self.current()) is None:
@@ -341,13 +346,13 @@ class RunsScreen(Screen[None]):
             try:
                 self.app.backend.delete(r.id)
             except RenError as exc:
-                self.notify(str(exc), severity="error")
+                self.notify(safe(str(exc)), severity="error", markup=False)
                 return
             self.records.pop(r.id, None)
             self.render_table()
             self.notify(f"deleted {r.id}")
 
-        self.app.push_screen(Confirm(f"Delete run {r.id} with its metrics and checkpoints?"), done)
+        self.app.push_screen(Confirm(markup("Delete run $id with its metrics and checkpoints?", id=r.id)), done)
 
     def on_screen_resume(self) -> None:
         self.refresh_runs()
