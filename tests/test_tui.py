@@ -142,3 +142,26 @@ async def test_command_palette_offers_screens_and_screen_actions(ren_home: Path)
         await sort.callback()
         await pilot.pause()
         assert app.screen.view.sort == "name"
+
+
+async def test_a_damaged_index_is_named_on_the_status_line_and_the_screen_recovers(ren_home: Path) -> None:
+    """An index.json that holds ``[]`` stops no screen: the status line names the file, the table keeps the
+    runs it had, and the next read after the index is repaired shows the store again."""
+    store = Store(ren_home)
+    canned_run(store, "alpha", status="finished")
+    index = ren_home / "index.json"
+    good = index.read_text()
+    app = make(ren_home)
+    async with app.run_test(size=(140, 40)) as pilot:
+        await settle(app, pilot)
+        assert names(app) == ["alpha"]
+        index.write_text("[]")
+        app.screen.refresh_runs()
+        await settle(app, pilot)
+        status = str(app.screen.query_one("#status", Static).render())
+        assert status.startswith("cannot read the store") and str(index) in status
+        assert names(app) == ["alpha"] and app.is_running
+        index.write_text(good)
+        app.screen.refresh_runs()
+        await settle(app, pilot)
+        assert str(app.screen.query_one("#status", Static).render()).startswith("1 of 1 runs")

@@ -108,6 +108,7 @@ class RunsScreen(Screen[None]):
         self.records: dict[str, RunRecord] = {}
         self.marked: set[str] = set()
         self.loaded = False  # the store has been read once
+        self.store_error: str | None = None  # why the last read of the store failed (the table keeps what it had)
 
     def compose(self) -> ComposeResult:
         yield Header()
@@ -146,10 +147,21 @@ class RunsScreen(Screen[None]):
 
     @work(thread=True, exclusive=True, group="runs")
     def refresh_runs(self) -> None:
-        records = self.app.backend.runs()
+        try:
+            records = self.app.backend.runs()
+        except RenError as exc:  # a damaged index.json: say so, keep the screen, read again next tick
+            self.app.call_from_thread(self.show_store_error, str(exc))
+            return
         self.app.call_from_thread(self.show_runs, records)
 
+    def show_store_error(self, message: str) -> None:
+        if message != self.store_error:
+            self.notify(safe(message), title="Cannot read the store", severity="error", markup=False, timeout=10)
+        self.store_error = message
+        self.show_status(len(self.view.apply(list(self.records.values()))))
+
     def show_runs(self, records: list[RunRecord]) -> None:
+        self.store_error = None
         self.records = {r.id: r for r in records}
         self.marked &= set(self.records)
         self.render_table()
@@ -198,6 +210,8 @@ class RunsScreen(Screen[None]):
             if self.view.group:
                 parts.append("grouped by study")
             text = " · ".join(parts)
+        if self.store_error:
+            text = f"cannot read the store (showing the last runs read): {cell(self.store_error)}"
         self.query_one("#status", Static).update(text)
 
     def current_id(self) -> str | None:
