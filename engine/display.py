@@ -117,10 +117,12 @@ def format_duration(record: RunRecord) -> str:
     return format_seconds(record.duration_s)
 
 
-def format_seconds(seconds: float | None) -> str:
-    """``"3m10s"``, ``"2h05m"``, or ``"-"`` when unknown."""
+def format_seconds(seconds: float | None, missing: str = "-") -> str:
+    """``"42s"``, ``"3m10s"``, ``"2h05m"``, or ``missing`` when unknown (every duration ren prints)."""
     if seconds is None:
-        return "-"
+        return missing
+    if seconds < 60:
+        return f"{seconds:.0f}s"
     if seconds >= 3600:
         return f"{int(seconds // 3600)}h{int(seconds % 3600 // 60):02d}m"
     return f"{int(seconds // 60)}m{int(seconds % 60):02d}s"

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from engine.display import eval_split_of, format_count, latex_escape, markdown_table
+from engine.display import eval_split_of, format_count, format_seconds, latex_escape, markdown_table
 from engine.errors import RenError, RunNotFound
 from engine.store import RunRecord, Store, atomic_write_text
 from engine.study import Study, flatten, study_runs
@@ -137,7 +137,8 @@ class ReportTable:
                 *(format_stat(row.scores.get(task, Stat()), _score) for task in self.tasks),
                 *(format_delta(row, task) for task in self.tasks),
                 _number(row.pflops.mean), _percent(row.saved_pflops_pct), _number(row.device_hours.mean),
-                format_seconds(row.train_s.mean), _percent(row.saved_train_pct), format_memory(row.peak_memory_mb.mean),
+                format_seconds(row.train_s.mean, DASH), _percent(row.saved_train_pct),
+                format_memory(row.peak_memory_mb.mean),
                 f"{format_count(row.trainable, DASH)} / {format_count(row.total, DASH)}",
             ])
         return out
@@ -341,17 +342,6 @@ def _percent(value: float | None) -> str:
 
 def _signed(value: float | None) -> str:
     return DASH if value is None else f"{value:+.4f}"
-
-
-def format_seconds(seconds: float | None) -> str:
-    """``"42s"``, ``"3m10s"``, ``"2h05m"``; ``—`` when unknown."""
-    if seconds is None:
-        return DASH
-    if seconds < 60:
-        return f"{seconds:.0f}s"
-    if seconds < 3600:
-        return f"{int(seconds // 60)}m{int(seconds % 60):02d}s"
-    return f"{int(seconds // 3600)}h{int(seconds % 3600 // 60):02d}m"
 
 
 def format_memory(mb: float | None) -> str:

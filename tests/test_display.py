@@ -64,3 +64,10 @@ def test_scores_are_named_by_the_split_they_were_measured_on(ren_home) -> None:
     with console.capture() as captured:
         show(new.id)
     assert "best val/vqa_score 0.9000   final val/vqa_score 0.8000   test/vqa_score 0.7000" in captured.get()
+
+
+def test_every_duration_prints_the_same_way():
+    from engine.display import format_seconds
+
+    assert [format_seconds(s) for s in (0.4, 42, 190, 7500)] == ["0s", "42s", "3m10s", "2h05m"]
+    assert format_seconds(None) == "-" and format_seconds(None, "—") == "—"
