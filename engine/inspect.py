@@ -9,7 +9,7 @@ answer is either
 ``{"id": n, "ok": true, "config": resolved, "params": summary, "frozen_groups": [...],
 "flops_per_sample": {...}}``
 
-with ``params`` as :func:`engine.cli.commands.model_summary` reports it,
+with ``params`` as :func:`model_summary` reports it,
 ``frozen_groups`` the group names ``[freeze]`` selects and ``flops_per_sample``
 as :func:`flops_per_sample` estimates it, or
 
@@ -45,8 +45,6 @@ def answer(request: Any) -> dict[str, Any]:
         return _error(rid, "the request has no \"config\" object.")
     try:
         cfg = config_from_dict(config)
-        from engine.cli.commands import model_summary
-
         params = model_summary(cfg)
         return {"id": rid, "ok": True, "config": cfg.to_dict(), "params": params,
                 "frozen_groups": frozen_groups(cfg, list(params["groups"])),
@@ -183,11 +181,35 @@ def _protocol_stream() -> IO[str]:
     return out
 
 
+def model_summary(cfg: RunConfig) -> dict:
+    """Parameter report of the preset's model, built on the meta device (no weights
+    are allocated or downloaded; pretrained towers need only their config)."""
+    import torch
+
+    from engine.data.pipeline import build_tokenizer, num_answers
+    from engine.freeze import apply_freeze
+    from engine.models import build_model
+
+    tokenizer = build_tokenizer(cfg)
+    with torch.device("meta"):
+        model = build_model(_as_random(cfg), vocab_size=len(tokenizer), num_answers=num_answers(cfg))
+    return apply_freeze(model, cfg.freeze).to_dict()
+
+
+def _as_random(cfg: RunConfig) -> RunConfig:
+    """The same architecture with pretrained towers switched to random init."""
+    raw = cfg.to_dict()
+    for tower in ("backbone", "text", "vision"):
+        section = raw["model"].get(tower)
+        if section and section.get("source") == "pretrained":
+            section["source"] = "random"
+    return config_from_dict(raw)
+
+
 def main() -> None:
     out = _protocol_stream()
     import torch  # noqa: F401  (the heavy imports happen once, before "ready")
 
-    import engine.cli.commands  # noqa: F401
     import engine.models  # noqa: F401
 
     out.write(json.dumps({"ready": True}) + "\n")

@@ -848,7 +848,7 @@ def main(argv: list[str] | None = None) -> int:
     store = Store()
     record = store.get_run(args.run_id)
     cfg = config_from_dict(record.config, source=f"run {record.id}")
-    from engine.cli.progress import make_reporter
+    from engine.progress import make_reporter
 
     train(cfg, store, record.id, resume=args.resume, reporter=make_reporter())
     return 0

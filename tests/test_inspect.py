@@ -16,10 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from engine.cli.commands import model_summary
 from engine.config import config_from_dict
 from engine.errors import ConfigError
-from engine.inspect import answer_line, flops_per_sample
+from engine.inspect import answer_line, flops_per_sample, model_summary
 from engine.store import Store
 from ren_tui.backend import Backend
 from ren_tui.inspector import Inspector

@@ -17,12 +17,12 @@ from safetensors.torch import load_file
 
 from engine import recipes, unimodal
 from engine.cli import commands
-from engine.cli.commands import model_summary
 from engine.config import load_preset
 from engine.data.easyvqa import CACHE_NAME, load_easy_vqa
 from engine.data.pipeline import _easy_vqa_word_tokenizer, build_data, build_tokenizer
 from engine.data.tokenizer import load_tokenizer
 from engine.errors import ModelLoadError
+from engine.inspect import model_summary
 from engine.models import build_model
 from engine.study import load_study
 

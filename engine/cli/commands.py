@@ -27,6 +27,7 @@ from engine.display import (
     terminal_safe,
 )
 from engine.errors import RenError
+from engine.inspect import model_summary
 from engine.launch import check_init_from, create_run, resolve_init_from, stored_config, trained_now
 from engine.store import RunRecord, Store
 
@@ -75,7 +76,7 @@ def run(preset: Path | None, overrides: list[str], *, resume: str | None, name: 
 
 
 def _train_here(cfg: RunConfig, store: Store, run_id: str, *, resume: bool) -> None:
-    from engine.cli.progress import make_reporter
+    from engine.progress import make_reporter
     from engine.train import train
 
     t0 = time.time()
@@ -145,31 +146,6 @@ def validate(preset: Path, overrides: list[str], *, as_json: bool, all_groups: b
     if answers is not None:
         console.print(f"answer head: {answers} answers ({source})", highlight=False, markup=False)
     _print_params(summary, all_groups)
-
-
-def model_summary(cfg: RunConfig) -> dict:
-    """Parameter report of the preset's model, built on the meta device (no weights
-    are allocated or downloaded; pretrained towers need only their config)."""
-    import torch
-
-    from engine.data.pipeline import build_tokenizer, num_answers
-    from engine.freeze import apply_freeze
-    from engine.models import build_model
-
-    tokenizer = build_tokenizer(cfg)
-    with torch.device("meta"):
-        model = build_model(_as_random(cfg), vocab_size=len(tokenizer), num_answers=num_answers(cfg))
-    return apply_freeze(model, cfg.freeze).to_dict()
-
-
-def _as_random(cfg: RunConfig) -> RunConfig:
-    """The same architecture with pretrained towers switched to random init."""
-    raw = cfg.to_dict()
-    for tower in ("backbone", "text", "vision"):
-        section = raw["model"].get(tower)
-        if section and section.get("source") == "pretrained":
-            section["source"] = "random"
-    return config_from_dict(raw)
 
 
 def _print_params(summary: dict, all_groups: bool) -> None:
