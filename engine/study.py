@@ -46,6 +46,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from engine import queue as Q
 from engine.config import RunConfig, _read_with_extends, config_from_dict, deep_merge, load_preset
+from engine.dotted import get_in, set_in
 from engine.errors import ConfigError, RenError
 from engine.hub import is_ren_model
 from engine.launch import create_run
@@ -238,12 +239,12 @@ class Study:
         raw = deep_merge(copy.deepcopy(base), finetune.overrides)
         pretrain_raw = pre.config.to_dict()
         for key in finetune.inherit:
-            value = _get(pretrain_raw, key)
+            value = get_in(pretrain_raw, key, _MISSING)
             if value is _MISSING:
                 raise ConfigError(f"{self.path}: [[finetune]] {finetune.name!r}: inherit names {key!r}, which the "
                                   f"pretraining config of variant {pre.variant!r} does not set; inherit takes "
                                   "dotted keys such as \"model\" or \"data.tokenizer\".", key=key)
-            _put(raw, key, copy.deepcopy(value))
+            set_in(raw, key, copy.deepcopy(value))
         raw["run"] = {**raw.get("run", {}), "seed": pre.seed, "name": name,
                       "tags": _tags(raw.get("run", {}).get("tags", ()), self.name)}
         raw.setdefault("train", {})["init_from"] = None
@@ -258,23 +259,6 @@ class Study:
 
 
 _MISSING = object()
-
-
-def _get(raw: dict[str, Any], dotted: str) -> Any:
-    node: Any = raw
-    for part in dotted.split("."):
-        if not isinstance(node, dict) or part not in node:
-            return _MISSING
-        node = node[part]
-    return node
-
-
-def _put(raw: dict[str, Any], dotted: str, value: Any) -> None:
-    *parents, last = dotted.split(".")
-    node = raw
-    for part in parents:
-        node = node.setdefault(part, {})
-    node[last] = value
 
 
 def _tags(tags: Any, study: str) -> list[str]:
@@ -403,7 +387,7 @@ def _variants(parsed: _StudyFile, path: Path) -> dict[str, dict[str, Any]]:
                     raise ConfigError(f"{path}: axes.{owner[clash]} and axes.{axis}.{level} both set {clash}; "
                                       "each key may vary along one axis only.", key=key)
                 owner[key] = f"{axis}.{level}"
-                _put(patch, key, value)
+                set_in(patch, key, value)
         out[name] = patch
     return out
 

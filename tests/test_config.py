@@ -26,9 +26,9 @@ def _write(tmp_path: Path, name: str, text: str) -> Path:
 def test_every_shipped_preset_validates_and_builds(preset: Path) -> None:
     import torch
 
-    from engine.cli.commands import _as_random
     from engine.data.pipeline import build_tokenizer, num_answers
     from engine.freeze import apply_freeze
+    from engine.inspect import _as_random
     from engine.models import build_model
 
     cfg = load_preset(preset)

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from engine.cli.commands import _as_random
 from engine.config import config_from_dict, load_preset
 from engine.errors import ConfigError
+from engine.inspect import _as_random
 from engine.store import Store
 from engine.study import load_study, models_to_build, plan_study, run_study, study_runs, study_table
 from engine.worker import worker_info

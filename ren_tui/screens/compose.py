@@ -27,6 +27,7 @@ from textual.timer import Timer
 from textual.widget import Widget
 from textual.widgets import Footer, Header, Input, Label, Select, Static, Switch
 
+from engine.dotted import get_in, set_in
 from engine.errors import RenError
 from ren_tui.dialogs import Confirm, Prompt
 from ren_tui.screens.freeze import FreezeScreen, by_part, format_flops, freeze_summary
@@ -76,29 +77,6 @@ LABELS = {"run.name": "name", "model.kind": "architecture", "model.pooler": "poo
 
 
 # --- config dict helpers ------------------------------------------------------------
-
-
-def get_in(raw: dict[str, Any], key: str, default: Any = None) -> Any:
-    node: Any = raw
-    for part in key.split("."):
-        if not isinstance(node, dict) or part not in node:
-            return default
-        node = node[part]
-    return node
-
-
-def set_in(raw: dict[str, Any], key: str, value: Any) -> None:
-    """Set ``key``; ``None`` removes it (the schema default applies)."""
-    *path, last = key.split(".")
-    node = raw
-    for part in path:
-        if not isinstance(node.get(part), dict):
-            node[part] = {}
-        node = node[part]
-    if value is None:
-        node.pop(last, None)
-    else:
-        node[last] = value
 
 
 def stage_of(raw: dict[str, Any]) -> str:
