@@ -15,9 +15,13 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
+from engine import queue as Q
 from engine.config import load_preset
 from engine.launch import create_run
-from engine.store import Store
+from engine.store import END_STATUSES, Store
+from engine.worker import LOG_NAME
 
 from .conftest import REN, REPO, spawn_ren, tiny_preset
 
@@ -125,3 +129,90 @@ def test_resume_refuses_a_finished_or_queued_run_and_changes_nothing(tmp_path: P
     queued = ren("run", "--resume", waiting.id)
     assert queued.returncode == 2 and f"`ren queue cancel {waiting.id}`" in clean(queued.stderr)
     assert store.get_run(waiting.id).status == "queued"
+
+
+# --- the worker and the runner, with real training runs -------------------------------------------------------------
+
+
+def start_worker(ren_home: Path, fault: str | None, fault_dir: Path) -> subprocess.Popen:
+    env = {**os.environ, "REN_HOME": str(ren_home), "REN_FAULT_DIR": str(fault_dir)}
+    env.pop("REN_FAULT", None)
+    if fault:
+        env["REN_FAULT"] = fault
+    log = open(ren_home / LOG_NAME, "ab")
+    with log:
+        return subprocess.Popen([sys.executable, "-m", "engine.worker"], env=env, stdout=log, stderr=log,
+                                start_new_session=True)
+
+
+def assert_ran_once_to_the_end(store: Store, run_id: str, max_steps: int) -> None:
+    record = store.get_run(run_id)
+    assert record.status == "finished", (record.status, record.error)
+    steps = [p["step"] for p in store.read_metrics(run_id) if "loss" in p]
+    assert steps == list(range(1, max_steps + 1))  # every step once: no second trainer logged any
+    log = "\n".join(Q.follow_log(store, run_id))
+    assert log.count("[ren runner] training processes exited with code 0") == 1
+
+
+@pytest.mark.slow
+def test_a_worker_killed_at_each_launch_step_wedges_nothing(tmp_path: Path, ren_home: Path, data_cache: Path) -> None:
+    """SIGKILL the worker after it marked a run running (before the runner starts), after it started the runner
+    (before recording it), and a runner after it claimed its run: restarted workers requeue what never began,
+    adopt what did, and every run trains once to the end."""
+    store = Store(ren_home)
+    steps = 3
+    preset = tiny_preset(tmp_path / "tiny.toml", data_cache, max_steps=steps, batch_size=4, eval_every=1000)
+    runs = [Q.add(store, preset, name=f"r{i}", start_worker=False)[0].id for i in range(3)]
+    faults = tmp_path / "faults"
+    faults.mkdir()
+    worker = start_worker(ren_home, "worker:marked-running=kill", faults)
+    assert worker.wait(timeout=120) == -signal.SIGKILL
+    stuck = store.get_run(runs[0])
+    assert (stuck.status, stuck.runner_pid, stuck.pid) == ("running", None, None)  # the state that wedged
+
+    worker = start_worker(ren_home, "worker:spawned=kill", faults)  # requeues r0, launches it, dies
+    assert worker.wait(timeout=120) == -signal.SIGKILL
+
+    worker = start_worker(ren_home, "runner:claimed=kill", faults)  # the next runner to claim a run dies there
+    try:
+        until(lambda: all(store.get_run(r).status in END_STATUSES for r in runs), "every run to end", 600)
+    finally:
+        worker.terminate()
+        worker.wait(timeout=30)
+    assert sorted(os.listdir(faults)) == ["runner_claimed", "worker_marked-running", "worker_spawned"]
+    for run_id in runs:
+        assert_ran_once_to_the_end(store, run_id, steps)
+    log = (ren_home / LOG_NAME).read_text()
+    assert "only created, failed, cancelled or crashed runs can be queued" not in log and "Traceback" not in log
+    assert "it is back in the queue" in log
+
+
+@pytest.mark.slow
+def test_a_runner_killed_under_a_live_trainer(tmp_path: Path, ren_home: Path, data_cache: Path) -> None:
+    """The trainer once died of BrokenPipeError at its next print, and `ren logs` did not say why; it now trains
+    to the end, its log says what happened, and the worker keeps its slot until it is done."""
+    store = Store(ren_home)
+    steps = 40
+    preset = tiny_preset(tmp_path / "tiny.toml", data_cache, max_steps=steps, batch_size=4, eval_every=1000,
+                         checkpoint_every=10)
+    (record,) = Q.add(store, preset, start_worker=False)
+    behind = Q.add(store, preset, name="behind", start_worker=False)[0].id
+    worker = start_worker(ren_home, None, tmp_path)
+    try:
+        until(lambda: len(store.read_metrics(record.id)) >= 3, "the run to train a few steps")
+        runner = store.get_run(record.id).runner_pid
+        os.kill(runner, signal.SIGKILL)
+        until(lambda: store.get_run(record.id).status in END_STATUSES, "the run to end", 600)
+        assert store.get_run(behind).status == "queued"  # one slot, still held by the orphaned trainer
+        until(lambda: store.get_run(behind).status in END_STATUSES, "the run behind it", 600)
+    finally:
+        worker.terminate()
+        worker.wait(timeout=30)
+    record = store.get_run(record.id)
+    assert record.status == "finished", record.error
+    assert [p["step"] for p in store.read_metrics(record.id) if "loss" in p] == list(range(1, steps + 1))
+    log = "\n".join(Q.follow_log(store, record.id))
+    assert "[ren trainer] the runner that copied this output is gone (killed)" in log
+    assert f"[ren worker] its runner (pid {runner}) was killed; its training processes go on" in log
+    assert f"step {steps}/{steps}" in log and "BrokenPipeError" not in log
+    assert store.get_run(behind).status == "finished"
