@@ -175,12 +175,14 @@ def is_alive(pid: int, started: float | None = None) -> bool:
 
 def group_alive(pgid: int) -> bool:
     """Whether process group ``pgid`` (a queued run's runner and everything it started) has a live member."""
-    for proc in psutil.process_iter(["status"]):
+    for proc in psutil.process_iter():  # no attrs: process_iter shares its Process objects between threads
         try:
-            if proc.info["status"] != psutil.STATUS_ZOMBIE and os.getpgid(proc.pid) == pgid:
+            if os.getpgid(proc.pid) == pgid and proc.status() != psutil.STATUS_ZOMBIE:
                 return True
         except (ProcessLookupError, psutil.NoSuchProcess):
             continue
+        except psutil.AccessDenied:  # a member we may not inspect: alive, as far as we can tell
+            return True
     return False
 
 
