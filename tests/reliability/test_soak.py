@@ -66,9 +66,10 @@ class Monitor:
 
     def poll(self) -> None:
         alive = 0
-        for pid, (module, run_id, started) in store_processes(self.home).items():
-            if module != "engine.train":
-                continue
+        found = store_processes(self.home)
+        for pid, (module, run_id, started, parent) in found.items():
+            if module != "engine.train" or found.get(parent, ("",))[0] == "engine.train":
+                continue  # a trainer's own child (a fork before an exec) shows the trainer's command line
             alive += 1
             now = time.time()
             self.trainers.setdefault(pid, Trainer(run_id, started, now)).last_seen = now
@@ -95,8 +96,9 @@ class Monitor:
         return found
 
 
-def store_processes(home: str) -> dict[int, tuple[str, str | None, float]]:
-    """pid -> (module, run id, start time) of the ren processes (worker, runner, trainer) serving ``home``."""
+def store_processes(home: str) -> dict[int, tuple[str, str | None, float, int]]:
+    """pid -> (module, run id, start time, parent pid) of the ren processes (worker, runner, trainer) serving
+    ``home``."""
     found = {}
     for proc in psutil.process_iter():
         with contextlib.suppress(psutil.Error):
@@ -106,7 +108,7 @@ def store_processes(home: str) -> dict[int, tuple[str, str | None, float]]:
             module = cmd[cmd.index("-m") + 1] if cmd.index("-m") + 1 < len(cmd) else ""
             if module in ("engine.worker", "engine.runner", "engine.train") and proc.environ().get("REN_HOME") == home:
                 run_id = cmd[cmd.index("-m") + 2] if module != "engine.worker" else None
-                found[proc.pid] = (module, run_id, proc.create_time())
+                found[proc.pid] = (module, run_id, proc.create_time(), proc.ppid())
     return found
 
 
@@ -164,11 +166,11 @@ class Chaos:
                 self.worker.wait()
                 self.restart_at = time.monotonic() + self.rng.uniform(0, 2)
                 self.counts["kills: worker"] += 1
-        elif action in ("kill runner", "kill trainer") and running:
-            record = self.rng.choice(running)
-            pid, started = ((record.runner_pid, record.runner_started) if action == "kill runner"
-                            else (record.pid, record.pid_started))
-            if kill_own(self.home, pid, started):
+        elif action in ("kill runner", "kill trainer"):
+            targets = [(r.runner_pid, r.runner_started) if action == "kill runner" else (r.pid, r.pid_started)
+                       for r in running]
+            targets = [(pid, started) for pid, started in targets if pid and is_alive(pid, started)]
+            if targets and kill_own(self.home, *self.rng.choice(targets)):
                 self.counts[f"kills: {action.split()[1]}"] += 1
         elif action == "cancel":
             live = [r for r in records if r.status in ("queued", "running")]
@@ -235,7 +237,7 @@ def test_soak(tmp_path: Path, ren_home: Path, data_cache: Path) -> None:
         monitor.stop.set()
         watcher.join()
         chaos.stop_worker()
-        for pid, (_, _, started) in store_processes(str(ren_home)).items():  # nothing of the test outlives it
+        for pid, (_, _, started, _) in store_processes(str(ren_home)).items():  # nothing of the test outlives it
             kill_own(str(ren_home), pid, started)
 
     records = {r.id: r for r in store.list_runs()}
