@@ -10,6 +10,7 @@ so its config says exactly which weights it started from.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Callable
 
@@ -19,6 +20,7 @@ from engine.config import RunConfig, config_from_dict, load_preset
 from engine.errors import ConfigError, RenError, RunNotFound
 from engine.store import RunRecord, Store
 
+CHECKPOINTS, LATEST = "checkpoints", "latest"  # as engine.train lays them out
 PRESET_PREFIX = "preset:"
 RUN_PREFIX = "run:"
 FINAL_WEIGHTS = "model.safetensors"  # a run's final weights; accelerate names a checkpoint's weights alike
@@ -42,11 +44,45 @@ def create_run(store: Store, cfg: RunConfig, preset_path: str | None) -> RunReco
 
 
 def stored_config(store: Store, run_id: str) -> tuple[RunRecord, RunConfig]:
-    """A stored run and its config, to continue it; refuses a run that is still running."""
+    """A stored run and its config, to continue it; refuses a run that is running, queued or finished."""
     record = store.get_run(run_id)
     if record.status == "running":
-        raise RenError(f"run {record.id} is still running (pid {record.pid}); stop it before continuing it.")
+        if record.pid is None and record.runner_pid is None:
+            where = "the queue's worker is starting it"
+        else:
+            where = f"pid {record.pid}" if record.pid else f"its queue runner, pid {record.runner_pid}"
+        raise RenError(f"run {record.id} is still running ({where}); stop it before continuing it (`ren queue "
+                       f"cancel {record.id}` for a run of the queue, Ctrl-C for one in a terminal).")
+    if record.status == "queued":
+        raise RenError(f"run {record.id} is queued: the queue's worker starts it. To train it here instead, take it "
+                       f"out of the queue first (`ren queue cancel {record.id}`).")
+    if record.status == "finished":
+        raise RenError(f"run {record.id} is finished (step {record.step} of {record.max_steps}); there is nothing to "
+                       "resume, and resuming would overwrite its final weights. To train further, start a new run "
+                       f"from its weights: `ren run PRESET --set train.init_from='\"run:{record.id}\"'` with a "
+                       "larger train.max_steps.")
     return record, config_from_dict(record.config, source=f"run {record.id}")
+
+
+def checkpoint_step(run_dir: Path) -> int | None:
+    """The step of the run's last complete checkpoint (what a resume continues from; the checkpoint
+    ``engine.train.latest_checkpoint`` picks), or None when it has none. Reads no tensors, imports no torch."""
+    pointer = run_dir / CHECKPOINTS / LATEST
+    try:
+        name = pointer.read_text().strip()
+        state = json.loads((run_dir / CHECKPOINTS / name / "trainer_state.json").read_text())
+    except (OSError, ValueError):
+        return None
+    step = state.get("step") if isinstance(state, dict) and name else None
+    return step if isinstance(step, int) else None
+
+
+def resume_point(store: Store, run_id: str) -> str:
+    """Where a resume of the run continues, in words: ``from step N`` (its last complete checkpoint; the
+    record's step is updated every few seconds and may be behind it, or ahead of it after a kill) or
+    ``from the start (it saved no checkpoint)``."""
+    step = checkpoint_step(store.run_dir(run_id))
+    return "from the start (it saved no checkpoint)" if step is None else f"from step {step}"
 
 
 def find_finished(store: Store, cfg: RunConfig) -> RunRecord | None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 
@@ -72,6 +73,17 @@ class LineReporter:
         print(text, file=self.stream, flush=True)
 
 
-def make_reporter(console: Console | None = None) -> RichReporter | LineReporter:
+class QuietReporter:
+    """Reports nothing: the processes of a multi-process run other than rank 0 (it speaks for them all)."""
+
+    def start(self, total: int, done: int) -> None: ...
+    def step(self, step: int, metrics: dict[str, float]) -> None: ...
+    def message(self, text: str) -> None: ...
+    def stop(self) -> None: ...
+
+
+def make_reporter(console: Console | None = None) -> RichReporter | LineReporter | QuietReporter:
+    if os.environ.get("RANK", "0") != "0":  # set by `accelerate launch`: one progress report, not one per process
+        return QuietReporter()
     console = console or Console()
     return RichReporter(console) if console.is_terminal else LineReporter()

@@ -12,7 +12,7 @@ import json
 import os
 import signal
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,7 +22,7 @@ from engine.errors import RenError
 from engine.gpus import GPU, visible_gpus
 from engine.launch import Provider, check_init_from, create_run, find_finished, resolve_init_from
 from engine.runner import log_files, log_path
-from engine.scheduler import plan
+from engine.scheduler import plan, setting_problem
 from engine.store import END_STATUSES, QueueSettings, RunRecord, Store, is_alive
 from engine.worker import WorkerInfo, ensure_worker, signal_run, wake, worker_info
 
@@ -66,11 +66,28 @@ def queued_upstream(store: Store, gpus: int, waits: list[str], created: list[str
     return provide
 
 
+def check_fits(gpus: int, inventory: Sequence[GPU], settings: QueueSettings) -> None:
+    """Refuse a request no placement can ever satisfy (as SLURM's sbatch and pueue refuse one): more
+    processes than the CPU slots of a machine without GPUs, or more GPUs than the machine has."""
+    if inventory and gpus > len(inventory):
+        raise RenError(f"--gpus {gpus}: this machine has {len(inventory)} GPU(s), so the run could never start. "
+                       f"Ask for at most --gpus {len(inventory)}.")
+    if not inventory and gpus > settings.cpu_slots:
+        raise RenError(f"--gpus {gpus}: this machine has no GPU, and the queue runs each process in a CPU slot; it "
+                       f"has {settings.cpu_slots} (queue setting cpu_slots), so the run could never start. Ask for "
+                       f"--gpus {settings.cpu_slots} or fewer, or raise the slots first (`ren queue config "
+                       f"cpu_slots={gpus}`).")
+
+
 def add(store: Store, preset: Path, overrides: list[str] = (), *, gpus: int = 1, after: list[str] = (),
-        name: str | None = None, start_worker: bool = True) -> list[RunRecord]:
-    """Queue a preset; returns the queued runs (a pretraining it names first, then it)."""
+        name: str | None = None, start_worker: bool = True,
+        inventory: Sequence[GPU] | None = None) -> list[RunRecord]:
+    """Queue a preset; returns the queued runs (a pretraining it names first, then it). With the machine's
+    ``inventory`` of GPUs given, a request it can never satisfy is refused (:func:`check_fits`)."""
     if gpus < 1:
         raise RenError(f"--gpus {gpus}: a run needs at least one GPU (or CPU process).")
+    if inventory is not None:
+        check_fits(gpus, inventory, store.queue_settings())
     if name:
         overrides = [*overrides, f"run.name={json.dumps(name)}"]
     cfg = load_preset(preset, list(overrides))
@@ -90,20 +107,31 @@ def cancel(store: Store, run_id: str) -> RunRecord:
     trainer checkpoints and records "cancelled"); the worker sends SIGKILL after
     ``cancel_grace_s``."""
     record = store.get_run(run_id)
-    if record.status == "queued":
-        record = store.mark_ended(record.id, "cancelled", error="cancelled while queued")
-    elif record.status == "running":
-        record = store.update_run(record.id, cancel_requested_at=time.time())
-        if not signal_run(record, signal.SIGTERM):
-            record = store.mark_ended(record.id, "cancelled", error="its process was already gone")
-    else:
+    if record.status not in ("queued", "running"):
         raise RenError(f"run {record.id} is {record.status}; only queued or running runs can be cancelled.")
+    if record.status == "queued":  # each write checks that the run did not change since it was read
+        done = store.transition(record.id, ("queued",), status="cancelled", error="cancelled while queued",
+                                ended_at=time.time())
+        record = done or store.get_run(record.id)  # not queued any more: the worker started it meanwhile
+    if record.status == "running":
+        if record.cancel_requested_at is None:
+            record = store.transition(record.id, ("running",), cancel_requested_at=time.time()) or record
+        if not signal_run(record, signal.SIGTERM):
+            # nothing of it runs (a runner still starting claims the run first, and finds it cancelled)
+            gone = store.transition(record.id, ("running", "crashed"), {"runner_pid": record.runner_pid,
+                                    "pid": record.pid}, status="cancelled", error="its process was already gone",
+                                    ended_at=time.time())
+            if gone is None:  # a runner claimed it meanwhile: stop that one
+                record = store.get_run(record.id)
+                signal_run(record, signal.SIGTERM)
+            record = gone or record
     wake(worker_info(store))
     return record
 
 
 def retry(store: Store, run_id: str, *, start_worker: bool = True) -> RunRecord:
-    """Queue a failed, cancelled or crashed run again; it resumes from its last checkpoint."""
+    """Queue a failed, cancelled or crashed run again; it resumes from its last checkpoint
+    (:func:`engine.launch.resume_point` says which), or starts over when it saved none."""
     record = store.get_run(run_id)
     if record.status not in ("failed", "cancelled", "crashed"):
         raise RenError(f"run {record.id} is {record.status}; only failed, cancelled or crashed runs can be retried.")
@@ -130,7 +158,8 @@ def set_paused(store: Store, paused: bool) -> QueueSettings:
 
 
 def parse_setting(assignment: str) -> tuple[str, Any]:
-    """``key=value`` for ``ren queue config``: integers, numbers, ``none``, lists ``0,1``."""
+    """``key=value`` for ``ren queue config``: integers, numbers, ``none``, lists ``0,1``; a value out of the
+    setting's range (:data:`engine.scheduler.SETTING_RANGES`), NaN or infinite is refused."""
     key, sep, value = assignment.partition("=")
     key, value = key.strip(), value.strip()
     fields = {f.name: f for f in dataclasses.fields(QueueSettings)}
@@ -142,13 +171,20 @@ def parse_setting(assignment: str) -> tuple[str, Any]:
                 raise ValueError("only allow_gpus and foreign_memory_mb can be none")
             return key, None
         if key == "allow_gpus":
-            return key, tuple(int(v) for v in value.split(",") if v.strip())
+            parsed = tuple(int(v) for v in value.split(",") if v.strip())
+            if (problem := setting_problem(key, parsed)) is not None:
+                raise RenError(f"queue setting allow_gpus={value} is refused: {problem}.")
+            return key, parsed
         if key == "paused":
             return key, {"true": True, "false": False}[value.lower()]
         kind = type(getattr(QueueSettings(), key))
-        return key, (int(value) if kind is int or key == "foreign_memory_mb" else float(value))
+        parsed = int(value) if kind is int or key == "foreign_memory_mb" else float(value)
     except (ValueError, KeyError) as exc:
         raise RenError(f"queue setting {assignment!r}: cannot use {value!r} ({exc}).") from exc
+    problem = setting_problem(key, parsed)
+    if problem is not None:
+        raise RenError(f"queue setting {key}={value} is refused: {problem}.")
+    return key, parsed
 
 
 def configure(store: Store, assignments: list[str]) -> QueueSettings:

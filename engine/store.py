@@ -249,7 +249,10 @@ def process_start_time(pid: int) -> float | None:
 
 
 def is_alive(pid: int, started: float | None = None) -> bool:
-    """Whether ``pid`` runs (not a zombie) and, when ``started`` is given, is the same process."""
+    """Whether ``pid`` runs (not a zombie) and, when ``started`` is given, is the same process (a pid that is
+    not a positive integer, as in a hand-edited record, names none)."""
+    if not isinstance(pid, int) or isinstance(pid, bool) or pid <= 0:
+        return False
     try:
         proc = psutil.Process(pid)
         if proc.status() == psutil.STATUS_ZOMBIE:
@@ -259,6 +262,28 @@ def is_alive(pid: int, started: float | None = None) -> bool:
         return False
     except psutil.AccessDenied:
         return True
+
+
+def group_alive(pgid: int) -> bool:
+    """Whether process group ``pgid`` (a queued run's runner and everything it started) has a live member."""
+    for proc in psutil.process_iter():  # no attrs: process_iter shares its Process objects between threads
+        try:
+            if os.getpgid(proc.pid) == pgid and proc.status() != psutil.STATUS_ZOMBIE:
+                return True
+        except (ProcessLookupError, psutil.NoSuchProcess):
+            continue
+        except psutil.AccessDenied:  # a member we may not inspect: alive, as far as we can tell
+            return True
+    return False
+
+
+def _gone(record: RunRecord) -> str:
+    """Why a "running" record whose processes are all gone is shown as crashed."""
+    where = "before its first step" if not record.step else f"at step {record.step}"
+    pid = record.pid or record.runner_pid
+    return (f"Its process (pid {pid}) ended {where} without recording a result: it was killed (SIGKILL, the "
+            "out-of-memory killer) or the machine restarted. `ren run --resume` or `ren queue retry` continues it "
+            "from its last checkpoint.")
 
 
 @dataclass(frozen=True)
@@ -802,14 +827,16 @@ class Store:
         return records, unreadable
 
     def _report(self, record: RunRecord) -> RunRecord:
-        """The record as it should be shown: a vanished local process means "crashed"."""
+        """The record as it should be shown: a vanished local process means "crashed", with the reason."""
         if record.status != "running" or record.host != socket.gethostname():
             return record
         watched = [(pid, started) for pid, started in ((record.pid, record.pid_started),
                                                        (record.runner_pid, record.runner_started)) if pid]
-        if watched and not any(is_alive(pid, started) for pid, started in watched):
-            return dataclasses.replace(record, status="crashed")
-        return record
+        if not watched or any(is_alive(pid, started) for pid, started in watched):
+            return record
+        if record.runner_pid and group_alive(record.runner_pid):  # its runner is gone, its trainer is not
+            return record
+        return dataclasses.replace(record, status="crashed", error=record.error or _gone(record))
 
     def _run_path(self, run_id: str) -> Path:
         return self.root / "runs" / run_id
@@ -919,6 +946,22 @@ class Store:
             ended_at=None,
             error=None,
         )
+
+    def transition(self, run_id: str, statuses: Iterable[str], expect: Mapping[str, Any] | None = None,
+                   **fields: Any) -> RunRecord | None:
+        """Set ``fields`` only if the run, as reported (a vanished local process reads "crashed"), has one of
+        ``statuses`` and the values of ``expect``; None, changing nothing, when it has not. The check and the
+        write happen under one hold of the index lock, so the queue's processes (worker, runner, trainer, the
+        CLI) never overwrite what another one wrote in between."""
+        fields = _check_fields(fields)
+        with self._locked_table() as table:
+            stored = self._find(table.all(), run_id)
+            shown = self._report(stored)
+            if shown.status not in tuple(statuses) or any(getattr(shown, k) != v for k, v in (expect or {}).items()):
+                return None
+            record = dataclasses.replace(stored, **fields)
+            table.update(record.to_doc(), Query().id == record.id)
+        return self._report(record)
 
     def mark_ended(self, run_id: str, status: Status, error: str | None = None) -> RunRecord:
         """Record the end of the run with a terminal status."""

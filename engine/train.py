@@ -841,10 +841,13 @@ def main(argv: list[str] | None = None) -> int:
     """``python -m engine.train RUN_ID [--resume]``: train a run stored in ``$REN_HOME``."""
     import argparse
 
+    from engine.runner import install_output_guard
+
     parser = argparse.ArgumentParser(prog="python -m engine.train")
     parser.add_argument("run_id")
     parser.add_argument("--resume", action="store_true")
     args = parser.parse_args(argv)
+    install_output_guard()  # a queued run's trainer outlives its runner (engine.runner)
     store = Store()
     record = store.get_run(args.run_id)
     cfg = config_from_dict(record.config, source=f"run {record.id}")

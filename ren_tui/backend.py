@@ -117,7 +117,7 @@ class Backend:
         from engine import queue as Q
 
         return Q.add(self.store, preset, list(overrides), gpus=gpus, after=list(after),
-                     start_worker=self.start_worker)
+                     start_worker=self.start_worker, inventory=self.gpus())
 
     def cancel(self, run_id: str) -> RunRecord:
         from engine import queue as Q

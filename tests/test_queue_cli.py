@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 from pathlib import Path
@@ -97,3 +98,69 @@ def test_submit_writes_an_sbatch_script(tmp_path: Path, ren_home: Path) -> None:
 def test_queue_and_worker_modules_import_no_torch() -> None:
     loaded = _modules_after("import engine.queue, engine.worker, engine.runner, engine.cli.queue")
     assert not loaded & set(HEAVY)
+
+
+# --- issue 15 -------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("assignment", "named"),
+    [
+        ("cancel_grace_s=nan", "cancel_grace_s=nan is refused: it must be a finite number from 0.1 to 604800"),
+        ("cancel_grace_s=inf", "cancel_grace_s=inf is refused"),
+        ("cancel_grace_s=-1", "cancel_grace_s=-1 is refused"),
+        ("poll_s=0.0001", "poll_s=0.0001 is refused: it must be a finite number from 0.05 to 3600"),
+        ("log_max_mb=nan", "log_max_mb=nan is refused"),
+        ("cpu_slots=100000", "cpu_slots=100000 is refused: it must be a finite number from 1 to 1024"),
+        ("foreign_memory_mb=-5", "foreign_memory_mb=-5 is refused"),
+        ("allow_gpus=0,-1", "allow_gpus=0,-1 is refused: it must list GPU indices"),
+    ],
+)
+def test_queue_config_refuses_unusable_values(ren_home: Path, assignment: str, named: str) -> None:
+    before = Store(ren_home).queue_settings()
+    result = ren("queue", "config", assignment)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert named in " ".join(result.stderr.split()) and "Traceback" not in result.stderr
+    assert Store(ren_home).queue_settings() == before
+
+
+def test_the_first_queue_add_names_the_worker_it_started(ren_home: Path) -> None:
+    assert ren("queue", "pause").returncode == 0  # nothing trains: the test is about the message
+    added = ren("queue", "add", str(FIXTURE))
+    assert added.returncode == 0, added.stderr
+    info = worker_info(Store(ren_home))
+    assert info is not None and f"worker pid {info.pid}" in added.stdout
+    assert "no worker serves" not in added.stdout
+
+
+def test_queue_add_refuses_more_processes_than_cpu_slots(ren_home: Path) -> None:
+    cpu_only = {"CUDA_VISIBLE_DEVICES": ""}
+    ren("queue", "pause")
+    refused = ren("queue", "add", str(FIXTURE), "--gpus", "2", env=cpu_only)
+    assert refused.returncode == 2, refused.stdout + refused.stderr
+    message = " ".join(refused.stderr.split())
+    assert "--gpus 2: this machine has no GPU" in message and "it has 1 (queue setting cpu_slots)" in message
+    assert "`ren queue config cpu_slots=2`" in message and "Traceback" not in refused.stderr
+    assert Store(ren_home).list_runs() == []
+    ren("queue", "config", "cpu_slots=2")
+    accepted = ren("queue", "add", str(FIXTURE), "--gpus", "2", env=cpu_only)
+    assert accepted.returncode == 0, accepted.stderr
+    assert [r.gpus for r in Store(ren_home).queued_runs()] == [2]
+
+
+def test_retry_names_the_step_it_really_resumes_from(ren_home: Path) -> None:
+    store = Store(ren_home)
+    ren("queue", "pause")
+    ahead, fresh = (store.create_run(name=n, stage="finetune", kind="one_tower", config={}) for n in ("a", "b"))
+    checkpoints = store.run_dir(ahead.id) / "checkpoints"
+    for step in (5, 10):
+        (checkpoints / f"step_{step:08d}").mkdir(parents=True)
+        (checkpoints / f"step_{step:08d}" / "trainer_state.json").write_text(json.dumps({"step": step}))
+    (checkpoints / "latest").write_text("step_00000010")
+    store.update_run(ahead.id, status="failed", step=15)  # the record's step ran past the checkpoint
+    store.update_run(fresh.id, status="crashed", step=5)
+    first = ren("queue", "retry", ahead.id)
+    assert first.returncode == 0, first.stderr
+    assert "it resumes from step 10, its last checkpoint" in " ".join(first.stdout.split())
+    second = ren("queue", "retry", fresh.id)
+    assert "it saved no checkpoint, so it starts over from step 0" in " ".join(second.stdout.split())

@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -118,3 +119,47 @@ def test_describe_exit_reads_rank_signals_from_accelerate_output() -> None:
     tail = "torch.distributed.elastic.multiprocessing.api: failed (exitcode: -9) local_rank: 1"
     assert "SIGKILL" in describe_exit(1, tail, record)
     assert describe_exit(-15, "", record) == "The training process was killed by SIGTERM."
+
+
+def until(predicate, what: str, timeout_s: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.01)
+
+
+def test_a_trainer_outlives_its_killed_runner_and_keeps_logging(store: Store, tmp_path: Path) -> None:
+    """SIGKILL the runner under a live trainer: the trainer's output pipe breaks. It used to die of
+    BrokenPipeError at its next print, with nothing in `ren logs` saying why; it now goes on writing
+    into the run's log, which says what happened."""
+    record = running_run(store)
+    go, done = tmp_path / "go", tmp_path / "done"
+    proc = supervise(record.id, f"""
+        import os, pathlib, time
+        from engine.runner import install_output_guard
+        install_output_guard()  # what engine.train's main does first
+        print('before the kill', flush=True)
+        while not os.path.exists({str(go)!r}):
+            time.sleep(0.01)
+        for i in range(3):
+            print(f'after the kill {{i}}', flush=True)
+        pathlib.Path({str(done)!r}).write_text('ok')
+    """, wait=False)
+    log = store.run_dir(record.id) / "logs" / "run.log"
+    try:
+        until(lambda: "before the kill" in (log.read_text() if log.exists() else ""), "the trainer's first line")
+    finally:
+        proc.kill()  # the runner only: its trainer is another process
+        proc.wait(timeout=10)
+    go.write_text("")
+    until(done.exists, "the trainer to go on to its end")
+    lines = list(Q.follow_log(store, record.id))
+    assert [line for line in lines if line.startswith("after the kill")] == [f"after the kill {i}" for i in range(3)]
+    assert any(line.startswith("[ren trainer] the runner that copied this output is gone (killed)") for line in lines)
+
+
+def test_the_reason_quotes_the_exception_the_trainer_died_of(store: Store) -> None:
+    record = running_run(store)
+    supervise(record.id, "raise ValueError('the data directory is empty')")
+    assert store.get_run(record.id).error == ("The training process exited with code 1 before recording a result: "
+                                              "ValueError: the data directory is empty.")

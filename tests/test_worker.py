@@ -3,6 +3,7 @@ started, cancelled, crashed and re-adopted by a worker process."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -118,7 +119,7 @@ def test_queue_api_refuses_bad_requests(ren_home: Path) -> None:
         Q.move(store, run, 0)
     with pytest.raises(RenError, match="cpu_slot"):
         Q.configure(store, ["cpu_slot=2"])
-    with pytest.raises(RenError, match="cpu_slots must be at least 1"):
+    with pytest.raises(RenError, match="cpu_slots=0 is refused: it must be a finite number from 1 to 1024"):
         Q.configure(store, ["cpu_slots=0"])
     assert Q.configure(store, ["cpu_slots=2", "allow_gpus=0,2", "foreign_memory_mb=none"]).allow_gpus == (0, 2)
     assert Q.cancel(store, run).status == "cancelled"
@@ -268,3 +269,162 @@ def test_a_preset_named_by_init_from_is_queued_first(tmp_path: Path, ren_home: P
     (again,) = Q.add(store, tmp_path / "ft.toml", start_worker=False)  # the queued pretraining is reused
     assert again.after == (pre.id,)
     assert [r.id for r in store.queued_runs()] == [pre.id, ft.id, again.id]
+
+
+# --- crash points and bad records (issue 15) ------------------------------------------------------------------------
+
+
+_POPEN = subprocess.Popen  # the real one, also while the `launched` fixture stands in for runners
+
+
+def own_group(*argv: str) -> subprocess.Popen:
+    """A process leading its own group, as a runner does (the worker watches and signals the group)."""
+    return _POPEN(list(argv), start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def test_a_run_marked_running_by_a_worker_that_died_is_queued_again(ren_home: Path,
+                                                                    launched: dict[str, FakeChild]) -> None:
+    """The state a worker SIGKILLed between marking a run running and starting its runner leaves (the
+    real kill: tests/reliability/test_queue_crash.py) once wedged the queue for good: the next worker's
+    enqueue refused the running run and that error aborted every tick."""
+    store = Store(ren_home)
+    stuck, behind = queue(store, "stuck"), queue(store, "behind")
+    launch = time.time() - 5
+    store.update_run(stuck, status="running", host=os.uname().nodename, launched_at=launch, started_at=launch)
+
+    worker = Worker(store, inventory=lambda: [gpu(0), gpu(1)])
+    assert worker.tick() == [stuck, behind]  # requeued at its place, then started with the one behind it
+    record = store.get_run(stuck)
+    assert record.status == "running" and record.runner_pid == launched[stuck].pid and record.launched_at != launch
+    assert "its worker stopped before starting it; it is back in the queue" in (
+        store.run_dir(stuck) / "logs" / "run.log").read_text()
+
+
+def test_a_runner_of_a_voided_launch_starts_nothing(ren_home: Path, tmp_path: Path) -> None:
+    """A runner started just before its worker died claims the run for its launch; the next worker has
+    voided that launch by then, so the runner exits without starting the trainer: no run twice at once."""
+    store = Store(ren_home)
+    run_id = queue(store, "voided")
+    store.update_run(run_id, status="running", host=os.uname().nodename, launched_at=100.0)
+    Worker(store, inventory=lambda: []).store.update_queue_settings(paused=True)
+    Worker(store, inventory=lambda: []).tick()  # voids launch 100.0: the run is queued again (paused: no start)
+    assert store.get_run(run_id).status == "queued"
+    marker = tmp_path / "trained"
+    runner = subprocess.run([sys.executable, "-m", "engine.runner", run_id, "--launch", "100.0", "--", sys.executable,
+                             "-c", f"open({str(marker)!r}, 'w')"], env=os.environ.copy(), timeout=60)
+    assert runner.returncode == 0 and not marker.exists()
+    assert store.get_run(run_id).status == "queued" and store.get_run(run_id).runner_pid is None
+    assert "nothing started" in (store.run_dir(run_id) / "logs" / "run.log").read_text()
+
+
+def test_a_record_that_breaks_the_worker_fails_alone(ren_home: Path, launched: dict[str, FakeChild],
+                                                     monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    store = Store(ren_home)
+    broken_gpus, broken_check = queue(store, "broken-gpus"), queue(store, "broken-check")
+    victim, a, b = queue(store, "victim"), queue(store, "a"), queue(store, "b")
+    store.update_run(broken_gpus, gpus="two")  # a hand-edited index: plan() cannot compare it
+    runner = own_group("sleep", "600")
+    store.update_run(broken_check, status="running", host=os.uname().nodename, launched_at=1.0,
+                     runner_pid=runner.pid, cancel_requested_at="soon")  # reconciling it raises
+    monkeypatch.setenv("REN_FAULT", "worker:marked-running=raise")  # the first launch raises, once
+    monkeypatch.setenv("REN_FAULT_DIR", str(tmp_path))
+    try:
+        started = Worker(store, inventory=lambda: [gpu(i) for i in range(4)]).tick()
+    finally:
+        runner.kill()
+        runner.wait()
+    assert started == [a, b]
+    assert store.get_run(victim).status == "failed"
+    assert store.get_run(victim).error == ("the worker could not start it: RuntimeError: fault injected at "
+                                           "worker:marked-running (REN_FAULT)")
+    assert store.get_run(broken_gpus).status == "failed"
+    assert store.get_run(broken_gpus).error.startswith("the worker cannot schedule it: TypeError")
+    assert store.get_run(broken_check).status == "failed"
+    assert store.get_run(broken_check).error.startswith("the worker could not check it: TypeError")
+
+
+def test_a_garbage_pid_reads_as_no_process(ren_home: Path) -> None:
+    store = Store(ren_home)
+    run_id = queue(store, "garbage")
+    store.update_run(run_id, status="running", host=os.uname().nodename, runner_pid="x", pid=-3)
+    (record,) = store.list_runs()  # once a TypeError from psutil that broke every listing
+    assert record.status == "crashed" and "before its first step" in record.error
+
+
+def test_a_nan_grace_period_stored_earlier_still_ends_in_sigkill(ren_home: Path) -> None:
+    """cancel_grace_s = nan (accepted by `ren queue config` before issue 15) made the worker wait for ever
+    on a cancelled run that ignores SIGTERM; the worker now uses the default for an unusable value."""
+    store = Store(ren_home)
+    store.update_queue_settings(cancel_grace_s=float("nan"))
+    run_id = queue(store, "stubborn")
+    runner = own_group(sys.executable, "-c", "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+                                             "time.sleep(600)")
+    try:
+        store.update_run(run_id, status="running", host=os.uname().nodename, launched_at=1.0, runner_pid=runner.pid,
+                         runner_started=psutil.Process(runner.pid).create_time(),
+                         cancel_requested_at=time.time() - 61)  # the default grace is 60 s
+        Worker(store, inventory=lambda: []).tick()
+        assert runner.wait(timeout=10) == -signal.SIGKILL
+    finally:
+        runner.kill()
+        runner.wait()
+
+
+def test_a_killed_runner_is_watched_by_its_group_then_explained(ren_home: Path, tmp_path: Path) -> None:
+    """A runner SIGKILLed under a live trainer: the run stays running while the trainer lives (the worker
+    watches the process group) and, once the trainer is gone too, is failed with the reason, which the
+    run's log also says (`ren logs`)."""
+    store = Store(ren_home)
+    run_id = queue(store, "orphaned")
+    ready = tmp_path / "ready"
+    launch = time.time()
+    store.update_run(run_id, status="running", host=os.uname().nodename, launched_at=launch)
+    runner = subprocess.Popen(
+        [sys.executable, "-m", "engine.runner", run_id, "--launch", repr(launch), "--", sys.executable, "-c",
+         f"import os, time; open({str(ready)!r}, 'w').write(str(os.getpid())); time.sleep(600)"],
+        start_new_session=True, env=os.environ.copy())
+    trainer = None
+    try:
+        wait_for(ready.exists, 60, "the trainer to start")
+        trainer = int(wait_for(ready.read_text, 10, "the trainer's pid"))
+        store.update_run(run_id, pid=trainer, pid_started=psutil.Process(trainer).create_time())
+        runner.kill()
+        runner.wait()
+        worker = Worker(store, inventory=lambda: [])
+        worker.tick()
+        assert store.get_run(run_id).status == "running"  # its trainer lives
+        os.kill(trainer, signal.SIGKILL)
+        wait_for(lambda: not group_members(runner.pid), 10, "the trainer to go")
+        worker.tick()
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(runner.pid, signal.SIGKILL)
+    after = store.get_run(run_id)
+    assert after.status == "failed"
+    assert f"its runner (pid {runner.pid}) recorded no outcome" in after.error
+    log = "\n".join(Q.follow_log(store, run_id))
+    assert f"[ren worker] its runner (pid {runner.pid}) was killed; its training processes go on" in log
+    assert f"[ren worker] {after.error}" in log
+
+
+def test_cpu_runs_are_never_squeezed_into_fewer_slots(ren_home: Path, launched: dict[str, FakeChild]) -> None:
+    store = Store(ren_home)
+    Q.configure(store, ["cpu_slots=2"])
+    wide, narrow = queue(store, "wide", gpus=2), queue(store, "narrow")
+    Q.configure(store, ["cpu_slots=1"])  # lowered after the 2-process run was queued
+    assert Worker(store, inventory=lambda: []).tick() == [narrow]  # the one that can never fit steps aside
+    assert Q.view(store, gpus=[]).reasons[wide] == ("needs 2 CPU slots (one per process); the queue has 1 (see "
+                                                    "`ren queue config cpu_slots`)")
+    with pytest.raises(RenError, match=r"--gpus 2: this machine has no GPU.*has 1 \(queue setting cpu_slots\)"):
+        Q.add(store, FIXTURE, gpus=2, start_worker=False, inventory=[])
+    with pytest.raises(RenError, match="--gpus 3: this machine has 2 GPU"):
+        Q.add(store, FIXTURE, gpus=3, start_worker=False, inventory=[gpu(0), gpu(1)])
+
+
+def test_only_rank_0_reports_progress(monkeypatch: pytest.MonkeyPatch) -> None:
+    from engine.progress import LineReporter, QuietReporter, make_reporter
+
+    monkeypatch.setenv("RANK", "1")
+    assert isinstance(make_reporter(), QuietReporter)
+    monkeypatch.setenv("RANK", "0")
+    assert isinstance(make_reporter(), LineReporter)  # not a terminal under pytest

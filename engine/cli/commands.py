@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import _thread
+import contextlib
 import json
+import os
 import re
+import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +22,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from engine import faults
 from engine.config import RunConfig, config_from_dict, load_preset
 from engine.display import (
     eval_split_of,
@@ -28,61 +36,123 @@ from engine.display import (
 )
 from engine.errors import RenError
 from engine.inspect import model_summary
-from engine.launch import check_init_from, create_run, resolve_init_from, stored_config, trained_now
-from engine.store import RunRecord, Store
+from engine.launch import check_init_from, create_run, resolve_init_from, resume_point, stored_config, trained_now
+from engine.store import RunRecord, Store, process_start_time
 
 console = Console()
+err_console = Console(stderr=True)
 
 
-def _resume_point(store: Store, record: RunRecord) -> str:
-    """Where ``--resume`` continues: the last complete checkpoint's step (the record's step is updated every
-    few seconds and may be behind it, or ahead of it after a kill)."""
-    from engine.train import latest_checkpoint
+class _Owner:
+    """The runs this ``ren run`` process trains, and what ends them. Each is marked "running" with this
+    process's pid before anything else happens (data, model, imports), so a run killed at any moment is seen
+    as crashed once the pid is gone, never left "created"; an exception before the trainer records an outcome
+    marks it failed with the error, and Ctrl-C marks it cancelled. Ctrl-C raises KeyboardInterrupt until the
+    interruption is being recorded, after which further presses are ignored: twice in a row exits as once."""
 
-    checkpoint = latest_checkpoint(store.run_dir(record.id))
-    if checkpoint is None:
-        return "from the start (it saved no checkpoint)"
-    try:
-        return f"from step {json.loads((checkpoint / 'trainer_state.json').read_text())['step']}"
-    except (OSError, ValueError, KeyError):
-        return f"from {checkpoint.name}"
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self.runs: list[str] = []
+        signal.signal(signal.SIGINT, self._on_sigint)
+        self._default_hook = sys.unraisablehook
+        sys.unraisablehook = self._unraisable
+
+    def _on_sigint(self, signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    def _unraisable(self, unraisable: Any) -> None:
+        """A Ctrl-C that lands in a finaliser (``__del__``) cannot propagate there, and Python would print
+        "Exception ignored in ... Traceback" and go on: deliver it again a moment later, from another thread,
+        once the finaliser has returned, where it can stop the run."""
+        if issubclass(unraisable.exc_type, KeyboardInterrupt):
+            again = threading.Timer(0.05, _thread.interrupt_main)
+            again.daemon = True
+            again.start()
+        else:
+            self._default_hook(unraisable)
+
+    def claim(self, run_id: str) -> None:
+        claimed = self.store.transition(
+            run_id, ("created", "failed", "cancelled", "crashed"), status="running", pid=os.getpid(),
+            pid_started=process_start_time(os.getpid()), host=socket.gethostname(), started_at=time.time(),
+            ended_at=None, error=None, launched_at=None, runner_pid=None, runner_started=None, devices=(),
+            cancel_requested_at=None)
+        if claimed is None:
+            raise RenError(f"run {run_id} is {self.store.get_run(run_id).status} now: another ren process took it "
+                           "over meanwhile.")
+        self.runs.append(run_id)
+        faults.at("run:claimed")
+
+    def end(self, status: str, why: Callable[[RunRecord], str]) -> list[RunRecord]:
+        """Mark every run this process still holds (running under its pid) ``status``; returns them."""
+        ended = []
+        for run_id in self.runs:
+            with contextlib.suppress(RenError):
+                record = self.store.get_run(run_id)
+                done = self.store.transition(run_id, ("running",), {"pid": os.getpid()}, status=status,
+                                             error=why(record), ended_at=time.time())
+                if done is not None:
+                    ended.append(done)
+        return ended
+
+    def interrupted(self) -> None:
+        """After Ctrl-C: record it, say what happened, exit 130 (no traceback)."""
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        faults.at("run:interrupted")
+        ended = self.end("cancelled", lambda r: "interrupted (Ctrl-C) " + (
+            "before its first step" if not r.step else f"at step {r.step}") + "; `ren run --resume` continues it")
+        err_console.print("interrupted" + "".join(f"; run {r.id} recorded as cancelled ({r.error})" for r in ended),
+                          soft_wrap=True, highlight=False, markup=False)
+        sys.exit(130)
+
+
+def _failure(exc: Exception) -> Callable[[RunRecord], str]:
+    reason = str(exc) if isinstance(exc, RenError) else f"{type(exc).__name__}: {exc}"
+    return lambda r: reason
 
 
 def run(preset: Path | None, overrides: list[str], *, resume: str | None, name: str | None, gpus: int) -> None:
     if gpus < 1:
         raise RenError(f"--gpus {gpus}: a run needs at least one GPU (or CPU process).")
     store = Store()
-    if resume:
-        if preset is not None or overrides:
-            raise RenError("--resume continues a stored run with its stored config; drop the preset and --set.")
-        record, cfg = stored_config(store, resume)
-        console.print(f"resuming [bold]{record.id}[/] {_resume_point(store, record)}")
-    else:
-        if preset is None:
-            raise RenError("give a preset file (e.g. `ren run presets/quickstart.toml`) or --resume RUN_ID.")
-        if name:
-            overrides = [*overrides, f"run.name={json.dumps(name)}"]
-        cfg = load_preset(preset, overrides)
-        train_upstream = trained_now(store, lambda c, run_id: _train_here(c, store, run_id, resume=False),
-                                     say=console.print)
-        cfg = resolve_init_from(cfg, preset, store, train_upstream)
-        check_init_from(store, cfg)
-        record = create_run(store, cfg, str(preset))
-        console.print(f"run [bold]{record.id}[/] ({cfg.stage}, {cfg.model.kind}) in {store.run_dir(record.id)}")
-    if gpus > 1 or cfg.distributed.strategy != "ddp":
-        _launch_distributed(cfg, record.id, gpus, resume=bool(resume))
-    else:
-        _train_here(cfg, store, record.id, resume=bool(resume))
+    owner = _Owner(store)
+    try:
+        if resume:
+            if preset is not None or overrides:
+                raise RenError("--resume continues a stored run with its stored config; drop the preset and --set.")
+            record, cfg = stored_config(store, resume)
+            console.print(f"resuming [bold]{record.id}[/] {resume_point(store, record.id)}")
+        else:
+            if preset is None:
+                raise RenError("give a preset file (e.g. `ren run presets/quickstart.toml`) or --resume RUN_ID.")
+            if name:
+                overrides = [*overrides, f"run.name={json.dumps(name)}"]
+            cfg = load_preset(preset, overrides)
+            train_upstream = trained_now(store, lambda c, run_id: _train_here(c, owner, run_id, resume=False),
+                                         say=console.print)
+            cfg = resolve_init_from(cfg, preset, store, train_upstream)
+            check_init_from(store, cfg)
+            record = create_run(store, cfg, str(preset))
+            console.print(f"run [bold]{record.id}[/] ({cfg.stage}, {cfg.model.kind}) in {store.run_dir(record.id)}")
+        if gpus > 1 or cfg.distributed.strategy != "ddp":
+            _launch_distributed(cfg, owner, record.id, gpus, resume=bool(resume))
+        else:
+            _train_here(cfg, owner, record.id, resume=bool(resume))
+    except KeyboardInterrupt:
+        owner.interrupted()
 
 
-def _train_here(cfg: RunConfig, store: Store, run_id: str, *, resume: bool) -> None:
-    from engine.progress import make_reporter
-    from engine.train import train
-
+def _train_here(cfg: RunConfig, owner: _Owner, run_id: str, *, resume: bool) -> None:
+    store = owner.store
+    owner.claim(run_id)
     t0 = time.time()
     try:
+        from engine.progress import make_reporter
+        from engine.train import train
+
         scores = train(cfg, store, run_id, resume=resume, reporter=make_reporter(console))
     except Exception as exc:
+        owner.end("failed", _failure(exc))  # the trainer records its own failures; this is for the rest
         if resume:
             _refused_checkpoint(exc, store, run_id)
         raise
@@ -118,16 +188,23 @@ def _refused_checkpoint(exc: Exception, store: Store, run_id: str) -> None:
         ) from None
 
 
-def _launch_distributed(cfg: RunConfig, run_id: str, gpus: int, *, resume: bool) -> None:
+def _launch_distributed(cfg: RunConfig, owner: _Owner, run_id: str, gpus: int, *, resume: bool) -> None:
     """Train ``run_id`` in ``gpus`` processes through ``accelerate launch`` (this
     interpreter's accelerate, so no activated environment is needed)."""
     from engine.distributed import free_port, launch_command
 
-    cmd = launch_command(run_id, processes=gpus, mixed_precision=cfg.train.mixed_precision, dist=cfg.distributed,
-                         resume=resume, main_process_port=free_port(), grad_clip=cfg.optim.grad_clip)
+    owner.claim(run_id)  # until its rank 0 records itself
+    try:
+        cmd = launch_command(run_id, processes=gpus, mixed_precision=cfg.train.mixed_precision, dist=cfg.distributed,
+                             resume=resume, main_process_port=free_port(), grad_clip=cfg.optim.grad_clip)
+    except Exception as exc:
+        owner.end("failed", _failure(exc))
+        raise
     console.print(" ".join(cmd), highlight=False)
     code = subprocess.call(cmd)
     if code:
+        owner.end("failed", lambda r: f"the training processes (accelerate launch) exited with code {code} before "
+                                      "recording a result; their output above says why")
         sys.exit(code)
 
 

@@ -18,16 +18,17 @@ from engine import queue as Q
 from engine.config import RunConfig, load_preset
 from engine.display import format_duration, format_steps
 from engine.errors import RenError
-from engine.launch import create_run, find_finished, resolve_init_from, stored_config
+from engine.gpus import visible_gpus
+from engine.launch import checkpoint_step, create_run, find_finished, resolve_init_from, stored_config
 from engine.store import Store
-from engine.worker import run_worker, stop_worker, worker_info
+from engine.worker import run_worker, start_worker, stop_worker, worker_info
 
 console = Console()
 
 
 def add(preset: Path, overrides: list[str], *, gpus: int, after: list[str], name: str | None) -> None:
     store = Store()
-    queued = Q.add(store, preset, overrides, gpus=gpus, after=after, name=name)
+    queued = Q.add(store, preset, overrides, gpus=gpus, after=after, name=name, inventory=visible_gpus())
     order = [r.id for r in store.queued_runs()]
     for record in queued:
         waits = f", after {', '.join(record.after)}" if record.after else ""
@@ -92,8 +93,12 @@ def cancel(run_id: str) -> None:
 
 
 def retry(run_id: str) -> None:
-    record = Q.retry(Store(), run_id)
-    console.print(f"queued {record.id} again; it resumes from its last checkpoint (step {record.step})")
+    store = Store()
+    record = Q.retry(store, run_id)
+    step = checkpoint_step(store.run_dir(record.id))
+    where = ("it saved no checkpoint, so it starts over from step 0" if step is None
+             else f"it resumes from step {step}, its last checkpoint")
+    console.print(f"queued {record.id} again; {where}")
 
 
 def pause(paused: bool) -> None:
@@ -121,9 +126,13 @@ def worker(action: str | None) -> None:
     if action is None:
         sys.exit(run_worker(store))
     if action == "start":
-        info = Q.ensure_worker(store)
-        console.print(f"worker pid {info.pid} already serves {store.root}" if info
-                      else f"worker started for {store.root} (log: {store.root / 'worker.log'})")
+        info = worker_info(store)
+        if info is not None:
+            console.print(f"worker pid {info.pid} already serves {store.root}")
+        else:
+            info = start_worker(store)
+            console.print(f"worker pid {info.pid} started for {store.root} (log: {store.root / 'worker.log'})" if info
+                          else f"the worker did not start; see {store.root / 'worker.log'}")
     elif action == "stop":
         info = stop_worker(store)
         console.print(f"stopped worker pid {info.pid}; running runs go on" if info else "no worker was running")
