@@ -13,6 +13,8 @@ This module imports neither torch nor transformers.
 from __future__ import annotations
 
 import difflib
+import errno
+import stat
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal, Union
 
@@ -818,43 +820,68 @@ def config_from_dict(raw: dict[str, Any], source: str = "<config>") -> RunConfig
         raise ConfigError(_format_validation(exc, raw, source), key=_error_key(exc)) from None
 
 
-def _read_toml(path: Path) -> dict[str, Any]:
-    if not path.exists():
+def _read_toml(path: Path, via: str = "") -> dict[str, Any]:
+    """The TOML table of the preset file ``path``; ``via`` (``"<file>: extends = '...'"``) says where the path
+    came from. A UTF-8 byte-order mark is skipped. Anything that is not a regular file is refused before it is
+    opened (opening a FIFO would wait for a writer)."""
+    try:
+        info = path.stat()
+    except FileNotFoundError:
+        if via:
+            raise ConfigError(f"{via}, but {path} does not exist (paths are relative to the extending preset).",
+                              key="extends") from None
         hint = ""
         presets = Path(__file__).resolve().parent.parent / "presets"
         near = difflib.get_close_matches(path.name, [p.name for p in presets.glob("*.toml")], n=1)
         if near:
             hint = f" Did you mean presets/{near[0]}?"
-        raise ConfigError(f"Preset file not found: {path}.{hint}")
-    if path.is_dir():
+        raise ConfigError(f"Preset file not found: {path}.{hint}") from None
+    except OSError as exc:
+        what = "is a symbolic link that loops back on itself" if exc.errno == errno.ELOOP else \
+            f"cannot be read ({exc.strerror})"
+        raise ConfigError(f"{via + ': ' if via else 'Preset '}{path} {what}; give a preset file.",
+                          key="extends" if via else None) from None
+    except ValueError as exc:  # a NUL character in an extends string
+        raise ConfigError(f"{via}: that is not a file name ({exc}).", key="extends") from None
+    if stat.S_ISDIR(info.st_mode):
+        if via:
+            raise ConfigError(f"{via}: {path} is a directory; extends names a .toml preset file.", key="extends")
         raise ConfigError(f"Preset path {path} is a directory; give a .toml file.")
+    if not stat.S_ISREG(info.st_mode):
+        raise ConfigError(f"{via + ': ' if via else 'Preset '}{path} is not a regular file (a device, a FIFO or a "
+                          "socket); give a .toml preset file.", key="extends" if via else None)
     try:
-        with path.open("rb") as fh:
-            return tomllib.load(fh)
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{path} is not valid TOML: {exc}.") from None
+        data = path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"{via + ': ' if via else ''}Cannot read preset {path}: {exc.strerror}.",
+                          key="extends" if via else None) from None
+    try:
+        return tomllib.loads(data.decode("utf-8-sig"))
     except UnicodeDecodeError as exc:
         raise ConfigError(f"{path} is not UTF-8 text: {exc}.") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path} is not valid TOML: {exc}.") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: its arrays or tables are nested too deeply to read.") from None
 
 
-def _read_with_extends(path: Path, chain: tuple[Path, ...]) -> dict[str, Any]:
+def _read_with_extends(path: Path, chain: tuple[Path, ...], via: str = "") -> dict[str, Any]:
+    data = _read_toml(path, via)
     resolved = path.resolve()
     if resolved in chain:
         loop = " -> ".join(str(p) for p in (*chain, resolved))
-        raise ConfigError(f"Presets extend each other in a loop: {loop}.")
-    data = _read_toml(path)
+        raise ConfigError(f"Presets extend each other in a loop: {loop}.", key="extends")
     parent = data.pop("extends", None)
     if parent is None:
         return data
     if not isinstance(parent, str):
-        raise ConfigError(f"{path}: 'extends' must be a file name string, got {parent!r}.")
+        raise ConfigError(f"{path}: 'extends' must be a file name string, got {parent!r}.", key="extends")
+    if not parent.strip():
+        raise ConfigError(f"{path}: extends = {parent!r} names no file; give the preset this one builds on (a path "
+                          "relative to this file, e.g. extends = \"quickstart.toml\"), or remove the key.",
+                          key="extends")
     parent_path = (path.parent / parent) if not Path(parent).is_absolute() else Path(parent)
-    if not parent_path.exists():
-        raise ConfigError(
-            f"{path}: extends = {parent!r}, but {parent_path} does not exist "
-            "(paths are relative to the extending preset)."
-        )
-    base = _read_with_extends(parent_path, (*chain, resolved))
+    base = _read_with_extends(parent_path, (*chain, resolved), via=f"{path}: extends = {parent!r}")
     return deep_merge(base, data)
 
 
