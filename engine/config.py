@@ -36,7 +36,8 @@ from engine.errors import ConfigError
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
+    # allow_inf_nan: TOML has inf and nan literals, and no key means anything with them
+    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True, allow_inf_nan=False)
 
 
 _MANUAL_ONLY = ("hidden_size", "layers", "heads", "mlp_ratio", "patch_size")
@@ -958,20 +959,25 @@ def _error_key(exc: ValidationError) -> str | None:
     errors = exc.errors()
     if not errors:
         return None
-    loc = _display_loc(tuple(errors[0]["loc"]))
+    loc = [part for part in _display_loc(tuple(errors[0]["loc"])) if not part.startswith("[")]
     if errors[0]["type"] in ("union_tag_invalid", "union_tag_not_found"):
         loc.append("kind")
     return ".".join(loc) or None
 
 
 def _display_loc(loc: tuple[Any, ...]) -> list[str]:
-    """Drop pydantic's tag segment (``model.one_tower.backbone`` -> ``model.backbone``)."""
+    """Drop pydantic's tag segment (``model.one_tower.backbone`` -> ``model.backbone``); an item of a list is
+    ``[i]`` (``optim.betas[0]`` once joined)."""
     out: list[str] = []
     for i, part in enumerate(loc):
         if i == 1 and loc[0] == "model" and part in MODEL_KINDS:
             continue
-        out.append(str(part))
+        out.append(f"[{part}]" if isinstance(part, int) else str(part))
     return out
+
+
+def _join(loc: list[str]) -> str:
+    return ".".join(loc).replace(".[", "[")
 
 
 def _schema_at(path: list[str], raw: dict[str, Any]) -> type[BaseModel] | None:
@@ -1003,7 +1009,7 @@ def _model_type(annotation: Any) -> type[BaseModel] | None:
 
 def _describe(err: dict[str, Any], raw: dict[str, Any]) -> str:
     loc = _display_loc(tuple(err["loc"]))
-    key = ".".join(loc) or "(top level)"
+    key = _join(loc) or "(top level)"
     kind = err["type"]
     if kind == "extra_forbidden":
         parent, name = loc[:-1], loc[-1]
@@ -1035,6 +1041,9 @@ def _describe(err: dict[str, Any], raw: dict[str, Any]) -> str:
         return f"missing required key '{key}'."
     ctx = err.get("ctx") or {}
     value = err.get("input")
+    if kind == "finite_number":
+        return (f"{key} = {value!r} is not a finite number; give a number (TOML's inf and nan, and the strings "
+                "that read as them, mean nothing here).")
     if kind in ("greater_than_equal", "greater_than", "less_than_equal", "less_than"):
         bound = _range_text(loc, raw)
         return f"{key} = {value!r} is out of range: {err['msg'].lower()}{bound}."

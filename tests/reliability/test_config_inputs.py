@@ -1,18 +1,74 @@
-"""Preset files that `ren validate` and `ren run` read (issue 15): symlink loops, a byte-order mark, an empty or
-odd ``extends``, files that are not regular files (a FIFO must not hang the reader), deep nesting. Each case
-drives the real entry point in-process (as tests/reliability/test_bad_inputs.py does) and asserts exit 2, no
-traceback, and a message naming the file (and the key ``extends`` where it is at fault).
+"""Config values and preset files that `ren run` would refuse, `ren validate` refuses first (issue 15).
+
+The ``BAD`` table holds values that passed `ren validate` and then misled `ren run` (``objectives.mlm.weight = inf``
+trained to NaN and "finished"). Every case drives the real entry point in-process (as
+tests/reliability/test_bad_inputs.py does) and asserts exit 2, no traceback, and a message naming the key; a sample
+also goes through `ren run`, which must refuse before it creates a run. The preset-file cases cover how a preset is
+read: symlink loops, a byte-order mark, an empty or odd ``extends``, files that are not regular files (a FIFO must not
+hang the reader), deep nesting.
 """
 
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
+from tests.conftest import PRESETS
 from tests.reliability.test_bad_inputs import ONE_TOWER, _write, cli
 from tests.test_cli import ren
+
+PRETRAIN = PRESETS / "easyvqa_pretrain.toml"  # two towers (manual text tower), MLM + ITM + ITC
+
+
+@dataclass(frozen=True)
+class Bad:
+    """A bad value: ``body`` is TOML added to the preset ``base`` extends (``overrides`` go to --set); the message
+    must name ``key`` and hold every fragment."""
+
+    id: str
+    body: str
+    key: str
+    fragments: tuple[str, ...] = ()
+    overrides: tuple[str, ...] = ()
+    base: Path = ONE_TOWER
+    at_load: bool = True  # refused as the preset is loaded, naming its file (not when the model is built)
+
+
+def _two_tower(body: str, key: str, *fragments: str, id: str) -> Bad:
+    return Bad(id, body, key, fragments, base=PRETRAIN)
+
+
+BAD = [
+    # --- non-finite values: TOML's inf and nan literals, and the same through --set ----------------------------------
+    _two_tower("[objectives.mlm]\nweight = inf\n", "objectives.mlm.weight", "inf is not a finite number",
+               id="mlm-weight-inf"),
+    _two_tower("[objectives.itc]\nweight = nan\n", "objectives.itc.weight", "nan is not a finite number",
+               id="itc-weight-nan"),
+    Bad("lr-nan", "[optim]\nlr = nan\n", "optim.lr", ("nan is not a finite number",)),
+    Bad("grad-clip-inf", "[optim]\ngrad_clip = +inf\n", "optim.grad_clip", ("inf is not a finite number",)),
+    Bad("betas-nan", "[optim]\nbetas = [nan, 0.999]\n", "optim.betas[0]", ("nan is not a finite number",)),
+    Bad("dropout-nan", "[model.backbone]\ndropout = nan\n", "model.backbone.dropout", ("not a finite number",)),
+    Bad("head-mult-inf", "[task]\nhead_hidden_mult = inf\n", "task.head_hidden_mult", ("not a finite number",)),
+    Bad("set-inf", "", "objectives.mlm.weight", ("inf is not a finite number",), ("objectives.mlm.weight=inf",),
+        base=PRETRAIN),
+    Bad("set-minus-inf", "", "optim.eps", ("not a finite number",), ("optim.eps=-inf",)),
+    Bad("set-nan", "", "optim.grad_clip", ("nan is not a finite number",), ("optim.grad_clip=nan",)),
+    # not TOML (TOML spells them in lower case), so taken as strings, which pydantic would read as floats
+    Bad("set-nan-string", "", "optim.lr", ("'NaN' is not a finite number",), ("optim.lr=NaN",)),
+    Bad("set-infinity-string", "", "optim.weight_decay", ("'Infinity' is not a finite number",),
+        ("optim.weight_decay=Infinity",)),
+]
+
+
+def _preset(tmp: Path, bad: Bad) -> Path:
+    return _write(tmp / "p.toml", f'extends = "{bad.base}"\n{bad.body}')
+
+
+def _sets(bad: Bad) -> list[str]:
+    return [arg for item in bad.overrides for arg in ("--set", item)]
 
 
 def _assert_refused(code: int, err: str, key: str, fragments: tuple[str, ...]) -> str:
@@ -22,6 +78,26 @@ def _assert_refused(code: int, err: str, key: str, fragments: tuple[str, ...]) -
     for fragment in (key, *fragments):
         assert " ".join(fragment.split()) in message, message
     return message
+
+
+@pytest.mark.parametrize("bad", BAD, ids=[b.id for b in BAD])
+def test_validate_refuses_naming_the_key(bad: Bad, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                         capsys: pytest.CaptureFixture[str]) -> None:
+    code, err = cli(["validate", str(_preset(tmp_path, bad)), *_sets(bad)], monkeypatch, capsys)
+    message = _assert_refused(code, err, bad.key, bad.fragments)
+    assert not bad.at_load or str(tmp_path / "p.toml") in message, message  # and the file
+
+
+RUN_SAMPLE = ("mlm-weight-inf", "set-nan-string")
+
+
+@pytest.mark.parametrize("name", RUN_SAMPLE)
+def test_run_refuses_before_creating_a_run(name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                           capsys: pytest.CaptureFixture[str], ren_home: Path) -> None:
+    bad = {b.id: b for b in BAD}[name]
+    code, err = cli(["run", str(_preset(tmp_path, bad)), *_sets(bad)], monkeypatch, capsys)
+    _assert_refused(code, err, bad.key, bad.fragments)
+    assert not (ren_home / "runs").exists() or not any((ren_home / "runs").iterdir())
 
 
 # --- reading preset files -------------------------------------------------------------------------------------------
