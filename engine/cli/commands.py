@@ -14,7 +14,7 @@ import tomli_w
 from rich.console import Console
 from rich.table import Table
 
-from engine.config import RunConfig, config_from_dict, load_preset
+from engine.config import RunConfig, check_processes, config_from_dict, load_preset
 from engine.display import eval_split_of, format_duration, format_run_scores, format_scores, format_steps, si
 from engine.errors import RenError
 from engine.launch import check_init_from, create_run, resolve_init_from, stored_config, trained_now
@@ -52,6 +52,7 @@ def run(preset: Path | None, overrides: list[str], *, resume: str | None, name: 
         if name:
             overrides = [*overrides, f"run.name={json.dumps(name)}"]
         cfg = load_preset(preset, overrides)
+        check_processes(cfg.train, gpus)
         train_upstream = trained_now(store, lambda c, run_id: _train_here(c, store, run_id, resume=False),
                                      say=console.print)
         cfg = resolve_init_from(cfg, preset, store, train_upstream)
@@ -120,10 +121,13 @@ def _launch_distributed(cfg: RunConfig, run_id: str, gpus: int, *, resume: bool)
         sys.exit(code)
 
 
-def validate(preset: Path, overrides: list[str], *, as_json: bool, all_groups: bool) -> None:
+def validate(preset: Path, overrides: list[str], *, as_json: bool, all_groups: bool, gpus: int = 1) -> None:
     from engine.data.pipeline import answer_head
 
+    if gpus < 1:
+        raise RenError(f"--gpus {gpus}: a run needs at least one GPU (or CPU process).")
     cfg = load_preset(preset, overrides)
+    check_processes(cfg.train, gpus)
     check_init_from(Store(read_only=True), cfg)  # what `ren run` would refuse before creating the run
     summary = model_summary(cfg)
     if as_json:

@@ -1,11 +1,11 @@
-"""Config values and preset files that `ren run` would refuse, `ren validate` refuses first (issue 15).
+"""Config values that `ren run` would refuse, `ren validate` refuses first (issue 15).
 
-The ``BAD`` table holds values that passed `ren validate` and then misled `ren run` (``objectives.mlm.weight = inf``
-trained to NaN and "finished"). Every case drives the real entry point in-process (as
-tests/reliability/test_bad_inputs.py does) and asserts exit 2, no traceback, and a message naming the key; a sample
-also goes through `ren run`, which must refuse before it creates a run. The preset-file cases cover how a preset is
-read: symlink loops, a byte-order mark, an empty or odd ``extends``, files that are not regular files (a FIFO must not
-hang the reader), deep nesting.
+Each bad value below passed `ren validate` and then crashed or misled `ren run` (a traceback after the run was
+created, a run that trained to NaN, an MLP of zero units, a segfault) or was already refused and is kept here as the
+rule's table. Every case drives the real entry point in-process (as tests/reliability/test_bad_inputs.py does) and
+asserts exit 2, no traceback, and a message naming the key. A sample also goes through `ren run`, which must refuse
+before it creates a run. The preset-file cases cover how a preset is read: symlink loops, a byte-order mark, an empty
+or odd ``extends``, files that are not regular files (a FIFO must not hang the reader).
 """
 
 from __future__ import annotations
@@ -42,6 +42,68 @@ def _two_tower(body: str, key: str, *fragments: str, id: str) -> Bad:
 
 
 BAD = [
+    # --- the optimizer: torch.optim.AdamW raised ValueError after the run was created ------------------------------
+    Bad("betas-above-1", "[optim]\nbetas = [1.5, 0.999]\n", "optim.betas", ("[1.5, 0.999]", "[0, 1)")),
+    Bad("betas-negative", "[optim]\nbetas = [0.9, -0.1]\n", "optim.betas", ("[0, 1)",)),
+    Bad("betas-one", "[optim]\nbetas = [0.9, 1.0]\n", "optim.betas", ("[0, 1)",)),
+    Bad("lr-zero", "[optim]\nlr = 0.0\n", "optim.lr", ("out of range",)),
+    Bad("eps-zero", "[optim]\neps = 0.0\n", "optim.eps", ("out of range",)),
+    Bad("weight-decay-negative", "[optim]\nweight_decay = -0.1\n", "optim.weight_decay", ("out of range",)),
+    Bad("warmup-ratio-one", "[optim]\nwarmup_ratio = 1.0\n", "optim.warmup_ratio", ("out of range",)),
+    Bad("warmup-ratio-negative", "[optim]\nwarmup_ratio = -0.1\n", "optim.warmup_ratio", ("out of range",)),
+    Bad("grad-clip-zero", "[optim]\ngrad_clip = 0.0\n", "optim.grad_clip", ("out of range",)),
+    # --- seeds: numpy refuses seeds of 2**32 and above -------------------------------------------------------------
+    Bad("seed-2-32", "[run]\nseed = 4294967296\n", "run.seed", ("4294967295",)),
+    Bad("seed-negative", "[run]\nseed = -1\n", "run.seed", ("out of range",)),
+    # --- steps and batches ----------------------------------------------------------------------------------------
+    Bad("micro-not-dividing", "[train]\nmicro_batch_size = 3\n", "train.micro_batch_size",
+        ("does not divide train.batch_size = 8",)),
+    Bad("micro-above-batch", "[train]\nmicro_batch_size = 16\n", "train.micro_batch_size",
+        ("does not divide train.batch_size = 8",)),
+    Bad("micro-zero", "[train]\nmicro_batch_size = 0\n", "train.micro_batch_size", ("out of range",)),
+    Bad("max-steps-zero", "[train]\nmax_steps = 0\n", "train.max_steps", ("out of range",)),
+    Bad("batch-negative", "[train]\nbatch_size = -4\n", "train.batch_size", ("out of range",)),
+    Bad("eval-every-zero", "[train]\neval_every = 0\n", "train.eval_every", ("out of range",)),
+    Bad("log-every-zero", "[train]\nlog_every = 0\n", "train.log_every", ("out of range",)),
+    Bad("checkpoint-every-zero", "[train]\ncheckpoint_every = 0\n", "train.checkpoint_every", ("out of range",)),
+    Bad("keep-checkpoints-zero", "[train]\nkeep_checkpoints = 0\n", "train.keep_checkpoints", ("out of range",)),
+    # 100000 threads: the process died of a segfault (rc 139) mapping numpy's shared objects
+    Bad("cpu-threads-huge", "[train]\ncpu_threads = 100000\n", "train.cpu_threads", ("out of range",)),
+    Bad("eval-max-samples-zero", "[data]\neval_max_samples = 0\n", "data.eval_max_samples", ("out of range",)),
+    # --- the architecture -----------------------------------------------------------------------------------------
+    Bad("heads-not-dividing", "[model.backbone]\nheads = 3\n", "model.backbone", ("divisible by heads (3)",)),
+    Bad("image-not-multiple-of-patch", "[model.backbone]\nimage_size = 60\n", "model.backbone",
+        ("multiple of patch_size (8)",)),
+    # int(64 x 0.01) = 0: every MLP of the backbone had no units, and the run "finished"
+    Bad("mlp-of-no-units", "[model.backbone]\nmlp_ratio = 0.01\n", "model.backbone.mlp_ratio",
+        ("hidden_size x mlp_ratio", "64 x 0.01")),
+    Bad("dropout-one", "[model.backbone]\ndropout = 1.0\n", "model.backbone.dropout", ("out of range",)),
+    Bad("attention-dropout-negative", "[model.backbone]\nattention_dropout = -0.5\n",
+        "model.backbone.attention_dropout", ("out of range",)),
+    # texts longer than the position table crash the embedding lookup mid-run (IndexError) when one comes up
+    Bad("text-beyond-positions-one-tower", "[data]\nmax_text_len = 100\n", "data.max_text_len",
+        ("model.backbone.max_text_positions = 64",)),
+    # the checkpoint says it is a vision model, so its text embedding is fresh: caught when validate builds it
+    Bad("text-beyond-positions-vision-checkpoint", '[model.backbone]\nsource = "random"\n'
+        'name = "facebook/deit-tiny-patch16-224"\n[data]\nmax_text_len = 100\n', "data.max_text_len",
+        ("model.backbone.max_text_positions = 64",), at_load=False),
+    _two_tower("[data]\nmax_text_len = 40\n", "data.max_text_len", "model.text.max_positions = 32",
+               id="text-beyond-positions-two-tower"),
+    _two_tower("[model.fusion]\nmlp_ratio = 0.001\n", "model.fusion.mlp_ratio", "hidden_size x mlp_ratio",
+               id="fusion-mlp-of-no-units"),
+    _two_tower("[model.fusion]\ndropout = 1.5\n", "model.fusion.dropout", "out of range", id="fusion-dropout"),
+    # --- objectives and the task ----------------------------------------------------------------------------------
+    _two_tower("[objectives.mlm]\nmask_prob = 0.0\n", "objectives.mlm.mask_prob", "out of range", id="mask-prob-0"),
+    _two_tower("[objectives.mlm]\nmask_prob = 1.0\n", "objectives.mlm.mask_prob", "out of range", id="mask-prob-1"),
+    _two_tower("[objectives.itm]\nnegative_ratio = 1.0\n", "objectives.itm.negative_ratio", "out of range",
+               id="negative-ratio-1"),
+    _two_tower("[objectives.itc]\ntemperature = 0.0\n", "objectives.itc.temperature", "out of range",
+               id="temperature-0"),
+    _two_tower("[objectives.mlm]\nweight = -1.0\n", "objectives.mlm.weight", "out of range", id="weight-negative"),
+    # every weight 0: the loss is 0 and nothing learns, yet the run "finished"
+    _two_tower("[objectives.mlm]\nweight = 0.0\n[objectives.itm]\nweight = 0.0\n[objectives.itc]\nweight = 0.0\n",
+               "objectives", "weight 0", id="all-weights-zero"),
+    Bad("head-hidden-mult-zero", "[task]\nhead_hidden_mult = 0.0\n", "task.head_hidden_mult", ("out of range",)),
     # --- non-finite values: TOML's inf and nan literals, and the same through --set ----------------------------------
     _two_tower("[objectives.mlm]\nweight = inf\n", "objectives.mlm.weight", "inf is not a finite number",
                id="mlm-weight-inf"),
@@ -88,7 +150,8 @@ def test_validate_refuses_naming_the_key(bad: Bad, tmp_path: Path, monkeypatch: 
     assert not bad.at_load or str(tmp_path / "p.toml") in message, message  # and the file
 
 
-RUN_SAMPLE = ("mlm-weight-inf", "set-nan-string")
+RUN_SAMPLE = ("betas-above-1", "seed-2-32", "micro-not-dividing", "mlm-weight-inf", "cpu-threads-huge",
+              "mlp-of-no-units", "set-nan-string")
 
 
 @pytest.mark.parametrize("name", RUN_SAMPLE)
@@ -98,6 +161,23 @@ def test_run_refuses_before_creating_a_run(name: str, tmp_path: Path, monkeypatc
     code, err = cli(["run", str(_preset(tmp_path, bad)), *_sets(bad)], monkeypatch, capsys)
     _assert_refused(code, err, bad.key, bad.fragments)
     assert not (ren_home / "runs").exists() or not any((ren_home / "runs").iterdir())
+
+
+def test_batch_per_process_is_checked_for_the_processes_asked_for(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], ren_home: Path) -> None:
+    """train.batch_size = 8 over 3 processes cannot be split evenly: `ren validate --gpus 3` says so, and
+    `ren run --gpus 3` refuses before creating a run (it started `accelerate launch` for a run that then failed)."""
+    path = _write(tmp_path / "p.toml", f'extends = "{ONE_TOWER}"\n')
+    fragments = ("train.batch_size = 8", "3 processes")
+    code, err = cli(["validate", str(path), "--gpus", "3"], monkeypatch, capsys)
+    _assert_refused(code, err, "train.batch_size", fragments)
+    code, err = cli(["run", str(path), "--gpus", "3"], monkeypatch, capsys)
+    _assert_refused(code, err, "train.batch_size", fragments)
+    assert not (ren_home / "runs").exists() or not any((ren_home / "runs").iterdir())
+    code, err = cli(["validate", str(path), "--gpus", "3", "--set", "train.micro_batch_size=2"], monkeypatch, capsys)
+    _assert_refused(code, err, "train.micro_batch_size = 2", ("x 3 processes",))
+    code, err = cli(["validate", str(path), "--gpus", "4"], monkeypatch, capsys)
+    assert code == 0, err
 
 
 # --- reading preset files -------------------------------------------------------------------------------------------
