@@ -13,6 +13,9 @@ This module imports neither torch nor transformers.
 from __future__ import annotations
 
 import difflib
+import errno
+import re
+import stat
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal, Union
 
@@ -22,6 +25,8 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationError,
+    ValidationInfo,
+    field_validator,
     model_serializer,
     model_validator,
 )
@@ -34,7 +39,17 @@ from engine.errors import ConfigError
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
+    # allow_inf_nan: TOML has inf and nan literals, and no key means anything with them
+    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True, allow_inf_nan=False)
+
+
+def _mlp_has_units(mlp_ratio: float, info: ValidationInfo) -> float:
+    """A field validator of ``mlp_ratio``: the MLP of ``int(hidden_size x mlp_ratio)`` units must have one."""
+    hidden = info.data.get("hidden_size")
+    if hidden is not None and int(hidden * mlp_ratio) < 1:
+        raise ValueError(f"hidden_size x mlp_ratio ({hidden} x {mlp_ratio}) gives an MLP of no units; "
+                         f"set mlp_ratio >= {1 / hidden:g}")
+    return mlp_ratio
 
 
 _MANUAL_ONLY = ("hidden_size", "layers", "heads", "mlp_ratio", "patch_size")
@@ -64,7 +79,7 @@ class _Tower(_Section, _Dropouts):
     heads: int = Field(4, ge=1, le=256)
     """Manual towers: attention heads (must divide hidden_size)."""
     mlp_ratio: float = Field(4.0, gt=0, le=16)
-    """Manual towers: MLP width as a multiple of hidden_size."""
+    """Manual towers: MLP width as a multiple of hidden_size (at least one unit)."""
     dropout: float | None = Field(None, ge=0, lt=1)
     """Dropout inside the tower (all sources): on hidden states and, unless ``attention_dropout`` is
     set, on attention probabilities. Unset: 0.0 for manual towers (and timm ones); a pretrained or random
@@ -76,6 +91,8 @@ class _Tower(_Section, _Dropouts):
     keeps PyTorch's fused attention kernel while training (it has no dropout)."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass (less memory, ~30% more compute)."""
+
+    _mlp_units = field_validator("mlp_ratio")(_mlp_has_units)
 
     @model_validator(mode="after")
     def _source_consistency(self) -> "_Tower":
@@ -254,12 +271,14 @@ class Fusion(_Section, _Dropouts):
     heads: int = Field(4, ge=1, le=256)
     """Attention heads in the fusion layers."""
     mlp_ratio: float = Field(4.0, gt=0, le=16)
-    """MLP width as a multiple of hidden_size."""
+    """MLP width as a multiple of hidden_size (at least one unit)."""
     dropout: float = Field(0.1, ge=0, lt=1)
     """Dropout in the fusion layers: on each block's output before its residual and, unless
     ``attention_dropout`` is set, on attention probabilities."""
     attention_dropout: float | None = Field(None, ge=0, lt=1)
     """Dropout on the fusion layers' attention probabilities; unset: ``dropout``."""
+
+    _mlp_units = field_validator("mlp_ratio")(_mlp_has_units)
 
     @model_validator(mode="after")
     def _divisible(self) -> "Fusion":
@@ -380,6 +399,10 @@ class Objectives(_Section):
             raise ValueError(
                 "enable at least one objective, e.g. [objectives.mlm] or [objectives.itm]"
             )
+        enabled = [o for o in (self.mlm, self.itm, self.itc) if o is not None]
+        if not any(o.weight for o in enabled):
+            raise ValueError("every enabled objective has weight 0, so the loss is 0 and nothing would learn; "
+                             "give at least one a weight > 0")
         if self.itm and self.itm.negatives == "hard" and not self.itc:
             raise ValueError(
                 "itm.negatives = \"hard\" draws each negative from the ITC similarities; add "
@@ -507,7 +530,9 @@ class DataConfig(_Section):
     """``auto``: the text backbone's own tokenizer when it is pretrained, else a
     word-level tokenizer built from the data set's text. Or a hub id / directory."""
     max_text_len: int = Field(40, ge=4, le=4096)
-    """Texts are truncated to this many tokens (special tokens included)."""
+    """Texts are truncated to this many tokens (special tokens included). Unset where the preset sizes a
+    smaller text position table (``model.text.max_positions`` of a manual tower, a one-tower model's
+    ``max_text_positions``), it is that table's size; a value beyond the table is an error."""
     eval_split: str | None = None
     """The split evaluated during and after training (``best_scores`` and
     ``final_scores``); default ``val`` for easy_vqa (400 train images held out;
@@ -602,7 +627,7 @@ class OptimConfig(_Section):
     weight_decay: float = Field(0.01, ge=0, le=1)
     """Decoupled weight decay; never applied to biases, norms and embedding tables."""
     betas: tuple[float, float] = (0.9, 0.999)
-    """AdamW betas."""
+    """AdamW betas: the decay rates of the gradient's running mean and of its square, each in [0, 1)."""
     eps: float = Field(1e-8, gt=0, le=1)
     """AdamW epsilon."""
     schedule: Literal["linear", "cosine", "constant"] = "linear"
@@ -617,6 +642,14 @@ class OptimConfig(_Section):
     grad_clip: float | None = Field(1.0, gt=0)
     """Clip the global gradient norm to this value (omit to disable)."""
 
+    @field_validator("betas")
+    @classmethod
+    def _betas_in_range(cls, betas: tuple[float, float]) -> tuple[float, float]:
+        if not all(0 <= b < 1 for b in betas):
+            raise ValueError("each beta must lie in [0, 1) (they are AdamW's decay rates of its running averages; "
+                             "the usual values are [0.9, 0.999])")
+        return betas
+
 
 class TrainConfig(_Section):
     max_steps: int = Field(1000, ge=1)
@@ -625,7 +658,8 @@ class TrainConfig(_Section):
     """Global batch size (samples per optimizer step, over all processes)."""
     micro_batch_size: int | None = Field(None, ge=1)
     """Per-process batch per forward pass; gradient accumulation makes up the
-    rest. Default: batch_size / number of processes."""
+    rest. Default: batch_size / number of processes. batch_size must be a multiple
+    of micro_batch_size x processes (`ren validate --gpus N` checks N processes)."""
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
     """Autocast precision (through accelerate)."""
     log_every: int = Field(20, ge=1)
@@ -638,13 +672,22 @@ class TrainConfig(_Section):
     """How many of the newest checkpoints to keep."""
     init_from: str | None = None
     """Start from a previous run's weights: ``"run:<id>"`` or a checkpoint directory."""
-    cpu_threads: int | None = Field(None, ge=1)
+    cpu_threads: int | None = Field(None, ge=1, le=1024)
     """torch CPU threads (default: torch's choice)."""
     max_nonfinite_steps: int = Field(10, ge=0)
     """Fail the run once this many optimizer steps in a row had a NaN or infinite loss on any process
     (0: never). A degenerate batch or an fp16 overflow spoils a step and the next ones recover, while
     weights that turned NaN never do: ten in a row tells the two apart and wastes little compute.
     Checked where metrics are logged (every log_every steps) and before each checkpoint."""
+
+    @field_validator("micro_batch_size")
+    @classmethod
+    def _micro_divides_batch(cls, micro: int | None, info: ValidationInfo) -> int | None:
+        batch = info.data.get("batch_size")
+        if micro is not None and batch is not None and batch % micro:
+            raise ValueError(f"it does not divide train.batch_size = {batch}; an optimizer step accumulates whole "
+                             "micro batches, so pick a divisor of batch_size")
+        return micro
 
 
 _STRATEGY_KEYS = {"fsdp": ("fsdp_sharding", "fsdp_offload"), "deepspeed": ("zero_stage", "zero_offload")}
@@ -707,8 +750,8 @@ class RunMeta(_Section):
     """Free-form labels, shown in `ren runs` and the TUI."""
     notes: str = ""
     """Free-form notes."""
-    seed: int = Field(0, ge=0)
-    """Seed for initialisation, data order and masking."""
+    seed: int = Field(0, ge=0, le=2**32 - 1)
+    """Seed for initialisation, data order and masking (numpy takes seeds below 2**32)."""
 
 
 class RunConfig(_Section):
@@ -747,6 +790,13 @@ class RunConfig(_Section):
             )
         if self.objectives and (self.objectives.itm or self.objectives.itc):
             _check_pairs(self.train)
+        positions = _text_positions(self.model)
+        if positions and "max_text_len" not in self.data.model_fields_set:
+            fitted = self.data.model_copy(update={"max_text_len": min(self.data.max_text_len, positions[1])})
+            object.__setattr__(self, "data", fitted)  # a copy: the default DataConfig() is shared
+        too_long = positions and text_positions_error(self.data.max_text_len, *positions)
+        if too_long:
+            raise ValueError(too_long)
         if self.model.kind == "dual_encoder" and self.objectives and (
             self.objectives.mlm or self.objectives.itm
         ):
@@ -793,6 +843,43 @@ def _check_pairs(train: TrainConfig) -> None:
                          "batch of 1 has none; set micro_batch_size >= 2")
 
 
+def check_processes(train: TrainConfig, processes: int) -> None:
+    """Refuse a global batch that ``processes`` processes cannot split into whole micro batches: batch_size must
+    be a multiple of micro_batch_size x processes (of processes, when micro_batch_size is unset). Called where the
+    number of processes is known: `ren validate --gpus`, `ren run`, `ren submit`, and the trainer itself."""
+    batch, micro = train.batch_size, train.micro_batch_size
+    if micro is None and batch % processes:
+        raise ConfigError(f"train.batch_size = {batch} cannot be split evenly over {processes} processes; make it a "
+                          f"multiple of {processes}, or run on a number of processes that divides it.",
+                          key="train.batch_size")
+    if micro is not None and batch % (micro * processes):
+        raise ConfigError(f"train.micro_batch_size = {micro}: train.batch_size = {batch} is not a multiple of "
+                          f"micro_batch_size x {processes} processes ({micro * processes}); lower micro_batch_size "
+                          "or change batch_size so that it is.", key="train.micro_batch_size")
+
+
+def _text_positions(model: OneTowerModel | TwoTowerModel | DualEncoderModel) -> tuple[str, int] | None:
+    """The key sizing the text position table (and its size) where the preset alone decides it: a manual text
+    tower, or a one-tower model's fresh text embedding (a manual or vision backbone, or embeddings = "fresh").
+    A pretrained backbone of unset modality is checked when the model is built."""
+    if isinstance(model, OneTowerModel):
+        b = model.backbone
+        if b.source == "manual" or b.modality == "vision" or b.embeddings == "fresh":
+            return "model.backbone.max_text_positions", b.max_text_positions
+    elif model.text.source == "manual":
+        return "model.text.max_positions", model.text.max_positions
+    return None
+
+
+def text_positions_error(max_text_len: int, key: str, positions: int) -> str | None:
+    """Why a text of ``data.max_text_len`` tokens does not fit the position table of ``positions`` (set by
+    ``key``), or None: a longer text would index past the table mid-run, when the data first holds one."""
+    if max_text_len <= positions:
+        return None
+    return (f"data.max_text_len = {max_text_len} is longer than {key} = {positions}, the size of the text "
+            f"position table; raise {key.rsplit('.', 1)[1]} or lower max_text_len")
+
+
 def _drop_none(obj: Any) -> Any:
     if isinstance(obj, dict):
         return {k: _drop_none(v) for k, v in obj.items() if v is not None}
@@ -823,43 +910,68 @@ def config_from_dict(raw: dict[str, Any], source: str = "<config>") -> RunConfig
         raise ConfigError(_format_validation(exc, raw, source), key=_error_key(exc)) from None
 
 
-def _read_toml(path: Path) -> dict[str, Any]:
-    if not path.exists():
+def _read_toml(path: Path, via: str = "") -> dict[str, Any]:
+    """The TOML table of the preset file ``path``; ``via`` (``"<file>: extends = '...'"``) says where the path
+    came from. A UTF-8 byte-order mark is skipped. Anything that is not a regular file is refused before it is
+    opened (opening a FIFO would wait for a writer)."""
+    try:
+        info = path.stat()
+    except FileNotFoundError:
+        if via:
+            raise ConfigError(f"{via}, but {path} does not exist (paths are relative to the extending preset).",
+                              key="extends") from None
         hint = ""
         presets = Path(__file__).resolve().parent.parent / "presets"
         near = difflib.get_close_matches(path.name, [p.name for p in presets.glob("*.toml")], n=1)
         if near:
             hint = f" Did you mean presets/{near[0]}?"
-        raise ConfigError(f"Preset file not found: {path}.{hint}")
-    if path.is_dir():
+        raise ConfigError(f"Preset file not found: {path}.{hint}") from None
+    except OSError as exc:
+        what = "is a symbolic link that loops back on itself" if exc.errno == errno.ELOOP else \
+            f"cannot be read ({exc.strerror})"
+        raise ConfigError(f"{via + ': ' if via else 'Preset '}{path} {what}; give a preset file.",
+                          key="extends" if via else None) from None
+    except ValueError as exc:  # a NUL character in an extends string
+        raise ConfigError(f"{via}: that is not a file name ({exc}).", key="extends") from None
+    if stat.S_ISDIR(info.st_mode):
+        if via:
+            raise ConfigError(f"{via}: {path} is a directory; extends names a .toml preset file.", key="extends")
         raise ConfigError(f"Preset path {path} is a directory; give a .toml file.")
+    if not stat.S_ISREG(info.st_mode):
+        raise ConfigError(f"{via + ': ' if via else 'Preset '}{path} is not a regular file (a device, a FIFO or a "
+                          "socket); give a .toml preset file.", key="extends" if via else None)
     try:
-        with path.open("rb") as fh:
-            return tomllib.load(fh)
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{path} is not valid TOML: {exc}.") from None
+        data = path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"{via + ': ' if via else ''}Cannot read preset {path}: {exc.strerror}.",
+                          key="extends" if via else None) from None
+    try:
+        return tomllib.loads(data.decode("utf-8-sig"))
     except UnicodeDecodeError as exc:
         raise ConfigError(f"{path} is not UTF-8 text: {exc}.") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path} is not valid TOML: {exc}.") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: its arrays or tables are nested too deeply to read.") from None
 
 
-def _read_with_extends(path: Path, chain: tuple[Path, ...]) -> dict[str, Any]:
+def _read_with_extends(path: Path, chain: tuple[Path, ...], via: str = "") -> dict[str, Any]:
+    data = _read_toml(path, via)
     resolved = path.resolve()
     if resolved in chain:
         loop = " -> ".join(str(p) for p in (*chain, resolved))
-        raise ConfigError(f"Presets extend each other in a loop: {loop}.")
-    data = _read_toml(path)
+        raise ConfigError(f"Presets extend each other in a loop: {loop}.", key="extends")
     parent = data.pop("extends", None)
     if parent is None:
         return data
     if not isinstance(parent, str):
-        raise ConfigError(f"{path}: 'extends' must be a file name string, got {parent!r}.")
+        raise ConfigError(f"{path}: 'extends' must be a file name string, got {parent!r}.", key="extends")
+    if not parent.strip():
+        raise ConfigError(f"{path}: extends = {parent!r} names no file; give the preset this one builds on (a path "
+                          "relative to this file, e.g. extends = \"quickstart.toml\"), or remove the key.",
+                          key="extends")
     parent_path = (path.parent / parent) if not Path(parent).is_absolute() else Path(parent)
-    if not parent_path.exists():
-        raise ConfigError(
-            f"{path}: extends = {parent!r}, but {parent_path} does not exist "
-            "(paths are relative to the extending preset)."
-        )
-    base = _read_with_extends(parent_path, (*chain, resolved))
+    base = _read_with_extends(parent_path, (*chain, resolved), via=f"{path}: extends = {parent!r}")
     return deep_merge(base, data)
 
 
@@ -930,26 +1042,38 @@ def _format_validation(exc: ValidationError, raw: dict[str, Any], source: str) -
     return "\n  ".join(lines)
 
 
+_LEADING_KEY = re.compile(r"([a-z_]+(?:\.[a-z_]+)+) = ")
+
+
 def _error_key(exc: ValidationError) -> str | None:
-    """The dotted key of the first error (``model.kind`` for a bad or missing kind);
-    None for errors about the whole config."""
+    """The dotted key of the first error (``model.kind`` for a bad or missing kind; ``optim.betas`` for one of
+    its items; for a rule over several keys, the key its message opens with); None for errors about the whole
+    config."""
     errors = exc.errors()
     if not errors:
         return None
-    loc = _display_loc(tuple(errors[0]["loc"]))
+    loc = [part for part in _display_loc(tuple(errors[0]["loc"])) if not part.startswith("[")]
     if errors[0]["type"] in ("union_tag_invalid", "union_tag_not_found"):
         loc.append("kind")
+    leading = _LEADING_KEY.match(str((errors[0].get("ctx") or {}).get("error", "")))
+    if errors[0]["type"] == "value_error" and leading and leading[1].startswith(".".join(loc)):
+        return leading[1]
     return ".".join(loc) or None
 
 
 def _display_loc(loc: tuple[Any, ...]) -> list[str]:
-    """Drop pydantic's tag segment (``model.one_tower.backbone`` -> ``model.backbone``)."""
+    """Drop pydantic's tag segment (``model.one_tower.backbone`` -> ``model.backbone``); an item of a list is
+    ``[i]`` (``optim.betas[0]`` once joined)."""
     out: list[str] = []
     for i, part in enumerate(loc):
         if i == 1 and loc[0] == "model" and part in MODEL_KINDS:
             continue
-        out.append(str(part))
+        out.append(f"[{part}]" if isinstance(part, int) else str(part))
     return out
+
+
+def _join(loc: list[str]) -> str:
+    return ".".join(loc).replace(".[", "[")
 
 
 def _schema_at(path: list[str], raw: dict[str, Any]) -> type[BaseModel] | None:
@@ -981,7 +1105,7 @@ def _model_type(annotation: Any) -> type[BaseModel] | None:
 
 def _describe(err: dict[str, Any], raw: dict[str, Any]) -> str:
     loc = _display_loc(tuple(err["loc"]))
-    key = ".".join(loc) or "(top level)"
+    key = _join(loc) or "(top level)"
     kind = err["type"]
     if kind == "extra_forbidden":
         parent, name = loc[:-1], loc[-1]
@@ -1013,13 +1137,21 @@ def _describe(err: dict[str, Any], raw: dict[str, Any]) -> str:
         return f"missing required key '{key}'."
     ctx = err.get("ctx") or {}
     value = err.get("input")
+    if kind == "finite_number":
+        return (f"{key} = {value!r} is not a finite number; give a number (TOML's inf and nan, and the strings "
+                "that read as them, mean nothing here).")
     if kind in ("greater_than_equal", "greater_than", "less_than_equal", "less_than"):
         bound = _range_text(loc, raw)
         return f"{key} = {value!r} is out of range: {err['msg'].lower()}{bound}."
     if kind == "literal_error":
         return f"{key} = {value!r} is not allowed: expected {ctx.get('expected')}."
     if kind == "value_error":
-        return f"{key or 'preset'}: {str(ctx.get('error', err['msg']))}."
+        message = str(ctx.get("error", err["msg"]))
+        if not loc and _LEADING_KEY.match(message):
+            return f"{message}."
+        if loc and not isinstance(value, dict):  # a rule about one value
+            return f"{key} = {value!r}: {message}."
+        return f"{key}: {message}."
     if kind.endswith("_type") or kind.endswith("_parsing") or kind == "int_from_float":
         return f"{key} = {value!r} has the wrong type: {err['msg'].lower()}."
     return f"{key}: {err['msg']}."

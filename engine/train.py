@@ -43,7 +43,7 @@ from engine.compute import (
     device_sync,
     peak_memory_mb,
 )
-from engine.config import OptimConfig, RunConfig, config_from_dict
+from engine.config import OptimConfig, RunConfig, check_processes, config_from_dict
 from engine.data.pipeline import DataBundle, build_data
 from engine.display import bucket_means
 from engine.errors import ConfigError, RenError, StoreBusy, StoreError, oom_message
@@ -156,12 +156,8 @@ def param_groups(model: VLModel, *, lr: float, weight_decay: float, head_lr_mult
 
 def _micro_batch(cfg: RunConfig, world: int) -> tuple[int, int]:
     """(per-process micro batch, accumulation steps) that make up the global batch."""
+    check_processes(cfg.train, world)  # `ren run` checked it for --gpus; a launch elsewhere may differ
     micro = cfg.train.micro_batch_size or max(1, cfg.train.batch_size // world)
-    if cfg.train.batch_size % (micro * world):
-        raise ConfigError(
-            f"train.batch_size = {cfg.train.batch_size} is not a multiple of "
-            f"micro_batch_size ({micro}) x processes ({world}); adjust one of them."
-        )
     return micro, cfg.train.batch_size // (micro * world)
 
 

@@ -214,3 +214,17 @@ def test_stored_config_validates_again(preset: Path) -> None:
     """A run stores cfg.to_dict(); --resume validates it again and must get the same config."""
     cfg = load_preset(preset)
     assert config_from_dict(cfg.to_dict()) == cfg
+
+
+def test_max_text_len_left_unset_fits_the_text_position_table() -> None:
+    """Unset, data.max_text_len is the text position table's size where the preset makes that smaller than 40
+    (texts beyond the table would index past it); the resolved config records it. Set beyond it: an error."""
+    small = {"model": {"kind": "two_tower", "text": {"max_positions": 16}}, "objectives": {"mlm": {}}}
+    cfg = config_from_dict(small)
+    assert cfg.data.max_text_len == 16 and cfg.to_dict()["data"]["max_text_len"] == 16
+    assert config_from_dict(cfg.to_dict()) == cfg
+    assert config_from_dict({"model": {"kind": "two_tower"}, "objectives": {"mlm": {}}}).data.max_text_len == 40
+    one_tower = config_from_dict({"model": {"kind": "one_tower", "backbone": {"max_text_positions": 8}}, "task": {}})
+    assert one_tower.data.max_text_len == 8
+    with pytest.raises(ConfigError, match=r"data\.max_text_len = 17 is longer than model\.text\.max_positions = 16"):
+        config_from_dict({**small, "data": {"max_text_len": 17}})

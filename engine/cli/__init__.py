@@ -53,11 +53,13 @@ def validate(
     set_: SetOption = None,
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
     groups: Annotated[bool, typer.Option("--groups", help="List every layer group.")] = False,
+    gpus: Annotated[int, typer.Option(help="Check the batch splits over this many processes, as `ren run --gpus`.")]
+    = 1,
 ) -> None:
     """Check a preset; print the resolved config and the model's parameter report."""
     from engine.cli import commands
 
-    commands.validate(preset, list(set_ or ()), as_json=as_json, all_groups=groups)
+    commands.validate(preset, list(set_ or ()), as_json=as_json, all_groups=groups, gpus=gpus)
 
 
 @app.command()

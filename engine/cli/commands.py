@@ -23,7 +23,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from engine import faults
-from engine.config import RunConfig, config_from_dict, load_preset
+from engine.config import RunConfig, check_processes, config_from_dict, load_preset
 from engine.display import (
     eval_split_of,
     format_duration,
@@ -128,6 +128,7 @@ def run(preset: Path | None, overrides: list[str], *, resume: str | None, name: 
             if name:
                 overrides = [*overrides, f"run.name={json.dumps(name)}"]
             cfg = load_preset(preset, overrides)
+            check_processes(cfg.train, gpus)
             train_upstream = trained_now(store, lambda c, run_id: _train_here(c, owner, run_id, resume=False),
                                          say=console.print)
             cfg = resolve_init_from(cfg, preset, store, train_upstream)
@@ -208,10 +209,13 @@ def _launch_distributed(cfg: RunConfig, owner: _Owner, run_id: str, gpus: int, *
         sys.exit(code)
 
 
-def validate(preset: Path, overrides: list[str], *, as_json: bool, all_groups: bool) -> None:
+def validate(preset: Path, overrides: list[str], *, as_json: bool, all_groups: bool, gpus: int = 1) -> None:
     from engine.data.pipeline import answer_head
 
+    if gpus < 1:
+        raise RenError(f"--gpus {gpus}: a run needs at least one GPU (or CPU process).")
     cfg = load_preset(preset, overrides)
+    check_processes(cfg.train, gpus)
     check_init_from(Store(read_only=True), cfg)  # what `ren run` would refuse before creating the run
     summary = model_summary(cfg)
     if as_json:

@@ -15,7 +15,7 @@ from rich.console import Console
 from rich.table import Table
 
 from engine import queue as Q
-from engine.config import RunConfig, load_preset
+from engine.config import RunConfig, check_processes, load_preset
 from engine.display import format_duration, format_steps
 from engine.errors import RenError
 from engine.gpus import visible_gpus
@@ -163,8 +163,9 @@ def submit(preset: Path | None, overrides: list[str], *, resume: str | None, nod
     elif preset is None:
         raise RenError("give a preset file, or --resume RUN_ID to continue a stored run.")
     else:
-        cfg = resolve_init_from(load_preset(preset, overrides), preset, store,
-                                lambda up, path: _finished(store, up, path))
+        cfg = load_preset(preset, overrides)
+        check_processes(cfg.train, nodes * gpus_per_node)
+        cfg = resolve_init_from(cfg, preset, store, lambda up, path: _finished(store, up, path))
         record = create_run(store, cfg, str(preset))
     script = sbatch_script(record.id, cfg=cfg, nodes=nodes, gpus_per_node=gpus_per_node, ren_home=str(store.root),
                            workdir=str((workdir or Path.cwd()).resolve()), partition=partition,

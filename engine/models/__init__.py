@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from engine import config as C
-from engine.errors import RenError
+from engine.errors import ConfigError, RenError
 from engine.models.dual_encoder import DualEncoder
 from engine.models.heads import ClassifierHead, ITCEmbeddings, ITCHead, ITMHead, MLMHead, RegionHead
 from engine.models.one_tower import OneTower
@@ -198,6 +198,11 @@ def build_model(cfg: C.RunConfig, *, vocab_size: int, num_answers: int | None = 
     """The encoder for ``cfg.model`` with the heads for its objectives or task."""
     pair = {"pair_images": True} if cfg.task is not None and cfg.task.name == "nlvr2" else {}
     encoder = ARCHITECTURES[cfg.model.kind](cfg.model, vocab_size, **pair)
+    if isinstance(encoder, OneTower) and encoder.text_embeddings is not None:  # also a backbone found to be vision
+        too_long = C.text_positions_error(cfg.data.max_text_len, "model.backbone.max_text_positions",
+                                          cfg.model.backbone.max_text_positions)
+        if too_long:
+            raise ConfigError(f"{too_long}.", key="data.max_text_len")
     heads: dict[str, nn.Module] = {}
     if cfg.objectives is not None:
         obj = cfg.objectives
