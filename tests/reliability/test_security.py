@@ -270,6 +270,7 @@ def test_resume_from_a_checkpoint_holding_a_pickle_runs_no_code(tmp_path: Path, 
     for name in ("optimizer.bin", "random_states_0.pkl"):
         assert (step_dir / name).exists()
         malicious_pickle(step_dir / name, marker)
+    store.update_run(record.id, status="failed")  # as a run killed after this checkpoint: a finished one is no resume
     code, err = cli(["run", "--resume", record.id], monkeypatch, capsys)
     assert code == 2, err
     message = " ".join(err.split())
