@@ -203,7 +203,7 @@ def configure(store: Store, assignments: list[str]) -> QueueSettings:
 def view(store: Store, gpus: list[GPU] | None = None) -> QueueView:
     """The queue now: running and queued runs, why each queued run waits, the worker."""
     records = store.list_runs()
-    running = [r for r in records if r.status == "running" and r.supervised]
+    running = [r for r in records if r.status == "running" and (r.supervised or r.launched_at is not None)]
     queued = sorted((r for r in records if r.status == "queued"), key=lambda r: r.queue_pos or 0.0)
     settings = store.queue_settings()
     gpus = visible_gpus() if gpus is None else gpus

@@ -291,6 +291,7 @@ def test_a_run_marked_running_by_a_worker_that_died_is_queued_again(ren_home: Pa
     stuck, behind = queue(store, "stuck"), queue(store, "behind")
     launch = time.time() - 5
     store.update_run(stuck, status="running", host=os.uname().nodename, launched_at=launch, started_at=launch)
+    assert [r.id for r in Q.view(store, gpus=[]).running] == [stuck]  # `ren queue ls` shows it
 
     worker = Worker(store, inventory=lambda: [gpu(0), gpu(1)])
     assert worker.tick() == [stuck, behind]  # requeued at its place, then started with the one behind it

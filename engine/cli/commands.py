@@ -53,9 +53,16 @@ class _Owner:
     def __init__(self, store: Store) -> None:
         self.store = store
         self.runs: list[str] = []
-        signal.signal(signal.SIGINT, self._on_sigint)
+        self._default_sigint = signal.signal(signal.SIGINT, self._on_sigint)
         self._default_hook = sys.unraisablehook
         sys.unraisablehook = self._unraisable
+
+    def close(self) -> None:
+        """Give back the SIGINT handler and the unraisable hook (for callers that go on, such as tests); after
+        an interruption SIGINT stays ignored while the process exits."""
+        if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
+            signal.signal(signal.SIGINT, self._default_sigint)
+        sys.unraisablehook = self._default_hook
 
     def _on_sigint(self, signum: int, frame: Any) -> None:
         raise KeyboardInterrupt
@@ -141,6 +148,8 @@ def run(preset: Path | None, overrides: list[str], *, resume: str | None, name: 
             _train_here(cfg, owner, record.id, resume=bool(resume))
     except KeyboardInterrupt:
         owner.interrupted()
+    finally:
+        owner.close()
 
 
 def _train_here(cfg: RunConfig, owner: _Owner, run_id: str, *, resume: bool) -> None:

@@ -18,9 +18,11 @@ from pathlib import Path
 import pytest
 
 from engine import queue as Q
+from engine.cli import commands
 from engine.config import load_preset
+from engine.errors import RenError
 from engine.launch import create_run
-from engine.store import END_STATUSES, Store
+from engine.store import RunRecord, Store, is_alive
 from engine.worker import LOG_NAME
 
 from .conftest import REN, REPO, spawn_ren, tiny_preset
@@ -145,6 +147,15 @@ def start_worker(ren_home: Path, fault: str | None, fault_dir: Path) -> subproce
                                 start_new_session=True)
 
 
+# What the queue's runs end as. "crashed" is only how a running record whose processes are gone reads until the
+# worker settles it (requeued or failed), so it is not an end here.
+SETTLED = ("finished", "failed", "cancelled")
+
+
+def ended(record: RunRecord) -> bool:
+    return record.status in SETTLED and not is_alive(record.runner_pid or 0, record.runner_started)
+
+
 def assert_ran_once_to_the_end(store: Store, run_id: str, max_steps: int) -> None:
     record = store.get_run(run_id)
     assert record.status == "finished", (record.status, record.error)
@@ -157,8 +168,9 @@ def assert_ran_once_to_the_end(store: Store, run_id: str, max_steps: int) -> Non
 @pytest.mark.slow
 def test_a_worker_killed_at_each_launch_step_wedges_nothing(tmp_path: Path, ren_home: Path, data_cache: Path) -> None:
     """SIGKILL the worker after it marked a run running (before the runner starts), after it started the runner
-    (before recording it), and a runner after it claimed its run: restarted workers requeue what never began,
-    adopt what did, and every run trains once to the end."""
+    (before recording it) and after recording it; then a runner after it claimed its run, and one after its
+    trainer ended, before it records the outcome: restarted workers requeue what never began, adopt what did,
+    and every run trains once to the end."""
     store = Store(ren_home)
     steps = 3
     preset = tiny_preset(tmp_path / "tiny.toml", data_cache, max_steps=steps, batch_size=4, eval_every=1000)
@@ -166,20 +178,25 @@ def test_a_worker_killed_at_each_launch_step_wedges_nothing(tmp_path: Path, ren_
     faults = tmp_path / "faults"
     faults.mkdir()
     worker = start_worker(ren_home, "worker:marked-running=kill", faults)
-    assert worker.wait(timeout=120) == -signal.SIGKILL
+    assert worker.wait(timeout=300) == -signal.SIGKILL
     stuck = store.get_run(runs[0])
     assert (stuck.status, stuck.runner_pid, stuck.pid) == ("running", None, None)  # the state that wedged
 
     worker = start_worker(ren_home, "worker:spawned=kill", faults)  # requeues r0, launches it, dies
-    assert worker.wait(timeout=120) == -signal.SIGKILL
+    assert worker.wait(timeout=300) == -signal.SIGKILL
+    # a launch complete but for the worker (it may first wait for r0, trained by the runner it started)
+    worker = start_worker(ren_home, "worker:recorded=kill", faults)
+    assert worker.wait(timeout=300) == -signal.SIGKILL
 
-    worker = start_worker(ren_home, "runner:claimed=kill", faults)  # the next runner to claim a run dies there
-    try:
-        until(lambda: all(store.get_run(r).status in END_STATUSES for r in runs), "every run to end", 600)
+    # the next runner to claim a run dies there, and the next one to record an outcome dies just before
+    worker = start_worker(ren_home, "runner:claimed=kill,runner:finalizing=kill", faults)
+    try:  # a run's record is final a moment before its runner ends (and reaches runner:finalizing)
+        until(lambda: all(ended(store.get_run(r)) for r in runs), "every run and its runner to end", 600)
     finally:
         worker.terminate()
         worker.wait(timeout=30)
-    assert sorted(os.listdir(faults)) == ["runner_claimed", "worker_marked-running", "worker_spawned"]
+    assert sorted(os.listdir(faults)) == ["runner_claimed", "runner_finalizing", "worker_marked-running",
+                                          "worker_recorded", "worker_spawned"]
     for run_id in runs:
         assert_ran_once_to_the_end(store, run_id, steps)
     log = (ren_home / LOG_NAME).read_text()
@@ -200,11 +217,20 @@ def test_a_runner_killed_under_a_live_trainer(tmp_path: Path, ren_home: Path, da
     worker = start_worker(ren_home, None, tmp_path)
     try:
         until(lambda: len(store.read_metrics(record.id)) >= 3, "the run to train a few steps")
-        runner = store.get_run(record.id).runner_pid
+        running = store.get_run(record.id)
+        runner = running.runner_pid
         os.kill(runner, signal.SIGKILL)
-        until(lambda: store.get_run(record.id).status in END_STATUSES, "the run to end", 600)
-        assert store.get_run(behind).status == "queued"  # one slot, still held by the orphaned trainer
-        until(lambda: store.get_run(behind).status in END_STATUSES, "the run behind it", 600)
+        overtaken = []
+
+        def trainer_gone() -> bool:  # one slot: held by the orphaned trainer while it lives
+            status = store.get_run(behind).status
+            if status != "queued" and is_alive(running.pid, running.pid_started):
+                overtaken.append(status)
+            return not is_alive(running.pid, running.pid_started)
+
+        until(trainer_gone, "the trainer to end", 600)
+        assert overtaken == []
+        until(lambda: store.get_run(behind).status in SETTLED, "the run behind it", 600)
     finally:
         worker.terminate()
         worker.wait(timeout=30)
@@ -216,3 +242,12 @@ def test_a_runner_killed_under_a_live_trainer(tmp_path: Path, ren_home: Path, da
     assert f"[ren worker] its runner (pid {runner}) was killed; its training processes go on" in log
     assert f"step {steps}/{steps}" in log and "BrokenPipeError" not in log
     assert store.get_run(behind).status == "finished"
+
+
+def test_ren_run_in_process_gives_back_the_sigint_handler(ren_home: Path) -> None:
+    """`ren run` takes over SIGINT and the unraisable hook while it runs; an in-process caller (the bad-input
+    tests call the entry point in-process) gets its own back."""
+    handler, hook = signal.getsignal(signal.SIGINT), sys.unraisablehook
+    with pytest.raises(RenError, match="give a preset file"):
+        commands.run(None, [], resume=None, name=None, gpus=1)
+    assert signal.getsignal(signal.SIGINT) is handler and sys.unraisablehook is hook
