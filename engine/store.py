@@ -731,13 +731,15 @@ class QueueSettings:
 
     @classmethod
     def from_doc(cls, doc: Mapping[str, Any]) -> QueueSettings:
-        values = {k: v for k, v in doc.items() if k in _SETTINGS}
+        # a null where the setting has a value by default (a NaN an older ren stored reads as null): the default
+        values = {k: v for k, v in doc.items() if k in _SETTINGS and (v is not None or _NULLABLE_SETTINGS[k])}
         if values.get("allow_gpus") is not None:
             values["allow_gpus"] = tuple(values["allow_gpus"])
         return cls(**values)
 
 
 _SETTINGS = frozenset(f.name for f in dataclasses.fields(QueueSettings))
+_NULLABLE_SETTINGS = {f.name: f.default is None for f in dataclasses.fields(QueueSettings)}
 
 
 class Store:
