@@ -240,6 +240,7 @@ async def test_save_writes_a_preset_that_loads_back_equal(ren_home: Path) -> Non
 
 
 async def test_queue_puts_the_run_in_the_store(ren_home: Path) -> None:
+    Store(ren_home).update_queue_settings(cpu_slots=2)  # two processes need two CPU slots (more are refused)
     app = make_app(ren_home, FakeInspector())
     async with app.run_test(size=(100, 30)) as pilot:
         await app.push_screen(ComposeScreen(app.backend.preset_config(PRESETS / "quickstart.toml")))
