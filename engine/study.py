@@ -49,15 +49,13 @@ from engine.config import RunConfig, _read_with_extends, config_from_dict, deep_
 from engine.dotted import get_in, set_in
 from engine.errors import ConfigError, RenError
 from engine.hub import is_ren_model
-from engine.launch import create_run
+from engine.launch import checkpoint_step, create_run
 from engine.store import RunRecord, Store
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$"
 _NAME_HINT = "letters, digits and _ . + - (starting with a letter or digit)"
 # Keys the study sets on every run itself.
 _STUDY_KEYS = {"run.seed": "[study] seeds", "run.name": "the study (<study>/<variant>/s<seed>)"}
-# engine.train's checkpoint layout (that module imports torch): checkpoints/latest names the newest one.
-_CHECKPOINTS, _LATEST, _TRAINER_STATE = "checkpoints", "latest", "trainer_state.json"
 # engine.tasks.METRICS (torch-bound): the score each task's final evaluation records.
 _TASK_METRIC = {"vqa": "vqa_score", "snli_ve": "accuracy", "nlvr2": "accuracy", "refcoco": "accuracy"}
 _RERUN = ("failed", "cancelled", "crashed")
@@ -515,12 +513,8 @@ def _decide(planned: PlannedRun, cfg: RunConfig, candidates: list[RunRecord]) ->
 
 
 def has_checkpoint(store: Store, run_id: str) -> bool:
-    """Whether the run saved a resumable checkpoint (``engine.train.latest_checkpoint``'s test)."""
-    pointer = store.run_dir(run_id) / _CHECKPOINTS / _LATEST
-    if not pointer.is_file():
-        return False
-    name = pointer.read_text().strip()
-    return bool(name) and (pointer.parent / name / _TRAINER_STATE).is_file()
+    """Whether the run saved a resumable checkpoint."""
+    return checkpoint_step(store.run_dir(run_id)) is not None
 
 
 def apply_plan(store: Store, study: Study, steps: list[StudyStep], *, gpus: int = 1,
