@@ -49,7 +49,7 @@ t0 = time.time()
 import engine.train as train_module
 import engine.data.images, engine.data.vqav2  # imported by build_data on first use: count them as imports
 from engine.config import load_preset
-from engine.launch import create_run
+from engine.runs import create_run
 from engine.store import Store
 t1 = time.time()
 timings = {}

@@ -33,8 +33,8 @@ sys.path.insert(0, str(REPO))
 
 from engine import queue as Q  # noqa: E402
 from engine.data.easyvqa import load_easy_vqa  # noqa: E402
+from engine.jobs.worker import worker_info  # noqa: E402
 from engine.store import Store  # noqa: E402
-from engine.worker import worker_info  # noqa: E402
 
 
 def tiny_preset(directory: Path, cache: Path) -> Path:
@@ -48,7 +48,7 @@ def tiny_preset(directory: Path, cache: Path) -> Path:
 
 
 def start_worker(home: Path) -> psutil.Process:
-    proc = subprocess.Popen([sys.executable, "-m", "engine.worker"], env={**os.environ, "REN_HOME": str(home)},
+    proc = subprocess.Popen([sys.executable, "-m", "engine.jobs.worker"], env={**os.environ, "REN_HOME": str(home)},
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True, cwd=REPO)
     while not (worker_info(Store(home)) or None):
         time.sleep(0.02)

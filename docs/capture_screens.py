@@ -26,8 +26,8 @@ sys.path.insert(0, str(REPO))
 from textual.worker import WorkerCancelled  # noqa: E402
 
 from engine.config import config_from_dict  # noqa: E402
-from engine.gpus import GPU  # noqa: E402
-from engine.launch import create_run  # noqa: E402
+from engine.jobs.gpus import GPU  # noqa: E402
+from engine.runs import create_run  # noqa: E402
 from engine.store import Store, process_start_time  # noqa: E402
 from ren_tui.app import RenApp  # noqa: E402
 from ren_tui.backend import Backend  # noqa: E402

@@ -361,7 +361,7 @@ def _stored_config(store: Store, run_id: str, role: str, root: Path | None = Non
 
 def _final_weights(store: Store, record: RunRecord, where: str) -> Path:
     """The path of a finished run's final weights; a :class:`RenError` saying what to do otherwise."""
-    from engine.launch import FINAL_WEIGHTS
+    from engine.runs import FINAL_WEIGHTS
 
     path = Path(store.run_dir(record.id)) / FINAL_WEIGHTS
     if record.status in ("queued", "running"):

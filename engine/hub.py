@@ -17,7 +17,7 @@ from urllib.parse import urlparse
 
 _TRUE = {"1", "true", "yes", "on"}
 REN_PREFIX = "ren:"
-"""Names of the small models ren builds itself (``ren:easyvqa-vit``; see :mod:`engine.unimodal`)."""
+"""Names of the small models ren builds itself (``ren:easyvqa-vit``; see :mod:`engine.models.unimodal`)."""
 
 
 def is_ren_model(name: str | None) -> bool:

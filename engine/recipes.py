@@ -1,6 +1,6 @@
 """The models ren builds itself (``ren:easyvqa-vit``, ``ren:easyvqa-bert``): their names, recipe versions and
 build directories, without torch. Validation, studies and the TUI ask these questions; only building or
-loading the weights needs :mod:`engine.unimodal` (docs/tasks-and-data.md)."""
+loading the weights needs :mod:`engine.models.unimodal` (docs/tasks-and-data.md)."""
 
 from __future__ import annotations
 

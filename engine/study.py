@@ -44,12 +44,12 @@ from typing import Any, Literal
 import tomllib
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from engine import queue as Q
 from engine.config import RunConfig, _read_with_extends, config_from_dict, deep_merge, load_preset
 from engine.dotted import get_in, set_in
 from engine.errors import ConfigError, RenError
 from engine.hub import is_ren_model
-from engine.launch import checkpoint_step, create_run
+from engine.jobs import api as Q
+from engine.runs import checkpoint_step, create_run
 from engine.store import RunRecord, Store
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$"

@@ -48,8 +48,8 @@ from engine.data.pipeline import DataBundle, build_data
 from engine.display import bucket_means
 from engine.errors import ConfigError, RenError, StoreBusy, StoreError, oom_message
 from engine.freeze import apply_freeze
-from engine.launch import FINAL_WEIGHTS
 from engine.models import VLModel, build_model
+from engine.runs import FINAL_WEIGHTS
 from engine.store import MetricsWriter, Store, atomic_write_text, follow_umask, json_text
 
 CHECKPOINTS = "checkpoints"
@@ -837,13 +837,13 @@ def main(argv: list[str] | None = None) -> int:
     """``python -m engine.train RUN_ID [--resume]``: train a run stored in ``$REN_HOME``."""
     import argparse
 
-    from engine.runner import install_output_guard
+    from engine.jobs.runner import install_output_guard
 
     parser = argparse.ArgumentParser(prog="python -m engine.train")
     parser.add_argument("run_id")
     parser.add_argument("--resume", action="store_true")
     args = parser.parse_args(argv)
-    install_output_guard()  # a queued run's trainer outlives its runner (engine.runner)
+    install_output_guard()  # a queued run's trainer outlives its runner (engine.jobs.runner)
     store = Store()
     record = store.get_run(args.run_id)
     cfg = config_from_dict(record.config, source=f"run {record.id}")

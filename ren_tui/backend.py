@@ -17,12 +17,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from engine.errors import RenError, StoreError
-from engine.gpus import GPU, visible_gpus
-from engine.runner import read_log_tail
+from engine.jobs.gpus import GPU, visible_gpus
+from engine.jobs.runner import read_log_tail
 from engine.store import RunRecord, Store
 
 if TYPE_CHECKING:
-    from engine.queue import QueueView
+    from engine.jobs.api import QueueView
     from engine.report import ReportTable
     from ren_tui.inspector import Inspector
 
@@ -105,7 +105,7 @@ class Backend:
     # --- queue ----------------------------------------------------------------
 
     def queue(self, gpus: list[GPU] | None = None) -> QueueView:
-        from engine import queue as Q
+        from engine.jobs import api as Q
 
         return Q.view(self.store, gpus=self.gpus() if gpus is None else gpus)
 
@@ -114,23 +114,23 @@ class Backend:
 
     def queue_preset(self, preset: Path, *, gpus: int = 1, overrides: Sequence[str] = (),
                      after: Sequence[str] = ()) -> list[RunRecord]:
-        from engine import queue as Q
+        from engine.jobs import api as Q
 
         return Q.add(self.store, preset, list(overrides), gpus=gpus, after=list(after),
                      start_worker=self.start_worker, inventory=self.gpus())
 
     def cancel(self, run_id: str) -> RunRecord:
-        from engine import queue as Q
+        from engine.jobs import api as Q
 
         return Q.cancel(self.store, run_id)
 
     def retry(self, run_id: str) -> RunRecord:
-        from engine import queue as Q
+        from engine.jobs import api as Q
 
         return Q.retry(self.store, run_id, start_worker=self.start_worker)
 
     def move(self, run_id: str, position: int) -> list[RunRecord]:
-        from engine import queue as Q
+        from engine.jobs import api as Q
 
         return Q.move(self.store, run_id, position)
 
@@ -145,7 +145,7 @@ class Backend:
 
     def set_paused(self, paused: bool) -> None:
         """Pause or resume the queue; resuming starts a worker unless ``start_worker`` is off."""
-        from engine import queue as Q
+        from engine.jobs import api as Q
 
         if self.start_worker:
             Q.set_paused(self.store, paused)
@@ -172,7 +172,7 @@ class Backend:
     def inspect(self, config: dict[str, Any]) -> dict[str, Any]:
         """Validate ``config`` here (milliseconds), then ask the model inspector for its
         parameter report and compute estimate. The answer is a dict as
-        :mod:`engine.inspect` writes it (``ok``, then ``params``, ``flops_per_sample``,
+        :mod:`engine.inspector` writes it (``ok``, then ``params``, ``flops_per_sample``,
         ``frozen_groups``, or ``error`` and ``key``)."""
         from engine.config import config_from_dict
         from engine.errors import ConfigError
@@ -200,7 +200,7 @@ class Backend:
         """A preset's resolved config. A relative ``train.init_from = "preset:FILE"`` is
         made absolute, so the config still works when saved in another directory."""
         from engine.config import load_preset
-        from engine.launch import PRESET_PREFIX
+        from engine.runs import PRESET_PREFIX
 
         raw = load_preset(path).to_dict()
         source = raw.get("train", {}).get("init_from")

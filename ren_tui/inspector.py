@@ -1,4 +1,4 @@
-"""The TUI's client of the model inspector (``python -m engine.inspect``).
+"""The TUI's client of the model inspector (``python -m engine.inspector``).
 
 The helper process imports torch so that this process never does. It starts on
 first use (or :meth:`Inspector.start`), is restarted when it has died, and is
@@ -31,7 +31,7 @@ class Inspector:
                  command: list[str] | None = None) -> None:
         self.log = log
         self.timeout = timeout
-        self.command = command or [sys.executable, "-m", "engine.inspect"]
+        self.command = command or [sys.executable, "-m", "engine.inspector"]
         self._lock = threading.Lock()
         self._proc: subprocess.Popen[bytes] | None = None
         self._buffer = b""

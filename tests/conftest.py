@@ -31,8 +31,8 @@ def ren_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
     monkeypatch.setenv("REN_HOME", str(home))
     yield home
     if (home / "worker.lock").exists():
+        from engine.jobs.worker import stop_worker
         from engine.store import Store
-        from engine.worker import stop_worker
 
         stop_worker(Store(home))
 

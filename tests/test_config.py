@@ -28,7 +28,7 @@ def test_every_shipped_preset_validates_and_builds(preset: Path) -> None:
 
     from engine.data.pipeline import build_tokenizer, num_answers
     from engine.freeze import apply_freeze
-    from engine.inspect import _as_random
+    from engine.inspector import _as_random
     from engine.models import build_model
 
     cfg = load_preset(preset)

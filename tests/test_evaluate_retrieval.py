@@ -17,9 +17,9 @@ from engine.data.tokenizer import build_word_tokenizer
 from engine.data.transforms import HALF, NORMS, Normalization
 from engine.errors import RenError
 from engine.evaluate import RECALL_KEYS, RetrievalInputs, RunModel, caption_split, retrieval_scores
-from engine.launch import create_run
 from engine.models import build_model
 from engine.retrieval import evaluate_retrieval
+from engine.runs import create_run
 from engine.store import Store
 
 from .arrow_fixtures import WORDS, write_coco_caption, write_f30k_caption

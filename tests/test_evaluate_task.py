@@ -15,7 +15,7 @@ from engine.config import config_from_dict, load_preset
 from engine.data.arrow import open_split
 from engine.data.vqav2 import answer_vocabulary
 from engine.errors import RenError
-from engine.launch import create_run
+from engine.runs import create_run
 from engine.store import RunRecord, Store
 
 from .arrow_fixtures import write_nlvr2, write_refcoco, write_snli_ve, write_vqav2

@@ -16,8 +16,8 @@ import torch.nn.functional as F
 
 from engine import objectives as O
 from engine.config import config_from_dict
-from engine.distributed import free_port
 from engine.errors import ConfigError
+from engine.jobs.launchers import free_port
 
 from .conftest import REPO
 

@@ -8,7 +8,6 @@ from pathlib import Path
 import pytest
 
 from engine.config import config_from_dict, load_preset
-from engine.launch import create_run
 from engine.report import (
     DASH,
     ReportTable,
@@ -18,6 +17,7 @@ from engine.report import (
     t_quantile,
     write_report,
 )
+from engine.runs import create_run
 from engine.store import RunRecord, Store
 
 from .conftest import PRESETS

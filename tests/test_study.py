@@ -11,10 +11,10 @@ import pytest
 
 from engine.config import config_from_dict, load_preset
 from engine.errors import ConfigError
-from engine.inspect import _as_random
+from engine.inspector import _as_random
+from engine.jobs.worker import worker_info
 from engine.store import Store
 from engine.study import load_study, models_to_build, plan_study, run_study, study_runs, study_table
-from engine.worker import worker_info
 
 from .conftest import PRESETS
 from .test_cli import HEAVY, _modules_after, ren

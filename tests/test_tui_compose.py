@@ -37,7 +37,7 @@ GROUPS = {  # quickstart's model, as the real inspector reports it
 
 
 class FakeInspector:
-    """Answers as ``engine.inspect`` does, from the fixed group table (10 FLOPs per
+    """Answers as ``engine.inspector`` does, from the fixed group table (10 FLOPs per
     parameter): validation and freeze patterns are the engine's own."""
 
     def __init__(self) -> None:

@@ -9,7 +9,7 @@ from textual.pilot import Pilot
 from textual.widgets import Input, Static
 
 import engine.store
-from engine.runner import log_path
+from engine.jobs.runner import log_path
 from engine.store import Store
 from ren_tui.app import RenApp
 from ren_tui.backend import Backend

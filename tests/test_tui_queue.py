@@ -12,8 +12,8 @@ from textual.pilot import Pilot
 from textual.widgets import DataTable, Input, Static
 
 import engine.store
-from engine import queue as Q
-from engine.gpus import GPU
+from engine.jobs import api as Q
+from engine.jobs.gpus import GPU
 from engine.store import RunRecord, Store, process_start_time
 from ren_tui.app import RenApp
 from ren_tui.backend import Backend

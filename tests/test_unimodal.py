@@ -1,4 +1,4 @@
-"""The small unimodal models ren builds itself (engine/unimodal.py) and the base-model study that uses them."""
+"""The small unimodal models ren builds itself (engine/models/unimodal.py) and the base-model study that uses them."""
 
 from __future__ import annotations
 
@@ -15,15 +15,15 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from engine import recipes, unimodal
+from engine import recipes
 from engine.cli import commands
 from engine.config import load_preset
 from engine.data.easyvqa import CACHE_NAME, load_easy_vqa
 from engine.data.pipeline import _easy_vqa_word_tokenizer, build_data, build_tokenizer
 from engine.data.tokenizer import load_tokenizer
 from engine.errors import ModelLoadError
-from engine.inspect import model_summary
-from engine.models import build_model
+from engine.inspector import model_summary
+from engine.models import build_model, unimodal
 from engine.study import load_study
 
 from .conftest import PRESETS, REPO
@@ -193,7 +193,7 @@ def test_concurrent_first_uses_build_once(ren_home: Path, data_cache: Path, tmp_
     script = textwrap.dedent("""
         import sys, time
         from pathlib import Path
-        from engine import unimodal
+        from engine.models import unimodal
         ready = Path(sys.argv[1])
         (ready / sys.argv[2]).touch()
         while len(list(ready.iterdir())) < 2:  # start together

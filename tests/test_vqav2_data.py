@@ -109,7 +109,7 @@ def test_ren_run_finetunes_and_evaluates_on_vqav2_arrow_files(tmp_path: Path, vq
 def test_validate_sizes_the_answer_head_as_the_run_builds_it(tmp_path: Path, vqa_dir: Path) -> None:
     from engine.cli.commands import console, validate
     from engine.freeze import apply_freeze
-    from engine.inspect import model_summary
+    from engine.inspector import model_summary
     from engine.models import build_model
 
     path = preset(tmp_path, vqa_dir)

@@ -35,8 +35,8 @@ from engine.display import (
     terminal_safe,
 )
 from engine.errors import RenError
-from engine.inspect import model_summary
-from engine.launch import check_init_from, create_run, resolve_init_from, resume_point, stored_config, trained_now
+from engine.inspector import model_summary
+from engine.runs import check_init_from, create_run, resolve_init_from, resume_point, stored_config, trained_now
 from engine.store import RunRecord, Store, process_start_time
 
 console = Console()
@@ -201,7 +201,7 @@ def _refused_checkpoint(exc: Exception, store: Store, run_id: str) -> None:
 def _launch_distributed(cfg: RunConfig, owner: _Owner, run_id: str, gpus: int, *, resume: bool) -> None:
     """Train ``run_id`` in ``gpus`` processes through ``accelerate launch`` (this
     interpreter's accelerate, so no activated environment is needed)."""
-    from engine.distributed import free_port, launch_command
+    from engine.jobs.launchers import free_port, launch_command
 
     owner.claim(run_id)  # until its rank 0 records itself
     try:

@@ -11,7 +11,7 @@ console = Console()
 
 def build(name: str, *, force: bool) -> None:
     """Build ``easyvqa-vit``, ``easyvqa-bert`` or ``all`` into ``$REN_HOME/models`` and say what each learned."""
-    from engine import unimodal
+    from engine.models import unimodal
     from engine.recipes import RECIPES, recipe_of
 
     recipes = RECIPES if name == "all" else (recipe_of(name),)

@@ -1,6 +1,6 @@
 """The work behind ``ren queue``, ``ren logs``, ``ren worker`` and ``ren submit``.
 
-Only the queue API (:mod:`engine.queue`) and the store façade are used; no torch.
+Only the queue API (:mod:`engine.jobs.api`) and the store façade are used; no torch.
 """
 
 from __future__ import annotations
@@ -14,14 +14,14 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from engine import queue as Q
 from engine.config import RunConfig, check_processes, load_preset
 from engine.display import format_duration, format_steps
 from engine.errors import RenError
-from engine.gpus import visible_gpus
-from engine.launch import checkpoint_step, create_run, find_finished, resolve_init_from, stored_config
+from engine.jobs import api as Q
+from engine.jobs.gpus import visible_gpus
+from engine.jobs.worker import run_worker, start_worker, stop_worker, worker_info
+from engine.runs import checkpoint_step, create_run, find_finished, resolve_init_from, stored_config
 from engine.store import Store
-from engine.worker import run_worker, start_worker, stop_worker, worker_info
 
 console = Console()
 
@@ -153,7 +153,7 @@ def _finished(store: Store, upstream: RunConfig, path: Path) -> str:
 def submit(preset: Path | None, overrides: list[str], *, resume: str | None, nodes: int, gpus_per_node: int,
            partition: str | None, time_limit: str | None, sbatch_lines: list[str], workdir: Path | None,
            now: bool) -> None:
-    from engine.distributed import sbatch_script
+    from engine.jobs.launchers import sbatch_script
 
     store = Store()
     if resume:

@@ -8,10 +8,11 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from engine import queue as Q
 from engine.cli.queue import _worker_line
 from engine.display import format_seconds
 from engine.errors import RenError
+from engine.jobs import api as Q
+from engine.jobs.worker import worker_info
 from engine.store import Store
 from engine.study import (
     Study,
@@ -25,7 +26,6 @@ from engine.study import (
     plan_study,
     study_table,
 )
-from engine.worker import worker_info
 
 console = Console()
 
@@ -76,8 +76,8 @@ def _build(names: list[str]) -> None:
     """Build the models first, here, so that no run's wall time includes a build."""
     if not names:
         return
-    from engine import unimodal
     from engine.cli.models import _say
+    from engine.models import unimodal
 
     for name in names:
         console.print(f"building {name} before queueing (once per store; its training is no run's compute)",

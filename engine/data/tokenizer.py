@@ -67,7 +67,7 @@ def load_tokenizer(name_or_path: str, key: str = "model.text.name") -> PreTraine
             such model, directory missing or incomplete) or has no fast version.
     """
     if is_ren_model(name_or_path):
-        from engine import unimodal
+        from engine.models import unimodal
 
         return unimodal.load_tokenizer(name_or_path)
     local = Path(name_or_path).expanduser()

@@ -92,7 +92,7 @@ def _timm_normalization(name: str, key: str) -> Normalization:
 
 def _hf_normalization(name: str, key: str) -> Normalization:
     if is_ren_model(name):  # a model ren builds: the statistics it is (or will be) trained with
-        from engine import unimodal
+        from engine.models import unimodal
 
         mean, std = unimodal.image_statistics(name)
         return Normalization(mean, std, source=name)

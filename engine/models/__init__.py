@@ -15,11 +15,11 @@ from torch import Tensor, nn
 from engine import config as C
 from engine.errors import ConfigError, RenError
 from engine.models.dual_encoder import DualEncoder
+from engine.models.features import Features
 from engine.models.heads import ClassifierHead, ITCEmbeddings, ITCHead, ITMHead, MLMHead, RegionHead
 from engine.models.one_tower import OneTower
 from engine.models.towers import Groups
 from engine.models.two_tower import TwoTower
-from engine.models.types import Features
 from engine.tasks import num_classes
 
 ARCHITECTURES: dict[str, type[nn.Module]] = {

@@ -8,8 +8,8 @@ from collections.abc import Collection
 from torch import Tensor, nn
 
 from engine import config as C
+from engine.models.features import Features
 from engine.models.towers import Groups, TextTower, VisionTower
-from engine.models.types import Features
 
 
 class DualEncoder(nn.Module):

@@ -57,7 +57,7 @@ def load_hf_config(name: str, key: str) -> Any:
     from transformers import AutoConfig
 
     if is_ren_model(name):
-        from engine import unimodal
+        from engine.models import unimodal
 
         return unimodal.load_config(name, key)
     try:
@@ -77,7 +77,7 @@ def build_hf_model(config: Any, *, name: str | None, pretrained: bool, key: str)
     if model_cls is not None and "add_pooling_layer" in inspect.signature(model_cls.__init__).parameters:
         kwargs["add_pooling_layer"] = False
     if pretrained and is_ren_model(name):
-        from engine import unimodal
+        from engine.models import unimodal
 
         name = str(unimodal.ensure_built(name, key=key))  # from here on, a local directory
     try:

@@ -21,6 +21,7 @@ from engine import config as C
 from engine.errors import ConfigError
 from engine.hub import dropouts_in
 from engine.models import hf
+from engine.models.features import Features
 from engine.models.layers import (
     ConvStemEmbeddings,
     ModalityTypes,
@@ -32,7 +33,6 @@ from engine.models.layers import (
 )
 from engine.models.rows import Rows, layer_rows, run_layer
 from engine.models.towers import Groups
-from engine.models.types import Features
 
 
 class OneTower(nn.Module):

@@ -11,9 +11,9 @@ import torch
 from torch import Tensor, nn
 
 from engine import config as C
+from engine.models.features import Features
 from engine.models.layers import FusionLayer, ModalityTypes, Pooler, additive_mask, init_weights
 from engine.models.towers import Groups, TextTower, VisionTower
-from engine.models.types import Features
 
 
 class TwoTower(nn.Module):

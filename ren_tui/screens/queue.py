@@ -30,8 +30,8 @@ from ren_tui.dialogs import Confirm, Prompt
 from ren_tui.text import cell, markup, safe
 
 if TYPE_CHECKING:
-    from engine.gpus import GPU
-    from engine.queue import QueueView
+    from engine.jobs.api import QueueView
+    from engine.jobs.gpus import GPU
 
 REFRESH_S = 1.0
 RECENT = 10

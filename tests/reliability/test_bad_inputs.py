@@ -180,8 +180,8 @@ def _init_from_run_of(other_preset: str) -> Callable[[Path], list[str]]:
         from safetensors.torch import save_file
 
         from engine.config import load_preset
-        from engine.launch import create_run
         from engine.models import build_model
+        from engine.runs import create_run
         from engine.store import Store
 
         other = load_preset(_write(tmp / "other.toml", other_preset))
@@ -201,7 +201,7 @@ def _resume_running(tmp: Path) -> list[str]:
     import socket
 
     from engine.config import load_preset
-    from engine.launch import create_run
+    from engine.runs import create_run
     from engine.store import Store
 
     store = Store()

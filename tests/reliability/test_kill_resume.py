@@ -22,7 +22,7 @@ import pytest
 from safetensors import safe_open
 
 from engine.config import load_preset
-from engine.launch import create_run
+from engine.runs import create_run
 from engine.store import Store
 from engine.train import CHECKPOINTS, LATEST, latest_checkpoint, train
 

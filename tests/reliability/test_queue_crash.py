@@ -17,13 +17,13 @@ from pathlib import Path
 
 import pytest
 
-from engine import queue as Q
 from engine.cli import commands
 from engine.config import load_preset
 from engine.errors import RenError
-from engine.launch import create_run
+from engine.jobs import api as Q
+from engine.jobs.worker import LOG_NAME
+from engine.runs import create_run
 from engine.store import RunRecord, Store, is_alive
-from engine.worker import LOG_NAME
 
 from .conftest import REN, REPO, spawn_ren, tiny_preset
 
@@ -143,7 +143,7 @@ def start_worker(ren_home: Path, fault: str | None, fault_dir: Path) -> subproce
         env["REN_FAULT"] = fault
     log = open(ren_home / LOG_NAME, "ab")
     with log:
-        return subprocess.Popen([sys.executable, "-m", "engine.worker"], env=env, stdout=log, stderr=log,
+        return subprocess.Popen([sys.executable, "-m", "engine.jobs.worker"], env=env, stdout=log, stderr=log,
                                 start_new_session=True)
 
 

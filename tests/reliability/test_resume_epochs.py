@@ -21,7 +21,7 @@ from accelerate import Accelerator
 from torch.utils.data import DataLoader
 
 from engine.config import load_preset
-from engine.launch import create_run
+from engine.runs import create_run
 from engine.store import Store
 from engine.train import EpochSampler, SilentReporter, latest_checkpoint, train
 from tests.arrow_fixtures import write_vqav2

@@ -169,7 +169,7 @@ TRAVERSALS = ("../../escape", "/etc/passwd", "a/../../b", "..", ".", "runs/../..
 
 def _a_run(tmp_path: Path) -> str:
     from engine.config import load_preset
-    from engine.launch import create_run
+    from engine.runs import create_run
     from engine.store import Store
 
     return create_run(Store(), load_preset(ONE_TOWER), str(ONE_TOWER)).id
@@ -325,8 +325,8 @@ def test_worker_opens_no_network_port(ren_home: Path) -> None:
     assert ren("queue", "pause").returncode == 0
     started = ren("worker", "start")
     assert started.returncode == 0, started.stderr
+    from engine.jobs.worker import worker_info
     from engine.store import Store
-    from engine.worker import worker_info
 
     store = Store(ren_home)
     deadline = time.monotonic() + 60
@@ -340,5 +340,5 @@ def test_worker_opens_no_network_port(ren_home: Path) -> None:
     assert Path(f"/proc/{info.pid}").exists()
     assert _inet_sockets(info.pid) == []
     cmdline = Path(f"/proc/{info.pid}/cmdline").read_bytes().split(b"\x00")
-    assert b"engine.worker" in cmdline
+    assert b"engine.jobs.worker" in cmdline
     assert ren("worker", "stop").returncode == 0

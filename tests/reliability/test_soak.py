@@ -34,9 +34,9 @@ from pathlib import Path
 import psutil
 import pytest
 
-from engine import queue as Q
+from engine.jobs import api as Q
+from engine.jobs.worker import LOG_NAME, wake, worker_info
 from engine.store import END_STATUSES, Store, is_alive
-from engine.worker import LOG_NAME, wake, worker_info
 
 from .conftest import tiny_preset
 
@@ -106,8 +106,9 @@ def store_processes(home: str) -> dict[int, tuple[str, str | None, float, int]]:
             if "-m" not in cmd[:3] or proc.status() == psutil.STATUS_ZOMBIE:
                 continue
             module = cmd[cmd.index("-m") + 1] if cmd.index("-m") + 1 < len(cmd) else ""
-            if module in ("engine.worker", "engine.runner", "engine.train") and proc.environ().get("REN_HOME") == home:
-                run_id = cmd[cmd.index("-m") + 2] if module != "engine.worker" else None
+            ours = proc.environ().get("REN_HOME") == home
+            if module in ("engine.jobs.worker", "engine.jobs.runner", "engine.train") and ours:
+                run_id = cmd[cmd.index("-m") + 2] if module != "engine.jobs.worker" else None
                 found[proc.pid] = (module, run_id, proc.create_time(), proc.ppid())
     return found
 
@@ -141,7 +142,7 @@ class Chaos:
 
     def start_worker(self) -> None:
         with open(self.store.root / LOG_NAME, "ab") as log:
-            self.worker = subprocess.Popen([sys.executable, "-m", "engine.worker"], stdout=log, stderr=log,
+            self.worker = subprocess.Popen([sys.executable, "-m", "engine.jobs.worker"], stdout=log, stderr=log,
                                            env={**os.environ, "REN_HOME": self.home}, start_new_session=True)
         self.restart_at = None
 

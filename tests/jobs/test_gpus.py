@@ -9,9 +9,8 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from engine.gpus import GPU, devices_env, parse_visible_devices, visible_gpus
-
-from .conftest import REPO
+from engine.jobs.gpus import GPU, devices_env, parse_visible_devices, visible_gpus
+from tests.conftest import REPO
 
 UUIDS = (
     "GPU-1a2b3c4d-0000-0000-0000-000000000000",
@@ -159,7 +158,7 @@ class FakeDevice:
 
 @dataclass
 class FakeNVML:
-    """The calls ``engine.gpus`` makes, answered from ``devices``, with a record of init/shutdown."""
+    """The calls ``engine.jobs.gpus`` makes, answered from ``devices``, with a record of init/shutdown."""
 
     devices: list[FakeDevice]
     init_error: bool = False
@@ -329,5 +328,5 @@ def test_real_nvml_never_raises() -> None:
 
 
 def test_import_is_cheap() -> None:
-    code = "import engine.gpus, sys; assert 'pynvml' not in sys.modules and 'torch' not in sys.modules"
+    code = "import engine.jobs.gpus, sys; assert 'pynvml' not in sys.modules and 'torch' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO, timeout=60)

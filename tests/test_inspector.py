@@ -1,4 +1,4 @@
-"""The model inspector: the helper process (``python -m engine.inspect``), its compute
+"""The model inspector: the helper process (``python -m engine.inspector``), its compute
 estimate, the key of config errors, and the TUI's client (``ren_tui.inspector``)."""
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import pytest
 
 from engine.config import config_from_dict
 from engine.errors import ConfigError
-from engine.inspect import answer_line, flops_per_sample, model_summary
+from engine.inspector import answer_line, flops_per_sample, model_summary
 from engine.store import Store
 from ren_tui.backend import Backend
 from ren_tui.inspector import Inspector
@@ -49,7 +49,7 @@ def tiny(**patch: dict) -> dict:
 
 @pytest.fixture(scope="module")
 def helper() -> Iterator[subprocess.Popen[str]]:
-    proc = subprocess.Popen([sys.executable, "-m", "engine.inspect"], stdin=subprocess.PIPE,
+    proc = subprocess.Popen([sys.executable, "-m", "engine.inspector"], stdin=subprocess.PIPE,
                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, cwd=REPO)
     assert _read(proc) == {"ready": True}
     yield proc

@@ -19,7 +19,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from engine.gpus import GPU
+from engine.jobs.gpus import GPU
 from engine.store import QueueSettings, RunRecord
 
 _DEAD = ("failed", "cancelled", "crashed")

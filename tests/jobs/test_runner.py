@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from engine import queue as Q
-from engine.runner import describe_exit, log_files
+from engine.jobs import api as Q
+from engine.jobs.runner import describe_exit, log_files
 from engine.store import RunRecord, Store
 
 
@@ -29,7 +29,8 @@ def running_run(store: Store, batch_size: int = 48) -> RunRecord:
 
 
 def supervise(run_id: str, script: str, *extra: str, wait: bool = True) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "engine.runner", run_id, *extra, "--", sys.executable, "-c", textwrap.dedent(script)]
+    cmd = [sys.executable, "-m", "engine.jobs.runner", run_id, *extra, "--",
+           sys.executable, "-c", textwrap.dedent(script)]
     proc = subprocess.Popen(cmd, env=os.environ.copy())
     if wait:
         proc.wait(timeout=60)
@@ -136,7 +137,7 @@ def test_a_trainer_outlives_its_killed_runner_and_keeps_logging(store: Store, tm
     go, done = tmp_path / "go", tmp_path / "done"
     proc = supervise(record.id, f"""
         import os, pathlib, time
-        from engine.runner import install_output_guard
+        from engine.jobs.runner import install_output_guard
         install_output_guard()  # what engine.train's main does first
         print('before the kill', flush=True)
         while not os.path.exists({str(go)!r}):

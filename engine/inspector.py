@@ -1,4 +1,4 @@
-"""``python -m engine.inspect``: the model inspector, a long-lived helper process.
+"""``python -m engine.inspector``: the model inspector, a long-lived helper process.
 
 It imports torch once, then answers one JSON line on stdout for each JSON line
 on stdin, so a torch-free client (the TUI) can show parameter counts and

@@ -1,4 +1,4 @@
-"""The supervisor of one queued run: ``python -m engine.runner RUN_ID -- COMMAND...``.
+"""The supervisor of one queued run: ``python -m engine.jobs.runner RUN_ID -- COMMAND...``.
 
 The worker starts it in a new session, so the runner leads the process group that
 holds the training processes (one, or ``accelerate launch`` and its ranks). It
@@ -246,7 +246,8 @@ def install_output_guard() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    parser = argparse.ArgumentParser(prog="python -m engine.runner", usage="%(prog)s RUN_ID [options] -- COMMAND...")
+    parser = argparse.ArgumentParser(prog="python -m engine.jobs.runner",
+                                     usage="%(prog)s RUN_ID [options] -- COMMAND...")
     parser.add_argument("run_id")
     parser.add_argument("--launch", type=float, default=None, help="the launched_at stamp this runner claims")
     parser.add_argument("--log-max-mb", type=float, default=20.0)

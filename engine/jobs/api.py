@@ -1,7 +1,7 @@
 """The queue API: what ``ren queue``, ``ren logs`` and the TUI's Queue screen call.
 
 Queued runs are ordinary run records with status "queued" (the queue lives in
-the store); :mod:`engine.worker` starts them. Every change wakes the worker, or
+the store); :mod:`engine.jobs.worker` starts them. Every change wakes the worker, or
 starts one when none serves the store. Nothing here imports torch.
 """
 
@@ -19,12 +19,12 @@ from typing import Any
 
 from engine.config import RunConfig, load_preset
 from engine.errors import RenError
-from engine.gpus import GPU, visible_gpus
-from engine.launch import Provider, check_init_from, create_run, find_finished, resolve_init_from
-from engine.runner import log_files, log_path
-from engine.scheduler import plan, setting_problem
+from engine.jobs.gpus import GPU, visible_gpus
+from engine.jobs.runner import log_files, log_path
+from engine.jobs.scheduler import plan, setting_problem
+from engine.jobs.worker import WorkerInfo, ensure_worker, signal_run, wake, worker_info
+from engine.runs import Provider, check_init_from, create_run, find_finished, resolve_init_from
 from engine.store import END_STATUSES, QueueSettings, RunRecord, Store, is_alive
-from engine.worker import WorkerInfo, ensure_worker, signal_run, wake, worker_info
 
 
 @dataclass(frozen=True)
@@ -131,7 +131,7 @@ def cancel(store: Store, run_id: str) -> RunRecord:
 
 def retry(store: Store, run_id: str, *, start_worker: bool = True) -> RunRecord:
     """Queue a failed, cancelled or crashed run again; it resumes from its last checkpoint
-    (:func:`engine.launch.resume_point` says which), or starts over when it saved none."""
+    (:func:`engine.runs.resume_point` says which), or starts over when it saved none."""
     record = store.get_run(run_id)
     if record.status not in ("failed", "cancelled", "crashed"):
         raise RenError(f"run {record.id} is {record.status}; only failed, cancelled or crashed runs can be retried.")
@@ -159,7 +159,7 @@ def set_paused(store: Store, paused: bool) -> QueueSettings:
 
 def parse_setting(assignment: str) -> tuple[str, Any]:
     """``key=value`` for ``ren queue config``: integers, numbers, ``none``, lists ``0,1``; a value out of the
-    setting's range (:data:`engine.scheduler.SETTING_RANGES`), NaN or infinite is refused."""
+    setting's range (:data:`engine.jobs.scheduler.SETTING_RANGES`), NaN or infinite is refused."""
     key, sep, value = assignment.partition("=")
     key, value = key.strip(), value.strip()
     fields = {f.name: f for f in dataclasses.fields(QueueSettings)}

@@ -3,8 +3,8 @@
 Each tick it (1) reconciles the runs it supervises — a run whose process group is
 gone without a final record is marked failed (or cancelled, when a cancel was
 asked), a cancelled run still alive after the grace period gets SIGKILL — and
-(2) starts the queued runs that :func:`engine.scheduler.plan` places, each under a
-runner (:mod:`engine.runner`) leading its own session and process group.
+(2) starts the queued runs that :func:`engine.jobs.scheduler.plan` places, each under a
+runner (:mod:`engine.jobs.runner`) leading its own session and process group.
 
 Everything lives in the store: killing the worker loses nothing, and a new worker
 adopts the running runs by their recorded pids. ``worker.lock`` (held for the
@@ -45,11 +45,11 @@ from filelock import FileLock, Timeout
 
 from engine import faults
 from engine.config import config_from_dict
-from engine.distributed import free_port, launch_command
 from engine.errors import ConfigError, RenError
-from engine.gpus import GPU, devices_env, visible_gpus
-from engine.runner import append_log_line, describe_exit, read_log_tail
-from engine.scheduler import Plan, plan, sane_settings
+from engine.jobs.gpus import GPU, devices_env, visible_gpus
+from engine.jobs.launchers import free_port, launch_command
+from engine.jobs.runner import append_log_line, describe_exit, read_log_tail
+from engine.jobs.scheduler import Plan, plan, sane_settings
 from engine.store import (
     END_STATUSES,
     QueueSettings,
@@ -115,7 +115,7 @@ def start_worker(store: Store, timeout_s: float = READY_TIMEOUT_S) -> WorkerInfo
     read_end, write_end = os.pipe()
     try:
         with open(store.root / LOG_NAME, "ab") as log:
-            child = subprocess.Popen([sys.executable, "-m", "engine.worker"], start_new_session=True,
+            child = subprocess.Popen([sys.executable, "-m", "engine.jobs.worker"], start_new_session=True,
                                      pass_fds=(write_end,), stdin=subprocess.DEVNULL, stdout=log, stderr=log,
                                      env={**os.environ, "REN_HOME": str(store.root), READY_ENV: str(write_end)})
         os.close(write_end)
@@ -352,7 +352,7 @@ class Worker:
                                  runner_pid=None, runner_started=None, cancel_requested_at=None, error=None) is None:
             return False  # cancelled or changed since the tick read it
         faults.at("worker:marked-running")
-        runner = [self.python, "-m", "engine.runner", record.id, "--launch", repr(launch), "--log-max-mb",
+        runner = [self.python, "-m", "engine.jobs.runner", record.id, "--launch", repr(launch), "--log-max-mb",
                   str(log_max_mb), "--log-backups", str(log_backups), "--", *command]
         env = {**os.environ, "REN_HOME": str(self.store.root), **devices_env(placed)}
         child = subprocess.Popen(runner, start_new_session=True, close_fds=True, stdin=subprocess.DEVNULL,

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from engine.errors import StoreError
-from engine.gpus import GPU
-from engine.scheduler import plan
+from engine.jobs.gpus import GPU
+from engine.jobs.scheduler import plan
 from engine.store import QueueSettings, RunRecord, Store
 
 

@@ -12,12 +12,11 @@ from pathlib import Path
 
 import pytest
 
-import engine.distributed as distributed
+import engine.jobs.launchers as distributed
 from engine.config import DistributedConfig, RunConfig, config_from_dict, load_preset
-from engine.distributed import check_strategy_available, free_port, launch_command, sbatch_script
 from engine.errors import ConfigError, RenError
-
-from .conftest import PRESETS
+from engine.jobs.launchers import check_strategy_available, free_port, launch_command, sbatch_script
+from tests.conftest import PRESETS
 
 QUICKSTART = PRESETS / "quickstart.toml"
 PY = "/opt/py/bin/python"

@@ -14,13 +14,12 @@ from pathlib import Path
 import psutil
 import pytest
 
-from engine import queue as Q
 from engine.errors import RenError, StoreError
-from engine.gpus import GPU
+from engine.jobs import api as Q
+from engine.jobs.gpus import GPU
+from engine.jobs.worker import Worker, worker_info
 from engine.store import Store
-from engine.worker import Worker, worker_info
-
-from .conftest import REPO
+from tests.conftest import REPO
 
 FIXTURE = REPO / "tests" / "fixtures" / "one_tower.toml"
 
@@ -44,10 +43,10 @@ def launched(monkeypatch: pytest.MonkeyPatch):
 
     def popen(argv: list[str], **kwargs) -> FakeChild:
         child = FakeChild(argv, **kwargs)
-        children[argv[argv.index("engine.runner") + 1]] = child
+        children[argv[argv.index("engine.jobs.runner") + 1]] = child
         return child
 
-    monkeypatch.setattr("engine.worker.subprocess.Popen", popen)
+    monkeypatch.setattr("engine.jobs.worker.subprocess.Popen", popen)
     yield children
     for child in children.values():
         child.kill()
@@ -142,7 +141,7 @@ def tiny_preset(tmp_path: Path, data_cache: Path, name: str, steps: int) -> Path
 
 
 def start_worker(ren_home: Path) -> subprocess.Popen:
-    proc = subprocess.Popen([sys.executable, "-m", "engine.worker"], env={**os.environ, "REN_HOME": str(ren_home)},
+    proc = subprocess.Popen([sys.executable, "-m", "engine.jobs.worker"], env={**os.environ, "REN_HOME": str(ren_home)},
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.monotonic() + 20
     while worker_info(Store(ren_home)) is None or not worker_info(Store(ren_home)).pid:
@@ -247,7 +246,8 @@ def test_only_one_worker_per_store(ren_home: Path) -> None:
     Store(ren_home)
     first = start_worker(ren_home)
     try:
-        second = subprocess.run([sys.executable, "-m", "engine.worker"], env={**os.environ, "REN_HOME": str(ren_home)},
+        second = subprocess.run([sys.executable, "-m", "engine.jobs.worker"],
+                                env={**os.environ, "REN_HOME": str(ren_home)},
                                 capture_output=True, text=True, timeout=60)
         assert second.returncode == 1 and "another worker serves" in second.stderr
         assert worker_info(Store(ren_home)).pid == first.pid
@@ -311,8 +311,8 @@ def test_a_runner_of_a_voided_launch_starts_nothing(ren_home: Path, tmp_path: Pa
     Worker(store, inventory=lambda: []).tick()  # voids launch 100.0: the run is queued again (paused: no start)
     assert store.get_run(run_id).status == "queued"
     marker = tmp_path / "trained"
-    runner = subprocess.run([sys.executable, "-m", "engine.runner", run_id, "--launch", "100.0", "--", sys.executable,
-                             "-c", f"open({str(marker)!r}, 'w')"], env=os.environ.copy(), timeout=60)
+    runner = subprocess.run([sys.executable, "-m", "engine.jobs.runner", run_id, "--launch", "100.0", "--",
+                             sys.executable, "-c", f"open({str(marker)!r}, 'w')"], env=os.environ.copy(), timeout=60)
     assert runner.returncode == 0 and not marker.exists()
     assert store.get_run(run_id).status == "queued" and store.get_run(run_id).runner_pid is None
     assert "nothing started" in (store.run_dir(run_id) / "logs" / "run.log").read_text()
@@ -383,7 +383,7 @@ def test_a_killed_runner_is_watched_by_its_group_then_explained(ren_home: Path, 
     launch = time.time()
     store.update_run(run_id, status="running", host=os.uname().nodename, launched_at=launch)
     runner = subprocess.Popen(
-        [sys.executable, "-m", "engine.runner", run_id, "--launch", repr(launch), "--", sys.executable, "-c",
+        [sys.executable, "-m", "engine.jobs.runner", run_id, "--launch", repr(launch), "--", sys.executable, "-c",
          f"import os, time; open({str(ready)!r}, 'w').write(str(os.getpid())); time.sleep(600)"],
         start_new_session=True, env=os.environ.copy())
     trainer = None

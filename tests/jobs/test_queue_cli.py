@@ -9,11 +9,10 @@ from pathlib import Path
 
 import pytest
 
+from engine.jobs.worker import worker_info
 from engine.store import Store
-from engine.worker import worker_info
-
-from .conftest import REPO
-from .test_cli import HEAVY, _modules_after, ren
+from tests.conftest import REPO
+from tests.test_cli import HEAVY, _modules_after, ren
 
 FIXTURE = REPO / "tests" / "fixtures" / "one_tower.toml"
 
@@ -96,7 +95,7 @@ def test_submit_writes_an_sbatch_script(tmp_path: Path, ren_home: Path) -> None:
 
 
 def test_queue_and_worker_modules_import_no_torch() -> None:
-    loaded = _modules_after("import engine.queue, engine.worker, engine.runner, engine.cli.queue")
+    loaded = _modules_after("import engine.jobs.api, engine.jobs.worker, engine.jobs.runner, engine.cli.queue")
     assert not loaded & set(HEAVY)
 
 

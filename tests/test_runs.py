@@ -9,7 +9,7 @@ import pytest
 
 from engine.config import RunConfig, load_preset
 from engine.errors import ConfigError, RenError
-from engine.launch import create_run, find_finished, resolve_init_from, trained_now
+from engine.runs import create_run, find_finished, resolve_init_from, trained_now
 from engine.store import Store
 
 MODEL = """
