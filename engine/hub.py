@@ -15,16 +15,10 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
+from engine import recipes
+from engine.recipes import is_ren_model
+
 _TRUE = {"1", "true", "yes", "on"}
-REN_PREFIX = "ren:"
-"""Names of the small models ren builds itself (``ren:easyvqa-vit``; see :mod:`engine.models.unimodal`)."""
-
-
-def is_ren_model(name: str | None) -> bool:
-    """Is ``name`` one of the models ren builds (``ren:...``), not a hub id or a directory?"""
-    return name is not None and name.startswith(REN_PREFIX)
-
-
 def looks_like_path(name: str) -> bool:
     if is_ren_model(name):
         return False
@@ -68,7 +62,6 @@ def checkpoint_dropouts(name: str, part: str) -> tuple[float | None, float | Non
     (a ``ren:`` model's from its build, or the recipe's own when it is not built yet); (None, None)
     when there is no readable config."""
     if is_ren_model(name):
-        from engine import recipes
         from engine.errors import RenError
 
         try:

@@ -109,12 +109,12 @@ def image_tokens(cfg: RunConfig) -> int:
     tower = model.backbone if model.kind == "one_tower" else model.vision
     patch = tower.patch_size
     if tower.source != "manual" and getattr(tower, "library", "hf") == "hf":
-        from engine.models import hf
+        from engine import backbones
 
         key = "model.backbone.name" if model.kind == "one_tower" else "model.vision.name"
-        config = hf.load_hf_config(tower.name, key)
-        if model.kind != "one_tower" or hf.modality_of(config) == "vision":
-            patch = int(getattr(hf.vision_config_of(config), "patch_size", patch))
+        config = backbones.load_hf_config(tower.name, key)
+        if model.kind != "one_tower" or backbones.modality_of(config) == "vision":
+            patch = int(getattr(backbones.vision_config_of(config), "patch_size", patch))
     return (tower.image_size // patch) ** 2 + 1
 
 

@@ -8,7 +8,15 @@ import json
 from pathlib import Path
 
 from engine.errors import ModelLoadError
-from engine.hub import REN_PREFIX
+
+REN_PREFIX = "ren:"
+"""Names of the small models ren builds itself (``ren:easyvqa-vit``; see :mod:`engine.models.unimodal`)."""
+
+
+def is_ren_model(name: str | None) -> bool:
+    """Is ``name`` one of the models ren builds (``ren:...``), not a hub id or a directory?"""
+    return name is not None and name.startswith(REN_PREFIX)
+
 
 RECIPES = ("easyvqa-vit", "easyvqa-bert")
 RECIPE_VERSIONS = {"easyvqa-vit": 2, "easyvqa-bert": 2}
@@ -18,6 +26,15 @@ half of its targets on a caption's first word."""
 RECORD_FILE = "recipe.json"
 DROPOUT = 0.0
 """The hidden and attention dropout every recipe's config carries."""
+HIDDEN_SIZE = 128
+LAYERS = 4
+HEADS = 4
+MLP_RATIO = 2.0
+IMAGE_SIZE = 64
+PATCH_SIZE = 8
+MAX_POSITIONS = 32
+IMAGE_MEAN = (0.5, 0.5, 0.5)
+IMAGE_STD = (0.5, 0.5, 0.5)
 
 
 def recipe_of(name: str, key: str | None = None) -> str:
@@ -78,3 +95,14 @@ def config_json(name: str) -> dict | None:
         return json.loads((path / "config.json").read_text())
     except (OSError, ValueError):
         return None
+
+
+def image_statistics(name: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """(mean, std) the vision model was trained with (its ``preprocessor_config.json`` once built)."""
+    if recipe_of(name) != "easyvqa-vit":
+        raise ModelLoadError(f"{name!r} is a text model; it has no image statistics.")
+    path = built_dir(name)
+    if path is None:
+        return IMAGE_MEAN, IMAGE_STD
+    processor = json.loads((path / "preprocessor_config.json").read_text())
+    return tuple(processor["image_mean"]), tuple(processor["image_std"])

@@ -47,8 +47,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from engine.config import RunConfig, _read_with_extends, config_from_dict, deep_merge, load_preset
 from engine.dotted import get_in, set_in
 from engine.errors import ConfigError, RenError
-from engine.hub import is_ren_model
 from engine.jobs import api as Q
+from engine.recipes import is_ren_model
 from engine.runs import checkpoint_step, create_run
 from engine.store import RunRecord, Store
 

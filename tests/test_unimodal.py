@@ -15,12 +15,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from engine import recipes
+from engine import backbones, recipes
 from engine.cli import commands
 from engine.config import load_preset
 from engine.data.easyvqa import CACHE_NAME, load_easy_vqa
-from engine.data.pipeline import _easy_vqa_word_tokenizer, build_data, build_tokenizer
-from engine.data.tokenizer import load_tokenizer
+from engine.data.pipeline import build_data, build_tokenizer
+from engine.data.tokenizer import easy_vqa_word_tokenizer, load_tokenizer
 from engine.errors import ModelLoadError
 from engine.inspector import model_summary
 from engine.models import build_model, unimodal
@@ -123,7 +123,7 @@ def test_bert_recipe_learns_the_questions_and_saves_the_word_tokenizer(bert_dir)
     assert {"config.json", "model.safetensors", "tokenizer.json", "recipe.json"} <= set(os.listdir(path))
     assert report.metrics["masked_accuracy"] > 2 * report.metrics["most_common_word_accuracy"]
     assert report.metrics["masked_accuracy"] > 0.4
-    assert load_tokenizer(str(path)).get_vocab() == _easy_vqa_word_tokenizer().get_vocab()
+    assert load_tokenizer(str(path)).get_vocab() == easy_vqa_word_tokenizer().get_vocab()
 
 
 def test_a_build_is_repeatable_and_leaves_the_callers_rng_alone(tmp_path: Path, data_cache: Path) -> None:
@@ -148,7 +148,7 @@ def test_recipe_directories_load_as_one_tower_backbones(modality: str, vit_dir, 
     data = build_data(cfg, cache_dir=data_cache)
     model = build_model(cfg, vocab_size=data.vocab_size, num_answers=data.num_answers).eval()
     encoder = model.encoder
-    assert encoder.modality == modality and len(encoder.layers) == unimodal.LAYERS
+    assert encoder.modality == modality and len(encoder.layers) == recipes.LAYERS
     saved = _weights(path)
     backbone = encoder.backbone.state_dict()
     kept = {k for k in saved if k.split(".")[0] in ("encoder", "layers")}  # embeddings = "fresh": the layers only
@@ -225,7 +225,7 @@ def test_unknown_names_and_stale_builds_are_named(ren_home: Path) -> None:
     stale = ren_home / "models" / "easyvqa-vit-v2"
     stale.mkdir(parents=True)
     with pytest.raises(ModelLoadError, match="not a complete build.*--force"):
-        unimodal.load_config("ren:easyvqa-vit")
+        backbones.load_hf_config("ren:easyvqa-vit", "model.backbone.name")
     (stale / "recipe.json").write_text('{"version": 0}')
     with pytest.raises(ModelLoadError, match="version 0 of the easyvqa-vit recipe.*ren models build easyvqa-vit "
                                              "--force"):
@@ -243,7 +243,8 @@ def test_a_build_of_the_supervised_vit_is_not_reused(vit_dir, ren_home: Path) ->
     (old / "recipe.json").write_text(json.dumps({**record, "version": 1}))
     assert recipes.built_dir("ren:easyvqa-vit") is None
     assert recipes.model_dir("ren:easyvqa-vit") == ren_home / "models" / "easyvqa-vit-v2"
-    assert unimodal.load_config("ren:easyvqa-vit").architectures == ["ViTForMaskedImageModeling"]
+    config = backbones.load_hf_config("ren:easyvqa-vit", "model.backbone.name")
+    assert config.architectures == ["ViTForMaskedImageModeling"]
 
 
 def test_models_build_cli_reuses_a_build_and_names_bad_models(bert_dir, ren_home: Path) -> None:
@@ -287,7 +288,7 @@ def test_study_plans_three_starts_that_share_one_tokenizer(ren_home: Path) -> No
                       "start=text": ("pretrained", "ren:easyvqa-bert"), "start=random": ("random", "ren:easyvqa-vit")}
     for pre, fine in zip(planned[::2], planned[1::2], strict=True):
         assert fine.config.model == pre.config.model  # the finetuning takes its pretraining's encoder
-    vocab = _easy_vqa_word_tokenizer().get_vocab()
+    vocab = easy_vqa_word_tokenizer().get_vocab()
     sizes = set()
     for run in planned[::2]:
         assert build_tokenizer(run.config).get_vocab() == vocab

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from rich.console import Console
 
-from engine.hub import REN_PREFIX
+from engine.recipes import REN_PREFIX
 
 console = Console()
 

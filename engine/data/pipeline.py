@@ -10,7 +10,6 @@ eval split (``ren eval task``). Each arrow data set is built split by split by
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -21,7 +20,7 @@ from engine.config import RunConfig
 from engine.data.datasets import CaptionDataset, VQADataset
 from engine.data.easyvqa import RUN_SPLITS as EASY_VQA_SPLITS
 from engine.data.easyvqa import EasyVQA, load_easy_vqa, run_split_captions
-from engine.data.tokenizer import build_word_tokenizer, load_tokenizer
+from engine.data.tokenizer import build_word_tokenizer, easy_vqa_word_tokenizer, load_tokenizer
 from engine.data.transforms import Normalization, resolve_normalization
 from engine.errors import ConfigError, RenError
 
@@ -70,7 +69,7 @@ def pretrained_text_source(cfg: RunConfig) -> str | None:
 
 
 def _is_text_model(name: str | None) -> bool:
-    from engine.models.hf import load_hf_config, modality_of
+    from engine.backbones import load_hf_config, modality_of
 
     return name is not None and modality_of(load_hf_config(name, "model.backbone.name")) == "text"
 
@@ -84,7 +83,7 @@ def build_tokenizer(cfg: RunConfig) -> PreTrainedTokenizerBase:
     if source is not None:
         return load_tokenizer(source)
     if cfg.data.dataset == "easy_vqa":
-        return _easy_vqa_word_tokenizer()
+        return easy_vqa_word_tokenizer()
     return _data_word_tokenizer(cfg)
 
 
@@ -133,20 +132,6 @@ def _split_texts(source: ArrowSource | HFSource, kind: str) -> list[str]:
     while pa.types.is_list(column.type) or pa.types.is_large_list(column.type):
         column = pc.list_flatten(column)
     return [text for text in column.to_pylist() if text]
-
-
-@lru_cache(maxsize=1)
-def _easy_vqa_word_tokenizer() -> PreTrainedTokenizerBase:
-    """Word-level tokenizer over all easy-VQA questions and derived captions.
-
-    Built from the package's text only (deterministic, no images needed)."""
-    import easy_vqa
-
-    from engine.data.easyvqa import CAPTION_TEMPLATES, PALETTE, SHAPES
-
-    texts = list(easy_vqa.get_train_questions()[0]) + list(easy_vqa.get_test_questions()[0])
-    texts += [t.format(colour=c, shape=s) for t in CAPTION_TEMPLATES for c in PALETTE for s in SHAPES]
-    return build_word_tokenizer(texts)
 
 
 VQAV2_ANSWERS = 3129  # ViLT's and METER's vocabulary: answers given 9+ times in train+val

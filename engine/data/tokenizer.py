@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
+from functools import lru_cache
 from pathlib import Path
 
 from tokenizers import Tokenizer, normalizers, pre_tokenizers, processors
@@ -10,7 +11,8 @@ from tokenizers.models import WordLevel
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 from engine.errors import ModelLoadError
-from engine.hub import hub_kwargs, is_ren_model
+from engine.hub import hub_kwargs
+from engine.recipes import built_dir, is_ren_model, recipe_of
 
 PAD, UNK, CLS, SEP, MASK = "[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"
 SPECIAL_TOKENS = (PAD, UNK, CLS, SEP, MASK)
@@ -67,9 +69,7 @@ def load_tokenizer(name_or_path: str, key: str = "model.text.name") -> PreTraine
             such model, directory missing or incomplete) or has no fast version.
     """
     if is_ren_model(name_or_path):
-        from engine.models import unimodal
-
-        return unimodal.load_tokenizer(name_or_path)
+        return _ren_tokenizer(name_or_path)
     local = Path(name_or_path).expanduser()
     try:
         tokenizer = AutoTokenizer.from_pretrained(
@@ -83,6 +83,19 @@ def load_tokenizer(name_or_path: str, key: str = "model.text.name") -> PreTraine
             "needs (word_ids()); choose a model whose tokenizer ships a tokenizer.json."
         )
     return tokenizer
+
+
+def _ren_tokenizer(name: str) -> PreTrainedTokenizerBase:
+    """The tokenizer of a text model ren builds: the built one's, else the recipe's (the easy-VQA word tokenizer)."""
+    if recipe_of(name) != "easyvqa-bert":
+        raise ModelLoadError(
+            f"{name!r} is a vision model and has no tokenizer; name a text model (ren:easyvqa-bert) or leave "
+            "data.tokenizer = \"auto\"."
+        )
+    path = built_dir(name)
+    if path is None:
+        return easy_vqa_word_tokenizer()
+    return AutoTokenizer.from_pretrained(str(path), use_fast=True)
 
 
 def _load_failure(name_or_path: str, local: Path, error: Exception, key: str) -> str:
@@ -106,3 +119,17 @@ def _load_failure(name_or_path: str, local: Path, error: Exception, key: str) ->
         f"download it once where the network is available (e.g. `hf download {name_or_path} "
         f"--local-dir /path/to/dir`) and {fix}."
     )
+
+
+@lru_cache(maxsize=1)
+def easy_vqa_word_tokenizer() -> PreTrainedTokenizerBase:
+    """Word-level tokenizer over all easy-VQA questions and derived captions.
+
+    Built from the package's text only (deterministic, no images needed)."""
+    import easy_vqa
+
+    from engine.data.easyvqa import CAPTION_TEMPLATES, PALETTE, SHAPES
+
+    texts = list(easy_vqa.get_train_questions()[0]) + list(easy_vqa.get_test_questions()[0])
+    texts += [t.format(colour=c, shape=s) for t in CAPTION_TEMPLATES for c in PALETTE for s in SHAPES]
+    return build_word_tokenizer(texts)

@@ -21,7 +21,8 @@ from torch import Tensor
 
 from engine.config import RunConfig
 from engine.errors import ConfigError, ModelLoadError
-from engine.hub import hub_kwargs, is_ren_model
+from engine.hub import hub_kwargs
+from engine.recipes import image_statistics, is_ren_model
 
 NORMS: dict[str, tuple[tuple[float, float, float], tuple[float, float, float]]] = {
     "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
@@ -72,7 +73,7 @@ def _backbone_modality(modality: str | None, name: str | None, key: str) -> str:
     """A one-tower backbone's modality: as set, else read from its config."""
     if modality is not None or name is None:
         return modality or "text"
-    from engine.models.hf import load_hf_config, modality_of
+    from engine.backbones import load_hf_config, modality_of
 
     return modality_of(load_hf_config(name, key))
 
@@ -92,9 +93,7 @@ def _timm_normalization(name: str, key: str) -> Normalization:
 
 def _hf_normalization(name: str, key: str) -> Normalization:
     if is_ren_model(name):  # a model ren builds: the statistics it is (or will be) trained with
-        from engine.models import unimodal
-
-        mean, std = unimodal.image_statistics(name)
+        mean, std = image_statistics(name)
         return Normalization(mean, std, source=name)
     local = Path(name).expanduser()
     if local.is_dir():

@@ -1,10 +1,8 @@
-"""Loading Hugging Face and timm backbones, offline-friendly.
+"""Building Hugging Face and timm backbones from their configs (:mod:`engine.backbones`), offline-friendly.
 
-Every tower is a real HF model (or a timm model): ``pretrained`` loads weights
-from a hub id or a local directory, ``random`` builds the same architecture
-from its config with fresh weights, and ``manual`` builds a BERT-style text
-encoder or a ViT-style vision encoder of the requested size. Manual models
-therefore run exactly the same code path as pretrained ones.
+Every tower is a real HF model (or a timm model): ``pretrained`` loads weights from a hub id or a local
+directory, ``random`` builds the same architecture with fresh weights, and ``manual`` builds a BERT- or
+ViT-style encoder of the requested size, so manual models run exactly the code pretrained ones do.
 """
 
 from __future__ import annotations
@@ -15,56 +13,11 @@ from typing import Any
 
 from torch import nn
 
+from engine.backbones import load_error
 from engine.errors import ModelLoadError
-from engine.hub import ATTENTION_DROPOUT_FIELDS, HIDDEN_DROPOUT_FIELDS, hub_kwargs, hub_reachable, is_ren_model
+from engine.hub import ATTENTION_DROPOUT_FIELDS, HIDDEN_DROPOUT_FIELDS, hub_kwargs
 from engine.hub import looks_like_path as _looks_like_path
-
-_LOCAL_HINT = (
-    "To use a model without network access, download it once elsewhere "
-    "(e.g. `huggingface-cli download {name} --local-dir /models/{short}`), copy "
-    "the directory here and point the preset at it: {key} = \"/models/{short}\"."
-)
-
-
-def _load_error(name: str, key: str, exc: Exception) -> ModelLoadError:
-    short = name.rstrip("/").split("/")[-1]
-    if _looks_like_path(name):
-        where = Path(name).expanduser()
-        if not where.exists():
-            return ModelLoadError(
-                f"{key} = {name!r}: the directory {where} does not exist. Give the path "
-                "of a directory in Hugging Face format (config.json and the weights)."
-            )
-        return ModelLoadError(
-            f"{key} = {name!r}: could not load a model from {where}: {exc}. The directory "
-            "must hold a Hugging Face model (config.json plus model.safetensors or "
-            "pytorch_model.bin)."
-        )
-    why = (
-        "the Hugging Face hub cannot be reached from this machine and the model is not in the local cache"
-        if not hub_reachable()
-        else f"the Hugging Face hub has no such model, or refused it ({type(exc).__name__}: {exc})"
-    )
-    return ModelLoadError(
-        f"{key} = {name!r}: the model could not be loaded: {why}. "
-        + _LOCAL_HINT.format(name=name, short=short, key=key)
-    )
-
-
-def load_hf_config(name: str, key: str) -> Any:
-    """The config of a hub id, a local directory or a model ren builds (``ren:...``: the recipe's
-    config until it is built, so reading a config never trains)."""
-    from transformers import AutoConfig
-
-    if is_ren_model(name):
-        from engine.models import unimodal
-
-        return unimodal.load_config(name, key)
-    try:
-        return AutoConfig.from_pretrained(str(Path(name).expanduser()) if _looks_like_path(name) else name,
-                                          **hub_kwargs(name))
-    except (OSError, ValueError) as exc:
-        raise _load_error(name, key, exc) from None
+from engine.recipes import is_ren_model
 
 
 def build_hf_model(config: Any, *, name: str | None, pretrained: bool, key: str) -> nn.Module:
@@ -88,7 +41,7 @@ def build_hf_model(config: Any, *, name: str | None, pretrained: bool, key: str)
         return AutoModel.from_config(config, **kwargs)
     except (OSError, ValueError) as exc:
         if pretrained and name is not None:
-            raise _load_error(name, key, exc) from None
+            raise load_error(name, key, exc) from None
         if "attn_implementation" in str(exc) or "sdpa" in str(exc).lower():
             kwargs.pop("attn_implementation")
             return AutoModel.from_config(config, **kwargs)
@@ -104,35 +57,6 @@ def _model_class(config: Any) -> type | None:
         return None
 
 
-def _sizes(hidden_size: int, layers: int, heads: int, mlp_ratio: float, dropout: float,
-           attention_dropout: float) -> dict[str, Any]:
-    """The HF config fields that size a BERT- or ViT-style encoder."""
-    return {
-        "hidden_size": hidden_size,
-        "num_hidden_layers": layers,
-        "num_attention_heads": heads,
-        "intermediate_size": int(hidden_size * mlp_ratio),
-        "hidden_dropout_prob": dropout,
-        "attention_probs_dropout_prob": attention_dropout,
-    }
-
-
-def manual_text_config(*, vocab_size: int, max_positions: int, **sizes: Any) -> Any:
-    """A BERT config of the given sizes (``hidden_size``, ``layers``, ``heads``, ``mlp_ratio``, ``dropout``,
-    ``attention_dropout``)."""
-    from transformers import BertConfig
-
-    return BertConfig(vocab_size=vocab_size, max_position_embeddings=max_positions, type_vocab_size=1,
-                      pad_token_id=0, **_sizes(**sizes))
-
-
-def manual_vision_config(*, patch_size: int, image_size: int, **sizes: Any) -> Any:
-    """A ViT config of the given sizes and patching."""
-    from transformers import ViTConfig
-
-    return ViTConfig(patch_size=patch_size, image_size=image_size, qkv_bias=True, **_sizes(**sizes))
-
-
 def set_dropout(config: Any, dropout: float | None, attention_dropout: float | None) -> None:
     """Apply the preset's hidden and attention dropout to a loaded config (the common HF field names);
     None keeps the config's own."""
@@ -140,23 +64,6 @@ def set_dropout(config: Any, dropout: float | None, attention_dropout: float | N
         for field in fields:
             if value is not None and isinstance(getattr(config, field, None), float):
                 setattr(config, field, value)
-
-
-def text_config_of(config: Any) -> Any:
-    """The text part of a composite config (CLIP-like), else the config itself."""
-    return getattr(config, "text_config", None) or config
-
-
-def vision_config_of(config: Any) -> Any:
-    return getattr(config, "vision_config", None) or config
-
-
-def hidden_size_of(config: Any) -> int:
-    for field in ("hidden_size", "d_model", "dim", "embed_dim"):
-        value = getattr(config, field, None)
-        if isinstance(value, int):
-            return value
-    raise ModelLoadError(f"Cannot tell the hidden size of a {type(config).__name__}.")
 
 
 def encoder_layers(model: nn.Module, key: str) -> nn.ModuleList:
@@ -205,19 +112,6 @@ def enable_checkpointing(model: nn.Module) -> None:
     (transformers 5 renamed ``gradient_checkpointing_enable``)."""
     enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
     enable()
-
-
-def modality_of(config: Any) -> str:
-    """``"vision"`` for image encoders (they have a patch size), else ``"text"``.
-
-    Composite image-text checkpoints (CLIP-like) are neither: their parts are
-    chosen with the two-tower towers, not as a one-tower backbone."""
-    if getattr(config, "text_config", None) is not None and getattr(config, "vision_config", None) is not None:
-        raise ModelLoadError(
-            f"{type(config).__name__} is a composite image-text model; a one-tower backbone must be a "
-            "single text or vision encoder (use it in a two_tower or dual_encoder model instead)."
-        )
-    return "vision" if hasattr(config, "patch_size") and not hasattr(config, "vocab_size") else "text"
 
 
 def accepts_kwarg(module: nn.Module, name: str) -> bool:

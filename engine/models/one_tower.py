@@ -17,6 +17,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor, nn
 
+from engine import backbones
 from engine import config as C
 from engine.errors import ConfigError
 from engine.hub import dropouts_in
@@ -49,13 +50,13 @@ class OneTower(nn.Module):
             common = dict(hidden_size=b.hidden_size, layers=b.layers, heads=b.heads,
                           mlp_ratio=b.mlp_ratio, dropout=b.dropout, attention_dropout=b.attention_p)
             config = (
-                hf.manual_text_config(vocab_size=vocab_size, max_positions=b.max_text_positions, **common)
+                backbones.manual_text_config(vocab_size=vocab_size, max_positions=b.max_text_positions, **common)
                 if self.modality == "text"
-                else hf.manual_vision_config(patch_size=b.patch_size, image_size=b.image_size, **common)
+                else backbones.manual_vision_config(patch_size=b.patch_size, image_size=b.image_size, **common)
             )
         else:
-            config = hf.load_hf_config(b.name, f"{key}.name")
-            self.modality = hf.modality_of(config)
+            config = backbones.load_hf_config(b.name, f"{key}.name")
+            self.modality = backbones.modality_of(config)
             if b.modality and b.modality != self.modality:
                 raise ConfigError(
                     f"model.backbone.modality = {b.modality!r}, but {b.name!r} is a "
@@ -63,7 +64,7 @@ class OneTower(nn.Module):
                 )
             hf.set_dropout(config, b.dropout, b.attention_p)
         self.backbone = hf.build_hf_model(config, name=b.name, pretrained=b.source == "pretrained", key=f"{key}.name")
-        hidden = hf.hidden_size_of(config)
+        hidden = backbones.hidden_size_of(config)
         self.hidden_size = hidden
         dropout = b.dropout if b.dropout is not None else dropouts_in(config)[0] or 0.0  # fresh embeddings
         hf.encoder_layers(self.backbone, key)  # fail early for unsupported families

@@ -11,6 +11,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor, nn
 
+from engine import backbones
 from engine import config as C
 from engine.models import hf
 
@@ -46,7 +47,7 @@ def _build(cfg: C.TextTower | C.VisionTower, key: str, manual: Callable[[], Any]
     if cfg.source == "manual":
         config = manual()
     else:
-        config = part(hf.load_hf_config(cfg.name, f"{key}.name"))
+        config = part(backbones.load_hf_config(cfg.name, f"{key}.name"))
         hf.set_dropout(config, cfg.dropout, cfg.attention_p)
     model = hf.build_hf_model(config, name=cfg.name, pretrained=cfg.source == "pretrained", key=f"{key}.name")
     hf.encoder_layers(model, key)  # fail early for unsupported families
@@ -62,10 +63,10 @@ class TextTower(nn.Module):
         super().__init__()
         config, self.model = _build(
             cfg, key,
-            lambda: hf.manual_text_config(vocab_size=vocab_size, max_positions=cfg.max_positions, **_sizes(cfg)),
-            hf.text_config_of,
+            lambda: backbones.manual_text_config(vocab_size=vocab_size, max_positions=cfg.max_positions, **_sizes(cfg)),
+            backbones.text_config_of,
         )
-        self.hidden_size = hf.hidden_size_of(config)
+        self.hidden_size = backbones.hidden_size_of(config)
         self.vocab_size = getattr(config, "vocab_size", vocab_size)
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
@@ -100,10 +101,10 @@ class VisionTower(nn.Module):
             return
         config, self.model = _build(
             cfg, key,
-            lambda: hf.manual_vision_config(patch_size=cfg.patch_size, image_size=cfg.image_size, **_sizes(cfg)),
-            hf.vision_config_of,
+            lambda: backbones.manual_vision_config(patch_size=cfg.patch_size, image_size=cfg.image_size, **_sizes(cfg)),
+            backbones.vision_config_of,
         )
-        self.hidden_size = hf.hidden_size_of(config)
+        self.hidden_size = backbones.hidden_size_of(config)
         self._interpolate = hf.accepts_kwarg(self.model, "interpolate_pos_encoding")
 
     def forward(self, pixel_values: Tensor) -> Tensor:

@@ -1,47 +1,8 @@
-"""Small pretrained unimodal models that ren builds itself: ``ren:easyvqa-vit`` and ``ren:easyvqa-bert``.
-
-The paper's base-model study starts a one-tower encoder from a vision model
-(DeiT), from a text model (ELECTRA) or from random weights. Offline, at
-easy-VQA scale, there are no such checkpoints, so two recipes train small
-stand-ins on easy-VQA's *training* split, on a CPU, in a few minutes:
-
-- ``easyvqa-vit``: a ViT (``ViTForMaskedImageModeling``) pretrained self-supervised, as SimMIM
-  (microsoft/SimMIM, ``models/simmim.py``, ``data/data_simmim.py``) pretrains one: 60% of the
-  16x16-pixel blocks of each training image (2x2 patches; SimMIM's ViT masks 32-pixel blocks of 16-pixel
-  patches, the same 2x2) have their patch embeddings replaced by a learned mask token, and a linear head
-  (a 1x1 convolution and a pixel shuffle) predicts their pixels, normalised as the model's input is; the
-  loss is the L1 distance on masked pixels only (``transformers``' ``ViTForMaskedImageModeling`` is this
-  model and loss). It sees the training images and nothing else: not the questions, answers, colours or
-  shapes, which are easy-VQA's answer space, so the vision start is self-supervised as the MLM BERT below
-  is. Where it differs from SimMIM: horizontal flips and shifts of up to 4 pixels augment the images
-  instead of random resized crops (no vertical flips: they turn easy-VQA's upright triangles over), and
-  the optimiser is this module's AdamW with warm-up and cosine decay. The targets are normalised with the
-  input's fixed mean and std, not per patch as MAE's ``norm_pix_loss``: an easy-VQA patch is often one
-  flat colour, which per-patch normalisation would turn into zeros. Held out: the 1,000 test images, on
-  which the build measures the masked L1 (seeded masks) and, to show what the features hold, k-NN accuracy
-  on colour and on shape (DINO's weighted k-NN on mean-pooled patch features, training images as the
-  memory), each also for the same ViT at its random initialisation.
-- ``easyvqa-bert``: a BERT (``BertForMaskedLM``) of the same width and depth,
-  trained with masked language modelling (15% of the words; 80/10/10) on the
-  training questions and captions, with the easy-VQA word tokenizer saved
-  next to it. Held out: the test questions and captions.
-
-Both are built from the configs a ``manual`` tower of the same sizes gets
-(:func:`engine.models.hf.manual_vision_config`, ``manual_text_config``), so a
-one-tower started from either differs from a random one only in its weights.
-
-A preset names them as ``ren:easyvqa-vit`` / ``ren:easyvqa-bert`` (a backbone's
-``name``, or ``data.tokenizer``). They live in ``$REN_HOME/models/<name>-v<version>/``
-(:data:`RECIPE_VERSIONS`: a new version of a recipe builds into a new directory, so the build of an
-older one, such as version 1's supervised ViT, is never reused) in
-the ``save_pretrained`` format (``config.json``, ``model.safetensors``, a
-``preprocessor_config.json`` or the tokenizer files) plus ``recipe.json``,
-ren's record of the build. The first use that needs the weights builds the
-directory: under a file lock, so concurrent first uses build it once, into a
-temporary directory renamed into place when complete. Uses that need only the
-config, the tokenizer or the image statistics (``ren validate``) take them from
-the recipe without training. A build is seeded and repeatable (the global RNG
-state is left as it was); floating-point sums can differ across thread counts.
+"""Building the small pretrained unimodal models ren trains itself: ``ren:easyvqa-vit`` (SimMIM-style masked
+image modelling on easy-VQA's training images) and ``ren:easyvqa-bert`` (MLM on its training questions and captions),
+on a CPU, in a few minutes, as offline stand-ins for the DeiT and ELECTRA starts of the paper's base-model study.
+Their names, versions and directories are :mod:`engine.recipes`; their configs :mod:`engine.backbones`. The recipes,
+what each differs from its reference in and the measured builds: docs/PROTOCOLS.md, "The small models ren builds".
 """
 
 from __future__ import annotations
@@ -63,22 +24,23 @@ import torch.nn.functional as F
 from filelock import FileLock, Timeout
 from torch import Tensor
 
-from engine.errors import ModelLoadError
-from engine.hub import REN_PREFIX
-from engine.recipes import DROPOUT, RECIPE_VERSIONS, RECORD_FILE, built_dir, model_dir, recipe_of
+from engine.backbones import recipe_config
+from engine.data.tokenizer import easy_vqa_word_tokenizer
+from engine.recipes import (
+    IMAGE_MEAN,
+    IMAGE_SIZE,
+    IMAGE_STD,
+    PATCH_SIZE,
+    RECIPE_VERSIONS,
+    RECORD_FILE,
+    REN_PREFIX,
+    built_dir,
+    model_dir,
+    recipe_of,
+)
 from engine.store import follow_umask
 
 SEED = 0
-
-HIDDEN_SIZE = 128
-LAYERS = 4
-HEADS = 4
-MLP_RATIO = 2.0
-IMAGE_SIZE = 64
-PATCH_SIZE = 8
-MAX_POSITIONS = 32
-IMAGE_MEAN = (0.5, 0.5, 0.5)
-IMAGE_STD = (0.5, 0.5, 0.5)
 
 VIT_STEPS = 600
 BERT_STEPS = 400
@@ -125,69 +87,6 @@ class BuildReport:
         scores = ", ".join(f"{key} {value:.4f}" for key, value in self.metrics.items())
         return (f"{REN_PREFIX}{self.name}: {self.steps} steps of batch {self.batch_size} in {self.seconds:.0f} s, "
                 f"final train loss {self.train_loss:.4f}; on {self.held_out}: {scores}")
-
-
-# --------------------------------------------------------------------------- what needs no training
-
-
-def recipe_config(name: str) -> Any:
-    """The Hugging Face config the recipe builds (no training, no files)."""
-    from engine.models.hf import manual_text_config, manual_vision_config
-
-    sizes = dict(hidden_size=HIDDEN_SIZE, layers=LAYERS, heads=HEADS, mlp_ratio=MLP_RATIO, dropout=DROPOUT,
-                 attention_dropout=DROPOUT)
-    if recipe_of(name) == "easyvqa-vit":
-        config = manual_vision_config(patch_size=PATCH_SIZE, image_size=IMAGE_SIZE, **sizes)
-        config.encoder_stride = PATCH_SIZE  # the reconstruction head predicts each token's own patch
-        config.architectures = ["ViTForMaskedImageModeling"]
-        return config
-    config = manual_text_config(vocab_size=len(recipe_tokenizer()), max_positions=MAX_POSITIONS, **sizes)
-    config.architectures = ["BertForMaskedLM"]
-    return config
-
-
-def recipe_tokenizer() -> Any:
-    """The easy-VQA word tokenizer (every recipe's text side; the one ``data.tokenizer = "auto"`` gives easy_vqa)."""
-    from engine.data.pipeline import _easy_vqa_word_tokenizer
-
-    return _easy_vqa_word_tokenizer()
-
-
-def load_config(name: str, key: str | None = None) -> Any:
-    """The model's config: the built one's, else the recipe's (nothing is trained)."""
-    recipe_of(name, key)
-    path = built_dir(name)
-    if path is None:
-        return recipe_config(name)
-    from transformers import AutoConfig
-
-    return AutoConfig.from_pretrained(str(path))
-
-
-def load_tokenizer(name: str) -> Any:
-    """The tokenizer of a text model (the built one's, else the recipe's)."""
-    if recipe_of(name) != "easyvqa-bert":
-        raise ModelLoadError(
-            f"{name!r} is a vision model and has no tokenizer; name a text model (ren:easyvqa-bert) or leave "
-            "data.tokenizer = \"auto\"."
-        )
-    path = built_dir(name)
-    if path is None:
-        return recipe_tokenizer()
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(str(path), use_fast=True)
-
-
-def image_statistics(name: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """(mean, std) the vision model was trained with (its ``preprocessor_config.json`` once built)."""
-    if recipe_of(name) != "easyvqa-vit":
-        raise ModelLoadError(f"{name!r} is a text model; it has no image statistics.")
-    path = built_dir(name)
-    if path is None:
-        return IMAGE_MEAN, IMAGE_STD
-    processor = json.loads((path / "preprocessor_config.json").read_text())
-    return tuple(processor["image_mean"]), tuple(processor["image_std"])
 
 
 # --------------------------------------------------------------------------- building
@@ -374,7 +273,7 @@ def _train_bert(out_dir: Path, *, steps: int, seed: int, cache_dir: Path, log: L
 
     from engine.objectives import IGNORE, mask_tokens
 
-    tokenizer = recipe_tokenizer()
+    tokenizer = easy_vqa_word_tokenizer()
     from engine.data.easyvqa import load_easy_vqa
 
     data = load_easy_vqa(cache_dir)
