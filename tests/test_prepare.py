@@ -21,7 +21,7 @@ from filelock import FileLock
 from PIL import Image
 
 import engine.data.prepare as prepare_module
-import engine.data.prepare._writer as writer_module
+import engine.data.prepare.writer as writer_module
 from engine.data.arrow import find_arrow_files, open_arrow, open_split
 from engine.data.prepare import (
     MISSING_ANNOTATION,

@@ -1,7 +1,7 @@
 """``ren data prepare``: an original data set release -> the ViLT/METER arrow files the engine reads.
 
 :func:`prepare` dispatches to one module per source (:mod:`.vqav2`, :mod:`.captions`, :mod:`.nlvr2`,
-:mod:`.snli_ve`, :mod:`.refcoco`, :mod:`.vg`, :mod:`.cc_sbu`), which all write through :mod:`._writer`.
+:mod:`.snli_ve`, :mod:`.refcoco`, :mod:`.vg`, :mod:`.cc_sbu`), which all write through :mod:`.writer`.
 Which files each source reads and writes, what follows ViLT and what differs, and how skipped records,
 resuming and errors work: docs/tasks-and-data.md, "Preparing the original releases".
 """
@@ -12,7 +12,14 @@ from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 
-from engine.data.prepare._writer import (
+from engine.data.prepare.captions import CAPTION_SCHEMA, prepare_coco_caption, prepare_f30k_caption
+from engine.data.prepare.cc_sbu import SHARD_ROWS, prepare_cc, prepare_sbu
+from engine.data.prepare.nlvr2 import NLVR2_LABELS, NLVR2_SCHEMA, prepare_nlvr2
+from engine.data.prepare.refcoco import _REFER_SPLIT_BY, REFCOCO_SCHEMA, prepare_refer
+from engine.data.prepare.snli_ve import SNLI_LABELS, SNLI_SCHEMA, prepare_snli_ve
+from engine.data.prepare.vg import VG_SCHEMA, prepare_vg
+from engine.data.prepare.vqav2 import VQAV2_REST_VAL_IMAGES, VQAV2_SCHEMA, prepare_vqav2
+from engine.data.prepare.writer import (
     MISSING_ANNOTATION,
     MISSING_IMAGE,
     NO_VOCAB_ANSWER,
@@ -24,13 +31,6 @@ from engine.data.prepare._writer import (
     Progress,
     SkippedRecord,
 )
-from engine.data.prepare.captions import CAPTION_SCHEMA, prepare_coco_caption, prepare_f30k_caption
-from engine.data.prepare.cc_sbu import SHARD_ROWS, prepare_cc, prepare_sbu
-from engine.data.prepare.nlvr2 import NLVR2_LABELS, NLVR2_SCHEMA, prepare_nlvr2
-from engine.data.prepare.refcoco import _REFER_SPLIT_BY, REFCOCO_SCHEMA, prepare_refer
-from engine.data.prepare.snli_ve import SNLI_LABELS, SNLI_SCHEMA, prepare_snli_ve
-from engine.data.prepare.vg import VG_SCHEMA, prepare_vg
-from engine.data.prepare.vqav2 import VQAV2_REST_VAL_IMAGES, VQAV2_SCHEMA, prepare_vqav2
 from engine.errors import RenError
 
 __all__ = [

@@ -9,18 +9,7 @@ from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
-from engine.data.prepare._read import _find, _json_list
-from engine.data.prepare._writer import (
-    MISSING_IMAGE,
-    PrepareReport,
-    Progress,
-    SkippedRecord,
-    _Job,
-    _LazyRows,
-    _Output,
-    _plural,
-    _Row,
-)
+from engine.data.prepare import read, writer
 from engine.data.prepare.captions import CAPTION_SCHEMA
 from engine.errors import RenError
 
@@ -39,15 +28,15 @@ class _Annotated:
 
     items: list[tuple[str, int, list[str]]]
     folders: list[Path]
-    skipped: list[SkippedRecord]
+    skipped: list[writer.SkippedRecord]
     notes: list[str]
 
 
-def _annotated_images(job: _Job, annotations: str, images: str, expected: str, output: str) -> _Annotated:
+def _annotated_images(job: writer.Job, annotations: str, images: str, expected: str, output: str) -> _Annotated:
     """The captions of ``annotations`` matched by file name to the files in ``images`` and its subfolders."""
     task = job.task
-    path = _find(job.source, task, (annotations,), expected)
-    root = _find(job.source, task, (images,), expected, folder=True)
+    path = read.find(job.source, task, (annotations,), expected)
+    root = read.find(job.source, task, (images,), expected, folder=True)
     with os.scandir(root) as entries:
         folders = [root, *sorted(Path(entry.path) for entry in entries if entry.is_dir())]
     found: dict[str, int] = {}
@@ -59,7 +48,7 @@ def _annotated_images(job: _Job, annotations: str, images: str, expected: str, o
                     repeated += entry.name in found
                     found.setdefault(entry.name, number)
     captions: dict[str, list[str]] = {}
-    for index, entry in enumerate(_json_list(path, task, "[image path, caption] pairs")):
+    for index, entry in enumerate(read.json_list(path, task, "[image path, caption] pairs")):
         if not (isinstance(entry, list) and len(entry) == 2 and all(isinstance(value, str) for value in entry)):
             raise RenError(f"{task}: entry [{index}] of {path} is {str(entry)[:80]!r}, expected [image path, caption] "
                            "(two strings).")
@@ -69,30 +58,33 @@ def _annotated_images(job: _Job, annotations: str, images: str, expected: str, o
         if name in found:
             annotated.items.append((name, found[name], texts))
         else:
-            annotated.skipped.append(SkippedRecord(output, name, MISSING_IMAGE, f"no file {name} in {root}/ or its "
-                                                   "subfolders"))
+            annotated.skipped.append(
+                writer.SkippedRecord(output, name, writer.MISSING_IMAGE, f"no file {name} in {root}/ or its subfolders")
+            )
     if unannotated := len(found) - len(annotated.items):
-        annotated.notes.append(f"{_plural(unannotated, 'image file')} in {root}/ had no caption in {path.name}; "
+        annotated.notes.append(f"{writer.plural(unannotated, 'image file')} in {root}/ had no caption in {path.name}; "
                                "they were not written.")
     if repeated:
-        annotated.notes.append(f"{_plural(repeated, 'image file name')} stood in more than one folder of {root}/; "
-                               "the first folder's file (by name) was used.")
+        annotated.notes.append(
+            f"{writer.plural(repeated, 'image file name')} stood in more than one folder of {root}/; "
+            "the first folder's file (by name) was used."
+        )
     return annotated
 
 
-def _shard_row(split: str, folders: list[Path], item: tuple[str, int, list[str]]) -> _Row:
+def _shard_row(split: str, folders: list[Path], item: tuple[str, int, list[str]]) -> writer.Row:
     name, folder, captions = item
-    return _Row(name, (folders[folder] / name,), (captions, name, split), len(captions))
+    return writer.Row(name, (folders[folder] / name,), (captions, name, split), len(captions))
 
 
-def _prepare_shards(task: str, source: Path, out: Path, progress: Progress | None, force: bool, shard_rows: int,
-                    splits: dict[str, tuple[str, str, str]], expected: str) -> PrepareReport:
+def _prepare_shards(task: str, source: Path, out: Path, progress: writer.Progress | None, force: bool, shard_rows: int,
+                    splits: dict[str, tuple[str, str, str]], expected: str) -> writer.PrepareReport:
     """CC or SBU: ``splits`` maps split -> (annotation file, image folder, shard name prefix)."""
     if shard_rows < 1:
         raise RenError(f"{task}: shard_rows must be at least 1, got {shard_rows}.")
-    with _Job(task, source, out, progress, force) as job:
+    with writer.Job(task, source, out, progress, force) as job:
         names: list[str] = []
-        outputs: list[_Output] = []
+        outputs: list[writer.Output] = []
         for split, (annotations, images, prefix) in splits.items():
             annotated = _annotated_images(job, annotations, images, expected, f"{prefix}_*.arrow")
             total = len(annotated.items)
@@ -104,7 +96,7 @@ def _prepare_shards(task: str, source: Path, out: Path, progress: Progress | Non
             for name, (start, stop) in shards.items():
                 metadata = {b"ren.shard": f"images {start}-{stop} of {total}".encode()}
                 if not job.complete(name, metadata):
-                    pending.append(_Output(name, CAPTION_SCHEMA.with_metadata(metadata), _LazyRows(
+                    pending.append(writer.Output(name, CAPTION_SCHEMA.with_metadata(metadata), writer.LazyRows(
                         annotated.items[start:stop], partial(_shard_row, split, annotated.folders))))
             if pending:
                 job.report.skipped.extend(annotated.skipped)
@@ -115,16 +107,16 @@ def _prepare_shards(task: str, source: Path, out: Path, progress: Progress | Non
         return job.finish(names)
 
 
-def prepare_cc(source: Path, out: Path, *, progress: Progress | None = None, force: bool = False,
-               shard_rows: int = SHARD_ROWS) -> PrepareReport:
+def prepare_cc(source: Path, out: Path, *, progress: writer.Progress | None = None, force: bool = False,
+               shard_rows: int = SHARD_ROWS) -> writer.PrepareReport:
     """Conceptual Captions in ViLT's layout, ``shard_rows`` images per shard (see docs/tasks-and-data.md)."""
     return _prepare_shards("cc", source, out, progress, force, shard_rows,
                            {split: (f"{split}_annot.json", f"images_{split}", f"conceptual_caption_{split}")
                             for split in ("train", "val")}, _CC_FROM)
 
 
-def prepare_sbu(source: Path, out: Path, *, progress: Progress | None = None, force: bool = False,
-                shard_rows: int = SHARD_ROWS) -> PrepareReport:
+def prepare_sbu(source: Path, out: Path, *, progress: writer.Progress | None = None, force: bool = False,
+                shard_rows: int = SHARD_ROWS) -> writer.PrepareReport:
     """SBU Captions in ViLT's layout, ``shard_rows`` images per shard (see docs/tasks-and-data.md)."""
     return _prepare_shards("sbu", source, out, progress, force, shard_rows,
                            {"train": ("annot.json", "images_train", "sbu")}, _SBU_FROM)

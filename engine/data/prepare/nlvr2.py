@@ -8,23 +8,11 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from engine.data.prepare._read import _field, _find, _read_jsonl
-from engine.data.prepare._writer import (
-    _LIST_STRING,
-    _STRING,
-    UNKNOWN_LABEL,
-    PrepareReport,
-    Progress,
-    SkippedRecord,
-    _Job,
-    _Output,
-    _prepare_splits,
-    _Row,
-)
+from engine.data.prepare import read, writer
 from engine.errors import RenError
 
-NLVR2_SCHEMA = pa.schema([("image_0", pa.binary()), ("image_1", pa.binary()), ("questions", _LIST_STRING),
-                          ("answers", _LIST_STRING), ("identifier", _STRING)])
+NLVR2_SCHEMA = pa.schema([("image_0", pa.binary()), ("image_1", pa.binary()), ("questions", writer.LIST_STRING),
+                          ("answers", writer.LIST_STRING), ("identifier", writer.STRING)])
 
 NLVR2_LABELS = ("True", "False")
 _NLVR2_DATA_DIRS = ("", "data", "nlvr2/data")
@@ -34,14 +22,14 @@ _NLVR2_REQUIRED = ("train", "dev", "test1")
 _NLVR2_OPTIONAL = ("balanced_dev", "balanced_test1", "unbalanced_dev", "unbalanced_test1")
 
 
-def _nlvr2_inputs(job: _Job, pending: Sequence[str], names: dict[str, str]) -> dict[str, Path]:
+def _nlvr2_inputs(job: writer.Job, pending: Sequence[str], names: dict[str, str]) -> dict[str, Path]:
     """The JSON-lines file of each pending split; an optional split without one is reported unavailable."""
     inputs: dict[str, Path] = {}
     for split in pending:
         relative = f"{split.split('_')[0]}/{split}.json" if split in _NLVR2_OPTIONAL else f"{split}.json"
         candidates = tuple(str(Path(base) / relative) for base in _NLVR2_DATA_DIRS)
         if split in _NLVR2_REQUIRED:
-            inputs[split] = _find(job.source, job.task, candidates, _NLVR2_FROM)
+            inputs[split] = read.find(job.source, job.task, candidates, _NLVR2_FROM)
         elif found := [job.source / c for c in candidates if (job.source / c).is_file()]:
             inputs[split] = found[0]
         else:
@@ -49,48 +37,50 @@ def _nlvr2_inputs(job: _Job, pending: Sequence[str], names: dict[str, str]) -> d
     return inputs
 
 
-def _nlvr2_output(job: _Job, name: str, path: Path, folders: dict[str, Path]) -> _Output:
+def _nlvr2_output(job: writer.Job, name: str, path: Path, folders: dict[str, Path]) -> writer.Output:
     """One NLVR2 output: the sentences of ``path`` grouped per image pair; ``folders`` caches image folders."""
     task = job.task
-    output = _Output(name, NLVR2_SCHEMA)
+    output = writer.Output(name, NLVR2_SCHEMA)
     pairs: dict[str, tuple[Path, list[str], list[str]]] = {}
-    for number, record in _read_jsonl(path, task):
+    for number, record in read.read_jsonl(path, task):
         where = f"line {number}"
-        identifier = _field(record, "identifier", str, path, where, task)
-        sentence = _field(record, "sentence", str, path, where, task)
-        label = _field(record, "label", str, path, where, task)
+        identifier = read.field(record, "identifier", str, path, where, task)
+        sentence = read.field(record, "sentence", str, path, where, task)
+        label = read.field(record, "label", str, path, where, task)
         pair, separator, _ = identifier.rpartition("-")
         if not separator or not pair:
             raise RenError(f"{task}: {where} of {path} has 'identifier' = {identifier!r}, expected "
                            "split-set_id-pair_id-sentence_id (e.g. 'dev-850-0-0').")
         if label not in NLVR2_LABELS:
-            output.skipped.append(SkippedRecord(name, identifier, UNKNOWN_LABEL,
-                                                f"label {label!r}, expected 'True' or 'False'"))
+            output.skipped.append(writer.SkippedRecord(name, identifier, writer.UNKNOWN_LABEL,
+                                                       f"label {label!r}, expected 'True' or 'False'"))
             continue
         if pair not in pairs:
             prefix = pair.split("-")[0]
             if prefix not in folders:
                 candidates = ("images/train",) if prefix == "train" else (prefix, f"images/{prefix}")
-                folders[prefix] = _find(job.source, task, candidates, _NLVR2_FROM, folder=True)
+                folders[prefix] = read.find(job.source, task, candidates, _NLVR2_FROM, folder=True)
             folder = folders[prefix]
             if prefix == "train":
-                folder = folder / str(_field(record, "directory", (int, str), path, where, task))
+                folder = folder / str(read.field(record, "directory", (int, str), path, where, task))
             pairs[pair] = (folder, [], [])
         pairs[pair][1].append(sentence)
         pairs[pair][2].append(label)
     for pair, (folder, sentences, labels) in pairs.items():
         images = (folder / f"{pair}-img0.png", folder / f"{pair}-img1.png")
-        output.rows.append(_Row(pair, images, (sentences, labels, pair), len(sentences)))
+        output.rows.append(writer.Row(pair, images, (sentences, labels, pair), len(sentences)))
     return output
 
 
-def prepare_nlvr2(source: Path, out: Path, *, progress: Progress | None = None, force: bool = False) -> PrepareReport:
+def prepare_nlvr2(
+    source: Path, out: Path, *, progress: writer.Progress | None = None, force: bool = False
+) -> writer.PrepareReport:
     """NLVR2 (see docs/tasks-and-data.md); the balanced/unbalanced splits are written when their files exist."""
     names = {split: f"nlvr2_{split}.arrow" for split in (*_NLVR2_REQUIRED, *_NLVR2_OPTIONAL)}
 
-    def outputs(job: _Job, pending: list[str]) -> list[_Output]:
+    def outputs(job: writer.Job, pending: list[str]) -> list[writer.Output]:
         folders: dict[str, Path] = {}
         return [_nlvr2_output(job, names[split], path, folders)
                 for split, path in _nlvr2_inputs(job, pending, names).items()]
 
-    return _prepare_splits("nlvr2", source, out, progress, force, names, outputs)
+    return writer.prepare_splits("nlvr2", source, out, progress, force, names, outputs)

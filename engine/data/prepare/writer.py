@@ -37,9 +37,9 @@ NO_VOCAB_ANSWER = "no answer in the vocabulary"
 _EXAMPLES_PER_REASON = 3
 _LOCK_NAME = ".ren-prepare.lock"
 
-_STRING = pa.string()
-_LIST_STRING = pa.list_(pa.string())
-_LIST_INT = pa.list_(pa.int64())
+STRING = pa.string()
+LIST_STRING = pa.list_(pa.string())
+LIST_INT = pa.list_(pa.int64())
 
 
 @dataclass(frozen=True)
@@ -122,12 +122,12 @@ class PrepareReport:
         return "\n".join(lines)
 
 
-def _plural(count: int, noun: str) -> str:
+def plural(count: int, noun: str) -> str:
     return f"{count} {noun}" if count == 1 else f"{count} {noun}s"
 
 
 @dataclass(frozen=True)
-class _Row:
+class Row:
     """One output row to be: how the report names it, its image files, its other cells in schema order."""
 
     record: str
@@ -136,26 +136,26 @@ class _Row:
     texts: int
 
 
-class _LazyRows(Sequence[_Row]):
-    """``make(item)`` for each of ``items``, made when read, so that millions of rows are not held as :class:`_Row`."""
+class LazyRows(Sequence[Row]):
+    """``make(item)`` for each of ``items``, made when read, so that millions of rows are not held as :class:`Row`."""
 
-    def __init__(self, items: Sequence[Any], make: Callable[[Any], _Row]) -> None:
+    def __init__(self, items: Sequence[Any], make: Callable[[Any], Row]) -> None:
         self._items, self._make = items, make
 
     def __len__(self) -> int:
         return len(self._items)
 
-    def __getitem__(self, index: int) -> _Row:  # type: ignore[override]  # an index, never a slice
+    def __getitem__(self, index: int) -> Row:  # type: ignore[override]  # an index, never a slice
         return self._make(self._items[index])
 
 
 @dataclass
-class _Output:
+class Output:
     """An output file to write: its rows and the records already left out of it."""
 
     name: str
     schema: pa.Schema
-    rows: list[_Row] | _LazyRows = field(default_factory=list)
+    rows: list[Row] | LazyRows = field(default_factory=list)
     skipped: list[SkippedRecord] = field(default_factory=list)
 
 
@@ -219,7 +219,7 @@ def _complete_counts(path: Path, kind: ArrowKind, metadata: dict[bytes, bytes]) 
         return None
 
 
-class _Job:
+class Job:
     """One :func:`prepare` call: which outputs are complete, writing the others, the report. As a context
     manager it creates ``out`` and holds its lock, refusing to run beside another ``prepare`` into ``out``."""
 
@@ -231,7 +231,7 @@ class _Job:
         self._done = self._total = 0
         self._lock = FileLock(str(self.out / _LOCK_NAME), timeout=0)
 
-    def __enter__(self) -> _Job:
+    def __enter__(self) -> Job:
         try:
             self.out.mkdir(parents=True, exist_ok=True)
         except OSError as error:
@@ -263,7 +263,7 @@ class _Job:
         self._files[name] = OutputFile(name, path, *counts, status="kept")
         return True
 
-    def write(self, outputs: Sequence[_Output]) -> None:
+    def write(self, outputs: Sequence[Output]) -> None:
         """Write ``outputs`` in order, reporting progress per source row."""
         self._done, self._total = 0, sum(len(output.rows) for output in outputs)
         self._tick(0)
@@ -276,7 +276,7 @@ class _Job:
         if self.progress is not None:
             self.progress(self._done, self._total)
 
-    def _write_output(self, output: _Output) -> None:
+    def _write_output(self, output: Output) -> None:
         columns: list[list[Any]] = [[] for _ in output.schema]
         pending_bytes = rows = texts = 0
 
@@ -306,7 +306,7 @@ class _Job:
             flush(writer)
         self._files[output.name] = OutputFile(output.name, path, rows, texts, status="written")
 
-    def _read_images(self, row: _Row, output: str) -> list[bytes] | None:
+    def _read_images(self, row: Row, output: str) -> list[bytes] | None:
         encoded = []
         for path in row.images:
             data, reason, detail = _load_image(path)
@@ -339,7 +339,7 @@ class _Job:
             if path.name not in names and any(fnmatch.fnmatch(path.name, pattern) for pattern in patterns):
                 path.unlink()
                 self.report.notes.append(f"Removed {path}: left by a run cut into other shards, it would be read "
-                                         f"as part of {split} beside this run's {_plural(len(names), 'shard')}.")
+                                         f"as part of {split} beside this run's {plural(len(names), 'shard')}.")
 
     def finish(self, names: Sequence[str]) -> PrepareReport:
         """The report, its files in the order of ``names``."""
@@ -347,11 +347,11 @@ class _Job:
         return self.report
 
 
-def _prepare_splits(task: str, source: Path, out: Path, progress: Progress | None, force: bool, names: dict[str, str],
-                    outputs: Callable[[_Job, list[str]], list[_Output]], notes: Sequence[str] = ()) -> PrepareReport:
+def prepare_splits(task: str, source: Path, out: Path, progress: Progress | None, force: bool, names: dict[str, str],
+                   outputs: Callable[[Job, list[str]], list[Output]], notes: Sequence[str] = ()) -> PrepareReport:
     """A converter of one file per split: ``names`` maps split -> file name; the files not complete are written
     from ``outputs(job, pending splits)``; ``notes`` go into the report."""
-    with _Job(task, source, out, progress, force) as job:
+    with Job(task, source, out, progress, force) as job:
         job.report.notes.extend(notes)
         pending = [split for split in names if not job.complete(names[split])]
         written = outputs(job, pending) if pending else []

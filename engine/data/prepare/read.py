@@ -11,7 +11,7 @@ from typing import Any
 
 from engine.errors import RenError
 
-_FLICKR_DIRS = ("flickr30k-images", "Flickr30K/images")  # the Flickr30k images, for f30k_caption and snli_ve
+FLICKR_DIRS = ("flickr30k-images", "Flickr30K/images")  # the Flickr30k images, for f30k_caption and snli_ve
 
 
 def _require_source(source: Path, task: str, expected: str) -> None:
@@ -20,7 +20,7 @@ def _require_source(source: Path, task: str, expected: str) -> None:
                        f"{expected}.")
 
 
-def _find(source: Path, task: str, candidates: Sequence[str], expected: str, *, folder: bool = False) -> Path:
+def find(source: Path, task: str, candidates: Sequence[str], expected: str, *, folder: bool = False) -> Path:
     """The first of ``source / candidate`` that exists (as a folder when ``folder``); else a RenError."""
     _require_source(source, task, expected)
     for candidate in candidates:
@@ -33,7 +33,7 @@ def _find(source: Path, task: str, candidates: Sequence[str], expected: str, *, 
                    f"{looked}). {task} is prepared from {expected}.")
 
 
-def _read_json(path: Path, task: str) -> Any:
+def read_json(path: Path, task: str) -> Any:
     try:
         with path.open(encoding="utf-8") as file:
             return json.load(file)
@@ -44,7 +44,7 @@ def _read_json(path: Path, task: str) -> Any:
         raise RenError(f"{task}: {path} is not UTF-8 text ({error}).") from None
 
 
-def _read_jsonl(path: Path, task: str) -> Iterator[tuple[int, Any]]:
+def read_jsonl(path: Path, task: str) -> Iterator[tuple[int, Any]]:
     """``(line number, record)`` for each non-blank line of the JSON-lines file ``path``."""
     try:
         with path.open(encoding="utf-8") as file:
@@ -60,14 +60,14 @@ def _read_jsonl(path: Path, task: str) -> Iterator[tuple[int, Any]]:
         raise RenError(f"{task}: {path} is not UTF-8 text ({error}).") from None
 
 
-_TYPE_NAMES = {str: "a string", int: "an integer", list: "a list", dict: "an object"}
+TYPE_NAMES = {str: "a string", int: "an integer", list: "a list", dict: "an object"}
 
 
-def _field(record: Any, key: str, kinds: type | tuple[type, ...], path: Path, where: str, task: str) -> Any:
+def field(record: Any, key: str, kinds: type | tuple[type, ...], path: Path, where: str, task: str) -> Any:
     """``record[key]``, checked to exist and to be of ``kinds``; ``where`` names the record in messages."""
     if not isinstance(record, dict):
         expected = "a dict" if path.suffix == ".p" else "a JSON object"
-        raise RenError(f"{task}: {where} of {path} is {_TYPE_NAMES.get(type(record), type(record).__name__)}, "
+        raise RenError(f"{task}: {where} of {path} is {TYPE_NAMES.get(type(record), type(record).__name__)}, "
                        f"expected {expected}.")
     if key not in record:
         keys = ", ".join(map(repr, list(record)[:12])) or "none"
@@ -75,19 +75,19 @@ def _field(record: Any, key: str, kinds: type | tuple[type, ...], path: Path, wh
     value = record[key]
     allowed = kinds if isinstance(kinds, tuple) else (kinds,)
     if not isinstance(value, allowed) or isinstance(value, bool):
-        expected = " or ".join(_TYPE_NAMES.get(kind, kind.__name__) for kind in allowed)
+        expected = " or ".join(TYPE_NAMES.get(kind, kind.__name__) for kind in allowed)
         raise RenError(f"{task}: {where} of {path} has {key!r} = {str(value)[:80]!r}, expected {expected}.")
     return value
 
 
-def _top_list(content: Any, key: str, path: Path, task: str) -> list[Any]:
+def top_list(content: Any, key: str, path: Path, task: str) -> list[Any]:
     if not isinstance(content, dict) or not isinstance(content.get(key), list):
         raise RenError(f"{task}: {path} has no top-level list {key!r}; expected the original layout "
                        f"{{{key!r}: [...], ...}}.")
     return content[key]
 
 
-def _numbers(value: Any, count: int, path: Path, where: str, task: str, meaning: str) -> list[float]:
+def numbers(value: Any, count: int, path: Path, where: str, task: str, meaning: str) -> list[float]:
     """``value`` as ``count`` floats; else a RenError saying it should be ``meaning``."""
     if not isinstance(value, list) or len(value) != count or not all(
             isinstance(number, (int, float)) and not isinstance(number, bool) for number in value):
@@ -127,7 +127,7 @@ def _decoded(value: Any) -> Any:
     return value
 
 
-def _read_pickle(path: Path, task: str) -> Any:
+def read_pickle(path: Path, task: str) -> Any:
     """The content of the pickle ``path`` (Python 2 byte strings decoded, see :func:`_decoded`), data types only."""
     try:
         with path.open("rb") as file:
@@ -142,10 +142,10 @@ def _read_pickle(path: Path, task: str) -> Any:
                        "file of the original release.") from None
 
 
-def _json_list(path: Path, task: str, expected: str) -> list[Any]:
+def json_list(path: Path, task: str, expected: str) -> list[Any]:
     """The content of the JSON file ``path``, which must be a list (``expected`` says of what)."""
-    content = _read_json(path, task)
+    content = read_json(path, task)
     if not isinstance(content, list):
-        raise RenError(f"{task}: {path} holds {_TYPE_NAMES.get(type(content), type(content).__name__)}, expected a "
+        raise RenError(f"{task}: {path} holds {TYPE_NAMES.get(type(content), type(content).__name__)}, expected a "
                        f"JSON list of {expected}.")
     return content
