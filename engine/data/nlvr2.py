@@ -24,11 +24,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 from torch import Tensor
-from torch.utils.data import Dataset
 from transformers import PreTrainedTokenizerBase
 
-from engine.data.arrow import ArrowSource, expand_items, list_lengths, numbers
+from engine.data.arrow import ArrowSource, list_lengths, numbers
 from engine.data.images import ImageTransform
+from engine.data.items import ArrowItems
 from engine.data.transforms import Normalization
 from engine.errors import RenError
 
@@ -36,28 +36,20 @@ ANSWERS = ("False", "True")  # by label id
 
 
 
-class ArrowNLVR2Dataset(Dataset):
+class ArrowNLVR2Dataset(ArrowItems):
     """One item per sentence. Batch keys: ``input_ids``, ``attention_mask`` (B x L),
     ``pixel_values_0``, ``pixel_values_1`` (B x 3 x S x S each, normalised),
     ``labels`` (B, int64: 1 true, 0 false), ``identifiers`` (B strings)."""
 
     def __init__(self, source: ArrowSource, tokenizer: PreTrainedTokenizerBase, max_text_len: int,
                  transform: ImageTransform, norm: Normalization) -> None:
-        self.source, self.tokenizer, self.max_text_len = source, tokenizer, max_text_len
-        self.transform, self.norm = transform, norm
-        paths = ", ".join(map(str, source.paths))
-        if not len(source):
-            raise RenError(f"{paths}: no rows.")
-        questions, answers = source.column("questions"), source.column("answers")
-        counts, answer_counts = list_lengths(questions), list_lengths(answers)
-        bad = np.flatnonzero(counts != answer_counts)
+        super().__init__(source, tokenizer, max_text_len, transform, norm, items_column="questions", items="sentences")
+        answers = source.column("answers")
+        answer_counts = list_lengths(answers)
+        bad = np.flatnonzero(self.counts != answer_counts)
         if len(bad):
-            path, local = source.locate(int(bad[0]))
-            raise RenError(f"{path} row {local}: {counts[bad[0]]} sentences but {answer_counts[bad[0]]} answers; "
-                           "ViLT's write_nlvr2.py writes one answer per sentence.")
-        self.rows, self.slots = expand_items(counts)
-        if not len(self.rows):
-            raise RenError(f"{paths}: no sentences.")
+            self.fail(int(bad[0]), f"{self.counts[bad[0]]} sentences but {answer_counts[bad[0]]} answers; "
+                      "ViLT's write_nlvr2.py writes one answer per sentence.")
         flat = pc.list_flatten(answers)
         valid = numbers(pc.is_in(flat, value_set=pa.array(ANSWERS, pa.string())), False).astype(bool)
         bad = np.flatnonzero(~valid)
@@ -67,11 +59,8 @@ class ArrowNLVR2Dataset(Dataset):
             cells = source.row(row, ("answers", "identifier"))
             raise RenError(f"{path} row {local} ({cells['identifier']}): answers[{slot}] = "
                            f"{cells['answers'][slot]!r}, but NLVR2 answers are the strings \"True\" and \"False\". "
-                           f"Answers that are neither: {len(bad)} of {len(self.rows)} in {paths}.")
+                           f"Answers that are neither: {len(bad)} of {len(self.rows)} in {self.paths}.")
         self.labels = numbers(pc.equal(flat, ANSWERS[1])).astype(np.int64)
-
-    def __len__(self) -> int:
-        return len(self.rows)
 
     def _pair(self, row: int) -> tuple[Tensor, Tensor] | None:
         first = self.source.image(row, "image_0")
@@ -102,9 +91,7 @@ class ArrowNLVR2Dataset(Dataset):
             path = self.source.locate(int(self.rows[indices[0]]))[0]
             raise RenError(f"Every image pair of a batch of {len(indices)} NLVR2 sentences had an unreadable image "
                            f"({self.source.skipped_images} skipped so far) in {path}.")
-        encoding = self.tokenizer(texts, padding="longest", truncation=True, max_length=self.max_text_len,
-                                  return_tensors="pt")
-        return {"input_ids": encoding["input_ids"], "attention_mask": encoding["attention_mask"],
+        return {**self.encode(texts),
                 "pixel_values_0": self.norm.apply(torch.stack(left)),
                 "pixel_values_1": self.norm.apply(torch.stack(right)),
                 "labels": torch.as_tensor(self.labels[kept], dtype=torch.int64), "identifiers": identifiers}

@@ -20,13 +20,12 @@ import numpy as np
 import pyarrow.compute as pc
 import torch
 from torch import Tensor
-from torch.utils.data import Dataset
 from transformers import PreTrainedTokenizerBase
 
-from engine.data.arrow import ArrowSource, expand_items, list_lengths, numbers
+from engine.data.arrow import ArrowSource, list_lengths, numbers
 from engine.data.images import ImageTransform
+from engine.data.items import ArrowItems
 from engine.data.transforms import Normalization
-from engine.errors import RenError
 
 DATASETS = ("refcoco", "refcoco+", "refcocog")
 
@@ -39,7 +38,7 @@ def normalized_boxes(xywh: list[list[float]], width: int, height: int) -> Tensor
     return (corners / scale).clamp(0, 1)
 
 
-class ArrowRefCOCODataset(Dataset):
+class ArrowRefCOCODataset(ArrowItems):
     """One item per referring expression. Batch keys: ``input_ids``, ``attention_mask``
     (B x L), ``pixel_values`` (B x 3 x S x S, normalised), ``boxes`` (B x K x 4 float32,
     ``x0, y0, x1, y1`` in [0, 1]; K the most candidates in the batch), ``box_mask``
@@ -47,15 +46,9 @@ class ArrowRefCOCODataset(Dataset):
 
     def __init__(self, source: ArrowSource, tokenizer: PreTrainedTokenizerBase, max_text_len: int,
                  transform: ImageTransform, norm: Normalization) -> None:
-        self.source, self.tokenizer, self.max_text_len = source, tokenizer, max_text_len
-        self.transform, self.norm = transform, norm
-        paths = ", ".join(map(str, source.paths))
-        if not len(source):
-            raise RenError(f"{paths}: no rows.")
-        self._check_rows(paths)
-        self.rows, self.slots = expand_items(list_lengths(source.column("sentences")))
-        if not len(self.rows):
-            raise RenError(f"{paths}: no referring expressions (every row's sentences list is empty).")
+        super().__init__(source, tokenizer, max_text_len, transform, norm, items_column="sentences",
+                         items="referring expressions (every row's sentences list is empty)")
+        self._check_rows(self.paths)
 
     def _check_rows(self, paths: str) -> None:
         """Every label indexes its row's boxes and every box has 4 numbers with positive size."""
@@ -64,7 +57,7 @@ class ArrowRefCOCODataset(Dataset):
         labels = numbers(self.source.column("labels"), -1).astype(np.int64)
         bad = np.flatnonzero((labels < 0) | (labels >= counts))
         if len(bad):
-            self._fail(int(bad[0]), f"labels = {int(labels[bad[0]])} but the row has {int(counts[bad[0]])} "
+            self.fail(int(bad[0]), f"labels = {int(labels[bad[0]])} but the row has {int(counts[bad[0]])} "
                        f"candidate boxes; the label is the referred object's index in bboxes. Rows with such a "
                        f"label: {len(bad)} of {len(labels)} in {paths}.")
         boxes = pc.list_flatten(bboxes)
@@ -72,20 +65,13 @@ class ArrowRefCOCODataset(Dataset):
         row_of_box = np.repeat(np.arange(len(counts)), counts)
         wrong = np.flatnonzero(sizes != 4)
         if len(wrong):
-            self._fail(int(row_of_box[wrong[0]]), f"a box has {int(sizes[wrong[0]])} numbers; boxes are COCO "
+            self.fail(int(row_of_box[wrong[0]]), f"a box has {int(sizes[wrong[0]])} numbers; boxes are COCO "
                        f"[x, y, w, h] in pixels. Such boxes: {len(wrong)} in {paths}.")
         values = numbers(pc.list_flatten(boxes), -1).astype(np.float64).reshape(-1, 4)
         flat = np.flatnonzero((values[:, 2] <= 0) | (values[:, 3] <= 0) | (values[:, 0] < 0) | (values[:, 1] < 0))
         if len(flat):
-            self._fail(int(row_of_box[flat[0]]), f"box {values[flat[0]].tolist()} is not a COCO [x, y, w, h] box "
+            self.fail(int(row_of_box[flat[0]]), f"box {values[flat[0]].tolist()} is not a COCO [x, y, w, h] box "
                        f"(negative corner, or no width or height). Such boxes: {len(flat)} in {paths}.")
-
-    def _fail(self, row: int, problem: str) -> None:
-        path, local = self.source.locate(row)
-        raise RenError(f"{path} row {local}: {problem}")
-
-    def __len__(self) -> int:
-        return len(self.rows)
 
     def _image(self, image: object) -> tuple[Tensor, tuple[int, int]]:
         return self.transform(image), image.size
@@ -107,17 +93,12 @@ class ArrowRefCOCODataset(Dataset):
             boxes.append(normalized_boxes(cells[row]["bboxes"], width, height))
             labels.append(cells[row]["labels"])
         if not texts:
-            path = self.source.locate(int(self.rows[indices[0]]))[0]
-            raise RenError(f"Every image of a batch of {len(indices)} referring expressions was unreadable "
-                           f"({self.source.skipped_images} skipped so far) in {path}.")
+            raise self.unreadable(indices, "referring expressions")
         most = max(len(b) for b in boxes)
         padded = torch.zeros(len(boxes), most, 4)
         mask = torch.zeros(len(boxes), most, dtype=torch.bool)
         for i, b in enumerate(boxes):
             padded[i, :len(b)] = b
             mask[i, :len(b)] = True
-        encoding = self.tokenizer(texts, padding="longest", truncation=True, max_length=self.max_text_len,
-                                  return_tensors="pt")
-        return {"input_ids": encoding["input_ids"], "attention_mask": encoding["attention_mask"],
-                "pixel_values": self.norm.apply(torch.stack(pixels)), "boxes": padded, "box_mask": mask,
-                "labels": torch.as_tensor(labels, dtype=torch.int64)}
+        return {**self.encode(texts), "pixel_values": self.norm.apply(torch.stack(pixels)), "boxes": padded,
+                "box_mask": mask, "labels": torch.as_tensor(labels, dtype=torch.int64)}

@@ -24,11 +24,11 @@ import numpy as np
 import pyarrow.compute as pc
 import torch
 from torch import Tensor
-from torch.utils.data import Dataset
 from transformers import PreTrainedTokenizerBase
 
-from engine.data.arrow import ArrowSource, expand_items, list_lengths, numbers
+from engine.data.arrow import ArrowSource, numbers
 from engine.data.images import ImageTransform
+from engine.data.items import ArrowItems
 from engine.data.transforms import Normalization
 from engine.errors import RenError
 from engine.vqa_answers import answer_forms, official_targets
@@ -53,7 +53,7 @@ def answer_vocabulary(sources: Sequence[ArrowSource]) -> list[str]:
     return [vocab.get(i, "") for i in range(max(vocab) + 1)]
 
 
-class ArrowVQADataset(Dataset):
+class ArrowVQADataset(ArrowItems):
     """One item per question. Batch keys: ``input_ids``, ``attention_mask`` (B x L),
     ``pixel_values`` (B x 3 x S x S, normalised), ``labels`` (B x num_answers soft
     targets), ``question_ids`` (B,); with ``answers`` (the vocabulary) and files that carry
@@ -62,18 +62,12 @@ class ArrowVQADataset(Dataset):
     def __init__(self, source: ArrowSource, tokenizer: PreTrainedTokenizerBase, max_text_len: int,
                  transform: ImageTransform, norm: Normalization, num_answers: int,
                  answers: Sequence[str] | None = None) -> None:
-        self.source, self.tokenizer, self.max_text_len = source, tokenizer, max_text_len
-        self.transform, self.norm, self.num_answers = transform, norm, num_answers
+        super().__init__(source, tokenizer, max_text_len, transform, norm, items_column="questions", items="questions")
+        self.num_answers = num_answers
         self.vocab = list(answers) if answers is not None and has_raw_answers(source) else None
         if self.vocab is not None and len(self.vocab) != num_answers:
             raise RenError(f"ArrowVQADataset: {len(self.vocab)} answers for a head of {num_answers}.")
         self.forms = answer_forms(self.vocab) if self.vocab is not None else {}
-        self.rows, self.slots = expand_items(list_lengths(source.column("questions")))
-        if not len(self.rows):
-            raise RenError(f"{', '.join(map(str, source.paths))}: no questions.")
-
-    def __len__(self) -> int:
-        return len(self.rows)
 
     def __getitems__(self, indices: list[int]) -> dict[str, Tensor]:
         images: dict[tuple[int, str], Tensor | None] = {}
@@ -95,19 +89,16 @@ class ArrowVQADataset(Dataset):
                 labels = torch.as_tensor(cells["answer_labels"][slot], dtype=torch.int64)
                 scores = torch.as_tensor(cells["answer_scores"][slot], dtype=torch.float32)
                 if len(labels) and int(labels.max()) >= self.num_answers:
-                    raise RenError(f"{self.source.locate(row)[0]} row {self.source.locate(row)[1]}: answer label "
-                                   f"{int(labels.max())} is outside the training vocabulary of {self.num_answers}.")
+                    self.fail(row, f"answer label {int(labels.max())} is outside the training vocabulary of "
+                              f"{self.num_answers}.")
                 target[labels] = scores
             texts.append(cells["questions"][slot])
             targets.append(target)
             qids.append(cells["question_id"][slot])
             pixels.append(pixel)
         if not texts:
-            raise RenError(f"Every image of a batch of {len(indices)} questions was unreadable "
-                           f"({self.source.skipped_images} skipped so far) in {self.source.paths[0]}.")
-        encoding = self.tokenizer(texts, padding="longest", truncation=True, max_length=self.max_text_len,
-                                  return_tensors="pt")
-        batch = {"input_ids": encoding["input_ids"], "attention_mask": encoding["attention_mask"],
+            raise self.unreadable(indices, "questions")
+        batch = {**self.encode(texts),
                  "pixel_values": self.norm.apply(torch.stack(pixels)), "labels": torch.stack(targets),
                  "question_ids": torch.as_tensor(qids, dtype=torch.int64)}
         if self.vocab is not None:

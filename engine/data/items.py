@@ -1,0 +1,50 @@
+"""The common part of the arrow task data sets (VQAv2, NLVR2, SNLI-VE, RefCOCO): a row of an arrow file holds
+several items (questions, sentences, pairs), and item ``i`` is slot ``slots[i]`` of row ``rows[i]``."""
+
+from __future__ import annotations
+
+from torch import Tensor
+from torch.utils.data import Dataset
+from transformers import PreTrainedTokenizerBase
+
+from engine.data.arrow import ArrowSource, expand_items, list_lengths
+from engine.data.images import ImageTransform
+from engine.data.transforms import Normalization
+from engine.errors import RenError
+
+
+class ArrowItems(Dataset):
+    """Items of one arrow source, expanded from the list column ``items_column`` (subclasses check their own
+    columns after this constructor and build batches in ``__getitems__``)."""
+
+    def __init__(self, source: ArrowSource, tokenizer: PreTrainedTokenizerBase, max_text_len: int,
+                 transform: ImageTransform, norm: Normalization, *, items_column: str, items: str) -> None:
+        self.source, self.tokenizer, self.max_text_len = source, tokenizer, max_text_len
+        self.transform, self.norm = transform, norm
+        self.paths = ", ".join(map(str, source.paths))
+        if not len(source):
+            raise RenError(f"{self.paths}: no rows.")
+        self.counts = list_lengths(source.column(items_column))
+        self.rows, self.slots = expand_items(self.counts)
+        if not len(self.rows):
+            raise RenError(f"{self.paths}: no {items}.")
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def fail(self, row: int, problem: str) -> None:
+        """Raise the error for a bad row, naming its file and its row in that file."""
+        path, local = self.source.locate(row)
+        raise RenError(f"{path} row {local}: {problem}")
+
+    def unreadable(self, indices: list[int], items: str) -> RenError:
+        """The error for a batch whose every image was unreadable."""
+        path = self.source.locate(int(self.rows[indices[0]]))[0]
+        return RenError(f"Every image of a batch of {len(indices)} {items} was unreadable "
+                        f"({self.source.skipped_images} skipped so far) in {path}.")
+
+    def encode(self, texts: list[str]) -> dict[str, Tensor]:
+        """``input_ids`` and ``attention_mask`` of ``texts``, padded to the longest and cut at ``max_text_len``."""
+        encoding = self.tokenizer(texts, padding="longest", truncation=True, max_length=self.max_text_len,
+                                  return_tensors="pt")
+        return {"input_ids": encoding["input_ids"], "attention_mask": encoding["attention_mask"]}
