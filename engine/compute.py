@@ -1,29 +1,10 @@
 """Compute accounting: FLOPs per sample, device peak FLOP/s, step-time split, peak memory.
 
-The trainer measures, once per run, the FLOPs of its first training step (the forward
-under one :class:`~torch.utils.flop_counter.FlopCounterMode`, ``backward()`` under
-another) and of its first evaluation batch, and divides them by the batch's samples
-(:class:`FlopMeter`). Cumulative compute is then FLOPs per sample x samples seen, and
-utilisation is the achieved FLOP/s against the device's peak: a table of vendor
-figures for known GPUs (:func:`table_peak`), else a matmul measured once per machine
-and cached (:func:`device_peak`), each in the dtype the training's matmuls actually
-ran in (:func:`autocast_dtype`: accelerate applies no autocast for fp16 on a CPU, so
-such a run trains, and is measured, in fp32, and records ``requested_dtype = "fp16"``).
-
-A measured peak is the fastest of :data:`PEAK_REPEATS` timed matmuls after
-:data:`PEAK_WARMUP` untimed ones (:func:`best_seconds`), with the training's thread
-count: other load on a shared machine only ever slows a matmul, so the fastest repeat
-is the least disturbed one (a median read low under load, and utilisation rose above
-100%). Utilisation is recorded as measured, not clipped: above 1.0 it says the peak was
-measured under more load than the training ran under, and ``ren show`` flags it.
-
-:class:`StepTimer` splits step time into data wait, forward, backward and optimizer,
-synchronising the device only on sampled steps.
-
-FLOPs are what ``flop_counter`` counts: 2 per multiply-add of matmuls, convolutions and
-attention (elementwise ops, norms and softmax are not counted). On a CPU, PyTorch runs
-scaled-dot-product attention through a kernel that ``flop_counter`` has no formula for;
-:data:`CPU_ATTENTION_FORMULAS` adds the same formulas it uses for the GPU kernels.
+FLOPs are counted once per run with ``torch.utils.flop_counter`` (:class:`FlopMeter`, plus
+:data:`CPU_ATTENTION_FORMULAS` for the CPU attention kernel it lacks), the peak comes from a vendor table
+or the fastest of :data:`PEAK_REPEATS` timed matmuls (:func:`device_peak`), and :class:`StepTimer` splits
+step time. What is measured and why: docs/queue-and-store.md, "Compute accounting", and
+docs/PROTOCOLS.md, "Compute accounting".
 """
 
 from __future__ import annotations

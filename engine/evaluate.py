@@ -1,31 +1,11 @@
 """Evaluating a stored run: image-text retrieval on an arrow caption split, and a finetuned
 run's task on any split of its data set.
 
-:func:`retrieval_scores` turns a caption split (ViLT's ``f30k_caption`` /
-``coco_caption`` Karpathy files: one row per image, all its captions in a list)
-into the texts and ``text_to_image`` of :func:`engine.retrieval.evaluate_retrieval`
-and feeds it the model through :class:`RetrievalInputs`: texts and images are each run through their tower once
-(ITC embeddings for the first stage); for a two_tower model with an ITM head
-the tower outputs are kept (on the model's device) and only the fusion layers
-run for each reranked pair, as METER's evaluation does. That cache costs
-``n_texts x text_len x D_t + n_images x image_tokens x D_v`` floats, e.g.
-about 3 GB of texts and 9 GB of images for COCO 5k at 384 px with ViT-B/16.
-A dual encoder (no ITM head) is scored by its first stage alone.
-
-A model without a first stage of its own (a one_tower, or a two_tower trained
-without ITC) reranks the candidates of another run's first stage
-(``first_stage``, a :class:`RunModel`): each run tokenizes and transforms with
-its own config. A one_tower runs every candidate pair through the whole model
-(:class:`PairwiseITM`, at most ``k x (n_texts + n_images)`` forward passes); a
-two_tower keeps its tower outputs and fuses each pair, as above.
-
-:func:`load_run_model` builds a run's model from its stored config and final
-weights, after checking that the config has what retrieval needs.
-:func:`load_task_eval` does the same for a finetuned run and one split of its
-data set (read as training's evaluation reads its eval split), and
-:func:`task_scores` scores it with the training loop's own per-batch scoring
-(:func:`engine.train.score_batch`), keeping the predictions for a VQA
-submission.
+:func:`retrieval_scores` feeds a Karpathy caption split to :func:`engine.retrieval.evaluate_retrieval`,
+caching tower outputs so a two-tower reranks by fusion alone (as METER's evaluation does); a model with no
+first stage of its own reranks another run's (``first_stage``). :func:`task_scores` scores a finetuned run
+with training's own per-batch scoring (:func:`engine.train.score_batch`). What ``ren eval`` does and costs:
+docs/tasks-and-data.md, "Image–text retrieval" and "Task scores on any split".
 """
 
 from __future__ import annotations

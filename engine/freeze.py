@@ -1,19 +1,9 @@
 """Freezing by named layer groups.
 
-The builder names every parameter group (``text.embeddings``,
-``vision.layers[3]``, ``fusion.layers[0]``, ``heads.vqa``, ...). A freeze spec
-is a list of patterns over those names; :func:`apply_freeze` applies it and
-returns a :class:`FreezeReport`. Pattern forms:
-
-- an exact name: ``vision.embeddings``
-- a prefix: ``text`` (every ``text.*`` group), ``vision.layers`` (every layer)
-- a glob: ``vision.layers*``, ``*.embeddings``
-- a slice: ``vision.layers[0:6]`` (layers 0..5), ``text.layers[6:]``
-
-Fully frozen groups are kept in eval mode by :class:`~engine.models.VLModel`,
-and since none of their parameters require gradients, autograd records no
-graph through a frozen prefix of the network: freezing saves backward compute
-and activation memory, not only optimizer state.
+The builder names every parameter group (``text.embeddings``, ``vision.layers[3]``, ``heads.vqa``, ...);
+a freeze spec is a list of patterns over those names (exact, prefix, glob or slice), which
+:func:`apply_freeze` applies, returning a :class:`FreezeReport`. Pattern forms and what freezing saves:
+docs/presets-guide.md, "Freezing".
 """
 
 from __future__ import annotations

@@ -1,23 +1,17 @@
 """``python -m engine.inspector``: the model inspector, a long-lived helper process.
 
-It imports torch once, then answers one JSON line on stdout for each JSON line
-on stdin, so a torch-free client (the TUI) can show parameter counts and
-compute estimates while a config is being edited. A request is
-``{"id": n, "config": {...}}`` (a raw config dict, as a preset holds it); the
-answer is either
+It imports torch once, then answers each JSON line on stdin with one JSON line on stdout, so a torch-free
+client (the TUI) can show parameter counts and compute estimates while a config is being edited.
 
-``{"id": n, "ok": true, "config": resolved, "params": summary, "frozen_groups": [...],
-"flops_per_sample": {...}}``
+- on start, once the heavy imports are done: ``{"ready": true}``
+- request: ``{"id": n, "config": {...}}`` (a raw config dict, as a preset holds it)
+- answer: ``{"id": n, "ok": true, "config": resolved, "params": summary, "frozen_groups": [...],
+  "flops_per_sample": {...}}`` (``params`` as :func:`model_summary` reports it, ``frozen_groups`` the group
+  names ``[freeze]`` selects, ``flops_per_sample`` as :func:`flops_per_sample` estimates it), or
+  ``{"id": n, "ok": false, "error": message, "key": "dotted.key" or null}``
 
-with ``params`` as :func:`model_summary` reports it,
-``frozen_groups`` the group names ``[freeze]`` selects and ``flops_per_sample``
-as :func:`flops_per_sample` estimates it, or
-
-``{"id": n, "ok": false, "error": message, "key": "dotted.key" or null}``.
-
-Bad input never stops the helper: a line that is not a JSON request gets an
-error answer (``id`` null when it has none). On start it writes
-``{"ready": true}`` once the heavy imports are done; it exits at the end of stdin.
+Bad input never stops the helper: a line that is not a JSON request gets an error answer (``id`` null
+when it has none). It exits at the end of stdin.
 """
 
 from __future__ import annotations

@@ -1,27 +1,8 @@
 """Image-text retrieval evaluation: Recall@K both ways and the two-stage rerank.
 
-Conventions (Flickr30k / COCO Karpathy test, as ViLT, METER and ALBEF report):
-
-* ``text_to_image[t]`` is the image of caption ``t``; every image needs at least
-  one caption. A text query (image retrieval, ``ir_*``) is correct at K when its
-  own image ranks in the top K; an image query (text retrieval, ``tr_*``) is
-  correct at K when ANY of its captions does. Recalls are percentages (0-100,
-  as in ALBEF's ``itm_eval`` and the papers' tables; ViLT/METER log fractions);
-  ``r_mean`` is the mean of all reported recalls (the six for K = 1, 5, 10).
-* Ties are broken by index: among equal scores the lower image (or text) index
-  ranks first, i.e. the order of a stable descending sort. Rank is therefore
-  ``#{strictly higher} + #{equal with a lower index}``. Candidate selection in
-  :func:`rerank` uses the same rule.
-* Two-stage rerank (ALBEF, BLIP): a first-stage matrix (ITC cosine of normalised
-  unimodal embeddings, or a dual encoder) picks each text's top-k images and
-  each image's top-k texts; only those pairs go through the fusion model's ITM
-  head. ALBEF writes the ITM logit into a matrix filled with -100, so the k
-  candidates rank first by ITM score and the rest tie below them (their order
-  then is whatever argsort gives ties). Here the rest keep their first-stage
-  order instead, which only changes ranks beyond k (Recall@K for K > k).
-  ``add_first_stage=True`` gives BLIP's variant (ITM logit + first-stage score).
-  A pair that is a candidate in both directions is fused once; ALBEF fuses it
-  once per direction with the same inputs, so the scores are the same.
+Flickr30k / COCO Karpathy test conventions as ViLT, METER and ALBEF report them (percentages, ties broken
+by index), and ALBEF's and BLIP's ITM rerank of the first stage's top k. The conventions, and where the
+rerank differs from ALBEF's: docs/PROTOCOLS.md, "Image-text retrieval".
 """
 
 from __future__ import annotations
@@ -128,8 +109,8 @@ def recall_at_k(sim: Tensor, text_to_image: Sequence[int] | Tensor, ks: Sequence
 
     ``sim`` is ``n_texts x n_images`` and ranks images for each text. Image
     queries rank texts by ``sim_i2t`` (``n_images x n_texts``) when given (the
-    reranked image->text matrix of :func:`rerank`), else by ``sim.T``. Ties: see
-    the module docstring.
+    reranked image->text matrix of :func:`rerank`), else by ``sim.T``. Ties: the
+    lower index ranks first (a stable descending sort).
     """
     where = "recall_at_k"
     sim = _check_matrix(sim, "sim (n_texts x n_images)", where)

@@ -1,26 +1,10 @@
 """The results store: training runs and their metric series, on disk.
 
-Layout under the store root::
-
-    index.json                        TinyDB table of run records, shared by all processes
-    index.lock                        FileLock held for every read-modify-write of the index
-    runs/<run_id>/                    per-run directory (checkpoints, logs, metrics)
-    runs/<run_id>/metrics.lock        held by the run's single MetricsWriter
-    runs/<run_id>/metrics/NNNNNN.json metric segments of at most ``segment_points`` points
-
-Every JSON file holds standard JSON only: no ``NaN`` or ``Infinity``, which Python writes by default and
-strict readers (jq, exporters to MLflow or TensorBoard) reject. A record given a non-finite number is
-refused with a StoreError naming the field. A metric point keeps its place in the series instead: each
-non-finite value is written as ``null`` and the point gets a ``"nonfinite"`` object naming what each one
-was, e.g. ``{"step": 37, "loss": null, "nonfinite": {"loss": "nan"}}``; the readers here give the value
-back as logged (``float("nan")``), and a ``null`` without a flag reads as NaN. An index written by an
-older ren with ``NaN`` in it still reads (those values as absent), and its next write is standard JSON.
-
-Every file is written to a temporary file in the same directory, fsynced and then
-``os.replace``-d onto its name, so readers in other processes need no lock and never
-see a half-written file, and a process killed at any instant leaves the old or the
-new contents. The TUI imports this module, so it must not import torch, transformers,
-timm or textual.
+Run records live in a TinyDB index shared by all processes (every read-modify-write under ``index.lock``),
+each run's metrics in bounded JSON segments under ``runs/<run_id>/metrics/`` with one writer. Every file is
+standard JSON (a non-finite metric is ``null`` plus a ``"nonfinite"`` flag) and is replaced atomically, so
+readers need no lock. Layout and guarantees: docs/queue-and-store.md, "The results store". The TUI imports
+this module, so it must not import torch, transformers, timm or textual.
 """
 
 from __future__ import annotations

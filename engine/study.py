@@ -1,30 +1,9 @@
 """Studies: one TOML file that expands into pretraining and finetuning runs.
 
-A study names a base pretraining preset, the variants to compare (named tables of
-preset overrides: one ``[variants]`` axis, or a grid of ``[axes.<name>]``), the
-seeds, and the ``[[finetune]]`` tasks that follow each pretraining run::
-
-    [study]
-    name = "freezing-easyvqa"
-    pretrain = "easyvqa_two_tower_pretrain_short.toml"   # relative to this file
-    baseline = "none"
-    seeds = [0]
-
-    [variants]
-    none = {}
-    vision = { "freeze.groups" = ["vision"] }
-
-    [[finetune]]
-    name = "easy-vqa"
-    preset = "easyvqa_vqa_finetune_short.toml"
-
-Every variant x seed is one pretraining run (the base preset, ``[study] set``, the
-variant's overrides, ``run.seed``), and per ``[[finetune]]`` one finetuning run that
-starts from it (``train.init_from = "run:<id>"``) and waits for it in the queue.
-Overrides merge over the preset as an extending preset does (:func:`engine.config.deep_merge`).
-:func:`load_study` validates every planned config, so a bad variant fails the whole
-study before anything is queued. Runs carry ``RunRecord.study`` = ``{"name",
-"variant", "seed", "stage", "task", "file"}``.
+A study names a base pretraining preset, the variants to compare (``[variants]`` or a grid of
+``[axes.<name>]``), the seeds and the ``[[finetune]]`` tasks; every variant x seed is one pretraining run,
+followed by one finetuning run per task that starts from it. :func:`load_study` validates every planned
+config before anything is queued. The file format and rules: docs/studies-and-reports.md, "Studies".
 
 This module imports neither torch nor transformers (the TUI uses it).
 """

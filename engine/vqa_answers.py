@@ -1,41 +1,8 @@
 """VQAv2 answers: the official normalisation and accuracy, the answer vocabulary, soft targets, submissions.
 
-What the literature does, checked against the sources
------------------------------------------------------
-* Normalisation (:func:`normalize_answer`) follows the official evaluation,
-  GT-Vision-Lab/VQA ``PythonEvaluationTools/vqaEvaluation/vqaEval.py`` (master,
-  commit a013f00): newlines and tabs become spaces and the ends are stripped;
-  ``processPunctuation`` then removes each punctuation mark of :data:`PUNCTUATION`
-  when the mark touches a space in the input, or when the input holds a comma
-  between two digits ("1,000"), and otherwise replaces it by a space; then every
-  period not followed by a digit is removed ("3.5" keeps its period). The
-  official call passes ``re.UNICODE`` (32) where ``re.sub`` takes its count, so
-  at most 32 periods are removed; that is reproduced. ``processDigitArticle``
-  lowercases, splits on whitespace, maps the number words "none", "zero" ..
-  "ten" to digits, drops the articles "a", "an", "the" and expands the
-  apostrophe-less contractions of :data:`CONTRACTIONS` ("dont" -> "don't").
-  Apostrophes and colons are not in the master punctuation list (older revisions
-  had them), so "don't" and "10:30" stay as they are.
-* Accuracy (:func:`vqa_accuracy`): the official code normalises the ground-truth
-  answers *and* the prediction only when the annotators disagree (more than one
-  distinct answer after the whitespace clean-up); when all ten gave the same
-  string, both are compared as they are (the maintainer explains this as keeping
-  answers that read text in the image verbatim, GT-Vision-Lab/VQA issue #14).
-  The score is the mean over the ten leave-one-out subsets of nine answers of
-  ``min(1, matches / 3)``; with ten answers of which ``m`` match it equals
-  :func:`soft_score` of ``m``.
-* Vocabulary: ViLT's and METER's ``write_vqa.py`` count the *multiple-choice
-  answer* (one per question, ``multiple_choice_answer``) of train2014 and
-  val2014, normalised, and keep those seen at least 9 times (3,129 answers).
-  :func:`build_answer_vocab` counts every string of every list it is given, so
-  ``[[e.multiple_choice_answer] for e in train + val]`` reproduces that
-  vocabulary (in a deterministic order rather than ViLT's first-seen order);
-  passing the ten human answers per question counts those instead.
-* Soft targets: ViLT's ``get_score`` gives an answer given by ``n`` annotators
-  the score 0, 0.3, 0.6, 0.9 for ``n`` = 0..3 and 1.0 from 4 on. ViLT counts the
-  raw annotator answers against the normalised vocabulary; :func:`soft_targets`
-  normalises them first, which is the same for every answer already in
-  normal form and keeps e.g. "two" from being lost against "2".
+Normalisation and accuracy reproduce GT-Vision-Lab/VQA's ``vqaEval.py``; the vocabulary and soft targets
+follow ViLT's ``write_vqa.py`` and ``get_score``. Each step, and where ren differs (soft targets normalise
+the annotators' answers first): docs/PROTOCOLS.md, "VQA scoring".
 """
 
 from __future__ import annotations

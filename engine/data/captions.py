@@ -1,19 +1,9 @@
 """Image-caption pretraining corpora from ViLT-format arrow files, mixed in one run.
 
-Corpora (``data.corpora``): ``coco_caption`` (Karpathy train + restval),
-``vg`` (Visual Genome region captions), ``f30k_caption``, ``cc`` (Conceptual
-Captions shards), ``sbu``. Each arrow row is an image with its list of
-captions; an item is one caption. Mixing is ViLT's and METER's: the corpora are
-concatenated, so an epoch visits every caption of every corpus once and a
-corpus is drawn in proportion to its number of captions (VG's 5.4M region
-captions outweigh COCO's 0.6M, as in those papers' pretraining).
-
-Batches match the in-memory :class:`~engine.data.datasets.CaptionDataset`:
-``input_ids``, ``attention_mask``, ``special_tokens_mask``, ``word_ids`` (for
-whole-word masking), ``pixel_values`` and ``image_ids`` (one id per image over
-all corpora, so ITM negatives are never the true image and ITC counts captions
-of the same image as positives). Captions whose image cannot be decoded are
-left out of their batch and counted.
+Corpora (``data.corpora``): ``coco_caption``, ``vg``, ``f30k_caption``, ``cc``, ``sbu``. An item is one
+caption; the corpora are concatenated as ViLT and METER mix them (each drawn in proportion to its captions),
+and batches match :class:`~engine.data.datasets.CaptionDataset`'s, with one image id over all corpora.
+Details: docs/tasks-and-data.md, "How each task reads its rows" and "Pretraining corpora".
 """
 
 from __future__ import annotations

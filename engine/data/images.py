@@ -1,18 +1,8 @@
 """Decoded images to model-sized uint8 tensors, for data sets read from files.
 
-Evaluation resizes the shorter side to the model's image size and takes the
-centre crop (as METER and CLIP do). Training does the same unless
-``data.augment`` asks for more (:data:`AUGMENTS`): ``randaugment`` first applies
-RandAugment (2 operations of magnitude 9) to the decoded image, as METER's
-``clip_randaug`` and ViLT's ``pixelbert_randaug`` finetuning transforms do;
-neither reference crops at random. ``crop`` takes a random crop of 50-100% of
-the image area resized to the image size (ALBEF's crop) instead of the centre
-crop, and ``crop+randaugment`` follows it with RandAugment. Nothing flips
-images: "left" and "right" in questions and captions must stay true.
-Referring expressions (:func:`whole_image_transform`) see the whole image
-resized to a square, so that every candidate box stays in view and keeps its
-place relative to the image.
-Normalisation happens per batch, with :class:`engine.data.transforms.Normalization`.
+Evaluation view (short side resized, centre crop, as METER and CLIP), ``data.augment``'s RandAugment and
+ALBEF's random crop, never a flip; referring expressions see the whole image (:func:`whole_image_transform`).
+Normalisation happens per batch. The references and choices: docs/PROTOCOLS.md, "Augmentation".
 """
 
 from __future__ import annotations

@@ -1,20 +1,8 @@
 """NLVR2 from ViLT-format arrow files (``nlvr2_{split}.arrow``, ``vilt/utils/write_nlvr2.py``).
 
-Each arrow row is one image pair (``image_0``, ``image_1``, PNG) with the
-sentences written about it (``questions``) and their answers (``answers``, the
-strings ``"True"``/``"False"``); an item here is one sentence, labelled 1 for
-``"True"`` and 0 for ``"False"`` as ViLT's ``NLVR2Dataset`` does. Every answer
-is checked when the data set is built, so a bad file fails before training.
-
-``identifier`` holds the pair's id (``{split}-{set}-{pair}``: ViLT drops the
-last part of NLVR2's sentence ids when it groups sentences by pair, and that
-sentence index cannot be recovered from the row), so an item's identifier is
-``{pair id}#{k}`` for the k-th sentence of its row: unique, and its prefix says
-which file (``dev``/``test1``) it came from when splits are joined.
-Images are decoded per batch (once per pair); a sentence whose pair has an
-unreadable image is left out of its batch and counted in the source's
-``skipped_images`` (one count per pair: ``image_1`` is not read when
-``image_0`` fails).
+Each row is one image pair; an item is one sentence, labelled 1 for ``"True"`` and 0 for ``"False"`` as
+ViLT's ``NLVR2Dataset`` does, identified as ``{pair id}#{k}``. Details (identifiers, skipped images):
+docs/tasks-and-data.md, "How each task reads its rows".
 """
 
 from __future__ import annotations

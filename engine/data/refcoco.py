@@ -1,17 +1,8 @@
 """RefCOCO, RefCOCO+ and RefCOCOg from Renaissance-format arrow files.
 
-Each arrow row is one referred object (a "ref") of a COCO image: its
-``sentences`` (the referring expressions), ``bboxes`` (every annotated object of
-the image, COCO ``[x, y, w, h]`` in pixels) and ``labels`` (the index of the
-referred object among them), as Renaissance's ``write_refcoco`` and ``ren data
-prepare refcoco`` write them. An item here is one expression: the model scores
-every candidate box of the image and the referred one is the target.
-
-Images are resized whole to the model's square size (no crop, so no box falls
-outside the view) and boxes become ``x0, y0, x1, y1`` fractions of the image's
-width and height, which the resize maps exactly onto the model's input. Every
-row's label and boxes are checked when the data set is built; an image that
-cannot be decoded drops its expressions from their batch and is counted.
+Each row is one referred object with every box of its image (Renaissance's ``write_refcoco``); an item is
+one expression, scored over the image's candidate boxes. Images are resized whole, so boxes become exact
+fractions of the model's input. Details: docs/tasks-and-data.md, "How each task reads its rows".
 """
 
 from __future__ import annotations

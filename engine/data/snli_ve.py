@@ -1,15 +1,8 @@
 """SNLI-VE from METER-format arrow files (``snli_{split}.arrow``, ``meter/utils/write_snli.py``).
 
-Each arrow row is one Flickr30K image with its ``sentences`` ([premise,
-hypothesis] pairs) and one ``labels`` id per pair; an item here is one pair.
-As in METER's ``SNLIDataset``, the image is the premise and the text fed to the
-model is the hypothesis alone (element 1 of the pair, stripped): SNLI-VE's
-textual premise is the Flickr30K caption the image replaces. Label ids are
-METER's: 0 contradiction, 1 neutral, 2 entailment (:data:`LABELS`). Every label
-is checked when the data set is built, so a bad file fails before training.
-Images are decoded per batch (once per image, even when several of its pairs
-are in the batch); a pair whose image cannot be decoded is left out of its
-batch and counted in the source's ``skipped_images``.
+An item is one [premise, hypothesis] pair; as in METER's ``SNLIDataset`` the image is the premise and the
+model reads the hypothesis alone. Labels are METER's (:data:`LABELS`). Details: docs/tasks-and-data.md,
+"How each task reads its rows".
 """
 
 from __future__ import annotations

@@ -1,19 +1,9 @@
 """VQAv2 from ViLT/METER-format arrow files (``vqav2_{split}.arrow``).
 
-Each arrow row is one COCO image with its questions; an item here is one
-question. Answers keep ViLT's label ids (``answer_labels``, with the soft
-scores ``answer_scores`` of ViLT's table 0/0.3/0.6/0.9/1.0), so the answer
-vocabulary is the one the files were written with; its strings are read back
-from the ``answers`` column. Images are decoded per batch (once per image, even
-when several of its questions are in the batch) in the DataLoader's workers.
-A question whose image cannot be decoded is left out of its batch and counted.
-
-ViLT's files keep only the answers in the vocabulary (with their soft scores),
-not the annotators' ten raw answers, so the official VQA accuracy cannot be
-computed from them. Files that also carry ``raw_answers`` (each question's
-annotators' answers, as given; a Hugging Face VQAv2 source has them) give an
-evaluation batch ``official_scores``: each answer's official accuracy
-(:func:`engine.vqa_answers.official_targets`), which scoring then uses.
+An item is one question, labelled with the files' own ViLT label ids and soft scores. Files that also carry
+``raw_answers`` give an evaluation batch ``official_scores``: each vocabulary answer's official VQA accuracy
+(:func:`engine.vqa_answers.official_targets`), which scoring then uses. Details: docs/tasks-and-data.md,
+"How each task reads its rows".
 """
 
 from __future__ import annotations

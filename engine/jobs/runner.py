@@ -1,21 +1,9 @@
 """The supervisor of one queued run: ``python -m engine.jobs.runner RUN_ID -- COMMAND...``.
 
-The worker starts it in a new session, so the runner leads the process group that
-holds the training processes (one, or ``accelerate launch`` and its ranks). It
-copies their output into ``runs/<id>/logs/run.log`` (rotated at a size limit) and,
-when they exit, makes sure the run has a final record: a trainer that died without
-writing one (SIGKILL, the OOM killer, a segfault, a crash before training began)
-is marked failed with the reason and the last lines of its log.
-
-The runner outlives the worker: killing or restarting the worker does not touch
-running runs. Cancelling signals the whole group; the runner itself waits for its
-children and records the outcome.
-
-Before it starts anything the runner claims the run for the launch the worker stamped
-(``--launch``, the record's ``launched_at``); a claim refused (the launch was voided by a
-worker that found its predecessor dead, or the run was cancelled) ends the runner at
-once. A trainer outlives a killed runner: its output pipe breaks, and
-:func:`install_output_guard` turns it to the run's log file instead of failing.
+It leads the run's process group, copies its output into ``runs/<id>/logs/run.log`` and makes sure
+the run gets a final record. Before starting anything it claims the run for the launch the worker
+stamped (``--launch``, the record's ``launched_at``) and ends at once if the claim is refused.
+Details: docs/queue-and-store.md, "How the worker starts and watches a run".
 """
 
 from __future__ import annotations

@@ -1,27 +1,10 @@
 """The queue worker: one per store, started on demand, detached from the terminal.
 
-Each tick it (1) reconciles the runs it supervises — a run whose process group is
-gone without a final record is marked failed (or cancelled, when a cancel was
-asked), a cancelled run still alive after the grace period gets SIGKILL — and
-(2) starts the queued runs that :func:`engine.jobs.scheduler.plan` places, each under a
-runner (:mod:`engine.jobs.runner`) leading its own session and process group.
-
-Everything lives in the store: killing the worker loses nothing, and a new worker
-adopts the running runs by their recorded pids. ``worker.lock`` (held for the
-worker's lifetime, released by the kernel when it dies) makes it one per store.
-The CLI wakes it with SIGUSR1 after changing the queue; its children wake it with
-SIGCHLD when they exit, so a finished run is followed by the next one at once.
-
-Starting a run is three writes, each a compare-and-set (:meth:`Store.transition`), so a
-worker killed between any two leaves a state the next worker settles: (1) queued ->
-running, stamped with ``launched_at`` and no runner; (2) the runner is started and, before
-anything else, claims the run for that stamp; (3) the worker records the runner's pid too.
-A "running" run with no runner recorded is put back in the queue, and the stamp it carried
-is void, so a runner started just before its worker died finds its claim refused and
-exits: nothing ever runs twice. A run whose runner is gone while its trainer lives is
-watched by its process group; one whose processes are all gone without a final record is
-requeued when it never began training, and marked failed with the reason otherwise. A
-record the worker cannot handle is marked failed with the error, and the tick goes on.
+Each tick it reconciles the runs it supervises and starts the queued runs that
+:func:`engine.jobs.scheduler.plan` places, each under a runner (:mod:`engine.jobs.runner`).
+Everything lives in the store, and a launch is three compare-and-set writes, so a killed
+worker loses nothing and no run starts twice. The tick, the wake-ups and the launch
+protocol: docs/queue-and-store.md, "How the worker starts and watches a run".
 """
 
 from __future__ import annotations

@@ -2,16 +2,8 @@
 tables trained at another image size, and the 2-row text/image type table of a pretraining grown to the
 3 rows of an NLVR2 model (:class:`engine.models.layers.ModalityTypes`).
 
-A vision position table holds a few leading non-grid tokens ([CLS], DeiT's
-distillation token) followed by a square grid of patch positions. Moving from
-pretraining at 224 px to finetuning at 384 px changes the grid, so the table is
-resampled: the grid by bicubic interpolation (``align_corners=False``), the
-prefix tokens copied unchanged. Each table is resampled the way its own library
-resamples it at run time, so a model finetuned from resized weights starts where
-the pretrained model would be when fed the larger images: HF's
-``interpolate_pos_encoding`` and our ``PatchEmbeddings`` use plain bicubic,
-timm's ``resample_abs_pos_embed`` uses antialiased bicubic (PyTorch's PIL-style
-kernel, which differs from plain bicubic even when upsampling).
+Each position table is resampled as its own library does at run time (HF: plain bicubic, timm: antialiased
+bicubic), prefix tokens kept: docs/PROTOCOLS.md, "Position tables at another image size".
 """
 
 from __future__ import annotations

@@ -1,16 +1,10 @@
 """The last encoder layer, computed only for the rows a loss reads.
 
-A classifier reads one token of the last layer (the [CLS] the pooler takes), MLM reads the text
-tokens: every other output row of the last layer is computed and thrown away. Its keys and values
-still need every row, but its queries, attention output, residuals, norms and MLP need only the
-kept rows, so the last layer costs ``2/12`` of its linear work per dropped row instead of
-``12/12`` (and almost none of its attention). Hugging Face's encoders compute every row;
-:func:`layer_rows` runs a Hugging Face layer on a subset of query rows with the layer's own
-weights and the same arithmetic, so the kept rows (and their gradients) are those of the full layer.
-
-Layer families are a registry by class name (two layouts cover the backbones ren builds); a
-family that is not registered, or a layer with an FSDP unit inside (whose parameters only its own
-forward gathers), runs its whole layer and is sliced, which is always correct.
+Hugging Face's encoders compute every row of the last layer; :func:`layer_rows` runs a Hugging Face layer
+on a subset of query rows with the layer's own weights and arithmetic, so the kept rows (and their
+gradients) are those of the full layer. Unregistered layer families and layers with an FSDP unit inside
+run whole and are sliced. Why and what it saves: docs/presets-guide.md, "The last layer computes only the
+rows the heads read".
 """
 
 from __future__ import annotations
