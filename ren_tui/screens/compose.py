@@ -184,29 +184,6 @@ def wid(key: str) -> str:
 class ComposeScreen(Screen[None]):
     """Compose a run config; ``config`` (a stored run's or a preset's) starts the form."""
 
-    DEFAULT_CSS = """
-    ComposeScreen #compose-top { height: 1; padding: 0 1; }
-    ComposeScreen #compose-top Label { width: 12; color: $text-muted; }
-    ComposeScreen #preset { width: 1fr; }
-    ComposeScreen #compose-body { height: 1fr; }
-    ComposeScreen #form { width: 1fr; padding: 0 1; }
-    ComposeScreen #side { width: 34; padding: 0 1; border-left: solid $primary; }
-    ComposeScreen .section { height: auto; }
-    ComposeScreen .section-title { color: $primary; text-style: bold; margin-top: 1; }
-    ComposeScreen .row { height: 1; }
-    ComposeScreen .row > Label { width: 16; color: $text-muted; }
-    ComposeScreen .row > Input, ComposeScreen .row > Select { width: 1fr; max-width: 60; }
-    ComposeScreen .row > .value { width: 1fr; }
-    ComposeScreen .row Switch { height: 1; border: none; padding: 0 1; width: 8; }
-    ComposeScreen .row Switch:focus { border: none; background: $accent; }
-    ComposeScreen .custom { display: none; }
-    ComposeScreen .field-error { color: $error; padding-left: 16; height: auto; display: none; }
-    ComposeScreen #inspect-state { color: $text-muted; height: auto; }
-    ComposeScreen #inspect-state.error { color: $error; }
-    ComposeScreen #summary { height: auto; margin-top: 1; }
-    ComposeScreen #status { height: auto; max-height: 3; padding: 0 1; background: $boost; }
-    ComposeScreen #status.error { color: $error; }
-    """
     BINDINGS = [
         Binding("ctrl+s", "save", "Save preset"),
         Binding("ctrl+r", "queue", "Queue run"),
