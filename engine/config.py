@@ -52,9 +52,6 @@ def _mlp_has_units(mlp_ratio: float, info: ValidationInfo) -> float:
     return mlp_ratio
 
 
-_MANUAL_ONLY = ("hidden_size", "layers", "heads", "mlp_ratio", "patch_size")
-
-
 class _Dropouts:
     """For sections with the fields ``dropout`` and ``attention_dropout`` (unset: ``dropout``)."""
 
@@ -142,7 +139,12 @@ class _Tower(_Section, _Dropouts):
     def _allows_manual_name(self) -> bool:
         return False
 
-    manual_only_keys: ClassVar[tuple[str, ...]] = _MANUAL_ONLY
+    manual_only_keys: ClassVar[tuple[str, ...]] = ("hidden_size", "layers", "heads", "mlp_ratio")
+    """Keys that size a manual tower. Any other source takes its size from its checkpoint config, so
+    validation refuses them there and the stored config leaves them out."""
+    unused_unless_manual: ClassVar[tuple[str, ...]] = ()
+    """Keys accepted from any source but used by a manual tower only (a pretrained or random tower
+    ignores them)."""
     config_part: ClassVar[str] = ""
     """Which part of a composite (CLIP-like) checkpoint config the tower is: ``text``, ``vision``, or the
     whole config."""
@@ -166,6 +168,8 @@ class TextTower(_Tower):
     max_positions: int = Field(64, ge=8, le=8192)
     """Manual towers only: size of the position table (>= data.max_text_len)."""
 
+    unused_unless_manual: ClassVar[tuple[str, ...]] = ("max_positions",)
+
 
 class VisionTower(_Tower):
     """A vision encoder: a HF vision model (ViT, DeiT, ...) or any timm model."""
@@ -180,6 +184,8 @@ class VisionTower(_Tower):
     image_size: int = Field(224, ge=8, le=2048)
     """Input resolution. For pretrained towers this sets the data resolution;
     position embeddings are interpolated when it differs from the checkpoint."""
+
+    manual_only_keys: ClassVar[tuple[str, ...]] = _Tower.manual_only_keys + ("patch_size",)
 
     def _allows_manual_name(self) -> bool:
         return False
@@ -227,8 +233,6 @@ class Backbone(_Tower):
     """Input resolution of the images."""
     max_text_positions: int = Field(64, ge=8, le=8192)
     """Size of the text position table when the text embedding is fresh."""
-
-    manual_only_keys: ClassVar[tuple[str, ...]] = ("hidden_size", "layers", "heads", "mlp_ratio")
 
     @model_serializer(mode="wrap")
     def _resolved(self, handler: Any) -> dict[str, Any]:
@@ -332,6 +336,20 @@ ModelConfig = Annotated[
     Union[OneTowerModel, TwoTowerModel, DualEncoderModel], Field(discriminator="kind")
 ]
 MODEL_KINDS = {"one_tower": OneTowerModel, "two_tower": TwoTowerModel, "dual_encoder": DualEncoderModel}
+"""The architecture kinds (``model.kind``) and their schemas."""
+TOWERS: dict[str, type[_Tower]] = {
+    name: field.annotation for model in MODEL_KINDS.values() for name, field in model.model_fields.items()
+    if isinstance(field.annotation, type) and issubclass(field.annotation, _Tower)
+}
+"""The tower tables under ``[model]`` of any kind (``backbone``, ``text``, ``vision``) and their schemas."""
+MANUAL_ONLY_KEYS: dict[str, tuple[str, ...]] = {name: tower.manual_only_keys for name, tower in TOWERS.items()}
+"""Per tower table, the keys only a ``source = "manual"`` tower may set: validation refuses them for a
+pretrained or random one (its size comes from its checkpoint config)."""
+MANUAL_USE_KEYS: dict[str, tuple[str, ...]] = {
+    name: tower.manual_only_keys + tower.unused_unless_manual for name, tower in TOWERS.items()
+}
+"""Per tower table, the keys that take effect for a manual tower only: :data:`MANUAL_ONLY_KEYS` and the keys
+other sources accept but ignore (a text tower's ``max_positions``)."""
 
 
 class FreezeConfig(_Section):
