@@ -16,8 +16,9 @@ import difflib
 import errno
 import re
 import stat
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Any, ClassVar, Literal, Union
+from typing import Annotated, Any, ClassVar, Literal, Union, get_args
 
 import tomllib
 from pydantic import (
@@ -30,6 +31,7 @@ from pydantic import (
     model_serializer,
     model_validator,
 )
+from pydantic_core import core_schema
 
 from engine.errors import ConfigError
 
@@ -50,9 +52,6 @@ def _mlp_has_units(mlp_ratio: float, info: ValidationInfo) -> float:
         raise ValueError(f"hidden_size x mlp_ratio ({hidden} x {mlp_ratio}) gives an MLP of no units; "
                          f"set mlp_ratio >= {1 / hidden:g}")
     return mlp_ratio
-
-
-_MANUAL_ONLY = ("hidden_size", "layers", "heads", "mlp_ratio", "patch_size")
 
 
 class _Dropouts:
@@ -142,7 +141,12 @@ class _Tower(_Section, _Dropouts):
     def _allows_manual_name(self) -> bool:
         return False
 
-    manual_only_keys: ClassVar[tuple[str, ...]] = _MANUAL_ONLY
+    manual_only_keys: ClassVar[tuple[str, ...]] = ("hidden_size", "layers", "heads", "mlp_ratio")
+    """Keys that size a manual tower. Any other source takes its size from its checkpoint config, so
+    validation refuses them there and the stored config leaves them out."""
+    unused_unless_manual: ClassVar[tuple[str, ...]] = ()
+    """Keys accepted from any source but used by a manual tower only (a pretrained or random tower
+    ignores them)."""
     config_part: ClassVar[str] = ""
     """Which part of a composite (CLIP-like) checkpoint config the tower is: ``text``, ``vision``, or the
     whole config."""
@@ -166,6 +170,8 @@ class TextTower(_Tower):
     max_positions: int = Field(64, ge=8, le=8192)
     """Manual towers only: size of the position table (>= data.max_text_len)."""
 
+    unused_unless_manual: ClassVar[tuple[str, ...]] = ("max_positions",)
+
 
 class VisionTower(_Tower):
     """A vision encoder: a HF vision model (ViT, DeiT, ...) or any timm model."""
@@ -180,6 +186,8 @@ class VisionTower(_Tower):
     image_size: int = Field(224, ge=8, le=2048)
     """Input resolution. For pretrained towers this sets the data resolution;
     position embeddings are interpolated when it differs from the checkpoint."""
+
+    manual_only_keys: ClassVar[tuple[str, ...]] = _Tower.manual_only_keys + ("patch_size",)
 
     def _allows_manual_name(self) -> bool:
         return False
@@ -227,8 +235,6 @@ class Backbone(_Tower):
     """Input resolution of the images."""
     max_text_positions: int = Field(64, ge=8, le=8192)
     """Size of the text position table when the text embedding is fresh."""
-
-    manual_only_keys: ClassVar[tuple[str, ...]] = ("hidden_size", "layers", "heads", "mlp_ratio")
 
     @model_serializer(mode="wrap")
     def _resolved(self, handler: Any) -> dict[str, Any]:
@@ -332,6 +338,20 @@ ModelConfig = Annotated[
     Union[OneTowerModel, TwoTowerModel, DualEncoderModel], Field(discriminator="kind")
 ]
 MODEL_KINDS = {"one_tower": OneTowerModel, "two_tower": TwoTowerModel, "dual_encoder": DualEncoderModel}
+"""The architecture kinds (``model.kind``) and their schemas."""
+TOWERS: dict[str, type[_Tower]] = {
+    name: field.annotation for model in MODEL_KINDS.values() for name, field in model.model_fields.items()
+    if isinstance(field.annotation, type) and issubclass(field.annotation, _Tower)
+}
+"""The tower tables under ``[model]`` of any kind (``backbone``, ``text``, ``vision``) and their schemas."""
+MANUAL_ONLY_KEYS: dict[str, tuple[str, ...]] = {name: tower.manual_only_keys for name, tower in TOWERS.items()}
+"""Per tower table, the keys only a ``source = "manual"`` tower may set: validation refuses them for a
+pretrained or random one (its size comes from its checkpoint config)."""
+MANUAL_USE_KEYS: dict[str, tuple[str, ...]] = {
+    name: tower.manual_only_keys + tower.unused_unless_manual for name, tower in TOWERS.items()
+}
+"""Per tower table, the keys that take effect for a manual tower only: :data:`MANUAL_ONLY_KEYS` and the keys
+other sources accept but ignore (a text tower's ``max_positions``)."""
 
 
 class FreezeConfig(_Section):
@@ -907,7 +927,7 @@ def config_from_dict(raw: dict[str, Any], source: str = "<config>") -> RunConfig
     try:
         return RunConfig.model_validate(raw)
     except ValidationError as exc:
-        raise ConfigError(_format_validation(exc, raw, source), key=_error_key(exc)) from None
+        raise ConfigError(_format_validation(exc, source), key=_error_key(exc)) from None
 
 
 def _read_toml(path: Path, via: str = "") -> dict[str, Any]:
@@ -1035,10 +1055,10 @@ def _apply_override(raw: dict[str, Any], item: str) -> None:
 # ----------------------------------------------------------------------------
 
 
-def _format_validation(exc: ValidationError, raw: dict[str, Any], source: str) -> str:
+def _format_validation(exc: ValidationError, source: str) -> str:
     lines = [f"{source}: invalid preset."]
     for err in exc.errors():
-        lines.append(_describe(err, raw))
+        lines.append(describe_error(err))
     return "\n  ".join(lines)
 
 
@@ -1061,14 +1081,23 @@ def _error_key(exc: ValidationError) -> str | None:
     return ".".join(loc) or None
 
 
-def _display_loc(loc: tuple[Any, ...]) -> list[str]:
-    """Drop pydantic's tag segment (``model.one_tower.backbone`` -> ``model.backbone``); an item of a list is
-    ``[i]`` (``optim.betas[0]`` once joined)."""
+def _kind_tag(loc: tuple[Any, ...], i: int) -> bool:
+    """Whether ``loc[i]`` is the tag pydantic puts after ``model`` (the kind whose schema applied)."""
+    return i == 1 and loc[0] == "model" and loc[i] in MODEL_KINDS
+
+
+def _display_loc(loc: tuple[Any, ...], schema: type[BaseModel] = RunConfig) -> list[str]:
+    """The parts of a key as the TOML file writes it: pydantic's tag segment dropped (``model.one_tower.backbone``
+    -> ``model.backbone``); an item of a list of values is ``[i]`` (``optim.betas[0]`` once joined), an item of a
+    list of tables is ``[[name]] #n``, counted from 1 as the file's ``[[name]]`` headers are."""
     out: list[str] = []
     for i, part in enumerate(loc):
-        if i == 1 and loc[0] == "model" and part in MODEL_KINDS:
+        if _kind_tag(loc, i):
             continue
-        out.append(f"[{part}]" if isinstance(part, int) else str(part))
+        if isinstance(part, int) and _schema_at(loc[:i], schema) is not None:
+            out = [f"[[{'.'.join(out)}]] #{part + 1}"]
+        else:
+            out.append(f"[{part}]" if isinstance(part, int) else str(part))
     return out
 
 
@@ -1076,20 +1105,19 @@ def _join(loc: list[str]) -> str:
     return ".".join(loc).replace(".[", "[")
 
 
-def _schema_at(path: list[str], raw: dict[str, Any]) -> type[BaseModel] | None:
-    """The pydantic model describing the table at ``path`` (None if unknown)."""
-    model: Any = RunConfig
-    for part in path:
-        if model is RunConfig and part == "model":
-            kind = raw.get("model", {}).get("kind") if isinstance(raw.get("model"), dict) else None
-            model = MODEL_KINDS.get(kind)
-            if model is None:
-                return None
-            continue
-        field = model.model_fields.get(part) if model else None
-        if field is None:
+def _schema_at(loc: tuple[Any, ...], schema: type[BaseModel] = RunConfig) -> type[BaseModel] | None:
+    """The pydantic model describing the table at ``loc`` (a pydantic error location) under ``schema``, or None
+    where that is no table the schema names (a value, a list of values, the inside of a free-form table). An
+    item of a list of tables has its items' model."""
+    model: type[BaseModel] | None = schema
+    for i, part in enumerate(loc):
+        if model is None:
             return None
-        model = _model_type(field.annotation)
+        if _kind_tag(loc, i):
+            model = MODEL_KINDS[part]
+        elif not isinstance(part, int):
+            field = model.model_fields.get(part)
+            model = _model_type(field.annotation) if field else None
     return model
 
 
@@ -1103,30 +1131,41 @@ def _model_type(annotation: Any) -> type[BaseModel] | None:
     return None
 
 
-def _describe(err: dict[str, Any], raw: dict[str, Any]) -> str:
-    loc = _display_loc(tuple(err["loc"]))
-    key = _join(loc) or "(top level)"
+_PYDANTIC_ERRORS = frozenset(get_args(core_schema.ErrorType))
+
+
+def describe_error(err: Mapping[str, Any], schema: type[BaseModel] = RunConfig, *, top: str = "(top level)") -> str:
+    """One line for one pydantic error (an item of ``ValidationError.errors()``) of a TOML file validated with
+    ``schema`` (a preset's :class:`RunConfig`, or a study file's): the key as the file writes it, the value where
+    it helps, what is wrong and, for an unknown key, the key meant or the keys valid there. ``top`` names the
+    whole file in errors about no one key.
+
+    A validator that wants its own words raises ``ValueError(message)`` (the line is ``key = value: message``,
+    or ``message`` alone when a file-wide rule's message starts with ``some.key = ``), or for a sentence that
+    goes on from the value, ``PydanticCustomError(type, "must be ...")`` (the line is ``key = value must be ...``).
+    """
+    raw_loc = tuple(err["loc"])
+    loc = _display_loc(raw_loc, schema)
+    key = _join(loc) or top
     kind = err["type"]
     if kind == "extra_forbidden":
         parent, name = loc[:-1], loc[-1]
-        schema = _schema_at(parent, raw)
+        table = _schema_at(raw_loc[:-1], schema)
         where = ".".join(parent) or "the top level"
         msg = f"unknown key '{key}'"
-        if schema is not None:
-            near = difflib.get_close_matches(name, list(schema.model_fields), n=1, cutoff=0.6)
+        if table is not None:
+            keys = [field.alias or n for n, field in table.model_fields.items()]
+            near = difflib.get_close_matches(name, keys, n=1, cutoff=0.6)
             if near:
                 msg += f" — did you mean '{'.'.join([*parent, near[0]])}'?"
-            elif parent and parent[0] == "model":
+            elif schema is RunConfig and parent and parent[0] == "model":
                 users = [k for k, m in MODEL_KINDS.items() if _accepts(m, parent[1:], name)]
                 if users:
-                    msg += (
-                        f" — it does not apply to kind '{raw['model'].get('kind')}' "
-                        f"(it belongs to: {', '.join(users)})"
-                    )
+                    msg += f" — it does not apply to kind '{raw_loc[1]}' (it belongs to: {', '.join(users)})"
                 else:
-                    msg += f"; valid keys in {where}: {', '.join(schema.model_fields)}"
+                    msg += f"; valid keys in {where}: {', '.join(keys)}"
             else:
-                msg += f"; valid keys in {where}: {', '.join(schema.model_fields)}"
+                msg += f"; valid keys in {where}: {', '.join(keys)}"
         return msg if msg.endswith("?") else msg + "."
     if kind == "union_tag_invalid" or kind == "union_tag_not_found":
         return (
@@ -1141,8 +1180,7 @@ def _describe(err: dict[str, Any], raw: dict[str, Any]) -> str:
         return (f"{key} = {value!r} is not a finite number; give a number (TOML's inf and nan, and the strings "
                 "that read as them, mean nothing here).")
     if kind in ("greater_than_equal", "greater_than", "less_than_equal", "less_than"):
-        bound = _range_text(loc, raw)
-        return f"{key} = {value!r} is out of range: {err['msg'].lower()}{bound}."
+        return f"{key} = {value!r} is out of range: {err['msg'].lower()}{_range_text(raw_loc, schema)}."
     if kind == "literal_error":
         return f"{key} = {value!r} is not allowed: expected {ctx.get('expected')}."
     if kind == "value_error":
@@ -1152,9 +1190,13 @@ def _describe(err: dict[str, Any], raw: dict[str, Any]) -> str:
         if loc and not isinstance(value, dict):  # a rule about one value
             return f"{key} = {value!r}: {message}."
         return f"{key}: {message}."
+    if kind not in _PYDANTIC_ERRORS:  # a validator's PydanticCustomError
+        return f"{key} = {value!r} {err['msg']}."
     if kind.endswith("_type") or kind.endswith("_parsing") or kind == "int_from_float":
         return f"{key} = {value!r} has the wrong type: {err['msg'].lower()}."
-    return f"{key}: {err['msg']}."
+    if isinstance(value, dict):
+        return f"{key}: {err['msg'].lower()}."
+    return f"{key} = {value!r}: {err['msg'].lower()}."
 
 
 def _accepts(model: type[BaseModel], path: list[str], name: str) -> bool:
@@ -1166,9 +1208,9 @@ def _accepts(model: type[BaseModel], path: list[str], name: str) -> bool:
     return name in model.model_fields
 
 
-def _range_text(loc: list[str], raw: dict[str, Any]) -> str:
-    schema = _schema_at(loc[:-1], raw)
-    field = schema.model_fields.get(loc[-1]) if schema else None
+def _range_text(loc: tuple[Any, ...], schema: type[BaseModel]) -> str:
+    table = _schema_at(loc[:-1], schema)
+    field = table.model_fields.get(loc[-1]) if table and isinstance(loc[-1], str) else None
     if field is None:
         return ""
     lo = hi = None

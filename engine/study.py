@@ -18,12 +18,22 @@ import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import tomllib
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import PydanticCustomError
 
-from engine.config import RunConfig, _read_with_extends, config_from_dict, deep_merge, load_preset
+from engine.config import RunConfig, _read_with_extends, config_from_dict, deep_merge, describe_error, load_preset
 from engine.dotted import get_in, set_in
 from engine.errors import ConfigError, RenError
 from engine.jobs import api as Q
@@ -52,8 +62,34 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+def _name(name: str) -> str:
+    """Study and [[finetune]] names (their rule and its wording: the variant names follow the same)."""
+    if not re.fullmatch(NAME_PATTERN, name):
+        raise ValueError(f"names may use {_NAME_HINT}")
+    return name
+
+
+def _overrides(table: Any) -> Any:
+    """A variant, or a level of an axis: the error's wording goes on from the value (``variants.x = 3 must be ...``)."""
+    if not isinstance(table, dict):
+        raise PydanticCustomError("overrides_table", 'must be a table of preset overrides, e.g. '
+                                  '{ "freeze.groups" = ["vision"] } (or {} for the preset as it is)')
+    return table
+
+
+def _levels(table: Any) -> Any:
+    if not isinstance(table, dict):
+        raise PydanticCustomError("levels_table", "must be a table of levels, each a table of preset overrides, "
+                                  'e.g. { none = {}, vision = { "freeze.groups" = ["vision"] } }')
+    return table
+
+
+_Name = Annotated[str, AfterValidator(_name)]
+_Overrides = Annotated[dict[str, Any], BeforeValidator(_overrides)]
+
+
 class _StudySection(_Strict):
-    name: str = Field(pattern=NAME_PATTERN, max_length=40)
+    name: _Name = Field(max_length=40)
     description: str = ""
     pretrain: str
     baseline: str | None = None
@@ -64,14 +100,14 @@ class _StudySection(_Strict):
     @classmethod
     def _seeds(cls, seeds: tuple[int, ...]) -> tuple[int, ...]:
         if any(s < 0 for s in seeds):
-            raise ValueError(f"seeds must be whole numbers >= 0, got {list(seeds)}")
+            raise ValueError("seeds must be whole numbers >= 0")
         if len(set(seeds)) != len(seeds):
-            raise ValueError(f"seeds lists a seed twice: {list(seeds)}")
+            raise ValueError("seeds lists a seed twice")
         return seeds
 
 
 class _FinetuneSection(_Strict):
-    name: str = Field(pattern=NAME_PATTERN, max_length=24)
+    name: _Name = Field(max_length=24)
     preset: str
     overrides: dict[str, Any] = Field({}, alias="set")
     inherit: tuple[str, ...] = ("model",)
@@ -79,8 +115,8 @@ class _FinetuneSection(_Strict):
 
 class _StudyFile(_Strict):
     study: _StudySection
-    variants: dict[str, dict[str, Any]] | None = None
-    axes: dict[str, dict[str, dict[str, Any]]] | None = None
+    variants: dict[str, _Overrides] | None = None
+    axes: dict[str, Annotated[dict[str, _Overrides], BeforeValidator(_levels)]] | None = None
     finetune: tuple[_FinetuneSection, ...] = ()
 
     @model_validator(mode="after")
@@ -317,7 +353,8 @@ def load_study(path: str | Path) -> Study:
     except ValidationError as exc:
         errors = exc.errors()
         key = ".".join(str(p) for p in errors[0]["loc"]) if errors else ""
-        raise ConfigError("\n  ".join([f"{path}: invalid study file.", *(_describe(e) for e in errors)]),
+        lines = [describe_error(e, _StudyFile, top="study file") for e in errors]
+        raise ConfigError("\n  ".join([f"{path}: invalid study file.", *lines]),
                           key=key or None) from None
     meta = parsed.study
     variants = _variants(parsed, path)
@@ -367,36 +404,6 @@ def _variants(parsed: _StudyFile, path: Path) -> dict[str, dict[str, Any]]:
                 set_in(patch, key, value)
         out[name] = patch
     return out
-
-
-_SECTIONS: dict[str, type[BaseModel]] = {"study": _StudySection, "finetune": _FinetuneSection}
-
-
-def _describe(err: dict[str, Any]) -> str:
-    """One line per pydantic error, in the study file's own terms."""
-    loc = [str(p) for p in err["loc"]]
-    where = loc[:]
-    if len(loc) > 1 and loc[0] == "finetune" and loc[1].isdigit():
-        where = [f"[[finetune]] #{int(loc[1]) + 1}", *loc[2:]]
-    key = ".".join(where) or "(top level)"
-    kind, value = err["type"], err.get("input")
-    if kind == "extra_forbidden":
-        section = _SECTIONS.get(loc[0]) if len(loc) <= 3 else None
-        valid = ([f.alias or n for n, f in section.model_fields.items()] if section and len(loc) > 1
-                 else list(_StudyFile.model_fields))
-        near = difflib.get_close_matches(loc[-1], valid, n=1, cutoff=0.6)
-        return (f"unknown key '{key}'" + (f" — did you mean '{'.'.join([*where[:-1], near[0]])}'?" if near
-                                          else f"; valid keys here: {', '.join(valid)}."))
-    if kind == "missing":
-        return f"missing required key '{key}'."
-    if kind == "string_pattern_mismatch":
-        return f"{key} = {value!r}: names may use {_NAME_HINT}."
-    if kind == "dict_type" and loc[0] in ("variants", "axes"):
-        return (f"{key} = {value!r} must be a table of preset overrides, e.g. "
-                f"{loc[-1]} = {{ \"freeze.groups\" = [\"vision\"] }} (or {{}} for the preset as it is).")
-    if kind == "value_error":
-        return f"{key if loc else 'study file'}: {err.get('ctx', {}).get('error', err['msg'])}."
-    return f"{key} = {value!r}: {err['msg'].lower()}."
 
 
 # ----------------------------------------------------------------------------

@@ -78,7 +78,7 @@ def _queue_screen() -> Screen:
 class RenApp(App[None]):
     """The workbench. ``backend`` is the only way screens reach runs and the queue."""
 
-    CSS_PATH = "app.tcss"
+    CSS_PATH = Path(__file__).with_name("app.tcss")  # absolute: subclasses elsewhere (tests) get it too
     TITLE = "ren"
     MODES = {"runs": _runs_screen, "compose": _compose_screen, "queue": _queue_screen}
     DEFAULT_MODE = "runs"

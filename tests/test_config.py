@@ -142,6 +142,48 @@ def test_bad_literal_lists_choices() -> None:
         config_from_dict(raw)
 
 
+def test_describe_error_speaks_toml_for_any_schema() -> None:
+    """One describer for presets and study files: a [[table]] item counted from 1, a list item as [i],
+    aliases as the file spells them, and a validator's own wording."""
+    from typing import Annotated
+
+    from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
+    from pydantic_core import PydanticCustomError
+
+    from engine.config import describe_error
+
+    def table(value: object) -> object:
+        if not isinstance(value, dict):
+            raise PydanticCustomError("not_a_table", "must be a table")
+        return value
+
+    class Item(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+        name: str
+        overrides: dict = Field({}, alias="set")
+        sizes: tuple[int, ...] = ()
+
+    class File(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+        item: tuple[Item, ...] = ()
+        extra: Annotated[dict, BeforeValidator(table)] = {}
+
+    with pytest.raises(ValidationError) as info:
+        File.model_validate({"item": [{"name": "a"}, {"nmae": "b", "sett": {}, "sizes": [1, "x"]}], "extra": 3})
+    lines = [describe_error(e, File, top="the file") for e in info.value.errors()]
+    assert sorted(lines) == sorted([
+        "missing required key '[[item]] #2.name'.",
+        "unknown key '[[item]] #2.nmae' — did you mean '[[item]] #2.name'?",
+        "unknown key '[[item]] #2.sett' — did you mean '[[item]] #2.set'?",
+        "[[item]] #2.sizes[1] = 'x' has the wrong type: input should be a valid integer, unable to parse string "
+        "as an integer.",
+        "extra = 3 must be a table."])
+    raw = load_preset(PRESETS / "quickstart.toml").to_dict()
+    raw["optim"]["betas"] = [0.9, 0.99, 0.5]
+    with pytest.raises(ConfigError, match=r"optim\.betas = \[0\.9, 0\.99, 0\.5\]: tuple should have at most 2 items"):
+        config_from_dict(raw)
+
+
 def test_unknown_kind_lists_kinds() -> None:
     with pytest.raises(ConfigError, match=r"'kind' must be one of 'one_tower', 'two_tower', 'dual_encoder'"):
         config_from_dict({"model": {"kind": "three_tower"}, "task": {}})

@@ -107,6 +107,13 @@ def _write(path: Path, text: str) -> Path:
         ('name = "vqa"', 'nmae = "vqa"', "missing required key '[[finetune]] #1.name'", "finetune.0.name"),
         ("[variants]", "[axes.a]\nx = {}\n[variants]", "either as [variants] (one axis of named overrides) or as "
          "[axes.<name>] tables (a grid); both are set", None),
+        ('name = "tiny"', 'name = "ti ny"', "study.name = 'ti ny': names may use letters, digits", "study.name"),
+        ('name = "vqa"', 'name = "vqa"\nqqqqqq = 1', "unknown key '[[finetune]] #1.qqqqqq'; valid keys in "
+         "[[finetune]] #1: name, preset, set, inherit.", "finetune.0.qqqqqq"),
+        ('name = "vqa"', 'name = "vqa"\ninherit = [3]', "[[finetune]] #1.inherit[0] = 3 has the wrong type",
+         "finetune.0.inherit.0"),
+        ("[variants]", "[axes.a]\nnone = 3\n[variants]", "axes.a.none = 3 must be a table of preset overrides",
+         "axes.a.none"),
     ],
 )
 def test_bad_study_files_name_the_key(study_file: Path, old: str, new: str, message: str, key: str | None) -> None:

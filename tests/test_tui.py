@@ -112,6 +112,26 @@ async def test_empty_store_says_how_to_start_and_help_opens(ren_home: Path) -> N
         assert isinstance(app.screen, RunsScreen)
 
 
+def test_screens_are_styled_by_the_app_stylesheet_not_default_css() -> None:
+    """Screen layout lives in app.tcss, one section per screen (Textual keeps DEFAULT_CSS for
+    reusable widgets); any app built on RenApp, a test's subclass included, loads it."""
+    import importlib
+
+    from textual.screen import Screen
+
+    stylesheet = Path(RenApp.CSS_PATH)
+    assert stylesheet.is_absolute() and stylesheet.name == "app.tcss"
+    css = stylesheet.read_text()
+    for name in ("runs", "compose", "queue", "monitor", "compare", "freeze"):
+        module = importlib.import_module(f"ren_tui.screens.{name}")
+        screens = [c for c in vars(module).values()
+                   if isinstance(c, type) and issubclass(c, Screen) and c.__module__ == module.__name__]
+        assert screens, name
+        for screen in screens:
+            assert "DEFAULT_CSS" not in vars(screen), screen
+            assert f"\n{screen.__name__} " in css, screen
+
+
 def test_runs_screen_snapshot(snap_compare, ren_home: Path, monkeypatch) -> None:
     names_ = iter(f"20261128-120000-run-{i:04d}" for i in range(100))
     monkeypatch.setattr("engine.store._new_run_id", lambda name, created_at: next(names_))

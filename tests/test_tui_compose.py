@@ -116,6 +116,41 @@ def test_fields_follow_the_tower_source_and_kind() -> None:
     assert not field_shown("objectives.mlm", {"model": {"kind": "dual_encoder"}})
 
 
+def test_tower_fields_agree_with_the_engine_on_manual_only_keys() -> None:
+    """engine.config's MANUAL_ONLY_KEYS are the keys its validation refuses for a pretrained tower
+    (probed key by key); switching a tower to pretrained in Compose drops all of them, and the
+    fields the form still shows are ones the engine accepts there."""
+    from pydantic import ValidationError
+
+    from engine.config import MANUAL_ONLY_KEYS, MANUAL_USE_KEYS, TOWERS
+    from ren_tui.screens.compose import SECTIONS
+
+    form = [key.split(".") for _, _, keys in SECTIONS for key in keys]
+    for tower, schema in TOWERS.items():
+        refused = set()
+        for key, field in schema.model_fields.items():
+            if key in ("source", "name", "dropout"):
+                continue
+            try:  # dropout given: an unset one is read from the checkpoint's config
+                schema(source="pretrained", name="org/model", dropout=0.0, **{key: field.get_default()})
+            except ValidationError as exc:
+                assert "only appl" in str(exc), exc
+                refused.add(key)
+        assert refused == set(MANUAL_ONLY_KEYS[tower]) and refused <= set(MANUAL_USE_KEYS[tower])
+
+        manual = {key: field.get_default() for key, field in schema.model_fields.items() if key != "name"}
+        kind = "one_tower" if tower == "backbone" else "two_tower"
+        screen = ComposeScreen()
+        screen.raw = {"model": {"kind": kind, tower: dict(manual)}}
+        screen._set_source(tower, "pretrained")
+        table = screen.raw["model"][tower]
+        assert table["source"] == "pretrained" and table["name"]
+        assert not refused & set(table)
+        schema(**{**table, "dropout": 0.0})  # what is left validates
+        shown = {k[2] for k in form if k[:2] == ["model", tower] and field_shown(".".join(k), screen.raw)}
+        assert shown and not shown & refused, tower
+
+
 def test_errors_find_their_field() -> None:
     shown = ["model.text.hidden_size", "model.text.heads", "objectives.mlm", "train.max_steps"]
     assert field_for_error("train.max_steps", "", shown) == "train.max_steps"

@@ -35,7 +35,6 @@ FAKE_GPUS = [
 class QueueApp(RenApp):
     """The app opening on the Queue screen (mode "queue", key 3) rather than Runs."""
 
-    CSS_PATH = REPO / "ren_tui" / "app.tcss"
     DEFAULT_MODE = "queue"
 
 

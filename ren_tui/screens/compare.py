@@ -63,14 +63,6 @@ class CompareScreen(Screen[None]):
     """Curves, scores and config differences of ``run_ids``; exports go to
     ``export_dir`` (default: ``./ren-exports``)."""
 
-    DEFAULT_CSS = """
-    CompareScreen { layout: vertical; }
-    CompareScreen #controls { height: 1; padding: 0 1; color: $text-muted; }
-    CompareScreen #curves { height: 1fr; min-height: 8; }
-    CompareScreen DataTable { height: auto; border-top: solid $primary; border-title-color: $text-muted; }
-    CompareScreen #scores { max-height: 35%; }
-    CompareScreen #diff { max-height: 30%; }
-    """
     BINDINGS = [
         Binding("escape", "app.pop_screen", "Back"),
         Binding("m", "metric", "Metric"),

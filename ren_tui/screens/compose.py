@@ -27,15 +27,14 @@ from textual.timer import Timer
 from textual.widget import Widget
 from textual.widgets import Footer, Header, Input, Label, Select, Static, Switch
 
+from engine.config import MANUAL_ONLY_KEYS, MANUAL_USE_KEYS, MODEL_KINDS, TOWERS, RunConfig
 from engine.dotted import get_in, set_in
 from engine.errors import RenError
 from ren_tui.dialogs import Confirm, Prompt
 from ren_tui.screens.freeze import FreezeScreen, by_part, format_flops, freeze_summary
 
 DEBOUNCE_S = 0.3
-KINDS = ("one_tower", "two_tower", "dual_encoder")
 STAGES = ("pretrain", "finetune")
-TOWERS = ("backbone", "text", "vision")
 KNOWN_TEXT = ("bert-base-uncased", "google/electra-small-discriminator", "google/electra-base-discriminator",
               "roberta-base")
 KNOWN_VISION = ("google/vit-base-patch16-224-in21k", "facebook/deit-tiny-patch16-224",
@@ -43,14 +42,6 @@ KNOWN_VISION = ("google/vit-base-patch16-224-in21k", "facebook/deit-tiny-patch16
 KNOWN_TIMM = ("test_resnet", "resnet18", "resnet50", "convnext_tiny")
 KNOWN = {"text": KNOWN_TEXT, "vision": KNOWN_VISION + KNOWN_TIMM, "backbone": KNOWN_TEXT + KNOWN_VISION}
 CUSTOM = "__custom__"
-MANUAL_ONLY = {"text": ("hidden_size", "layers", "heads", "max_positions"),
-               "vision": ("hidden_size", "layers", "heads", "patch_size"),
-               "backbone": ("hidden_size", "layers", "heads")}
-"""Form fields that apply to manual towers only."""
-DROP_UNLESS_MANUAL = {"text": ("hidden_size", "layers", "heads", "mlp_ratio", "patch_size"),
-                      "vision": ("hidden_size", "layers", "heads", "mlp_ratio", "patch_size"),
-                      "backbone": ("hidden_size", "layers", "heads", "mlp_ratio")}
-"""Keys a pretrained/random tower must not set (engine.config's manual-only keys)."""
 
 SECTIONS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
     ("Run", "all", ("run.name", "model.kind", "stage")),
@@ -101,7 +92,7 @@ def field_shown(key: str, raw: dict[str, Any]) -> bool:
         manual = get_in(raw, f"model.{parts[1]}.source", "manual") == "manual"
         if parts[2] in ("name", "library"):
             return not manual
-        return manual or parts[2] not in MANUAL_ONLY[parts[1]]
+        return manual or parts[2] not in MANUAL_USE_KEYS[parts[1]]
     if parts[0] == "objectives":
         if len(parts) == 3:
             return get_in(raw, ".".join(parts[:2])) is not None
@@ -131,10 +122,8 @@ def field_for_error(key: str | None, message: str, shown: list[str]) -> str | No
 
 def schema_field(key: str) -> Any:
     """The pydantic field of a dotted key (any architecture kind that has it)."""
-    from engine.config import MODEL_KINDS, RunConfig
-
     parts = key.split(".")
-    roots = [MODEL_KINDS[k] for k in KINDS] if parts[0] == "model" else [RunConfig]
+    roots = list(MODEL_KINDS.values()) if parts[0] == "model" else [RunConfig]
     for model in roots:
         for part in parts[1:-1] if parts[0] == "model" else parts[:-1]:
             field = model.model_fields.get(part) if model else None
@@ -184,29 +173,6 @@ def wid(key: str) -> str:
 class ComposeScreen(Screen[None]):
     """Compose a run config; ``config`` (a stored run's or a preset's) starts the form."""
 
-    DEFAULT_CSS = """
-    ComposeScreen #compose-top { height: 1; padding: 0 1; }
-    ComposeScreen #compose-top Label { width: 12; color: $text-muted; }
-    ComposeScreen #preset { width: 1fr; }
-    ComposeScreen #compose-body { height: 1fr; }
-    ComposeScreen #form { width: 1fr; padding: 0 1; }
-    ComposeScreen #side { width: 34; padding: 0 1; border-left: solid $primary; }
-    ComposeScreen .section { height: auto; }
-    ComposeScreen .section-title { color: $primary; text-style: bold; margin-top: 1; }
-    ComposeScreen .row { height: 1; }
-    ComposeScreen .row > Label { width: 16; color: $text-muted; }
-    ComposeScreen .row > Input, ComposeScreen .row > Select { width: 1fr; max-width: 60; }
-    ComposeScreen .row > .value { width: 1fr; }
-    ComposeScreen .row Switch { height: 1; border: none; padding: 0 1; width: 8; }
-    ComposeScreen .row Switch:focus { border: none; background: $accent; }
-    ComposeScreen .custom { display: none; }
-    ComposeScreen .field-error { color: $error; padding-left: 16; height: auto; display: none; }
-    ComposeScreen #inspect-state { color: $text-muted; height: auto; }
-    ComposeScreen #inspect-state.error { color: $error; }
-    ComposeScreen #summary { height: auto; margin-top: 1; }
-    ComposeScreen #status { height: auto; max-height: 3; padding: 0 1; background: $boost; }
-    ComposeScreen #status.error { color: $error; }
-    """
     BINDINGS = [
         Binding("ctrl+s", "save", "Save preset"),
         Binding("ctrl+r", "queue", "Queue run"),
@@ -260,7 +226,7 @@ class ComposeScreen(Screen[None]):
         with Horizontal(classes="row", id="row-" + wid(key)):
             yield Label(label)
             if key == "model.kind":
-                self._types[key] = ("choice", KINDS, False)
+                self._types[key] = ("choice", tuple(MODEL_KINDS), False)
             elif key == "stage":
                 self._types[key] = ("choice", STAGES, False)
             elif key in ("objectives.mlm", "objectives.itm", "objectives.itc"):
@@ -526,7 +492,7 @@ class ComposeScreen(Screen[None]):
             table.pop("name", None)
             table.pop("library", None)
         else:
-            for key in DROP_UNLESS_MANUAL[tower]:
+            for key in MANUAL_ONLY_KEYS[tower]:
                 table.pop(key, None)
             if not table.get("name"):
                 table["name"] = KNOWN_TIMM[0] if table.get("library") == "timm" else KNOWN[tower][0]

@@ -192,15 +192,6 @@ class GroupTree(Tree[str]):
 class FreezeScreen(Screen["dict[str, Any] | None"]):
     """Pick frozen groups for ``config``; dismisses with the new config (``a``) or None."""
 
-    DEFAULT_CSS = """
-    FreezeScreen #freeze-body { height: 1fr; }
-    FreezeScreen #groups { width: 1fr; min-width: 36; }
-    FreezeScreen #freeze-side { width: 38; padding: 0 1; border-left: solid $primary; }
-    FreezeScreen #freeze-counts { height: auto; }
-    FreezeScreen #freeze-patterns { height: auto; margin-top: 1; color: $text-muted; }
-    FreezeScreen #freeze-state { height: auto; color: $text-muted; }
-    FreezeScreen #freeze-state.error { color: $error; }
-    """
     BINDINGS = [
         Binding("a", "apply", "Apply"),
         Binding("escape", "cancel", "Cancel"),

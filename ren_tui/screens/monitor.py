@@ -111,16 +111,6 @@ def curves(series: Series, x: str, batch_size: int = 1) -> tuple[dict[str, Curve
 class MonitorScreen(Screen[None]):
     """One run, live: header, one chart at a time, log tail."""
 
-    DEFAULT_CSS = """
-    MonitorScreen { layout: vertical; }
-    MonitorScreen #header { height: auto; padding: 0 1; background: $panel; }
-    MonitorScreen #controls { height: 1; padding: 0 1; color: $text-muted; }
-    MonitorScreen #chart { height: 1fr; }
-    MonitorScreen #log {
-        height: 25%; min-height: 4; padding: 0 1;
-        border-top: solid $primary; border-title-color: $text-muted; color: $text-muted;
-    }
-    """
     BINDINGS = [
         Binding("escape", "app.pop_screen", "Back"),
         Binding("c", "next_chart", "Chart"),

@@ -143,16 +143,6 @@ def recent_runs(records: Sequence[RunRecord]) -> list[RunRecord]:
 class QueueScreen(Screen[None]):
     """The queue of this store, and the GPUs (or CPU slots) it places runs on."""
 
-    DEFAULT_CSS = """
-    QueueScreen #state { height: 1; padding: 0 1; background: $boost; text-wrap: nowrap; text-overflow: ellipsis; }
-    QueueScreen #gpus { height: auto; padding: 0 1; text-wrap: nowrap; text-overflow: ellipsis; }
-    QueueScreen .title { height: 1; padding: 0 1; color: $text-muted; text-style: bold; }
-    QueueScreen DataTable { height: auto; }
-    QueueScreen #running { max-height: 7; }
-    QueueScreen #queued { height: 2fr; min-height: 3; }
-    QueueScreen #recent { height: 1fr; min-height: 3; max-height: 12; }
-    QueueScreen #about { height: 2; padding: 0 1; background: $boost; }
-    """
     BINDINGS = [
         Binding("enter", "monitor", "Monitor", priority=True),
         Binding("K,shift+up", "move(-1)", "Move up", key_display="K"),

@@ -78,13 +78,6 @@ class View:
 
 
 class RunsScreen(Screen[None]):
-    DEFAULT_CSS = """
-    RunsScreen #filter { display: none; height: 3; }
-    RunsScreen #filter.shown { display: block; }
-    RunsScreen #runs { height: 1fr; }
-    RunsScreen #detail { height: auto; max-height: 10; padding: 0 1; border-top: solid $primary; }
-    RunsScreen #status { height: 1; padding: 0 1; color: $text-muted; }
-    """
     BINDINGS = [
         Binding("enter", "open", "Monitor"),
         Binding("space", "mark", "Mark"),
