@@ -27,8 +27,8 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import torch
-from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate import Accelerator, PartialState
+from accelerate.utils import GradientAccumulationPlugin, parse_flag_from_env, set_seed
 from safetensors import SafetensorError
 from torch.utils.data import DataLoader, Sampler
 
@@ -159,6 +159,20 @@ def _micro_batch(cfg: RunConfig, world: int) -> tuple[int, int]:
     check_processes(cfg.train, world)  # `ren run` checked it for --gpus; a launch elsewhere may differ
     micro = cfg.train.micro_batch_size or max(1, cfg.train.batch_size // world)
     return micro, cfg.train.batch_size // (micro * world)
+
+
+def _accelerator(cfg: RunConfig) -> tuple[Accelerator, int, int]:
+    """The run's Accelerator, built with the gradient accumulation that makes up the global batch over its
+    processes, and (micro batch, accumulation steps). cpu=True without CUDA: processes started by
+    `accelerate launch` then train together over gloo instead of each alone."""
+    cpu = not torch.cuda.is_available() or parse_flag_from_env("ACCELERATE_USE_CPU")  # as AcceleratorState reads it
+    world = PartialState(cpu=cpu).num_processes  # the process group, which the Accelerator then shares
+    micro, accum = _micro_batch(cfg, world)
+    # the plugin rather than gradient_accumulation_steps=: that one gives way to $ACCELERATE_GRADIENT_ACCUMULATION_STEPS
+    accumulation = GradientAccumulationPlugin(num_steps=accum)
+    accelerator = Accelerator(cpu=cpu, mixed_precision=cfg.train.mixed_precision,
+                              gradient_accumulation_plugin=accumulation)
+    return accelerator, micro, accum
 
 
 def init_weights_from(model: VLModel, source: str, store: Store) -> tuple[list[str], list[str], list[str]]:
@@ -398,11 +412,7 @@ def train(cfg: RunConfig, store: Store, run_id: str, *, resume: bool = False,
         torch.set_num_threads(cfg.train.cpu_threads)
 
     # --- build ---------------------------------------------------------------
-    # cpu=True on a machine without CUDA: processes started by `accelerate launch` then
-    # train together over gloo instead of each alone.
-    accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=cfg.train.mixed_precision)
-    micro, accum = _micro_batch(cfg, accelerator.num_processes)
-    accelerator.gradient_accumulation_steps = accum
+    accelerator, micro, accum = _accelerator(cfg)
     set_seed(cfg.run.seed)
     run_dir = store.run_dir(run_id)
     data = build_data(cfg, cache_dir=Path(cfg.data.cache_dir) if cfg.data.cache_dir else store.root / "cache")
