@@ -233,7 +233,7 @@ def _micro_batch(cfg: RunConfig, world: int) -> tuple[int, int]:
     return micro, cfg.train.batch_size // (micro * world)
 
 
-def _accelerator(cfg: RunConfig) -> tuple[Accelerator, int, int]:
+def build_accelerator(cfg: RunConfig) -> tuple[Accelerator, int, int]:
     """The run's Accelerator, built with the gradient accumulation that makes up the global batch over its
     processes, and (micro batch, accumulation steps). cpu=True without CUDA: processes started by
     `accelerate launch` then train together over gloo instead of each alone."""
@@ -511,7 +511,7 @@ def setup(cfg: RunConfig, store: Store, run_id: str, *, resume: bool, reporter: 
     latest checkpoint when ``resume``, and mark it running."""
     if cfg.train.cpu_threads:
         torch.set_num_threads(cfg.train.cpu_threads)
-    accelerator, micro, accum = _accelerator(cfg)
+    accelerator, micro, accum = build_accelerator(cfg)
     set_seed(cfg.run.seed)
     run_dir = store.run_dir(run_id)
     data = build_data(cfg, cache_dir=Path(cfg.data.cache_dir) if cfg.data.cache_dir else store.root / "cache")
