@@ -590,7 +590,7 @@ def fit(s: Session, log: StepLog) -> str:
     micro_index = 0  # micro batch within the optimizer step; every step (and a resumed run) starts at 0
     s.model.train()
     with _StopFlag() as stop:
-        for batch in _micro_batches(s):
+        for batch in _train_batches(s):
             s.timer.start(sampled=_logs(state.step + 1, cfg), warm=s.flops.done)
             with accelerator.accumulate(s.model):
                 parts = _train_micro_batch(s, batch, micro_index)
@@ -615,7 +615,7 @@ def fit(s: Session, log: StepLog) -> str:
     return "finished"
 
 
-def _micro_batches(s: Session) -> Iterator[Any]:
+def _train_batches(s: Session) -> Iterator[Any]:
     """The training micro batches of every epoch from where the run stands, each epoch's timed as it arrives."""
     return itertools.chain.from_iterable(
         map(s.timer.batches, epochs(s.train_dl, s.sampler, s.state, s.accelerator, s.accum)))
