@@ -1,8 +1,9 @@
-"""The training engine: one straight accelerate function.
+"""The training engine, in accelerate's plain style.
 
-``train(cfg, store, run_id)``: build -> ``accelerator.prepare`` -> loop under
-``accelerator.accumulate`` -> evaluate with ``gather_for_metrics`` ->
-checkpoint. The same code runs on a CPU, one GPU, or many processes started by
+``train(cfg, store, run_id)`` is :func:`setup` (build -> ``accelerator.prepare``),
+:func:`fit` (loop under ``accelerator.accumulate`` -> evaluate with
+``gather_for_metrics`` -> checkpoint) and :func:`finish` (final scores, weights).
+The same code runs on a CPU, one GPU, or many processes started by
 ``accelerate launch`` (only the main process writes to the store).
 
 Run this module as ``python -m engine.train RUN_ID [--resume]`` to train a run
@@ -12,6 +13,7 @@ that is already in the store; ``ren run`` does that for you.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import math
 import os
@@ -22,13 +24,14 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
 import torch
-from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate import Accelerator, PartialState
+from accelerate.utils import GradientAccumulationPlugin, parse_flag_from_env, set_seed
 from safetensors import SafetensorError
 from torch.utils.data import DataLoader, Sampler
 
@@ -47,7 +50,7 @@ from engine.config import OptimConfig, RunConfig, check_processes, config_from_d
 from engine.data.pipeline import DataBundle, build_data
 from engine.display import bucket_means
 from engine.errors import ConfigError, RenError, StoreBusy, StoreError, oom_message
-from engine.freeze import apply_freeze
+from engine.freeze import FreezeReport, apply_freeze
 from engine.models import VLModel, build_model
 from engine.runs import FINAL_WEIGHTS
 from engine.store import MetricsWriter, Store, atomic_write_text, follow_umask, json_text
@@ -91,6 +94,14 @@ class TrainState:
     eval_pflops: float = 0.0
     train_seconds: float = 0.0  # wall time in the training loop, evaluations excluded
 
+    def count_step(self, batch_size: int, train_flops: float | None, seconds: float) -> None:
+        """One more optimizer step, of ``batch_size`` samples at ``train_flops`` each, ``seconds`` into training."""
+        self.step += 1
+        self.batches_into_epoch += 1
+        self.samples_seen += batch_size
+        self.pflops += (train_flops or 0.0) * batch_size / 1e15
+        self.train_seconds = seconds
+
 
 class EpochSampler(Sampler[int]):
     """A random permutation that depends only on (seed, epoch): resuming at epoch e,
@@ -113,6 +124,67 @@ class EpochSampler(Sampler[int]):
 
     def __len__(self) -> int:
         return self.n
+
+
+def epochs(loader: DataLoader, sampler: EpochSampler, state: TrainState, accelerator: Accelerator,
+           accum: int) -> Iterator[Iterable[Any]]:
+    """Each epoch's micro batches from where ``state`` stands: the sampler set to the epoch, past the micro
+    batches of the optimizer steps it already took. Once an epoch is used up (the next one asked for),
+    ``state`` moves on to the next epoch."""
+    while True:
+        sampler.use_epoch(state.epoch)
+        skip = state.batches_into_epoch * accum
+        yield accelerator.skip_first_batches(loader, skip) if skip else loader
+        state.epoch += 1
+        state.batches_into_epoch = 0
+
+
+class StepLog:
+    """The logged values between logged steps: each micro batch's summed on the device (one sync when
+    logged), the samples/s since the last logged step, this session's loss trace, and the interval of
+    the run record's progress updates."""
+
+    def __init__(self, samples_seen: int) -> None:
+        self.sums: dict[str, torch.Tensor] = {}
+        self.count = 0
+        self.losses: list[float] = []  # every logged loss of this session, for the record's sparkline
+        self.samples_per_s: float | None = None  # at the last logged step
+        self._t_last, self._samples_last, self._t_index = time.perf_counter(), samples_seen, 0.0
+
+    def add(self, parts: dict[str, torch.Tensor]) -> None:
+        """One micro batch's logged values."""
+        for k, v in parts.items():
+            self.sums[k] = self.sums[k] + v if k in self.sums else v
+        self.count += 1
+
+    def flush(self, accelerator: Accelerator, samples_seen: int, *, lr: float, epoch: float) -> dict[str, float]:
+        """A logged step's metrics: the means since the last flush over every process's micro batches (the
+        loop's only device sync), ``lr``, samples/s and ``epoch``; the sums start again."""
+        now = time.perf_counter()
+        metrics = _mean_over_processes(accelerator, self.sums, self.count)
+        metrics["lr"] = lr
+        metrics["samples_per_s"] = (samples_seen - self._samples_last) / max(now - self._t_last, 1e-9)
+        metrics["epoch"] = epoch
+        self.sums, self.count, self._t_last, self._samples_last = {}, 0, now, samples_seen
+        self.samples_per_s = metrics["samples_per_s"]
+        self.losses.append(metrics["loss"])
+        return metrics
+
+    def restart_clock(self) -> None:
+        """Time from now on counts towards samples/s (an evaluation's does not)."""
+        self._t_last = time.perf_counter()
+
+    def index_due(self) -> bool:
+        """Whether the run record is due a progress update (every INDEX_UPDATE_S at most: the shared index
+        is rewritten whole); if so, the interval starts again at the last flush."""
+        if self._t_last - self._t_index < INDEX_UPDATE_S:
+            return False
+        self._t_index = self._t_last
+        return True
+
+    def trace(self) -> list[float]:
+        """The loss sparkline of the run record."""
+        return bucket_means(self.losses, TRACE)
 
 
 def lr_factor(step: int, total: int, warmup: int, schedule: str) -> float:
@@ -159,6 +231,20 @@ def _micro_batch(cfg: RunConfig, world: int) -> tuple[int, int]:
     check_processes(cfg.train, world)  # `ren run` checked it for --gpus; a launch elsewhere may differ
     micro = cfg.train.micro_batch_size or max(1, cfg.train.batch_size // world)
     return micro, cfg.train.batch_size // (micro * world)
+
+
+def build_accelerator(cfg: RunConfig) -> tuple[Accelerator, int, int]:
+    """The run's Accelerator, built with the gradient accumulation that makes up the global batch over its
+    processes, and (micro batch, accumulation steps). cpu=True without CUDA: processes started by
+    `accelerate launch` then train together over gloo instead of each alone."""
+    cpu = not torch.cuda.is_available() or parse_flag_from_env("ACCELERATE_USE_CPU")  # as AcceleratorState reads it
+    world = PartialState(cpu=cpu).num_processes  # the process group, which the Accelerator then shares
+    micro, accum = _micro_batch(cfg, world)
+    # the plugin rather than gradient_accumulation_steps=: that one gives way to $ACCELERATE_GRADIENT_ACCUMULATION_STEPS
+    accumulation = GradientAccumulationPlugin(num_steps=accum)
+    accelerator = Accelerator(cpu=cpu, mixed_precision=cfg.train.mixed_precision,
+                              gradient_accumulation_plugin=accumulation)
+    return accelerator, micro, accum
 
 
 def init_weights_from(model: VLModel, source: str, store: Store) -> tuple[list[str], list[str], list[str]]:
@@ -217,11 +303,11 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return path if (path / "trainer_state.json").exists() else None
 
 
-def _save_checkpoint(accelerator: Accelerator, run_dir: Path, state: TrainState, keep: int,
-                     writer: MetricsWriter | None) -> None:
+def _save_checkpoint(s: Session) -> None:
     """accelerate ``save_state`` into a temp dir, then an atomic rename and pointer update,
     so a kill at any instant leaves the previous checkpoint usable. The metrics logged up
     to this step are flushed first: a run resumed from the checkpoint keeps them."""
+    accelerator, run_dir, state, writer = s.accelerator, s.run_dir, s.state, s.writer
     if writer:
         writer.flush()
     root = run_dir / CHECKPOINTS
@@ -250,7 +336,7 @@ def _save_checkpoint(accelerator: Accelerator, run_dir: Path, state: TrainState,
         ) from exc
     if accelerator.is_main_process:
         atomic_write_text(root / LATEST, name)
-        for old in sorted(p for p in root.glob("step_*") if p.is_dir())[:-keep]:
+        for old in sorted(p for p in root.glob("step_*") if p.is_dir())[:-s.cfg.train.keep_checkpoints]:
             shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
 
@@ -390,24 +476,74 @@ def build_optimizer(model: torch.nn.Module, o: OptimConfig, device: torch.device
     )
 
 
-def train(cfg: RunConfig, store: Store, run_id: str, *, resume: bool = False,
-          reporter: Reporter | None = None) -> dict[str, float]:
-    """Train run ``run_id`` (already created in ``store``) and return its final scores."""
-    reporter = reporter or SilentReporter()
+@dataclass(frozen=True)
+class Session:
+    """One session of a run (a fresh start or a resume), as :func:`setup` builds it: the prepared
+    model, optimizer and loaders, and the state and accounting that :func:`fit` and :func:`finish` update."""
+
+    cfg: RunConfig
+    store: Store
+    run_id: str
+    run_dir: Path
+    reporter: Reporter
+    accelerator: Accelerator
+    micro: int  # per-process micro batch
+    accum: int  # micro batches per optimizer step
+    data: DataBundle
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    sampler: EpochSampler
+    train_dl: DataLoader
+    eval_dl: DataLoader
+    state: TrainState
+    flops: FlopMeter
+    timer: StepTimer
+    info: DeviceInfo | None  # main process only
+    writer: MetricsWriter | None  # main process only
+
+    @property
+    def main(self) -> bool:
+        return self.accelerator.is_main_process
+
+
+def setup(cfg: RunConfig, store: Store, run_id: str, *, resume: bool, reporter: Reporter) -> Session:
+    """Build the run (accelerator, data, model, optimizer, loaders), ``accelerator.prepare`` it, load its
+    latest checkpoint when ``resume``, and mark it running."""
     if cfg.train.cpu_threads:
         torch.set_num_threads(cfg.train.cpu_threads)
-
-    # --- build ---------------------------------------------------------------
-    # cpu=True on a machine without CUDA: processes started by `accelerate launch` then
-    # train together over gloo instead of each alone.
-    accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=cfg.train.mixed_precision)
-    micro, accum = _micro_batch(cfg, accelerator.num_processes)
-    accelerator.gradient_accumulation_steps = accum
+    accelerator, micro, accum = build_accelerator(cfg)
     set_seed(cfg.run.seed)
     run_dir = store.run_dir(run_id)
     data = build_data(cfg, cache_dir=Path(cfg.data.cache_dir) if cfg.data.cache_dir else store.root / "cache")
     if cfg.task and data.answers is not None and accelerator.is_main_process:
         atomic_write_text(run_dir / ANSWERS, json_text(data.answers, run_dir / ANSWERS))
+    model, freeze_report = _build_model(cfg, data, store, run_dir, resume, reporter)
+    optimizer = build_optimizer(model, cfg.optim, accelerator.device)
+    sampler = EpochSampler(len(data.train), cfg.run.seed)
+    train_dl, eval_dl = _loaders(cfg, data, sampler, micro)
+    model, optimizer, train_dl, eval_dl = accelerator.prepare(model, optimizer, train_dl, eval_dl)
+    state = _resumed_state(accelerator, run_dir, reporter) if resume else TrainState(best_scores={})
+    main = accelerator.is_main_process
+    flops = FlopMeter()  # counts the first step and the first evaluation batch
+    info = (DeviceInfo.detect(accelerator.device, accelerator.mixed_precision, accelerator.num_processes,
+                              store.root / "cache", autocast=accelerator.autocast()) if main else None)
+    accelerator.wait_for_everyone()  # a CPU peak is measured once per machine, with the other processes idle
+    timer = StepTimer(sync=device_sync(accelerator.device), micro_batches=accum, seconds=state.train_seconds)
+    if main:
+        versions = session_versions(store.get_run(run_id).versions, software_versions(), state.step)
+        store.mark_running(run_id, pid=os.getpid(), host=socket.gethostname(), device=_device_name(accelerator),
+                           params=freeze_report.to_dict(), max_steps=cfg.train.max_steps,
+                           compute=_compute(info, flops, timer, state, None, accelerator.device), versions=versions)
+    writer = store.metrics_writer(run_id) if main else None
+    if writer:
+        writer.rewind(state.step)
+    return Session(cfg, store, run_id, run_dir, reporter, accelerator, micro, accum, data, model, optimizer, sampler,
+                   train_dl, eval_dl, state, flops, timer, info, writer)
+
+
+def _build_model(cfg: RunConfig, data: DataBundle, store: Store, run_dir: Path, resume: bool,
+                 reporter: Reporter) -> tuple[VLModel, FreezeReport]:
+    """The model with its ``train.init_from`` weights and ``freeze`` applied, and the freeze report."""
     model = build_model(cfg, vocab_size=data.vocab_size, num_answers=data.num_answers)
     # a resumed run loads its own checkpoint; one resumed before its first checkpoint (a retry)
     # starts from init_from like a fresh run
@@ -416,8 +552,11 @@ def train(cfg: RunConfig, store: Store, run_id: str, *, resume: bool = False,
     freeze_report = apply_freeze(model, cfg.freeze)
     if freeze_report.trainable == 0:
         raise ConfigError("freeze.groups freezes every parameter; nothing would train.")
-    optimizer = build_optimizer(model, cfg.optim, accelerator.device)
-    sampler = EpochSampler(len(data.train), cfg.run.seed)
+    return model, freeze_report
+
+
+def _loaders(cfg: RunConfig, data: DataBundle, sampler: EpochSampler, micro: int) -> tuple[DataLoader, DataLoader]:
+    """The training loader (micro batches in ``sampler``'s order) and the evaluation loader."""
     workers = cfg.data.num_workers
     train_dl = DataLoader(data.train, batch_size=micro, sampler=sampler, collate_fn=_identity, drop_last=True,
                           num_workers=workers)
@@ -427,164 +566,193 @@ def train(cfg: RunConfig, store: Store, run_id: str, *, resume: bool = False,
             f"train.batch_size = {cfg.train.batch_size} is larger than the training set "
             f"({len(data.train)} samples)."
         )
+    return train_dl, eval_dl
 
-    # --- prepare -------------------------------------------------------------
-    model, optimizer, train_dl, eval_dl = accelerator.prepare(model, optimizer, train_dl, eval_dl)
-    state = TrainState(best_scores={})
-    if resume:
-        ckpt = latest_checkpoint(run_dir)
-        if ckpt is not None:
-            accelerator.load_state(str(ckpt))
-            state = TrainState(**json.loads((ckpt / "trainer_state.json").read_text()))
-            reporter.message(f"resumed from {ckpt.name}")
-    main = accelerator.is_main_process
-    flops = FlopMeter()  # counts the first step and the first evaluation batch
-    info = (DeviceInfo.detect(accelerator.device, accelerator.mixed_precision, accelerator.num_processes,
-                              store.root / "cache", autocast=accelerator.autocast()) if main else None)
-    accelerator.wait_for_everyone()  # a CPU peak is measured once per machine, with the other processes idle
-    timer = StepTimer(sync=device_sync(accelerator.device), micro_batches=accum, seconds=state.train_seconds)
-    compute: dict[str, Any] = {}
-    if main:
-        versions = session_versions(store.get_run(run_id).versions, software_versions(), state.step)
-        store.mark_running(run_id, pid=os.getpid(), host=socket.gethostname(), device=_device_name(accelerator),
-                           params=freeze_report.to_dict(), max_steps=cfg.train.max_steps,
-                           compute=_compute(info, flops, timer, state, None, accelerator.device), versions=versions)
-    writer = store.metrics_writer(run_id) if main else None
-    if writer:
-        writer.rewind(state.step)
 
-    # --- loop ----------------------------------------------------------------
-    step_fn = _pretrain_step if cfg.objectives else _finetune_step
-    warmup = int(cfg.optim.warmup_ratio * cfg.train.max_steps)
-    sums: dict[str, torch.Tensor] = {}  # step metrics stay on the device until logged
-    count, t_last, samples_last = 0, time.perf_counter(), state.samples_seen
-    t_index = 0.0
-    micro_index = 0  # micro-batch within the optimizer step; every step (and a resumed run) starts at 0
-    losses: list[float] = []  # every logged loss of this session, for the record's sparkline
+def _resumed_state(accelerator: Accelerator, run_dir: Path, reporter: Reporter) -> TrainState:
+    """The state of the run's latest checkpoint, loaded with its model and optimizer; a fresh state if it has none."""
+    ckpt = latest_checkpoint(run_dir)
+    if ckpt is None:
+        return TrainState(best_scores={})
+    accelerator.load_state(str(ckpt))
+    reporter.message(f"resumed from {ckpt.name}")
+    return TrainState(**json.loads((ckpt / "trainer_state.json").read_text()))
+
+
+def fit(s: Session, log: StepLog) -> str:
+    """The loop: each micro batch under ``accelerator.accumulate``, and after each optimizer step its log,
+    evaluation and checkpoint. Returns "finished" at ``train.max_steps``, or "cancelled" (after a
+    checkpoint) when a signal asked it to stop."""
+    cfg, accelerator, state = s.cfg, s.accelerator, s.state
+    if state.step >= cfg.train.max_steps:
+        return "finished"
     guard = NonfiniteGuard(cfg.train.max_nonfinite_steps)
-    reporter.start(cfg.train.max_steps, state.step)
-    status, error = "finished", None
-    try:
-        with _StopFlag() as stop:
-            stopping = False
-            while state.step < cfg.train.max_steps and not stopping:
-                sampler.use_epoch(state.epoch)
-                batches = (accelerator.skip_first_batches(train_dl, state.batches_into_epoch * accum)
-                           if state.batches_into_epoch else train_dl)
-                model.train()
-                for batch in timer.batches(batches):
-                    timer.start(sampled=_logs(state.step + 1, cfg), warm=flops.done)
-                    with accelerator.accumulate(model):
-                        gen = torch.Generator().manual_seed(O.micro_batch_seed(
-                            cfg.run.seed, state.step, micro_index, accelerator.process_index))
-                        with flops.count("forward", batch):
-                            loss, parts = step_fn(model, batch, cfg, data, gen)
-                        timer.mark("forward")
-                        with flops.count("backward", batch):
-                            accelerator.backward(loss)
-                        timer.mark("backward")
-                        if accelerator.sync_gradients and cfg.optim.grad_clip:
-                            accelerator.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
-                        factor = lr_factor(state.step, cfg.train.max_steps, warmup, cfg.optim.schedule)
-                        for group in optimizer.param_groups:
-                            group["lr"] = group["base_lr"] * factor
-                        optimizer.step()
-                        optimizer.zero_grad(set_to_none=True)
-                    micro_index = 0 if accelerator.sync_gradients else micro_index + 1
-                    timer.mark("optimizer")
-                    guard.observe(parts)
-                    for k, v in parts.items():
-                        sums[k] = sums[k] + v if k in sums else v
-                    count += 1
-                    if not accelerator.sync_gradients:
-                        continue
-                    guard.end_step()
-                    state.step += 1
-                    state.batches_into_epoch += 1
-                    state.samples_seen += cfg.train.batch_size
-                    state.pflops += (flops.train or 0.0) * cfg.train.batch_size / 1e15
-                    state.train_seconds = timer.seconds
-                    if _logs(state.step, cfg):
-                        now = time.perf_counter()
-                        metrics = _mean_over_processes(accelerator, sums, count)  # the only device sync
-                        metrics["lr"] = cfg.optim.lr * factor
-                        metrics["samples_per_s"] = (state.samples_seen - samples_last) / max(now - t_last, 1e-9)
-                        metrics["epoch"] = state.epoch + state.batches_into_epoch / len(train_dl) * accum
-                        sums, count, t_last, samples_last = {}, 0, now, state.samples_seen
-                        losses.append(metrics["loss"])
-                        if writer:
-                            compute = _compute(info, flops, timer, state, metrics["samples_per_s"],
-                                               accelerator.device)
-                            writer.log(state.step, **metrics, **compute_series(compute))
-                            if now - t_index >= INDEX_UPDATE_S:  # the shared index is rewritten whole
-                                with contextlib.suppress(StoreBusy):  # progress only: the next interval retries
-                                    store.update_run(run_id, step=state.step,
-                                                     loss_trace=bucket_means(losses, TRACE), compute=compute)
-                                t_index = now
-                        reporter.step(state.step, metrics)
-                        guard.check(accelerator, state.step)
-                    if cfg.task and state.step % cfg.train.eval_every == 0 and state.step < cfg.train.max_steps:
-                        with timer.paused():
-                            scores = evaluate(model, eval_dl, accelerator, cfg.data.eval_max_samples, cfg.task.name,
-                                              flops=flops)
-                        state.eval_pflops += (flops.eval or 0.0) * scores["eval_samples"] / 1e15
-                        _record_scores(store, run_id, writer, state, scores, main, cfg.data.eval_split)
-                        reporter.message(_format_scores(state.step, scores, split=cfg.data.eval_split))
-                        model.train()
-                        t_last = time.perf_counter()  # evaluation time is not training throughput
-                    stopping = _should_stop(accelerator, stop)
-                    if state.step % cfg.train.checkpoint_every == 0 and not stopping:
-                        guard.check(accelerator, state.step)  # no diverged weights over the last good ones
-                        _save_checkpoint(accelerator, run_dir, state, cfg.train.keep_checkpoints, writer)
-                    if state.step >= cfg.train.max_steps or stopping:
-                        break
-                else:
-                    state.epoch += 1
-                    state.batches_into_epoch = 0
+    micro_index = 0  # micro batch within the optimizer step; every step (and a resumed run) starts at 0
+    s.model.train()
+    with _StopFlag() as stop:
+        for batch in _train_batches(s):
+            s.timer.start(sampled=_logs(state.step + 1, cfg), warm=s.flops.done)
+            with accelerator.accumulate(s.model):
+                parts = _train_micro_batch(s, batch, micro_index)
+            micro_index = 0 if accelerator.sync_gradients else micro_index + 1
+            s.timer.mark("optimizer")
+            guard.observe(parts)
+            log.add(parts)
+            if not accelerator.sync_gradients:
+                continue
+            guard.end_step()
+            state.count_step(cfg.train.batch_size, s.flops.train, s.timer.seconds)
+            if _logs(state.step, cfg):
+                log_step(s, log, guard)
+            maybe_evaluate(s, log)
+            stopping = _should_stop(accelerator, stop)
             if stopping:
-                status = "cancelled"
-                _save_checkpoint(accelerator, run_dir, state, cfg.train.keep_checkpoints, writer)
+                _save_checkpoint(s)
+                return "cancelled"
+            maybe_checkpoint(s, guard)
+            if state.step >= cfg.train.max_steps:
+                break
+    return "finished"
+
+
+def _train_batches(s: Session) -> Iterator[Any]:
+    """The training micro batches of every epoch from where the run stands, each epoch's timed as it arrives."""
+    return itertools.chain.from_iterable(
+        map(s.timer.batches, epochs(s.train_dl, s.sampler, s.state, s.accelerator, s.accum)))
+
+
+def _train_micro_batch(s: Session, batch: dict[str, torch.Tensor], micro_index: int) -> dict[str, torch.Tensor]:
+    """Forward and backward of micro batch ``micro_index`` of the step, then :func:`optimizer_step`; returns
+    its logged values."""
+    cfg = s.cfg
+    step_fn = _pretrain_step if cfg.objectives else _finetune_step
+    gen = torch.Generator().manual_seed(O.micro_batch_seed(
+        cfg.run.seed, s.state.step, micro_index, s.accelerator.process_index))
+    with s.flops.count("forward", batch):
+        loss, parts = step_fn(s.model, batch, cfg, s.data, gen)
+    s.timer.mark("forward")
+    with s.flops.count("backward", batch):
+        s.accelerator.backward(loss)
+    s.timer.mark("backward")
+    optimizer_step(s)
+    return parts
+
+
+def optimizer_step(s: Session) -> None:
+    """Clip the gradients, set the scheduled learning rate, step and zero them: the prepared optimizer
+    only steps on the last micro batch of the step (``accelerator.sync_gradients``)."""
+    if s.accelerator.sync_gradients and s.cfg.optim.grad_clip:
+        s.accelerator.clip_grad_norm_(s.model.parameters(), s.cfg.optim.grad_clip)
+    factor = _scheduled(s.cfg, s.state.step)
+    for group in s.optimizer.param_groups:
+        group["lr"] = group["base_lr"] * factor
+    s.optimizer.step()
+    s.optimizer.zero_grad(set_to_none=True)
+
+
+def _scheduled(cfg: RunConfig, step: int) -> float:
+    """The run's learning-rate multiplier at optimizer step ``step`` (0-based)."""
+    return lr_factor(step, cfg.train.max_steps, int(cfg.optim.warmup_ratio * cfg.train.max_steps), cfg.optim.schedule)
+
+
+def log_step(s: Session, log: StepLog, guard: NonfiniteGuard) -> None:
+    """Write the metrics of the step just taken (main process; the run record's progress every
+    INDEX_UPDATE_S), report them, and stop a diverged run."""
+    cfg, state = s.cfg, s.state
+    metrics = log.flush(s.accelerator, state.samples_seen, lr=cfg.optim.lr * _scheduled(cfg, state.step - 1),
+                        epoch=state.epoch + state.batches_into_epoch / len(s.train_dl) * s.accum)
+    if s.writer:
+        compute = _compute(s.info, s.flops, s.timer, state, metrics["samples_per_s"], s.accelerator.device)
+        s.writer.log(state.step, **metrics, **compute_series(compute))
+        if log.index_due():
+            with contextlib.suppress(StoreBusy):  # progress only: the next interval retries
+                s.store.update_run(s.run_id, step=state.step, loss_trace=log.trace(), compute=compute)
+    s.reporter.step(state.step, metrics)
+    guard.check(s.accelerator, state.step)
+
+
+def maybe_evaluate(s: Session, log: StepLog) -> None:
+    """Evaluate the task every ``train.eval_every`` steps (the last step's evaluation is :func:`finish`'s)."""
+    cfg, step = s.cfg, s.state.step
+    if not cfg.task or step % cfg.train.eval_every or step >= cfg.train.max_steps:
+        return
+    with s.timer.paused():
+        scores = evaluate(s.model, s.eval_dl, s.accelerator, cfg.data.eval_max_samples, cfg.task.name, flops=s.flops)
+    _record_scores(s, scores)
+    s.model.train()
+    log.restart_clock()  # evaluation time is not training throughput
+
+
+def maybe_checkpoint(s: Session, guard: NonfiniteGuard) -> None:
+    """Save a checkpoint every ``train.checkpoint_every`` steps, unless the run diverged."""
+    if s.state.step % s.cfg.train.checkpoint_every == 0:
+        guard.check(s.accelerator, s.state.step)  # no diverged weights over the last good ones
+        _save_checkpoint(s)
+
+
+def finish(s: Session, log: StepLog, status: str, error: str | None) -> dict[str, float]:
+    """End the session: a finished run's final evaluation (:func:`validate`), last checkpoint and weights;
+    then the run record's trace, scores, compute and ``status``. Returns the final scores."""
+    final: dict[str, float] = {}
+    test: dict[str, float] = {}
+    if status == "finished":
+        if s.cfg.task:
+            final, test = validate(s)
+        if s.state.step % s.cfg.train.checkpoint_every:  # not saved at this step yet
+            _save_checkpoint(s)
+        state_dict = s.accelerator.get_state_dict(s.model)  # every process: FSDP/DeepSpeed gather their shards
+        if s.main:
+            _save_weights(s.run_dir, {k: v.detach().cpu().contiguous() for k, v in state_dict.items()})
+    if s.writer:
+        s.writer.close()
+    if s.main:
+        trace = {"loss_trace": log.trace()} if log.losses else {}
+        tested = {"test_scores": {f"test/{k}": v for k, v in test.items() if k != "eval_samples"}} if test else {}
+        s.store.update_run(s.run_id, step=s.state.step, **trace, **({"final_scores": final} if final else {}),
+                           **tested, compute=_compute(s.info, s.flops, s.timer, s.state, log.samples_per_s,
+                                                      s.accelerator.device))
+        s.store.mark_ended(s.run_id, status, error=error)
+    return final
+
+
+def validate(s: Session) -> tuple[dict[str, float], dict[str, float]]:
+    """The final scores on the whole eval split, then on the test split (once, after every choice was made
+    on the eval split; empty without one)."""
+    assert s.cfg.task is not None
+    final = evaluate(s.model, s.eval_dl, s.accelerator, None, s.cfg.task.name, flops=s.flops)
+    _record_scores(s, final, final=True)
+    test: dict[str, float] = {}
+    if s.data.test is not None:
+        loader = s.accelerator.prepare(DataLoader(s.data.test, batch_size=max(s.micro, 256), collate_fn=_identity))
+        test = evaluate(s.model, loader, s.accelerator, None, s.cfg.task.name, flops=s.flops)
+        s.state.eval_pflops += (s.flops.eval or 0.0) * test["eval_samples"] / 1e15
+        s.reporter.message(_format_scores(s.state.step, test, final=True, split="test"))
+    return final, test
+
+
+def train(cfg: RunConfig, store: Store, run_id: str, *, resume: bool = False,
+          reporter: Reporter | None = None) -> dict[str, float]:
+    """Train run ``run_id`` (already created in ``store``) and return its final scores: :func:`setup`,
+    :func:`fit`, :func:`finish`. A failure after setup is recorded on the run and raised; Ctrl-C cancels."""
+    reporter = reporter or SilentReporter()
+    s = setup(cfg, store, run_id, resume=resume, reporter=reporter)
+    log = StepLog(s.state.samples_seen)
+    reporter.start(cfg.train.max_steps, s.state.step)
+    error = None
+    try:
+        status = fit(s, log)
     except KeyboardInterrupt:
         status, error = "cancelled", "interrupted"
     except Exception as exc:  # record the failure, then re-raise for the caller
-        _record_failure(exc, cfg, store, run_id, writer, accelerator, micro,
-                        {"step": state.step, "loss_trace": bucket_means(losses, TRACE)})
+        _record_failure(exc, s, log)
         reporter.stop()
         raise
     reporter.stop()
-
-    # --- final evaluation and weights ---------------------------------------
-    final: dict[str, float] = {}
-    test: dict[str, float] = {}
     try:
-        if status == "finished":
-            if cfg.task:
-                final = evaluate(model, eval_dl, accelerator, None, cfg.task.name, flops=flops)
-                state.eval_pflops += (flops.eval or 0.0) * final["eval_samples"] / 1e15
-                _record_scores(store, run_id, writer, state, final, main, cfg.data.eval_split)
-                reporter.message(_format_scores(state.step, final, final=True, split=cfg.data.eval_split))
-                if data.test is not None:  # once, after every choice was made on the eval split
-                    test = _score_test(model, data, micro, accelerator, cfg.task.name, flops, state)
-                    reporter.message(_format_scores(state.step, test, final=True, split="test"))
-            if state.step % cfg.train.checkpoint_every:  # not saved at this step yet
-                _save_checkpoint(accelerator, run_dir, state, cfg.train.keep_checkpoints, writer)
-            state_dict = accelerator.get_state_dict(model)  # every process: FSDP/DeepSpeed gather their shards
-            if main:
-                _save_weights(run_dir, {k: v.detach().cpu().contiguous() for k, v in state_dict.items()})
-        if writer:
-            writer.close()
-        if main:
-            trace = {"loss_trace": bucket_means(losses, TRACE)} if losses else {}
-            tested = {"test_scores": {f"test/{k}": v for k, v in test.items() if k != "eval_samples"}} if test else {}
-            store.update_run(run_id, step=state.step, **trace, **({"final_scores": final} if final else {}), **tested,
-                             compute=_compute(info, flops, timer, state, compute.get("samples_per_s"),
-                                              accelerator.device))
-            store.mark_ended(run_id, status, error=error)
+        return finish(s, log, status, error)
     except Exception as exc:
-        _record_failure(exc, cfg, store, run_id, writer, accelerator, micro,
-                        {"step": state.step, "loss_trace": bucket_means(losses, TRACE)})
+        _record_failure(exc, s, log)
         raise
-    return final
 
 
 VERSIONED = ("torch", "transformers", "timm", "accelerate")
@@ -620,24 +788,22 @@ def session_versions(earlier: tuple[dict[str, Any], ...], now: dict[str, str], s
     return (*earlier, {"from_step": step, **now})
 
 
-def _record_failure(exc: Exception, cfg: RunConfig, store: Store, run_id: str, writer: MetricsWriter | None,
-                    accelerator: Accelerator, micro: int, progress: dict[str, Any]) -> None:
-    """Mark the run failed with the reason, and record its ``progress`` (the step it reached, its loss trace).
-    When the store itself refuses writes (a full disk), the points it cannot take are given up and the
-    record, if it cannot be written, is left "running" (shown as crashed once the process is gone): ``exc``
-    is what counts."""
+def _record_failure(exc: Exception, s: Session, log: StepLog) -> None:
+    """Mark the run failed with the reason, and record the step it reached and its loss trace. When the store
+    itself refuses writes (a full disk), the points it cannot take are given up and the record, if it cannot
+    be written, is left "running" (shown as crashed once the process is gone): ``exc`` is what counts."""
     error = f"{type(exc).__name__}: {exc}"
     if isinstance(exc, torch.OutOfMemoryError):
-        error = oom_message(batch_size=cfg.train.batch_size, micro_batch_size=micro,
-                            processes=accelerator.num_processes, where=_device_name(accelerator))
-    if writer:
+        error = oom_message(batch_size=s.cfg.train.batch_size, micro_batch_size=s.micro,
+                            processes=s.accelerator.num_processes, where=_device_name(s.accelerator))
+    if s.writer:
         with contextlib.suppress(StoreError):
-            writer.close()
-    if accelerator.is_main_process:
+            s.writer.close()
+    if s.main:
         with contextlib.suppress(StoreError):
-            store.update_run(run_id, **progress)
+            s.store.update_run(s.run_id, step=s.state.step, loss_trace=log.trace())
         with contextlib.suppress(StoreError):
-            store.mark_ended(run_id, "failed", error=error)
+            s.store.mark_ended(s.run_id, "failed", error=error)
 
 
 def _logs(step: int, cfg: RunConfig) -> bool:
@@ -803,27 +969,21 @@ def evaluate(model: torch.nn.Module, loader: DataLoader, accelerator: Accelerato
     return {T.metric_name(task, official and n > 0): total / max(n, 1), "eval_samples": float(n)}
 
 
-def _score_test(model: torch.nn.Module, data: DataBundle, micro: int, accelerator: Accelerator, task: str,
-                flops: FlopMeter, state: TrainState) -> dict[str, float]:
-    """The final model's score on the data's test split (``data.test``), whole."""
-    loader = accelerator.prepare(DataLoader(data.test, batch_size=max(micro, 256), collate_fn=_identity))
-    scores = evaluate(model, loader, accelerator, None, task, flops=flops)
-    state.eval_pflops += (flops.eval or 0.0) * scores["eval_samples"] / 1e15
-    return scores
-
-
-def _record_scores(store: Store, run_id: str, writer: Any, state: TrainState,
-                   scores: dict[str, float], main: bool, split: str | None) -> None:
+def _record_scores(s: Session, scores: dict[str, float], final: bool = False) -> None:
+    """An evaluation on the eval split: its compute, the best scores so far, its metrics (main process), its line."""
+    state, split = s.state, s.cfg.data.eval_split
+    state.eval_pflops += (s.flops.eval or 0.0) * scores["eval_samples"] / 1e15
     metric = {f"eval/{k}": v for k, v in scores.items() if k != "eval_samples"}
     best = dict(state.best_scores or {})
     for k, v in metric.items():
         if math.isfinite(v):  # a NaN score is in the metrics (as null), never the best
             best[k] = max(best.get(k, -math.inf), v)
     state.best_scores = best
-    if main and writer:
-        writer.log(state.step, **metric)
-        writer.flush()
-        store.update_run(run_id, best_scores=best, eval_split=split)
+    if s.writer:
+        s.writer.log(state.step, **metric)
+        s.writer.flush()
+        s.store.update_run(s.run_id, best_scores=best, eval_split=split)
+    s.reporter.message(_format_scores(state.step, scores, final=final, split=split))
 
 
 def _format_scores(step: int, scores: dict[str, float], final: bool = False, split: str | None = None) -> str:
