@@ -10,8 +10,7 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-PRESETS = REPO / "presets"
+from tests.helpers.paths import REPO
 
 # Offline, with a hub cache (real layout) that holds the configs of the models the
 # shipped GPU presets name. Set before anything imports huggingface_hub; a copy,

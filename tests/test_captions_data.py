@@ -14,10 +14,10 @@ from engine.data.tokenizer import build_word_tokenizer
 from engine.data.transforms import HALF
 from engine.errors import ConfigError
 from engine.store import Store
+from tests.helpers.cli import ren
+from tests.helpers.paths import PRESETS
 
 from .arrow_fixtures import WORDS, write_coco_caption, write_vg
-from .conftest import PRESETS
-from .test_cli import ren
 
 BASE = PRESETS / "base" / "easyvqa_two_tower.toml"
 

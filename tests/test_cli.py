@@ -3,38 +3,19 @@
 from __future__ import annotations
 
 import json
-import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from .conftest import PRESETS, REPO
+from tests.helpers.cli import HEAVY, modules_after, ren
+from tests.helpers.paths import PRESETS, REPO
 
 BAD = REPO / "tests" / "fixtures" / "bad"
-HEAVY = ("torch", "transformers", "timm", "accelerate")
-
-
-def ren(*args: str, env: dict[str, str] | None = None, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    """Run the real `ren` entry point in a subprocess (as a user would)."""
-    return subprocess.run(
-        [sys.executable, "-c", "from engine.cli import main; main()", *args],
-        capture_output=True, text=True, timeout=timeout, cwd=REPO, env={**os.environ, **(env or {})},
-    )
-
-
-def _modules_after(code: str) -> set[str]:
-    out = subprocess.run(
-        [sys.executable, "-c", f"{code}\nimport sys, json; print(json.dumps(sorted(sys.modules)))"],
-        capture_output=True, text=True, check=True, cwd=REPO,
-    )
-    return set(json.loads(out.stdout.strip().splitlines()[-1]))
 
 
 def test_help_imports_no_torch() -> None:
-    mods = _modules_after(
+    mods = modules_after(
         "import sys; sys.argv = ['ren', '--help']\n"
         "from engine.cli import main\n"
         "try:\n    main()\nexcept SystemExit:\n    pass"
@@ -50,20 +31,20 @@ def test_tui_import_imports_no_torch() -> None:
         for path in (REPO / "ren_tui").rglob("*.py")
     )
     assert {"ren_tui.screens.monitor", "ren_tui.screens.compose", "ren_tui.inspector"} <= set(modules)
-    mods = _modules_after("import " + ", ".join(modules))
+    mods = modules_after("import " + ", ".join(modules))
     assert "textual" in mods
     assert not [m for m in HEAVY if m in mods]
 
 
 def test_tui_start_up_leaves_the_help_screens_markdown_parser_unloaded() -> None:
     """markdown-it (about a quarter of ren-tui's own import time) loads when help first opens."""
-    mods = _modules_after("import ren_tui.app")
+    mods = modules_after("import ren_tui.app")
     assert "ren_tui.screens.runs" in mods or "ren_tui.backend" in mods
     assert not [m for m in mods if m.startswith("markdown_it")]
 
 
 def test_engine_never_imports_textual() -> None:
-    mods = _modules_after("import engine.train, engine.cli.commands, engine.store")
+    mods = modules_after("import engine.train, engine.cli.commands, engine.store")
     assert "torch" in mods
     assert "textual" not in mods
 

@@ -17,11 +17,10 @@ from engine.config import config_from_dict
 from engine.freeze import apply_freeze
 from engine.store import Store
 from engine.train import train
-
-from .conftest import REPO
-from .test_cli import ren
-from .test_models import ALL_KINDS, B, L, inputs, make, mlm_positions, one_tower, two_tower
-from .test_train import start, tiny_finetune
+from tests.helpers.cli import ren
+from tests.helpers.models import ALL_KINDS, B, L, inputs, make, mlm_positions, one_tower, two_tower
+from tests.helpers.paths import REPO
+from tests.helpers.training import start, tiny_finetune
 
 CONTRACT_KEYS = {"flops_per_sample", "device", "dtype", "processes", "peak_flops", "peak_source", "samples_per_s",
                  "tokens_per_s", "achieved_flops", "utilisation", "step_split_s", "peak_memory_mb", "pflops",

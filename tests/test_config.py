@@ -8,8 +8,7 @@ import pytest
 
 from engine.config import RunConfig, config_from_dict, load_preset, parse_override
 from engine.errors import ConfigError
-
-from .conftest import PRESETS, REPO
+from tests.helpers.paths import PRESETS, REPO
 
 ONE_TOWER = REPO / "tests" / "fixtures" / "one_tower.toml"
 

@@ -29,8 +29,7 @@ from engine.data.easyvqa import (
 )
 from engine.data.tokenizer import build_word_tokenizer, load_tokenizer
 from engine.errors import ModelLoadError
-
-from .conftest import PRESETS
+from tests.helpers.paths import PRESETS
 
 
 @pytest.fixture(scope="session")

@@ -21,10 +21,10 @@ from engine.models import build_model
 from engine.retrieval import evaluate_retrieval
 from engine.runs import create_run
 from engine.store import Store
+from tests.helpers.cli import ren
+from tests.helpers.paths import PRESETS
 
 from .arrow_fixtures import WORDS, write_coco_caption, write_f30k_caption
-from .conftest import PRESETS
-from .test_cli import ren
 
 VOCAB = 60
 TINY = {"hidden_size": 32, "layers": 2, "heads": 2, "mlp_ratio": 2.0, "dropout": 0.0}

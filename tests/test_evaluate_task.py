@@ -17,10 +17,10 @@ from engine.data.vqav2 import answer_vocabulary
 from engine.errors import RenError
 from engine.runs import create_run
 from engine.store import RunRecord, Store
+from tests.helpers.cli import ren
+from tests.helpers.paths import REPO
 
 from .arrow_fixtures import write_nlvr2, write_refcoco, write_snli_ve, write_vqav2
-from .conftest import REPO
-from .test_cli import ren
 
 ONE_TOWER = REPO / "tests" / "fixtures" / "one_tower.toml"
 TOKENIZER = "google/electra-small-discriminator"  # in the test hub cache
@@ -250,8 +250,7 @@ def test_eval_task_refuses_runs_it_cannot_score(tmp_path: Path, ren_home: Path) 
 
 def test_eval_task_scores_an_easy_vqa_run_on_each_split_as_training_did(ren_home: Path, data_cache: Path) -> None:
     from engine.train import train
-
-    from .test_train import start, tiny_finetune
+    from tests.helpers.training import start, tiny_finetune
 
     store = Store(ren_home)
     cfg, run_id = start(store, tiny_finetune(data_cache, max_steps=4, eval_every=4, checkpoint_every=4))

@@ -24,10 +24,10 @@ from engine.data.transforms import HALF
 from engine.errors import ConfigError, RenError
 from engine.store import Store
 from engine.vqa_answers import build_answer_vocab, soft_score, soft_targets
+from tests.helpers.cli import ren
+from tests.helpers.paths import REPO
 
 from .arrow_fixtures import corrupt_bytes, image_bytes, write_vqav2
-from .conftest import REPO
-from .test_cli import ren
 
 ONE_TOWER = REPO / "tests" / "fixtures" / "one_tower.toml"
 TOKENIZER = "google/electra-small-discriminator"  # in the offline hub cache the tests use

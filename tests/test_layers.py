@@ -1,8 +1,10 @@
 """The layer rules, as import-linter contracts (pyproject.toml's [tool.importlinter]): they hold on this tree,
-and each one breaks when a module makes the import it forbids."""
+and each one breaks when a module makes the import it forbids. And the rule of the tests: no module under
+tests/ imports a test module or a conftest; what tests share lives in tests/helpers/."""
 
 from __future__ import annotations
 
+import ast
 import shutil
 import subprocess
 import sys
@@ -63,3 +65,57 @@ def test_no_engine_module_imports_itself_back():
               if imported.startswith("engine") and imported != module
               and (chain := graph.find_shortest_chain(importer=imported, imported=module))]
     assert not cycles, "\n".join(f"{module} -> {' -> '.join(chain)}" for module, chain in cycles)
+
+
+def imports_of_test_modules(root: Path) -> list[str]:
+    """Each import, in a module under ``root``/tests, of a test module (``test_*``) or of a ``conftest``:
+    "file:line: the import statement" (a lazy import inside a function counts too)."""
+    found = []
+    for path in sorted((root / "tests").rglob("*.py")):
+        package = list(path.relative_to(root).parent.parts)
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Import):
+                targets = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                base = package[:len(package) - node.level + 1] if node.level else []
+                module = base + (node.module.split(".") if node.module else [])
+                targets = [".".join(module)] + [".".join([*module, alias.name]) for alias in node.names]
+            else:
+                continue
+            if any(_is_test_module(target) for target in targets):
+                found.append(f"{path.relative_to(root)}:{node.lineno}: {ast.unparse(node)}")
+    return found
+
+
+def _is_test_module(name: str) -> bool:
+    parts = name.split(".")
+    ours = parts[0] == "tests" or parts[0] == "conftest" or parts[0].startswith("test_")
+    return ours and any(part == "conftest" or part.startswith("test_") for part in parts)
+
+
+def test_no_test_module_imports_another_or_a_conftest():
+    wrong = imports_of_test_modules(REPO)
+    assert not wrong, "import these from tests/helpers/ instead:\n" + "\n".join(wrong)
+
+
+@pytest.mark.parametrize(("module", "line"), [
+    ("tests/test_a.py", "from .test_cli import ren"),
+    ("tests/test_a.py", "from tests.test_cli import ren"),
+    ("tests/test_a.py", "import tests.test_cli"),
+    ("tests/test_a.py", "from tests import test_cli"),
+    ("tests/test_a.py", "from . import conftest"),
+    ("tests/test_a.py", "from .conftest import REPO"),
+    ("tests/test_a.py", "from tests.conftest import REPO"),
+    ("tests/jobs/test_a.py", "from ..test_cli import ren"),
+    ("tests/reliability/test_a.py", "from .conftest import REN"),
+    ("tests/reliability/test_a.py", "from tests.reliability.test_bad_inputs import cli"),
+    ("tests/helpers/a.py", "from tests.test_models import make"),
+])
+def test_the_tests_rule_breaks_on_an_import_of_a_test_module(tmp_path: Path, module: str, line: str):
+    fine = "from tests.helpers.cli import ren\nfrom tests.arrow_fixtures import write_vqav2\nfrom . import helpers\n"
+    for folder in ("tests", "tests/jobs", "tests/reliability", "tests/helpers"):
+        (tmp_path / folder).mkdir(parents=True, exist_ok=True)
+        (tmp_path / folder / "test_fine.py").write_text(fine)
+    target = tmp_path / module
+    target.write_text(f"import os\n\n\ndef _wrong():\n    {line}\n")  # a lazy import counts too
+    assert imports_of_test_modules(tmp_path) == [f"{module}:5: {line}"]

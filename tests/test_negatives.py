@@ -18,8 +18,7 @@ from engine import objectives as O
 from engine.config import config_from_dict
 from engine.errors import ConfigError
 from engine.jobs.launchers import free_port
-
-from .conftest import REPO
+from tests.helpers.paths import REPO
 
 
 def _gen(seed: int = 0) -> torch.Generator:

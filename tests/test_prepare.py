@@ -11,16 +11,13 @@ from __future__ import annotations
 
 import json
 import re
-from io import BytesIO
 from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
 import pytest
 from filelock import FileLock
-from PIL import Image
 
-import engine.data.prepare as prepare_module
 import engine.data.prepare.writer as writer_module
 from engine.data.arrow import find_arrow_files, open_arrow, open_split
 from engine.data.prepare import (
@@ -35,45 +32,13 @@ from engine.data.prepare import (
 )
 from engine.data.vqav2 import answer_vocabulary
 from engine.errors import RenError
-from tests.arrow_fixtures import corrupt_bytes, image_bytes, write_vqav2
-
-
-def _write_json(path: Path, content: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(content), encoding="utf-8")
+from tests.arrow_fixtures import corrupt_bytes, write_vqav2
+from tests.helpers.prepare import arrow_rows, skip_reasons, write_image, write_json
 
 
 def _write_jsonl(path: Path, records: list[dict[str, Any]]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(json.dumps(record) + "\n" for record in records), encoding="utf-8")
-
-
-def _truncated(fmt: str) -> bytes:
-    """An image whose header is intact but whose pixel data is cut short: PIL opens it, only decoding fails."""
-    noise = Image.frombytes("RGB", (64, 64), bytes((i * 37 + i // 7) % 256 for i in range(64 * 64 * 3)))
-    buffer = BytesIO()
-    noise.save(buffer, fmt)
-    data = buffer.getvalue()[: len(buffer.getvalue()) * 3 // 4]
-    with Image.open(BytesIO(data)) as image:
-        assert image.size == (64, 64)
-    return data
-
-
-def _image(path: Path, index: int, fmt: str = "JPEG", *, corrupt: bool = False) -> bytes:
-    """Write a real image (or, with ``corrupt``, one with truncated pixel data) to ``path``; return its bytes."""
-    data = _truncated(fmt) if corrupt else image_bytes(index, fmt)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(data)
-    return data
-
-
-def _rows(path: Path, kind: str, columns: list[str]) -> list[dict[str, Any]]:
-    source = open_arrow([path], kind)
-    return [source.row(i, columns) for i in range(len(source))]
-
-
-def _reasons(report: prepare_module.PrepareReport) -> list[tuple[str, str, str]]:
-    return sorted((record.output, record.record, record.reason) for record in report.skipped)
 
 
 # --- VQAv2 ------------------------------------------------------------------------------------------------------
@@ -122,22 +87,22 @@ def _write_vqav2(source: Path) -> dict[int, bytes]:
                                     for k, answer in enumerate(answers)],
                         "image_id": image_id, "answer_type": "other", "question_id": qid}
                        for image_id, entries in annotated.items() for qid, majority, answers in entries]
-        _write_json(source / f"v2_OpenEnded_mscoco_{subtype}_questions.json",
-                    {"info": info, "task_type": "Open-Ended", "data_type": "mscoco", "license": {},
-                     "data_subtype": subtype, "questions": questions})
-        _write_json(source / f"v2_mscoco_{subtype}_annotations.json",
-                    {"info": info, "license": {}, "data_subtype": subtype, "annotations": annotations})
+        write_json(source / f"v2_OpenEnded_mscoco_{subtype}_questions.json",
+                   {"info": info, "task_type": "Open-Ended", "data_type": "mscoco", "license": {},
+                    "data_subtype": subtype, "questions": questions})
+        write_json(source / f"v2_mscoco_{subtype}_annotations.json",
+                   {"info": info, "license": {}, "data_subtype": subtype, "annotations": annotations})
     for subtype, by_image in (("test2015", _VQA_TEST), ("test-dev2015", _VQA_TEST_DEV)):
         questions = [{"image_id": image_id, "question": _question(qid), "question_id": qid}
                      for image_id, qids in by_image.items() for qid in qids]
-        _write_json(source / f"v2_OpenEnded_mscoco_{subtype}_questions.json",
-                    {"info": info, "task_type": "Open-Ended", "data_type": "mscoco", "license": {},
-                     "data_subtype": subtype, "questions": questions})
+        write_json(source / f"v2_OpenEnded_mscoco_{subtype}_questions.json",
+                   {"info": info, "task_type": "Open-Ended", "data_type": "mscoco", "license": {},
+                    "data_subtype": subtype, "questions": questions})
     for folder, ids in (("train2014", (1, 2, 4)), ("val2014", (11, 12, 13)), ("test2015", (21, 22))):
         for image_id in ids:
             path = source / folder / f"COCO_{folder}_{image_id:012d}.jpg"
-            images[image_id] = _image(path, image_id, corrupt=image_id == 4)
-    _image(source / "train2014" / "COCO_train2014_000000000099.jpg", 99)  # an image no question is about
+            images[image_id] = write_image(path, image_id, corrupt=image_id == 4)
+    write_image(source / "train2014" / "COCO_train2014_000000000099.jpg", 99)  # an image no question is about
     return images
 
 
@@ -151,7 +116,7 @@ def test_vqav2_writes_vilts_files_with_labels_scores_and_skips(tmp_path: Path) -
                "raw_answers"]
     vocab = ["yes", "2"]
     for split in ("train", "val"):
-        rows = _rows(find_arrow_files(out, "vqav2", split)[0], "vqav2", columns)
+        rows = arrow_rows(find_arrow_files(out, "vqav2", split)[0], "vqav2", columns)
         expected = _VQA_EXPECTED[split]
         assert [row["image_id"] for row in rows] == list(expected)
         for row in rows:
@@ -166,22 +131,22 @@ def test_vqav2_writes_vilts_files_with_labels_scores_and_skips(tmp_path: Path) -
             annotated = {qid: answers for entries in (_VQA_TRAIN | _VQA_VAL).values() for qid, _, answers in entries}
             assert row["raw_answers"] == [annotated[qid] for qid in qids]  # for the official VQA accuracy
     for split, by_image in (("test", {21: [2101, 2102], 22: [2201]}), ("test-dev", _VQA_TEST_DEV)):
-        rows = _rows(out / f"vqav2_{split}.arrow", "vqav2", columns)
+        rows = arrow_rows(out / f"vqav2_{split}.arrow", "vqav2", columns)
         assert [(row["image_id"], row["question_id"]) for row in rows] == list(by_image.items())
         assert all(row["answers"] == row["answer_labels"] == row["answer_scores"] == row["raw_answers"] == []
                    for row in rows)
         assert all(row["image"] == images[row["image_id"]] and row["split"] == split for row in rows)
     # ViLT's minival: the last 1,000 images of val (here all three), trainable_val the rest (none)
     assert report.rows["vqav2_trainable_val.arrow"] == 0
-    rest = _rows(out / "vqav2_rest_val.arrow", "vqav2", columns)
-    assert rest == _rows(out / "vqav2_val.arrow", "vqav2", columns)
+    rest = arrow_rows(out / "vqav2_rest_val.arrow", "vqav2", columns)
+    assert rest == arrow_rows(out / "vqav2_val.arrow", "vqav2", columns)
     # the engine's VQAv2 reader recovers the vocabulary from the answers column
     assert answer_vocabulary([open_split(out, "vqav2", "train+trainable_val")]) == vocab
 
     assert report.rows == {"vqav2_train.arrow": 2, "vqav2_val.arrow": 3, "vqav2_test.arrow": 2,
                            "vqav2_test-dev.arrow": 1, "vqav2_trainable_val.arrow": 0, "vqav2_rest_val.arrow": 3}
     assert [output.texts for output in report.outputs] == [8, 9, 3, 1, 0, 9]
-    assert _reasons(report) == sorted([
+    assert skip_reasons(report) == sorted([
         ("vqav2_train.arrow", "question 201", NO_VOCAB_ANSWER), ("vqav2_train.arrow", "question 501", NO_VOCAB_ANSWER),
         ("vqav2_train.arrow", "image 3 (1 question)", MISSING_IMAGE),
         ("vqav2_train.arrow", "image 4 (1 question)", UNREADABLE_IMAGE),
@@ -198,7 +163,7 @@ def test_vqav2_rest_val_is_the_last_images_of_val(tmp_path: Path) -> None:
     source, out = tmp_path / "vqa", tmp_path / "arrows"
     _write_vqav2(source)
     report = prepare_vqav2(source, out, rest_val_images=1)
-    ids = {name: [row["image_id"] for row in _rows(out / name, "vqav2", ["image_id"])]
+    ids = {name: [row["image_id"] for row in arrow_rows(out / name, "vqav2", ["image_id"])]
            for name in ("vqav2_val.arrow", "vqav2_trainable_val.arrow", "vqav2_rest_val.arrow")}
     assert ids == {"vqav2_val.arrow": [11, 12, 13], "vqav2_trainable_val.arrow": [11, 12],
                    "vqav2_rest_val.arrow": [13]}
@@ -207,7 +172,7 @@ def test_vqav2_rest_val_is_the_last_images_of_val(tmp_path: Path) -> None:
     (out / "vqav2_val.arrow").unlink()
     again = prepare_vqav2(source, out, rest_val_images=2)
     assert again.written == ["vqav2_val.arrow", "vqav2_trainable_val.arrow", "vqav2_rest_val.arrow"]
-    assert [row["image_id"] for row in _rows(out / "vqav2_rest_val.arrow", "vqav2", ["image_id"])] == [12, 13]
+    assert [row["image_id"] for row in arrow_rows(out / "vqav2_rest_val.arrow", "vqav2", ["image_id"])] == [12, 13]
 
 
 def test_vqav2_test_alone_needs_no_annotations(tmp_path: Path) -> None:
@@ -233,7 +198,7 @@ def test_files_in_vilts_own_layout_are_kept(tmp_path: Path) -> None:
     report = prepare("vqav2", source, out)
     assert report.kept == ["vqav2_test.arrow", "vqav2_test-dev.arrow"]
     assert report.rows["vqav2_test.arrow"] == 3 and report.outputs[2].texts == 9
-    assert _rows(out / "vqav2_test.arrow", "vqav2", ["image", "question_id"]) == [
+    assert arrow_rows(out / "vqav2_test.arrow", "vqav2", ["image", "question_id"]) == [
         {"image": row["image"], "question_id": row["question_id"]} for row in vilt_test.rows]
     assert report.written == ["vqav2_train.arrow", "vqav2_val.arrow", "vqav2_trainable_val.arrow",
                               "vqav2_rest_val.arrow"]
@@ -267,7 +232,7 @@ def test_vqav2_malformed_question_record_names_file_index_and_key(tmp_path: Path
     path = source / "v2_OpenEnded_mscoco_train2014_questions.json"
     content = json.loads(path.read_text())
     del content["questions"][2]["image_id"]
-    _write_json(path, content)
+    write_json(path, content)
     with pytest.raises(RenError) as caught:
         prepare("vqav2", source, tmp_path / "arrows")
     assert str(path) in str(caught.value) and "questions[2]" in str(caught.value)
@@ -305,8 +270,8 @@ def _write_coco(source: Path) -> tuple[dict[str, bytes], list[dict[str, Any]]]:
         name = _coco_name(folder, image_id)
         records.append(_karpathy_record(index, name, split, captions, filepath=folder, cocoid=image_id))
         if state != "missing":
-            images[name] = _image(source / folder / name, index, corrupt=state == "corrupt")
-    _write_json(source / "karpathy" / "dataset_coco.json", {"images": records, "dataset": "coco"})
+            images[name] = write_image(source / folder / name, index, corrupt=state == "corrupt")
+    write_json(source / "karpathy" / "dataset_coco.json", {"images": records, "dataset": "coco"})
     return images, records
 
 
@@ -314,8 +279,8 @@ def test_coco_caption_karpathy_splits(tmp_path: Path) -> None:
     source, out = tmp_path / "coco", tmp_path / "arrows"
     images, records = _write_coco(source)
     report = prepare("coco_caption", source, out)
-    rows = {split: _rows(find_arrow_files(out, "coco_caption", split)[0], "coco_caption",
-                         ["image", "caption", "image_id", "split"])
+    rows = {split: arrow_rows(find_arrow_files(out, "coco_caption", split)[0], "coco_caption",
+                              ["image", "caption", "image_id", "split"])
             for split in ("train", "restval", "val", "test")}
     expected: dict[str, list[dict[str, Any]]] = {split: [] for split in rows}
     for record in records:
@@ -328,7 +293,7 @@ def test_coco_caption_karpathy_splits(tmp_path: Path) -> None:
     assert [len(expected[split]) for split in ("train", "restval", "val", "test")] == [1, 1, 1, 1]
     assert report.rows == {f"coco_caption_karpathy_{split}.arrow": 1 for split in ("train", "restval", "val", "test")}
     assert [output.texts for output in report.outputs] == [3, 2, 2, 2]
-    assert _reasons(report) == sorted([
+    assert skip_reasons(report) == sorted([
         ("coco_caption_karpathy_val.arrow", _coco_name("val2014", 73), MISSING_IMAGE),
         ("coco_caption_karpathy_test.arrow", _coco_name("val2014", 89), UNREADABLE_IMAGE),
         ("coco_caption_karpathy_test.arrow", _coco_name("val2014", 90), MISSING_ANNOTATION),
@@ -350,7 +315,7 @@ def test_coco_caption_record_without_a_key_names_its_index(tmp_path: Path) -> No
     source = tmp_path / "coco"
     _, records = _write_coco(source)
     del records[1]["split"]
-    _write_json(source / "karpathy" / "dataset_coco.json", {"images": records, "dataset": "coco"})
+    write_json(source / "karpathy" / "dataset_coco.json", {"images": records, "dataset": "coco"})
     with pytest.raises(RenError) as caught:
         prepare("coco_caption", source, tmp_path / "arrows")
     assert "images[1]" in str(caught.value) and "no key 'split'" in str(caught.value)
@@ -370,11 +335,11 @@ def test_f30k_caption_karpathy_splits(tmp_path: Path) -> None:
         if state == "corrupt":
             (source / "flickr30k-images" / name).write_bytes(corrupt_bytes(0))  # not an image at all
         elif state != "missing":
-            images[name] = _image(source / "flickr30k-images" / name, index)
-    _write_json(source / "dataset_flickr30k.json", {"images": records, "dataset": "flickr30k"})
+            images[name] = write_image(source / "flickr30k-images" / name, index)
+    write_json(source / "dataset_flickr30k.json", {"images": records, "dataset": "flickr30k"})
     report = prepare("f30k_caption", source, out)
     columns = ["image", "caption", "image_id", "split"]
-    got = {split: _rows(out / f"f30k_caption_karpathy_{split}.arrow", "f30k_caption", columns)
+    got = {split: arrow_rows(out / f"f30k_caption_karpathy_{split}.arrow", "f30k_caption", columns)
            for split in ("train", "val", "test")}
     assert got == {
         split: [{"image": images[name], "caption": captions, "image_id": name, "split": split}
@@ -382,8 +347,8 @@ def test_f30k_caption_karpathy_splits(tmp_path: Path) -> None:
         for split in ("train", "val", "test")}
     assert report.rows == {"f30k_caption_karpathy_train.arrow": 1, "f30k_caption_karpathy_val.arrow": 1,
                            "f30k_caption_karpathy_test.arrow": 1}
-    assert _reasons(report) == sorted([("f30k_caption_karpathy_train.arrow", "10002456.jpg", UNREADABLE_IMAGE),
-                                       ("f30k_caption_karpathy_test.arrow", "1000344755.jpg", MISSING_IMAGE)])
+    assert skip_reasons(report) == sorted([("f30k_caption_karpathy_train.arrow", "10002456.jpg", UNREADABLE_IMAGE),
+                                           ("f30k_caption_karpathy_test.arrow", "1000344755.jpg", MISSING_IMAGE)])
 
 
 # --- NLVR2 ------------------------------------------------------------------------------------------------------
@@ -416,10 +381,10 @@ def _write_nlvr2(source: Path) -> dict[str, tuple[bytes, bytes]]:
             ("images/train/41", "train-10-0", "ok"), ("images/train/7", "train-11-1", "ok"),
             ("dev", "dev-5-0", "ok"), ("dev", "dev-6-2", "img1 missing"),
             ("test1", "test1-7-0", "ok"), ("test1", "test1-8-1", "img0 corrupt")]):
-        left = _image(source / folder / f"{pair}-img0.png", 2 * index, "PNG", corrupt=state == "img0 corrupt")
+        left = write_image(source / folder / f"{pair}-img0.png", 2 * index, "PNG", corrupt=state == "img0 corrupt")
         if state == "img1 missing":
             continue
-        images[pair] = (left, _image(source / folder / f"{pair}-img1.png", 2 * index + 1, "PNG"))
+        images[pair] = (left, write_image(source / folder / f"{pair}-img1.png", 2 * index + 1, "PNG"))
     return images
 
 
@@ -436,16 +401,16 @@ def test_nlvr2_pairs_sentences_per_image_pair(tmp_path: Path) -> None:
         "balanced_dev": [("dev-5-0", ["Bottles are in a row."], ["False"])],
     }
     for split, pairs in expected.items():
-        assert _rows(find_arrow_files(out, "nlvr2", split)[0], "nlvr2", columns) == [
+        assert arrow_rows(find_arrow_files(out, "nlvr2", split)[0], "nlvr2", columns) == [
             {"image_0": images[pair][0], "image_1": images[pair][1], "questions": sentences, "answers": labels,
              "identifier": pair} for pair, sentences, labels in pairs]
     assert report.rows == {"nlvr2_train.arrow": 2, "nlvr2_dev.arrow": 1, "nlvr2_test1.arrow": 1,
                            "nlvr2_balanced_dev.arrow": 1}
     assert report.unavailable == ["nlvr2_balanced_test1.arrow", "nlvr2_unbalanced_dev.arrow",
                                   "nlvr2_unbalanced_test1.arrow"]
-    assert _reasons(report) == sorted([("nlvr2_train.arrow", "train-12-3-0", UNKNOWN_LABEL),
-                                       ("nlvr2_dev.arrow", "dev-6-2", MISSING_IMAGE),
-                                       ("nlvr2_test1.arrow", "test1-8-1", UNREADABLE_IMAGE)])
+    assert skip_reasons(report) == sorted([("nlvr2_train.arrow", "train-12-3-0", UNKNOWN_LABEL),
+                                           ("nlvr2_dev.arrow", "dev-6-2", MISSING_IMAGE),
+                                           ("nlvr2_test1.arrow", "test1-8-1", UNREADABLE_IMAGE)])
     missing = next(record for record in report.skipped if record.reason == MISSING_IMAGE)
     assert missing.detail == str(source / "dev" / "dev-6-2-img1.png")
     assert re.search(r"nlvr2_unbalanced_dev.arrow +not written: its input file is not in the source", report.summary())
@@ -507,8 +472,8 @@ def _write_snli(source: Path) -> dict[str, bytes]:
                       for k, (image_id, premise, hypothesis, gold) in enumerate(entries)])
         for image_id, *_ in entries:
             if image_id != "3000000002" and image_id not in images:
-                images[image_id] = _image(source / "flickr30k-images" / f"{image_id}.jpg", len(images),
-                                          corrupt=image_id == "4000000003")
+                images[image_id] = write_image(source / "flickr30k-images" / f"{image_id}.jpg", len(images),
+                                               corrupt=image_id == "4000000003")
     return images
 
 
@@ -525,12 +490,12 @@ def test_snli_ve_groups_pairs_per_image_in_meters_layout(tmp_path: Path) -> None
                 row = expected.setdefault(image_id, {"image": images[image_id], "sentences": [], "labels": []})
                 row["sentences"].append([premise, hypothesis])
                 row["labels"].append(labels[gold])
-        got = _rows(find_arrow_files(out, "snli_ve", split)[0], "snli_ve", ["image", "sentences", "labels"])
+        got = arrow_rows(find_arrow_files(out, "snli_ve", split)[0], "snli_ve", ["image", "sentences", "labels"])
         assert got == list(expected.values())
     assert report.rows == {"snli_train.arrow": 2, "snli_dev.arrow": 2, "snli_test.arrow": 1}
-    assert _reasons(report) == sorted([("snli_train.arrow", "line 3 (image 2000000001)", UNKNOWN_LABEL),
-                                       ("snli_train.arrow", "3000000002.jpg (1 pair)", MISSING_IMAGE),
-                                       ("snli_train.arrow", "4000000003.jpg (1 pair)", UNREADABLE_IMAGE)])
+    assert skip_reasons(report) == sorted([("snli_train.arrow", "line 3 (image 2000000001)", UNKNOWN_LABEL),
+                                           ("snli_train.arrow", "3000000002.jpg (1 pair)", MISSING_IMAGE),
+                                           ("snli_train.arrow", "4000000003.jpg (1 pair)", UNREADABLE_IMAGE)])
     assert report.skipped_counts() == {UNKNOWN_LABEL: 1, MISSING_IMAGE: 1, UNREADABLE_IMAGE: 1}
     assert calls == [(done, 7) for done in range(8)]  # 4 train images, 2 dev, 1 test
     summary = report.summary()
@@ -565,7 +530,7 @@ def test_complete_files_are_kept_deleted_ones_rewritten_and_force_rewrites_all(t
     first = prepare("snli_ve", source, out)
     assert first.written == ["snli_train.arrow", "snli_dev.arrow", "snli_test.arrow"]
     before = _stats(out)
-    dev_rows = _rows(out / "snli_dev.arrow", "snli_ve", ["image", "sentences", "labels"])
+    dev_rows = arrow_rows(out / "snli_dev.arrow", "snli_ve", ["image", "sentences", "labels"])
 
     calls: list[tuple[int, int]] = []
     again = prepare("snli_ve", source, out, progress=lambda done, total: calls.append((done, total)))
@@ -579,7 +544,7 @@ def test_complete_files_are_kept_deleted_ones_rewritten_and_force_rewrites_all(t
     after = _stats(out)
     assert {name: after[name] for name in ("snli_train.arrow", "snli_test.arrow")} == {
         name: before[name] for name in ("snli_train.arrow", "snli_test.arrow")}
-    assert _rows(out / "snli_dev.arrow", "snli_ve", ["image", "sentences", "labels"]) == dev_rows
+    assert arrow_rows(out / "snli_dev.arrow", "snli_ve", ["image", "sentences", "labels"]) == dev_rows
 
     forced = prepare("snli_ve", source, out, force=True)
     assert forced.written == ["snli_train.arrow", "snli_dev.arrow", "snli_test.arrow"]
@@ -639,7 +604,7 @@ def test_rows_are_written_in_record_batches_by_rows_and_by_bytes(tmp_path: Path,
     prepare_vqav2(source, tmp_path / "by_bytes", rest_val_images=1)
     assert _batch_rows(tmp_path / "by_bytes" / "vqav2_val.arrow") == [2, 1]
     for out in ("by_rows", "by_bytes"):
-        rows = _rows(tmp_path / out / "vqav2_val.arrow", "vqav2", ["image", "image_id"])
+        rows = arrow_rows(tmp_path / out / "vqav2_val.arrow", "vqav2", ["image", "image_id"])
         assert rows == [{"image": images[image_id], "image_id": image_id} for image_id in (11, 12, 13)]
 
 
@@ -660,7 +625,7 @@ def test_missing_source_folder(tmp_path: Path) -> None:
 
 
 def test_ren_data_prepare_prints_the_summary_and_resumes(tmp_path: Path) -> None:
-    from .test_cli import ren
+    from tests.helpers.cli import ren
 
     source, out = tmp_path / "snli", tmp_path / "arrows"
     _write_snli(source)

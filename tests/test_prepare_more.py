@@ -24,7 +24,7 @@ from engine.cli import app
 from engine.data.arrow import find_arrow_files
 from engine.data.prepare import MISSING_ANNOTATION, MISSING_IMAGE, UNKNOWN_SPLIT, UNREADABLE_IMAGE, prepare
 from engine.errors import RenError
-from tests.test_prepare import _image, _reasons, _rows, _write_json
+from tests.helpers.prepare import arrow_rows, skip_reasons, write_image, write_json
 
 
 def _ren_prepare(task: str, source: Path, out: Path, *options: str) -> str:
@@ -130,7 +130,7 @@ def _write_refer(source: Path, task: str, refs: list[tuple[Any, ...]], dump: Cal
     folder = source / task
     folder.mkdir(parents=True, exist_ok=True)
     (folder / f"refs({split_by}).p").write_bytes(dump([_ref(*ref) for ref in refs]))
-    _write_json(folder / "instances.json", {
+    write_json(folder / "instances.json", {
         "info": {"description": "This is stable 1.0 version of the 2014 MS COCO dataset."}, "licenses": [],
         "images": [{"license": 1, "file_name": _coco_file(image_id), "coco_url": "", "height": 16, "width": 24,
                     "date_captured": "2013-11-14 11:18:45", "flickr_url": "", "id": image_id}
@@ -141,8 +141,8 @@ def _write_refer(source: Path, task: str, refs: list[tuple[Any, ...]], dump: Cal
         "categories": [{"supercategory": "person", "id": 1, "name": "person"}]})
     images = {}
     for image_id in (1, 2, 4, 5, 6):
-        images[image_id] = _image(source / "images" / "mscoco" / "train2014" / _coco_file(image_id), image_id,
-                                  corrupt=image_id == 4)
+        images[image_id] = write_image(source / "images" / "mscoco" / "train2014" / _coco_file(image_id), image_id,
+                                       corrupt=image_id == 4)
     return images
 
 
@@ -168,8 +168,8 @@ def test_refer_one_row_per_ref_with_every_box_of_its_image(tmp_path: Path, task:
     for split in ("train", "val", "testA", "testB"):
         [path] = find_arrow_files(out, task, split)
         assert path.name == f"{task}_unc_{split}.arrow"
-        assert _rows(path, task, columns) == _expected_refer_rows(images, split)
-    assert _rows(out / f"{task}_unc_train.arrow", task, ["labels", "sentences"]) == [
+        assert arrow_rows(path, task, columns) == _expected_refer_rows(images, split)
+    assert arrow_rows(out / f"{task}_unc_train.arrow", task, ["labels", "sentences"]) == [
         {"labels": 1, "sentences": ["man in the middle", "the café guy"]}]
     assert ("Skipped 6 records: 3 missing annotation, 1 unknown split, 1 missing image file, 1 unreadable image"
             in output)
@@ -182,7 +182,7 @@ def test_refer_one_row_per_ref_with_every_box_of_its_image(tmp_path: Path, task:
     assert forced.rows == {f"{task}_unc_train.arrow": 1, f"{task}_unc_val.arrow": 1, f"{task}_unc_testA.arrow": 1,
                            f"{task}_unc_testB.arrow": 1}
     assert [output.texts for output in forced.outputs] == [2, 1, 1, 3]
-    assert _reasons(forced) == sorted([
+    assert skip_reasons(forced) == sorted([
         ("", "refs[8]", UNKNOWN_SPLIT),
         (f"{task}_unc_train.arrow", f"ref 104 ({_coco_file(3)})", MISSING_IMAGE),
         (f"{task}_unc_train.arrow", "ref 106", MISSING_ANNOTATION),
@@ -200,7 +200,7 @@ def test_python2_byte_strings_are_read_as_utf8_else_latin1(tmp_path: Path) -> No
     with pytest.raises(UnicodeDecodeError):  # what a plain pickle.load (ASCII) makes of it
         pickle.loads((source / "refcoco" / "refs(unc).p").read_bytes())
     prepare("refcoco", source, out)
-    assert _rows(out / "refcoco_unc_train.arrow", "refcoco", ["sentences"]) == [
+    assert arrow_rows(out / "refcoco_unc_train.arrow", "refcoco", ["sentences"]) == [
         {"sentences": ["the café sign", "café in latin-1"]}]
 
 
@@ -209,7 +209,7 @@ def test_refcocog_umd_by_default_google_when_it_is_the_only_refs_file(tmp_path: 
     umd = [(200, 12, 1, "train", ["a man"]), (201, 21, 2, "val", ["a picture"]), (202, 13, 1, "test", ["a box"])]
     images = _write_refer(source, "refcocog", umd, _protocol2, "umd")
     _ren_prepare("refcocog", source, out)
-    assert {split: _rows(find_arrow_files(out, "refcocog", split)[0], "refcocog", ["image", "labels"])
+    assert {split: arrow_rows(find_arrow_files(out, "refcocog", split)[0], "refcocog", ["image", "labels"])
             for split in ("train", "val", "test")} == {
         "train": [{"image": images[1], "labels": 1}], "val": [{"image": images[2], "labels": 0}],
         "test": [{"image": images[1], "labels": 2}]}
@@ -220,8 +220,8 @@ def test_refcocog_umd_by_default_google_when_it_is_the_only_refs_file(tmp_path: 
     report = prepare("refcocog", google, tmp_path / "google_arrows")
     assert report.rows == {"refcocog_google_train.arrow": 1, "refcocog_google_val.arrow": 1}
     assert "refcocog: split by google (refs(google).p)." in report.notes
-    assert _rows(tmp_path / "google_arrows" / "refcocog_google_val.arrow", "refcocog", ["labels", "sentences"]) == [
-        {"labels": 1, "sentences": ["middle"]}]
+    assert arrow_rows(tmp_path / "google_arrows" / "refcocog_google_val.arrow", "refcocog",
+                      ["labels", "sentences"]) == [{"labels": 1, "sentences": ["middle"]}]
     with pytest.raises(RenError, match=r"refcocog: the input file refs\(umd\).p is missing"):
         prepare("refcocog", google, tmp_path / "umd_arrows", split_by="umd")
     with pytest.raises(RenError, match=r"refcocog: there is no split by 'unc'; refcocog is split by umd or google"):
@@ -259,7 +259,7 @@ def test_refs_pickle_that_calls_code_or_is_corrupt_is_refused(tmp_path: Path) ->
         prepare("refcoco", source, out)
     assert not list(out.glob("*.arrow"))
 
-    from .test_cli import ren
+    from tests.helpers.cli import ren
 
     refs.write_bytes(_py2_pickle([_ref(*ref) for ref in _REFS])[:-40])
     result = ren("data", "prepare", "refcoco", "--source", str(source), "--out", str(out))
@@ -291,12 +291,12 @@ _VG = {1: [("a green clock", 82, 139, 421, 57), ("a man walking", 30, 60, 2, 5)]
 def _write_vg(source: Path, layout: str) -> dict[int, bytes]:
     """Visual Genome as its zips unpack (``layout="release"``) or in ViLT's annotations/ and images/ folders."""
     annotations, images = (source, source) if layout == "release" else (source / "annotations", source / "images")
-    _write_json(annotations / "region_descriptions.json", [
+    write_json(annotations / "region_descriptions.json", [
         {"regions": [{"region_id": image_id * 100 + k, "width": w, "height": h, "image_id": image_id,
                       "phrase": phrase, "y": y, "x": x} for k, (phrase, w, h, x, y) in enumerate(regions)],
          "id": image_id} for image_id, regions in _VG.items()])
-    written = {1: _image(images / "VG_100K" / "1.jpg", 1), 2: _image(images / "VG_100K_2" / "2.jpg", 2)}
-    _image(images / "VG_100K_2" / "4.jpg", 4, corrupt=True)
+    written = {1: write_image(images / "VG_100K" / "1.jpg", 1), 2: write_image(images / "VG_100K_2" / "2.jpg", 2)}
+    write_image(images / "VG_100K_2" / "4.jpg", 4, corrupt=True)
     return written
 
 
@@ -307,14 +307,15 @@ def test_vg_groups_regions_per_image(tmp_path: Path, layout: str) -> None:
     output = _ren_prepare("vg", source, out)
     assert "Skipped 3 records: 1 missing annotation, 1 missing image file, 1 unreadable image" in output
     [path] = find_arrow_files(out, "vg", "train")
-    rows = _rows(path, "vg", ["image", "caption", "width", "height", "x", "y", "image_id"])
+    rows = arrow_rows(path, "vg", ["image", "caption", "width", "height", "x", "y", "image_id"])
     assert rows == [{"image": images[image_id], "caption": [r[0] for r in _VG[image_id]],
                      "width": [r[1] for r in _VG[image_id]], "height": [r[2] for r in _VG[image_id]],
                      "x": [r[3] for r in _VG[image_id]], "y": [r[4] for r in _VG[image_id]], "image_id": str(image_id)}
                     for image_id in (1, 2)]
     report = prepare("vg", source, out, force=True)
-    assert _reasons(report) == sorted([("vg.arrow", "image 5", MISSING_ANNOTATION),
-                                       ("vg.arrow", "3.jpg", MISSING_IMAGE), ("vg.arrow", "4.jpg", UNREADABLE_IMAGE)])
+    assert skip_reasons(report) == sorted([("vg.arrow", "image 5", MISSING_ANNOTATION),
+                                           ("vg.arrow", "3.jpg", MISSING_IMAGE),
+                                           ("vg.arrow", "4.jpg", UNREADABLE_IMAGE)])
     assert report.rows == {"vg.arrow": 2} and report.outputs[0].texts == 3
     assert prepare("vg", source, out).kept == ["vg.arrow"]
 
@@ -325,7 +326,7 @@ def test_vg_region_without_phrase_names_file_and_region(tmp_path: Path) -> None:
     path = source / "region_descriptions.json"
     content = json.loads(path.read_text())
     del content[0]["regions"][1]["phrase"]
-    _write_json(path, content)
+    write_json(path, content)
     with pytest.raises(RenError) as caught:
         prepare("vg", source, tmp_path / "arrows")
     assert f"vg: [0].regions[1] of {path} has no key 'phrase'" in str(caught.value)
@@ -341,12 +342,12 @@ def _write_captions(source: Path, annotations: str, folder: str, entries: list[t
                     ) -> dict[str, bytes]:
     """ViLT's layout: ``annotations`` a JSON list of [image path, caption], images in ``folder``/<first four>/;
     ``entries`` are (file name, caption, "ok" | "missing" | "corrupt")."""
-    _write_json(source / annotations, [[f"{source}/{folder}/{name[:4]}/{name}", caption]
-                                       for name, caption, _ in entries])
+    write_json(source / annotations, [[f"{source}/{folder}/{name[:4]}/{name}", caption]
+                                      for name, caption, _ in entries])
     images: dict[str, bytes] = {}
     for index, (name, _, state) in enumerate(entries):
         if state != "missing" and name not in images:
-            images[name] = _image(source / folder / name[:4] / name, index, corrupt=state == "corrupt")
+            images[name] = write_image(source / folder / name[:4] / name, index, corrupt=state == "corrupt")
     return images
 
 
@@ -359,18 +360,18 @@ def test_cc_shards_resume_and_recut(tmp_path: Path) -> None:
     source, out = tmp_path / "cc", tmp_path / "arrows"
     images = _write_captions(source, "train_annot.json", "images_train", _CC_TRAIN)
     images.update(_write_captions(source, "val_annot.json", "images_val", [("0000007", "a red car", "ok")]))
-    _image(source / "images_train" / "0000" / "0000099", 99)  # no caption: not written
+    write_image(source / "images_train" / "0000" / "0000099", 99)  # no caption: not written
 
     output = _ren_prepare("cc", source, out, "--shard-rows", "2")
     columns = ["image", "caption", "image_id", "split"]
     train = find_arrow_files(out, "cc", "train")
     assert [path.name for path in train] == ["conceptual_caption_train_0.arrow", "conceptual_caption_train_1.arrow"]
-    assert [_rows(path, "cc", columns) for path in train] == [
+    assert [arrow_rows(path, "cc", columns) for path in train] == [
         [{"image": images["0000000"], "caption": ["a dog on grass", "a brown dog"], "image_id": "0000000",
           "split": "train"},
          {"image": images["0000001"], "caption": ["a cat"], "image_id": "0000001", "split": "train"}],
         [{"image": images["0001004"], "caption": ["two birds"], "image_id": "0001004", "split": "train"}]]
-    assert _rows(find_arrow_files(out, "cc", "val")[0], "cc", columns) == [
+    assert arrow_rows(find_arrow_files(out, "cc", "val")[0], "cc", columns) == [
         {"image": images["0000007"], "caption": ["a red car"], "image_id": "0000007", "split": "val"}]
     assert "Skipped 2 records: 1 missing image file, 1 unreadable image" in output
     assert "1 image file in" in output and "had no caption in train_annot.json" in output
@@ -388,7 +389,8 @@ def test_cc_shards_resume_and_recut(tmp_path: Path) -> None:
     assert one.written == names[:1] and one.rows[names[0]] == 3
     assert [path.name for path in find_arrow_files(out, "cc", "train")] == names[:1]
     assert any(note.startswith(f"Removed {out / names[1]}") for note in one.notes)
-    assert [row["image_id"] for row in _rows(out / names[0], "cc", ["image_id"])] == ["0000000", "0000001", "0001004"]
+    assert [row["image_id"] for row in arrow_rows(out / names[0], "cc", ["image_id"])] == [
+        "0000000", "0000001", "0001004"]
 
 
 def test_sbu_shard_and_malformed_annotation(tmp_path: Path) -> None:
@@ -398,11 +400,11 @@ def test_sbu_shard_and_malformed_annotation(tmp_path: Path) -> None:
     images = _write_captions(source, "annot.json", "images_train", entries)
     report = prepare("sbu", source, out)
     assert report.written == ["sbu_0.arrow"] and report.skipped == []
-    assert _rows(find_arrow_files(out, "sbu", "train")[0], "sbu", ["image", "caption", "image_id", "split"]) == [
+    assert arrow_rows(find_arrow_files(out, "sbu", "train")[0], "sbu", ["image", "caption", "image_id", "split"]) == [
         {"image": images[name], "caption": [caption], "image_id": name, "split": "train"}
         for name, caption, _ in entries]
 
-    _write_json(source / "annot.json", [[f"images_train/4095/{entries[0][0]}", entries[0][1]], ["only a path"]])
+    write_json(source / "annot.json", [[f"images_train/4095/{entries[0][0]}", entries[0][1]], ["only a path"]])
     with pytest.raises(RenError, match=r"sbu: entry \[1\] of .*annot.json is \"\['only a path'\]\", expected \[image "
                                        r"path, caption\]"):
         prepare("sbu", source, out, force=True)

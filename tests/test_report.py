@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -19,79 +18,12 @@ from engine.report import (
 )
 from engine.runs import create_run
 from engine.store import RunRecord, Store
+from tests.helpers.cli import HEAVY, modules_after, ren
+from tests.helpers.reports import FT, PLANS, PRE, T0, record_finetune, record_pretrain
 
-from .conftest import PRESETS
-from .test_cli import HEAVY, _modules_after, ren
-
-PRE = PRESETS / "studies" / "easyvqa_two_tower_pretrain_short.toml"
-FT = PRESETS / "studies" / "easyvqa_vqa_finetune_short.toml"
 STUDY = "freeze-demo"
-T0 = 1_700_000_000.0
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 FREEZE = {"none": None, "vision": '["vision"]', "both": '["text", "vision"]'}
-
-
-@dataclass(frozen=True)
-class Plan:
-    """What one (variant, seed) recorded: pretraining compute and the finetune's final score."""
-
-    pflops: float | None  # None: the pretraining has no compute record
-    wall_s: float
-    device_hours: float
-    peak_mb: float
-    trainable: int
-    score: float | None  # None: the finetune is still running
-
-
-PLANS = {
-    ("none", 0): Plan(10.0, 100.0, 0.05, 900.0, 1_000_000, 0.80),
-    ("none", 1): Plan(10.0, 120.0, 0.06, 1100.0, 1_000_000, 0.84),
-    ("vision", 0): Plan(6.0, 66.0, 0.03, 700.0, 600_000, 0.78),
-    ("vision", 1): Plan(6.0, 66.0, 0.036, 700.0, 600_000, 0.79),
-    ("both", 0): Plan(3.0, 33.0, 0.015, 500.0, 250_000, 0.70),
-    ("both", 1): Plan(None, 33.0, 0.0, 0.0, 250_000, None),
-}
-FT_PFLOPS = 1.0  # each finetune's own compute at its last step (400)
-
-
-def _pretrain(store: Store, name: str, seed: int, plan: Plan, *, overrides: tuple[str, ...] = (),
-              study: dict | None = None, status: str = "finished") -> RunRecord:
-    cfg = load_preset(PRE, [f"run.seed={seed}", f"run.name={name}", *overrides])
-    record = create_run(store, cfg, str(PRE))
-    start = T0 + len(store.list_runs()) * 1000
-    compute = {} if plan.pflops is None else {
-        "pflops": plan.pflops, "device_hours": plan.device_hours, "peak_memory_mb": plan.peak_mb,
-        "flops_per_sample": {"forward": 1e9, "backward": 2e9, "train": 3e9, "eval": 1e9}, "device": "cpu: test",
-        "dtype": "fp32", "processes": 1, "train_seconds": plan.wall_s}
-    ended = {"ended_at": start + plan.wall_s} if status == "finished" else {}
-    store.update_run(record.id, status=status, started_at=start, step=cfg.train.max_steps, study=study, compute=compute,
-                     params={"total": 1_000_000, "trainable": plan.trainable,
-                             "frozen": 1_000_000 - plan.trainable, "groups": {}}, **ended)
-    with store.metrics_writer(record.id) as writer:
-        for step in range(100, 700, 100):
-            extra = {} if plan.pflops is None else {"compute/pflops": plan.pflops * step / 600}
-            writer.log(step, loss=6.0 - step / 200 - plan.trainable / 1e6, **extra)
-    return store.get_run(record.id)
-
-
-def _finetune(store: Store, parent: RunRecord, seed: int, score: float | None, *,
-              study: dict | None = None) -> RunRecord:
-    cfg = load_preset(FT, [f"run.seed={seed}", f"run.name={parent.name}/easy-vqa",
-                           f'train.init_from="run:{parent.id}"'])
-    record = create_run(store, cfg, str(FT))
-    start = T0 + len(store.list_runs()) * 1000
-    if score is None:
-        store.update_run(record.id, status="running", started_at=start, step=200, study=study)
-    else:
-        store.update_run(record.id, status="finished", started_at=start, ended_at=start + 50.0, step=400,
-                         study=study, final_scores={"vqa_score": score, "eval_samples": 600.0},
-                         best_scores={"eval/vqa_score": score})
-    with store.metrics_writer(record.id) as writer:
-        for step in range(100, 500 if score is not None else 300, 100):
-            writer.log(step, loss=2.0 - step / 400, **{"compute/pflops": FT_PFLOPS * step / 400})
-            if step % 200 == 0 and score is not None:
-                writer.log(step, **{"eval/vqa_score": score - (0.05 if step == 200 else 0.0)})
-    return store.get_run(record.id)
 
 
 def _study_file(path: Path, name: str = STUDY) -> Path:
@@ -111,9 +43,9 @@ def _build_study(store: Store, file: Path) -> dict[tuple[str, int], tuple[RunRec
     for (variant, seed), plan in PLANS.items():
         tag = {"name": STUDY, "variant": variant, "seed": seed, "file": str(file)}
         freeze = (f"freeze.groups={FREEZE[variant]}",) if FREEZE[variant] else ()
-        pre = _pretrain(store, f"{STUDY}/{variant}/s{seed}", seed, plan, overrides=freeze,
-                        study={**tag, "stage": "pretrain", "task": None})
-        ft = _finetune(store, pre, seed, plan.score, study={**tag, "stage": "finetune", "task": "easy-vqa"})
+        pre = record_pretrain(store, f"{STUDY}/{variant}/s{seed}", seed, plan, overrides=freeze,
+                              study={**tag, "stage": "pretrain", "task": None})
+        ft = record_finetune(store, pre, seed, plan.score, study={**tag, "stage": "finetune", "task": "easy-vqa"})
         runs[variant, seed] = (pre, ft)
     return runs
 
@@ -162,7 +94,7 @@ def test_a_newer_run_of_a_slot_supersedes_the_older(study) -> None:
     """When the study file changed, `ren study run` queues a new run for the slot: it is the one reported."""
     store, file, runs = study
     tag = {"name": STUDY, "variant": "vision", "seed": 1, "stage": "pretrain", "task": None, "file": str(file)}
-    newer = _pretrain(store, f"{STUDY}/vision/s1", 1, PLANS["vision", 1], study=tag, status="running")
+    newer = record_pretrain(store, f"{STUDY}/vision/s1", 1, PLANS["vision", 1], study=tag, status="running")
     vision = _row(report_rows(store, STUDY), "vision")
     assert [ref.id for ref in vision.pretrains] == [runs["vision", 0][0].id, newer.id]
     assert vision.pflops.n == 1 and vision.train_s.n == 1
@@ -194,10 +126,10 @@ def test_markdown_table_content(study) -> None:
 def test_missing_data_is_a_dash(ren_home: Path) -> None:
     """A running pretraining, one without compute and one without finetunes: dashes, and notes say why."""
     store = Store(ren_home)
-    done = _pretrain(store, "done", 0, PLANS["none", 0])
-    _finetune(store, done, 0, 0.8)
-    running = _pretrain(store, "going", 0, PLANS["vision", 0], status="running")
-    old = _pretrain(store, "old", 0, PLANS["both", 1])
+    done = record_pretrain(store, "done", 0, PLANS["none", 0])
+    record_finetune(store, done, 0, 0.8)
+    running = record_pretrain(store, "going", 0, PLANS["vision", 0], status="running")
+    old = record_pretrain(store, "old", 0, PLANS["both", 1])
     table = report_rows(store, [done.id, running.id, old.id])
     assert [row.variant for row in table.rows] == ["done", "going", "old"] and table.baseline == "done"
     cells = {row[0]: row for row in table.cells()}
@@ -218,8 +150,8 @@ def test_missing_data_is_a_dash(ren_home: Path) -> None:
 def test_train_time_of_a_resumed_run_counts_every_session(ren_home: Path) -> None:
     """A resumed run's started_at is its last session's start: train time is the recorded train_seconds."""
     store = Store(ren_home)
-    base = _pretrain(store, "base", 0, PLANS["none", 0])  # 100 s in one session
-    resumed = _pretrain(store, "resumed", 0, PLANS["vision", 0])
+    base = record_pretrain(store, "base", 0, PLANS["none", 0])  # 100 s in one session
+    resumed = record_pretrain(store, "resumed", 0, PLANS["vision", 0])
     # three sessions trained 25 + 25 + 30 s; the last ran from start + 500 to start + 535
     compute = {**resumed.compute, "train_seconds": 80.0}
     store.update_run(resumed.id, compute=compute, started_at=resumed.started_at + 500,
@@ -235,10 +167,10 @@ def test_train_time_of_a_resumed_run_counts_every_session(ren_home: Path) -> Non
 
 def test_runs_become_variants_by_name_with_their_finetunes(ren_home: Path) -> None:
     store = Store(ren_home)
-    first = _pretrain(store, "pre", 0, PLANS["none", 0])
-    second = _pretrain(store, "pre", 1, PLANS["vision", 0], overrides=('freeze.groups=["vision"]',))
-    scores = [_finetune(store, second, seed, score) for seed, score in ((0, 0.7), (1, 0.9))]
-    _finetune(store, first, 0, 0.6)
+    first = record_pretrain(store, "pre", 0, PLANS["none", 0])
+    second = record_pretrain(store, "pre", 1, PLANS["vision", 0], overrides=('freeze.groups=["vision"]',))
+    scores = [record_finetune(store, second, seed, score) for seed, score in ((0, 0.7), (1, 0.9))]
+    record_finetune(store, first, 0, 0.6)
     # A listed finetune stands for its pretraining; the first listed is the baseline.
     table = report_rows(store, [scores[0].id, first.id])
     assert [row.variant for row in table.rows] == [f"pre@{second.id[-4:]}", f"pre@{first.id[-4:]}"]
@@ -252,8 +184,8 @@ def test_runs_become_variants_by_name_with_their_finetunes(ren_home: Path) -> No
 
 def test_a_finetune_from_scratch_is_its_own_variant(ren_home: Path) -> None:
     store = Store(ren_home)
-    pre = _pretrain(store, "pre", 0, PLANS["none", 0])
-    _finetune(store, pre, 0, 0.8)
+    pre = record_pretrain(store, "pre", 0, PLANS["none", 0])
+    record_finetune(store, pre, 0, 0.8)
     raw = load_preset(FT, ["run.name=scratch"]).to_dict()
     raw["train"]["init_from"] = None
     scratch = create_run(store, config_from_dict(raw), str(FT))
@@ -282,8 +214,8 @@ def _scratch(store: Store, seed: int, train_seconds: float) -> RunRecord:
 
 def test_finetune_only_variants_show_their_own_compute(ren_home: Path) -> None:
     store = Store(ren_home)
-    pre = _pretrain(store, "pre", 0, PLANS["none", 0])
-    _finetune(store, pre, 0, 0.8)
+    pre = record_pretrain(store, "pre", 0, PLANS["none", 0])
+    record_finetune(store, pre, 0, 0.8)
     runs = [_scratch(store, 0, 40.0), _scratch(store, 1, 60.0)]
     alone = report_rows(store, [r.id for r in runs])
     cells = dict(zip(alone.headers(), alone.cells()[0]))
@@ -299,11 +231,11 @@ def test_finetune_only_variants_show_their_own_compute(ren_home: Path) -> None:
 def test_listed_seeds_of_one_config_pool_into_one_variant(ren_home: Path) -> None:
     """`ren report RUN RUN ...`: runs differing only in run.seed are one variant with several seeds."""
     store = Store(ren_home)
-    seeds = [_pretrain(store, "pre", seed, PLANS["none", seed]) for seed in (0, 1)]
+    seeds = [record_pretrain(store, "pre", seed, PLANS["none", seed]) for seed in (0, 1)]
     for pre, score in zip(seeds, (0.80, 0.84)):
-        _finetune(store, pre, _seed_of(pre), score)
-    other = _pretrain(store, "pre", 0, PLANS["vision", 0], overrides=('freeze.groups=["vision"]',))
-    _finetune(store, other, 0, 0.78)
+        record_finetune(store, pre, _seed_of(pre), score)
+    other = record_pretrain(store, "pre", 0, PLANS["vision", 0], overrides=('freeze.groups=["vision"]',))
+    record_finetune(store, other, 0, 0.78)
     table = report_rows(store, [seeds[0].id, seeds[1].id, other.id])
     print([(row.variant, row.seeds, row.scores["easy_vqa"].values) for row in table.rows])
     assert [row.variant for row in table.rows] == [f"pre@{seeds[0].id[-4:]}", f"pre@{other.id[-4:]}"]
@@ -319,9 +251,9 @@ def _seed_of(record: RunRecord) -> int:
 
 def test_latex_table_escapes_names(ren_home: Path, tmp_path: Path) -> None:
     store = Store(ren_home)
-    odd = _pretrain(store, "pre_50%&#1", 0, PLANS["none", 0])
-    _finetune(store, odd, 0, 0.8)
-    _finetune(store, odd, 1, 0.9)
+    odd = record_pretrain(store, "pre_50%&#1", 0, PLANS["none", 0])
+    record_finetune(store, odd, 0, 0.8)
+    record_finetune(store, odd, 1, 0.9)
     table = report_rows(store, [odd.id])
     tex = table.latex()
     assert tex.startswith(r"\begin{tabular}{lrrrrrrr}" + "\n\\toprule\n")
@@ -360,7 +292,7 @@ def test_series_and_files(study, tmp_path: Path) -> None:
 
 def test_figures_without_data_are_skipped(ren_home: Path, tmp_path: Path) -> None:
     store = Store(ren_home)
-    pre = _pretrain(store, "lonely", 0, PLANS["both", 1])
+    pre = record_pretrain(store, "lonely", 0, PLANS["both", 1])
     table = report_rows(store, [pre.id])
     paths = write_report(table, report_series(store, table), tmp_path)
     assert sorted(p.name for p in paths) == ["loss.png", "report.md", "table.tex"]
@@ -397,7 +329,7 @@ def test_ren_report_errors_exit_2(ren_home: Path, tmp_path: Path) -> None:
     assert unknown.returncode == 2
     assert "'no-such-thing' is neither a study file, the name of a study" in " ".join(unknown.stderr.split())
     store = Store(ren_home)
-    pre = _pretrain(store, "real", 0, PLANS["none", 0])
+    pre = record_pretrain(store, "real", 0, PLANS["none", 0])
     several = ren("report", pre.id, "nope")
     assert several.returncode == 2 and "No run with id 'nope'" in several.stderr
     missing = ren("report", str(tmp_path / "missing.toml"))
@@ -408,7 +340,7 @@ def test_ren_report_errors_exit_2(ren_home: Path, tmp_path: Path) -> None:
 
 def test_report_modules_import_neither_torch_nor_matplotlib() -> None:
     """The TUI imports engine.report: torch stays out, and matplotlib comes only when drawing."""
-    mods = _modules_after("import engine.report, engine.cli.report")
+    mods = modules_after("import engine.report, engine.cli.report")
     assert "engine.study" in mods
     assert not [m for m in (*HEAVY, "matplotlib", "textual") if m in mods]
 
@@ -450,8 +382,8 @@ def test_report_files_give_the_interval_and_say_which_differences_are_noise(ren_
     for name, (groups, scores) in variants.items():
         freeze = (f"freeze.groups={groups}",) if groups else ()
         for seed, score in enumerate(scores):
-            pre = _pretrain(store, name, seed, PLANS["none", seed % 2], overrides=freeze)
-            _finetune(store, pre, seed, score)
+            pre = record_pretrain(store, name, seed, PLANS["none", seed % 2], overrides=freeze)
+            record_finetune(store, pre, seed, score)
             ids.append(pre.id)
     table = report_rows(store, ids)
     write_report(table, report_series(store, table), tmp_path / "out")

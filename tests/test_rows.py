@@ -10,7 +10,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from engine.models import rows as R
 from engine.models.layers import additive_mask
-from tests.test_models import PRETRAIN, inputs, make, mlm_positions, one_tower, two_tower
+from tests.helpers.models import PRETRAIN, inputs, make, mlm_positions, one_tower, two_tower
 
 
 def _family_layers() -> dict[str, torch.nn.Module]:

@@ -15,9 +15,8 @@ from engine.inspector import _as_random
 from engine.jobs.worker import worker_info
 from engine.store import Store
 from engine.study import load_study, models_to_build, plan_study, run_study, study_runs, study_table
-
-from .conftest import PRESETS
-from .test_cli import HEAVY, _modules_after, ren
+from tests.helpers.cli import HEAVY, modules_after, ren
+from tests.helpers.paths import PRESETS
 
 STUDIES = sorted(p for p in (PRESETS / "studies").glob("*.toml") if p.read_text().lstrip().startswith("#")
                  and "\n[study]\n" in p.read_text())
@@ -415,7 +414,7 @@ def test_a_bad_study_file_exits_2_naming_the_variant(study_file: Path) -> None:
 
 
 def test_study_modules_import_no_torch() -> None:
-    loaded = _modules_after("import engine.study, engine.cli.study")
+    loaded = modules_after("import engine.study, engine.cli.study")
     assert "engine.study" in loaded and not loaded & set(HEAVY)
 
 

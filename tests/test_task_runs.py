@@ -7,10 +7,10 @@ from pathlib import Path
 import pytest
 
 from engine.store import Store
+from tests.helpers.cli import ren
+from tests.helpers.paths import REPO
 
 from .arrow_fixtures import write_nlvr2, write_refcoco, write_snli_ve
-from .conftest import REPO
-from .test_cli import ren
 
 ONE_TOWER = REPO / "tests" / "fixtures" / "one_tower.toml"
 

@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from engine.config import RunConfig, config_from_dict
+from engine.config import config_from_dict
 from engine.store import Store
 from engine.train import (
     FINAL_WEIGHTS,
@@ -24,42 +24,8 @@ from engine.train import (
     lr_factor,
     train,
 )
-
-from .conftest import REPO
-
-
-def tiny_finetune(cache: Path, **train: int) -> dict:
-    return {
-        "run": {"name": "tiny-ft", "seed": 0},
-        "model": {"kind": "one_tower", "backbone": {
-            "modality": "vision", "hidden_size": 32, "layers": 1, "heads": 2, "patch_size": 16, "image_size": 32}},
-        "task": {"name": "vqa"},
-        "data": {"max_text_len": 16, "eval_max_samples": 256, "cache_dir": str(cache)},
-        "optim": {"lr": 1e-3, "warmup_ratio": 0.1},
-        "train": {"max_steps": 20, "batch_size": 16, "log_every": 5, "eval_every": 10,
-                  "checkpoint_every": 10, "keep_checkpoints": 2, "cpu_threads": 1, **train},
-    }
-
-
-def tiny_pretrain(cache: Path) -> dict:
-    return {
-        "run": {"name": "tiny-pt", "seed": 0},
-        "model": {"kind": "two_tower",
-                  "text": {"hidden_size": 32, "layers": 1, "heads": 2, "max_positions": 32},
-                  "vision": {"hidden_size": 32, "layers": 1, "heads": 2, "patch_size": 16, "image_size": 32},
-                  "fusion": {"layers": 1, "hidden_size": 32, "heads": 2}},
-        "objectives": {"mlm": {"weight": 1.0}, "itm": {"weight": 0.5}, "itc": {"weight": 0.25}},
-        "data": {"max_text_len": 16, "cache_dir": str(cache)},
-        "optim": {"lr": 1e-3},
-        "train": {"max_steps": 6, "batch_size": 16, "log_every": 1, "checkpoint_every": 3, "cpu_threads": 1},
-    }
-
-
-def start(store: Store, raw: dict) -> tuple[RunConfig, str]:
-    cfg = config_from_dict(raw)
-    record = store.create_run(name=cfg.run.name, stage=cfg.stage, kind=cfg.model.kind,
-                              config=cfg.to_dict(), max_steps=cfg.train.max_steps)
-    return cfg, record.id
+from tests.helpers.paths import REPO
+from tests.helpers.training import start, tiny_finetune, tiny_pretrain
 
 
 def test_finetune_records_metrics_scores_checkpoints_and_weights(ren_home: Path, data_cache: Path) -> None:

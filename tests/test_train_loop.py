@@ -21,7 +21,7 @@ from engine.runs import create_run
 from engine.store import Store
 from engine.train import FINAL_WEIGHTS, TRACE, EpochSampler, StepLog, TrainState, build_accelerator, epochs, train
 from tests.arrow_fixtures import write_vqav2
-from tests.conftest import REPO
+from tests.helpers.paths import REPO
 
 TOKENIZER = "google/electra-small-discriminator"  # in the offline hub cache the tests use
 
@@ -109,7 +109,7 @@ def test_a_resumed_run_draws_the_batches_the_uninterrupted_run_would(stop: int) 
 
 def test_the_accelerator_is_built_with_the_runs_gradient_accumulation(data_cache: Path,
                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
-    from tests.test_train import tiny_finetune
+    from tests.helpers.training import tiny_finetune
 
     monkeypatch.setenv("ACCELERATE_GRADIENT_ACCUMULATION_STEPS", "7")  # the run's batch decides, not the env
     cfg = config_from_dict(tiny_finetune(data_cache, batch_size=8, micro_batch_size=2))

@@ -11,8 +11,7 @@ import torch
 from engine.config import load_preset
 from engine.data.transforms import NORMS, resolve_normalization
 from engine.errors import ConfigError
-
-from .conftest import PRESETS, REPO
+from tests.helpers.paths import PRESETS, REPO
 
 ONE_TOWER = REPO / "tests" / "fixtures" / "one_tower.toml"
 

@@ -223,14 +223,14 @@ async def test_variants_view_shows_the_report_table_with_compute_savings(ren_hom
 
 async def test_variants_view_shows_the_difference_interval_of_the_report(ren_home: Path, tmp_path: Path) -> None:
     """Seeds of one config pool into a variant, and Δ carries its paired 95% CI, as in report.md."""
-    from .test_report import PLANS, _finetune, _pretrain
+    from tests.helpers.reports import PLANS, record_finetune, record_pretrain
 
     store = Store(ren_home)
     runs = []
     for name, freeze, scores in (("base", (), (0.80, 0.84)), ("frozen", ('freeze.groups=["vision"]',), (0.78, 0.79))):
         for seed, score in enumerate(scores):
-            runs.append(_pretrain(store, name, seed, PLANS["none", seed], overrides=freeze))
-            _finetune(store, runs[-1], seed, score)
+            runs.append(record_pretrain(store, name, seed, PLANS["none", seed], overrides=freeze))
+            record_finetune(store, runs[-1], seed, score)
     app = RenApp(Backend(store, start_worker=False))
     async with app.run_test(size=(200, 40)) as pilot:
         screen = await open_compare(app, pilot, runs, tmp_path / "exports")

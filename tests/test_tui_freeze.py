@@ -19,7 +19,7 @@ from ren_tui.screens.freeze import (
     freeze_summary,
     frozen_prefix,
 )
-from tests.test_tui_compose import GROUPS, FakeInspector, make_app
+from tests.helpers.tui import GROUPS, FakeInspector, make_app
 from tests.tui_fake import preset_config
 
 NAMES = list(GROUPS)

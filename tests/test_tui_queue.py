@@ -19,8 +19,7 @@ from ren_tui.app import RenApp
 from ren_tui.backend import Backend
 from ren_tui.dialogs import Confirm, Prompt
 from ren_tui.screens.queue import QueueScreen
-
-from .conftest import REPO
+from tests.helpers.paths import REPO
 
 PRESET = REPO / "tests" / "fixtures" / "one_tower.toml"
 GIB = 1024

@@ -25,9 +25,8 @@ from engine.errors import ModelLoadError
 from engine.inspector import model_summary
 from engine.models import build_model, unimodal
 from engine.study import load_study
-
-from .conftest import PRESETS, REPO
-from .test_cli import ren
+from tests.helpers.cli import ren
+from tests.helpers.paths import PRESETS, REPO
 
 STUDIES = PRESETS / "studies"
 PRETRAIN = STUDIES / "easyvqa_one_tower_pretrain.toml"

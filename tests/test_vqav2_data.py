@@ -17,10 +17,10 @@ from engine.data.transforms import HALF
 from engine.data.vqav2 import ArrowVQADataset, answer_vocabulary
 from engine.errors import ConfigError
 from engine.store import Store
+from tests.helpers.cli import ren
+from tests.helpers.paths import REPO
 
 from .arrow_fixtures import WORDS, write_vqav2
-from .conftest import REPO
-from .test_cli import ren
 
 ONE_TOWER = REPO / "tests" / "fixtures" / "one_tower.toml"
 TOKENIZER = "google/electra-small-discriminator"  # in the offline hub cache the tests use

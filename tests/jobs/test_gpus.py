@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 import pytest
 
 from engine.jobs.gpus import GPU, devices_env, parse_visible_devices, visible_gpus
-from tests.conftest import REPO
+from tests.helpers.paths import REPO
 
 UUIDS = (
     "GPU-1a2b3c4d-0000-0000-0000-000000000000",

@@ -16,7 +16,7 @@ import engine.jobs.launchers as distributed
 from engine.config import DistributedConfig, RunConfig, config_from_dict, load_preset
 from engine.errors import ConfigError, RenError
 from engine.jobs.launchers import check_strategy_available, free_port, launch_command, sbatch_script
-from tests.conftest import PRESETS
+from tests.helpers.paths import PRESETS
 
 QUICKSTART = PRESETS / "quickstart.toml"
 PY = "/opt/py/bin/python"

@@ -11,8 +11,8 @@ import pytest
 
 from engine.jobs.worker import worker_info
 from engine.store import Store
-from tests.conftest import REPO
-from tests.test_cli import HEAVY, _modules_after, ren
+from tests.helpers.cli import HEAVY, modules_after, ren
+from tests.helpers.paths import REPO
 
 FIXTURE = REPO / "tests" / "fixtures" / "one_tower.toml"
 
@@ -95,7 +95,7 @@ def test_submit_writes_an_sbatch_script(tmp_path: Path, ren_home: Path) -> None:
 
 
 def test_queue_and_worker_modules_import_no_torch() -> None:
-    loaded = _modules_after("import engine.jobs.api, engine.jobs.worker, engine.jobs.runner, engine.cli.queue")
+    loaded = modules_after("import engine.jobs.api, engine.jobs.worker, engine.jobs.runner, engine.cli.queue")
     assert not loaded & set(HEAVY)
 
 

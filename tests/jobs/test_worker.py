@@ -19,7 +19,7 @@ from engine.jobs import api as Q
 from engine.jobs.gpus import GPU
 from engine.jobs.worker import Worker, worker_info
 from engine.store import Store
-from tests.conftest import REPO
+from tests.helpers.paths import REPO
 
 FIXTURE = REPO / "tests" / "fixtures" / "one_tower.toml"
 

@@ -10,8 +10,6 @@ checkpoints written by safetensors, and runs created through the store.
 from __future__ import annotations
 
 import json
-import sys
-import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,10 +17,9 @@ from pathlib import Path
 import pytest
 
 from tests.arrow_fixtures import write_arrow_table, write_vqav2
-from tests.conftest import PRESETS, REPO
-from tests.test_cli import ren
-
-ONE_TOWER = REPO / "tests" / "fixtures" / "one_tower.toml"
+from tests.helpers.cli import cli, ren
+from tests.helpers.paths import PRESETS
+from tests.helpers.presets import ONE_TOWER, TOKENIZER, preset, write_file
 
 
 @dataclass(frozen=True)
@@ -36,53 +33,13 @@ class Case:
     code: int = 2
 
 
-def cli_streams(args: list[str], monkeypatch: pytest.MonkeyPatch,
-                capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
-    """Run ``ren ARGS`` in this process through the real entry point: (exit code, stdout, stderr).
-    An exception that escapes ``main`` is what a user would see as a traceback (exit 1)."""
-    from engine.cli import main
-
-    monkeypatch.setattr(sys, "argv", ["ren", *args])
-    capsys.readouterr()
-    try:
-        main()
-        code = 0
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else 1
-    except Exception:  # noqa: BLE001 - an escaped exception is the failure being looked for
-        out, err = capsys.readouterr()
-        return 1, out, err + traceback.format_exc()
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def cli(args: list[str], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
-    """:func:`cli_streams` without stdout."""
-    code, _, err = cli_streams(args, monkeypatch, capsys)
-    return code, err
-
-
-def _write(path: Path, text: str | bytes) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if isinstance(text, bytes):
-        path.write_bytes(text)
-    else:
-        path.write_text(text)
-    return path
-
-
-def preset(tmp: Path, body: str, name: str = "p.toml") -> Path:
-    """A preset extending the small one-tower finetuning fixture with ``body``."""
-    return _write(tmp / name, f'extends = "{ONE_TOWER}"\n{body}')
-
-
 def validate(body: str, *extra: str) -> Callable[[Path], list[str]]:
     return lambda tmp: ["validate", str(preset(tmp, body)), *extra]
 
 
 def two_tower(body: str) -> Callable[[Path], list[str]]:
     base = '[model]\nkind = "two_tower"\n[task]\nname = "vqa"\n'
-    return lambda tmp: ["validate", str(_write(tmp / "t.toml", base + body))]
+    return lambda tmp: ["validate", str(write_file(tmp / "t.toml", base + body))]
 
 
 def run(body: str, *extra: str) -> Callable[[Path], list[str]]:
@@ -90,12 +47,12 @@ def run(body: str, *extra: str) -> Callable[[Path], list[str]]:
 
 
 def _raw(text: str | bytes) -> Callable[[Path], list[str]]:
-    return lambda tmp: ["validate", str(_write(tmp / "raw.toml", text))]
+    return lambda tmp: ["validate", str(write_file(tmp / "raw.toml", text))]
 
 
 def _hf_dir(tmp: Path, files: dict[str, str]) -> str:
     for name, text in files.items():
-        _write(tmp / "model" / name, text)
+        write_file(tmp / "model" / name, text)
     (tmp / "model").mkdir(exist_ok=True)
     return str(tmp / "model")
 
@@ -105,13 +62,10 @@ def _pretrained(files: dict[str, str] | None, name: str | None = None) -> Callab
 
     def setup(tmp: Path) -> list[str]:
         where = name if files is None else _hf_dir(tmp, files)
-        return ["validate", str(_write(tmp / "hf.toml", '[model]\nkind = "one_tower"\n[model.backbone]\n'
+        return ["validate", str(write_file(tmp / "hf.toml", '[model]\nkind = "one_tower"\n[model.backbone]\n'
                                   f'source = "pretrained"\nname = "{where}"\n[task]\nname = "vqa"\n'))]
 
     return setup
-
-
-TOKENIZER = 'tokenizer = "google/electra-small-discriminator"\n'  # in the test hub cache
 
 
 def _vqav2(make: Callable[[Path], None]) -> Callable[[Path], list[str]]:
@@ -145,12 +99,12 @@ def _wrong_schema(root: Path) -> None:
 
 
 def _not_arrow(root: Path) -> None:
-    _write(root / "vqav2_train.arrow", b"PK\x03\x04 a zip file, not arrow")
+    write_file(root / "vqav2_train.arrow", b"PK\x03\x04 a zip file, not arrow")
     write_vqav2(root, "val", n=2)
 
 
 def _ckpt_dir(tmp: Path, content: bytes) -> Path:
-    return _write(tmp / "ckpt" / "model.safetensors", content).parent
+    return write_file(tmp / "ckpt" / "model.safetensors", content).parent
 
 
 def _truncated_safetensors(tmp: Path) -> list[str]:
@@ -184,7 +138,7 @@ def _init_from_run_of(other_preset: str) -> Callable[[Path], list[str]]:
         from engine.runs import create_run
         from engine.store import Store
 
-        other = load_preset(_write(tmp / "other.toml", other_preset))
+        other = load_preset(write_file(tmp / "other.toml", other_preset))
         store = Store()
         record = create_run(store, other, str(tmp / "other.toml"))
         model = build_model(other, vocab_size=50, num_answers=13)
@@ -211,8 +165,8 @@ def _resume_running(tmp: Path) -> list[str]:
 
 
 def _extends_cycle(tmp: Path) -> list[str]:
-    _write(tmp / "a.toml", 'extends = "b.toml"\n')
-    _write(tmp / "b.toml", 'extends = "a.toml"\n')
+    write_file(tmp / "a.toml", 'extends = "b.toml"\n')
+    write_file(tmp / "b.toml", 'extends = "a.toml"\n')
     return ["validate", str(tmp / "a.toml")]
 
 
@@ -223,7 +177,7 @@ def _init_from_preset_cycle(tmp: Path) -> list[str]:
 
 
 def _study(text: str) -> Callable[[Path], list[str]]:
-    return lambda tmp: ["study", "run", str(_write(tmp / "s.toml", text)), "--dry-run"]
+    return lambda tmp: ["study", "run", str(write_file(tmp / "s.toml", text)), "--dry-run"]
 
 
 _STUDY_HEAD = f'[study]\nname = "s"\npretrain = "{PRESETS / "studies" / "easyvqa_two_tower_pretrain_short.toml"}"\n'
@@ -356,11 +310,11 @@ CASES = [
     Case("set-wrong-type", validate("", "--set", "train.batch_size=[1,2]"), ("train.batch_size = [1, 2]",)),
     # --- extends --------------------------------------------------------------------------------------------
     Case("extends-cycle", _extends_cycle, ("Presets extend each other in a loop", "{tmp}/a.toml", "{tmp}/b.toml")),
-    Case("extends-self", lambda tmp: ["validate", str(_write(tmp / "s.toml", 'extends = "s.toml"\n'))],
+    Case("extends-self", lambda tmp: ["validate", str(write_file(tmp / "s.toml", 'extends = "s.toml"\n'))],
          ("in a loop", "{tmp}/s.toml")),
-    Case("extends-missing", lambda tmp: ["validate", str(_write(tmp / "m.toml", 'extends = "gone.toml"\n'))],
+    Case("extends-missing", lambda tmp: ["validate", str(write_file(tmp / "m.toml", 'extends = "gone.toml"\n'))],
          ("{tmp}/m.toml: extends = 'gone.toml'", "{tmp}/gone.toml does not exist")),
-    Case("extends-not-string", lambda tmp: ["validate", str(_write(tmp / "m.toml", "extends = 3\n"))],
+    Case("extends-not-string", lambda tmp: ["validate", str(write_file(tmp / "m.toml", "extends = 3\n"))],
          ("{tmp}/m.toml: 'extends' must be a file name string",)),
     # --- study files ----------------------------------------------------------------------------------------
     Case("study-missing", lambda tmp: ["study", "run", str(tmp / "none.toml")], ("Study file not found",)),
@@ -392,7 +346,7 @@ def test_bad_input_exits_2_naming_what_and_where(case: Case, tmp_path: Path, mon
 def test_store_that_is_a_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                               capsys: pytest.CaptureFixture[str]) -> None:
     """REN_HOME naming a file, or a directory below a file: the message names the store path."""
-    _write(tmp_path / "store", "a file")
+    write_file(tmp_path / "store", "a file")
     for home in (tmp_path / "store", tmp_path / "store" / "below"):
         monkeypatch.setenv("REN_HOME", str(home))
         for args in (["runs"], ["run", str(ONE_TOWER)], ["queue", "ls"]):
@@ -419,6 +373,6 @@ def test_exit_codes_through_a_subprocess(tmp_path: Path) -> None:
         message = " ".join(result.stderr.split())
         for fragment in case.fragments:
             assert " ".join(fragment.format(tmp=where).split()) in message, (name, message)
-    _write(tmp_path / "store", "a file")
+    write_file(tmp_path / "store", "a file")
     result = ren("runs", env={"REN_HOME": str(tmp_path / "store")})
     assert result.returncode == 2 and "Cannot create the store at" in result.stderr, result.stderr

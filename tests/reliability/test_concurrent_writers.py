@@ -19,8 +19,7 @@ from pathlib import Path
 import pytest
 
 from engine.store import Store
-
-from .conftest import REPO
+from tests.helpers.paths import REPO
 
 WRITERS, DURATION_S, POLL_S, SEGMENT = 8, 60.0, 0.1, 500
 

@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import PRESETS
-from tests.reliability.test_bad_inputs import ONE_TOWER, _write, cli
-from tests.test_cli import ren
+from tests.helpers.cli import cli, ren
+from tests.helpers.paths import PRESETS
+from tests.helpers.presets import ONE_TOWER, write_file
 
 PRETRAIN = PRESETS / "easyvqa_pretrain.toml"  # two towers (manual text tower), MLM + ITM + ITC
 
@@ -126,7 +126,7 @@ BAD = [
 
 
 def _preset(tmp: Path, bad: Bad) -> Path:
-    return _write(tmp / "p.toml", f'extends = "{bad.base}"\n{bad.body}')
+    return write_file(tmp / "p.toml", f'extends = "{bad.base}"\n{bad.body}')
 
 
 def _sets(bad: Bad) -> list[str]:
@@ -167,7 +167,7 @@ def test_batch_per_process_is_checked_for_the_processes_asked_for(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], ren_home: Path) -> None:
     """train.batch_size = 8 over 3 processes cannot be split evenly: `ren validate --gpus 3` says so, and
     `ren run --gpus 3` refuses before creating a run (it started `accelerate launch` for a run that then failed)."""
-    path = _write(tmp_path / "p.toml", f'extends = "{ONE_TOWER}"\n')
+    path = write_file(tmp_path / "p.toml", f'extends = "{ONE_TOWER}"\n')
     fragments = ("train.batch_size = 8", "3 processes")
     code, err = cli(["validate", str(path), "--gpus", "3"], monkeypatch, capsys)
     _assert_refused(code, err, "train.batch_size", fragments)
@@ -190,7 +190,7 @@ def test_symlink_loop_is_named(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
     os.symlink(tmp_path / "a.toml", tmp_path / "b.toml")
     code, err = cli(["validate", str(tmp_path / "a.toml")], monkeypatch, capsys)
     _assert_refused(code, err, str(tmp_path / "a.toml"), ("symbolic link", "loop"))
-    child = _write(tmp_path / "child.toml", 'extends = "a.toml"\n')
+    child = write_file(tmp_path / "child.toml", 'extends = "a.toml"\n')
     code, err = cli(["validate", str(child)], monkeypatch, capsys)
     _assert_refused(code, err, f"{child}: extends = 'a.toml'", ("symbolic link", "loop"))
 
@@ -205,8 +205,8 @@ def test_byte_order_mark_is_accepted(tmp_path: Path, monkeypatch: pytest.MonkeyP
     code, err = cli(["validate", str(path)], monkeypatch, capsys)
     assert code == 0, err
     assert load_preset(path) == load_preset(ONE_TOWER)
-    base = _write(tmp_path / "base.toml", b"\xef\xbb\xbf" + ONE_TOWER.read_bytes())
-    child = _write(tmp_path / "child.toml", b'\xef\xbb\xbfextends = "base.toml"\n[train]\nmax_steps = 3\n')
+    base = write_file(tmp_path / "base.toml", b"\xef\xbb\xbf" + ONE_TOWER.read_bytes())
+    child = write_file(tmp_path / "child.toml", b'\xef\xbb\xbfextends = "base.toml"\n[train]\nmax_steps = 3\n')
     assert load_preset(child).train.max_steps == 3 and load_preset(child).model == load_preset(base).model
 
 
@@ -222,7 +222,7 @@ def test_bad_extends_names_the_key_and_the_file(value: str, fragments: tuple[str
                                                 capsys: pytest.CaptureFixture[str]) -> None:
     """``extends = ""`` was "Preset path . is a directory", naming neither the key nor the file."""
     (tmp_path / "sub").mkdir()
-    path = _write(tmp_path / "p.toml", f"extends = {value}\n")
+    path = write_file(tmp_path / "p.toml", f"extends = {value}\n")
     code, err = cli(["validate", str(path)], monkeypatch, capsys)
     _assert_refused(code, err, f"{path}: ", tuple(f.format(tmp=tmp_path) for f in fragments))
 
@@ -232,7 +232,7 @@ def test_not_a_regular_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
     """/dev/null read as an empty preset ("missing required key 'model'"); now it is named as not a file."""
     code, err = cli(["validate", "/dev/null"], monkeypatch, capsys)
     _assert_refused(code, err, "/dev/null", ("is not a regular file",))
-    child = _write(tmp_path / "child.toml", 'extends = "/dev/null"\n')
+    child = write_file(tmp_path / "child.toml", 'extends = "/dev/null"\n')
     code, err = cli(["validate", str(child)], monkeypatch, capsys)
     _assert_refused(code, err, f"{child}: extends = '/dev/null'", ("is not a regular file",))
 
@@ -242,7 +242,7 @@ def test_fifo_is_refused_without_waiting_for_a_writer(tmp_path: Path) -> None:
     timeout, so a hang fails the test instead of stalling the suite."""
     fifo = tmp_path / "pipe.toml"
     os.mkfifo(fifo)
-    child = _write(tmp_path / "child.toml", 'extends = "pipe.toml"\n')
+    child = write_file(tmp_path / "child.toml", 'extends = "pipe.toml"\n')
     for args, where in ((["validate", str(fifo)], str(fifo)), (["run", str(child)], f"{child}: extends")):
         result = ren(*args, timeout=60)
         assert result.returncode == 2, result.stderr
@@ -254,7 +254,7 @@ def test_fifo_is_refused_without_waiting_for_a_writer(tmp_path: Path) -> None:
 def test_too_deeply_nested_toml(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                 capsys: pytest.CaptureFixture[str]) -> None:
     """tomllib recurses per nesting level: 2000 nested arrays were a RecursionError traceback."""
-    path = _write(tmp_path / "deep.toml", "x = " + "[" * 2000 + "]" * 2000 + "\n")
+    path = write_file(tmp_path / "deep.toml", "x = " + "[" * 2000 + "]" * 2000 + "\n")
     code, err = cli(["validate", str(path)], monkeypatch, capsys)
     _assert_refused(code, err, str(path), ("nested too deeply",))
 
@@ -262,7 +262,7 @@ def test_too_deeply_nested_toml(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
 @pytest.mark.skipif(os.geteuid() == 0, reason="root reads files whatever their permissions")
 def test_unreadable_preset(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                            capsys: pytest.CaptureFixture[str]) -> None:
-    path = _write(tmp_path / "p.toml", ONE_TOWER.read_text())
+    path = write_file(tmp_path / "p.toml", ONE_TOWER.read_text())
     path.chmod(0)
     code, err = cli(["validate", str(path)], monkeypatch, capsys)
     _assert_refused(code, err, str(path), ("Cannot read",))
@@ -280,17 +280,17 @@ def test_other_preset_file_edge_cases_stay_named(case: str, tmp_path: Path, monk
         os.symlink(tmp_path / "gone.toml", target)
         expected = (f"Preset file not found: {target}",)
     elif case == "empty":
-        _write(target, "")
+        write_file(target, "")
         expected = (f"{target}: invalid preset", "missing required key 'model'")
     elif case == "directory":
         target = tmp_path
         expected = (f"Preset path {tmp_path} is a directory",)
     elif case == "extends-cycle":
-        _write(target, 'extends = "q.toml"\n')
-        _write(tmp_path / "q.toml", 'extends = "p.toml"\n')
+        write_file(target, 'extends = "q.toml"\n')
+        write_file(tmp_path / "q.toml", 'extends = "p.toml"\n')
         expected = ("Presets extend each other in a loop", str(target))
     else:
-        _write(target, b'[run]\nname = "\xff"\n')
+        write_file(target, b'[run]\nname = "\xff"\n')
         expected = (f"{target} is not UTF-8 text",)
     code, err = cli(["validate", str(target)], monkeypatch, capsys)
     _assert_refused(code, err, expected[0], expected[1:])

@@ -20,9 +20,9 @@ import engine.objectives as O
 import engine.tasks as T
 from engine.store import Store
 from engine.train import Diverged, train
-from tests.test_train import start, tiny_finetune, tiny_pretrain
-
-from .conftest import REN, REPO
+from tests.helpers.cli import REN
+from tests.helpers.paths import REPO
+from tests.helpers.training import start, tiny_finetune, tiny_pretrain
 
 
 def _strict(path: Path) -> object:

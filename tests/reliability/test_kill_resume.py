@@ -25,8 +25,8 @@ from engine.config import load_preset
 from engine.runs import create_run
 from engine.store import Store
 from engine.train import CHECKPOINTS, LATEST, latest_checkpoint, train
-
-from .conftest import REN, spawn_ren, tiny_preset
+from tests.helpers.cli import REN, spawn_ren
+from tests.helpers.training import tiny_preset
 
 MAX_STEPS, CKPT_EVERY, EVAL_EVERY = 96, 4, 16
 PHASES = ("startup", "startup", "step", "step", "step", "checkpoint", "checkpoint", "checkpoint", "eval", "eval")

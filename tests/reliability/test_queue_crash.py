@@ -24,8 +24,9 @@ from engine.jobs import api as Q
 from engine.jobs.worker import LOG_NAME
 from engine.runs import create_run
 from engine.store import RunRecord, Store, is_alive
-
-from .conftest import REN, REPO, spawn_ren, tiny_preset
+from tests.helpers.cli import REN, spawn_ren
+from tests.helpers.paths import REPO
+from tests.helpers.training import tiny_preset
 
 ONE_TOWER = REPO / "tests" / "fixtures" / "one_tower.toml"
 

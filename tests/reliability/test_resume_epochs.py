@@ -25,7 +25,7 @@ from engine.runs import create_run
 from engine.store import Store
 from engine.train import EpochSampler, SilentReporter, latest_checkpoint, train
 from tests.arrow_fixtures import write_vqav2
-from tests.conftest import REPO
+from tests.helpers.paths import REPO
 
 STEPS_PER_EPOCH, MAX_STEPS = 6, 48
 TOKENIZER = "google/electra-small-discriminator"  # in the offline hub cache the tests use

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO
-from tests.reliability.test_bad_inputs import ONE_TOWER, TOKENIZER, cli, cli_streams, preset
-from tests.test_cli import ren
+from tests.helpers.cli import cli, cli_streams, ren
+from tests.helpers.paths import REPO
+from tests.helpers.presets import ONE_TOWER, TOKENIZER, preset
 
 ENGINE = REPO / "engine"
 

@@ -37,8 +37,7 @@ import pytest
 from engine.jobs import api as Q
 from engine.jobs.worker import LOG_NAME, wake, worker_info
 from engine.store import END_STATUSES, Store, is_alive
-
-from .conftest import tiny_preset
+from tests.helpers.training import tiny_preset
 
 SLOTS = 2
 MAX_STEPS = 6

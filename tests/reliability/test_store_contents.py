@@ -12,8 +12,9 @@ from pathlib import Path
 import pytest
 
 from engine.store import Store
-from tests.reliability.conftest import REN, REPO, tiny_preset
-from tests.reliability.test_bad_inputs import cli_streams
+from tests.helpers.cli import REN, cli_streams
+from tests.helpers.paths import REPO
+from tests.helpers.training import tiny_preset
 
 
 def _damage(store: Store, run_id: str, **changes: object) -> None:
@@ -148,7 +149,7 @@ def test_a_run_records_the_versions_it_ran_with_and_a_resumed_one_notes_a_change
     from importlib.metadata import version
 
     from engine.train import train
-    from tests.test_train import start, tiny_finetune
+    from tests.helpers.training import start, tiny_finetune
 
     store = Store(ren_home)
     cfg, run_id = start(store, tiny_finetune(data_cache, max_steps=4, log_every=2, eval_every=100,

@@ -13,7 +13,7 @@ from rich.console import Console
 from rich.text import Text
 
 from engine.store import Store
-from tests.reliability.test_bad_inputs import cli_streams
+from tests.helpers.cli import cli_streams
 
 EVIL = "evil\x1b[2J\r\x07[red]x[/red]\u202e"
 SHOWN = "evil\\x1b[2J\\r\\x07[red]x[/red]\\u202e"  # every control character visible, the markup literal

@@ -22,8 +22,9 @@ import pytest
 
 from engine.store import Store
 from engine.train import CHECKPOINTS, FINAL_WEIGHTS, latest_checkpoint
-
-from .conftest import REN, REPO, tiny_preset
+from tests.helpers.cli import REN
+from tests.helpers.paths import REPO
+from tests.helpers.training import tiny_preset
 
 # Fails the replace of a metrics segment with ENOSPC once the segment holds a step after 6.
 FULL_AFTER_STEP_6 = """
