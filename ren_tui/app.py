@@ -18,9 +18,11 @@ from textual.app import App, ComposeResult, SystemCommand
 from textual.binding import Binding
 from textual.containers import VerticalScroll
 from textual.screen import ModalScreen, Screen
+from textual.widget import Widget
 
 from engine.store import Store
 from ren_tui.backend import Backend
+from ren_tui.keys import LeftField, binding_keys, is_text_field, main_widget
 
 HELP = """\
 # ren-tui
@@ -30,6 +32,11 @@ HELP = """\
 
 **Everywhere** — `?` this help · `ctrl+p` command palette · `escape` back · `q` quit
 (runs go on: training happens in other processes; reopen `ren-tui` to watch them again).
+
+**Typing in a field** — letters and digits go into the field, so the one-key commands
+(`1`-`3`, `?`, `q`, a screen's letters) wait: `escape` leaves the field, then they work.
+`tab` and `shift+tab` move between fields and panels; the panel with the keyboard has a bar
+on its left.
 
 The footer lists the keys of the screen in front. The mouse works too.
 """
@@ -50,7 +57,7 @@ class HelpScreen(ModalScreen[None]):
         below = self.app.screen_stack[-2] if len(self.app.screen_stack) > 1 else None
         if below is None:
             return ""
-        rows = [f"| `{b.key}` | {b.description} |" for b in getattr(below, "BINDINGS", [])
+        rows = [f"| `{binding_keys(b)}` | {b.description} |" for b in getattr(below, "BINDINGS", [])
                 if isinstance(b, Binding) and b.description]
         if not rows:
             return ""
@@ -82,12 +89,16 @@ class RenApp(App[None]):
     TITLE = "ren"
     MODES = {"runs": _runs_screen, "compose": _compose_screen, "queue": _queue_screen}
     DEFAULT_MODE = "runs"
+    # The one-character keys work where no text field has focus (there they type, and the footer
+    # does not list them); escape leaves a text field (ren_tui.keys). 1-3 stay out of the footer
+    # (they are the same on every screen: ? and the palette list them) so each screen's own keys fit.
     BINDINGS = [
-        Binding("1", "switch_mode('runs')", "Runs"),
-        Binding("2", "switch_mode('compose')", "Compose"),
-        Binding("3", "switch_mode('queue')", "Queue"),
+        Binding("1", "screen('runs')", "Runs", show=False),
+        Binding("2", "screen('compose')", "Compose", show=False),
+        Binding("3", "screen('queue')", "Queue", show=False),
         Binding("question_mark", "help", "Help"),
-        Binding("q", "quit", "Quit"),
+        Binding("q", "quit_key", "Quit"),
+        Binding("escape", "leave_field", "Leave field", priority=True),
     ]
 
     def __init__(self, backend: Backend) -> None:
@@ -111,7 +122,7 @@ class RenApp(App[None]):
         for binding in getattr(screen, "BINDINGS", []):
             if isinstance(binding, Binding) and binding.description:
                 yield SystemCommand(binding.description, f"{type(screen).__name__.removesuffix('Screen')}: "
-                                    f"key {binding.key}", partial(screen.run_action, binding.action))
+                                    f"key {binding_keys(binding)}", partial(screen.run_action, binding.action))
 
     @work(thread=True, exclusive=True, group="warm-up")
     def warm_up(self) -> None:
@@ -119,6 +130,36 @@ class RenApp(App[None]):
         opening a run's Monitor does not pay for plotting libraries."""
         import ren_tui.screens.compare  # noqa: F401
         import ren_tui.screens.monitor  # noqa: F401
+
+    def typing_in(self) -> Widget | None:
+        """The text field of a full screen that has focus (dialogs keep their own keys), or None."""
+        if isinstance(self.screen, ModalScreen):
+            return None
+        return self.focused if is_text_field(self.focused) else None
+
+    def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
+        """Escape leaves a field only while one has focus; the one-character keys are off in a
+        text field (they type there) and in dialogs (whose keys they would shadow)."""
+        if action == "leave_field":
+            return self.typing_in() is not None
+        if action in ("screen", "help", "quit_key"):
+            return not isinstance(self.screen, ModalScreen) and self.typing_in() is None
+        return True
+
+    def action_screen(self, mode: str) -> None:
+        self.switch_mode(mode)
+
+    def action_quit_key(self) -> None:
+        self.exit()
+
+    def action_leave_field(self) -> None:
+        """Blur the focused text field: focus goes to the screen's main widget, and the field
+        posts LeftField so its screen may react."""
+        field = self.focused
+        if field is None:
+            return
+        self.screen.set_focus(main_widget(self.screen, field))
+        field.post_message(LeftField(field))
 
     def action_help(self) -> None:
         if not isinstance(self.screen, HelpScreen):
