@@ -129,6 +129,19 @@ class Backend:
 
         return Q.retry(self.store, run_id, start_worker=self.start_worker)
 
+    def retry_outcome(self, run_id: str) -> str:
+        """What queueing the run again does, in words: it resumes from step N, or starts over (reads its
+        checkpoints: call from a worker thread)."""
+        from engine.runs import retry_outcome
+
+        return retry_outcome(self.store, run_id)
+
+    def checkpoint_step(self, run_id: str) -> int | None:
+        """The step a resume of the run continues from (its last complete checkpoint), None without one."""
+        from engine.runs import checkpoint_step
+
+        return checkpoint_step(self.store.run_dir(run_id))
+
     def move(self, run_id: str, position: int) -> list[RunRecord]:
         from engine.jobs import api as Q
 

@@ -22,6 +22,7 @@ from engine.errors import RenError
 from engine.store import RunRecord
 from ren_tui.dialogs import Confirm, Prompt
 from ren_tui.text import cell, markup, safe
+from ren_tui.widgets.table import RunTable
 
 REFRESH_S = 2.0
 ARCHIVED = "archived"
@@ -78,6 +79,7 @@ class View:
 
 
 class RunsScreen(Screen[None]):
+    AUTO_FOCUS = "#runs"
     BINDINGS = [
         Binding("enter", "open", "Monitor"),
         Binding("space", "mark", "Mark"),
@@ -106,7 +108,7 @@ class RunsScreen(Screen[None]):
     def compose(self) -> ComposeResult:
         yield Header()
         yield Input(placeholder="filter: words in name, id, kind, status or tags", id="filter")
-        yield DataTable(id="runs", cursor_type="row", zebra_stripes=True)
+        yield RunTable(id="runs", classes="panel")
         yield Static("", id="detail")
         yield Static("", id="status")
         yield Footer()
@@ -114,7 +116,6 @@ class RunsScreen(Screen[None]):
     def on_mount(self) -> None:
         self.columns: tuple[str, ...] = ()
         self.set_columns(self.size.width)
-        self.query_one("#runs", DataTable).focus()
         self.refresh_runs()
         self.set_interval(REFRESH_S, self._tick)
 
