@@ -244,3 +244,35 @@ async def test_home_and_end_go_to_the_first_and_last_run(ren_home: Path) -> None
         assert t.cursor_row == 0 and t.scroll_y == 0
         await pilot.press("j")
         assert t.cursor_row == 1
+
+
+def screen_text(app: RenApp) -> str:
+    """The screen as a person reads it: its characters, line by line, without styles."""
+    import io
+
+    from rich.console import Console
+
+    console = Console(width=app.size.width, height=app.size.height, file=io.StringIO(), record=True,
+                      color_system=None, force_terminal=True, legacy_windows=False)
+    console.print(app.screen._compositor.render_update(full=True, simplify=True))
+    return console.export_text(styles=False)
+
+
+async def test_dialogs_wrap_their_text_and_size_to_it(ren_home: Path) -> None:
+    """A confirm names a long run id in full ("Delete run … with its m" was cut at the dialog's edge), and a
+    short question gets a small dialog."""
+    long = "Delete run 20261128-155245-electra-deit-pretrain-4f4e with its metrics and checkpoints?"
+    app = make(ren_home)
+    async with app.run_test(size=(80, 24)) as pilot:
+        for question in (long, "Delete 3 runs?"):
+            app.push_screen(Confirm(question))
+            await pilot.pause()
+            shown = " ".join(line.strip(" █▌▐") for line in screen_text(app).splitlines()
+                             if "█" in line and line.strip(" █▌▐▀▄"))
+            assert " ".join(question.split()) in " ".join(shown.split()), shown
+            box = app.screen.query_one("Vertical")
+            assert box.outer_size.width <= 80 and (question == long) == (box.outer_size.width > 50)
+            await pilot.press("n")
+        app.push_screen(Prompt("Tags of " + long, "a, b"))
+        await pilot.pause()
+        assert " ".join(("Tags of " + long).split()) in " ".join(screen_text(app).replace("█", " ").split())
