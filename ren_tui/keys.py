@@ -12,7 +12,7 @@ from __future__ import annotations
 import sys
 
 from textual.binding import Binding
-from textual.keys import key_to_character
+from textual.keys import format_key
 from textual.message import Message
 from textual.screen import Screen
 from textual.widget import Widget
@@ -58,17 +58,12 @@ class LeftField(Message):
 def key_name(key: str) -> str:
     """A bound key as people write it: ``/`` for slash, ``[`` for left_square_bracket, ``?``;
     ``space``, ``enter``, ``escape`` and modified keys (``shift+up``, ``ctrl+s``) as they are."""
-    *modifiers, base = key.split("+")
-    character = key_to_character(base) if not modifiers else None
-    if character is not None and character.isprintable() and not character.isspace():
-        return character
-    return key
+    if "+" in key.rstrip("+") or len(key) == 1:
+        return key
+    character = format_key(key)  # "/" for slash, but also "⏎" for enter and "esc" for escape
+    return character if len(character) == 1 and character.isascii() and character.isprintable() else key
 
 
 def binding_keys(binding: Binding) -> str:
     """Every key of ``binding`` by its human name, comma-separated (``K, shift+up``)."""
-    if binding.key_display:
-        names = [binding.key_display]
-        names += [key_name(k.strip()) for k in binding.key.split(",") if key_name(k.strip()) != binding.key_display]
-        return ", ".join(dict.fromkeys(names))
-    return ", ".join(key_name(k.strip()) for k in binding.key.split(","))
+    return ", ".join(dict.fromkeys(key_name(k.strip()) for k in binding.key.split(",")))

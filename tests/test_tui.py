@@ -88,10 +88,10 @@ async def test_mark_compare_tag_and_delete(ren_home: Path) -> None:
         assert opened == []
         await pilot.press("space", "space", "c")
         assert opened == [[b.id, a.id]]
-        await pilot.press("t")  # the cursor is on the last row, a
+        await pilot.press("U", "t")  # no marks: the run under the cursor (the last row, a)
         assert isinstance(app.screen, Prompt)
         await pilot.press("ctrl+a", "ctrl+k", *"study:x, lr", "enter")
-        assert store.get_run(a.id).tags == ("study:x", "lr")
+        assert store.get_run(a.id).tags == ("study:x", "lr") and store.get_run(b.id).tags == ()
         await pilot.press("d")
         assert isinstance(app.screen, Confirm)
         await pilot.press("n")
