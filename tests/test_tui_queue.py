@@ -424,3 +424,19 @@ async def test_R_on_a_run_cancelled_while_queued_says_it_starts_over(ren_home: P
                             "information")
         assert "resumes" not in table(app, "queued").get_cell(run.id, "waits")
         assert table(app, "queued").get_cell(run.id, "waits").startswith("starts over · ")
+
+
+async def test_an_empty_panel_tabbed_to_keeps_the_keyboard(ren_home: Path) -> None:
+    """Only a panel that its last run left hands the keyboard on: one the user tabbed to, empty, keeps it
+    through the refreshes (it used to jump back to Running every second)."""
+    store = Store(ren_home)
+    mark_running(store, queue(store, "training").id, devices=(0,))
+    app = make_app(ren_home, FAKE_GPUS)
+    async with app.run_test(size=(120, 40)) as pilot:
+        await settle(app, pilot)
+        assert app.focused.id == "running"
+        await pilot.press("tab")
+        assert app.focused.id == "queued"
+        app.screen.refresh_queue()
+        await settle(app, pilot)
+        assert app.focused.id == "queued"

@@ -322,13 +322,13 @@ async def test_in_the_filter_the_one_key_commands_type_and_leave_the_footer(ren_
     app = launch(ren_home)
     async with app.run_test(size=(120, 40)) as pilot:
         await ready(app, pilot)
-        await pilot.press("slash", "q", "1", "3")
+        await pilot.press("slash", "q", "1", "slash", "3")
         assert app.is_running and isinstance(app.screen, RunsScreen)
-        assert app.screen.query_one("#filter", Input).value == "q13"
+        assert app.screen.query_one("#filter", Input).value == "q1/3"
         footer_keys = set(app.screen.active_bindings)
         assert not {"q", "1", "3", "question_mark", "s", "d"} & footer_keys and "escape" in footer_keys
         await pilot.press("enter")  # submits the filter, opens nothing
-        assert isinstance(app.screen, RunsScreen) and app.screen.view.filter == "q13"
+        assert isinstance(app.screen, RunsScreen) and app.screen.view.filter == "q1/3"
         await pilot.press("slash", "escape")
         assert {"q", "question_mark", "s"} <= set(app.screen.active_bindings)
         await pilot.press("3")
@@ -353,3 +353,18 @@ def test_matches_plain_words_in_name_id_and_notes(ren_home: Path) -> None:
     store = Store(ren_home)
     r = store.update_run(canned_run(store, "deit-small").id, notes="the Baseline")
     assert matches(r, "deit baseline") and matches(r, r.id[:8]) and not matches(r, "vit")
+
+
+async def test_keys_typed_right_after_slash_go_into_the_filter(ren_home: Path) -> None:
+    """Over SSH keys arrive in bursts: "/bert" typed fast lost its "b" (focus moved after the burst)."""
+    from textual import events
+
+    canned_run(Store(ren_home), "bert-base")
+    canned_run(Store(ren_home), "vit")
+    app = launch(ren_home)
+    async with app.run_test(size=(120, 40)) as pilot:
+        await ready(app, pilot)
+        for key, character in (("slash", "/"), ("b", "b"), ("e", "e")):
+            app.post_message(events.Key(key, character))
+        await pilot.pause()
+        assert app.screen.query_one("#filter", Input).value == "be" and shown(app) == ["bert-base"]

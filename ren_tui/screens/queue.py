@@ -179,6 +179,7 @@ class QueueScreen(Screen[None]):
         self.performing = threading.Lock()
         self.edits = 0  # actions asked for; a view read before the latest one is stale
         self.refresher: Worker[None] | None = None
+        self.shown_once = False  # after the first read, the keyboard starts on a panel with runs
 
     def compose(self) -> ComposeResult:
         yield Header()
@@ -234,18 +235,23 @@ class QueueScreen(Screen[None]):
                  or [Content.from_markup(cpu_line(view))])
         self.query_one("#gpus", Static).update(Content("\n").join(lines))
         recent = recent_runs(records)
+        had_runs = {name: bool(rows) for name, rows in self.rows.items()}
         self.fill("running", [(r.id, running_cells(r)) for r in view.running])
         resumes = resumes or {}
         self.fill("queued", [(r.id, queued_cells(i, r, view.reasons.get(r.id, ""), resumes.get(r.id)))
                              for i, r in enumerate(view.queued, start=1)])
         self.fill("recent", [(r.id, recent_cells(r)) for r in recent])
-        self.keep_focus_on_runs()
+        self.keep_focus_on_runs(had_runs, first=not self.shown_once)
+        self.shown_once = True
         self.show_detail()
 
-    def keep_focus_on_runs(self) -> None:
-        """An empty panel holds no run to act on: the keyboard moves to the first panel with runs."""
+    def keep_focus_on_runs(self, had_runs: dict[str, bool], first: bool) -> None:
+        """A panel that its last run left (or an empty one at the first read) holds nothing to act on:
+        the keyboard moves to the first panel with runs. An empty panel the user tabbed to stays."""
         focused = self.focused
-        if isinstance(focused, DataTable) and focused.row_count:
+        if not isinstance(focused, DataTable) or focused.row_count:
+            return
+        if not first and not had_runs.get(str(focused.id)):
             return
         for name in FIRST:
             table = self.query_one(f"#{name}", DataTable)

@@ -209,7 +209,7 @@ class RunsScreen(Screen[None]):
         Binding("enter", "open", "Monitor", priority=True,  # before the table's own enter, so the footer shows it
                 tooltip="open the run under the cursor: its curves, scores and log"),
         Binding("space", "mark", "Mark", tooltip="mark or unmark the run; t, a, d, c and R act on the marked runs"),
-        Binding("slash", "filter", "Filter",
+        Binding("slash", "filter", "Filter", priority=True,  # run before the keys that follow it arrive
                 tooltip="words (name, id, notes, tags), status:failed, tag:study:x, name:vit; -tag:x excludes"),
         Binding("s", "sort", "Sort", tooltip="sort by the next column (or click a header)"),
         Binding("c", "compare", "Compare", tooltip="overlay the marked runs' curves, scores and configs"),
@@ -262,9 +262,9 @@ class RunsScreen(Screen[None]):
         self.set_interval(REFRESH_S, self._tick)
 
     def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
-        """In the filter, enter submits the filter (the screen's enter is a priority binding, which
-        Textual would otherwise run before the field sees the key)."""
-        return not (action == "open" and is_text_field(self.focused))
+        """In the filter, enter submits it and / types a slash: the screen's enter and / are priority
+        bindings, which Textual would otherwise run before the field sees the key."""
+        return not (action in ("open", "filter") and is_text_field(self.focused))
 
     def set_columns(self, width: int | None = None, *, force: bool = False) -> None:
         """The columns that fit ``width`` (the screen's when None), the sorted one's header marked ▲ or ▼."""
@@ -459,9 +459,13 @@ class RunsScreen(Screen[None]):
         self.app.open_compare(ids)
 
     def action_filter(self) -> None:
+        """Show the filter and give it the keyboard now (a priority binding runs before the next key is
+        dispatched): keys that arrive with the ``/`` (over SSH they come in bursts) must be typed into
+        it, not taken as commands (an ``e`` cloned the run)."""
         box = self.query_one("#filter", Input)
         box.add_class("shown")
-        box.focus()
+        box.display = True  # at once: the class applies at the next refresh, after the burst
+        self.set_focus(box)
 
     @on(Input.Changed, "#filter")
     def _filter_changed(self, event: Input.Changed) -> None:
@@ -471,16 +475,22 @@ class RunsScreen(Screen[None]):
 
     @on(Input.Submitted, "#filter")
     def _filter_done(self) -> None:
-        if not self.view.filter:
-            self.query_one("#filter", Input).remove_class("shown")
-        self.query_one("#runs", DataTable).focus()
+        if self.view.filter:
+            self.query_one("#runs", DataTable).focus()
+        else:
+            self.hide_filter()
 
     @on(LeftField, "#filter")
     def action_clear_filter(self) -> None:
         """Escape, in the filter or in the table: the filter goes, every run shows again."""
         box = self.query_one("#filter", Input)
         box.value = ""
+        self.hide_filter()
+
+    def hide_filter(self) -> None:
+        box = self.query_one("#filter", Input)
         box.remove_class("shown")
+        box.styles.clear_rule("display")  # the stylesheet's again: hidden without .shown
         self.query_one("#runs", DataTable).focus()
 
     def sort_by(self, column: str, reverse: bool = False) -> None:
