@@ -85,6 +85,15 @@ def resume_point(store: Store, run_id: str) -> str:
     return "from the start (it saved no checkpoint)" if step is None else f"from step {step}"
 
 
+def retry_outcome(store: Store, run_id: str) -> str:
+    """What queueing the run again does, in words, from its checkpoints: ``it resumes from step N, its last
+    checkpoint``, or ``it saved no checkpoint, so it starts over from step 0`` (a run cancelled while still
+    queued, or one that failed before its first checkpoint). ``ren queue retry`` and the TUI's Queue say this."""
+    step = checkpoint_step(store.run_dir(run_id))
+    return ("it saved no checkpoint, so it starts over from step 0" if step is None
+            else f"it resumes from step {step}, its last checkpoint")
+
+
 def find_finished(store: Store, cfg: RunConfig) -> RunRecord | None:
     """The newest finished run whose stored config equals ``cfg``."""
     for record in store.list_runs():

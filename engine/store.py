@@ -49,6 +49,7 @@ PID_START_TOLERANCE_S = 1.0
 
 _RUNS_TABLE = "runs"
 _QUEUE_TABLE = "queue"
+_TUI_DIR = "tui"  # per-user settings of ren-tui (Store.tui_settings)
 _TMP_SUFFIX = ".tmp"
 _SEGMENT_RE = re.compile(r"^(\d{6,})\.json$")
 NONFINITE = "nonfinite"  # a metric point's {key: "nan" | "inf" | "-inf"} for the values written as null
@@ -1040,6 +1041,37 @@ class Store:
             table.truncate()
             table.insert(settings.to_doc())
         return settings
+
+    def tui_settings_path(self, user: str) -> Path:
+        """Where ``user``'s TUI settings live: ``tui/<user>.json`` (the name made safe for a file name)."""
+        name = re.sub(r"[^A-Za-z0-9._-]+", "_", user).strip("._") or "_"
+        return self.root / _TUI_DIR / f"{name}.json"
+
+    def tui_settings(self, user: str) -> dict[str, Any]:
+        """What ``user``'s ``ren-tui`` saved of its view (marks, sort, filter, last screen), as a JSON object
+        the TUI reads and writes whole; ``{}`` until it saved one. The store keeps it, not its meaning.
+
+        One small file per user, outside the index: it changes as someone marks runs, and the run index
+        (whose lock the trainers take every few seconds) should not. StoreError when it is unreadable."""
+        path = self.tui_settings_path(user)
+        data = _read_json(path)
+        if data is None:
+            return {}
+        if not isinstance(data, dict):
+            raise StoreError(f"Cannot read {path}: it holds a JSON {_json_kind(data)}, not TUI settings (an "
+                             "object); remove it and ren-tui starts from its defaults.")
+        return data
+
+    def save_tui_settings(self, user: str, settings: Mapping[str, Any]) -> None:
+        """Replace ``user``'s TUI settings, atomically (its one writer is that user's ``ren-tui``; with two of
+        them open, the last one saved wins)."""
+        self._check_writable()
+        path = self.tui_settings_path(user)
+        try:
+            path.parent.mkdir(exist_ok=True)
+        except OSError as exc:
+            raise StoreError(f"Cannot create {path.parent}: {_reason(exc)}.") from exc
+        _atomic_write_json(path, dict(settings))
 
     def run_dir(self, run_id: str) -> Path:
         """The directory of the run with this id or unique id prefix."""

@@ -12,15 +12,18 @@ import argparse
 from collections.abc import Iterable
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 from textual import work
 from textual.app import App, ComposeResult, SystemCommand
 from textual.binding import Binding
 from textual.containers import VerticalScroll
 from textual.screen import ModalScreen, Screen
+from textual.widget import Widget
 
 from engine.store import Store
 from ren_tui.backend import Backend
+from ren_tui.keys import LeftField, binding_keys, is_text_field, main_widget
 
 HELP = """\
 # ren-tui
@@ -28,8 +31,14 @@ HELP = """\
 **Screens** — `1` Runs · `2` Compose · `3` Queue · `enter` on a run opens its Monitor ·
 `c` compares the marked runs · `f` in Compose opens Freeze.
 
-**Everywhere** — `?` this help · `ctrl+p` command palette · `escape` back · `q` quit
-(runs go on: training happens in other processes; reopen `ren-tui` to watch them again).
+**Everywhere** — `?` this help · `ctrl+p` command palette · `escape` leaves a field, closes a
+dialog or goes back · `q` quit (runs go on: training happens in other processes; reopen `ren-tui`
+to watch them again, on the screen you left, with your marks, sort and filter).
+
+**Typing in a field** — letters and digits go into the field, so the one-key commands
+(`1`-`3`, `?`, `q`, a screen's letters) wait: `escape` leaves the field, then they work.
+`tab` and `shift+tab` move between fields and panels; the panel with the keyboard has a bar
+on its left.
 
 The footer lists the keys of the screen in front. The mouse works too.
 """
@@ -50,8 +59,8 @@ class HelpScreen(ModalScreen[None]):
         below = self.app.screen_stack[-2] if len(self.app.screen_stack) > 1 else None
         if below is None:
             return ""
-        rows = [f"| `{b.key}` | {b.description} |" for b in getattr(below, "BINDINGS", [])
-                if isinstance(b, Binding) and b.description]
+        rows = [f"| `{binding_keys(b)}` | {b.description}{': ' + b.tooltip if b.tooltip else ''} |"
+                for b in getattr(below, "BINDINGS", []) if isinstance(b, Binding) and b.description]
         if not rows:
             return ""
         return f"\n**{type(below).__name__.removesuffix('Screen')}**\n\n| key | action |\n|---|---|\n" + "\n".join(rows)
@@ -82,15 +91,25 @@ class RenApp(App[None]):
     TITLE = "ren"
     MODES = {"runs": _runs_screen, "compose": _compose_screen, "queue": _queue_screen}
     DEFAULT_MODE = "runs"
+    # The one-character keys work where no text field has focus: a focused Input or TextArea takes
+    # printable keys first, and Textual leaves the keys it takes out of the footer and out of a dialog's.
+    # Escape leaves a text field (ren_tui.keys), so those keys are always one key away. 1-3 stay out of
+    # the footer (the same on every screen: ? and the palette list them), so each screen's own keys fit.
     BINDINGS = [
-        Binding("1", "switch_mode('runs')", "Runs"),
-        Binding("2", "switch_mode('compose')", "Compose"),
-        Binding("3", "switch_mode('queue')", "Queue"),
+        Binding("1", "screen('runs')", "Runs", show=False),
+        Binding("2", "screen('compose')", "Compose", show=False),
+        Binding("3", "screen('queue')", "Queue", show=False),
         Binding("question_mark", "help", "Help"),
         Binding("q", "quit", "Quit"),
+        Binding("escape", "leave_field", "Leave field", priority=True),
     ]
 
     def __init__(self, backend: Backend) -> None:
+        # What this user's last session left (ren_tui.backend.Backend.tui_settings): the screen it was on,
+        # and each screen's own section (Runs: marks, sort, filter). Read before the first screen is made.
+        self.settings: dict[str, Any] = backend.tui_settings()
+        if self.settings.get("screen") in self.MODES:
+            self.DEFAULT_MODE = self.settings["screen"]
         super().__init__()
         self.backend = backend
 
@@ -99,19 +118,31 @@ class RenApp(App[None]):
 
     def on_unmount(self) -> None:
         self.backend.close_inspector()  # the Compose screen's helper process, if it was started
+        self.backend.flush_tui_settings()  # a change the writer thread has not saved yet
+
+    def remember(self, **sections: Any) -> None:
+        """Keep these settings (``screen=MODE``, or a screen's section) for the next launch: the file is
+        written by a worker thread, the latest version last."""
+        self.settings.update(sections)
+        self.backend.remember_tui_settings(self.settings)
+        self.save_settings()
+
+    @work(thread=True, group="settings")
+    def save_settings(self) -> None:
+        self.backend.flush_tui_settings()
 
     def get_system_commands(self, screen: Screen) -> Iterable[SystemCommand]:
         """The palette (ctrl+p) offers the screens and every key action of the screen in front."""
         yield from super().get_system_commands(screen)
-        yield SystemCommand("Runs", "Every run in the store (1)", partial(self.switch_mode, "runs"))
+        yield SystemCommand("Runs", "Every run in the store (1)", partial(self.action_screen, "runs"))
         yield SystemCommand("Compose", "Build a run config, freeze layers, queue it (2)",
-                            partial(self.switch_mode, "compose"))
-        yield SystemCommand("Queue", "Queued and running runs, GPUs (3)", partial(self.switch_mode, "queue"))
+                            partial(self.action_screen, "compose"))
+        yield SystemCommand("Queue", "Queued and running runs, GPUs (3)", partial(self.action_screen, "queue"))
         yield SystemCommand("Help", "Keys and screens (?)", self.action_help)
         for binding in getattr(screen, "BINDINGS", []):
             if isinstance(binding, Binding) and binding.description:
                 yield SystemCommand(binding.description, f"{type(screen).__name__.removesuffix('Screen')}: "
-                                    f"key {binding.key}", partial(screen.run_action, binding.action))
+                                    f"key {binding_keys(binding)}", partial(screen.run_action, binding.action))
 
     @work(thread=True, exclusive=True, group="warm-up")
     def warm_up(self) -> None:
@@ -119,6 +150,33 @@ class RenApp(App[None]):
         opening a run's Monitor does not pay for plotting libraries."""
         import ren_tui.screens.compare  # noqa: F401
         import ren_tui.screens.monitor  # noqa: F401
+
+    def typing_in(self) -> Widget | None:
+        """The text field of a full screen that has focus (dialogs keep their own keys), or None."""
+        if isinstance(self.screen, ModalScreen):
+            return None
+        return self.focused if is_text_field(self.focused) else None
+
+    def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
+        """Escape leaves a field only while one has focus (elsewhere it is the screen's: back, clear)."""
+        if action == "leave_field":
+            return self.typing_in() is not None
+        return True
+
+    def action_screen(self, mode: str) -> None:
+        """Switch to a screen (1-3, or the palette); the next launch opens on it."""
+        self.switch_mode(mode)
+        if self.settings.get("screen") != mode:
+            self.remember(screen=mode)
+
+    def action_leave_field(self) -> None:
+        """Blur the focused text field: focus goes to the screen's main widget, and the field
+        posts LeftField so its screen may react."""
+        field = self.focused
+        if field is None:
+            return
+        self.screen.set_focus(main_widget(self.screen, field))
+        field.post_message(LeftField(field))
 
     def action_help(self) -> None:
         if not isinstance(self.screen, HelpScreen):

@@ -8,6 +8,8 @@ reads the disk here is meant to run in a Textual worker thread
 from __future__ import annotations
 
 import dataclasses
+import getpass
+import json
 import os
 import re
 import threading
@@ -25,6 +27,13 @@ if TYPE_CHECKING:
     from engine.jobs.api import QueueView
     from engine.report import ReportTable
     from ren_tui.inspector import Inspector
+
+
+def _user_name() -> str:
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):  # no login name, no passwd entry (a container's random uid)
+        return f"uid{os.getuid()}"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,6 +77,10 @@ class Backend:
         # with ``start() -> str | None``, ``inspect(config) -> dict`` and ``close()``.
         self.inspector: Inspector | None = None
         self._inspector_lock = threading.Lock()
+        self.user = _user_name()  # whose TUI settings these are: a store may be shared
+        self._pending_settings: dict[str, Any] | None = None
+        self._settings_lock = threading.Lock()  # guards _pending_settings
+        self._settings_writer = threading.Lock()  # one write of the settings file at a time
 
     # --- runs -----------------------------------------------------------------
 
@@ -102,6 +115,33 @@ class Backend:
     def delete(self, run_id: str) -> None:
         self.store.delete_run(run_id)
 
+    # --- the TUI's own settings ----------------------------------------------------
+
+    def tui_settings(self) -> dict[str, Any]:
+        """What this user's last ``ren-tui`` saved (Store.tui_settings); {} when there is nothing usable."""
+        try:
+            return self.store.tui_settings(self.user)
+        except (RenError, OSError):
+            return {}
+
+    def remember_tui_settings(self, settings: dict[str, Any]) -> None:
+        """Take a copy of ``settings`` to save at the next :meth:`flush_tui_settings` (cheap: UI thread)."""
+        copy = json.loads(json.dumps(settings))
+        with self._settings_lock:
+            self._pending_settings = copy
+
+    def flush_tui_settings(self) -> None:
+        """Write the latest remembered settings, if any; one writer at a time, so the file always ends
+        with the newest version. A failure (a read-only store, a full disk) loses only the view."""
+        with self._settings_writer:
+            with self._settings_lock:
+                pending, self._pending_settings = self._pending_settings, None
+            if pending is not None:
+                try:
+                    self.store.save_tui_settings(self.user, pending)
+                except (RenError, OSError):
+                    pass
+
     # --- queue ----------------------------------------------------------------
 
     def queue(self, gpus: list[GPU] | None = None) -> QueueView:
@@ -128,6 +168,19 @@ class Backend:
         from engine.jobs import api as Q
 
         return Q.retry(self.store, run_id, start_worker=self.start_worker)
+
+    def retry_outcome(self, run_id: str) -> str:
+        """What queueing the run again does, in words: it resumes from step N, or starts over (reads its
+        checkpoints: call from a worker thread)."""
+        from engine.runs import retry_outcome
+
+        return retry_outcome(self.store, run_id)
+
+    def checkpoint_step(self, run_id: str) -> int | None:
+        """The step a resume of the run continues from (its last complete checkpoint), None without one."""
+        from engine.runs import checkpoint_step
+
+        return checkpoint_step(self.store.run_dir(run_id))
 
     def move(self, run_id: str, position: int) -> list[RunRecord]:
         from engine.jobs import api as Q

@@ -8,13 +8,19 @@ from textual.containers import Horizontal, Vertical
 from textual.screen import ModalScreen
 from textual.widgets import Button, Input, Label
 
+# A dialog is as wide as its text (a confirm) or 64 cells (a prompt), never wider than 90% of the
+# screen; its text wraps inside it, however long a run id makes it.
 DIALOG_CSS = """
 Confirm, Prompt { align: center middle; }
 Confirm > Vertical, Prompt > Vertical {
-    width: 64; max-width: 90%; height: auto; padding: 1 2;
+    height: auto; max-height: 90%; max-width: 90%; padding: 1 2;
     border: thick $primary; background: $surface;
 }
-Confirm Horizontal { height: auto; margin-top: 1; align-horizontal: right; }
+Confirm > Vertical { width: auto; min-width: 46; }
+Prompt > Vertical { width: 64; }
+Confirm Label { width: auto; max-width: 100%; }
+Prompt Label { width: 100%; }
+Confirm Horizontal { width: 100%; height: auto; margin-top: 1; align-horizontal: right; }
 Confirm Button { margin-left: 2; }
 Prompt Label.hint { color: $text-muted; }
 """

@@ -95,3 +95,25 @@ def test_run_ids_pass_through_untouched(presets: Path, ren_home: Path) -> None:
     record = create_run(store, cfg, None)
     assert (store.run_dir(record.id) / "config.toml").read_text().startswith("[run]")
     assert resolve_init_from(cfg, presets / "pre.toml", store, trained_now(store, FakeTrainer(store))) is cfg
+
+
+def test_retry_outcome_says_a_run_without_a_checkpoint_starts_over(ren_home: Path) -> None:
+    """A run cancelled while still queued saved no checkpoint: queueing it again starts it over, whatever
+    its record says; one with checkpoints resumes from the last complete one."""
+    import json
+
+    from engine.jobs import api as Q
+    from engine.runs import retry_outcome
+
+    store = Store(ren_home)
+    never, saved = (store.create_run(name=n, stage="finetune", kind="one_tower", config={}) for n in ("a", "b"))
+    store.enqueue(never.id)
+    Q.cancel(store, never.id)
+    assert store.get_run(never.id).status == "cancelled"
+    assert retry_outcome(store, never.id) == "it saved no checkpoint, so it starts over from step 0"
+    checkpoint = store.run_dir(saved.id) / "checkpoints" / "step_00000040"
+    checkpoint.mkdir(parents=True)
+    (checkpoint / "trainer_state.json").write_text(json.dumps({"step": 40}))
+    (checkpoint.parent / "latest").write_text(checkpoint.name)
+    store.update_run(saved.id, status="failed", step=55)
+    assert retry_outcome(store, saved.id) == "it resumes from step 40, its last checkpoint"

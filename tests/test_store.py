@@ -493,3 +493,26 @@ def test_a_broken_record_is_named_and_the_others_still_list(store: Store) -> Non
     assert f"Run {missing.id} in {store.index_path} is unreadable: field 'stage' is missing" in str(info.value)
     assert [r.id for r in store.queued_runs()] == [good.id]  # the queue goes on without the broken one
     assert store.update_run(good.id, notes="still writable").notes == "still writable"
+
+
+def test_tui_settings_are_one_small_file_per_user_outside_the_index(store: Store) -> None:
+    """ren-tui keeps its view (marks, sort, filter, last screen) per user; saving never touches the run
+    index, which the trainers lock every few seconds."""
+    assert store.tui_settings("ada") == {}
+    store.create_run(name="a", stage="finetune", kind="one_tower", config={})
+    index_before = store.index_stamp()
+    assert index_before is not None
+    store.save_tui_settings("ada", {"screen": "queue", "marks": ["r1", "r2"], "sort": "name"})
+    store.save_tui_settings("grace", {"screen": "runs"})
+    assert store.tui_settings("ada") == {"screen": "queue", "marks": ["r1", "r2"], "sort": "name"}
+    assert store.tui_settings("grace") == {"screen": "runs"}
+    assert store.index_stamp() == index_before
+    store.save_tui_settings("ada", {"screen": "runs"})  # replaced whole
+    assert store.tui_settings("ada") == {"screen": "runs"}
+    assert store.tui_settings_path("../x y").parent == store.root / "tui"
+    assert sorted(p.name for p in (store.root / "tui").iterdir()) == ["ada.json", "grace.json"]  # no temp left
+    store.tui_settings_path("ada").write_text("[]")
+    with pytest.raises(StoreError, match="not TUI settings"):
+        store.tui_settings("ada")
+    with pytest.raises(StoreError, match="NaN"):
+        store.save_tui_settings("ada", {"bad": float("nan")})

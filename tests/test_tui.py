@@ -88,10 +88,10 @@ async def test_mark_compare_tag_and_delete(ren_home: Path) -> None:
         assert opened == []
         await pilot.press("space", "space", "c")
         assert opened == [[b.id, a.id]]
-        await pilot.press("t")  # the cursor is on the last row, a
+        await pilot.press("U", "t")  # no marks: the run under the cursor (the last row, a)
         assert isinstance(app.screen, Prompt)
         await pilot.press("ctrl+a", "ctrl+k", *"study:x, lr", "enter")
-        assert store.get_run(a.id).tags == ("study:x", "lr")
+        assert store.get_run(a.id).tags == ("study:x", "lr") and store.get_run(b.id).tags == ()
         await pilot.press("d")
         assert isinstance(app.screen, Confirm)
         await pilot.press("n")
@@ -185,3 +185,94 @@ async def test_a_damaged_index_is_named_on_the_status_line_and_the_screen_recove
         app.screen.refresh_runs()
         await settle(app, pilot)
         assert str(app.screen.query_one("#status", Static).render()).startswith("1 of 1 runs")
+
+
+# --- keys and focus (issue 17) ------------------------------------------------------
+
+
+class QuietInspector:
+    """A model inspector that answers nothing: the Compose form works without it."""
+
+    def start(self) -> str | None:
+        return None
+
+    def inspect(self, config: dict) -> dict:
+        return {"id": None, "ok": False, "error": "not inspected", "key": None}
+
+    def close(self) -> None:
+        pass
+
+
+async def test_escape_leaves_a_compose_field_and_the_screen_keys_then_switch(ren_home: Path) -> None:
+    """In a field, 1-3 type digits (fusion layers 2 must not become 23 by a screen key): escape leaves the field,
+    the Compose screen stays, and 3 then opens the Queue without touching the field."""
+    from ren_tui.screens.compose import ComposeScreen, wid
+    from ren_tui.screens.queue import QueueScreen
+
+    app = make(ren_home)
+    app.backend.inspector = QuietInspector()
+    async with app.run_test(size=(120, 40)) as pilot:
+        await pilot.press("2")
+        await settle(app, pilot)
+        compose = app.screen
+        assert isinstance(compose, ComposeScreen)
+        layers = compose.query_one("#" + wid("model.fusion.layers"), Input)
+        layers.focus()
+        await pilot.pause()
+        before = layers.value
+        await pilot.press("escape")
+        assert app.screen is compose and app.focused is not layers
+        assert not isinstance(app.focused, Input)
+        await pilot.press("3")
+        assert isinstance(app.screen, QueueScreen)
+        assert layers.value == before
+
+
+async def test_home_and_end_go_to_the_first_and_last_run(ren_home: Path) -> None:
+    store = Store(ren_home)
+    for i in range(30):
+        canned_run(store, f"run-{i:02d}", steps=10)
+    app = make(ren_home)
+    async with app.run_test(size=(120, 24)) as pilot:
+        await settle(app, pilot)
+        t = table(app)
+        await pilot.press("end")
+        assert t.cursor_row == t.row_count - 1 and names(app)[t.cursor_row] == "run-00"
+        await pilot.press("k", "k")
+        assert t.cursor_row == t.row_count - 3
+        await pilot.press("home")
+        assert t.cursor_row == 0 and t.scroll_y == 0
+        await pilot.press("j")
+        assert t.cursor_row == 1
+
+
+def screen_text(app: RenApp) -> str:
+    """The screen as a person reads it: its characters, line by line, without styles."""
+    import io
+
+    from rich.console import Console
+
+    console = Console(width=app.size.width, height=app.size.height, file=io.StringIO(), record=True,
+                      color_system=None, force_terminal=True, legacy_windows=False)
+    console.print(app.screen._compositor.render_update(full=True, simplify=True))
+    return console.export_text(styles=False)
+
+
+async def test_dialogs_wrap_their_text_and_size_to_it(ren_home: Path) -> None:
+    """A confirm names a long run id in full ("Delete run … with its m" was cut at the dialog's edge), and a
+    short question gets a small dialog."""
+    long = "Delete run 20261128-155245-electra-deit-pretrain-4f4e with its metrics and checkpoints?"
+    app = make(ren_home)
+    async with app.run_test(size=(80, 24)) as pilot:
+        for question in (long, "Delete 3 runs?"):
+            app.push_screen(Confirm(question))
+            await pilot.pause()
+            shown = " ".join(line.strip(" █▌▐") for line in screen_text(app).splitlines()
+                             if "█" in line and line.strip(" █▌▐▀▄"))
+            assert " ".join(question.split()) in " ".join(shown.split()), shown
+            box = app.screen.query_one("Vertical")
+            assert box.outer_size.width <= 80 and (question == long) == (box.outer_size.width > 50)
+            await pilot.press("n")
+        app.push_screen(Prompt("Tags of " + long, "a, b"))
+        await pilot.pause()
+        assert " ".join(("Tags of " + long).split()) in " ".join(screen_text(app).replace("█", " ").split())

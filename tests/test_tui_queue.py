@@ -51,6 +51,14 @@ def mark_running(store: Store, run_id: str, devices: tuple[int, ...], pid: int =
     return store.update_run(run_id, status="running", runner_pid=pid, host=host, devices=devices, step=4)
 
 
+def save_checkpoint(store: Store, run_id: str, step: int) -> None:
+    """A complete checkpoint at ``step``, laid out as engine.train writes one (its state file, no tensors)."""
+    checkpoint = store.run_dir(run_id) / "checkpoints" / f"step_{step:08d}"
+    checkpoint.mkdir(parents=True)
+    (checkpoint / "trainer_state.json").write_text(f'{{"step": {step}}}')
+    (checkpoint.parent / "latest").write_text(checkpoint.name)
+
+
 def order(store: Store) -> list[str]:
     return [r.name for r in store.queued_runs()]
 
@@ -266,6 +274,7 @@ async def test_g_changes_the_gpu_count_of_a_queued_run(ren_home: Path, monkeypat
 async def test_R_queues_a_failed_run_again(ren_home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     store = Store(ren_home)
     failed = queue(store, "oom")
+    save_checkpoint(store, failed.id, 8)
     store.mark_ended(failed.id, "failed", error="CUDA out of memory on cuda:0\nmore detail")
     finished = queue(store, "done")
     store.mark_ended(finished.id, "finished")
@@ -286,7 +295,8 @@ async def test_R_queues_a_failed_run_again(ren_home: Path, monkeypatch: pytest.M
         await settle(app, pilot)
         record = store.get_run(failed.id)
         assert record.status == "queued" and record.resume
-        assert table(app, "queued").get_cell(failed.id, "waits").startswith("resumes · ")
+        assert seen[-1][0] == f"queued {failed.id} again; it resumes from step 8, its last checkpoint"
+        assert table(app, "queued").get_cell(failed.id, "waits").startswith("resumes from step 8 · ")
         assert [k.value for k in recent.rows] == [finished.id]
 
 
@@ -336,3 +346,96 @@ def test_queue_snapshot(snap_compare, ren_home: Path, monkeypatch: pytest.Monkey
         await settle(app, pilot)
 
     assert snap_compare(app, terminal_size=(100, 30), run_before=run_before)
+
+
+# --- navigation (issue 17) ---------------------------------------------------------
+
+
+async def test_home_and_end_go_to_the_first_and_last_queued_run(ren_home: Path) -> None:
+    store = Store(ren_home)
+    runs = [queue(store, f"q{i}") for i in range(12)]
+    app = make_app(ren_home, FAKE_GPUS)
+    async with app.run_test(size=(100, 30)) as pilot:
+        await settle(app, pilot)
+        await pilot.press("end")
+        assert cursor_run(app, "queued") == runs[-1].id
+        await pilot.press("home")
+        assert cursor_run(app, "queued") == runs[0].id
+
+
+async def test_enter_opens_the_running_run_when_nothing_is_queued(ren_home: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """With one run running and none queued, the keyboard starts on the Running panel, so enter opens it
+    (it used to start on the empty Queued panel and say "No run selected")."""
+    store = Store(ren_home)
+    running = mark_running(store, queue(store, "training").id, devices=(0,))
+    app = make_app(ren_home, FAKE_GPUS)
+    opened: list[str] = []
+    monkeypatch.setattr(app, "open_monitor", opened.append)
+    async with app.run_test(size=(120, 40)) as pilot:
+        seen = notices(app, monkeypatch)
+        await settle(app, pilot)
+        await pilot.press("enter")
+        assert opened == [running.id] and seen == []
+
+
+async def test_tab_goes_through_the_panels_top_to_bottom(ren_home: Path) -> None:
+    """Tab: Running, Queued, Recently ended, and round again; shift+tab the other way. The keyboard starts
+    on the Queued panel when runs wait there, and follows a run that leaves it empty."""
+    store = Store(ren_home)
+    mark_running(store, queue(store, "training").id, devices=(0,))
+    waiting = queue(store, "waiting")
+    store.mark_ended(queue(store, "broken").id, "failed", error="boom")
+    app = make_app(ren_home, FAKE_GPUS)
+    async with app.run_test(size=(120, 40)) as pilot:
+        await settle(app, pilot)
+        seen = [app.focused.id]
+        for _ in range(3):
+            await pilot.press("tab")
+            seen.append(app.focused.id)
+        assert seen == ["queued", "recent", "running", "queued"]
+        await pilot.press("shift+tab", "shift+tab")
+        assert app.focused.id == "recent"
+        await pilot.press("tab", "tab")  # back on Queued; its only run starts
+        mark_running(store, waiting.id, devices=(1,))
+        app.screen.refresh_queue()
+        await settle(app, pilot)
+        assert app.focused.id == "running"
+
+
+async def test_R_on_a_run_cancelled_while_queued_says_it_starts_over(ren_home: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """A run cancelled before it started saved no checkpoint: R queues it again and says it starts over (it
+    used to claim it "resumes from its checkpoint"); the Queued panel says so too."""
+    store = Store(ren_home)
+    run = queue(store, "never-started")
+    app = make_app(ren_home, FAKE_GPUS)
+    async with app.run_test(size=(120, 40)) as pilot:
+        seen = notices(app, monkeypatch)
+        await settle(app, pilot)
+        await pilot.press("x")  # cancelled while queued
+        await settle(app, pilot)
+        assert app.focused.id == "recent" and cursor_run(app, "recent") == run.id
+        await pilot.press("R")
+        await settle(app, pilot)
+        assert store.get_run(run.id).status == "queued"
+        assert seen[-1] == (f"queued {run.id} again; it saved no checkpoint, so it starts over from step 0",
+                            "information")
+        assert "resumes" not in table(app, "queued").get_cell(run.id, "waits")
+        assert table(app, "queued").get_cell(run.id, "waits").startswith("starts over · ")
+
+
+async def test_an_empty_panel_tabbed_to_keeps_the_keyboard(ren_home: Path) -> None:
+    """Only a panel that its last run left hands the keyboard on: one the user tabbed to, empty, keeps it
+    through the refreshes (it used to jump back to Running every second)."""
+    store = Store(ren_home)
+    mark_running(store, queue(store, "training").id, devices=(0,))
+    app = make_app(ren_home, FAKE_GPUS)
+    async with app.run_test(size=(120, 40)) as pilot:
+        await settle(app, pilot)
+        assert app.focused.id == "running"
+        await pilot.press("tab")
+        assert app.focused.id == "queued"
+        app.screen.refresh_queue()
+        await settle(app, pilot)
+        assert app.focused.id == "queued"

@@ -20,7 +20,7 @@ from engine.errors import RenError
 from engine.jobs import api as Q
 from engine.jobs.gpus import visible_gpus
 from engine.jobs.worker import run_worker, start_worker, stop_worker, worker_info
-from engine.runs import checkpoint_step, create_run, find_finished, resolve_init_from, stored_config
+from engine.runs import create_run, find_finished, resolve_init_from, retry_outcome, stored_config
 from engine.store import Store
 
 console = Console()
@@ -95,10 +95,7 @@ def cancel(run_id: str) -> None:
 def retry(run_id: str) -> None:
     store = Store()
     record = Q.retry(store, run_id)
-    step = checkpoint_step(store.run_dir(record.id))
-    where = ("it saved no checkpoint, so it starts over from step 0" if step is None
-             else f"it resumes from step {step}, its last checkpoint")
-    console.print(f"queued {record.id} again; {where}")
+    console.print(f"queued {record.id} again; {retry_outcome(store, record.id)}")
 
 
 def pause(paused: bool) -> None:

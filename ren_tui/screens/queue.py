@@ -2,7 +2,10 @@
 
 Reorder the queue (``K``/``J``, ``t`` runs next), cancel (``x``), retry (``R``),
 change a queued run's GPU count (``g``), pause or resume (``p``), open a run's
-Monitor (``enter``). The queue and NVML are read in a worker thread every second.
+Monitor (``enter``). ``tab`` goes through the panels top to bottom (Running, Queued,
+Recently ended; ``shift+tab`` back up); the keyboard starts on Queued when runs wait
+there, and leaves a panel that empties for the first one with runs. The queue and
+NVML are read in a worker thread every second.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from rich.cells import cell_len
 from textual import events, on, work
 from textual.app import ComposeResult
 from textual.binding import Binding
+from textual.containers import Vertical
 from textual.content import Content
 from textual.markup import escape
 from textual.screen import Screen
@@ -28,6 +32,7 @@ from engine.errors import RenError
 from engine.store import END_STATUSES, RunRecord
 from ren_tui.dialogs import Confirm, Prompt
 from ren_tui.text import cell, markup, safe
+from ren_tui.widgets.table import RunTable
 
 if TYPE_CHECKING:
     from engine.jobs.api import QueueView
@@ -42,6 +47,8 @@ COLUMNS = {
     "recent": ("name", "status", "steps", "time", "error", "id"),
 }
 TITLES = {"running": "Running", "queued": "Queued", "recent": "Recently ended"}
+PANELS = tuple(COLUMNS)  # the tab order: top to bottom, as drawn
+FIRST = ("queued", "running", "recent")  # where the keyboard starts: the first of these with runs
 
 
 def gpu_holders(gpu: GPU, running: Sequence[RunRecord]) -> list[RunRecord]:
@@ -113,8 +120,11 @@ def running_cells(r: RunRecord) -> tuple[str, ...]:
     return (cell(r.name), on, format_steps(r), format_duration(r), pid, cell(r.id))
 
 
-def queued_cells(position: int, r: RunRecord, reason: str) -> tuple[str, ...]:
-    return (str(position), cell(r.name), str(r.gpus), cell(("resumes · " if r.resume else "") + reason), cell(r.id))
+def queued_cells(position: int, r: RunRecord, reason: str, resumes_at: int | None = None) -> tuple[str, ...]:
+    """A queued run's row; a retried one (``r.resume``) says whether it resumes (from ``resumes_at``, its
+    last checkpoint) or starts over (it saved none)."""
+    again = "" if not r.resume else "starts over · " if resumes_at is None else f"resumes from step {resumes_at} · "
+    return (str(position), cell(r.name), str(r.gpus), cell(again + reason), cell(r.id))
 
 
 def recent_cells(r: RunRecord) -> tuple[str, ...]:
@@ -143,6 +153,8 @@ def recent_runs(records: Sequence[RunRecord]) -> list[RunRecord]:
 class QueueScreen(Screen[None]):
     """The queue of this store, and the GPUs (or CPU slots) it places runs on."""
 
+    AUTO_FOCUS = "#queued"  # until the first read shows where the runs are (keep_focus_on_runs)
+
     BINDINGS = [
         Binding("enter", "monitor", "Monitor", priority=True),
         Binding("K,shift+up", "move(-1)", "Move up", key_display="K"),
@@ -152,6 +164,8 @@ class QueueScreen(Screen[None]):
         Binding("R", "retry", "Retry"),
         Binding("g", "gpus", "GPUs"),
         Binding("p", "pause", "Pause/resume"),
+        Binding("tab", "panel(1)", "Next panel", show=False),
+        Binding("shift+tab", "panel(-1)", "Previous panel", show=False),
     ]
 
     def __init__(self) -> None:
@@ -160,25 +174,27 @@ class QueueScreen(Screen[None]):
         self.records: dict[str, RunRecord] = {}
         self.rows: dict[str, list[tuple[str, tuple[str, ...]]]] = {name: [] for name in COLUMNS}
         self.widths: dict[str, list[int]] = {}
-        self.pending: deque[tuple[Callable[[], object], str]] = deque()  # actions not yet performed, in order
+        # actions not yet performed, in order
+        self.pending: deque[tuple[Callable[[], object], str | Callable[[], str]]] = deque()
         self.performing = threading.Lock()
         self.edits = 0  # actions asked for; a view read before the latest one is stale
         self.refresher: Worker[None] | None = None
+        self.shown_once = False  # after the first read, the keyboard starts on a panel with runs
 
     def compose(self) -> ComposeResult:
         yield Header()
         yield Static("queue: reading…", id="state")
         yield Static("", id="gpus")
-        for name in COLUMNS:
-            yield Static(TITLES[name], id=f"{name}-title", classes="title")
-            yield DataTable(id=name, cursor_type="row", zebra_stripes=True)
+        for name in PANELS:
+            with Vertical(id=f"{name}-panel", classes="panel"):
+                yield Static(TITLES[name], id=f"{name}-title", classes="title")
+                yield RunTable(id=name)
         yield Static("", id="about")
         yield Footer()
 
     def on_mount(self) -> None:
         for name in COLUMNS:
             self.fill(name, [])
-        self.query_one("#queued", DataTable).focus()
         self.set_interval(REFRESH_S, self.tick)
 
     def on_screen_resume(self) -> None:
@@ -200,12 +216,14 @@ class QueueScreen(Screen[None]):
         edits, backend = self.edits, self.app.backend
         try:
             view, records = backend.queue(), backend.runs()
+            resumes = {r.id: backend.checkpoint_step(r.id) for r in view.queued if r.resume}
         except RenError as exc:
             self.app.call_from_thread(self.query_one("#state", Static).update, f"queue: {exc}")
             return
-        self.app.call_from_thread(self.show, view, records, edits)
+        self.app.call_from_thread(self.show, view, records, edits, resumes)
 
-    def show(self, view: QueueView, records: list[RunRecord], edits: int) -> None:
+    def show(self, view: QueueView, records: list[RunRecord], edits: int,
+             resumes: dict[str, int | None] | None = None) -> None:
         """Show a view read after ``edits`` actions (a stale one is dropped: a fresher read follows)."""
         if edits != self.edits:
             return
@@ -217,11 +235,29 @@ class QueueScreen(Screen[None]):
                  or [Content.from_markup(cpu_line(view))])
         self.query_one("#gpus", Static).update(Content("\n").join(lines))
         recent = recent_runs(records)
+        had_runs = {name: bool(rows) for name, rows in self.rows.items()}
         self.fill("running", [(r.id, running_cells(r)) for r in view.running])
-        self.fill("queued", [(r.id, queued_cells(i, r, view.reasons.get(r.id, "")))
+        resumes = resumes or {}
+        self.fill("queued", [(r.id, queued_cells(i, r, view.reasons.get(r.id, ""), resumes.get(r.id)))
                              for i, r in enumerate(view.queued, start=1)])
         self.fill("recent", [(r.id, recent_cells(r)) for r in recent])
+        self.keep_focus_on_runs(had_runs, first=not self.shown_once)
+        self.shown_once = True
         self.show_detail()
+
+    def keep_focus_on_runs(self, had_runs: dict[str, bool], first: bool) -> None:
+        """A panel that its last run left (or an empty one at the first read) holds nothing to act on:
+        the keyboard moves to the first panel with runs. An empty panel the user tabbed to stays."""
+        focused = self.focused
+        if not isinstance(focused, DataTable) or focused.row_count:
+            return
+        if not first and not had_runs.get(str(focused.id)):
+            return
+        for name in FIRST:
+            table = self.query_one(f"#{name}", DataTable)
+            if table.row_count:
+                table.focus()
+                return
 
     @on(DataTable.RowHighlighted)
     @on(events.DescendantFocus)
@@ -289,11 +325,18 @@ class QueueScreen(Screen[None]):
             return None
         return self.selected_run()
 
+    def action_panel(self, step: int) -> None:
+        """Focus the next (``step`` 1) or previous (-1) panel, in the fixed order of PANELS."""
+        current = self.focused.id if isinstance(self.focused, DataTable) else "queued"
+        name = PANELS[(PANELS.index(current) + step) % len(PANELS)]
+        self.query_one(f"#{name}", DataTable).focus()
+
     # --- actions ------------------------------------------------------------------
 
-    def act(self, call: Callable[[], object], done: str = "") -> None:
+    def act(self, call: Callable[[], object], done: str | Callable[[], str] = "") -> None:
         """Perform a backend call off the event loop, after those asked for before it;
-        ``done`` is the notice on success, a RenError becomes an error notice."""
+        ``done`` is the notice on success (a callable: called after the call, in the worker
+        thread, to say what it did), a RenError becomes an error notice."""
         self.edits += 1
         self.pending.append((call, done))
         self.perform()
@@ -305,6 +348,8 @@ class QueueScreen(Screen[None]):
                 call, done = self.pending.popleft()
                 try:
                     call()
+                    if callable(done):
+                        done = done()
                 except RenError as exc:
                     self.app.call_from_thread(self.notify, str(exc), severity="error")
                 else:
@@ -364,7 +409,8 @@ class QueueScreen(Screen[None]):
     def action_retry(self) -> None:
         run_id = self.selected_run()
         if run_id is not None:
-            self.act(partial(self.app.backend.retry, run_id), f"queued {run_id} again; it resumes from its checkpoint")
+            backend = self.app.backend
+            self.act(partial(backend.retry, run_id), lambda: f"queued {run_id} again; {backend.retry_outcome(run_id)}")
 
     def action_gpus(self) -> None:
         run_id = self.selected_queued()

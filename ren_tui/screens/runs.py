@@ -1,14 +1,22 @@
 """Runs, the home screen: every run in the store, live.
 
-Sort (``s`` cycles the column, ``S`` reverses), filter by typing (``/``), group by
-study (tags ``study:NAME``, ``g``), mark runs with ``space`` and compare them
-(``c``), open one (``enter``), tag, annotate, archive or delete it, or clone its
-config into Compose (``e``). The store is read in a worker thread every 2 s.
+Mark runs with ``space`` (``U`` unmarks all); archive (``a``), delete (``d``), tag (``t``),
+compare (``c``) and queue again (``R``) apply to the marked runs when there are marks, else to
+the run under the cursor. Filter (``/``: words, ``status:``, ``tag:``, ``name:``, a leading ``-``
+excludes), sort by any column (``s`` the next column, ``S`` reverses, or click a header),
+group by study (tags ``study:NAME``, ``g``), show archived runs (``A``) or the runs cancelled
+before they started (``H``), open one (``enter``), write its notes (``n``) or clone its
+config into Compose (``e``). Marks, sort, filter and these toggles are kept between
+launches (the store's TUI settings). The store is read in a worker thread every 2 s.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+import shlex
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
 
 from textual import on, work
 from textual.app import ComposeResult
@@ -21,23 +29,31 @@ from engine.display import format_duration, format_run_scores, format_steps, spa
 from engine.errors import RenError
 from engine.store import RunRecord
 from ren_tui.dialogs import Confirm, Prompt
+from ren_tui.keys import LeftField, is_text_field
 from ren_tui.text import cell, markup, safe
+from ren_tui.widgets.table import RunTable
 
 REFRESH_S = 2.0
 ARCHIVED = "archived"
 STUDY_PREFIX = "study:"
+RETRYABLE = ("failed", "cancelled", "crashed")
 COLUMNS = ("✓", "name", "kind", "status", "progress", "loss", "best", "time", "device", "tags")
 NARROW = ("✓", "name", "status", "progress", "loss", "best", "time")  # below 120 columns
 STAGE = {"pretrain": "pt", "finetune": "ft"}
-SORTS: dict[str, tuple[str, bool]] = {  # name -> (what, newest/largest first by default)
-    "created": ("created_at", True), "name": ("name", False), "status": ("status", False),
-    "best": ("best", True), "time": ("duration", True),
-}
+FILTER_KEYS = ("status", "tag", "name")
+# the order runs take when sorted by status: the live ones first, then what needs a look
+STATUS_ORDER = {s: i for i, s in enumerate(("running", "queued", "created", "failed", "crashed", "cancelled",
+                                            "finished"))}
 
 
 def study_of(record: RunRecord) -> str:
     """The run's study: its first ``study:NAME`` tag, or "" for none."""
     return next((t[len(STUDY_PREFIX):] for t in record.tags if t.startswith(STUDY_PREFIX)), "")
+
+
+def user_tags(record: RunRecord) -> list[str]:
+    """The run's tags but the archive marker."""
+    return [t for t in record.tags if t != ARCHIVED]
 
 
 def progress(record: RunRecord) -> str:
@@ -50,48 +66,166 @@ def best_value(record: RunRecord) -> float:
     return max(record.best_scores.values(), default=float("-inf"))
 
 
-def matches(record: RunRecord, text: str) -> bool:
-    """Every word of ``text`` appears in the run's id, name, kind, stage, status or tags."""
-    haystack = " ".join((record.id, record.name, record.kind, record.stage, record.status, *record.tags)).lower()
-    return all(word in haystack for word in text.lower().split())
+def never_started(record: RunRecord) -> bool:
+    """Cancelled before it trained a step (most often: while still queued); such runs hold no data."""
+    return record.status == "cancelled" and record.started_at is None and not record.step
+
+
+# --- sorting --------------------------------------------------------------------------
+
+def _last_loss(r: RunRecord) -> float | None:
+    finite = [v for v in r.loss_trace if v is not None and math.isfinite(v)]
+    return finite[-1] if finite else None
+
+
+# column -> (the value it sorts by, None for "no value": such runs go last either way; largest first by default)
+SORTS: dict[str, tuple[Callable[[RunRecord], Any], bool]] = {
+    "created": (lambda r: r.created_at, True),
+    "name": (lambda r: r.name.lower(), False),
+    "kind": (lambda r: (r.stage, r.kind), False),
+    "status": (lambda r: STATUS_ORDER.get(r.status, len(STATUS_ORDER)), False),
+    "progress": (lambda r: r.step / r.max_steps if r.max_steps else None, True),
+    "loss": (_last_loss, False),
+    "best": (lambda r: best_value(r) if r.best_scores else None, True),
+    "time": (lambda r: r.duration_s, True),
+    "device": (lambda r: (r.device or "").lower() or None, False),
+    "tags": (lambda r: ", ".join(user_tags(r)).lower() or None, False),
+}
+
+
+def sort_runs(records: Iterable[RunRecord], column: str, reverse: bool = False) -> list[RunRecord]:
+    """``records`` in ``column``'s order (its default direction, or the other with ``reverse``); runs
+    without a value for it last, in the order they came."""
+    value, descending = SORTS[column]
+    have = [(v, r) for r in records if (v := value(r)) is not None]
+    missing = [r for r in records if value(r) is None]
+    have.sort(key=lambda pair: pair[0], reverse=descending != reverse)
+    return [r for _, r in have] + missing
+
+
+# --- filtering ------------------------------------------------------------------------
+
+@dataclass
+class Query:
+    """A parsed filter: every plain word must appear in the run's name, id, notes, kind, stage, status
+    or tags; ``status:`` terms (any of them, or comma-separated) match a status by its start; every
+    ``tag:`` term a tag by its start (``tag:study:`` any study); every ``name:`` term a part of the name.
+    A key term with a leading ``-`` (or ``!``) excludes the runs it matches."""
+
+    words: list[str] = field(default_factory=list)
+    status: list[str] = field(default_factory=list)
+    tag: list[str] = field(default_factory=list)
+    name: list[str] = field(default_factory=list)
+    exclude: list[tuple[str, str]] = field(default_factory=list)
+
+
+def parse_filter(text: str) -> Query:
+    try:
+        terms = shlex.split(text.lower())
+    except ValueError:  # an open quote while typing
+        terms = text.lower().split()
+    query = Query()
+    for term in terms:
+        negate = term[:1] in "-!" and term[1:].partition(":")[0] in FILTER_KEYS
+        key, sep, value = term[1:].partition(":") if negate else term.partition(":")
+        if not sep or key not in FILTER_KEYS:
+            query.words.append(term)
+        elif not value:
+            continue  # "status:" being typed
+        elif negate:
+            query.exclude.extend((key, v) for v in value.split(",") if v)
+        elif key == "status":
+            query.status.extend(v for v in value.split(",") if v)
+        else:
+            getattr(query, key).append(value)
+    return query
+
+
+def _term_matches(record: RunRecord, key: str, value: str) -> bool:
+    if key == "status":
+        return record.status.startswith(value)
+    if key == "tag":
+        return any(t.lower().startswith(value) for t in user_tags(record))
+    return value in record.name.lower()
+
+
+def matches(record: RunRecord, text: str | Query) -> bool:
+    """Whether the run passes the filter ``text`` (see :class:`Query`)."""
+    query = parse_filter(text) if isinstance(text, str) else text
+    haystack = " ".join((record.id, record.name, record.notes, record.kind, record.stage, record.status,
+                         *record.tags)).lower()
+    return (all(word in haystack for word in query.words)
+            and (not query.status or any(_term_matches(record, "status", v) for v in query.status))
+            and all(_term_matches(record, "tag", v) for v in query.tag)
+            and all(_term_matches(record, "name", v) for v in query.name)
+            and not any(_term_matches(record, key, v) for key, v in query.exclude))
 
 
 @dataclass
 class View:
-    """How the table is shown: filter, sort, grouping, archived runs."""
+    """How the table is shown: filter, sort, grouping, archived and never-started runs. Kept between
+    launches in the store's TUI settings (``to_settings``/``from_settings``)."""
 
     filter: str = ""
     sort: str = "created"
     reverse: bool = False
     group: bool = False
     archived: bool = False
+    never_started: bool = False  # show runs cancelled before they started (hidden by default: they pile up)
 
     def apply(self, records: list[RunRecord]) -> list[RunRecord]:
-        shown = [r for r in records if (self.archived or ARCHIVED not in r.tags) and matches(r, self.filter)]
-        attr, descending = SORTS[self.sort]
-        key = {"best": best_value, "duration": lambda r: r.duration_s or 0.0}.get(
-            attr, lambda r: getattr(r, attr) or 0)
-        shown.sort(key=key, reverse=descending != self.reverse)
+        query = parse_filter(self.filter)
+        shown = [r for r in records if (self.archived or ARCHIVED not in r.tags)
+                 and (self.never_started or not never_started(r)) and matches(r, query)]
+        shown = sort_runs(shown, self.sort, self.reverse)
         if self.group:
             shown.sort(key=lambda r: (study_of(r) == "", study_of(r)))  # stable: keeps the order inside a study
         return shown
 
+    def hidden_never_started(self, records: Iterable[RunRecord]) -> int:
+        return 0 if self.never_started else sum(1 for r in records if never_started(r))
+
+    def to_settings(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_settings(cls, saved: object) -> View:
+        """The view saved by ``to_settings``; a missing or malformed value keeps its default."""
+        view = cls()
+        if isinstance(saved, dict):
+            for f in fields(cls):
+                value = saved.get(f.name)
+                if isinstance(value, type(getattr(view, f.name))):
+                    setattr(view, f.name, value)
+        if view.sort not in SORTS:
+            view.sort = "created"
+        return view
+
 
 class RunsScreen(Screen[None]):
+    AUTO_FOCUS = "#runs"
+    # The footer shows what a newcomer needs (it fits 120 columns with ? and q); the rest is in ? and ctrl+p.
     BINDINGS = [
-        Binding("enter", "open", "Monitor"),
-        Binding("space", "mark", "Mark"),
-        Binding("c", "compare", "Compare"),
-        Binding("slash", "filter", "Filter"),
-        Binding("s", "sort", "Sort"),
-        Binding("S", "reverse", "Reverse", show=False),
-        Binding("g", "group", "Group by study"),
-        Binding("e", "clone", "Clone to Compose"),
-        Binding("t", "tags", "Tags"),
-        Binding("n", "notes", "Notes", show=False),
-        Binding("a", "archive", "Archive"),
+        Binding("enter", "open", "Monitor", priority=True,  # before the table's own enter, so the footer shows it
+                tooltip="open the run under the cursor: its curves, scores and log"),
+        Binding("space", "mark", "Mark", tooltip="mark or unmark the run; t, a, d, c and R act on the marked runs"),
+        Binding("slash", "filter", "Filter", priority=True,  # run before the keys that follow it arrive
+                tooltip="words (name, id, notes, tags), status:failed, tag:study:x, name:vit; -tag:x excludes"),
+        Binding("s", "sort", "Sort", tooltip="sort by the next column (or click a header)"),
+        Binding("c", "compare", "Compare", tooltip="overlay the marked runs' curves, scores and configs"),
+        Binding("t", "tags", "Tags", tooltip="edit the tags of the marked runs (or the cursor's)"),
+        Binding("n", "notes", "Notes", tooltip="write the notes of the run under the cursor"),
+        Binding("a", "archive", "Archive", tooltip="archive the marked runs (or the cursor's); again restores"),
+        Binding("d", "delete", "Delete", tooltip="delete the marked runs (or the cursor's), after asking"),
+        Binding("S", "reverse", "Reverse sort", show=False),
+        Binding("U", "unmark_all", "Unmark all", show=False),
+        Binding("R", "queue_again", "Queue again", show=False,
+                tooltip="queue the marked failed, cancelled or crashed runs again (resume or start over)"),
+        Binding("e", "clone", "Clone to Compose", show=False, tooltip="edit a copy of the run's config in Compose"),
+        Binding("g", "group", "Group by study", show=False, tooltip="group runs by their study:NAME tag"),
         Binding("A", "show_archived", "Show archived", show=False),
-        Binding("d", "delete", "Delete"),
+        Binding("H", "show_never_started", "Show never-started", show=False,
+                tooltip="show the runs cancelled before they trained (hidden by default)"),
         Binding("escape", "clear_filter", "Clear filter", show=False),
     ]
 
@@ -105,32 +239,57 @@ class RunsScreen(Screen[None]):
 
     def compose(self) -> ComposeResult:
         yield Header()
-        yield Input(placeholder="filter: words in name, id, kind, status or tags", id="filter")
-        yield DataTable(id="runs", cursor_type="row", zebra_stripes=True)
+        yield Input(placeholder="filter: words · status:failed · tag:study: · name:vit · -tag:x excludes",
+                    id="filter")
+        yield RunTable(id="runs", classes="panel")
         yield Static("", id="detail")
         yield Static("", id="status")
         yield Footer()
 
     def on_mount(self) -> None:
+        saved = self.app.settings.get("runs", {})
+        self.view = View.from_settings(saved)
+        marks = saved.get("marks") if isinstance(saved, dict) else None
+        self.marked = {m for m in marks if isinstance(m, str)} if isinstance(marks, list) else set()
+        if self.view.filter:
+            box = self.query_one("#filter", Input)
+            with box.prevent(Input.Changed):
+                box.value = self.view.filter
+            box.add_class("shown")
         self.columns: tuple[str, ...] = ()
         self.set_columns(self.size.width)
-        self.query_one("#runs", DataTable).focus()
         self.refresh_runs()
         self.set_interval(REFRESH_S, self._tick)
 
-    def set_columns(self, width: int) -> None:
-        columns = COLUMNS if width >= 120 else NARROW
-        if columns == self.columns:
+    def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
+        """In the filter, enter submits it and / types a slash: the screen's enter and / are priority
+        bindings, which Textual would otherwise run before the field sees the key."""
+        return not (action in ("open", "filter") and is_text_field(self.focused))
+
+    def set_columns(self, width: int | None = None, *, force: bool = False) -> None:
+        """The columns that fit ``width`` (the screen's when None), the sorted one's header marked ▲ or ▼."""
+        columns = COLUMNS if (self.size.width if width is None else width) >= 120 else NARROW
+        if columns == self.columns and not force:
             return
         self.columns = columns
         table = self.query_one("#runs", DataTable)
+        cursor = self.current_id()
         table.clear(columns=True)
         for column in columns:
-            table.add_column(column, key=column)
-        self.render_table()
+            table.add_column(cell(column) + self.sort_arrow(column), key=column)
+        self.render_table(cursor)
+
+    def sort_arrow(self, column: str) -> str:
+        if column != self.view.sort:
+            return ""
+        return " ▼" if SORTS[column][1] != self.view.reverse else " ▲"
 
     def on_resize(self, event) -> None:
         self.set_columns(event.size.width)
+
+    def remember(self) -> None:
+        """Keep the view and the marks in the store's TUI settings (written off the UI thread)."""
+        self.app.remember(runs={**self.view.to_settings(), "marks": sorted(self.marked)})
 
     # --- data -------------------------------------------------------------------
 
@@ -156,16 +315,19 @@ class RunsScreen(Screen[None]):
     def show_runs(self, records: list[RunRecord]) -> None:
         self.store_error = None
         self.records = {r.id: r for r in records}
-        self.marked &= set(self.records)
+        if self.marked - set(self.records):  # marked runs deleted elsewhere
+            self.marked &= set(self.records)
+            self.remember()
         self.render_table()
         if not self.loaded:
             self.loaded = True
             self.app.warm_up()
 
-    def render_table(self) -> None:
+    def render_table(self, cursor: str | None = None) -> None:
+        """Show the runs the view lets through, the cursor staying on its run (or on ``cursor``)."""
         table = self.query_one("#runs", DataTable)
         shown = self.view.apply(list(self.records.values()))
-        cursor = self.current_id()
+        cursor = cursor or self.current_id()
         order = [r.id for r in shown]
         if [k.value for k in table.rows] != order:  # membership or order changed: rebuild
             table.clear()
@@ -181,41 +343,65 @@ class RunsScreen(Screen[None]):
         self.show_detail()
 
     def cells(self, r: RunRecord) -> tuple[str, ...]:
+        """The row of ``r`` (rich markup); an archived run's row is dimmed, and its name says so (which
+        NO_COLOR keeps)."""
         name = f"{study_of(r)} / {r.name}" if self.view.group and study_of(r) else r.name
-        cells = {"✓": "✓" if r.id in self.marked else "", "name": cell(name),
+        archived = ARCHIVED in r.tags
+        cells = {"✓": "✓" if r.id in self.marked else "", "name": cell(name) + (" (archived)" if archived else ""),
                  "kind": cell(f"{STAGE[r.stage]} {r.kind}"), "status": r.status, "progress": progress(r),
                  "loss": sparkline(r.loss_trace), "best": cell(format_run_scores(r, short=True)),
                  "time": format_duration(r), "device": cell(r.device or "-"),
-                 "tags": cell(", ".join(t for t in r.tags if t != ARCHIVED))}
-        return tuple(cells[c] for c in self.columns)
+                 "tags": cell(", ".join(user_tags(r)))}
+        row = tuple(cells[c] for c in self.columns)
+        return tuple(f"[dim italic]{c}[/]" if archived and c else c for c in row)
 
     def show_status(self, shown: int) -> None:
         total = len(self.records)
         if not total:
             text = "No runs yet: start one with `ren run presets/quickstart.toml`, or compose one (2)."
         else:
-            order = f"sorted by {self.view.sort}{' (reversed)' if self.view.reverse else ''}"
-            parts = [f"{shown} of {total} runs", order]
+            arrow = self.sort_arrow(self.view.sort).strip()
+            parts = [f"{shown} of {total} runs", f"sorted by {self.view.sort} {arrow} (s, S)"]
             if self.view.filter:
                 parts.append(f"filter '{self.view.filter}'")
             if self.marked:
                 parts.append(f"{len(self.marked)} marked")
             if self.view.group:
                 parts.append("grouped by study")
+            if self.view.archived:
+                parts.append("archived shown")
+            if hidden := self.view.hidden_never_started(self.records.values()):
+                parts.append(f"{hidden} never started hidden (H)")
             text = " · ".join(parts)
         if self.store_error:
-            text = f"cannot read the store (showing the last runs read): {cell(self.store_error)}"
-        self.query_one("#status", Static).update(text)
+            text = f"cannot read the store (showing the last runs read): {self.store_error}"
+        self.query_one("#status", Static).update(Content(safe(text)))
 
     def current_id(self) -> str | None:
-        table = self.query_one("#runs", DataTable)
-        if not table.row_count:
-            return None
-        return table.coordinate_to_cell_key(table.cursor_coordinate).row_key.value
+        return self.query_one("#runs", RunTable).cursor_key()
 
     def current(self) -> RunRecord | None:
         run_id = self.current_id()
         return self.records.get(run_id) if run_id else None
+
+    def targets(self) -> list[RunRecord]:
+        """What an action applies to: the marked runs (in the table's order, then those the view hides),
+        else the run under the cursor."""
+        if self.marked:
+            shown = self.view.apply(list(self.records.values()))
+            ids = {r.id for r in shown}
+            hidden = [r for r in self.records.values() if r.id in self.marked and r.id not in ids]
+            return [r for r in shown if r.id in self.marked] + hidden
+        r = self.current()
+        return [r] if r is not None else []
+
+    def how_many(self, runs: list[RunRecord]) -> str:
+        """``run NAME`` for one run, ``N runs`` for several (saying how many the view hides)."""
+        if len(runs) == 1:
+            return f"run {runs[0].name}"
+        shown = {r.id for r in self.view.apply(list(self.records.values()))}
+        hidden = sum(1 for r in runs if r.id not in shown)
+        return f"{len(runs)} runs" + (f" ({hidden} of them hidden by the view)" if hidden else "")
 
     @on(DataTable.RowHighlighted)
     def show_detail(self) -> None:
@@ -225,6 +411,9 @@ class RunsScreen(Screen[None]):
             return
         lines = [markup("[b]$id[/b]  $stage/$kind  $status  device $device", id=r.id, stage=r.stage, kind=r.kind,
                         status=r.status, device=r.device or "-")]
+        if user_tags(r) or ARCHIVED in r.tags:
+            lines.append(markup("tags: $tags" + ("  [b]archived[/b]" if ARCHIVED in r.tags else ""),
+                                tags=", ".join(user_tags(r)) or "-"))
         if r.params:
             lines.append(f"parameters {r.params.get('total', 0):,} · trainable {r.params.get('trainable', 0):,} "
                          f"· frozen {r.params.get('frozen', 0):,}")
@@ -250,116 +439,220 @@ class RunsScreen(Screen[None]):
         if (run_id := self.current_id()) is None:
             return
         self.marked ^= {run_id}
+        self.remember()
         self.render_table()
         table = self.query_one("#runs", DataTable)
         if table.cursor_row < table.row_count - 1:
             table.move_cursor(row=table.cursor_row + 1)
 
+    def action_unmark_all(self) -> None:
+        if self.marked:
+            self.marked.clear()
+            self.remember()
+            self.render_table()
+
     def action_compare(self) -> None:
-        ids = [r.id for r in self.view.apply(list(self.records.values())) if r.id in self.marked]
+        ids = [r.id for r in self.targets()] if self.marked else []
         if len(ids) < 2:
             self.notify("Mark two or more runs with space, then press c.", severity="warning")
             return
         self.app.open_compare(ids)
 
     def action_filter(self) -> None:
+        """Show the filter and give it the keyboard now (a priority binding runs before the next key is
+        dispatched): keys that arrive with the ``/`` (over SSH they come in bursts) must be typed into
+        it, not taken as commands (an ``e`` cloned the run)."""
         box = self.query_one("#filter", Input)
         box.add_class("shown")
-        box.focus()
+        box.display = True  # at once: the class applies at the next refresh, after the burst
+        self.set_focus(box)
 
     @on(Input.Changed, "#filter")
     def _filter_changed(self, event: Input.Changed) -> None:
         self.view.filter = event.value
+        self.remember()
         self.render_table()
 
     @on(Input.Submitted, "#filter")
     def _filter_done(self) -> None:
-        self.query_one("#runs", DataTable).focus()
+        if self.view.filter:
+            self.query_one("#runs", DataTable).focus()
+        else:
+            self.hide_filter()
 
+    @on(LeftField, "#filter")
     def action_clear_filter(self) -> None:
+        """Escape, in the filter or in the table: the filter goes, every run shows again."""
         box = self.query_one("#filter", Input)
         box.value = ""
+        self.hide_filter()
+
+    def hide_filter(self) -> None:
+        box = self.query_one("#filter", Input)
         box.remove_class("shown")
+        box.styles.clear_rule("display")  # the stylesheet's again: hidden without .shown
         self.query_one("#runs", DataTable).focus()
 
+    def sort_by(self, column: str, reverse: bool = False) -> None:
+        self.view.sort, self.view.reverse = column, reverse
+        self.remember()
+        self.set_columns(force=True)
+
     def action_sort(self) -> None:
-        names = list(SORTS)
-        self.view.sort = names[(names.index(self.view.sort) + 1) % len(names)]
-        self.render_table()
+        """Sort by the next column shown (created, when the last one was sorted by)."""
+        order = ["created", *(c for c in self.columns if c in SORTS)]
+        current = order.index(self.view.sort) if self.view.sort in order else -1
+        self.sort_by(order[(current + 1) % len(order)])
 
     def action_reverse(self) -> None:
-        self.view.reverse = not self.view.reverse
+        self.sort_by(self.view.sort, not self.view.reverse)
+
+    @on(DataTable.HeaderSelected)
+    def _header_clicked(self, event: DataTable.HeaderSelected) -> None:
+        column = event.column_key.value
+        if column in SORTS:
+            self.sort_by(column, not self.view.reverse if column == self.view.sort else False)
+
+    def toggle(self, setting: str) -> None:
+        setattr(self.view, setting, not getattr(self.view, setting))
+        self.remember()
         self.render_table()
 
     def action_group(self) -> None:
-        self.view.group = not self.view.group
-        self.render_table()
+        self.toggle("group")
 
     def action_show_archived(self) -> None:
-        self.view.archived = not self.view.archived
-        self.render_table()
+        self.toggle("archived")
+
+    def action_show_never_started(self) -> None:
+        self.toggle("never_started")
 
     def action_clone(self) -> None:
-        if (r := self.current()) is not None:
-            self.app.clone_to_compose(r.config)
+        runs = self.targets()
+        if len(runs) > 1:
+            self.notify("Compose edits one run's config: mark one run (U unmarks all) or none, then press e.",
+                        severity="warning")
+        elif runs:
+            self.app.clone_to_compose(runs[0].config)
 
-    def _apply(self, run_id: str, **fields: object) -> None:
+    def _apply(self, run_id: str, **fields: object) -> bool:
         try:
             record = self.app.backend.update(run_id, **fields)
         except RenError as exc:
             self.notify(safe(str(exc)), severity="error", markup=False)
-            return
+            return False
         self.records[record.id] = record
-        self.render_table()
+        return True
 
     def action_tags(self) -> None:
-        if (r := self.current()) is None:
+        runs = self.targets()
+        if not runs:
             return
+        shared = [t for t in user_tags(runs[0]) if all(t in r.tags for r in runs[1:])]
 
         def done(value: str | None) -> None:
-            if value is not None:
-                tags = [t.strip() for t in value.split(",") if t.strip()]
-                self._apply(r.id, tags=tags + ([ARCHIVED] if ARCHIVED in r.tags else []))
+            if value is None:
+                return
+            tags = list(dict.fromkeys(t.strip() for t in value.split(",") if t.strip()))
+            for r in runs:
+                own = [t for t in user_tags(r) if t not in shared and t not in tags]
+                self._apply(r.id, tags=own + tags + ([ARCHIVED] if ARCHIVED in r.tags else []))
+            self.render_table()
 
-        self.app.push_screen(Prompt(markup("Tags of $name (comma separated)", name=r.name),
-                                    safe(", ".join(t for t in r.tags if t != ARCHIVED)),
-                                    hint=f"a tag {STUDY_PREFIX}NAME puts the run in a study"), done)
+        title = (markup("Tags of $name (comma separated)", name=runs[0].name) if len(runs) == 1 else
+                 markup("Tags of $what (comma separated): the tags they all have; a run's others stay",
+                        what=self.how_many(runs)))
+        self.app.push_screen(Prompt(title, safe(", ".join(shared)),
+                                    hint=f"a tag {STUDY_PREFIX}NAME puts a run in a study"), done)
 
     def action_notes(self) -> None:
         if (r := self.current()) is None:
             return
 
         def done(value: str | None) -> None:
-            if value is not None:
-                self._apply(r.id, notes=value)
+            if value is not None and self._apply(r.id, notes=value):
+                self.render_table()
 
         self.app.push_screen(Prompt(markup("Notes on $name", name=r.name), safe(r.notes)), done)
 
     def action_archive(self) -> None:
-        if (r := self.current()) is None:
+        """Archive the runs, or restore them when all of them are archived already."""
+        runs = self.targets()
+        if not runs:
             return
-        tags = [t for t in r.tags if t != ARCHIVED] + ([] if ARCHIVED in r.tags else [ARCHIVED])
-        self._apply(r.id, tags=tags)
-        self.notify(safe(f"{r.name} {'archived (A shows archived runs)' if ARCHIVED in tags else 'restored'}"),
-                    markup=False)
+        restore = all(ARCHIVED in r.tags for r in runs)
+        done = sum(self._apply(r.id, tags=user_tags(r) + ([] if restore else [ARCHIVED])) for r in runs)
+        self.render_table()
+        what = self.how_many(runs) if len(runs) > 1 else runs[0].name
+        if done:
+            self.notify(safe(f"{what} {'restored' if restore else 'archived (A shows archived runs)'}"),
+                        markup=False)
 
     def action_delete(self) -> None:
-        if (r := self.current()) is None:
+        runs = self.targets()
+        if not runs:
             return
 
         def done(yes: bool | None) -> None:
             if not yes:
                 return
-            try:
-                self.app.backend.delete(r.id)
-            except RenError as exc:
-                self.notify(safe(str(exc)), severity="error", markup=False)
-                return
-            self.records.pop(r.id, None)
+            deleted = []
+            for r in runs:
+                try:
+                    self.app.backend.delete(r.id)
+                except RenError as exc:
+                    self.notify(safe(str(exc)), severity="error", markup=False)
+                    continue
+                self.records.pop(r.id, None)
+                deleted.append(r.id)
+            if self.marked & set(deleted):
+                self.marked -= set(deleted)
+                self.remember()
             self.render_table()
-            self.notify(f"deleted {r.id}")
+            if deleted:
+                self.notify(f"deleted {deleted[0]}" if len(deleted) == 1 else f"deleted {len(deleted)} runs")
 
-        self.app.push_screen(Confirm(markup("Delete run $id with its metrics and checkpoints?", id=r.id)), done)
+        if len(runs) == 1:
+            question = markup("Delete run $id with its metrics and checkpoints?", id=runs[0].id)
+        else:
+            names = ", ".join(r.name for r in runs[:5]) + (f" and {len(runs) - 5} more" if len(runs) > 5 else "")
+            question = markup("Delete $what with their metrics and checkpoints? $names",
+                              what=self.how_many(runs), names=names)
+        self.app.push_screen(Confirm(question), done)
+
+    def action_queue_again(self) -> None:
+        """Queue the failed, cancelled or crashed runs again (each resumes from its last checkpoint, or
+        starts over without one), as R does in the Queue."""
+        runs = self.targets()
+        again = [r for r in runs if r.status in RETRYABLE]
+        if not again:
+            if runs:
+                self.notify("Only failed, cancelled or crashed runs can be queued again.", severity="warning")
+            return
+        self.retry([r.id for r in again], skipped=len(runs) - len(again))
+
+    @work(thread=True, group="runs-retry")
+    def retry(self, run_ids: list[str], skipped: int) -> None:
+        backend, said = self.app.backend, []
+        for run_id in run_ids:
+            try:
+                backend.retry(run_id)
+                said.append(backend.retry_outcome(run_id))
+            except RenError as exc:
+                self.app.call_from_thread(self.notify, safe(str(exc)), severity="error", markup=False)
+        if len(said) == 1 and len(run_ids) == 1:
+            message = f"queued {run_ids[0]} again; {said[0]}"
+        elif said:
+            resumes = sum(1 for s in said if "resumes" in s)
+            message = (f"queued {len(said)} runs again: {resumes} resume from their last checkpoint, "
+                       f"{len(said) - resumes} start over")
+        else:
+            message = ""
+        if message and skipped:
+            message += f" ({skipped} skipped: only failed, cancelled or crashed runs are queued again)"
+        if message:
+            self.app.call_from_thread(self.notify, message)
+        self.app.call_from_thread(self.refresh_runs)
 
     def on_screen_resume(self) -> None:
         self.refresh_runs()

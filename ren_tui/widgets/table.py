@@ -1,0 +1,27 @@
+"""A table of runs, one run per row, moved through the way htop, k9s and less users expect."""
+
+from __future__ import annotations
+
+from textual.binding import Binding
+from textual.widgets import DataTable
+
+
+class RunTable(DataTable):
+    """A row-cursor DataTable whose ``home``/``end`` go to the first/last row (DataTable's own
+    scroll sideways there), with ``j``/``k`` as down/up."""
+
+    BINDINGS = [
+        Binding("home", "scroll_top", "First row", show=False),
+        Binding("end", "scroll_bottom", "Last row", show=False),
+        Binding("j", "cursor_down", "Down", show=False),
+        Binding("k", "cursor_up", "Up", show=False),
+    ]
+
+    def __init__(self, *, id: str | None = None, classes: str | None = None) -> None:
+        super().__init__(id=id, classes=classes, cursor_type="row", zebra_stripes=True)
+
+    def cursor_key(self) -> str | None:
+        """The key of the row under the cursor, None when the table is empty."""
+        if not self.row_count:
+            return None
+        return self.coordinate_to_cell_key(self.cursor_coordinate).row_key.value
