@@ -37,6 +37,7 @@ Curve = tuple[list[float], list[float]]
 PALETTE = ("#E69F00", "#56B4E9", "#009E73", "#F0E442", "#CC79A7", "#D55E00", "#0072B2")
 GLYPHS = ("", "•", "+", "×", "o", "*", "#", "%")  # "": a braille line
 LINE_SAMPLE = "⠒⠒"  # the braille series in the legend
+HINT = "←→ cursor · ↑↓ space series · l log y"
 # Braille dot bits by (dot column, dot row) within a cell: MASK[column][first row][last row].
 _DOT = ((0x01, 0x02, 0x04, 0x40), (0x08, 0x10, 0x20, 0x80))
 MASK = tuple(tuple(tuple(sum(_DOT[c][r] for r in range(a, b + 1)) for b in range(4)) for a in range(4))
@@ -217,14 +218,14 @@ class Chart(Widget, can_focus=True):
     Chart { width: 1fr; height: 1fr; }
     Chart > .chart--title { text-style: bold; }
     Chart > .chart--axis { color: $text-muted; }
-    Chart > .chart--cursor { color: $accent; }
+    Chart > .chart--cursor { color: $foreground 60%; }
     Chart > .chart--hidden { color: $text-muted; text-style: strike; }
     Chart > .chart--selected { text-style: reverse; }
     """
     COMPONENT_CLASSES = {"chart--title", "chart--axis", "chart--cursor", "chart--hidden", "chart--selected"}
     BINDINGS = [
-        Binding("left,comma", "move_cursor(-1)", "Cursor", key_display="←"),
-        Binding("right,full_stop", "move_cursor(1)", "Cursor", key_display="→"),
+        Binding("left,comma", "move_cursor(-1)", "Cursor left", show=False),
+        Binding("right,full_stop", "move_cursor(1)", "Cursor right", show=False),
         Binding("shift+left", "move_cursor(-10)", "Cursor ten left", show=False),
         Binding("shift+right", "move_cursor(10)", "Cursor ten right", show=False),
         Binding("home", "cursor_to_end(-1)", "Cursor to the first point", show=False),
@@ -232,9 +233,10 @@ class Chart(Widget, can_focus=True):
         Binding("l", "log_scale", "Log y"),
         Binding("up", "select_series(-1)", "Previous series", show=False),
         Binding("down", "select_series(1)", "Next series", show=False),
-        Binding("space", "toggle_series", "Show/hide series", key_display="space"),
+        Binding("space", "toggle_series", "Show/hide series", show=False),
     ]
 
+    keys_hint = False  # show the hint line of the chart's keys without focus (a screen forwards them)
     chart_title: reactive[str] = reactive("")
     smoothing: reactive[float] = reactive(0.0)
     x_range: reactive[tuple[float, float] | None] = reactive(None)
@@ -253,6 +255,7 @@ class Chart(Widget, can_focus=True):
         self.plotted: dict[str, Curve] = {}
         self.plotted_raw: dict[str, Curve] = {}
         self._version = 0
+        self.show_selection = False  # the legend marks the selected series (with focus, or once it was moved)
         self._prepared: tuple[tuple, _Prepared] | None = None
         self._frame: tuple[tuple, _Frame] | None = None
 
@@ -372,7 +375,7 @@ class Chart(Widget, can_focus=True):
             line.append(sample, hidden_style if hidden else colour)
             line.append(" ")
             style = hidden_style if hidden else Style()
-            if index == self.selected and self.has_focus:
+            if index == self.selected and (self.has_focus or self.show_selection):
                 style = style + selected_style
             line.append(name, style)
             spans.append((len(lines) - 1, start, line.cell_len, index))
@@ -467,7 +470,7 @@ class Chart(Widget, can_focus=True):
 
     def frame(self) -> _Frame:
         key = (self._prepare_key(), self.size, self.chart_title, self.xlabel, len(self.series),
-               self.selected, self.has_focus)
+               self.selected, self.has_focus, self.show_selection)
         if self._frame is None or self._frame[0] != key:
             self._frame = (key, self._draw())
         return self._frame[1]
@@ -572,7 +575,10 @@ class Chart(Widget, can_focus=True):
     def _readout_line(self, width: int) -> Text:
         text = self.readout()
         if self.cursor_x is None:
-            return Text(text.center(width).rstrip(), style=self._style("chart--axis"), no_wrap=True)
+            line = text.center(width).rstrip()
+            if (self.has_focus or self.keys_hint) and len(line) + 2 + len(HINT) <= width:  # its keys, where they act
+                line = line.ljust(width - len(HINT)) + HINT
+            return Text(line, style=self._style("chart--axis"), no_wrap=True)
         if len(text) > width:
             text = text[:width - 1] + "…"
         return Text(text, no_wrap=True)
@@ -624,6 +630,7 @@ class Chart(Widget, can_focus=True):
         self.log_y = True
 
     def action_select_series(self, step: int) -> None:
+        self.show_selection = True
         if self.series:
             self.selected = (self.selected + step) % len(self.series)
 
@@ -634,6 +641,7 @@ class Chart(Widget, can_focus=True):
         if not 0 <= index < len(names):
             return
         self.selected = index
+        self.show_selection = True
         self.hidden = self.hidden ^ {names[index]}
 
     def on_click(self, event: events.Click) -> None:
