@@ -13,7 +13,7 @@ import engine.store
 from engine.jobs.runner import log_path
 from engine.store import Store
 from ren_tui.app import RenApp
-from ren_tui.backend import Backend
+from ren_tui.backend import Backend, Series
 from ren_tui.dialogs import Prompt
 from ren_tui.screens.monitor import MonitorScreen, parse_range
 
@@ -197,7 +197,6 @@ def test_monitor_snapshot(snap_compare, ren_home: Path, monkeypatch: pytest.Monk
 
 
 def test_compute_axis_places_every_point_at_the_compute_spent_by_its_step() -> None:
-    from ren_tui.backend import Series
     from ren_tui.screens.monitor import curves
 
     points = [{"step": 10, "time": 0.0, "loss": 2.0, "compute/pflops": 0.5},
@@ -425,3 +424,19 @@ def test_log_screen_snapshot(snap_compare, ren_home: Path, monkeypatch: pytest.M
         await pilot.pause()
 
     assert snap_compare(app, terminal_size=(100, 24), run_before=run_before)
+
+
+def test_monitor_messages_merge_so_a_screen_that_fell_behind_redraws_once() -> None:
+    """Messages from the Monitor's workers: a newer log message carries the older one's lines; a newer
+    read of the run replaces an older one, keeping the older's recomputed curves when it has none."""
+    older, newer = MonitorScreen.LogRead(["a", "b"], True), MonitorScreen.LogRead(["c"], True)
+    assert older.can_replace(newer) and newer.lines == ["a", "b", "c"]
+    record = engine.store.RunRecord(id="r", name="r", stage="finetune", kind="two_tower", status="running")
+    series = Series("r", [])
+    curves = ({"loss": ([1.0], [2.0])}, "step")
+    first = MonitorScreen.Loaded(record, series, curves, ((), "step"))
+    second = MonitorScreen.Loaded(record, series, None, ((), "step"))
+    assert first.can_replace(second) and second.plotted is curves
+    other_axis = MonitorScreen.Loaded(record, series, None, ((), "time"))
+    assert not first.can_replace(other_axis)  # its curves are for another axis: both are shown in turn
+    assert not older.can_replace(first)

@@ -299,7 +299,7 @@ class Chart(Widget, can_focus=True):
 
     def _prepare(self) -> _Prepared:
         """Smooth, filter and zoom the visible series (at full resolution), once per data state."""
-        key = (self._version, self.smoothing, self.x_range, self.log_y, self.hidden)
+        key = self._prepare_key()
         if self._prepared is not None and self._prepared[0] == key:
             return self._prepared[1]
         out = _Prepared()
@@ -465,8 +465,7 @@ class Chart(Widget, can_focus=True):
                 free = at + len(label) + 1
         bottom = [Text(" " * label_width + "└" + "".join(line), style=axis, no_wrap=True),
                   Text("".join(under).rstrip(), style=axis, no_wrap=True)]
-        frame = _Frame(top, label_width, labels, chars, styles, bottom, to_px, to_py, spans)
-        return frame
+        return _Frame(top, label_width, labels, chars, styles, bottom, to_px, to_py, spans)
 
     def frame(self) -> _Frame:
         key = (self._prepare_key(), self.size, self.chart_title, self.xlabel, len(self.series),
