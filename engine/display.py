@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 from engine.store import RunRecord
 
@@ -130,6 +130,45 @@ def format_seconds(seconds: float | None, missing: str = "-") -> str:
 
 def format_steps(record: RunRecord) -> str:
     return f"{record.step}/{record.max_steps}" if record.max_steps else str(record.step)
+
+
+ETA_WINDOW = 50  # metric points: about the last 50 logging intervals
+
+
+def seconds_per_step(points: Sequence[Mapping[str, float]], window: int = ETA_WINDOW) -> float | None:
+    """Wall seconds per training step over the last ``window`` metric points (each has ``step`` and ``time``),
+    evaluations and checkpoints included, as the clock sees them; None until two steps were logged."""
+    recent = points[-window:]
+    if len(recent) < 2:
+        return None
+    first, last = recent[0], recent[-1]
+    steps = last["step"] - first["step"]
+    seconds = last["time"] - first["time"]
+    return seconds / steps if steps > 0 and seconds >= 0 else None
+
+
+def estimate_eta(record: RunRecord, points: Sequence[Mapping[str, float]] | None = None) -> float | None:
+    """Seconds until a running run reaches ``max_steps``, at its measured pace: the recent metric ``points``
+    when given (wall time per step), else the trainer's last measured throughput in its compute record
+    (``samples_per_s`` and the config's ``train.batch_size``). None when the run is not running, has no
+    step budget, or nothing was measured yet."""
+    if record.status != "running" or not record.max_steps:
+        return None
+    step = max(record.step, int(points[-1]["step"]) if points else 0)
+    per_step = seconds_per_step(points) if points else None
+    if per_step is None:
+        samples_per_s = record.compute.get("samples_per_s")
+        batch = record.config.get("train", {}).get("batch_size")
+        if isinstance(samples_per_s, (int, float)) and samples_per_s > 0 and isinstance(batch, int) and batch > 0:
+            per_step = batch / samples_per_s
+    if per_step is None:
+        return None
+    return max(record.max_steps - step, 0) * per_step
+
+
+def format_eta(record: RunRecord, points: Sequence[Mapping[str, float]] | None = None) -> str:
+    """:func:`estimate_eta` as ``"12m30s"``; ``"-"`` when it cannot be estimated."""
+    return format_seconds(estimate_eta(record, points))
 
 
 SPARK = "▁▂▃▄▅▆▇█"

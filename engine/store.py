@@ -920,19 +920,23 @@ class Store:
 
     def mark_running(self, run_id: str, *, pid: int, host: str, device: str, **fields: Any) -> RunRecord:
         """Record that process ``pid`` on ``host`` is now training the run (plus any
-        other ``fields``, in the same index write)."""
-        return self.update_run(
-            run_id,
-            **fields,
-            status="running",
-            pid=pid,
-            pid_started=process_start_time(pid),
-            host=host,
-            device=device,
-            started_at=time.time(),
-            ended_at=None,
-            error=None,
-        )
+        other ``fields``, in the same index write).
+
+        The session starts now, unless the queue launched this session: then it started at the
+        launch (``started_at`` = ``launched_at``, set by the worker), and the trainer taking over
+        from the runner keeps that, so the run's time does not restart when the trainer is up."""
+        fields = _check_fields(fields)
+        _refuse_nonfinite(fields, run_id)
+        with self._locked_table() as table:
+            stored = self._find(table.all(), run_id)
+            launched = (stored.status == "running" and stored.launched_at is not None
+                        and stored.started_at == stored.launched_at)
+            record = dataclasses.replace(
+                stored, **fields, status="running", pid=pid, pid_started=process_start_time(pid), host=host,
+                device=device, started_at=stored.started_at if launched else time.time(), ended_at=None,
+                error=None)
+            table.update(record.to_doc(), Query().id == record.id)
+        return self._report(record)
 
     def transition(self, run_id: str, statuses: Iterable[str], expect: Mapping[str, Any] | None = None,
                    **fields: Any) -> RunRecord | None:

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from engine.errors import RenError, StoreError
 from engine.jobs.gpus import GPU, visible_gpus
-from engine.jobs.runner import read_log_tail
+from engine.jobs.runner import log_files, log_path, read_log_tail
 from engine.store import RunRecord, Store
 
 if TYPE_CHECKING:
@@ -59,6 +59,17 @@ class Series:
             t0 = self.points[0]["time"] if self.points else 0.0
             return [p["time"] - t0 for p in pts], [p[key] for p in pts]
         return [float(p["step"]) for p in pts], [p[key] for p in pts]
+
+
+@dataclasses.dataclass(frozen=True)
+class LogChunk:
+    """New lines of a run's log (complete lines only, as written: not yet made terminal-safe) and where
+    to read on from (``position``: the file's inode and offset; None while there is no log). ``note`` says
+    what the lines skip, if anything: the file was rotated or replaced, or it grew faster than shown."""
+
+    lines: list[str]
+    position: tuple[int, int] | None
+    note: str = ""
 
 
 class Backend:
@@ -103,6 +114,60 @@ class Backend:
     def log_tail(self, run_id: str, lines: int = 20) -> list[str]:
         """The last lines of a queued run's log ([] for runs without one)."""
         return read_log_tail(self.store.run_dir(run_id), lines)
+
+    LOG_SKIP_BYTES = 4 * 1024 * 1024
+    """More new log than this between two reads: a view skips to the last ``first_bytes`` of it."""
+
+    def read_log(self, run_id: str, since: tuple[int, int] | None = None, *, first_bytes: int = 64 * 1024,
+                 backups: bool = False) -> LogChunk:
+        """The complete lines of a queued run's log written since ``since`` (a :attr:`LogChunk.position`).
+        On the first read (``since`` None), its last ``first_bytes`` (``backups``: of its rotated files and
+        it, oldest first); when more than LOG_SKIP_BYTES arrived in between, the last ``first_bytes`` too.
+        A view that follows a log calls it again with each chunk's position; a rotated or replaced file is
+        read afresh from its start."""
+        run_dir = self.store.run_dir(run_id)
+        path = log_path(run_dir)
+        try:
+            with open(path, "rb") as fh:
+                st = os.fstat(fh.fileno())
+                size, note = st.st_size, ""
+                if since is None:
+                    start = max(size - first_bytes, 0)
+                elif since[0] != st.st_ino or size < since[1]:
+                    start, note = 0, "(the log file was rotated or replaced: reading the new one)"
+                elif size - since[1] > self.LOG_SKIP_BYTES:
+                    start = size - first_bytes
+                    note = f"(… {start - since[1]:,} bytes of log skipped …)"
+                else:
+                    start = since[1]
+                fh.seek(start)
+                data = fh.read(size - start)
+        except FileNotFoundError:
+            return LogChunk([], None)
+        except OSError as exc:
+            raise StoreError(f"Cannot read {path}: {exc.strerror or exc}.") from exc
+        cut = start > 0 and (since is None or note.startswith("(…"))
+        skip = data.find(b"\n") + 1 if cut else 0  # the line the start cut in two
+        end = data.rfind(b"\n") + 1  # a line still being written waits for its newline
+        lines = data[skip:end].decode("utf-8", errors="replace").split("\n")[:-1] if end > skip else []
+        if backups and since is None and start == 0:
+            budget = first_bytes - size
+            for backup in reversed(log_files(run_dir)[:-1]):  # the newest backup first
+                if budget <= 0:
+                    break
+                try:
+                    with open(backup, "rb") as fh:
+                        fh.seek(0, os.SEEK_END)
+                        begin = max(fh.tell() - budget, 0)
+                        fh.seek(begin)
+                        older = fh.read()
+                except OSError:
+                    continue
+                budget -= len(older)
+                if begin:
+                    older = older[older.find(b"\n") + 1:]
+                lines = older.decode("utf-8", errors="replace").splitlines() + lines
+        return LogChunk(lines, (st.st_ino, start + max(end, skip)), note)
 
     def update(self, run_id: str, *, tags: Sequence[str] | None = None, notes: str | None = None) -> RunRecord:
         fields: dict[str, Any] = {}

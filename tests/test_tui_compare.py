@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 from textual.pilot import Pilot
-from textual.widgets import DataTable, Static
+from textual.widgets import DataTable, Input, Static
 
 from engine.display import markdown_table
 from engine.store import RunRecord, Store
@@ -63,7 +63,7 @@ async def test_compare_curves_scores_diff_and_export(ren_home: Path, tmp_path: P
     async with app.run_test(size=(120, 40)) as pilot:
         screen = await open_compare(app, pilot, runs, tmp_path / "exports")
         chart = screen.query_one(Chart)
-        assert screen.metrics == ["loss", "lr", "samples_per_s", "eval/vqa_score"]  # loss_itm: not in gamma
+        assert screen.metrics == ["loss", "lr", "samples_per_s", "eval/vqa_score", "loss_itm"]  # shared ones first
         assert list(chart.series) == ["alpha", "beta", "gamma"] and chart.chart_title == "loss"
         assert len(chart.series["gamma"][0]) == 200
         await pilot.press("m", "m", "m")
@@ -241,3 +241,54 @@ async def test_variants_view_shows_the_difference_interval_of_the_report(ren_hom
         row = dict(zip(headers, map(str, table.get_row("frozen"))))
         print(row["Δ easy_vqa [95% CI]"])
         assert row["seeds"] == "0, 1" and row["Δ easy_vqa [95% CI]"] == "-0.0350 [-0.2256, +0.1556] within noise"
+
+
+async def test_compare_picks_any_metric_a_run_logged_and_zooms_like_the_monitor(ren_home: Path,
+                                                                               tmp_path: Path) -> None:
+    store = Store(ren_home)
+    runs = three_runs(store)
+    app = RenApp(Backend(store, start_worker=False))
+    async with app.run_test(size=(120, 40)) as pilot:
+        screen = await open_compare(app, pilot, runs, tmp_path)
+        chart = screen.query_one(Chart)
+        assert "loss_itm" in screen.metrics  # alpha and beta logged it, gamma did not
+        for _ in range(len(screen.metrics)):
+            if chart.chart_title.startswith("loss_itm"):
+                break
+            await pilot.press("m")
+        assert chart.chart_title.startswith("loss_itm") and list(chart.series) == ["alpha", "beta"]
+        assert "gamma" in chart.chart_title  # named as the run without it
+        await pilot.press("M")  # back one
+        assert not chart.chart_title.startswith("loss_itm")
+        while chart.chart_title != "loss":
+            await pilot.press("m")
+
+        await pilot.press("x")  # samples seen: step x each run's own batch size
+        await settle(app, pilot)
+        assert chart.xlabel == "samples seen"
+        assert chart.series["gamma"][0][-1] == 200 * 32 and chart.series["alpha"][0][-1] == 300 * 64
+        await pilot.press("x")
+        await settle(app, pilot)
+        assert chart.xlabel.startswith("wall time") and chart.series["alpha"][0][0] == 0.0
+        await pilot.press("x", "x")
+        await settle(app, pilot)
+        assert chart.xlabel == "step"
+
+        await pilot.press("z")
+        await pilot.pause()
+        app.screen.query_one(Input).value = "50-150"
+        await pilot.press("enter")
+        await pilot.pause()
+        assert chart.x_range == (50.0, 150.0)
+        assert all(50 <= x <= 150 for xs, _ in chart.plotted.values() for x in xs)
+        await pilot.press("right_square_bracket")
+        assert chart.x_range == (100.0, 200.0)
+        assert "zoom 100-200" in str(screen.query_one("#controls", Static).render())
+        await pilot.press("0")
+        assert chart.x_range is None
+
+
+async def settle(app: RenApp, pilot: Pilot) -> None:
+    await pilot.pause()
+    await app.workers.wait_for_complete()
+    await pilot.pause()

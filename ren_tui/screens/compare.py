@@ -1,8 +1,11 @@
 """Compare: several runs side by side — one metric's curves overlaid, a score table,
 and the config keys where each run differs from a baseline run.
 
-``m`` cycles the metric among those every run logged, ``s`` smoothing, ``b`` the
-baseline, ``v`` switches the score table between runs and variants (the study
+``m``/``M`` go to the next/previous metric among those any of the runs logged (the
+chart names the runs without it), ``s`` smoothing, ``x`` the x axis (steps, samples
+seen, wall time, training compute) and ``z``/``[``/``]``/``0`` the zoom as in the
+Monitor; the chart's own keys (cursor, log scale, series) work once it has focus;
+``b`` the baseline, ``v`` switches the score table between runs and variants (the study
 report's table: downstream scores over seeds, pretraining compute, and what each
 variant saves against the first run), ``e`` exports the score table as Markdown,
 LaTeX and CSV (and copies the Markdown to the clipboard), ``r`` re-reads the runs.
@@ -25,6 +28,7 @@ from engine.display import markdown_table
 from engine.errors import RenError
 from engine.store import RunRecord
 from ren_tui.backend import Series
+from ren_tui.curves import ChartKeys, Curve, curves, pflops_per_step, time_unit
 from ren_tui.export import (
     MISSING,
     config_diff,
@@ -52,6 +56,37 @@ def shared_metrics(series: list[Series]) -> list[str]:
     return [key for key in series[0].keys() if all(key in keys for keys in others)]
 
 
+def any_metrics(series: list[Series]) -> list[str]:
+    """Metrics any of the runs logged: those every run logged first (in the first run's order),
+    then the others in the order the runs logged them."""
+    shared = shared_metrics(series)
+    return list(dict.fromkeys([*shared, *(key for s in series for key in s.keys())]))
+
+
+def metric_curves(records: list[RunRecord], series: list[Series], labels: list[str], metric: str,
+                  x: str) -> tuple[dict[str, Curve], str]:
+    """Each run's curve of ``metric`` (runs without it left out) against the x axis ``x`` as the
+    Monitor draws it, on one scale: wall time in one unit for all, and training compute only when
+    every run recorded it (else steps for all, naming the runs without)."""
+    fallback = ""
+    if x == "compute":
+        missing = [label for label, s in zip(labels, series)
+                   if metric in s.keys() and pflops_per_step(s.points) is None]
+        if missing:
+            x, fallback = "step", f" (no compute recorded by {', '.join(missing)})"
+    unit = None
+    if x == "time":
+        unit = time_unit(max((s.points[-1]["time"] - s.points[0]["time"] for s in series if s.points), default=0.0))
+    out: dict[str, Curve] = {}
+    xlabel = "step"
+    for label, record, s in zip(labels, records, series):
+        batch = int(record.config.get("train", {}).get("batch_size") or 1)
+        found, xlabel = curves(s, x, batch, keep=lambda key: key == metric, unit=unit)
+        if metric in found:
+            out[label] = found[metric]
+    return out, xlabel + fallback
+
+
 def run_labels(records: list[RunRecord]) -> list[str]:
     """Run names, with the end of the id added where two runs share a name (control characters escaped:
     plain text, for the chart's legend; ren_tui.text.cell for a table)."""
@@ -59,14 +94,16 @@ def run_labels(records: list[RunRecord]) -> list[str]:
     return [safe(f"{r.name} ({r.id[-4:]})" if names.count(r.name) > 1 else r.name) for r in records]
 
 
-class CompareScreen(Screen[None]):
+class CompareScreen(ChartKeys, Screen[None]):
     """Curves, scores and config differences of ``run_ids``; exports go to
     ``export_dir`` (default: ``./ren-exports``)."""
 
     BINDINGS = [
         Binding("escape", "app.pop_screen", "Back"),
-        Binding("m", "metric", "Metric"),
+        Binding("m", "metric(1)", "Metric"),
+        Binding("M", "metric(-1)", "Previous metric", show=False),
         Binding("s", "smoothing", "Smooth"),
+        *ChartKeys.CHART_BINDINGS,
         Binding("b", "baseline", "Baseline"),
         Binding("v", "view", "Runs/variants"),
         Binding("e", "export", "Export"),
@@ -83,6 +120,7 @@ class CompareScreen(Screen[None]):
         self.metric: str | None = None
         self.baseline = 0
         self.smoothing = 0.0
+        self.x_mode = "step"
         self.view = "runs"
         self.report: ReportTable | None = None
 
@@ -96,6 +134,10 @@ class CompareScreen(Screen[None]):
     def on_mount(self) -> None:
         self.query_one("#scores", DataTable).border_title = "scores"
         self._load()
+
+    @property
+    def chart(self) -> Chart:
+        return self.query_one("#curves", Chart)
 
     @property
     def labels(self) -> list[str]:
@@ -118,7 +160,7 @@ class CompareScreen(Screen[None]):
 
     def _apply(self, records: list[RunRecord], series: list[Series], report: ReportTable | None = None) -> None:
         self.records, self.series, self.report = records, series, report
-        self.metrics = shared_metrics(series)
+        self.metrics = any_metrics(series)
         if self.metric not in self.metrics:
             self.metric = "loss" if "loss" in self.metrics else next(iter(self.metrics), None)
         self.baseline = min(self.baseline, max(len(records) - 1, 0))
@@ -134,16 +176,27 @@ class CompareScreen(Screen[None]):
 
     def _show_controls(self) -> None:
         base = self.labels[self.baseline] if self.records else "-"
+        where = f" ({self.metrics.index(self.metric) + 1}/{len(self.metrics)})" if self.metric else ""
         self.query_one("#controls", Static).update(Text(
-            f"metric {self.metric or '(none shared)'} · smoothing {self.smoothing:g} · baseline {base}"))
+            f"metric {self.metric or '(none logged)'}{where} · smoothing {self.smoothing:g} · x {self.x_mode} · "
+            f"zoom {self.zoom_text()} · baseline {base}"))
 
     def _show_curves(self) -> None:
-        chart = self.query_one("#curves", Chart)
-        chart.chart_title = self.metric or "no metric shared by these runs"
+        chart = self.chart
+        if self.metric is None:
+            chart.chart_title = "no metric logged by these runs"
+            chart.set_series({})
+            self._show_controls()
+            return
+        shown, chart.xlabel = metric_curves(self.records, self.series, self.labels, self.metric, self.x_mode)
+        without = [label for label in self.labels if label not in shown]
+        chart.chart_title = self.metric + (f" (not logged by {', '.join(without)})" if without else "")
         chart.smoothing = self.smoothing
-        chart.set_series({} if self.metric is None else
-                         {label: s.xy(self.metric) for label, s in zip(self.labels, self.series)})
+        chart.set_series(shown)
         self._show_controls()
+
+    def x_mode_changed(self) -> None:
+        self._show_curves()
 
     def score_table(self) -> tuple[list[str], list[list[str]]]:
         """The score table shown and exported: one row per run, or per variant."""
@@ -184,14 +237,14 @@ class CompareScreen(Screen[None]):
 
     # --- actions --------------------------------------------------------------
 
-    def action_metric(self) -> None:
+    def action_metric(self, step: int) -> None:
         if self.metrics:
-            self.metric = self.metrics[(self.metrics.index(self.metric) + 1) % len(self.metrics)]
+            self.metric = self.metrics[(self.metrics.index(self.metric) + step) % len(self.metrics)]
             self._show_curves()
 
     def action_smoothing(self) -> None:
         self.smoothing = SMOOTHING[(SMOOTHING.index(self.smoothing) + 1) % len(SMOOTHING)]
-        self.query_one("#curves", Chart).smoothing = self.smoothing
+        self.chart.smoothing = self.smoothing
         self._show_controls()
 
     def action_baseline(self) -> None:

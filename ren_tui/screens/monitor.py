@@ -1,40 +1,45 @@
-"""Monitor: one run, live — its header, loss / learning-rate / throughput / eval
-curves (one at a time, ``c`` switches) and the end of its log.
+"""Monitor: one run, live — its header (with the trainer's pid and an ETA while it
+runs), loss / learning-rate / throughput / eval curves (one at a time, ``c``
+switches; no eval chart for a run without a task) and its log, following the newest
+line (``L``: the whole log, full screen, searchable).
 
 A worker thread re-reads the run every second and its series only when new points
 were flushed; the curves are recomputed only then, and drawn downsampled to the
-chart's width. ``s`` smoothing, ``x`` step, samples, wall time or training compute
-(PFLOPs), ``z`` / ``[`` / ``]`` / ``0``
-zoom (kept across the charts).
+chart's width. Another reads the lines the log gained. Each posts a message that a
+newer one of its kind merges into, so a stalled screen catches up in one redraw.
+``s`` smoothing, ``x`` step, samples, wall time or training compute (PFLOPs),
+``z`` / ``[`` / ``]`` / ``0`` zoom (kept across the charts); the chart's own keys
+(cursor, log scale, series) are in ren_tui.widgets.chart.
 """
 
 from __future__ import annotations
 
-import re
-
 from textual import work
 from textual.app import ComposeResult
 from textual.binding import Binding
+from textual.message import Message
 from textual.screen import Screen
-from textual.widgets import Footer, Static
+from textual.widgets import Footer, Log, Static
 from textual.worker import Worker, get_current_worker
 
-from engine.display import format_compute, format_duration, format_run_scores, format_steps
+from engine.display import format_compute, format_duration, format_eta, format_run_scores, format_steps
 from engine.errors import RenError
 from engine.store import RunRecord
+from ren_tui import curves as _curves
 from ren_tui.backend import Series
-from ren_tui.dialogs import Prompt
-from ren_tui.text import markup, safe
+from ren_tui.curves import ChartKeys, parse_range  # noqa: F401  (parse_range: used from here by tests)
+from ren_tui.screens.log import shown_lines
+from ren_tui.text import markup
 from ren_tui.widgets.chart import Chart, Curve
 
 REFRESH_S = 1.0
-LOG_LINES = 50
+LOG_LINES = 1000  # the log pane keeps the last this many lines (L shows them all)
 SMOOTHING = (0.0, 0.6, 0.9, 0.97)
 CHARTS = {"loss": "Loss", "lr": "LR", "throughput": "Throughput", "eval": "Eval"}  # name -> label
 TITLES = {"loss": "loss", "lr": "learning rate", "throughput": "samples/s", "eval": "eval scores"}
 UNSMOOTHED = ("lr",)  # a schedule is drawn as it is
 STATUS_STYLE = {"running": "$warning", "finished": "$success", "failed": "$error", "crashed": "$error"}
-_RANGE_RE = re.compile(r"^\s*(\d+(?:\.\d*)?)\s*(?:-|:|\.\.|\s)\s*(\d+(?:\.\d*)?)\s*$")
+NO_LOG = "(no log: only runs started by the queue have one)"
 
 
 def chart_of(key: str) -> str | None:
@@ -50,99 +55,94 @@ def chart_of(key: str) -> str | None:
     return None
 
 
-def parse_range(text: str) -> tuple[float, float]:
-    """``"100-500"`` (or ``100:500``, ``100..500``, ``100 500``) -> ``(100.0, 500.0)``."""
-    match = _RANGE_RE.match(text)
-    if not match:
-        raise ValueError(f"{text!r} is not a range like 100-500.")
-    lo, hi = sorted((float(match.group(1)), float(match.group(2))))
-    if lo == hi:
-        raise ValueError(f"{text!r} is an empty range.")
-    return lo, hi
-
-
-X_MODES = ("step", "samples", "time", "compute")
-PFLOPS = "compute/pflops"
-
-
-def pflops_per_step(points: list[dict]) -> float | None:
-    """Training compute per step from the run's cumulative ``compute/pflops`` points (it
-    grows with samples seen, so linearly in steps); None when the run logged none."""
-    last = next((p for p in reversed(points) if PFLOPS in p and p["step"] > 0), None)
-    return None if last is None else last[PFLOPS] / last["step"]
-
-
 def curves(series: Series, x: str, batch_size: int = 1) -> tuple[dict[str, Curve], str]:
-    """Every charted metric's curve against ``x`` ("step", "samples" seen, i.e. step x
-    ``batch_size``, wall "time", or training "compute" spent in PFLOPs) and the x label;
-    wall time is in s, min or h, whichever reads best. One pass over the points."""
-    points = series.points
-    t0 = points[0]["time"] if points else 0.0
-    per_step = pflops_per_step(points) if x == "compute" else None
-    if x == "compute" and per_step is None:  # a run from before compute accounting: steps stand in
-        x, fallback = "step", " (no compute recorded)"
-    else:
-        fallback = ""
-    scale = {"samples": batch_size, "compute": per_step}.get(x) or 1
-    out: dict[str, Curve] = {}
-    skip = {"step", "time"}
-    for point in points:
-        at = point["time"] - t0 if x == "time" else point["step"] * scale
-        for key, value in point.items():
-            if key in skip:
-                continue
-            curve = out.get(key)
-            if curve is None:
-                if chart_of(key) is None:
-                    skip.add(key)
-                    continue
-                curve = out[key] = ([], [])
-            curve[0].append(at)
-            curve[1].append(value)
-    if x != "time":
-        return out, {"samples": "samples seen", "compute": "training compute (PFLOPs)"}.get(x, "step") + fallback
-    span = max((xs[-1] for xs, _ in out.values()), default=0.0)
-    unit, scale = ("h", 3600.0) if span >= 7200 else ("min", 60.0) if span >= 120 else ("s", 1.0)
-    if scale != 1.0:
-        out = {key: ([t / scale for t in xs], ys) for key, (xs, ys) in out.items()}
-    return out, f"wall time ({unit})"
+    """Every charted metric's curve against ``x`` (ren_tui.curves.curves) and the x label."""
+    return _curves.curves(series, x, batch_size, keep=chart_of)
 
 
-class MonitorScreen(Screen[None]):
-    """One run, live: header, one chart at a time, log tail."""
+def charts_of(record: RunRecord, keys: object) -> list[str]:
+    """The charts a run has: an eval chart only for a run with a task to evaluate (a pretraining
+    run has none) or one that logged eval scores anyway."""
+    evaluated = bool(record.config.get("task")) or any(chart_of(key) == "eval" for key in keys)
+    return [name for name in CHARTS if name != "eval" or evaluated]
+
+
+class MonitorScreen(ChartKeys, Screen[None]):
+    """One run, live: header, one chart at a time, the log following its newest line."""
 
     BINDINGS = [
         Binding("escape", "app.pop_screen", "Back"),
         Binding("c", "next_chart", "Chart"),
+        Binding("L", "full_log", "Full log"),
         Binding("s", "smoothing", "Smooth"),
-        Binding("x", "x_axis", "X axis"),
-        Binding("z", "zoom", "Zoom"),
-        Binding("left_square_bracket", "shift(-1)", "◂ Window"),
-        Binding("right_square_bracket", "shift(1)", "Window ▸"),
-        Binding("0", "reset_zoom", "Reset zoom"),
+        *ChartKeys.CHART_BINDINGS,
+        *ChartKeys.CHART_WIDGET_BINDINGS,
     ]
+    AUTO_FOCUS = ""  # nothing: the chart's keys act from the screen; tab focuses the log pane to scroll it
+
+    class Loaded(Message):
+        """The run as a worker read it: the record, the series and the curves recomputed for them (None:
+        unchanged). A newer one replaces it (keeping its curves if the newer has none), so a screen that
+        fell behind draws once."""
+
+        def __init__(self, record: RunRecord, series: Series, plotted: tuple[dict[str, Curve], str] | None,
+                     drawn: tuple[tuple, str]) -> None:
+            super().__init__()
+            self.record, self.series, self.plotted, self.drawn = record, series, plotted, drawn
+
+        def can_replace(self, message: Message) -> bool:
+            if not isinstance(message, MonitorScreen.Loaded):
+                return False
+            if message.plotted is None and self.plotted is not None and message.drawn == self.drawn:
+                message.plotted = self.plotted
+            return message.plotted is not None or self.plotted is None
+
+    class LogRead(Message):
+        """Lines the log gained; consecutive ones merge (the newer carries both, in order)."""
+
+        def __init__(self, lines: list[str], exists: bool) -> None:
+            super().__init__()
+            self.lines, self.exists = lines, exists
+
+        def can_replace(self, message: Message) -> bool:
+            if isinstance(message, MonitorScreen.LogRead):
+                message.lines[:0] = self.lines
+                return True
+            return False
+
+    class Failed(Message):
+        def __init__(self, error: str) -> None:
+            super().__init__()
+            self.error = error
 
     def __init__(self, run_id: str) -> None:
         super().__init__()
         self.run_id = run_id
         self.shown = "loss"
+        self.charts = list(CHARTS)
         self.smoothing = 0.0
         self.x_mode = "step"
         self.curves: dict[str, Curve] = {}
+        self.record: RunRecord | None = None
         self._series: Series | None = None
         self._stamp: tuple = ()
         self._drawn: tuple[tuple, str] | None = None  # (series stamp, x mode) of self.curves
         self._worker: Worker[None] | None = None
+        self._log_worker: Worker[None] | None = None
+        self._log_position: tuple[int, int] | None = None
+        self._log_empty = True
 
     def compose(self) -> ComposeResult:
         yield Static(f"{self.run_id} · loading…", id="header")
         yield Static(id="controls")
-        yield Chart(TITLES[self.shown], id="chart")
-        yield Static(id="log", markup=False)
+        chart = Chart(TITLES[self.shown], id="chart")
+        chart.keys_hint = True
+        yield chart
+        yield Log(id="log", max_lines=LOG_LINES)
         yield Footer()
 
     def on_mount(self) -> None:
-        self.query_one("#log", Static).border_title = "log"
+        self.query_one("#log", Log).border_title = "log (L: full screen)"
         self._show_controls()
         self._refresh()
         self.set_interval(REFRESH_S, self._refresh)
@@ -154,9 +154,11 @@ class MonitorScreen(Screen[None]):
     # --- loading --------------------------------------------------------------
 
     def _refresh(self, force: bool = False) -> None:
-        """Start a read unless one is under way (``force``: replace it)."""
+        """Start the reads unless they are under way (``force``: replace the run's)."""
         if force or self._worker is None or self._worker.is_finished:
             self._worker = self._load()
+        if self._log_worker is None or self._log_worker.is_finished:
+            self._log_worker = self._read_log()
 
     @work(thread=True, exclusive=True, group="monitor-load")
     def _load(self) -> None:
@@ -169,28 +171,56 @@ class MonitorScreen(Screen[None]):
             series = self._series
             if series is None or stamp != self._stamp:
                 series = backend.series(self.run_id)
-            lines = backend.log_tail(self.run_id, LOG_LINES)
         except RenError as exc:
             if not worker.is_cancelled:
-                self.app.call_from_thread(self._failed, str(exc))
+                self.post_message(self.Failed(str(exc)))
             return
         drawn = (stamp, x_mode)
         batch = int(record.config.get("train", {}).get("batch_size") or 1)
         plotted = curves(series, x_mode, batch) if drawn != self._drawn else None
         if not worker.is_cancelled:
-            self.app.call_from_thread(self._apply, record, series, plotted, drawn, lines)
+            self.post_message(self.Loaded(record, series, plotted, drawn))
 
-    def _apply(self, record: RunRecord, series: Series, plotted: tuple[dict[str, Curve], str] | None,
-               drawn: tuple[tuple, str], lines: list[str]) -> None:
-        self._series, self._stamp = series, drawn[0]
+    @work(thread=True, group="monitor-log")
+    def _read_log(self) -> None:
+        """Read the lines the run's log gained since the last read (the last 64 KB the first time)."""
+        try:
+            chunk = self.app.backend.read_log(self.run_id, self._log_position)
+        except RenError as exc:
+            self.post_message(self.LogRead([f"({exc})"], True))
+            return
+        self._log_position = chunk.position
+        self.post_message(self.LogRead(shown_lines(chunk), chunk.position is not None))
+
+    def on_monitor_screen_loaded(self, message: Loaded) -> None:
+        """Show what a read found: the header always, the chart when its curves changed (and, after
+        the first curves are on screen, focus the chart for its keys: the footer redraws for them)."""
+        record, series, plotted, drawn = message.record, message.series, message.plotted, message.drawn
+        self.record, self._series, self._stamp = record, series, drawn[0]
         self._show_header(record)
-        log = self.query_one("#log", Static)
-        log.update(safe("\n".join(lines), lines=True) if lines else "(no log: only runs started by the queue have one)")
         if plotted is None or drawn[1] != self.x_mode:
             return
         self._drawn = drawn
         self.curves, self.chart.xlabel = plotted
+        self.charts = charts_of(record, self.curves)
+        if self.shown not in self.charts:
+            self.shown = "loss"
         self._show_chart()
+        self._show_controls()
+
+    def on_monitor_screen_log_read(self, message: LogRead) -> None:
+        """Add the new lines to the log pane: it follows them unless scrolled up to read."""
+        log = self.query_one("#log", Log)
+        if message.lines:
+            if self._log_empty:
+                log.clear()
+                self._log_empty = False
+            log.write_lines(message.lines)
+        elif self._log_empty and not log.line_count:
+            log.write_line(NO_LOG if not message.exists else "(the log is empty so far)")
+
+    def on_monitor_screen_failed(self, message: Failed) -> None:
+        self.query_one("#header", Static).update(markup("[$error]$msg", msg=message.error))
 
     def _show_chart(self) -> None:
         chart = self.chart
@@ -199,29 +229,29 @@ class MonitorScreen(Screen[None]):
         chart.set_series({key.removeprefix("eval/"): curve for key, curve in self.curves.items()
                           if chart_of(key) == self.shown})
 
-    def _failed(self, message: str) -> None:
-        self.query_one("#header", Static).update(markup("[$error]$msg", msg=message))
-
     def _show_header(self, r: RunRecord) -> None:
         style = STATUS_STYLE.get(r.status, "$text-muted")
+        live = ""
+        if r.status == "running":  # the trainer's own pid once it took over from the queue's runner
+            live = " · ETA $eta · " + ("pid $pid" if r.pid else "trainer starting")
         self.query_one("#header", Static).update(markup(
-            f"[b]$id[/b] · [{style}]$status[/] · $steps steps · $duration · $device · best $best",
+            f"[b]$id[/b] · [{style}]$status[/] · $steps steps · $duration{live} · $device · best $best",
             id=r.id, status=r.status, steps=format_steps(r), duration=format_duration(r),
+            eta=format_eta(r, self._series.points if self._series else None), pid=str(r.pid),
             device=r.device or "no device", best=format_run_scores(r, short=True),
         ) + (markup("\n[$text-muted]$compute", compute=compute) if (compute := format_compute(r)) else ""))
 
     def _show_controls(self) -> None:
-        x_range = self.chart.x_range
-        zoom = "all" if x_range is None else f"{x_range[0]:g}-{x_range[1]:g}"
-        tabs = "  ".join(f"[b $accent]{label}[/]" if name == self.shown else label for name, label in CHARTS.items())
+        zoom = self.zoom_text()
+        tabs = "  ".join(f"[b $accent]{CHARTS[name]}[/]" if name == self.shown else CHARTS[name]
+                         for name in self.charts)
         self.query_one("#controls", Static).update(
             f"{tabs}  │  smoothing {self.smoothing:g} · x {self.x_mode} · zoom {zoom}")
 
     # --- actions --------------------------------------------------------------
 
     def action_next_chart(self) -> None:
-        names = list(CHARTS)
-        self.shown = names[(names.index(self.shown) + 1) % len(names)]
+        self.shown = self.charts[(self.charts.index(self.shown) + 1) % len(self.charts)]
         self._show_chart()
         self._show_controls()
 
@@ -231,47 +261,10 @@ class MonitorScreen(Screen[None]):
             self.chart.smoothing = self.smoothing
         self._show_controls()
 
-    def action_x_axis(self) -> None:
-        self.x_mode = X_MODES[(X_MODES.index(self.x_mode) + 1) % len(X_MODES)]
-        self._set_range(None)
+    def x_mode_changed(self) -> None:
         self._refresh(force=True)
 
-    def action_zoom(self) -> None:
-        def zoom(answer: str | None) -> None:
-            if answer is None:
-                return
-            if not answer.strip():
-                self._set_range(None)
-                return
-            try:
-                self._set_range(parse_range(answer))
-            except ValueError as exc:
-                self.notify(str(exc), severity="error", markup=False)
+    def action_full_log(self) -> None:
+        from ren_tui.screens.log import LogScreen
 
-        x_range = self.chart.x_range
-        current = "" if x_range is None else f"{x_range[0]:g}-{x_range[1]:g}"
-        prompt = Prompt(f"Show the x range ({self.chart.xlabel})", current, "e.g. 100-500; empty shows all")
-        self.app.push_screen(prompt, zoom)
-
-    def action_shift(self, direction: int) -> None:
-        """Without zoom, show the first or last half; with zoom, move by half a window."""
-        xs = [x for curve_xs, _ in self.curves.values() for x in curve_xs[:1] + curve_xs[-1:]]
-        if not xs:
-            self.notify("No points yet.")
-            return
-        lo, hi = min(xs), max(xs)
-        if self.chart.x_range is None:
-            half = (hi - lo) / 2
-            self._set_range((lo, lo + half) if direction < 0 else (hi - half, hi))
-            return
-        start, end = self.chart.x_range
-        width = end - start
-        start = min(max(start + direction * width / 2, lo), max(hi - width, lo))
-        self._set_range((start, start + width))
-
-    def action_reset_zoom(self) -> None:
-        self._set_range(None)
-
-    def _set_range(self, x_range: tuple[float, float] | None) -> None:
-        self.chart.x_range = x_range
-        self._show_controls()
+        self.app.push_screen(LogScreen(self.run_id))

@@ -27,7 +27,7 @@ from textual.screen import Screen
 from textual.widgets import DataTable, Footer, Header, Static
 from textual.worker import Worker
 
-from engine.display import format_duration, format_steps
+from engine.display import format_duration, format_eta, format_steps
 from engine.errors import RenError
 from engine.store import END_STATUSES, RunRecord
 from ren_tui.dialogs import Confirm, Prompt
@@ -42,7 +42,7 @@ REFRESH_S = 1.0
 RECENT = 10
 BAR_CELLS = 12
 COLUMNS = {
-    "running": ("name", "on", "steps", "time", "pid", "id"),
+    "running": ("name", "on", "steps", "time", "eta", "pid", "id"),
     "queued": ("#", "name", "gpus", "waits", "id"),
     "recent": ("name", "status", "steps", "time", "error", "id"),
 }
@@ -115,9 +115,11 @@ def first_line(text: str | None, width: int = 100) -> str:
 
 
 def running_cells(r: RunRecord) -> tuple[str, ...]:
+    """A running run's row: the pid is its trainer's ("starting" until the trainer records itself: the
+    queue's runner, which starts it, is not the process to watch in htop or nvidia-smi)."""
     on = "gpu " + ",".join(map(str, r.devices)) if r.devices else "cpu"
-    pid = "stopping" if r.cancel_requested_at else str(r.pid or r.runner_pid or "-")
-    return (cell(r.name), on, format_steps(r), format_duration(r), pid, cell(r.id))
+    pid = "stopping" if r.cancel_requested_at else str(r.pid) if r.pid else "starting"
+    return (cell(r.name), on, format_steps(r), format_duration(r), format_eta(r), pid, cell(r.id))
 
 
 def queued_cells(position: int, r: RunRecord, reason: str, resumes_at: int | None = None) -> tuple[str, ...]:
