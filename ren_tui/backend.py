@@ -55,7 +55,8 @@ class Series:
 class Backend:
     """The TUI's single door to runs, metrics, logs, the queue and the GPUs.
 
-    ``start_worker=False`` (tests) queues runs without starting a worker process.
+    ``start_worker=False`` (tests) queues runs without starting a worker process, and starts no model
+    inspector before a screen asks for one.
     ``inventory`` lists the GPUs (default: NVML's; tests pass fake ones).
     """
 
@@ -169,6 +170,21 @@ class Backend:
         """Start the model inspector now (it imports torch: seconds); why it failed, else None."""
         return self._the_inspector().start()
 
+    def warm_inspector(self) -> None:
+        """Start the model inspector and have it answer the default preset (run at app start, in a
+        worker), so the first Compose answers at once. A backend that starts no processes of its own
+        (``start_worker=False``: tests) warms only an inspector it was given."""
+        if not self.start_worker and self.inspector is None:
+            return
+        if self.start_inspector() is not None:
+            return  # Compose says why when it opens
+        preset = self.default_preset()
+        if preset is not None:
+            try:
+                self.inspect(self.preset_config(preset))
+            except RenError:
+                pass  # Compose reports a preset that does not load
+
     def inspect(self, config: dict[str, Any]) -> dict[str, Any]:
         """Validate ``config`` here (milliseconds), then ask the model inspector for its
         parameter report and compute estimate. The answer is a dict as
@@ -195,6 +211,11 @@ class Backend:
         """(label, path) of the shipped presets, then the user's (``<store>/presets/*.toml``)."""
         shipped = [(p.stem, p) for p in sorted(self.SHIPPED_PRESETS.glob("*.toml"))]
         return shipped + [(f"{p.stem} (yours)", p) for p in sorted(self.user_presets_dir().glob("*.toml"))]
+
+    def default_preset(self) -> Path | None:
+        """The preset Compose starts from: ``quickstart``, else the first."""
+        presets = self.presets()
+        return next((p for label, p in presets if label == "quickstart"), presets[0][1] if presets else None)
 
     def preset_config(self, path: Path) -> dict[str, Any]:
         """A preset's resolved config. A relative ``train.init_from = "preset:FILE"`` is

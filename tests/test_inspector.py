@@ -279,6 +279,25 @@ def test_client_reports_a_helper_that_cannot_start() -> None:
     assert not broken.ready
 
 
+def test_closing_does_not_wait_for_a_helper_still_starting() -> None:
+    """The app starts the helper when it opens; quitting while it still imports torch must not hang
+    until the start-up timeout."""
+    import time
+
+    slow = Inspector(command=[sys.executable, "-c", "import time; time.sleep(60)"], timeout=30)
+    failed: list[str | None] = []
+    starting = threading.Thread(target=lambda: failed.append(slow.start()))
+    starting.start()
+    deadline = time.monotonic() + 10
+    while slow._proc is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    began = time.monotonic()
+    slow.close()
+    assert time.monotonic() - began < 5
+    starting.join(5)
+    assert not starting.is_alive() and "did not start" in (failed[0] or "") and not slow.ready
+
+
 def test_backend_validates_before_asking_the_inspector(ren_home: Path) -> None:
     class Refuses:
         def inspect(self, config: dict) -> dict:

@@ -3,6 +3,8 @@ the model inspector, saved as a preset, queued, and frozen through Freeze."""
 
 from __future__ import annotations
 
+import asyncio
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -66,6 +68,24 @@ class FakeInspector:
                 "frozen_groups": [n for n in names if n in frozen],
                 "flops_per_sample": {"forward": sum(flops.values()), "train": 3 * sum(flops.values()),
                                      "groups": flops}}
+
+
+class SlowInspector(FakeInspector):
+    """A helper that is still importing torch: it starts, and answers, once ``ready`` is set."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.starting = threading.Event()
+        self.ready = threading.Event()
+
+    def start(self) -> str | None:
+        self.starting.set()
+        self.ready.wait(30)
+        return None
+
+    def inspect(self, config: dict[str, Any]) -> dict[str, Any]:
+        self.ready.wait(30)
+        return super().inspect(config)
 
 
 def make_app(ren_home: Path, inspector: Any = None) -> RenApp:
@@ -187,6 +207,36 @@ async def test_live_parameter_count_through_the_real_inspector(ren_home: Path) -
             assert second["flops_per_sample"]["forward"] > first["flops_per_sample"]["forward"]
     finally:
         app.backend.close_inspector()
+
+
+async def test_the_inspector_starts_with_the_app_and_compose_never_waits_for_it(ren_home: Path) -> None:
+    """The helper starts when the app does (it imports torch: seconds), so Compose's first answer does not
+    pay for it; until it is ready, Compose shows its form and takes edits, and the counts fill in after."""
+    inspector = SlowInspector()
+    app = make_app(ren_home, inspector)
+    try:
+        async with app.run_test(size=(100, 30)) as pilot:
+            assert await asyncio.to_thread(inspector.starting.wait, 5), "the inspector did not start with the app"
+            await pilot.press("2")
+            screen = app.screen
+            assert isinstance(screen, ComposeScreen)
+            deadline = time.monotonic() + 10
+            while not screen.loaded and time.monotonic() < deadline:
+                await pilot.pause(0.05)
+            assert screen.query_one("#" + wid("run.name"), Input).value == "quickstart"
+            assert "starting model inspector" in str(screen.query_one("#inspect-state", Static).render())
+            steps = screen.query_one("#" + wid("train.max_steps"), Input)
+            steps.focus()
+            await pilot.press("end", "0")
+            assert screen.raw["train"]["max_steps"] == 10000
+            assert not inspector.ready.is_set() and screen.answer is None
+            inspector.ready.set()
+            answer = await settle(app, pilot, screen)
+            assert answer["ok"] and answer["config"]["train"]["max_steps"] == 10000
+            assert "✓ valid" in str(screen.query_one("#inspect-state", Static).render())
+            assert f"{answer['params']['total']:>14,}" in summary(screen)
+    finally:
+        inspector.ready.set()
 
 
 async def test_invalid_value_is_shown_next_to_its_field(ren_home: Path) -> None:

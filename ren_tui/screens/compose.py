@@ -281,7 +281,7 @@ class ComposeScreen(Screen[None]):
     @work(thread=True, exclusive=True, group="compose-presets")
     def _list_presets(self, load_default: bool) -> None:
         presets = self.app.backend.presets()
-        default = next((p for label, p in presets if label == "quickstart"), presets[0][1] if presets else None)
+        default = self.app.backend.default_preset()
         raw = self.app.backend.preset_config(default) if load_default and default is not None else None
         self.app.call_from_thread(self._presets_listed, presets, default if raw is not None else None, raw)
 
