@@ -192,12 +192,32 @@ class Backend:
         ``frozen_groups``, or ``error`` and ``key``)."""
         from engine.config import config_from_dict
         from engine.errors import ConfigError
+        from engine.runs import check_init_from
 
         try:
-            config_from_dict(config)
+            check_init_from(self.store, config_from_dict(config))
         except ConfigError as exc:
             return {"id": None, "ok": False, "error": str(exc), "key": exc.key}
+        except RenError as exc:  # a damaged weights file
+            return {"id": None, "ok": False, "error": str(exc), "key": "train.init_from"}
         return self._the_inspector().inspect(config)
+
+    def timed_runs(self) -> tuple[str, list[RunRecord]]:
+        """(this machine's host name, the store's finished runs): Compose times a config by the
+        training throughput runs measured here (``ren_tui.estimate``)."""
+        import socket
+
+        return socket.gethostname(), [r for r in self.store.list_runs() if r.status == "finished"]
+
+    def init_sources(self) -> list[tuple[str, str]]:
+        """What a run can start from (``train.init_from``), as (label, value): finished runs, newest
+        first, then the presets (a preset's finished run is reused, or it is queued first)."""
+        from engine.runs import PRESET_PREFIX, RUN_PREFIX
+
+        runs = sorted((r for r in self.store.list_runs() if r.status == "finished"),
+                      key=lambda r: r.ended_at or 0.0, reverse=True)
+        out = [(f"run {r.name} · {r.stage}/{r.kind} · {r.id[-4:]}", RUN_PREFIX + r.id) for r in runs]
+        return out + [(f"preset {label}", PRESET_PREFIX + str(path.resolve())) for label, path in self.presets()]
 
     def close_inspector(self) -> None:
         """Stop the model inspector's process, if one was started."""

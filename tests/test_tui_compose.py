@@ -4,6 +4,7 @@ the model inspector, saved as a preset, queued, and frozen through Freeze."""
 from __future__ import annotations
 
 import asyncio
+import socket
 import threading
 import time
 from pathlib import Path
@@ -12,6 +13,8 @@ from typing import Any
 from textual.widgets import Input, Select, Static
 
 from engine.config import config_from_dict, load_preset
+from engine.display import format_seconds
+from engine.dotted import get_in
 from engine.errors import ConfigError
 from engine.freeze import select
 from engine.store import Store
@@ -28,7 +31,7 @@ from ren_tui.screens.compose import (
     wid,
 )
 from ren_tui.screens.freeze import FreezeScreen
-from tests.tui_fake import PRESETS, preset_config
+from tests.tui_fake import PRESETS, canned_run, preset_config
 
 GROUPS = {  # quickstart's model, as the real inspector reports it
     "text.embeddings": 8960, "text.layers[0]": 132480, "text.layers[1]": 132480, "text.final": 0,
@@ -379,3 +382,125 @@ def test_compose_snapshot(snap_compare: Any, ren_home: Path) -> None:
 
     assert snap_compare(app, terminal_size=(100, 30), run_before=run_before)
 
+
+
+# --- the fields of issue 17: seed, dropout, warmup, weight decay, intervals, init_from ------------------------
+
+NEW_FIELDS = ("run.seed", "model.text.dropout", "model.vision.dropout", "model.fusion.dropout",
+              "optim.warmup_ratio", "optim.weight_decay", "train.log_every", "train.eval_every",
+              "train.checkpoint_every")
+
+
+async def open_compose(app: RenApp, pilot: Any, config: dict[str, Any]) -> ComposeScreen:
+    await app.push_screen(ComposeScreen(config))
+    screen = app.screen
+    assert isinstance(screen, ComposeScreen)
+    await settle(app, pilot, screen)
+    return screen
+
+
+async def test_seed_dropout_schedule_and_intervals_are_fields(ren_home: Path) -> None:
+    app = make_app(ren_home, FakeInspector())
+    config = app.backend.preset_config(PRESETS / "quickstart.toml")
+    async with app.run_test(size=(100, 40)) as pilot:
+        screen = await open_compose(app, pilot, config)
+        for key in NEW_FIELDS:  # each shows the preset's value
+            assert screen.query_one("#" + wid(key), Input).value == str(get_in(config, key)), key
+        edits = {"run.seed": ("7", 7), "model.text.dropout": ("0.2", 0.2), "model.fusion.dropout": ("0.05", 0.05),
+                 "optim.warmup_ratio": ("0.2", 0.2), "optim.weight_decay": ("0.1", 0.1),
+                 "train.log_every": ("10", 10), "train.eval_every": ("100", 100),
+                 "train.checkpoint_every": ("200", 200)}
+        for key, (typed, _) in edits.items():
+            screen.query_one("#" + wid(key), Input).value = typed
+        answer = await settle(app, pilot, screen)
+        assert answer["ok"]
+        for key, (_, value) in edits.items():
+            assert get_in(screen.raw, key) == value and get_in(answer["config"], key) == value, key
+
+        screen.query_one("#" + wid("model.vision.dropout"), Input).value = ""  # unset: the tower's own
+        answer = await settle(app, pilot, screen)
+        assert answer["ok"] and get_in(screen.raw, "model.vision.dropout") is None
+
+        warmup = screen.query_one("#" + wid("optim.warmup_ratio"), Input)
+        warmup.value = "1.5"
+        answer = await settle(app, pilot, screen)
+        assert not answer["ok"] and answer["key"] == "optim.warmup_ratio"
+        error = screen.query_one("#err-" + wid("optim.warmup_ratio"), Static)
+        assert error.display and "optim.warmup_ratio" in str(error.render())
+
+        screen.query_one("#" + wid("stage"), Select).value = "pretrain"  # pretraining evaluates no task
+        await pilot.pause()
+        assert not screen.query_one("#row-" + wid("train.eval_every")).display
+        assert screen.query_one("#row-" + wid("train.log_every")).display
+
+
+async def test_init_from_is_picked_from_finished_runs_and_presets(ren_home: Path) -> None:
+    store = Store(ren_home)
+    done = canned_run(store, "pretrained-here", stage="pretrain")
+    other = canned_run(store, "other-shape", config=preset_config(overrides=["model.fusion.hidden_size=64"]))
+    canned_run(store, "still-running", status="running")
+    app = make_app(ren_home, FakeInspector())
+    config = app.backend.preset_config(PRESETS / "quickstart.toml")
+    async with app.run_test(size=(100, 40)) as pilot:
+        screen = await open_compose(app, pilot, config)
+        pick = screen.query_one("#" + wid("train.init_from") + "-pick", Select)
+        values = [value for _, value in pick._options]
+        assert f"run:{done.id}" in values and f"run:{other.id}" in values
+        assert not any(v.endswith(r.id) for r in store.list_runs() if r.status != "finished" for v in values)
+        assert pick.value == config["train"]["init_from"] == f"preset:{PRESETS / 'easyvqa_pretrain.toml'}"
+        assert not screen.query_one("#row-" + wid("train.init_from") + "-custom").display
+
+        pick.value = f"run:{done.id}"
+        answer = await settle(app, pilot, screen)
+        assert answer["ok"] and screen.raw["train"]["init_from"] == f"run:{done.id}"
+
+        pick.value = f"run:{other.id}"  # another architecture: said next to the field
+        answer = await settle(app, pilot, screen)
+        assert not answer["ok"] and answer["key"] == "train.init_from"
+        error = screen.query_one("#err-" + wid("train.init_from"), Static)
+        assert error.display and "another architecture" in str(error.render())
+
+        pick.value = ""  # fresh weights
+        answer = await settle(app, pilot, screen)
+        assert answer["ok"] and screen.raw["train"].get("init_from") is None and not error.display
+
+        pick.value = "__custom__"
+        await pilot.pause()
+        typed = screen.query_one("#" + wid("train.init_from"), Input)
+        assert typed.has_focus and screen.query_one("#row-" + wid("train.init_from") + "-custom").display
+        await pilot.press(*"/no/ckpt")
+        answer = await settle(app, pilot, screen)
+        assert screen.raw["train"]["init_from"] == "/no/ckpt"
+        assert not answer["ok"] and answer["key"] == "train.init_from" and "does not exist" in answer["error"]
+
+
+# --- the run's total compute and time --------------------------------------------------------------------
+
+
+async def test_compose_times_the_run_by_this_machines_finished_runs(ren_home: Path) -> None:
+    store = Store(ren_home)
+    app = make_app(ren_home, FakeInspector())
+    config = preset_config()
+    async with app.run_test(size=(100, 50)) as pilot:
+        screen = await open_compose(app, pilot, config)
+        text = summary(screen)
+        assert "Run total (estimate)" in text and "  time        -" in text
+        assert "no finished run on this machine" in text
+
+        flops = screen.answer["flops_per_sample"]
+        done = canned_run(store, "timed", steps=1000)
+        store.update_run(done.id, host=socket.gethostname(), compute={
+            "device": "cpu: test", "processes": 1, "pflops": 2.0, "train_seconds": 400.0,
+            "flops_per_sample": {"train": flops["train"]}})
+        await app.push_screen(ComposeScreen(config))
+        screen = app.screen
+        await settle(app, pilot, screen)
+        deadline = time.monotonic() + 10
+        while "time        ≈" not in summary(screen) and time.monotonic() < deadline:
+            await pilot.pause(0.05)
+        text = summary(screen)
+        rate = 2.0e15 / 400.0
+        work = flops["train"] * config["train"]["batch_size"] * config["train"]["max_steps"]
+        assert f"  time        ≈ {format_seconds(work / rate)}" in text
+        flat = " ".join(line.strip() for line in text.splitlines())
+        assert "from 1 finished run of this size on this machine" in flat
