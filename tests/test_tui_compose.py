@@ -504,3 +504,27 @@ async def test_compose_times_the_run_by_this_machines_finished_runs(ren_home: Pa
         assert f"  time        ≈ {format_seconds(work / rate)}" in text
         flat = " ".join(line.strip() for line in text.splitlines())
         assert "from 1 finished run of this size on this machine" in flat
+
+
+def test_compose_training_snapshot(snap_compare: Any, ren_home: Path) -> None:
+    """The Training and Intervals sections (init_from picked from the presets) and the side panel's run
+    total, timed by a finished run of this size on this machine."""
+    store = Store(ren_home)
+    done = canned_run(store, "timed", steps=1000)
+    per_sample = 30 * sum(GROUPS.values())  # FakeInspector's training FLOPs per sample
+    store.update_run(done.id, host=socket.gethostname(), compute={
+        "device": "cpu: test", "processes": 1, "pflops": 1.5, "train_seconds": 600.0,
+        "flops_per_sample": {"train": per_sample}})
+    app = make_app(ren_home, FakeInspector())
+
+    async def run_before(pilot: Any) -> None:
+        await app.push_screen(ComposeScreen(app.backend.preset_config(PRESETS / "quickstart.toml")))
+        screen = app.screen
+        await settle(app, pilot, screen)
+        deadline = time.monotonic() + 10
+        while "time        ≈" not in summary(screen) and time.monotonic() < deadline:
+            await pilot.pause(0.05)
+        screen.query_one("#section-training").scroll_visible(top=True, animate=False)
+        await pilot.pause(0.2)
+
+    assert snap_compare(app, terminal_size=(100, 30), run_before=run_before)

@@ -75,7 +75,7 @@ SECTIONS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
 LABELS = {"run.name": "name", "model.kind": "architecture", "model.pooler": "pooler", "optim.lr": "learning rate",
           "train.mixed_precision": "precision", "data.dataset": "data set", "objectives.mlm": "MLM",
           "objectives.itm": "ITM", "objectives.itc": "ITC", "freeze.groups": "frozen", "task.name": "task",
-          "train.init_from": "start from", "optim.warmup_ratio": "warmup share", "train.log_every": "log every",
+          "train.init_from": "weights from", "optim.warmup_ratio": "warmup share", "train.log_every": "log every",
           "train.eval_every": "evaluate every", "train.checkpoint_every": "save every"}
 PLACEHOLDERS = {"dropout": "unset: 0 (manual), the checkpoint's (named)"}
 FRESH = ""
