@@ -96,7 +96,7 @@ class RenApp(App[None]):
 
     def on_mount(self) -> None:
         self.sub_title = str(self.backend.store.root)
-        self.warm_inspector()
+        self.call_after_refresh(self.warm_inspector)  # after the first paint: it imports torch, a core's work
 
     @work(thread=True, exclusive=True, group="inspector-warm-up")
     def warm_inspector(self) -> None:
