@@ -2,11 +2,14 @@
 
 The form covers a curated list of keys, each with a widget chosen from its type
 in :mod:`engine.config` (a Select for choices, a Switch for flags, an Input for
-numbers and text); sections follow the architecture kind and the stage. On
-every change (debounced) a worker thread asks the model inspector for the
-parameter count per part and the estimated compute per sample, and a
-validation error is shown next to the field it names. ``ctrl+s`` saves a preset
-TOML, ``ctrl+r`` queues the run, ``f`` opens Freeze on the current config.
+numbers and text); sections follow the architecture kind and the stage; the
+weights a run starts from (``train.init_from``) are picked from the store's
+finished runs and the presets. On every change (debounced) a worker thread asks
+the model inspector for the parameter count per part and the compute per
+sample, and a validation error is shown next to the field it names. The side
+panel adds the run's total compute and how long it takes at the throughput this
+machine's finished runs measured (:mod:`ren_tui.estimate`). ``ctrl+s`` saves a
+preset TOML, ``ctrl+r`` queues the run, ``f`` opens Freeze on the current config.
 """
 
 from __future__ import annotations
@@ -249,9 +252,9 @@ class ComposeScreen(Screen[None]):
         self._section_tags: dict[str, str] = {}
         self._answered_generation = -1
         self._init_sources: list[tuple[str, str]] = []
-        self._runs: tuple[str, list[RunRecord]] = ("", [])
-        """(this machine's host name, the store's runs): what the time estimate is measured on."""
         """``train.init_from`` picks other than fresh weights: (label, value) of finished runs and presets."""
+        self._runs: tuple[str, list[RunRecord]] = ("", [])
+        """(this machine's host name, the store's finished runs): what the time estimate is measured on."""
 
     # --- layout -------------------------------------------------------------------
 
