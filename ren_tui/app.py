@@ -115,6 +115,12 @@ class RenApp(App[None]):
 
     def on_mount(self) -> None:
         self.sub_title = str(self.backend.store.root)
+        self.call_after_refresh(self.warm_inspector)  # after the first paint: it imports torch, a core's work
+
+    @work(thread=True, exclusive=True, group="inspector-warm-up")
+    def warm_inspector(self) -> None:
+        """Start Compose's model inspector with the app (it imports torch: seconds), so Compose answers at once."""
+        self.backend.warm_inspector()
 
     def on_unmount(self) -> None:
         self.backend.close_inspector()  # the Compose screen's helper process, if it was started

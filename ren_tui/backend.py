@@ -75,7 +75,8 @@ class LogChunk:
 class Backend:
     """The TUI's single door to runs, metrics, logs, the queue and the GPUs.
 
-    ``start_worker=False`` (tests) queues runs without starting a worker process.
+    ``start_worker=False`` (tests) queues runs without starting a worker process, and starts no model
+    inspector before a screen asks for one.
     ``inventory`` lists the GPUs (default: NVML's; tests pass fake ones).
     """
 
@@ -287,6 +288,21 @@ class Backend:
         """Start the model inspector now (it imports torch: seconds); why it failed, else None."""
         return self._the_inspector().start()
 
+    def warm_inspector(self) -> None:
+        """Start the model inspector and have it answer the default preset (run at app start, in a
+        worker), so the first Compose answers at once. A backend that starts no processes of its own
+        (``start_worker=False``: tests) warms only an inspector it was given."""
+        if not self.start_worker and self.inspector is None:
+            return
+        if self.start_inspector() is not None:
+            return  # Compose says why when it opens
+        preset = self.default_preset()
+        if preset is not None:
+            try:
+                self.inspect(self.preset_config(preset))
+            except RenError:
+                pass  # Compose reports a preset that does not load
+
     def inspect(self, config: dict[str, Any]) -> dict[str, Any]:
         """Validate ``config`` here (milliseconds), then ask the model inspector for its
         parameter report and compute estimate. The answer is a dict as
@@ -294,12 +310,32 @@ class Backend:
         ``frozen_groups``, or ``error`` and ``key``)."""
         from engine.config import config_from_dict
         from engine.errors import ConfigError
+        from engine.runs import check_init_from
 
         try:
-            config_from_dict(config)
+            check_init_from(self.store, config_from_dict(config))
         except ConfigError as exc:
             return {"id": None, "ok": False, "error": str(exc), "key": exc.key}
+        except RenError as exc:  # a damaged weights file
+            return {"id": None, "ok": False, "error": str(exc), "key": "train.init_from"}
         return self._the_inspector().inspect(config)
+
+    def timed_runs(self) -> tuple[str, list[RunRecord]]:
+        """(this machine's host name, the store's finished runs): Compose times a config by the
+        training throughput runs measured here (``ren_tui.estimate``)."""
+        import socket
+
+        return socket.gethostname(), [r for r in self.store.list_runs() if r.status == "finished"]
+
+    def init_sources(self) -> list[tuple[str, str]]:
+        """What a run can start from (``train.init_from``), as (label, value): finished runs, newest
+        first, then the presets (a preset's finished run is reused, or it is queued first)."""
+        from engine.runs import PRESET_PREFIX, RUN_PREFIX
+
+        runs = sorted((r for r in self.store.list_runs() if r.status == "finished"),
+                      key=lambda r: r.ended_at or 0.0, reverse=True)
+        out = [(f"run {r.name} · {r.stage}/{r.kind} · {r.id[-4:]}", RUN_PREFIX + r.id) for r in runs]
+        return out + [(f"preset {label}", PRESET_PREFIX + str(path.resolve())) for label, path in self.presets()]
 
     def close_inspector(self) -> None:
         """Stop the model inspector's process, if one was started."""
@@ -313,6 +349,11 @@ class Backend:
         """(label, path) of the shipped presets, then the user's (``<store>/presets/*.toml``)."""
         shipped = [(p.stem, p) for p in sorted(self.SHIPPED_PRESETS.glob("*.toml"))]
         return shipped + [(f"{p.stem} (yours)", p) for p in sorted(self.user_presets_dir().glob("*.toml"))]
+
+    def default_preset(self) -> Path | None:
+        """The preset Compose starts from: ``quickstart``, else the first."""
+        presets = self.presets()
+        return next((p for label, p in presets if label == "quickstart"), presets[0][1] if presets else None)
 
     def preset_config(self, path: Path) -> dict[str, Any]:
         """A preset's resolved config. A relative ``train.init_from = "preset:FILE"`` is

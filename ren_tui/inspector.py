@@ -37,6 +37,7 @@ class Inspector:
         self._buffer = b""
         self._next_id = 0
         self._cache: OrderedDict[str, dict[str, Any]] = OrderedDict()
+        self._closing = False
         atexit.register(self.close)
 
     @property
@@ -68,15 +69,27 @@ class Inspector:
             return answer
 
     def close(self) -> None:
-        """Stop the helper (it also exits by itself when this process goes away)."""
-        with self._lock:
+        """Stop the helper (it also exits by itself when this process goes away). One still starting, or
+        busy with an answer, is killed rather than waited for: the app must quit at once."""
+        if not self._lock.acquire(blocking=False):
+            self._closing = True
+            proc = self._proc
+            if proc is not None:
+                proc.kill()  # the thread waiting on it reads the end of its output and lets go
+            self._lock.acquire()
+        try:
             self._stop()
+        finally:
+            self._closing = False
+            self._lock.release()
 
     # --- under the lock ---------------------------------------------------------
 
     def _ensure_started(self) -> str | None:
         if self.ready:
             return None
+        if self._closing:
+            return "the model inspector was closed"
         self._stop()
         stderr: Any = subprocess.DEVNULL
         if self.log is not None:
@@ -90,6 +103,9 @@ class Inspector:
         finally:
             if stderr is not subprocess.DEVNULL:
                 stderr.close()
+        if self._closing:  # close() came between the checks and the start: it found no process to kill
+            self._stop()
+            return "the model inspector was closed"
         try:
             line = self._read_line(time.monotonic() + self.timeout)
         except (_Ended, TimeoutError):
@@ -116,7 +132,7 @@ class Inspector:
             return answer
         except (OSError, _Ended):
             self._stop()
-            if retry:
+            if retry and not self._closing:
                 return self._ask(config, retry=False)
             return _failure(f"the model inspector stopped; it restarts with the next change{self._log_hint()}")
         except TimeoutError:

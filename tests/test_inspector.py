@@ -18,7 +18,7 @@ import pytest
 
 from engine.config import config_from_dict
 from engine.errors import ConfigError
-from engine.inspector import answer_line, flops_per_sample, model_summary
+from engine.inspector import answer_line, expected_max, flops_per_sample, model_summary, typical_text_len
 from engine.store import Store
 from ren_tui.backend import Backend
 from ren_tui.inspector import Inspector
@@ -80,7 +80,7 @@ def test_helper_reports_what_model_summary_reports(helper: subprocess.Popen[str]
     assert answer["params"] == model_summary(cfg)
     assert answer["config"] == cfg.to_dict()
     assert answer["frozen_groups"] == []
-    assert answer["flops_per_sample"] == flops_per_sample(cfg, answer["params"])
+    assert answer["flops_per_sample"] == flops_per_sample(cfg)
 
 
 def test_helper_answers_an_invalid_config_with_its_key(helper: subprocess.Popen[str]) -> None:
@@ -117,24 +117,116 @@ def test_answer_line_turns_every_failure_into_an_answer() -> None:
     assert bad_kind is not None and (bad_kind["id"], bad_kind["key"]) == (7, "model.kind")
 
 
-def test_flops_per_sample_follows_the_documented_formula() -> None:
-    """forward = sum 2 * P_g * T_g * passes; T_text = 16, T_image = (32 // 16)^2 + 1 = 5."""
-    params = {"groups": {name: {"total": 100} for name in (
-        "text.embeddings", "text.layers[0]", "vision.embeddings", "vision.layers[0]", "fusion.layers[0]",
-        "pooler", "heads.task")}}
-    finetune = flops_per_sample(config_from_dict(TINY), params)
-    assert finetune["tokens"] == {"text": 16, "image": 5} and finetune["passes"] == 1
-    assert finetune["groups"] == {"text.embeddings": 0, "text.layers[0]": 3200, "vision.embeddings": 1000,
-                                  "vision.layers[0]": 1000, "fusion.layers[0]": 2100, "pooler": 200,
-                                  "heads.task": 200}
-    assert finetune["forward"] == 7700 and finetune["train"] == 3 * 7700
-    raw = {**TINY, "objectives": {"mlm": {"mask_prob": 0.25}, "itm": {}}}
-    del raw["task"]
-    params["groups"]["heads.mlm"] = {"total": 100}
-    pretrain = flops_per_sample(config_from_dict(raw), params)
-    assert pretrain["passes"] == 2
-    assert pretrain["groups"]["text.layers[0]"] == 6400  # two row blocks through the encoder
-    assert pretrain["groups"]["heads.mlm"] == 800  # 2 * 100 * (0.25 * 16), once
+# The estimate against what training measures: engine.train counts its first step (and its first evaluation
+# batch) with torch's flop counter (engine.compute.FlopMeter); the estimate must give the same figure before
+# the run exists. Tiny easy-VQA configs (the data is embedded): a timm CNN, pretraining row blocks with
+# every objective and hard ITM negatives, a one-tower model (whose last layer computes only the rows the
+# heads read), a frozen tower.
+ESTIMATE_CASES = {
+    "finetune, timm CNN": {
+        "model": {"kind": "two_tower", "text": {"hidden_size": 32, "layers": 2, "heads": 2, "max_positions": 32},
+                  "vision": {"source": "random", "library": "timm", "name": "test_resnet", "image_size": 64},
+                  "fusion": {"hidden_size": 64, "layers": 2, "heads": 2}},
+        "task": {"name": "vqa", "loss": "ce"}, "data": {"max_text_len": 24}},
+    "pretrain, every objective, hard negatives": {
+        "model": {"kind": "two_tower", "text": {"hidden_size": 32, "layers": 1, "heads": 2, "max_positions": 32},
+                  "vision": {"hidden_size": 32, "layers": 1, "heads": 2, "patch_size": 8, "image_size": 32},
+                  "fusion": {"hidden_size": 32, "layers": 2, "heads": 2}},
+        "objectives": {"mlm": {}, "itm": {"negatives": "hard"}, "itc": {}}, "data": {"max_text_len": 24}},
+    "pretrain, one tower": {
+        "model": {"kind": "one_tower", "backbone": {"hidden_size": 32, "layers": 2, "heads": 2, "patch_size": 8,
+                                                    "image_size": 32}},
+        "objectives": {"mlm": {"mask_prob": 0.3}, "itm": {}}, "data": {"max_text_len": 24}},
+    "finetune, frozen vision tower": {
+        "model": {"kind": "two_tower", "text": {"hidden_size": 32, "layers": 1, "heads": 2, "max_positions": 32},
+                  "vision": {"hidden_size": 32, "layers": 2, "heads": 2, "patch_size": 8, "image_size": 32},
+                  "fusion": {"hidden_size": 32, "layers": 1, "heads": 2}},
+        "task": {"name": "vqa"}, "freeze": {"groups": ["vision"]}, "data": {"max_text_len": 24}},
+}
+ESTIMATE_TOLERANCE = 0.05
+"""The estimate takes the expected padded text length of a batch; the first batch has its own."""
+
+
+def measured_flops(raw: dict, cache: Path) -> tuple[dict[str, float], int]:
+    """(FlopMeter's per-sample figures of the first training step and evaluation batch, as
+    engine.train.train counts them, the first batch's padded text length)."""
+    import torch
+    from torch.utils.data import DataLoader
+
+    from engine.compute import FlopMeter
+    from engine.data.pipeline import build_data
+    from engine.freeze import apply_freeze
+    from engine.models import build_model
+    from engine.train import EpochSampler, _finetune_step, _identity, _pretrain_step, evaluate
+
+    cfg = config_from_dict({**raw, "train": {"batch_size": 16}})
+    data = build_data(cfg, cache_dir=cache)
+    torch.manual_seed(0)
+    model = build_model(cfg, vocab_size=data.vocab_size, num_answers=data.num_answers)
+    apply_freeze(model, cfg.freeze)
+    model.train()
+    loader = DataLoader(data.train, batch_size=16, sampler=EpochSampler(len(data.train), 0), collate_fn=_identity)
+    batch = next(iter(loader))
+    meter = FlopMeter()
+    with meter.count("forward", batch):
+        loss, _ = (_pretrain_step if cfg.objectives else _finetune_step)(model, batch, cfg, data,
+                                                                         torch.Generator().manual_seed(0))
+    with meter.count("backward", batch):
+        loss.backward()
+    if cfg.task is not None:
+        class OneProcess:  # what evaluate() asks of accelerate
+            gather_for_metrics = staticmethod(lambda t: t)
+
+        eval_loader = DataLoader(data.eval, batch_size=256, collate_fn=_identity)
+        evaluate(model, eval_loader, OneProcess(), 256, cfg.task.name, flops=meter)
+    return meter.per_sample(), int(batch["input_ids"].shape[1])
+
+
+@pytest.mark.parametrize("case", list(ESTIMATE_CASES))
+def test_the_estimate_is_what_training_measures(case: str, data_cache: Path) -> None:
+    """The helper's compute per sample agrees with training's count of its first step within
+    ESTIMATE_TOLERANCE (it was 20% above on the quickstart presets: a formula over parameter counts
+    that took every text at data.max_text_len, ignored convolutions and counted the last layer whole)."""
+    raw = {**ESTIMATE_CASES[case], "train": {"batch_size": 16}}
+    answer = answer_line(json.dumps({"id": 1, "config": raw}))
+    assert answer is not None and answer["ok"], answer
+    estimate = answer["flops_per_sample"]
+    measured, _ = measured_flops(raw, data_cache)
+    assert estimate["train"] == pytest.approx(measured["train"], rel=ESTIMATE_TOLERANCE)
+    assert estimate["forward"] == pytest.approx(measured["forward"], rel=ESTIMATE_TOLERANCE)
+    if "eval" in measured:
+        assert estimate["eval"] == pytest.approx(measured["eval"], rel=ESTIMATE_TOLERANCE)
+
+
+def test_text_length_is_the_expected_longest_text_of_a_batch() -> None:
+    assert expected_max([7] * 10, 64) == 7
+    assert expected_max([1, 2], 1) == 1.5
+    assert expected_max([2, 1], 2) == pytest.approx(1 * 0.25 + 2 * 0.75)  # both draws 1 only a quarter of the time
+    assert expected_max([1] * 99 + [30], 256) == pytest.approx(1 + 29 * (1 - 0.99**256))
+
+
+def test_data_that_cannot_be_read_gives_the_upper_bound_and_says_why() -> None:
+    class Words:
+        name_or_path = "words"
+
+        def __len__(self) -> int:
+            return 100
+
+    cfg = config_from_dict({**TINY, "data": {"dataset": "vqav2", "root": "/no/such/dir", "max_text_len": 16}})
+    length, source = typical_text_len(cfg, Words(), 8)
+    assert length == 16 and source.startswith("at most data.max_text_len: the texts cannot be read here")
+
+
+def test_a_count_that_fails_leaves_a_valid_config_valid(monkeypatch: pytest.MonkeyPatch) -> None:
+    import engine.inspector
+
+    def fails(cfg: object) -> dict:
+        raise RuntimeError("no fake kernel for this op")
+
+    monkeypatch.setattr(engine.inspector, "flops_per_sample", fails)
+    answer = answer_line(json.dumps({"id": 9, "config": TINY}))
+    assert answer is not None and answer["ok"] and answer["params"]["total"] > 0
+    assert answer["flops_per_sample"] == {} and answer["flops_error"] == "RuntimeError: no fake kernel for this op"
 
 
 @pytest.mark.parametrize(("raw", "key"), [
@@ -185,6 +277,25 @@ def test_client_reports_a_helper_that_cannot_start() -> None:
     answer = broken.inspect(TINY)
     assert answer["ok"] is False and answer["key"] is None and "did not start" in answer["error"]
     assert not broken.ready
+
+
+def test_closing_does_not_wait_for_a_helper_still_starting() -> None:
+    """The app starts the helper when it opens; quitting while it still imports torch must not hang
+    until the start-up timeout."""
+    import time
+
+    slow = Inspector(command=[sys.executable, "-c", "import time; time.sleep(60)"], timeout=30)
+    failed: list[str | None] = []
+    starting = threading.Thread(target=lambda: failed.append(slow.start()))
+    starting.start()
+    deadline = time.monotonic() + 10
+    while slow._proc is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    began = time.monotonic()
+    slow.close()
+    assert time.monotonic() - began < 5
+    starting.join(5)
+    assert not starting.is_alive() and "did not start" in (failed[0] or "") and not slow.ready
 
 
 def test_backend_validates_before_asking_the_inspector(ren_home: Path) -> None:

@@ -3,6 +3,9 @@ the model inspector, saved as a preset, queued, and frozen through Freeze."""
 
 from __future__ import annotations
 
+import asyncio
+import socket
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -10,6 +13,8 @@ from typing import Any
 from textual.widgets import Input, Select, Static
 
 from engine.config import config_from_dict, load_preset
+from engine.display import format_seconds
+from engine.dotted import get_in
 from engine.store import Store
 from ren_tui.app import RenApp
 from ren_tui.dialogs import Prompt
@@ -24,7 +29,26 @@ from ren_tui.screens.compose import (
 )
 from ren_tui.screens.freeze import FreezeScreen
 from tests.helpers.tui import GROUPS, FakeInspector, make_app
-from tests.tui_fake import PRESETS, preset_config
+from tests.tui_fake import PRESETS, canned_run, preset_config
+
+
+class SlowInspector(FakeInspector):
+    """A helper that is still importing torch: it starts, and answers, once ``ready`` is set."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.starting = threading.Event()
+        self.ready = threading.Event()
+
+    def start(self) -> str | None:
+        self.starting.set()
+        self.ready.wait(30)
+        return None
+
+    def inspect(self, config: dict[str, Any]) -> dict[str, Any]:
+        self.ready.wait(30)
+        return super().inspect(config)
+
 
 
 async def settle(app: RenApp, pilot: Any, screen: ComposeScreen, timeout: float = 90.0) -> dict[str, Any]:
@@ -139,6 +163,36 @@ async def test_live_parameter_count_through_the_real_inspector(ren_home: Path) -
             assert second["flops_per_sample"]["forward"] > first["flops_per_sample"]["forward"]
     finally:
         app.backend.close_inspector()
+
+
+async def test_the_inspector_starts_with_the_app_and_compose_never_waits_for_it(ren_home: Path) -> None:
+    """The helper starts when the app does (it imports torch: seconds), so Compose's first answer does not
+    pay for it; until it is ready, Compose shows its form and takes edits, and the counts fill in after."""
+    inspector = SlowInspector()
+    app = make_app(ren_home, inspector)
+    try:
+        async with app.run_test(size=(100, 30)) as pilot:
+            assert await asyncio.to_thread(inspector.starting.wait, 5), "the inspector did not start with the app"
+            await pilot.press("2")
+            screen = app.screen
+            assert isinstance(screen, ComposeScreen)
+            deadline = time.monotonic() + 10
+            while not screen.loaded and time.monotonic() < deadline:
+                await pilot.pause(0.05)
+            assert screen.query_one("#" + wid("run.name"), Input).value == "quickstart"
+            assert "starting model inspector" in str(screen.query_one("#inspect-state", Static).render())
+            steps = screen.query_one("#" + wid("train.max_steps"), Input)
+            steps.focus()
+            await pilot.press("end", "0")
+            assert screen.raw["train"]["max_steps"] == 10000
+            assert not inspector.ready.is_set() and screen.answer is None
+            inspector.ready.set()
+            answer = await settle(app, pilot, screen)
+            assert answer["ok"] and answer["config"]["train"]["max_steps"] == 10000
+            assert "✓ valid" in str(screen.query_one("#inspect-state", Static).render())
+            assert f"{answer['params']['total']:>14,}" in summary(screen)
+    finally:
+        inspector.ready.set()
 
 
 async def test_invalid_value_is_shown_next_to_its_field(ren_home: Path) -> None:
@@ -281,3 +335,149 @@ def test_compose_snapshot(snap_compare: Any, ren_home: Path) -> None:
 
     assert snap_compare(app, terminal_size=(100, 30), run_before=run_before)
 
+
+
+# --- the fields of issue 17: seed, dropout, warmup, weight decay, intervals, init_from ------------------------
+
+NEW_FIELDS = ("run.seed", "model.text.dropout", "model.vision.dropout", "model.fusion.dropout",
+              "optim.warmup_ratio", "optim.weight_decay", "train.log_every", "train.eval_every",
+              "train.checkpoint_every")
+
+
+async def open_compose(app: RenApp, pilot: Any, config: dict[str, Any]) -> ComposeScreen:
+    await app.push_screen(ComposeScreen(config))
+    screen = app.screen
+    assert isinstance(screen, ComposeScreen)
+    await settle(app, pilot, screen)
+    return screen
+
+
+async def test_seed_dropout_schedule_and_intervals_are_fields(ren_home: Path) -> None:
+    app = make_app(ren_home, FakeInspector())
+    config = app.backend.preset_config(PRESETS / "quickstart.toml")
+    async with app.run_test(size=(100, 40)) as pilot:
+        screen = await open_compose(app, pilot, config)
+        for key in NEW_FIELDS:  # each shows the preset's value
+            assert screen.query_one("#" + wid(key), Input).value == str(get_in(config, key)), key
+        edits = {"run.seed": ("7", 7), "model.text.dropout": ("0.2", 0.2), "model.fusion.dropout": ("0.05", 0.05),
+                 "optim.warmup_ratio": ("0.2", 0.2), "optim.weight_decay": ("0.1", 0.1),
+                 "train.log_every": ("10", 10), "train.eval_every": ("100", 100),
+                 "train.checkpoint_every": ("200", 200)}
+        for key, (typed, _) in edits.items():
+            screen.query_one("#" + wid(key), Input).value = typed
+        answer = await settle(app, pilot, screen)
+        assert answer["ok"]
+        for key, (_, value) in edits.items():
+            assert get_in(screen.raw, key) == value and get_in(answer["config"], key) == value, key
+
+        screen.query_one("#" + wid("model.vision.dropout"), Input).value = ""  # unset: the tower's own
+        answer = await settle(app, pilot, screen)
+        assert answer["ok"] and get_in(screen.raw, "model.vision.dropout") is None
+
+        warmup = screen.query_one("#" + wid("optim.warmup_ratio"), Input)
+        warmup.value = "1.5"
+        answer = await settle(app, pilot, screen)
+        assert not answer["ok"] and answer["key"] == "optim.warmup_ratio"
+        error = screen.query_one("#err-" + wid("optim.warmup_ratio"), Static)
+        assert error.display and "optim.warmup_ratio" in str(error.render())
+
+        screen.query_one("#" + wid("stage"), Select).value = "pretrain"  # pretraining evaluates no task
+        await pilot.pause()
+        assert not screen.query_one("#row-" + wid("train.eval_every")).display
+        assert screen.query_one("#row-" + wid("train.log_every")).display
+
+
+async def test_init_from_is_picked_from_finished_runs_and_presets(ren_home: Path) -> None:
+    store = Store(ren_home)
+    done = canned_run(store, "pretrained-here", stage="pretrain")
+    other = canned_run(store, "other-shape", config=preset_config(overrides=["model.fusion.hidden_size=64"]))
+    canned_run(store, "still-running", status="running")
+    app = make_app(ren_home, FakeInspector())
+    config = app.backend.preset_config(PRESETS / "quickstart.toml")
+    async with app.run_test(size=(100, 40)) as pilot:
+        screen = await open_compose(app, pilot, config)
+        pick = screen.query_one("#" + wid("train.init_from") + "-pick", Select)
+        values = [value for _, value in pick._options]
+        assert f"run:{done.id}" in values and f"run:{other.id}" in values
+        assert not any(v.endswith(r.id) for r in store.list_runs() if r.status != "finished" for v in values)
+        assert pick.value == config["train"]["init_from"] == f"preset:{PRESETS / 'easyvqa_pretrain.toml'}"
+        assert not screen.query_one("#row-" + wid("train.init_from") + "-custom").display
+
+        pick.value = f"run:{done.id}"
+        answer = await settle(app, pilot, screen)
+        assert answer["ok"] and screen.raw["train"]["init_from"] == f"run:{done.id}"
+
+        pick.value = f"run:{other.id}"  # another architecture: said next to the field
+        answer = await settle(app, pilot, screen)
+        assert not answer["ok"] and answer["key"] == "train.init_from"
+        error = screen.query_one("#err-" + wid("train.init_from"), Static)
+        assert error.display and "another architecture" in str(error.render())
+
+        pick.value = ""  # fresh weights
+        answer = await settle(app, pilot, screen)
+        assert answer["ok"] and screen.raw["train"].get("init_from") is None and not error.display
+
+        pick.value = "__custom__"
+        await pilot.pause()
+        typed = screen.query_one("#" + wid("train.init_from"), Input)
+        assert typed.has_focus and screen.query_one("#row-" + wid("train.init_from") + "-custom").display
+        await pilot.press(*"/no/ckpt")
+        answer = await settle(app, pilot, screen)
+        assert screen.raw["train"]["init_from"] == "/no/ckpt"
+        assert not answer["ok"] and answer["key"] == "train.init_from" and "does not exist" in answer["error"]
+
+
+# --- the run's total compute and time --------------------------------------------------------------------
+
+
+async def test_compose_times_the_run_by_this_machines_finished_runs(ren_home: Path) -> None:
+    store = Store(ren_home)
+    app = make_app(ren_home, FakeInspector())
+    config = preset_config()
+    async with app.run_test(size=(100, 50)) as pilot:
+        screen = await open_compose(app, pilot, config)
+        text = summary(screen)
+        assert "Run total (estimate)" in text and "  time        -" in text
+        assert "no finished run on this machine" in text
+
+        flops = screen.answer["flops_per_sample"]
+        done = canned_run(store, "timed", steps=1000)
+        store.update_run(done.id, host=socket.gethostname(), compute={
+            "device": "cpu: test", "processes": 1, "pflops": 2.0, "train_seconds": 400.0,
+            "flops_per_sample": {"train": flops["train"]}})
+        await app.push_screen(ComposeScreen(config))
+        screen = app.screen
+        await settle(app, pilot, screen)
+        deadline = time.monotonic() + 10
+        while "time        ≈" not in summary(screen) and time.monotonic() < deadline:
+            await pilot.pause(0.05)
+        text = summary(screen)
+        rate = 2.0e15 / 400.0
+        work = flops["train"] * config["train"]["batch_size"] * config["train"]["max_steps"]
+        assert f"  time        ≈ {format_seconds(work / rate)}" in text
+        flat = " ".join(line.strip() for line in text.splitlines())
+        assert "from 1 finished run of this size on this machine" in flat
+
+
+def test_compose_training_snapshot(snap_compare: Any, ren_home: Path) -> None:
+    """The Training and Intervals sections (init_from picked from the presets) and the side panel's run
+    total, timed by a finished run of this size on this machine."""
+    store = Store(ren_home)
+    done = canned_run(store, "timed", steps=1000)
+    per_sample = 30 * sum(GROUPS.values())  # FakeInspector's training FLOPs per sample
+    store.update_run(done.id, host=socket.gethostname(), compute={
+        "device": "cpu: test", "processes": 1, "pflops": 1.5, "train_seconds": 600.0,
+        "flops_per_sample": {"train": per_sample}})
+    app = make_app(ren_home, FakeInspector())
+
+    async def run_before(pilot: Any) -> None:
+        await app.push_screen(ComposeScreen(app.backend.preset_config(PRESETS / "quickstart.toml")))
+        screen = app.screen
+        await settle(app, pilot, screen)
+        deadline = time.monotonic() + 10
+        while "time        ≈" not in summary(screen) and time.monotonic() < deadline:
+            await pilot.pause(0.05)
+        screen.query_one("#section-training").scroll_visible(top=True, animate=False)
+        await pilot.pause(0.2)
+
+    assert snap_compare(app, terminal_size=(100, 30), run_before=run_before)

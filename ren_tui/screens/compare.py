@@ -8,11 +8,13 @@ Monitor; the chart's own keys (cursor, log scale, series) work once it has focus
 ``b`` the baseline, ``v`` switches the score table between runs and variants (the study
 report's table: downstream scores over seeds, pretraining compute, and what each
 variant saves against the first run), ``e`` exports the score table as Markdown,
-LaTeX and CSV (and copies the Markdown to the clipboard), ``r`` re-reads the runs.
+LaTeX, CSV and JSON with the config keys that differ from the baseline (and copies
+the Markdown to the clipboard), ``r`` re-reads the runs.
 """
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -24,20 +26,21 @@ from textual.screen import Screen
 from textual.widgets import DataTable, Footer, Static
 from textual.worker import get_current_worker
 
-from engine.display import markdown_table
 from engine.errors import RenError
 from engine.store import RunRecord
 from ren_tui.backend import Series
 from ren_tui.curves import ChartKeys, Curve, curves, pflops_per_step, time_unit
 from ren_tui.export import (
     MISSING,
+    Export,
+    clipboard_problem,
     config_diff,
     export_stem,
     flatten,
     format_value,
+    raw_report_rows,
+    raw_score_rows,
     score_rows,
-    to_csv,
-    to_latex,
 )
 from ren_tui.text import cell, safe
 from ren_tui.widgets.chart import Chart
@@ -261,25 +264,27 @@ class CompareScreen(ChartKeys, Screen[None]):
         self._load()
 
     def action_export(self) -> None:
-        """Write the score table as Markdown, LaTeX and CSV; copy the Markdown."""
+        """Write the score table (Markdown, LaTeX, CSV and JSON) and the config keys that differ from the
+        baseline; copy the Markdown to the clipboard (ren_tui.export)."""
         if not self.records:
             self.notify("Nothing to export yet.", severity="warning")
             return
         headers, rows = self.score_table()
-        markdown = markdown_table(headers, rows)
-        directory = self.export_dir or Path.cwd() / "ren-exports"
-        stem = export_stem(r.id for r in self.records)
-        paths = []
+        variants = self.view == "variants" and self.report is not None
+        raw_headers, raw_rows = raw_report_rows(self.report) if variants else raw_score_rows(self.records)
+        export = Export(headers, rows, raw_headers, raw_rows, self.records, self.baseline,
+                        "variants" if variants else "runs")
+        directory = (self.export_dir or Path.cwd() / "ren-exports").absolute()
         try:
-            directory.mkdir(parents=True, exist_ok=True)
-            for suffix, text in ((".md", markdown), (".tex", to_latex(headers, rows)), (".csv", to_csv(headers, rows))):
-                path = directory / f"{stem}{suffix}"
-                path.write_text(text, encoding="utf-8")
-                paths.append(path)
+            paths = export.write(directory, export_stem(r.id for r in self.records))
         except OSError as exc:
             self.notify(f"Cannot write the export to {directory}: {exc.strerror or exc}.", severity="error",
                         markup=False)
             return
+        markdown = export.markdown()
         self.app.copy_to_clipboard(markdown)
-        self.notify("\n".join(map(str, paths)) + "\nMarkdown table copied to the clipboard.", title="Exported",
-                    markup=False)
+        problem = clipboard_problem(os.environ, len(markdown.encode()))
+        copied = (f"The Markdown may not be on your clipboard: {problem}. It is in {paths[0]}." if problem
+                  else "Markdown copied to the clipboard.")
+        self.notify(f"{copied}\n" + "\n".join(map(str, paths)), title="Exported", markup=False,
+                    severity="warning" if problem else "information", timeout=15 if problem else 8)

@@ -2,18 +2,23 @@
 
 The form covers a curated list of keys, each with a widget chosen from its type
 in :mod:`engine.config` (a Select for choices, a Switch for flags, an Input for
-numbers and text); sections follow the architecture kind and the stage. On
-every change (debounced) a worker thread asks the model inspector for the
-parameter count per part and the estimated compute per sample, and a
-validation error is shown next to the field it names. ``ctrl+s`` saves a preset
-TOML, ``ctrl+r`` queues the run, ``f`` opens Freeze on the current config.
+numbers and text); sections follow the architecture kind and the stage; the
+weights a run starts from (``train.init_from``) are picked from the store's
+finished runs and the presets. On every change (debounced) a worker thread asks
+the model inspector for the parameter count per part and the compute per
+sample, and a validation error is shown next to the field it names. The side
+panel adds the run's total compute and how long it takes at the throughput this
+machine's finished runs measured (:mod:`ren_tui.estimate`). ``ctrl+s`` saves a
+preset TOML, ``ctrl+r`` queues the run, ``f`` opens Freeze on the current config.
 """
 
 from __future__ import annotations
 
 import copy
 import re
+import textwrap
 import types
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal, Union, get_args, get_origin
 
@@ -28,10 +33,13 @@ from textual.widget import Widget
 from textual.widgets import Footer, Header, Input, Label, Select, Static, Switch
 
 from engine.config import MANUAL_ONLY_KEYS, MANUAL_USE_KEYS, MODEL_KINDS, TOWERS, RunConfig
+from engine.display import format_seconds
 from engine.dotted import get_in, set_in
 from engine.errors import RenError
+from engine.store import RunRecord
 from ren_tui.dialogs import Confirm, Prompt
-from ren_tui.screens.freeze import FreezeScreen, by_part, format_flops, freeze_summary
+from ren_tui.estimate import Throughput, eta_seconds, measured_throughput, plan
+from ren_tui.screens.freeze import FreezeScreen, by_part, format_flops
 
 DEBOUNCE_S = 0.3
 STAGES = ("pretrain", "finetune")
@@ -44,27 +52,37 @@ KNOWN = {"text": KNOWN_TEXT, "vision": KNOWN_VISION + KNOWN_TIMM, "backbone": KN
 CUSTOM = "__custom__"
 
 SECTIONS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
-    ("Run", "all", ("run.name", "model.kind", "stage")),
+    ("Run", "all", ("run.name", "run.seed", "model.kind", "stage")),
     ("Backbone", "one_tower", ("model.backbone.source", "model.backbone.name", "model.backbone.hidden_size",
                                "model.backbone.layers", "model.backbone.heads", "model.backbone.image_embedding",
-                               "model.backbone.patch_size", "model.backbone.image_size", "model.pooler")),
+                               "model.backbone.patch_size", "model.backbone.image_size", "model.backbone.dropout",
+                               "model.pooler")),
     ("Text tower", "towers", ("model.text.source", "model.text.name", "model.text.hidden_size",
-                              "model.text.layers", "model.text.heads", "model.text.max_positions")),
+                              "model.text.layers", "model.text.heads", "model.text.max_positions",
+                              "model.text.dropout")),
     ("Vision tower", "towers", ("model.vision.source", "model.vision.library", "model.vision.name",
                                 "model.vision.hidden_size", "model.vision.layers", "model.vision.heads",
-                                "model.vision.patch_size", "model.vision.image_size")),
-    ("Fusion", "two_tower", ("model.fusion.hidden_size", "model.fusion.layers", "model.fusion.heads")),
+                                "model.vision.patch_size", "model.vision.image_size", "model.vision.dropout")),
+    ("Fusion", "two_tower", ("model.fusion.hidden_size", "model.fusion.layers", "model.fusion.heads",
+                             "model.fusion.dropout")),
     ("Projection", "dual_encoder", ("model.projection_dim",)),
     ("Objectives", "pretrain", ("objectives.mlm", "objectives.mlm.weight", "objectives.itm",
                                 "objectives.itm.weight", "objectives.itc", "objectives.itc.weight")),
     ("Task", "finetune", ("task.name", "task.loss")),
     ("Data", "all", ("data.dataset", "data.max_text_len")),
-    ("Training", "all", ("optim.lr", "train.batch_size", "train.max_steps", "train.mixed_precision")),
+    ("Training", "all", ("train.init_from", "optim.lr", "optim.warmup_ratio", "optim.weight_decay",
+                         "train.batch_size", "train.max_steps", "train.mixed_precision")),
+    ("Intervals", "all", ("train.log_every", "train.eval_every", "train.checkpoint_every")),
     ("Freeze", "all", ("freeze.groups",)),
 )
 LABELS = {"run.name": "name", "model.kind": "architecture", "model.pooler": "pooler", "optim.lr": "learning rate",
           "train.mixed_precision": "precision", "data.dataset": "data set", "objectives.mlm": "MLM",
-          "objectives.itm": "ITM", "objectives.itc": "ITC", "freeze.groups": "frozen", "task.name": "task"}
+          "objectives.itm": "ITM", "objectives.itc": "ITC", "freeze.groups": "frozen", "task.name": "task",
+          "train.init_from": "weights from", "optim.warmup_ratio": "warmup share", "train.log_every": "log every",
+          "train.eval_every": "evaluate every", "train.checkpoint_every": "save every"}
+PLACEHOLDERS = {"dropout": "unset: 0 (manual), the checkpoint's (named)"}
+FRESH = ""
+"""The ``train.init_from`` pick that starts from fresh weights (the key unset)."""
 
 
 # --- config dict helpers ------------------------------------------------------------
@@ -93,6 +111,8 @@ def field_shown(key: str, raw: dict[str, Any]) -> bool:
         if parts[2] in ("name", "library"):
             return not manual
         return manual or parts[2] not in MANUAL_USE_KEYS[parts[1]]
+    if key == "train.eval_every":  # pretraining evaluates no task
+        return stage_of(raw) == "finetune"
     if parts[0] == "objectives":
         if len(parts) == 3:
             return get_in(raw, ".".join(parts[:2])) is not None
@@ -166,8 +186,43 @@ def parse_value(text: str, kind: str, optional: bool) -> Any:
         return text
 
 
+def compute_lines(flops: dict[str, Any], config: dict[str, Any],
+                  throughput: Callable[[float | None], Throughput | None], width: int = 36) -> list[str]:
+    """The side panel's compute: per sample (the inspector's count), the run's total (:func:`plan`) and how
+    long it takes at this machine's measured throughput (``throughput(training FLOPs per sample)``); notes
+    are wrapped to ``width``."""
+    def note(text: str) -> list[str]:
+        return textwrap.wrap(text, width, initial_indent="  ", subsequent_indent="  ")
+
+    lines = ["Compute per sample (estimate)", f"  forward     {format_flops(flops['forward'])}",
+             f"  training    {format_flops(flops['train'])}"]
+    text = flops.get("text_len")
+    if text:
+        bound = str(text.get("source", "")).startswith("at most")
+        lines.append(f"  text        {'≤' if bound else '≈'} {text['train']:.3g} tokens")
+    work = plan(flops, config)
+    if work is None:
+        return lines
+    lines += ["", "Run total (estimate)", f"  training    {format_flops(work.train)}"]
+    if work.eval:
+        lines += [f"  evaluation  {format_flops(work.eval)} ({work.evals}x)",
+                  f"  total       {format_flops(work.total)}"]
+    if work.final_eval_left_out:
+        lines += note("not counted: the final evaluation, over the whole eval split")
+    measured = throughput(flops.get("train"))
+    eta = eta_seconds(work, measured)
+    lines.append(f"  time        {'≈ ' + format_seconds(eta) if eta is not None else '-'}")
+    lines += note(measured.basis() if measured is not None else "no finished run on this machine to time it by")
+    return lines
+
+
 def wid(key: str) -> str:
     return "f-" + key.replace(".", "-")
+
+
+def picked(key: str) -> bool:
+    """Whether ``key`` is chosen from a pick list with an "other: type it" row (tower names, init_from)."""
+    return key == "train.init_from" or key.endswith(".name") and key.split(".")[1] in TOWERS
 
 
 class ComposeScreen(Screen[None]):
@@ -196,6 +251,10 @@ class ComposeScreen(Screen[None]):
         self._keys_by_id: dict[str, str] = {}
         self._section_tags: dict[str, str] = {}
         self._answered_generation = -1
+        self._init_sources: list[tuple[str, str]] = []
+        """``train.init_from`` picks other than fresh weights: (label, value) of finished runs and presets."""
+        self._runs: tuple[str, list[RunRecord]] = ("", [])
+        """(this machine's host name, the store's finished runs): what the time estimate is measured on."""
 
     # --- layout -------------------------------------------------------------------
 
@@ -233,10 +292,9 @@ class ComposeScreen(Screen[None]):
                 self._types[key] = ("bool", (), False)
             elif key == "freeze.groups":
                 yield Static("", id=wid(key), classes="value")
-            elif key.endswith(".name") and key.split(".")[1] in TOWERS:
-                tower = key.split(".")[1]
-                options = [(n, n) for n in KNOWN[tower]] + [("other: type it below", CUSTOM)]
-                yield self._track(key, Select(options, allow_blank=False, compact=True, id=wid(key) + "-pick"))
+            elif picked(key):
+                yield self._track(key, Select(self._pick_options(key), allow_blank=False, compact=True,
+                                              id=wid(key) + "-pick"))
             else:
                 self._types[key] = value_type(schema_field(key).annotation)
             kind, choices, _ = self._types.get(key, ("", (), False))
@@ -247,12 +305,24 @@ class ComposeScreen(Screen[None]):
                 yield self._track(key, Switch(id=wid(key)))
             elif kind in ("int", "float", "str"):
                 restrict = {"int": "integer", "float": "number"}.get(kind, "text")
-                yield self._track(key, Input(type=restrict, compact=True, id=wid(key)))
-        if key.endswith(".name") and key.split(".")[1] in TOWERS:
+                yield self._track(key, Input(type=restrict, compact=True, id=wid(key),
+                                             placeholder=PLACEHOLDERS.get(key.rpartition(".")[2], "")))
+        if picked(key):
+            label, hint = (("  run or dir", "run:<id>, a checkpoint directory or a .safetensors file")
+                           if key == "train.init_from" else ("  hub id / dir", "org/model or /path/to/model"))
             with Horizontal(classes="row custom", id="row-" + wid(key) + "-custom"):
-                yield Label("  hub id / dir")
-                yield self._track(key, Input(compact=True, id=wid(key), placeholder="org/model or /path/to/model"))
+                yield Label(label)
+                yield self._track(key, Input(compact=True, id=wid(key), placeholder=hint))
         yield Static("", classes="field-error", id="err-" + wid(key))
+
+    def _pick_options(self, key: str) -> list[tuple[str, str]]:
+        """A pick list's (label, value) options; the last one lets you type any value."""
+        if key == "train.init_from":
+            return [("fresh weights", FRESH), *self._init_sources, ("other: type it below", CUSTOM)]
+        return [(n, n) for n in KNOWN[key.split(".")[1]]] + [("other: type it below", CUSTOM)]
+
+    def _picks(self, key: str) -> list[str]:
+        return [value for _, value in self._pick_options(key)[:-1]]
 
     def _track(self, key: str, widget: Widget) -> Widget:
         assert widget.id is not None
@@ -262,6 +332,7 @@ class ComposeScreen(Screen[None]):
     def on_mount(self) -> None:
         self.sub_title = "Compose"
         self._start_inspector()
+        self._list_init_sources()
         self._list_presets(load_default=self.initial is None)
         if self.initial is not None:
             self._set_config(self.initial)
@@ -281,7 +352,7 @@ class ComposeScreen(Screen[None]):
     @work(thread=True, exclusive=True, group="compose-presets")
     def _list_presets(self, load_default: bool) -> None:
         presets = self.app.backend.presets()
-        default = next((p for label, p in presets if label == "quickstart"), presets[0][1] if presets else None)
+        default = self.app.backend.default_preset()
         raw = self.app.backend.preset_config(default) if load_default and default is not None else None
         self.app.call_from_thread(self._presets_listed, presets, default if raw is not None else None, raw)
 
@@ -295,6 +366,33 @@ class ComposeScreen(Screen[None]):
                 select.value = value
         if raw is not None:
             self._set_config(raw)
+
+    def on_screen_resume(self) -> None:
+        if self.is_mounted:
+            self._list_init_sources()  # runs may have finished since
+
+    @work(thread=True, exclusive=True, group="compose-init-sources")
+    def _list_init_sources(self) -> None:
+        sources = self.app.backend.init_sources()
+        runs = self.app.backend.timed_runs()
+        self.app.call_from_thread(self._init_sources_listed, sources, runs)
+
+    def throughput(self, train_flops_per_sample: float | None) -> Throughput | None:
+        """This machine's measured training throughput (:func:`measured_throughput`)."""
+        return measured_throughput(self._runs[1], self._runs[0], train_flops_per_sample)
+
+    def _init_sources_listed(self, sources: list[tuple[str, str]], runs: tuple[str, list[RunRecord]]) -> None:
+        if runs != self._runs:
+            self._runs = runs
+            self._show_summary()
+        if sources == self._init_sources:
+            return
+        self._init_sources = sources
+        select = self.query_one("#" + wid("train.init_from") + "-pick", Select)
+        with self.prevent(Select.Changed):
+            select.set_options(self._pick_options("train.init_from"))
+        if self.loaded:
+            self._sync()
 
     @on(Select.Changed, "#preset")
     def _preset_chosen(self, event: Select.Changed) -> None:
@@ -340,9 +438,10 @@ class ComposeScreen(Screen[None]):
             for widget_id, key in self._keys_by_id.items():
                 widget = self.query_one("#" + widget_id)
                 if widget_id.endswith("-pick"):
-                    name = get_in(self.raw, key)
-                    known = name in KNOWN[key.split(".")[1]]
-                    widget.value = name if known else CUSTOM
+                    value = get_in(self.raw, key)
+                    value = FRESH if value is None and key == "train.init_from" else value
+                    known = value in self._picks(key)
+                    widget.value = value if known else CUSTOM
                     self.query_one("#row-" + wid(key) + "-custom").set_class(not known, "-shown")
                     continue
                 value = self._value(key)
@@ -367,7 +466,7 @@ class ComposeScreen(Screen[None]):
             for key in keys:
                 shown = field_shown(key, self.raw)
                 self.query_one("#row-" + wid(key)).display = shown
-                if key.endswith(".name") and key.split(".")[1] in TOWERS:
+                if picked(key):
                     custom = self.query_one("#row-" + wid(key) + "-custom")
                     custom.display = shown and custom.has_class("-shown")
 
@@ -388,7 +487,7 @@ class ComposeScreen(Screen[None]):
         key = self._edited(event)
         if key is None:
             return
-        if key.endswith(".name"):
+        if picked(key):
             self._edit(key, event.value.strip() or None)
             return
         kind, _, optional = self._types[key]
@@ -419,10 +518,9 @@ class ComposeScreen(Screen[None]):
             self._show_fields()
             typed.focus()
             return
-        tower = key.split(".")[1]
-        if tower == "vision":
+        if key == "model.vision.name":
             set_in(self.raw, "model.vision.library", "timm" if name in KNOWN_TIMM else "hf")
-        self._edit(key, name)
+        self._edit(key, name or None)
         self._sync()
 
     def _edit(self, key: str, value: Any) -> None:
@@ -549,10 +647,9 @@ class ComposeScreen(Screen[None]):
         lines.append(f"  {'total':<10}{params['total']:>14,}")
         lines.append(f"  {'trainable':<10}{params['trainable']:>14,}")
         if flops:
-            saved = freeze_summary(params["groups"], answer.get("frozen_groups", []), flops.get("groups")).saved_share
-            lines += ["", "Compute per sample (estimate)",
-                      f"  forward   {format_flops(flops['forward'])}",
-                      f"  training  {format_flops(flops['train'] * (1 - saved))}"]
+            lines += ["", *compute_lines(flops, answer.get("config") or self.raw, self.throughput)]
+        elif answer.get("flops_error"):
+            lines += ["", "Compute: not counted", f"  ({answer['flops_error']})"]
         if answer is not self.answer:
             lines += ["", "(for the last valid config)"]
         self.query_one("#summary", Static).update(Text("\n".join(lines)))
