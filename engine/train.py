@@ -13,6 +13,7 @@ that is already in the store; ``ren run`` does that for you.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import itertools
 import json
 import math
@@ -47,6 +48,7 @@ from engine.compute import (
     peak_memory_mb,
 )
 from engine.config import OptimConfig, RunConfig, check_processes, config_from_dict
+from engine.data.images import ItemDraws
 from engine.data.pipeline import DataBundle, build_data
 from engine.display import bucket_means
 from engine.errors import ConfigError, RenError, StoreBusy, StoreError, oom_message
@@ -126,13 +128,40 @@ class EpochSampler(Sampler[int]):
         return self.n
 
 
+def seed_of(*key: object) -> int:
+    """A 64-bit seed that is a pure function of ``key`` (as :func:`engine.objectives.micro_batch_seed`)."""
+    return int.from_bytes(hashlib.blake2b("/".join(map(str, key)).encode(), digest_size=8).digest(), "little")
+
+
+def seed_global_generators(seed: int, device: torch.device) -> None:
+    """Seed torch's global generators that a forward on ``device`` draws from: the CPU's and ``device``'s
+    (the current one of its kind, which accelerate sets to the process's). Not ``torch.manual_seed``: it also
+    queues a seeding of every backend not yet initialised, with a stack trace each time (0.5 ms on a CPU
+    machine with a CUDA build of torch, against 1 us for the CPU generator)."""
+    torch.default_generator.manual_seed(seed)
+    if device.type != "cpu":
+        torch.get_device_module(device.type).manual_seed(seed)
+
+
+def use_epoch(loader: DataLoader, sampler: EpochSampler, epoch: int) -> None:
+    """Seed every random draw of the data in epoch ``epoch`` by (run seed, epoch) alone, whatever this process
+    drew before: the sampler's order; the loader's own generator, from which each ``iter()`` draws the base
+    seed of its workers' generators (without one of its own it would draw from torch's global generator,
+    which dropout uses); and the training set's augmentation (:class:`~engine.data.images.ItemDraws`)."""
+    sampler.use_epoch(epoch)
+    if loader.generator is not None:
+        loader.generator.manual_seed(seed_of("loader", sampler.seed, epoch))
+    if isinstance(loader.dataset, ItemDraws):
+        loader.dataset.use_epoch(sampler.seed, epoch)
+
+
 def epochs(loader: DataLoader, sampler: EpochSampler, state: TrainState, accelerator: Accelerator,
            accum: int) -> Iterator[Iterable[Any]]:
-    """Each epoch's micro batches from where ``state`` stands: the sampler set to the epoch, past the micro
-    batches of the optimizer steps it already took. Once an epoch is used up (the next one asked for),
+    """Each epoch's micro batches from where ``state`` stands: the epoch's draws set (:func:`use_epoch`), past
+    the micro batches of the optimizer steps it already took. Once an epoch is used up (the next one asked for),
     ``state`` moves on to the next epoch."""
     while True:
-        sampler.use_epoch(state.epoch)
+        use_epoch(loader, sampler, state.epoch)
         skip = state.batches_into_epoch * accum
         yield accelerator.skip_first_batches(loader, skip) if skip else loader
         state.epoch += 1
@@ -556,11 +585,14 @@ def _build_model(cfg: RunConfig, data: DataBundle, store: Store, run_dir: Path, 
 
 
 def _loaders(cfg: RunConfig, data: DataBundle, sampler: EpochSampler, micro: int) -> tuple[DataLoader, DataLoader]:
-    """The training loader (micro batches in ``sampler``'s order) and the evaluation loader."""
+    """The training loader (micro batches in ``sampler``'s order) and the evaluation loader, each with a
+    generator of its own (the training loader's seeded at every epoch by :func:`use_epoch`), so that creating
+    their iterators never draws from torch's global generator."""
     workers = cfg.data.num_workers
     train_dl = DataLoader(data.train, batch_size=micro, sampler=sampler, collate_fn=_identity, drop_last=True,
-                          num_workers=workers)
-    eval_dl = DataLoader(data.eval, batch_size=max(micro, 256), collate_fn=_identity, num_workers=workers)
+                          num_workers=workers, generator=torch.Generator())
+    eval_dl = DataLoader(data.eval, batch_size=max(micro, 256), collate_fn=_identity, num_workers=workers,
+                         generator=torch.Generator().manual_seed(seed_of("eval loader", cfg.run.seed)))
     if len(train_dl) == 0:
         raise ConfigError(
             f"train.batch_size = {cfg.train.batch_size} is larger than the training set "
@@ -624,10 +656,15 @@ def _train_batches(s: Session) -> Iterator[Any]:
 def _train_micro_batch(s: Session, batch: dict[str, torch.Tensor], micro_index: int) -> dict[str, torch.Tensor]:
     """Forward and backward of micro batch ``micro_index`` of the step, then :func:`optimizer_step`; returns
     its logged values."""
-    cfg = s.cfg
+    cfg, step, process = s.cfg, s.state.step, s.accelerator.process_index
     step_fn = _pretrain_step if cfg.objectives else _finetune_step
-    gen = torch.Generator().manual_seed(O.micro_batch_seed(
-        cfg.run.seed, s.state.step, micro_index, s.accelerator.process_index))
+    gen = torch.Generator().manual_seed(O.micro_batch_seed(cfg.run.seed, step, micro_index, process))
+    # What draws from torch's global generators inside the forward (dropout) draws from a seed of this micro
+    # batch alone, as fairseq's Trainer._set_seed seeds them by (seed, update) "so that we get reproducible
+    # results when resuming from checkpoints": the global generators' state when a checkpoint is saved (which
+    # accelerate's save_state keeps) no longer matters, nor what drew from them since (docs/PROTOCOLS.md,
+    # "Exact resume").
+    seed_global_generators(seed_of("forward", cfg.run.seed, step, micro_index, process), s.accelerator.device)
     with s.flops.count("forward", batch):
         loss, parts = step_fn(s.model, batch, cfg, s.data, gen)
     s.timer.mark("forward")

@@ -18,7 +18,7 @@ from torch.utils.data import Dataset
 from transformers import PreTrainedTokenizerBase
 
 from engine.data.arrow import ArrowSource, arrow_kind, expand_items, find_arrow_files, list_lengths, open_arrow
-from engine.data.images import ImageTransform
+from engine.data.images import ImageTransform, ItemDraws
 from engine.data.transforms import Normalization
 from engine.errors import RenError
 
@@ -33,8 +33,9 @@ def open_corpus(root: Path | str, corpus: str, split: str) -> ArrowSource:
     return open_arrow(find_arrow_files(root, corpus, files), corpus)
 
 
-class ArrowCaptionDataset(Dataset):
-    """The captions of several corpora, concatenated (see the module docstring)."""
+class ArrowCaptionDataset(ItemDraws, Dataset):
+    """The captions of several corpora, concatenated (see the module docstring); a caption's image is
+    augmented with draws of its own once the trainer sets the epoch (:class:`~engine.data.images.ItemDraws`)."""
 
     def __init__(self, sources: Sequence[ArrowSource], tokenizer: PreTrainedTokenizerBase, max_text_len: int,
                  transform: ImageTransform, norm: Normalization) -> None:
@@ -71,7 +72,7 @@ class ArrowCaptionDataset(Dataset):
         for index in indices:
             corpus, row, slot = (int(v) for v in self.items[index])
             source = self.sources[corpus]
-            pixel = source.transformed_image(row, self.transform, images[corpus])
+            pixel = self.item_image(source, row, index, self.transform, images[corpus])
             if pixel is None:
                 continue
             texts.append(source.row(row, (source.kind.text_column,))[source.kind.text_column][slot])

@@ -8,14 +8,15 @@ from torch.utils.data import Dataset
 from transformers import PreTrainedTokenizerBase
 
 from engine.data.arrow import ArrowSource, expand_items, list_lengths
-from engine.data.images import ImageTransform
+from engine.data.images import ImageTransform, ItemDraws
 from engine.data.transforms import Normalization
 from engine.errors import RenError
 
 
-class ArrowItems(Dataset):
+class ArrowItems(ItemDraws, Dataset):
     """Items of one arrow source, expanded from the list column ``items_column`` (subclasses check their own
-    columns after this constructor and build batches in ``__getitems__``)."""
+    columns after this constructor and build batches in ``__getitems__``; an item's image comes from
+    :meth:`~engine.data.images.ItemDraws.item_image`, its augmentation seeded once the trainer sets the epoch)."""
 
     def __init__(self, source: ArrowSource, tokenizer: PreTrainedTokenizerBase, max_text_len: int,
                  transform: ImageTransform, norm: Normalization, *, items_column: str, items: str) -> None:

@@ -15,7 +15,7 @@ from torch import Tensor
 from transformers import PreTrainedTokenizerBase
 
 from engine.data.arrow import ArrowSource, list_lengths, numbers
-from engine.data.images import ImageTransform
+from engine.data.images import ImageTransform, draws_from
 from engine.data.items import ArrowItems
 from engine.data.transforms import Normalization
 from engine.errors import RenError
@@ -57,15 +57,26 @@ class ArrowNLVR2Dataset(ArrowItems):
         second = self.source.image(row, "image_1")
         return None if second is None else (self.transform(first), self.transform(second))
 
+    def _item_pair(self, row: int, index: int, pairs: dict[int, tuple[Tensor, Tensor] | None]
+                   ) -> tuple[Tensor, Tensor] | None:
+        """Row ``row``'s pair for item ``index``: shared by the batch's items of that row (``pairs``) until the
+        trainer sets the epoch, then the item's own, both images transformed under its seed (one generator,
+        so the two draw differently; see :meth:`~engine.data.images.ItemDraws.item_image`)."""
+        seed = self.item_seed(index)
+        if seed is not None:
+            with draws_from(seed):
+                return self._pair(row)
+        if row not in pairs:
+            pairs[row] = self._pair(row)
+        return pairs[row]
+
     def __getitems__(self, indices: list[int]) -> dict[str, Tensor | list[str]]:
         pairs: dict[int, tuple[Tensor, Tensor] | None] = {}
         cells: dict[int, dict] = {}
         texts, kept, identifiers, left, right = [], [], [], [], []
         for index in indices:
             row, slot = int(self.rows[index]), int(self.slots[index])
-            if row not in pairs:
-                pairs[row] = self._pair(row)
-            pair = pairs[row]
+            pair = self._item_pair(row, index, pairs)
             if pair is None:
                 continue
             if row not in cells:

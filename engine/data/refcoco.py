@@ -73,7 +73,7 @@ class ArrowRefCOCODataset(ArrowItems):
         texts, pixels, boxes, labels = [], [], [], []
         for index in indices:
             row, slot = int(self.rows[index]), int(self.slots[index])
-            decoded = self.source.transformed_image(row, self._image, images)
+            decoded = self.item_image(self.source, row, index, self._image, images)
             if decoded is None:
                 continue
             if row not in cells:

@@ -61,7 +61,7 @@ class ArrowSNLIVEDataset(ArrowItems):
         texts, kept, pixels = [], [], []
         for index in indices:
             row, slot = int(self.rows[index]), int(self.slots[index])
-            pixel = self.source.transformed_image(row, self.transform, images)
+            pixel = self.item_image(self.source, row, index, self.transform, images)
             if pixel is None:
                 continue
             if row not in sentences:

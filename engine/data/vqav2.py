@@ -66,7 +66,7 @@ class ArrowVQADataset(ArrowItems):
         columns += ("raw_answers",) if self.vocab is not None else ()
         for index in indices:
             row, slot = int(self.rows[index]), int(self.slots[index])
-            pixel = self.source.transformed_image(row, self.transform, images)
+            pixel = self.item_image(self.source, row, index, self.transform, images)
             if pixel is None:
                 continue
             cells = self.source.row(row, columns)
