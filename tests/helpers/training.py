@@ -3,10 +3,13 @@ pretraining, a one-tower preset file) and a run created in the store for them.""
 
 from __future__ import annotations
 
+import os
+import signal
 from pathlib import Path
 
 from engine.config import RunConfig, config_from_dict
 from engine.store import Store
+from engine.train import SilentReporter
 
 
 def tiny_finetune(cache: Path, **train: int) -> dict:
@@ -61,3 +64,14 @@ def tiny_preset(path: Path, cache: Path, **train: int) -> Path:
         "[train]\n" + "".join(f"{key} = {value}\n" for key, value in settings.items())
     )
     return path
+
+
+class TermAt(SilentReporter):
+    """Sends this process SIGTERM when ``step`` is logged, as `ren cancel` would."""
+
+    def __init__(self, step: int) -> None:
+        self.at = step
+
+    def step(self, step: int, metrics: dict[str, float]) -> None:
+        if step == self.at:
+            os.kill(os.getpid(), signal.SIGTERM)

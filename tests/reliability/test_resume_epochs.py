@@ -23,9 +23,10 @@ from torch.utils.data import DataLoader
 from engine.config import load_preset
 from engine.runs import create_run
 from engine.store import Store
-from engine.train import EpochSampler, SilentReporter, latest_checkpoint, train
+from engine.train import EpochSampler, latest_checkpoint, train
 from tests.arrow_fixtures import write_vqav2
 from tests.helpers.paths import REPO
+from tests.helpers.training import TermAt
 
 STEPS_PER_EPOCH, MAX_STEPS = 6, 48
 TOKENIZER = "google/electra-small-discriminator"  # in the offline hub cache the tests use
@@ -72,17 +73,6 @@ def test_a_prepared_loader_iterates_the_epoch_the_trainer_set_whatever_its_own_c
     assert orders == expected and expected[0] != expected[1]
 
 
-class _TermAt(SilentReporter):
-    """Sends this process SIGTERM when ``step`` is logged, as `ren cancel` would."""
-
-    def __init__(self, step: int) -> None:
-        self.at = step
-
-    def step(self, step: int, metrics: dict[str, float]) -> None:
-        if step == self.at:
-            os.kill(os.getpid(), signal.SIGTERM)
-
-
 def _compare(store: Store, run_id: str, reference: dict[int, float], resumed_from: int) -> None:
     """Every step after the resume logs the reference's loss, bit for bit (test_resume_exact.py says why)."""
     after = [(s, v) for s, v in store.series(run_id, "loss") if s > resumed_from]
@@ -101,7 +91,7 @@ def test_sigterm_then_resume_keeps_the_data_order_of_every_epoch(preset: Path, r
     store = Store(ren_home)
     cfg = load_preset(preset, [])
     run_id = create_run(store, cfg, str(preset)).id
-    train(cfg, store, run_id, reporter=_TermAt(stop))
+    train(cfg, store, run_id, reporter=TermAt(stop))
     assert store.get_run(run_id).status == "cancelled"
     assert latest_checkpoint(store.run_dir(run_id)).name == f"step_{stop:08d}"
     train(cfg, store, run_id, resume=True)

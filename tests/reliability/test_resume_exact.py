@@ -37,9 +37,9 @@ from engine.runs import FINAL_WEIGHTS, create_run
 from engine.store import Store
 from engine.train import EpochSampler, _loaders, latest_checkpoint, train, use_epoch
 from tests.arrow_fixtures import write_coco_caption, write_nlvr2, write_vqav2
-from tests.reliability.test_resume_epochs import _TermAt
-
-from .conftest import REN, REPO
+from tests.helpers.cli import REN
+from tests.helpers.paths import REPO
+from tests.helpers.training import TermAt
 
 TOKENIZER = "google/electra-small-discriminator"  # in the offline hub cache the tests use
 # No random crop here: on the fixture's tiny images its rejection loop draws a varying number of values, which hid
@@ -104,7 +104,7 @@ def _train(preset: Path, home: Path, stops: tuple[int, ...] = (), overrides: tup
     cfg = load_preset(preset, list(overrides))
     run_id = create_run(store, cfg, str(preset)).id
     for i, stop in enumerate(stops):
-        train(cfg, store, run_id, resume=i > 0, reporter=_TermAt(stop))
+        train(cfg, store, run_id, resume=i > 0, reporter=TermAt(stop))
         assert store.get_run(run_id).status == "cancelled"
         assert latest_checkpoint(store.run_dir(run_id)).name == f"step_{stop:08d}"
     train(cfg, store, run_id, resume=bool(stops))
