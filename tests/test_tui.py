@@ -228,6 +228,31 @@ async def test_escape_leaves_a_compose_field_and_the_screen_keys_then_switch(ren
         assert layers.value == before
 
 
+async def test_escape_on_compose_opened_with_2_goes_back_to_runs(ren_home: Path) -> None:
+    """Compose opened with 2 is the only screen of its mode: escape (with no field focused), which the
+    footer offers as Back, goes to Runs as it does from a Compose opened on a run; 2 finds the form as left."""
+    from ren_tui.screens.compose import ComposeScreen, wid
+
+    app = make(ren_home)
+    app.backend.inspector = QuietInspector()
+    async with app.run_test(size=(120, 40)) as pilot:
+        await settle(app, pilot)
+        await pilot.press("2")
+        await settle(app, pilot)
+        compose = app.screen
+        assert isinstance(compose, ComposeScreen) and len(app.screen_stack) == 1
+        name = compose.query_one("#" + wid("run.name"), Input)
+        name.value = "kept"
+        compose.query_one("#form").focus()
+        await pilot.pause()
+        assert "escape" in {b.binding.key for b in app.active_bindings.values() if b.enabled}
+        await pilot.press("escape")
+        assert isinstance(app.screen, RunsScreen) and app.current_mode == "runs"
+        assert app.settings["screen"] == "runs"  # the next launch opens on Runs too
+        await pilot.press("2")
+        assert app.screen is compose and name.value == "kept"
+
+
 async def test_home_and_end_go_to_the_first_and_last_run(ren_home: Path) -> None:
     store = Store(ren_home)
     for i in range(30):
