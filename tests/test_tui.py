@@ -253,6 +253,34 @@ async def test_escape_on_compose_opened_with_2_goes_back_to_runs(ren_home: Path)
         assert app.screen is compose and name.value == "kept"
 
 
+async def test_help_lists_the_chart_keys_of_compare_and_the_monitor_by_their_names(ren_home: Path) -> None:
+    """? lists the keys of the screen in front and of its widgets (the chart's cursor, log scale and legend
+    keys, which Compare's chart takes while it has focus), each as it is typed: no "full_stop" or "comma"."""
+    from textual.widgets import Markdown
+
+    store = Store(ren_home)
+    a, b = canned_run(store, "a"), canned_run(store, "b")
+    app = make(ren_home)
+    chart_rows = ["| `←` `,` | Cursor left |", "| `→` `.` | Cursor right |", "| `shift+←` | Cursor ten left |",
+                  "| `home` | Cursor to the first point |", "| `l` | Log y |", "| `↑` | Previous series |",
+                  "| `↓` | Next series |", "| `space` | Show/hide series |"]
+    async with app.run_test(size=(120, 40)) as pilot:
+        await settle(app, pilot)
+        for screen, open_screen in (("Compare", lambda: app.open_compare([a.id, b.id])),
+                                    ("Monitor", lambda: app.open_monitor(a.id))):
+            open_screen()
+            await settle(app, pilot)
+            await pilot.press("question_mark")
+            assert isinstance(app.screen, HelpScreen)
+            text = app.screen.query_one(Markdown).source
+            assert f"**{screen}**" in text and "| `[` | ◂ Window |" in text and "| `x` | X axis |" in text
+            for row in chart_rows:
+                assert text.count(row) == 1, (screen, row, text)
+            assert not any(raw in text for raw in ("`full_stop`", "`comma`", "`left_square_bracket`", "`left`"))
+            await pilot.press("escape", "escape")  # the help, then the screen
+            assert isinstance(app.screen, RunsScreen)
+
+
 async def test_home_and_end_go_to_the_first_and_last_run(ren_home: Path) -> None:
     store = Store(ren_home)
     for i in range(30):
