@@ -114,19 +114,25 @@ async def test_empty_store_says_how_to_start_and_help_opens(ren_home: Path) -> N
 
 def test_screens_are_styled_by_the_app_stylesheet_not_default_css() -> None:
     """Screen layout lives in app.tcss, one section per screen (Textual keeps DEFAULT_CSS for
-    reusable widgets); any app built on RenApp, a test's subclass included, loads it."""
+    reusable widgets and the dialogs); any app built on RenApp, a test's subclass included, loads it.
+    Every module of ren_tui/screens is checked (found, not listed: a new screen is covered), and the app's help."""
     import importlib
+    import pkgutil
 
     from textual.screen import Screen
+
+    import ren_tui.screens
 
     stylesheet = Path(RenApp.CSS_PATH)
     assert stylesheet.is_absolute() and stylesheet.name == "app.tcss"
     css = stylesheet.read_text()
-    for name in ("runs", "compose", "queue", "monitor", "compare", "freeze"):
-        module = importlib.import_module(f"ren_tui.screens.{name}")
+    names = sorted(m.name for m in pkgutil.iter_modules(ren_tui.screens.__path__))
+    assert {"runs", "compose", "queue", "monitor", "compare", "freeze", "log"} <= set(names), names
+    for module_name in [f"ren_tui.screens.{name}" for name in names] + ["ren_tui.app"]:
+        module = importlib.import_module(module_name)
         screens = [c for c in vars(module).values()
                    if isinstance(c, type) and issubclass(c, Screen) and c.__module__ == module.__name__]
-        assert screens, name
+        assert screens, module_name
         for screen in screens:
             assert "DEFAULT_CSS" not in vars(screen), screen
             assert f"\n{screen.__name__} " in css, screen
