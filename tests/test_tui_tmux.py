@@ -154,7 +154,8 @@ def field(screen: str, label: str) -> str:
 @pytest.mark.timeout(120)
 def test_screen_keys_switch_screens_and_never_type_into_a_left_field(terminal: Terminal) -> None:
     """Runs -> Monitor -> Compare -> Compose -> Freeze -> Queue by their keys. In Compose the run name is
-    edited, escape leaves the field, and 1, 2 and 3 then switch screens: the name keeps what was typed."""
+    edited, escape leaves the field, and 1, 2 and 3 then switch screens: the name keeps what was typed.
+    Escape on Compose outside a field goes back to Runs."""
     runs_marker = "2 of 2 runs"
     screen = terminal.wait(runs_marker, "alpha-run", "beta-run", what="the Runs screen")
     assert "ren — " in screen and "Monitor" in screen  # the header and the footer's enter key
@@ -207,6 +208,10 @@ def test_screen_keys_switch_screens_and_never_type_into_a_left_field(terminal: T
 
     terminal.keys("3")
     terminal.wait("Queued (0)", what="the Queue")
+    terminal.keys("2")
+    terminal.wait("ren — Compose", "esc Back", what="Compose, its footer offering escape")
+    terminal.keys("Escape")  # no field has focus: back to Runs
+    terminal.wait(runs_marker, what="Runs after escape on Compose")
     terminal.keys("q")
     screen = terminal.wait(EXITED, what="the app to quit")
     assert f"{EXITED} 0" in screen, screen
