@@ -9,6 +9,7 @@ imported when first shown, so start-up pays only for the Runs screen.
 from __future__ import annotations
 
 import argparse
+import re
 from collections.abc import Iterable
 from functools import partial
 from pathlib import Path
@@ -23,7 +24,7 @@ from textual.widget import Widget
 
 from engine.store import Store
 from ren_tui.backend import Backend
-from ren_tui.keys import LeftField, binding_keys, is_text_field, main_widget
+from ren_tui.keys import LeftField, binding_keys, is_text_field, key_name, main_widget
 
 HELP = """\
 # ren-tui
@@ -56,14 +57,44 @@ class HelpScreen(ModalScreen[None]):
             yield Markdown(HELP + self._screen_keys())
 
     def _screen_keys(self) -> str:
+        """The keys of the screen below, then those of its own widgets (the chart's cursor, log scale and
+        legend keys; the run table's j/k): a widget's keys act while it has focus, unless the screen passes
+        them on (the Monitor does for its chart: they are listed with the screen's, once)."""
         below = self.app.screen_stack[-2] if len(self.app.screen_stack) > 1 else None
         if below is None:
             return ""
-        rows = [f"| `{binding_keys(b)}` | {b.description}{': ' + b.tooltip if b.tooltip else ''} |"
-                for b in getattr(below, "BINDINGS", []) if isinstance(b, Binding) and b.description]
-        if not rows:
-            return ""
-        return f"\n**{type(below).__name__.removesuffix('Screen')}**\n\n| key | action |\n|---|---|\n" + "\n".join(rows)
+        seen: set[tuple[str, str]] = set()
+        text = _key_table(f"**{type(below).__name__.removesuffix('Screen')}**", getattr(below, "BINDINGS", []), seen)
+        for name, bindings in _widget_bindings(below):
+            text += _key_table(f"**{name}** (while it has focus; `tab` moves the focus)", bindings, seen)
+        return text
+
+
+def _key_table(title: str, bindings: Iterable[Any], seen: set[tuple[str, str]]) -> str:
+    """A help section: a markdown table of the described ``bindings`` not already in ``seen`` (key,
+    description), each key by its human name (``←``, ``,``); "" when none is left."""
+    rows = []
+    for binding in bindings:
+        if not (isinstance(binding, Binding) and binding.description):
+            continue
+        keys = " ".join(f"`{key_name(key.strip())}`" for key in dict.fromkeys(binding.key.split(",")))
+        if (keys, binding.description) in seen:
+            continue
+        seen.add((keys, binding.description))
+        rows.append(f"| {keys} | {binding.description}{': ' + binding.tooltip if binding.tooltip else ''} |")
+    return f"\n{title}\n\n| key | action |\n|---|---|\n" + "\n".join(rows) + "\n" if rows else ""
+
+
+def _widget_bindings(screen: Screen) -> list[tuple[str, list[Any]]]:
+    """(a human name, its own bindings) of each ren-tui widget class on ``screen`` that declares keys
+    (Textual's widgets keep theirs: arrows, page keys), once per class, in the order they appear."""
+    found: dict[type, list[Any]] = {}
+    for widget in screen.walk_children(Widget):
+        for cls in type(widget).__mro__:
+            if cls not in found and cls.__module__.startswith("ren_tui.") and "BINDINGS" in vars(cls):
+                found[cls] = list(vars(cls)["BINDINGS"])
+    return [(re.sub(r"(?<=[a-z])(?=[A-Z])", " ", cls.__name__).capitalize(), bindings)
+            for cls, bindings in found.items()]
 
 
 def _runs_screen() -> Screen:

@@ -55,13 +55,22 @@ class LeftField(Message):
         return self.field
 
 
+ARROWS = {"left": "←", "right": "→", "up": "↑", "down": "↓"}
+
+
 def key_name(key: str) -> str:
-    """A bound key as people write it: ``/`` for slash, ``[`` for left_square_bracket, ``?``;
-    ``space``, ``enter``, ``escape`` and modified keys (``shift+up``, ``ctrl+s``) as they are."""
-    if "+" in key.rstrip("+") or len(key) == 1:
+    """A bound key as people write it: ``/`` for slash, ``[`` for left_square_bracket, ``?``, ``←`` for left
+    (``shift+←``); ``space``, ``enter``, ``escape``, ``home`` and other modified keys (``ctrl+s``) as they are."""
+    modifiers, plus, base = key.rpartition("+") if len(key) > 1 else ("", "", key)
+    if not base:  # a key that ends in "+" (Textual names the plus key "plus": not seen)
         return key
-    character = format_key(key)  # "/" for slash, but also "⏎" for enter and "esc" for escape
-    return character if len(character) == 1 and character.isascii() and character.isprintable() else key
+    if base in ARROWS:
+        base = ARROWS[base]
+    elif len(base) > 1:
+        character = format_key(base)  # "/" for slash, but also "⏎" for enter and "esc" for escape
+        if len(character) == 1 and character.isascii() and character.isprintable():
+            base = character
+    return modifiers + plus + base
 
 
 def binding_keys(binding: Binding) -> str:

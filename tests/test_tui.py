@@ -114,19 +114,25 @@ async def test_empty_store_says_how_to_start_and_help_opens(ren_home: Path) -> N
 
 def test_screens_are_styled_by_the_app_stylesheet_not_default_css() -> None:
     """Screen layout lives in app.tcss, one section per screen (Textual keeps DEFAULT_CSS for
-    reusable widgets); any app built on RenApp, a test's subclass included, loads it."""
+    reusable widgets and the dialogs); any app built on RenApp, a test's subclass included, loads it.
+    Every module of ren_tui/screens is checked (found, not listed: a new screen is covered), and the app's help."""
     import importlib
+    import pkgutil
 
     from textual.screen import Screen
+
+    import ren_tui.screens
 
     stylesheet = Path(RenApp.CSS_PATH)
     assert stylesheet.is_absolute() and stylesheet.name == "app.tcss"
     css = stylesheet.read_text()
-    for name in ("runs", "compose", "queue", "monitor", "compare", "freeze"):
-        module = importlib.import_module(f"ren_tui.screens.{name}")
+    names = sorted(m.name for m in pkgutil.iter_modules(ren_tui.screens.__path__))
+    assert {"runs", "compose", "queue", "monitor", "compare", "freeze", "log"} <= set(names), names
+    for module_name in [f"ren_tui.screens.{name}" for name in names] + ["ren_tui.app"]:
+        module = importlib.import_module(module_name)
         screens = [c for c in vars(module).values()
                    if isinstance(c, type) and issubclass(c, Screen) and c.__module__ == module.__name__]
-        assert screens, name
+        assert screens, module_name
         for screen in screens:
             assert "DEFAULT_CSS" not in vars(screen), screen
             assert f"\n{screen.__name__} " in css, screen
@@ -226,6 +232,59 @@ async def test_escape_leaves_a_compose_field_and_the_screen_keys_then_switch(ren
         await pilot.press("3")
         assert isinstance(app.screen, QueueScreen)
         assert layers.value == before
+
+
+async def test_escape_on_compose_opened_with_2_goes_back_to_runs(ren_home: Path) -> None:
+    """Compose opened with 2 is the only screen of its mode: escape (with no field focused), which the
+    footer offers as Back, goes to Runs as it does from a Compose opened on a run; 2 finds the form as left."""
+    from ren_tui.screens.compose import ComposeScreen, wid
+
+    app = make(ren_home)
+    app.backend.inspector = QuietInspector()
+    async with app.run_test(size=(120, 40)) as pilot:
+        await settle(app, pilot)
+        await pilot.press("2")
+        await settle(app, pilot)
+        compose = app.screen
+        assert isinstance(compose, ComposeScreen) and len(app.screen_stack) == 1
+        name = compose.query_one("#" + wid("run.name"), Input)
+        name.value = "kept"
+        compose.query_one("#form").focus()
+        await pilot.pause()
+        assert "escape" in {b.binding.key for b in app.active_bindings.values() if b.enabled}
+        await pilot.press("escape")
+        assert isinstance(app.screen, RunsScreen) and app.current_mode == "runs"
+        assert app.settings["screen"] == "runs"  # the next launch opens on Runs too
+        await pilot.press("2")
+        assert app.screen is compose and name.value == "kept"
+
+
+async def test_help_lists_the_chart_keys_of_compare_and_the_monitor_by_their_names(ren_home: Path) -> None:
+    """? lists the keys of the screen in front and of its widgets (the chart's cursor, log scale and legend
+    keys, which Compare's chart takes while it has focus), each as it is typed: no "full_stop" or "comma"."""
+    from textual.widgets import Markdown
+
+    store = Store(ren_home)
+    a, b = canned_run(store, "a"), canned_run(store, "b")
+    app = make(ren_home)
+    chart_rows = ["| `←` `,` | Cursor left |", "| `→` `.` | Cursor right |", "| `shift+←` | Cursor ten left |",
+                  "| `home` | Cursor to the first point |", "| `l` | Log y |", "| `↑` | Previous series |",
+                  "| `↓` | Next series |", "| `space` | Show/hide series |"]
+    async with app.run_test(size=(120, 40)) as pilot:
+        await settle(app, pilot)
+        for screen, open_screen in (("Compare", lambda: app.open_compare([a.id, b.id])),
+                                    ("Monitor", lambda: app.open_monitor(a.id))):
+            open_screen()
+            await settle(app, pilot)
+            await pilot.press("question_mark")
+            assert isinstance(app.screen, HelpScreen)
+            text = app.screen.query_one(Markdown).source
+            assert f"**{screen}**" in text and "| `[` | ◂ Window |" in text and "| `x` | X axis |" in text
+            for row in chart_rows:
+                assert text.count(row) == 1, (screen, row, text)
+            assert not any(raw in text for raw in ("`full_stop`", "`comma`", "`left_square_bracket`", "`left`"))
+            await pilot.press("escape", "escape")  # the help, then the screen
+            assert isinstance(app.screen, RunsScreen)
 
 
 async def test_home_and_end_go_to_the_first_and_last_run(ren_home: Path) -> None:

@@ -683,11 +683,16 @@ class ComposeScreen(Screen[None]):
 
     def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
         if action == "back":
-            return len(self.app.screen_stack) > 1 and self.app.screen is self
+            return self.app.screen is self
         return True
 
     def action_back(self) -> None:
-        self.app.pop_screen()
+        """Back to what opened Compose: the screen below (Runs, for a run's config), or Runs when Compose
+        is the only screen of its mode (opened with 2 or the palette), as the footer's Back promises."""
+        if len(self.app.screen_stack) > 1:
+            self.app.pop_screen()
+        else:
+            self.app.action_screen("runs")
 
     def action_freeze(self) -> None:
         if not self.raw:
