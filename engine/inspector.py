@@ -295,7 +295,8 @@ def _inputs(cfg: RunConfig, batch: int, text_len: int) -> dict[str, Any]:
     out = {"input_ids": torch.zeros(batch, text_len, dtype=torch.long),
            "attention_mask": torch.ones(batch, text_len, dtype=torch.long),
            "pixel_values": torch.zeros(batch, 3, size, size)}
-    if cfg.task is not None and cfg.task.name == "nlvr2":
+    if cfg.task is not None and cfg.task.name == "nlvr2":  # a pair of images, as engine.data.nlvr2 batches them
+        out["pixel_values_0"] = out["pixel_values"]
         out["pixel_values_1"] = torch.zeros(batch, 3, size, size)
     if cfg.task is not None and cfg.task.name == "refcoco":
         out["boxes"] = torch.zeros(batch, REFCOCO_BOXES, 4)
@@ -304,17 +305,10 @@ def _inputs(cfg: RunConfig, batch: int, text_len: int) -> dict[str, Any]:
 
 
 def _task_logits(model: Any, cfg: RunConfig, batch: int, text_len: int) -> Any:
-    """The task forward of a batch, as ``engine.train._task_logits`` runs it."""
-    b = _inputs(cfg, batch, text_len)
-    if "boxes" in b:
-        out = model(b["input_ids"], b["attention_mask"], b["pixel_values"], task=True, boxes=b["boxes"],
-                    box_mask=b["box_mask"])
-    elif "pixel_values_1" in b:
-        out = model(b["input_ids"], b["attention_mask"], b["pixel_values"], task=True,
-                    pair_pixel_values=b["pixel_values_1"])
-    else:
-        out = model(b["input_ids"], b["attention_mask"], b["pixel_values"], task=True)
-    return out.logits["task"]
+    """The task forward of a batch of fake inputs, through the trainer's own :func:`engine.train.task_logits`."""
+    from engine.train import task_logits
+
+    return task_logits(model, _inputs(cfg, batch, text_len))
 
 
 def _training_forward(model: Any, cfg: RunConfig, batch: int, text_len: int, masked_per_text: float) -> Any:

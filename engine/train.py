@@ -952,7 +952,7 @@ def _pretrain_step(model: torch.nn.Module, batch: dict[str, torch.Tensor], cfg: 
     return loss, logged
 
 
-def _task_logits(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+def task_logits(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """The task head's logits; an NLVR2 batch brings its two images as pixel_values_0/1,
     a RefCOCO batch its candidate boxes."""
     if "boxes" in batch:
@@ -969,7 +969,7 @@ def _task_logits(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torc
 def _finetune_step(model: torch.nn.Module, batch: dict[str, torch.Tensor], cfg: RunConfig,
                    data: DataBundle, gen: torch.Generator) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     task = cfg.task.name
-    logits = _task_logits(model, batch)
+    logits = task_logits(model, batch)
     loss = T.task_loss(task, logits, batch["labels"], cfg.task.loss)
     with torch.no_grad():
         score = T.task_score(task, logits, batch["labels"], batch.get("boxes")).mean()
@@ -980,7 +980,7 @@ def score_batch(model: torch.nn.Module, batch: dict[str, torch.Tensor], task: st
                 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One evaluation batch: the task head's logits and each sample's score (what :func:`evaluate` averages):
     the official VQA accuracy where the batch brings ``official_scores``, else the task's score."""
-    logits = _task_logits(model, batch)
+    logits = task_logits(model, batch)
     return logits, T.task_score(task, logits, batch.get("official_scores", batch["labels"]), batch.get("boxes"))
 
 
