@@ -236,6 +236,8 @@ class RunsScreen(Screen[None]):
         self.marked: set[str] = set()
         self.loaded = False  # the store has been read once
         self.store_error: str | None = None  # why the last read of the store failed (the table keeps what it had)
+        self._rows: dict[str, tuple[str, ...]] = {}  # the cells the table shows, by run id
+        self._cells: dict[str, tuple[RunRecord, tuple, tuple[str, ...]]] = {}  # cells(): (record, context, row)
 
     def compose(self) -> ComposeResult:
         yield Header()
@@ -315,6 +317,8 @@ class RunsScreen(Screen[None]):
     def show_runs(self, records: list[RunRecord]) -> None:
         self.store_error = None
         self.records = {r.id: r for r in records}
+        if len(self._cells) > len(self.records):  # runs deleted: forget their rows
+            self._cells = {k: v for k, v in self._cells.items() if k in self.records}
         if self.marked - set(self.records):  # marked runs deleted elsewhere
             self.marked &= set(self.records)
             self.remember()
@@ -329,14 +333,19 @@ class RunsScreen(Screen[None]):
         shown = self.view.apply(list(self.records.values()))
         cursor = cursor or self.current_id()
         order = [r.id for r in shown]
+        rows = {r.id: self.cells(r) for r in shown}
         if [k.value for k in table.rows] != order:  # membership or order changed: rebuild
             table.clear()
-            for record in shown:
-                table.add_row(*self.cells(record), key=record.id)
-        else:
-            for record in shown:
-                for column, value in zip(self.columns, self.cells(record)):
-                    table.update_cell(record.id, column, value)
+            for run_id, cells in rows.items():
+                table.add_row(*cells, key=run_id)
+        else:  # only the cells that changed: a refresh of an unchanged store costs no redraw
+            for run_id, cells in rows.items():
+                before = self._rows.get(run_id)
+                if cells != before:
+                    for i, (column, value) in enumerate(zip(self.columns, cells)):
+                        if before is None or len(before) != len(cells) or before[i] != value:
+                            table.update_cell(run_id, column, value)
+        self._rows = rows
         if cursor in order:
             table.move_cursor(row=order.index(cursor))
         self.show_status(len(shown))
@@ -344,7 +353,17 @@ class RunsScreen(Screen[None]):
 
     def cells(self, r: RunRecord) -> tuple[str, ...]:
         """The row of ``r`` (rich markup); an archived run's row is dimmed, and its name says so (which
-        NO_COLOR keeps)."""
+        NO_COLOR keeps). Kept while the store hands back the same record (its index unchanged) and the
+        row's mark, grouping and columns are the same; a running run's time moves on, so it is made anew."""
+        context = (r.id in self.marked, self.view.group, self.columns)
+        kept = self._cells.get(r.id)
+        if kept is not None and kept[0] is r and kept[1] == context and r.status != "running":
+            return kept[2]
+        row = self._make_cells(r)
+        self._cells[r.id] = (r, context, row)
+        return row
+
+    def _make_cells(self, r: RunRecord) -> tuple[str, ...]:
         name = f"{study_of(r)} / {r.name}" if self.view.group and study_of(r) else r.name
         archived = ARCHIVED in r.tags
         cells = {"✓": "✓" if r.id in self.marked else "", "name": cell(name) + (" (archived)" if archived else ""),
