@@ -9,7 +9,7 @@ imported when first shown, so start-up pays only for the Runs screen.
 from __future__ import annotations
 
 import argparse
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -110,8 +110,21 @@ class RenApp(App[None]):
         self.settings: dict[str, Any] = backend.tui_settings()
         if self.settings.get("screen") in self.MODES:
             self.DEFAULT_MODE = self.settings["screen"]
+        self.MODES = {mode: partial(self._mode_screen, make) for mode, make in self.MODES.items()}
         super().__init__()
         self.backend = backend
+
+    def _mode_screen(self, make: Callable[[], Screen]) -> Screen:
+        """A mode's new screen, marked as styled by the CSS as it is now. Textual 8.2 (``App._init_mode``,
+        ``App.switch_mode``) refreshes the whole app's CSS (reparses it and restyles every node of every
+        screen: 0.1-0.6 s here, on each) when the screen switched to is not so marked, and marks it only if
+        it was mounted when refreshed, which a new mode's screen is not: the first visit to Compose or
+        Queue paid twice, the second once more. A screen mounted now is styled at mount by the stylesheet
+        as it is, so the mark is true; a theme change still unmarks it and refreshes it on the next visit."""
+        screen = make()
+        if any(self._screen_stacks.values()):  # not the first screen (start-up styles that one)
+            screen._css_update_count = self._css_update_count
+        return screen
 
     def on_mount(self) -> None:
         self.sub_title = str(self.backend.store.root)
