@@ -122,12 +122,19 @@ class RenApp(App[None]):
         Queue paid twice, the second once more. A screen mounted now is styled at mount by the stylesheet
         as it is, so the mark is true; a theme change still unmarks it and refreshes it on the next visit."""
         screen = make()
-        if any(self._screen_stacks.values()):  # not the first screen (start-up styles that one)
-            screen._css_update_count = self._css_update_count
+        if any(self._screen_stacks.values()):  # not the first screen: start-up styles that one, see on_mount
+            self._mark_styled(screen)
         return screen
+
+    def _mark_styled(self, screen: Screen) -> None:
+        if hasattr(screen, "_css_update_count") and hasattr(self, "_css_update_count"):
+            screen._css_update_count = self._css_update_count
 
     def on_mount(self) -> None:
         self.sub_title = str(self.backend.store.root)
+        # The first screen was styled by start-up's CSS refresh before it was mounted, so Textual left it
+        # unmarked too: mark it once it is up, or the first return to it restyles the whole app.
+        self.call_after_refresh(lambda: self._mark_styled(self.screen))
         self.call_after_refresh(self.warm_inspector)  # after the first paint: it imports torch, a core's work
 
     @work(thread=True, exclusive=True, group="inspector-warm-up")

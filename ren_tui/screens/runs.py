@@ -30,6 +30,7 @@ from engine.errors import RenError
 from engine.store import RunRecord
 from ren_tui.dialogs import Confirm, Prompt
 from ren_tui.keys import LeftField, is_text_field
+from ren_tui.screens import KeepStyles
 from ren_tui.text import cell, markup, safe
 from ren_tui.widgets.table import RunTable
 
@@ -202,7 +203,7 @@ class View:
         return view
 
 
-class RunsScreen(Screen[None]):
+class RunsScreen(KeepStyles, Screen[None]):
     AUTO_FOCUS = "#runs"
     # The footer shows what a newcomer needs (it fits 120 columns with ? and q); the rest is in ? and ctrl+p.
     BINDINGS = [
