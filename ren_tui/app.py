@@ -104,7 +104,7 @@ class RenApp(App[None]):
         Binding("escape", "leave_field", "Leave field", priority=True),
     ]
 
-    def __init__(self, backend: Backend) -> None:
+    def __init__(self, backend: Backend, *, prebuild_compose: bool | None = None) -> None:
         # What this user's last session left (ren_tui.backend.Backend.tui_settings): the screen it was on,
         # and each screen's own section (Runs: marks, sort, filter). Read before the first screen is made.
         self.settings: dict[str, Any] = backend.tui_settings()
@@ -113,6 +113,9 @@ class RenApp(App[None]):
         self.MODES = {mode: partial(self._mode_screen, make) for mode, make in self.MODES.items()}
         super().__init__()
         self.backend = backend
+        # Build Compose in the background once start-up is done (warm_up): by default where the backend
+        # starts processes of its own, i.e. not in tests, which build it when they open it.
+        self.prebuild_compose = backend.start_worker if prebuild_compose is None else prebuild_compose
 
     def _mode_screen(self, make: Callable[[], Screen]) -> Screen:
         """A mode's new screen, marked as styled by the CSS as it is now. Textual 8.2 (``App._init_mode``,
@@ -172,10 +175,27 @@ class RenApp(App[None]):
 
     @work(thread=True, exclusive=True, group="warm-up")
     def warm_up(self) -> None:
-        """Import the chart screens in the background once the Runs screen is up, so
-        opening a run's Monitor does not pay for plotting libraries."""
+        """Import the other screens in the background once the Runs screen is up, so that opening
+        one does not pay for its imports: the chart screens', and Compose's and the Queue's config
+        schema (pydantic builds it at import: a few tenths of a second)."""
+        import engine.jobs.api  # noqa: F401 - the Queue's first read
         import ren_tui.screens.compare  # noqa: F401
+        import ren_tui.screens.compose  # noqa: F401
         import ren_tui.screens.monitor  # noqa: F401
+        import ren_tui.screens.queue  # noqa: F401
+
+        if self.prebuild_compose:
+            self.call_from_thread(self.prebuild, "compose")
+
+    def prebuild(self, mode: str) -> None:
+        """Make ``mode``'s screen now, behind the one in front, unless it exists: Compose then mounts its
+        form a few rows at a time (ComposeScreen.compose), and its first opening is a plain switch. Uses
+        Textual's own mode set-up (``App._init_mode``, as ``switch_mode`` does); without it, nothing."""
+        init_mode = getattr(self, "_init_mode", None)
+        stacks = getattr(self, "_screen_stacks", None)
+        if init_mode is None or not isinstance(stacks, dict) or stacks.get(mode) or mode == self.current_mode:
+            return
+        init_mode(mode)
 
     def typing_in(self) -> Widget | None:
         """The text field of a full screen that has focus (dialogs keep their own keys), or None."""

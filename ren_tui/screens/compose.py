@@ -26,6 +26,7 @@ from rich.text import Text
 from textual import on, work
 from textual.app import ComposeResult
 from textual.binding import Binding
+from textual.compose import compose as compose_widgets
 from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.screen import Screen
 from textual.timer import Timer
@@ -39,9 +40,12 @@ from engine.errors import RenError
 from engine.store import RunRecord
 from ren_tui.dialogs import Confirm, Prompt
 from ren_tui.estimate import Throughput, eta_seconds, measured_throughput, plan
+from ren_tui.screens import KeepStyles
 from ren_tui.screens.freeze import FreezeScreen, by_part, format_flops
 
 DEBOUNCE_S = 0.3
+BUILD_ROWS = 4  # fields mounted at a time when the form is built in the background (~10-40 ms of the UI thread)
+BUILD_PAUSE_S = 0.02  # between two such batches: keys and redraws of the screen in front go first
 STAGES = ("pretrain", "finetune")
 KNOWN_TEXT = ("bert-base-uncased", "google/electra-small-discriminator", "google/electra-base-discriminator",
               "roberta-base")
@@ -225,7 +229,7 @@ def picked(key: str) -> bool:
     return key == "train.init_from" or key.endswith(".name") and key.split(".")[1] in TOWERS
 
 
-class ComposeScreen(Screen[None]):
+class ComposeScreen(KeepStyles, Screen[None]):
     """Compose a run config; ``config`` (a stored run's or a preset's) starts the form."""
 
     BINDINGS = [
@@ -255,10 +259,18 @@ class ComposeScreen(Screen[None]):
         """``train.init_from`` picks other than fresh weights: (label, value) of finished runs and presets."""
         self._runs: tuple[str, list[RunRecord]] = ("", [])
         """(this machine's host name, the store's finished runs): what the time estimate is measured on."""
+        self._unbuilt: list[tuple[str, str]] = []
+        """(section id, key) of the fields not mounted yet: a form built in the background (see compose)."""
+        self._pending_config: dict[str, Any] | None = None
+        """A config that arrived before every field was mounted: shown once they are."""
 
     # --- layout -------------------------------------------------------------------
 
     def compose(self) -> ComposeResult:
+        # Built while another screen is in front (RenApp.prebuild, after start-up): the fields are mounted a
+        # few rows at a time (build_more), so the screen in front stays responsive and Compose's first
+        # opening finds its form ready. Opened at once (or pushed), it is built whole, as before.
+        background = self.app.screen is not self
         yield Header()
         with Horizontal(id="compose-top"):
             yield Label("start from")
@@ -270,6 +282,9 @@ class ComposeScreen(Screen[None]):
                     self._section_tags[section_id] = tag
                     with Vertical(classes="section", id=section_id):
                         yield Static(title, classes="section-title")
+                        if background:
+                            self._unbuilt += [(section_id, key) for key in keys]
+                            continue
                         for key in keys:
                             yield from self._field(key)
             with Vertical(id="side"):
@@ -329,8 +344,35 @@ class ComposeScreen(Screen[None]):
         self._keys_by_id[widget.id] = key
         return widget
 
+    @property
+    def built(self) -> bool:
+        """Whether every field of the form is mounted."""
+        return not self._unbuilt
+
+    async def build_more(self, everything: bool = False) -> None:
+        """Mount the next BUILD_ROWS fields of a form built in the background (``everything``: all that are
+        left, as when it is opened before it is done), then the next ones after BUILD_PAUSE_S; once all
+        are, show the config that arrived meanwhile."""
+        if not self._unbuilt:
+            return
+        count = len(self._unbuilt) if everything else BUILD_ROWS
+        batch, self._unbuilt = self._unbuilt[:count], self._unbuilt[count:]
+        rows: dict[str, list[Widget]] = {}
+        for section_id, key in batch:
+            rows.setdefault(section_id, []).extend(compose_widgets(self, self._field(key)))
+        for section_id, widgets in rows.items():
+            await self.query_one("#" + section_id).mount_all(widgets)
+        if self._unbuilt:
+            if not everything:
+                self.set_timer(BUILD_PAUSE_S, self.build_more)
+        elif self._pending_config is not None:
+            config, self._pending_config = self._pending_config, None
+            self._set_config(config)
+
     def on_mount(self) -> None:
         self.sub_title = "Compose"
+        if self._unbuilt:
+            self.set_timer(BUILD_PAUSE_S, self.build_more)
         self._start_inspector()
         self._list_init_sources()
         self._list_presets(load_default=self.initial is None)
@@ -367,7 +409,9 @@ class ComposeScreen(Screen[None]):
         if raw is not None:
             self._set_config(raw)
 
-    def on_screen_resume(self) -> None:
+    async def on_screen_resume(self) -> None:
+        if self.is_current and self._unbuilt:  # opened before its background build was done
+            await self.build_more(everything=True)
         if self.is_mounted:
             self._list_init_sources()  # runs may have finished since
 
@@ -388,9 +432,9 @@ class ComposeScreen(Screen[None]):
         if sources == self._init_sources:
             return
         self._init_sources = sources
-        select = self.query_one("#" + wid("train.init_from") + "-pick", Select)
-        with self.prevent(Select.Changed):
-            select.set_options(self._pick_options("train.init_from"))
+        for select in self.query("#" + wid("train.init_from") + "-pick").results(Select):  # none: not built yet
+            with self.prevent(Select.Changed):
+                select.set_options(self._pick_options("train.init_from"))
         if self.loaded:
             self._sync()
 
@@ -416,6 +460,9 @@ class ComposeScreen(Screen[None]):
     # --- the config and the form --------------------------------------------------------
 
     def _set_config(self, raw: dict[str, Any]) -> None:
+        if self._unbuilt:
+            self._pending_config = raw
+            return
         self.raw = copy.deepcopy(raw)
         self.loaded = True
         self._sync()
