@@ -741,6 +741,7 @@ class Store:
         self.index_path = self.root / "index.json"
         self._lock = FileLock(self.root / "index.lock", timeout=INDEX_LOCK_TIMEOUT_S)
         self._listed: tuple[tuple[int, int, int] | None, list[RunRecord], list[Unreadable]] = (None, [], [])
+        self._parsed: tuple[tuple[int, int, int] | None, list[dict[str, Any]]] = (None, [])
         if not read_only:
             try:
                 (self.root / "runs").mkdir(parents=True, exist_ok=True)
@@ -881,7 +882,20 @@ class Store:
 
     def get_run(self, run_id: str) -> RunRecord:
         """The run with this id or unique id prefix; RunNotFound otherwise."""
-        return self._report(self._find(self._table().all(), run_id))
+        return self._report(self._find(self._index_docs()[1], run_id))
+
+    def _index_docs(self) -> tuple[tuple[int, int, int] | None, list[dict[str, Any]]]:
+        """(:meth:`index_stamp`, the run index's documents) for reads that take no lock: the file is parsed
+        again only when it changed (every write replaces it), so a view that reads a run every second (the
+        TUI's Monitor) does not parse a large index each time. The documents are shared: read them only."""
+        stamp = self.index_stamp()
+        parsed = self._parsed
+        if stamp is not None and stamp == parsed[0]:
+            return parsed
+        parsed = (stamp, self._table().all())
+        if stamp is not None:
+            self._parsed = parsed
+        return parsed
 
     def index_stamp(self) -> tuple[int, int, int] | None:
         """Changes with every write of the index (writes replace the file: a new inode);
@@ -897,9 +911,9 @@ class Store:
         index is kept while the file is unchanged (every write replaces it, so its inode, time and size
         identify a version), which makes polling a large store cheap; liveness is checked afresh on every
         call."""
-        stamp = self.index_stamp()
+        stamp, docs = self._index_docs()
         if stamp is None or stamp != self._listed[0]:
-            records, unreadable = self._records(self._table().all())
+            records, unreadable = self._records(docs)
             records.sort(key=lambda r: (r.created_at or 0.0, r.id), reverse=True)
             self._listed = (stamp, records, unreadable)
         return [self._report(record) for record in self._listed[1]]
@@ -1079,7 +1093,7 @@ class Store:
 
     def run_dir(self, run_id: str) -> Path:
         """The directory of the run with this id or unique id prefix."""
-        return self._run_path(self._find(self._table().all(), run_id).id)
+        return self._run_path(self._find(self._index_docs()[1], run_id).id)
 
     def metrics_writer(
         self, run_id: str, flush_every_s: float = 2.0, segment_points: int = 5000
