@@ -42,6 +42,7 @@ from ren_tui.export import (
     raw_score_rows,
     score_rows,
 )
+from ren_tui.screens import KeepStyles
 from ren_tui.text import cell, safe
 from ren_tui.widgets.chart import Chart
 
@@ -97,7 +98,7 @@ def run_labels(records: list[RunRecord]) -> list[str]:
     return [safe(f"{r.name} ({r.id[-4:]})" if names.count(r.name) > 1 else r.name) for r in records]
 
 
-class CompareScreen(ChartKeys, Screen[None]):
+class CompareScreen(ChartKeys, KeepStyles, Screen[None]):
     """Curves, scores and config differences of ``run_ids``; exports go to
     ``export_dir`` (default: ``./ren-exports``)."""
 

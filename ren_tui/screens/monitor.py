@@ -28,6 +28,7 @@ from engine.store import RunRecord
 from ren_tui import curves as _curves
 from ren_tui.backend import Series
 from ren_tui.curves import ChartKeys, parse_range  # noqa: F401  (parse_range: used from here by tests)
+from ren_tui.screens import KeepStyles
 from ren_tui.screens.log import shown_lines
 from ren_tui.text import markup
 from ren_tui.widgets.chart import Chart, Curve
@@ -67,7 +68,7 @@ def charts_of(record: RunRecord, keys: object) -> list[str]:
     return [name for name in CHARTS if name != "eval" or evaluated]
 
 
-class MonitorScreen(ChartKeys, Screen[None]):
+class MonitorScreen(ChartKeys, KeepStyles, Screen[None]):
     """One run, live: header, one chart at a time, the log following its newest line."""
 
     BINDINGS = [
