@@ -467,6 +467,16 @@ class ComposeScreen(KeepStyles, Screen[None]):
         self.loaded = True
         self._sync()
         self._changed()
+        if not self.is_current:
+            self.set_timer(BUILD_PAUSE_S, self._lay_out)
+
+    def _lay_out(self) -> None:
+        """Lay the form out while another screen is in front, as Textual does for the screens behind when the
+        terminal is resized (``Screen._refresh_layout``): the widgets' sizes and their resize and show
+        events are then dealt with before the first opening, not during it."""
+        refresh_layout = getattr(self, "_refresh_layout", None)
+        if refresh_layout is not None and not self.is_current and self.is_attached:
+            refresh_layout(self.app.size)
 
     def _value(self, key: str) -> Any:
         if key == "stage":
