@@ -23,7 +23,7 @@ from textual import work
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.screen import Screen
-from textual.widgets import DataTable, Footer, Static
+from textual.widgets import DataTable, Static
 from textual.worker import get_current_worker
 
 from engine.errors import RenError
@@ -45,6 +45,7 @@ from ren_tui.export import (
 from ren_tui.screens import KeepStyles
 from ren_tui.text import cell, safe
 from ren_tui.widgets.chart import Chart
+from ren_tui.widgets.footer import Footer
 
 if TYPE_CHECKING:
     from engine.report import ReportTable

@@ -31,7 +31,7 @@ from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.screen import Screen
 from textual.timer import Timer
 from textual.widget import Widget
-from textual.widgets import Footer, Header, Input, Label, Select, Static, Switch
+from textual.widgets import Header, Input, Label, Select, Static, Switch
 
 from engine.config import MANUAL_ONLY_KEYS, MANUAL_USE_KEYS, MODEL_KINDS, TOWERS, RunConfig
 from engine.display import format_seconds
@@ -42,6 +42,7 @@ from ren_tui.dialogs import Confirm, Prompt
 from ren_tui.estimate import Throughput, eta_seconds, measured_throughput, plan
 from ren_tui.screens import KeepStyles
 from ren_tui.screens.freeze import FreezeScreen, by_part, format_flops
+from ren_tui.widgets.footer import Footer
 
 DEBOUNCE_S = 0.3
 BUILD_ROWS = 4  # fields mounted at a time when the form is built in the background (~10-40 ms of the UI thread)

@@ -19,7 +19,7 @@ from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.message import Message
 from textual.screen import Screen
-from textual.widgets import Footer, Log, Static
+from textual.widgets import Log, Static
 from textual.worker import Worker, get_current_worker
 
 from engine.display import format_compute, format_duration, format_eta, format_run_scores, format_steps
@@ -32,6 +32,7 @@ from ren_tui.screens import KeepStyles
 from ren_tui.screens.log import shown_lines
 from ren_tui.text import markup
 from ren_tui.widgets.chart import Chart, Curve
+from ren_tui.widgets.footer import Footer
 
 REFRESH_S = 1.0
 LOG_LINES = 1000  # the log pane keeps the last this many lines (L shows them all)

@@ -24,7 +24,7 @@ from textual.containers import Vertical
 from textual.content import Content
 from textual.markup import escape
 from textual.screen import Screen
-from textual.widgets import DataTable, Footer, Header, Static
+from textual.widgets import DataTable, Header, Static
 from textual.worker import Worker
 
 from engine.display import format_duration, format_eta, format_steps
@@ -33,6 +33,7 @@ from engine.store import END_STATUSES, RunRecord
 from ren_tui.dialogs import Confirm, Prompt
 from ren_tui.screens import KeepStyles
 from ren_tui.text import cell, markup, safe
+from ren_tui.widgets.footer import Footer
 from ren_tui.widgets.table import RunTable
 
 if TYPE_CHECKING:

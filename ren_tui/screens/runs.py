@@ -23,7 +23,7 @@ from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.content import Content
 from textual.screen import Screen
-from textual.widgets import DataTable, Footer, Header, Input, Static
+from textual.widgets import DataTable, Header, Input, Static
 
 from engine.display import format_duration, format_run_scores, format_steps, sparkline
 from engine.errors import RenError
@@ -32,6 +32,7 @@ from ren_tui.dialogs import Confirm, Prompt
 from ren_tui.keys import LeftField, is_text_field
 from ren_tui.screens import KeepStyles
 from ren_tui.text import cell, markup, safe
+from ren_tui.widgets.footer import Footer
 from ren_tui.widgets.table import RunTable
 
 REFRESH_S = 2.0
