@@ -478,6 +478,14 @@ class ComposeScreen(KeepStyles, Screen[None]):
         refresh_layout = getattr(self, "_refresh_layout", None)
         if refresh_layout is not None and not self.is_current and self.is_attached:
             refresh_layout(self.app.size)
+            self.set_timer(0.1, self._draw_behind)  # once the events the layout posted are dealt with
+
+    def _draw_behind(self) -> None:
+        """Draw the form once while another screen is in front, for nothing but the widgets' line caches: the
+        first opening then draws what is on screen from them, as every later one does."""
+        compositor = getattr(self, "_compositor", None)
+        if compositor is not None and not self.is_current and self.is_attached:
+            compositor.render_update(full=True)
 
     def _value(self, key: str) -> Any:
         if key == "stage":
