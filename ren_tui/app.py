@@ -91,6 +91,7 @@ class RenApp(App[None]):
     TITLE = "ren"
     MODES = {"runs": _runs_screen, "compose": _compose_screen, "queue": _queue_screen}
     DEFAULT_MODE = "runs"
+    PREBUILT = ("queue", "compose")  # made behind the first screen after start-up (prebuild)
     # The one-character keys work where no text field has focus: a focused Input or TextArea takes
     # printable keys first, and Textual leaves the keys it takes out of the footer and out of a dialog's.
     # Escape leaves a text field (ren_tui.keys), so those keys are always one key away. 1-3 stay out of
@@ -104,7 +105,7 @@ class RenApp(App[None]):
         Binding("escape", "leave_field", "Leave field", priority=True),
     ]
 
-    def __init__(self, backend: Backend, *, prebuild_compose: bool | None = None) -> None:
+    def __init__(self, backend: Backend, *, prebuild: bool | None = None) -> None:
         # What this user's last session left (ren_tui.backend.Backend.tui_settings): the screen it was on,
         # and each screen's own section (Runs: marks, sort, filter). Read before the first screen is made.
         self.settings: dict[str, Any] = backend.tui_settings()
@@ -113,9 +114,9 @@ class RenApp(App[None]):
         self.MODES = {mode: partial(self._mode_screen, make) for mode, make in self.MODES.items()}
         super().__init__()
         self.backend = backend
-        # Build Compose in the background once start-up is done (warm_up): by default where the backend
-        # starts processes of its own, i.e. not in tests, which build it when they open it.
-        self.prebuild_compose = backend.start_worker if prebuild_compose is None else prebuild_compose
+        # Make the Queue and Compose in the background once start-up is done (warm_up): by default where the
+        # backend starts processes of its own, i.e. not in tests, which make them when they open them.
+        self.prebuild_screens = backend.start_worker if prebuild is None else prebuild
 
     def _mode_screen(self, make: Callable[[], Screen]) -> Screen:
         """A mode's new screen, marked as styled by the CSS as it is now. Textual 8.2 (``App._init_mode``,
@@ -184,13 +185,15 @@ class RenApp(App[None]):
         import ren_tui.screens.monitor  # noqa: F401
         import ren_tui.screens.queue  # noqa: F401
 
-        if self.prebuild_compose:
-            self.call_from_thread(self.prebuild, "compose")
+        if self.prebuild_screens:
+            for mode in self.PREBUILT:
+                self.call_from_thread(self.prebuild, mode)
 
     def prebuild(self, mode: str) -> None:
-        """Make ``mode``'s screen now, behind the one in front, unless it exists: Compose then mounts its
-        form a few rows at a time (ComposeScreen.compose), and its first opening is a plain switch. Uses
-        Textual's own mode set-up (``App._init_mode``, as ``switch_mode`` does); without it, nothing."""
+        """Make ``mode``'s screen now, behind the one in front, unless it exists, so that its first opening is
+        a plain switch: the Queue's ~30 widgets at once, Compose's form a few rows at a time (see
+        ComposeScreen.compose). Uses Textual's own mode set-up (``App._init_mode``, as ``switch_mode``
+        does); without it, nothing."""
         init_mode = getattr(self, "_init_mode", None)
         stacks = getattr(self, "_screen_stacks", None)
         if init_mode is None or not isinstance(stacks, dict) or stacks.get(mode) or mode == self.current_mode:
