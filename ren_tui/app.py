@@ -84,6 +84,9 @@ def _queue_screen() -> Screen:
     return QueueScreen()
 
 
+INSPECTOR_AT_LATEST_S = 3.0  # the model inspector starts this long after start-up if nothing started it before
+
+
 class RenApp(App[None]):
     """The workbench. ``backend`` is the only way screens reach runs and the queue."""
 
@@ -109,6 +112,7 @@ class RenApp(App[None]):
         # What this user's last session left (ren_tui.backend.Backend.tui_settings): the screen it was on,
         # and each screen's own section (Runs: marks, sort, filter). Read before the first screen is made.
         self.settings: dict[str, Any] = backend.tui_settings()
+        backend.prefetch_runs()  # every screen shows runs: read them while Textual sets up
         if self.settings.get("screen") in self.MODES:
             self.DEFAULT_MODE = self.settings["screen"]
         self.MODES = {mode: partial(self._mode_screen, make) for mode, make in self.MODES.items()}
@@ -117,6 +121,7 @@ class RenApp(App[None]):
         # Make the Queue and Compose in the background once start-up is done (warm_up): by default where the
         # backend starts processes of its own, i.e. not in tests, which make them when they open them.
         self.prebuild_screens = backend.start_worker if prebuild is None else prebuild
+        self._inspector_warming = False
 
     def _mode_screen(self, make: Callable[[], Screen]) -> Screen:
         """A mode's new screen, marked as styled by the CSS as it is now. Textual 8.2 (``App._init_mode``,
@@ -139,11 +144,20 @@ class RenApp(App[None]):
         # The first screen was styled by start-up's CSS refresh before it was mounted, so Textual left it
         # unmarked too: mark it once it is up, or the first return to it restyles the whole app.
         self.call_after_refresh(lambda: self._mark_styled(self.screen))
-        self.call_after_refresh(self.warm_inspector)  # after the first paint: it imports torch, a core's work
+        if self.current_mode != "runs":  # Runs starts it once it shows the runs (warm_up)
+            self.call_after_refresh(self.warm_inspector)  # after the first paint: it imports torch, a core's work
+        self.set_timer(INSPECTOR_AT_LATEST_S, self.warm_inspector)  # a store Runs cannot read, say
+
+    def warm_inspector(self) -> None:
+        """Start Compose's model inspector with the app (it imports torch: seconds), so Compose answers at once;
+        once: after the first paint, or on Runs once the runs are shown (before, its import would share this
+        machine's cores with start-up)."""
+        if not self._inspector_warming:
+            self._inspector_warming = True
+            self._warm_inspector()
 
     @work(thread=True, exclusive=True, group="inspector-warm-up")
-    def warm_inspector(self) -> None:
-        """Start Compose's model inspector with the app (it imports torch: seconds), so Compose answers at once."""
+    def _warm_inspector(self) -> None:
         self.backend.warm_inspector()
 
     def on_unmount(self) -> None:
@@ -178,7 +192,9 @@ class RenApp(App[None]):
     def warm_up(self) -> None:
         """Import the other screens in the background once the Runs screen is up, so that opening
         one does not pay for its imports: the chart screens', and Compose's and the Queue's config
-        schema (pydantic builds it at import: a few tenths of a second)."""
+        schema (pydantic builds it at import: a few tenths of a second). The model inspector starts
+        now too, if it has not."""
+        self.call_from_thread(self.warm_inspector)
         import engine.jobs.api  # noqa: F401 - the Queue's first read
         import ren_tui.screens.compare  # noqa: F401
         import ren_tui.screens.compose  # noqa: F401

@@ -93,10 +93,28 @@ class Backend:
         self._pending_settings: dict[str, Any] | None = None
         self._settings_lock = threading.Lock()  # guards _pending_settings
         self._settings_writer = threading.Lock()  # one write of the settings file at a time
+        self._prefetch: threading.Thread | None = None  # prefetch_runs's read
 
     # --- runs -----------------------------------------------------------------
 
+    def prefetch_runs(self) -> None:
+        """Start reading the run index now, in a thread of its own (the app calls this before it sets up its
+        first screen): the first :meth:`runs` then finds it read, or waits for that read to end. A large index
+        takes a tenth of a second to parse, which would otherwise start only once the screen is mounted."""
+        if self._prefetch is None:
+            self._prefetch = threading.Thread(target=self._prefetch_runs, name="ren-read-runs", daemon=True)
+            self._prefetch.start()
+
+    def _prefetch_runs(self) -> None:
+        try:
+            self.store.list_runs()
+        except (RenError, OSError):
+            pass  # the screen's own read says what is wrong
+
     def runs(self) -> list[RunRecord]:
+        prefetch = self._prefetch
+        if prefetch is not None and prefetch is not threading.current_thread():
+            prefetch.join()
         return self.store.list_runs()
 
     def run(self, run_id: str) -> RunRecord:

@@ -335,7 +335,13 @@ class RunsScreen(KeepStyles, Screen[None]):
         self.render_table()
         if not self.loaded:
             self.loaded = True
-            self.app.warm_up()
+            # the app's warm-up (imports, the inspector, screens made behind this one) once the runs are on
+            # screen: started now, it would take half the CPU the first frame with them needs
+            table = self.query_one("#runs", RunTable)
+            if table.row_count:
+                table.when_rows_drawn = self.app.warm_up
+            else:
+                self.app.warm_up()
 
     def render_table(self, cursor: str | None = None) -> None:
         """Show the runs the view lets through, the cursor staying on its run (or on ``cursor``).
