@@ -263,6 +263,7 @@ class ComposeScreen(KeepStyles, Screen[None]):
         self._unbuilt: list[tuple[str, str]] = []
         """(section id, key) of the fields not mounted yet: a form built in the background (see compose)."""
         self._pending_config: dict[str, Any] | None = None
+        self._mounting = 0  # batches of fields being mounted (build_more)
         """A config that arrived before every field was mounted: shown once they are."""
 
     # --- layout -------------------------------------------------------------------
@@ -348,7 +349,7 @@ class ComposeScreen(KeepStyles, Screen[None]):
     @property
     def built(self) -> bool:
         """Whether every field of the form is mounted."""
-        return not self._unbuilt
+        return not self._unbuilt and not self._mounting
 
     async def build_more(self, everything: bool = False) -> None:
         """Mount the next BUILD_ROWS fields of a form built in the background (``everything``: all that are
@@ -361,14 +362,20 @@ class ComposeScreen(KeepStyles, Screen[None]):
         rows: dict[str, list[Widget]] = {}
         for section_id, key in batch:
             rows.setdefault(section_id, []).extend(compose_widgets(self, self._field(key)))
-        for section_id, widgets in rows.items():
-            await self.query_one("#" + section_id).mount_all(widgets)
+        self._mounting += 1
+        try:
+            for section_id, widgets in rows.items():
+                await self.query_one("#" + section_id).mount_all(widgets)
+        finally:
+            self._mounting -= 1
         if self._unbuilt:
             if not everything:
                 self.set_timer(BUILD_PAUSE_S, self.build_more)
-        elif self._pending_config is not None:
-            config, self._pending_config = self._pending_config, None
-            self._set_config(config)
+        elif self.built:
+            self._list_picks()  # the init_from picks may have come while its field was being made
+            if self._pending_config is not None:
+                config, self._pending_config = self._pending_config, None
+                self._set_config(config)
 
     def on_mount(self) -> None:
         self.sub_title = "Compose"
@@ -433,11 +440,15 @@ class ComposeScreen(KeepStyles, Screen[None]):
         if sources == self._init_sources:
             return
         self._init_sources = sources
-        for select in self.query("#" + wid("train.init_from") + "-pick").results(Select):  # none: not built yet
-            with self.prevent(Select.Changed):
-                select.set_options(self._pick_options("train.init_from"))
+        if self.built:  # else build_more lists them once the form is whole
+            self._list_picks()
         if self.loaded:
             self._sync()
+
+    def _list_picks(self) -> None:
+        select = self.query_one("#" + wid("train.init_from") + "-pick", Select)
+        with self.prevent(Select.Changed):
+            select.set_options(self._pick_options("train.init_from"))
 
     @on(Select.Changed, "#preset")
     def _preset_chosen(self, event: Select.Changed) -> None:
@@ -461,7 +472,7 @@ class ComposeScreen(KeepStyles, Screen[None]):
     # --- the config and the form --------------------------------------------------------
 
     def _set_config(self, raw: dict[str, Any]) -> None:
-        if self._unbuilt:
+        if not self.built:
             self._pending_config = raw
             return
         self.raw = copy.deepcopy(raw)
