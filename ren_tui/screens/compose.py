@@ -47,6 +47,7 @@ from ren_tui.widgets.footer import Footer
 DEBOUNCE_S = 0.3
 BUILD_ROWS = 4  # fields mounted at a time when the form is built in the background (~10-40 ms of the UI thread)
 BUILD_PAUSE_S = 0.02  # between two such batches: keys and redraws of the screen in front go first
+LAY_OUT_AFTER_S = 0.2  # a form changed behind another screen is laid out and drawn this long after the last change
 STAGES = ("pretrain", "finetune")
 KNOWN_TEXT = ("bert-base-uncased", "google/electra-small-discriminator", "google/electra-base-discriminator",
               "roberta-base")
@@ -264,6 +265,7 @@ class ComposeScreen(KeepStyles, Screen[None]):
         """(section id, key) of the fields not mounted yet: a form built in the background (see compose)."""
         self._pending_config: dict[str, Any] | None = None
         self._mounting = 0  # batches of fields being mounted (build_more)
+        self._behind_timer: Timer | None = None  # _lay_out_behind's
         """A config that arrived before every field was mounted: shown once they are."""
 
     # --- layout -------------------------------------------------------------------
@@ -398,6 +400,7 @@ class ComposeScreen(KeepStyles, Screen[None]):
         self.inspector_state = "ready"
         self.inspector_failure = failed
         self._show_state()
+        self._lay_out_behind()
 
     @work(thread=True, exclusive=True, group="compose-presets")
     def _list_presets(self, load_default: bool) -> None:
@@ -444,6 +447,7 @@ class ComposeScreen(KeepStyles, Screen[None]):
             self._list_picks()
         if self.loaded:
             self._sync()
+            self._lay_out_behind()
 
     def _list_picks(self) -> None:
         select = self.query_one("#" + wid("train.init_from") + "-pick", Select)
@@ -479,8 +483,16 @@ class ComposeScreen(KeepStyles, Screen[None]):
         self.loaded = True
         self._sync()
         self._changed()
-        if not self.is_current:
-            self.set_timer(BUILD_PAUSE_S, self._lay_out)
+        self._lay_out_behind()
+
+    def _lay_out_behind(self) -> None:
+        """While another screen is in front, lay the form out (and draw it) again shortly after it changed:
+        the config shown, the inspector's verdict and counts, the picks."""
+        if self.is_current or not self.loaded:
+            return
+        if self._behind_timer is not None:
+            self._behind_timer.stop()
+        self._behind_timer = self.set_timer(LAY_OUT_AFTER_S, self._lay_out)
 
     def _lay_out(self) -> None:
         """Lay the form out while another screen is in front, as Textual does for the screens behind when the
@@ -711,6 +723,7 @@ class ComposeScreen(KeepStyles, Screen[None]):
         self._show_state()
         self._show_summary()
         self._show_error(answer)
+        self._lay_out_behind()
 
     def _show_summary(self) -> None:
         answer = self.last_ok
