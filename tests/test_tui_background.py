@@ -96,11 +96,11 @@ async def test_compose_opened_while_it_is_made_behind_is_finished_at_once(ren_ho
 
 async def test_the_runs_table_fills_in_batches_with_the_widths_it_would_measure(
         ren_home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(runs_module, "FIRST_ROWS", 4)
+    monkeypatch.setattr(runs_module, "FIRST_ROWS", 0)  # a screenful (the table's height), then 5 at a time
     monkeypatch.setattr(runs_module, "MORE_ROWS", 5)
     store = Store(ren_home)
     config = preset_config()
-    for i in range(17):
+    for i in range(44):
         record = store.create_run(name=f"run {'x' * (i % 9)} {i}", stage="finetune", kind="two_tower", config=config,
                                   tags=(f"study:s{i % 3}",) * (i % 2))
         store.update_run(record.id, status="finished", device="cpu" + "u" * (i % 5))
@@ -109,13 +109,15 @@ async def test_the_runs_table_fills_in_batches_with_the_widths_it_would_measure(
         screen = app.screen
         assert isinstance(screen, RunsScreen)
         table = screen.query_one("#runs", DataTable)
-        await until(pilot, lambda: table.row_count == 17, "every row")
+        await until(pilot, lambda: table.row_count, "the first rows")
+        assert table.row_count < 44  # a batch at a time
+        await until(pilot, lambda: table.row_count == 44, "every row")
         await pilot.pause(0.2)
         assert [k.value for k in table.rows] == [r.id for r in screen.view.apply(list(screen.records.values()))]
         for column in table.columns.values():  # as wide as DataTable measured the widest cell or header
             assert not column.auto_width and column.width == column.content_width, column.key
         newest = screen.view.apply(list(screen.records.values()))[-1].id
-        table.move_cursor(row=16)
+        table.move_cursor(row=43)
         screen.action_reverse()  # a rebuild keeps the cursor's run, beyond the first batch
-        await until(pilot, lambda: table.row_count == 17, "every row again")
+        await until(pilot, lambda: table.row_count == 44, "every row again")
         assert table.cursor_row == 0 and screen.current_id() == newest

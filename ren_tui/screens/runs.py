@@ -39,7 +39,7 @@ from ren_tui.widgets.footer import Footer
 from ren_tui.widgets.table import RunTable
 
 REFRESH_S = 2.0
-FIRST_ROWS = 100  # table rows added at once (a screenful and more); then MORE_ROWS every MORE_ROWS_S
+FIRST_ROWS = 20  # rows added at once beyond a screenful (and beyond the cursor's); then MORE_ROWS every MORE_ROWS_S
 MORE_ROWS = 100
 MORE_ROWS_S = 0.05
 ARCHIVED = "archived"
@@ -371,7 +371,8 @@ class RunsScreen(KeepStyles, Screen[None]):
             table.clear()
             self._order, self._added, self._rows = order, 0, rows
             self._fills += 1
-            self._add_rows(max(FIRST_ROWS, order.index(cursor) + FIRST_ROWS if cursor in order else 0))
+            first = self.size.height + FIRST_ROWS
+            self._add_rows(max(first, order.index(cursor) + first if cursor in order else 0))
         else:  # only the cells that changed: a refresh of an unchanged store costs no redraw
             for run_id in order[:self._added]:
                 cells, before = rows[run_id], self._rows.get(run_id)
