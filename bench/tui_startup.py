@@ -19,7 +19,8 @@ process, in a pseudo-terminal of 120x40 (TERM=xterm-256color), and reads what it
   and the process tree (ren-tui and its model inspector) has gone quiet, each key is sent and timed
   until the target screen's own text is in the output it drew since: ``2`` Compose (its first
   opening: ``start from``; then until the default preset fills the form, which is when it accepts
-  input: its stage ``finetune``), ``3`` Queue (``Recently ended``), ``1`` Runs (``of N runs``), ``2``
+  input: the preset's name ``quickstart``, in the preset picker and the name field, which only Compose
+  shows, and only once the preset is in the form), ``3`` Queue (``Recently ended``), ``1`` Runs (``of N runs``), ``2``
   Compose again, ``1``, ``enter`` on the newest run: Monitor (its header read: `` · finished · ``),
   ``escape`` back to Runs. The process tree is let go quiet before every key.
 - **Monitor, the ``--points`` run**: in the same process, ``/`` filters the table to that run,
@@ -92,6 +93,7 @@ Bare().run()
 BARE_IMPORTS = "import textual.app, textual.widgets"
 REN_IMPORTS = "import ren_tui.app, ren_tui.screens.runs"
 _ANSI = re.compile(rb"\x1b\[[0-9;?<>=$]*[ -/]*[@-~]|\x1b[\]P_^][^\x07\x1b]*(?:\x07|\x1b\\)?|\x1b[@-Z\\-_]")
+FORM_FILLED = "quickstart"  # the default preset's name: Compose shows it once the preset fills the form
 TARGETS = {"first paint": 0.5, "switch": 0.150, "compose input": 0.200, "monitor": 0.300}
 
 HEADLESS = r"""
@@ -319,7 +321,7 @@ def first_paint(command: list[str], tree: Path, markers: list[str], cpu: list[fl
 def switches(runs: int) -> list[tuple[str, str, list[str]]]:
     shown = f" of {runs} runs"
     return [
-        ("Runs -> Compose (first opening)", "2", ["start from", "finetune"]),
+        ("Runs -> Compose (first opening)", "2", ["start from", FORM_FILLED]),
         ("Compose -> Queue", "3", ["Recently ended"]),
         ("Queue -> Runs", "1", [shown]),
         ("Runs -> Compose (again)", "2", ["start from"]),
@@ -363,7 +365,7 @@ def compose_early(store: Path, tree: Path, runs: int) -> tuple[float, float]:
     term = Terminal(ren_command(fresh(store)), tree)
     try:
         term.wait_for([REN_MARKER, f"run-{runs - 1:03d}"])
-        times, cpu = term.press("2", ["start from", "finetune"])
+        times, cpu = term.press("2", ["start from", FORM_FILLED])
     finally:
         term.close()
     return times[1], cpu
