@@ -19,13 +19,21 @@ process, in a pseudo-terminal of 120x40 (TERM=xterm-256color), and reads what it
   and the process tree (ren-tui and its model inspector) has gone quiet, each key is sent and timed
   until the target screen's own text is in the output it drew since: ``2`` Compose (its first
   opening: ``start from``; then until the default preset fills the form, which is when it accepts
-  input: its stage ``finetune``), ``3`` Queue (``Recently ended``), ``1`` Runs (``of N runs``), ``2``
+  input: the preset's name ``quickstart``, in the preset picker and the name field, which only Compose
+  shows, and only once the preset is in the form), ``3`` Queue (``Recently ended``), ``1`` Runs (``of N runs``), ``2``
   Compose again, ``1``, ``enter`` on the newest run: Monitor (its header read: `` · finished · ``),
   ``escape`` back to Runs. The process tree is let go quiet before every key.
 - **Monitor, the ``--points`` run**: in the same process, ``/`` filters the table to that run,
   ``enter`` opens it; timed until the chart is drawn (its legend ``⠒⠒ loss``, in the frame that draws
   the curve: min/max-downsampled to the chart's width).
+- **Compose, early**: ``2`` pressed as soon as the runs are on screen, in a fresh process, before start-up
+  has settled: the worst case of its first opening.
 - imports only: ``import textual.app, textual.widgets`` against ren-tui's start-up imports, alternating.
+
+Bytecode is cached, as after an install: every launched interpreter keeps it in a temporary
+``PYTHONPYCACHEPREFIX`` (nothing is written into a checkout or the virtual environment), filled once before
+timing; one first-paint row is measured without it (``PYTHONDONTWRITEBYTECODE``, which this machine's
+environment sets: every launch then compiles ren's modules).
 - headless (``App.run(headless=True)`` driven by a pilot): process creation to the Runs screen showing
   every run; and ``open_monitor`` on the big run until its chart holds the run's points.
 
@@ -54,6 +62,7 @@ import tempfile
 import termios
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import psutil
@@ -84,6 +93,7 @@ Bare().run()
 BARE_IMPORTS = "import textual.app, textual.widgets"
 REN_IMPORTS = "import ren_tui.app, ren_tui.screens.runs"
 _ANSI = re.compile(rb"\x1b\[[0-9;?<>=$]*[ -/]*[@-~]|\x1b[\]P_^][^\x07\x1b]*(?:\x07|\x1b\\)?|\x1b[@-Z\\-_]")
+FORM_FILLED = "quickstart"  # the default preset's name: Compose shows it once the preset fills the form
 TARGETS = {"first paint": 0.5, "switch": 0.150, "compose input": 0.200, "monitor": 0.300}
 
 HEADLESS = r"""
@@ -145,6 +155,39 @@ def build_store(root: Path, runs: int, points: int) -> list[str]:
     return ids
 
 
+BYTECODE: dict[str, str] = {}
+"""Where the launched interpreters keep their bytecode (``PYTHONPYCACHEPREFIX``: a temporary folder, so
+nothing is written into a checkout or the virtual environment); set by main."""
+
+
+def child_env(tree: Path, *, bytecode: bool = True) -> dict[str, str]:
+    """The environment of a launched interpreter: ``tree`` first on the path; bytecode cached (kept in
+    BYTECODE's folder and reused, as after an install) unless ``bytecode`` is False, when nothing is cached
+    and every launch compiles ren's modules from source (PYTHONDONTWRITEBYTECODE, as this machine's
+    environment sets it)."""
+    env = {**os.environ, "PYTHONPATH": str(tree)}
+    env.pop("PYTHONPYCACHEPREFIX", None)
+    env.pop("PYTHONDONTWRITEBYTECODE", None)
+    if bytecode:
+        env["PYTHONPYCACHEPREFIX"] = BYTECODE["prefix"]
+    else:
+        env["PYTHONDONTWRITEBYTECODE"] = "1"
+    return env
+
+
+WARM_IMPORTS = ("import torch, engine.models, engine.jobs.api, textual.app, textual.widgets, ren_tui.app, "
+                "ren_tui.screens.runs, ren_tui.screens.compose, ren_tui.screens.queue, ren_tui.screens.monitor, "
+                "ren_tui.screens.compare, ren_tui.screens.log, ren_tui.screens.freeze")
+
+
+def warm_bytecode(trees: list[Path], bare: Path) -> None:
+    """Compile what every side imports into BYTECODE's folder once (torch for the model inspector too), and
+    launch the bare app once, so that no timed launch compiles."""
+    for tree in trees:
+        subprocess.run([sys.executable, "-c", WARM_IMPORTS], check=True, cwd=tree, env=child_env(tree))
+    first_paint([sys.executable, str(bare)], REPO, [BARE_LABEL], [])
+
+
 def children_cpu() -> float:
     """CPU seconds (user + system) of this process's reaped children so far."""
     usage = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -164,10 +207,10 @@ def fresh(store: Path) -> Path:
 class Terminal:
     """A command in a fresh 120x40 pseudo-terminal, its output kept with the time it arrived."""
 
-    def __init__(self, command: list[str], tree: Path) -> None:
+    def __init__(self, command: list[str], tree: Path, *, bytecode: bool = True) -> None:
         self.master, slave = pty.openpty()
         fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", ROWS, COLS, 0, 0))
-        env = {**os.environ, "TERM": "xterm-256color", "PYTHONPATH": str(tree)}
+        env = {**child_env(tree, bytecode=bytecode), "TERM": "xterm-256color"}
         for name in ("COLUMNS", "LINES", "TEXTUAL", "NO_COLOR"):
             env.pop(name, None)
         self.cpu0, self.t0 = children_cpu(), time.perf_counter()
@@ -260,11 +303,12 @@ class Terminal:
         os.close(self.master)
 
 
-def first_paint(command: list[str], tree: Path, markers: list[str], cpu: list[float]) -> list[float]:
+def first_paint(command: list[str], tree: Path, markers: list[str], cpu: list[float], *,
+                bytecode: bool = True) -> list[float]:
     """Seconds from starting ``command`` in a fresh pseudo-terminal until each marker has appeared in its
     output; the process group is killed at the last one, and the CPU seconds it used until then are
     appended to ``cpu``."""
-    term = Terminal(command, tree)
+    term = Terminal(command, tree, bytecode=bytecode)
     try:
         times = term.wait_for(markers)
     finally:
@@ -277,7 +321,7 @@ def first_paint(command: list[str], tree: Path, markers: list[str], cpu: list[fl
 def switches(runs: int) -> list[tuple[str, str, list[str]]]:
     shown = f" of {runs} runs"
     return [
-        ("Runs -> Compose (first opening)", "2", ["start from", "finetune"]),
+        ("Runs -> Compose (first opening)", "2", ["start from", FORM_FILLED]),
         ("Compose -> Queue", "3", ["Recently ended"]),
         ("Queue -> Runs", "1", [shown]),
         ("Runs -> Compose (again)", "2", ["start from"]),
@@ -315,11 +359,22 @@ def session(store: Path, tree: Path, runs: int, big_run: str) -> dict[str, tuple
     return out
 
 
+def compose_early(store: Path, tree: Path, runs: int) -> tuple[float, float]:
+    """``2`` pressed as soon as the runs are on screen, before start-up has settled (the warm-up imports and
+    the screens made behind have not run): seconds and CPU seconds until the default preset fills the form."""
+    term = Terminal(ren_command(fresh(store)), tree)
+    try:
+        term.wait_for([REN_MARKER, f"run-{runs - 1:03d}"])
+        times, cpu = term.press("2", ["start from", FORM_FILLED])
+    finally:
+        term.close()
+    return times[1], cpu
+
+
 def import_time(statement: str, tree: Path, cpu: list[float]) -> float:
     """Seconds a fresh interpreter takes to run ``statement`` and exit (its CPU seconds go to ``cpu``)."""
     c0, t0 = children_cpu(), time.perf_counter()
-    subprocess.run([sys.executable, "-c", statement], check=True, cwd=tree,
-                   env={**os.environ, "PYTHONPATH": str(tree)})
+    subprocess.run([sys.executable, "-c", statement], check=True, cwd=tree, env=child_env(tree))
     elapsed = time.perf_counter() - t0
     cpu.append(children_cpu() - c0)
     return elapsed
@@ -327,8 +382,7 @@ def import_time(statement: str, tree: Path, cpu: list[float]) -> float:
 
 def headless(store: Path, tree: Path, expected: int, monitor: str) -> dict:
     proc = subprocess.run([sys.executable, "-c", HEADLESS, str(fresh(store)), str(expected), monitor],
-                          capture_output=True, text=True, cwd=tree, timeout=120,
-                          env={**os.environ, "PYTHONPATH": str(tree)})
+                          capture_output=True, text=True, cwd=tree, timeout=120, env=child_env(tree))
     line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
     if line is None:
         raise SystemExit(f"child failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")
@@ -367,14 +421,16 @@ def measure(args: argparse.Namespace, trees: dict[str, Path], empty: Path, big: 
             put(f"paint empty {name}", t, cpu[0])
             return t
 
-        def paint_big(name: str = name, tree: Path = tree) -> float:
+        def paint_big(name: str = name, tree: Path = tree, bytecode: bool = True) -> float:
             cpu: list[float] = []
-            paint, shown = first_paint(ren_command(fresh(big)), tree, [REN_MARKER, newest], cpu)
-            put(f"paint big {name}", paint, cpu[0])
-            put(f"shown big {name}", shown)
+            paint, shown = first_paint(ren_command(fresh(big)), tree, [REN_MARKER, newest], cpu, bytecode=bytecode)
+            key = "" if bytecode else " uncached"
+            put(f"paint big{key} {name}", paint, cpu[0])
+            put(f"shown big{key} {name}", shown)
             return paint
 
         sides[f"empty {name}"], sides[f"big {name}"] = paint_empty, paint_big
+        sides[f"big uncached {name}"] = partial(paint_big, bytecode=False)
     alternate(sides, args.repeats)
 
     def one_session(name: str, tree: Path) -> float:
@@ -384,6 +440,13 @@ def measure(args: argparse.Namespace, trees: dict[str, Path], empty: Path, big: 
 
     alternate({name: (lambda name=name, tree=tree: one_session(name, tree)) for name, tree in trees.items()},
               args.repeats)
+
+    def one_early(name: str, tree: Path) -> float:
+        t, cpu = compose_early(big, tree, args.runs)
+        put(f"compose early {name}", t, cpu)
+        return t
+
+    alternate({name: partial(one_early, name, tree) for name, tree in trees.items()}, args.repeats)
 
     imports: dict[str, Callable[[], float]] = {}
     for name, tree in [("bare", REPO), *trees.items()]:
@@ -414,12 +477,13 @@ def report(args: argparse.Namespace, m: dict[str, dict[str, list[float]]], names
 
     tables = []
     for name in names:
-        suffix = f" ({name})" if len(names) > 1 else ""
         rows = [r("paint bare", "bare Textual app (one label): first paint"),
                 r(f"paint empty {name}", "`ren-tui`, empty store: first paint"),
                 r(f"paint big {name}", f"`ren-tui`, {args.runs}-run store: first paint", TARGETS["first paint"]),
                 r(f"shown big {name}", f"`ren-tui`, {args.runs}-run store: newest run on screen",
-                  TARGETS["first paint"])]
+                  TARGETS["first paint"]),
+                r(f"paint big uncached {name}",
+                  f"`ren-tui`, {args.runs}-run store: first paint, bytecode not cached (PYTHONDONTWRITEBYTECODE)")]
         for label, _, _ in switches(args.runs):
             target = None if "first opening" in label else TARGETS["switch"]
             rows.append(r(f"{label} {name}", label, target))
@@ -427,6 +491,8 @@ def report(args: argparse.Namespace, m: dict[str, dict[str, list[float]]], names
                 rows.append(r(f"Compose accepts input (first opening, form filled) {name}",
                               "Compose accepts input (first opening: the default preset in the form)",
                               TARGETS["compose input"]))
+        rows.append(r(f"compose early {name}",
+                      "Compose accepts input, `2` pressed as soon as the runs are on screen (start-up not settled)"))
         rows.append(r(f"Monitor, big run: chart drawn {name}",
                       f"Runs -> Monitor of the {args.points:,}-point run: chart drawn", TARGETS["monitor"]))
         rows += [r("imports bare", f"imports only: `{BARE_IMPORTS}`"),
@@ -437,9 +503,9 @@ def report(args: argparse.Namespace, m: dict[str, dict[str, list[float]]], names
                    f"headless, `open_monitor` on the {args.points:,}-point run to its plotted chart",
                    TARGETS["monitor"])]
         unsettled = int(sum(m[f"unsettled {name}"]["s"]))
-        tables.append(f"**{name}**{suffix and ''}: "
-                      + (f"{unsettled} key(s) sent before the process tree went quiet "
-                         f"(within {SETTLE_TIMEOUT_S:.0f} s)\n\n" if unsettled else "\n\n")
+        note = (f"{unsettled} key(s) were sent before the process tree went quiet (it did not within "
+                f"{SETTLE_TIMEOUT_S:.0f} s).\n\n" if unsettled else "")
+        tables.append((f"**{name}**\n\n" if len(names) > 1 else "") + note
                       + table(["measure", "median ms", "min ms", "max ms", "CPU median ms", "n", "target"], rows))
     bare_s, bare_cpu = median(m["paint bare"]["s"]), median(m["paint bare"]["cpu"])
     ratios = []
@@ -465,7 +531,9 @@ def report(args: argparse.Namespace, m: dict[str, dict[str, list[float]]], names
     return (f"Fresh processes; the sides alternate. Pseudo-terminal {COLS}x{ROWS}. Big store: {args.runs} finished "
             f"runs (built in {built:.0f} s), the Monitor's run holding {args.points:,} points. CPU: user + system "
             "time of the ren-tui process (first paint: until it was killed; a switch: from the key to the marker; "
-            "its threads included), which other load on the machine inflates far less than wall time. Load "
+            "its threads included), which other load on the machine inflates far less than wall time. Bytecode "
+            "cached, as after an install (compiled once into a temporary PYTHONPYCACHEPREFIX before timing; one row "
+            "without). Load "
             f"average (1 min) {load[0]:.1f} at the start, {load[1]:.1f} at the end, on {os.cpu_count()} cores.\n\n"
             + "\n\n".join(tables) + "\n\n" + table(["ratio of medians", "wall", "CPU"], ratios))
 
@@ -493,6 +561,8 @@ def main() -> None:
         t0 = time.perf_counter()
         ids = build_store(big, args.runs, args.points)
         built = time.perf_counter() - t0
+        BYTECODE["prefix"] = str(Path(tmp) / "bytecode")
+        warm_bytecode(list(trees.values()), bare)
         m = measure(args, trees, empty, big, bare, ids[len(ids) // 2], f"run-{len(ids) // 2:03d}")
     body = report(args, m, list(trees), built, (load0, os.getloadavg()[0]))
     print(body)

@@ -18,6 +18,7 @@ import re
 import secrets
 import shutil
 import socket
+import threading
 import time
 import types
 import typing
@@ -28,8 +29,6 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Literal, Union, get_args, get_origin
 
-import psutil
-from filelock import FileLock, Timeout
 from tinydb import Query, TinyDB
 from tinydb.storages import Storage
 from tinydb.table import Table
@@ -225,8 +224,14 @@ class AtomicJSONStorage(Storage):
         _atomic_write_json(self.path, data)
 
 
+# psutil and filelock are imported where they are used: a reader of the store (ren-tui's start-up) needs
+# neither until a run is running on this host or something is written, and importing them costs tens of ms.
+
+
 def process_start_time(pid: int) -> float | None:
     """psutil's create_time of ``pid``, or None when no such process exists."""
+    import psutil
+
     try:
         return psutil.Process(pid).create_time()
     except psutil.NoSuchProcess:
@@ -238,6 +243,8 @@ def is_alive(pid: int, started: float | None = None) -> bool:
     not a positive integer, as in a hand-edited record, names none)."""
     if not isinstance(pid, int) or isinstance(pid, bool) or pid <= 0:
         return False
+    import psutil
+
     try:
         proc = psutil.Process(pid)
         if proc.status() == psutil.STATUS_ZOMBIE:
@@ -251,6 +258,8 @@ def is_alive(pid: int, started: float | None = None) -> bool:
 
 def group_alive(pgid: int) -> bool:
     """Whether process group ``pgid`` (a queued run's runner and everything it started) has a live member."""
+    import psutil
+
     for proc in psutil.process_iter():  # no attrs: process_iter shares its Process objects between threads
         try:
             if os.getpgid(proc.pid) == pgid and proc.status() != psutil.STATUS_ZOMBIE:
@@ -573,6 +582,8 @@ class MetricsWriter:
         self.metrics_dir = run_dir / "metrics"
         self.flush_every_s = flush_every_s
         self.segment_points = segment_points
+        from filelock import FileLock, Timeout
+
         lock_path = run_dir / "metrics.lock"
         # Not thread-local: the writer may be closed by another thread than opened it.
         self._lock = FileLock(lock_path, thread_local=False)
@@ -739,8 +750,10 @@ class Store:
         self.root = Path(root).expanduser() if root is not None else default_root()
         self.read_only = read_only
         self.index_path = self.root / "index.json"
-        self._lock = FileLock(self.root / "index.lock", timeout=INDEX_LOCK_TIMEOUT_S)
+        self._index_lock: Any = None  # the FileLock on index.lock, made by the first write (_lock)
+        self._making_lock = threading.Lock()
         self._listed: tuple[tuple[int, int, int] | None, list[RunRecord], list[Unreadable]] = (None, [], [])
+        self._parsed: tuple[tuple[int, int, int] | None, list[dict[str, Any]]] = (None, [])
         if not read_only:
             try:
                 (self.root / "runs").mkdir(parents=True, exist_ok=True)
@@ -753,6 +766,17 @@ class Store:
     def _table(self, name: str = _RUNS_TABLE) -> Table:
         return self._db().table(name)
 
+    @property
+    def _lock(self) -> Any:
+        """The index's FileLock (one per store, whichever thread asks first)."""
+        if self._index_lock is None:
+            from filelock import FileLock
+
+            with self._making_lock:
+                if self._index_lock is None:
+                    self._index_lock = FileLock(self.root / "index.lock", timeout=INDEX_LOCK_TIMEOUT_S)
+        return self._index_lock
+
     def _check_writable(self) -> None:
         if self.read_only:
             raise StoreError(f"The store at {self.root} was opened read-only.")
@@ -760,6 +784,8 @@ class Store:
     @contextlib.contextmanager
     def _locked_table(self, name: str = _RUNS_TABLE) -> Iterator[Table]:
         """A table of the index (the runs by default), read fresh, while holding the index lock."""
+        from filelock import Timeout
+
         self._check_writable()
         try:
             self._lock.acquire()
@@ -881,7 +907,20 @@ class Store:
 
     def get_run(self, run_id: str) -> RunRecord:
         """The run with this id or unique id prefix; RunNotFound otherwise."""
-        return self._report(self._find(self._table().all(), run_id))
+        return self._report(self._find(self._index_docs()[1], run_id))
+
+    def _index_docs(self) -> tuple[tuple[int, int, int] | None, list[dict[str, Any]]]:
+        """(:meth:`index_stamp`, the run index's documents) for reads that take no lock: the file is parsed
+        again only when it changed (every write replaces it), so a view that reads a run every second (the
+        TUI's Monitor) does not parse a large index each time. The documents are shared: read them only."""
+        stamp = self.index_stamp()
+        parsed = self._parsed
+        if stamp is not None and stamp == parsed[0]:
+            return parsed
+        parsed = (stamp, self._table().all())
+        if stamp is not None:
+            self._parsed = parsed
+        return parsed
 
     def index_stamp(self) -> tuple[int, int, int] | None:
         """Changes with every write of the index (writes replace the file: a new inode);
@@ -897,9 +936,9 @@ class Store:
         index is kept while the file is unchanged (every write replaces it, so its inode, time and size
         identify a version), which makes polling a large store cheap; liveness is checked afresh on every
         call."""
-        stamp = self.index_stamp()
+        stamp, docs = self._index_docs()
         if stamp is None or stamp != self._listed[0]:
-            records, unreadable = self._records(self._table().all())
+            records, unreadable = self._records(docs)
             records.sort(key=lambda r: (r.created_at or 0.0, r.id), reverse=True)
             self._listed = (stamp, records, unreadable)
         return [self._report(record) for record in self._listed[1]]
@@ -1079,7 +1118,7 @@ class Store:
 
     def run_dir(self, run_id: str) -> Path:
         """The directory of the run with this id or unique id prefix."""
-        return self._run_path(self._find(self._table().all(), run_id).id)
+        return self._run_path(self._find(self._index_docs()[1], run_id).id)
 
     def metrics_writer(
         self, run_id: str, flush_every_s: float = 2.0, segment_points: int = 5000

@@ -9,8 +9,9 @@ imported when first shown, so start-up pays only for the Runs screen.
 from __future__ import annotations
 
 import argparse
+import gc
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -115,6 +116,10 @@ def _queue_screen() -> Screen:
     return QueueScreen()
 
 
+FREEZE_HEAP_AFTER_S = 3.0  # after the warm-up imports: the screens made behind are done by then (see freeze_heap)
+INSPECTOR_AT_LATEST_S = 3.0  # the model inspector starts this long after start-up if nothing started it before
+
+
 class RenApp(App[None]):
     """The workbench. ``backend`` is the only way screens reach runs and the queue."""
 
@@ -122,6 +127,7 @@ class RenApp(App[None]):
     TITLE = "ren"
     MODES = {"runs": _runs_screen, "compose": _compose_screen, "queue": _queue_screen}
     DEFAULT_MODE = "runs"
+    PREBUILT = ("queue", "compose")  # made behind the first screen after start-up (prebuild)
     # The one-character keys work where no text field has focus: a focused Input or TextArea takes
     # printable keys first, and Textual leaves the keys it takes out of the footer and out of a dialog's.
     # Escape leaves a text field (ren_tui.keys), so those keys are always one key away. 1-3 stay out of
@@ -135,25 +141,62 @@ class RenApp(App[None]):
         Binding("escape", "leave_field", "Leave field", priority=True),
     ]
 
-    def __init__(self, backend: Backend) -> None:
+    def __init__(self, backend: Backend, *, prebuild: bool | None = None) -> None:
         # What this user's last session left (ren_tui.backend.Backend.tui_settings): the screen it was on,
         # and each screen's own section (Runs: marks, sort, filter). Read before the first screen is made.
         self.settings: dict[str, Any] = backend.tui_settings()
+        backend.prefetch_runs()  # every screen shows runs: read them while Textual sets up
         if self.settings.get("screen") in self.MODES:
             self.DEFAULT_MODE = self.settings["screen"]
+        self.MODES = {mode: partial(self._mode_screen, make) for mode, make in self.MODES.items()}
         super().__init__()
         self.backend = backend
+        # Make the Queue and Compose in the background once start-up is done (warm_up): by default where the
+        # backend starts processes of its own, i.e. not in tests, which make them when they open them.
+        self.prebuild_screens = backend.start_worker if prebuild is None else prebuild
+        self._inspector_warming = False
+        self._frozen = False  # freeze_heap done
+
+    def _mode_screen(self, make: Callable[[], Screen]) -> Screen:
+        """A mode's new screen, marked as styled by the CSS as it is now. Textual 8.2 (``App._init_mode``,
+        ``App.switch_mode``) refreshes the whole app's CSS (reparses it and restyles every node of every
+        screen: 0.1-0.6 s here, on each) when the screen switched to is not so marked, and marks it only if
+        it was mounted when refreshed, which a new mode's screen is not: the first visit to Compose or
+        Queue paid twice, the second once more. A screen mounted now is styled at mount by the stylesheet
+        as it is, so the mark is true; a theme change still unmarks it and refreshes it on the next visit."""
+        screen = make()
+        if any(self._screen_stacks.values()):  # not the first screen: start-up styles that one, see on_mount
+            self._mark_styled(screen)
+        return screen
+
+    def _mark_styled(self, screen: Screen) -> None:
+        if hasattr(screen, "_css_update_count") and hasattr(self, "_css_update_count"):
+            screen._css_update_count = self._css_update_count
 
     def on_mount(self) -> None:
         self.sub_title = str(self.backend.store.root)
-        self.call_after_refresh(self.warm_inspector)  # after the first paint: it imports torch, a core's work
+        # The first screen was styled by start-up's CSS refresh before it was mounted, so Textual left it
+        # unmarked too: mark it once it is up, or the first return to it restyles the whole app.
+        self.call_after_refresh(lambda: self._mark_styled(self.screen))
+        if self.current_mode != "runs":  # Runs starts it once it shows the runs (warm_up)
+            self.call_after_refresh(self.warm_inspector)  # after the first paint: it imports torch, a core's work
+        self.set_timer(INSPECTOR_AT_LATEST_S, self.warm_inspector)  # a store Runs cannot read, say
+
+    def warm_inspector(self) -> None:
+        """Start Compose's model inspector with the app (it imports torch: seconds), so Compose answers at once;
+        once: after the first paint, or on Runs once the runs are shown (before, its import would share this
+        machine's cores with start-up)."""
+        if not self._inspector_warming:
+            self._inspector_warming = True
+            self._warm_inspector()
 
     @work(thread=True, exclusive=True, group="inspector-warm-up")
-    def warm_inspector(self) -> None:
-        """Start Compose's model inspector with the app (it imports torch: seconds), so Compose answers at once."""
+    def _warm_inspector(self) -> None:
         self.backend.warm_inspector()
 
     def on_unmount(self) -> None:
+        if self._frozen:
+            gc.unfreeze()
         self.backend.close_inspector()  # the Compose screen's helper process, if it was started
         self.backend.flush_tui_settings()  # a change the writer thread has not saved yet
 
@@ -183,10 +226,45 @@ class RenApp(App[None]):
 
     @work(thread=True, exclusive=True, group="warm-up")
     def warm_up(self) -> None:
-        """Import the chart screens in the background once the Runs screen is up, so
-        opening a run's Monitor does not pay for plotting libraries."""
+        """Import the other screens in the background once the Runs screen is up, so that opening
+        one does not pay for its imports: the chart screens', and Compose's and the Queue's config
+        schema (pydantic builds it at import: a few tenths of a second). The model inspector starts
+        now too, if it has not."""
+        self.call_from_thread(self.warm_inspector)
+        import engine.jobs.api  # noqa: F401 - the Queue's first read
         import ren_tui.screens.compare  # noqa: F401
+        import ren_tui.screens.compose  # noqa: F401
         import ren_tui.screens.monitor  # noqa: F401
+        import ren_tui.screens.queue  # noqa: F401
+
+        if self.prebuild_screens:
+            for mode in self.PREBUILT:
+                self.call_from_thread(self.prebuild, mode)
+            self.call_from_thread(self.set_timer, FREEZE_HEAP_AFTER_S, self.freeze_heap)
+
+    def freeze_heap(self) -> None:
+        """Collect garbage once, then move every object left (the screens, the runs, the imported modules:
+        most of the heap, and long-lived) out of the cyclic collector's sight (``gc.freeze``). A full
+        collection then looks only at what was made since: one took 0.2 s of the UI thread here before,
+        at whatever moment an allocation burst (a series read, a screen made) set it off. What start-up
+        made and later drops is freed by reference counting, unless it is in a cycle (widgets removed
+        later, a few): those stay. Done once start-up is over (warm-up, the screens made behind); undone
+        when the app ends."""
+        if not self._frozen:
+            gc.collect()
+            gc.freeze()
+            self._frozen = True
+
+    def prebuild(self, mode: str) -> None:
+        """Make ``mode``'s screen now, behind the one in front, unless it exists, so that its first opening is
+        a plain switch: the Queue's ~30 widgets at once, Compose's form a few rows at a time (see
+        ComposeScreen.compose). Uses Textual's own mode set-up (``App._init_mode``, as ``switch_mode``
+        does); without it, nothing."""
+        init_mode = getattr(self, "_init_mode", None)
+        stacks = getattr(self, "_screen_stacks", None)
+        if init_mode is None or not isinstance(stacks, dict) or stacks.get(mode) or mode == self.current_mode:
+            return
+        init_mode(mode)
 
     def typing_in(self) -> Widget | None:
         """The text field of a full screen that has focus (dialogs keep their own keys), or None."""

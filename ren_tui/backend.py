@@ -7,14 +7,16 @@ reads the disk here is meant to run in a Textual worker thread
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import gc
 import getpass
 import json
 import os
 import re
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -27,6 +29,32 @@ if TYPE_CHECKING:
     from engine.jobs.api import QueueView
     from engine.report import ReportTable
     from ren_tui.inspector import Inspector
+
+
+_gc_pauses = 0
+_gc_lock = threading.Lock()
+_gc_was_enabled = False
+
+
+@contextlib.contextmanager
+def gc_paused() -> Iterator[None]:
+    """No cyclic garbage collection while a large file is parsed into objects (a metric series, the run index;
+    threads may nest it). Parsing allocates tens of thousands of containers, which starts collections; in
+    the TUI's process, whose heap is large, a full one took 0.2 s here, inside the Monitor's first read.
+    Collection resumes right after (RenApp also freezes what start-up made, see RenApp.freeze_heap)."""
+    global _gc_pauses, _gc_was_enabled
+    with _gc_lock:
+        if _gc_pauses == 0:
+            _gc_was_enabled = gc.isenabled()
+            gc.disable()
+        _gc_pauses += 1
+    try:
+        yield
+    finally:
+        with _gc_lock:
+            _gc_pauses -= 1
+            if _gc_pauses == 0 and _gc_was_enabled:
+                gc.enable()
 
 
 def _user_name() -> str:
@@ -93,17 +121,38 @@ class Backend:
         self._pending_settings: dict[str, Any] | None = None
         self._settings_lock = threading.Lock()  # guards _pending_settings
         self._settings_writer = threading.Lock()  # one write of the settings file at a time
+        self._prefetch: threading.Thread | None = None  # prefetch_runs's read
 
     # --- runs -----------------------------------------------------------------
 
+    def prefetch_runs(self) -> None:
+        """Start reading the run index now, in a thread of its own (the app calls this before it sets up its
+        first screen): the first :meth:`runs` then finds it read, or waits for that read to end. A large index
+        takes a tenth of a second to parse, which would otherwise start only once the screen is mounted."""
+        if self._prefetch is None:
+            self._prefetch = threading.Thread(target=self._prefetch_runs, name="ren-read-runs", daemon=True)
+            self._prefetch.start()
+
+    def _prefetch_runs(self) -> None:
+        try:
+            with gc_paused():
+                self.store.list_runs()
+        except (RenError, OSError):
+            pass  # the screen's own read says what is wrong
+
     def runs(self) -> list[RunRecord]:
-        return self.store.list_runs()
+        prefetch = self._prefetch
+        if prefetch is not None and prefetch is not threading.current_thread():
+            prefetch.join()
+        with gc_paused():  # cheap unless the index changed: then it is parsed again
+            return self.store.list_runs()
 
     def run(self, run_id: str) -> RunRecord:
         return self.store.get_run(run_id)
 
     def series(self, run_id: str) -> Series:
-        return Series(run_id, self.store.read_metrics(run_id))
+        with gc_paused():
+            return Series(run_id, self.store.read_metrics(run_id))
 
     def report(self, run_ids: Sequence[str]) -> ReportTable:
         """The study report's table for these runs (engine.report): per variant, downstream

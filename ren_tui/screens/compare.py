@@ -23,7 +23,7 @@ from textual import work
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.screen import Screen
-from textual.widgets import DataTable, Footer, Static
+from textual.widgets import DataTable, Static
 from textual.worker import get_current_worker
 
 from engine.errors import RenError
@@ -42,8 +42,10 @@ from ren_tui.export import (
     raw_score_rows,
     score_rows,
 )
+from ren_tui.screens import KeepStyles
 from ren_tui.text import cell, safe
 from ren_tui.widgets.chart import Chart
+from ren_tui.widgets.footer import Footer
 
 if TYPE_CHECKING:
     from engine.report import ReportTable
@@ -97,7 +99,7 @@ def run_labels(records: list[RunRecord]) -> list[str]:
     return [safe(f"{r.name} ({r.id[-4:]})" if names.count(r.name) > 1 else r.name) for r in records]
 
 
-class CompareScreen(ChartKeys, Screen[None]):
+class CompareScreen(ChartKeys, KeepStyles, Screen[None]):
     """Curves, scores and config differences of ``run_ids``; exports go to
     ``export_dir`` (default: ``./ren-exports``)."""
 

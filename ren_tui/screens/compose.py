@@ -26,11 +26,12 @@ from rich.text import Text
 from textual import on, work
 from textual.app import ComposeResult
 from textual.binding import Binding
+from textual.compose import compose as compose_widgets
 from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.screen import Screen
 from textual.timer import Timer
 from textual.widget import Widget
-from textual.widgets import Footer, Header, Input, Label, Select, Static, Switch
+from textual.widgets import Header, Input, Label, Select, Static, Switch
 
 from engine.config import MANUAL_ONLY_KEYS, MANUAL_USE_KEYS, MODEL_KINDS, TOWERS, RunConfig
 from engine.display import format_seconds
@@ -39,9 +40,14 @@ from engine.errors import RenError
 from engine.store import RunRecord
 from ren_tui.dialogs import Confirm, Prompt
 from ren_tui.estimate import Throughput, eta_seconds, measured_throughput, plan
+from ren_tui.screens import KeepStyles
 from ren_tui.screens.freeze import FreezeScreen, by_part, format_flops
+from ren_tui.widgets.footer import Footer
 
 DEBOUNCE_S = 0.3
+BUILD_ROWS = 4  # fields mounted at a time when the form is built in the background (~10-40 ms of the UI thread)
+BUILD_PAUSE_S = 0.02  # between two such batches: keys and redraws of the screen in front go first
+LAY_OUT_AFTER_S = 0.2  # a form changed behind another screen is laid out and drawn this long after the last change
 STAGES = ("pretrain", "finetune")
 KNOWN_TEXT = ("bert-base-uncased", "google/electra-small-discriminator", "google/electra-base-discriminator",
               "roberta-base")
@@ -225,7 +231,7 @@ def picked(key: str) -> bool:
     return key == "train.init_from" or key.endswith(".name") and key.split(".")[1] in TOWERS
 
 
-class ComposeScreen(Screen[None]):
+class ComposeScreen(KeepStyles, Screen[None]):
     """Compose a run config; ``config`` (a stored run's or a preset's) starts the form."""
 
     BINDINGS = [
@@ -255,10 +261,20 @@ class ComposeScreen(Screen[None]):
         """``train.init_from`` picks other than fresh weights: (label, value) of finished runs and presets."""
         self._runs: tuple[str, list[RunRecord]] = ("", [])
         """(this machine's host name, the store's finished runs): what the time estimate is measured on."""
+        self._unbuilt: list[tuple[str, str]] = []
+        """(section id, key) of the fields not mounted yet: a form built in the background (see compose)."""
+        self._pending_config: dict[str, Any] | None = None
+        self._mounting = 0  # batches of fields being mounted (build_more)
+        self._behind_timer: Timer | None = None  # _lay_out_behind's
+        """A config that arrived before every field was mounted: shown once they are."""
 
     # --- layout -------------------------------------------------------------------
 
     def compose(self) -> ComposeResult:
+        # Built while another screen is in front (RenApp.prebuild, after start-up): the fields are mounted a
+        # few rows at a time (build_more), so the screen in front stays responsive and Compose's first
+        # opening finds its form ready. Opened at once (or pushed), it is built whole, as before.
+        background = self.app.screen is not self
         yield Header()
         with Horizontal(id="compose-top"):
             yield Label("start from")
@@ -270,6 +286,9 @@ class ComposeScreen(Screen[None]):
                     self._section_tags[section_id] = tag
                     with Vertical(classes="section", id=section_id):
                         yield Static(title, classes="section-title")
+                        if background:
+                            self._unbuilt += [(section_id, key) for key in keys]
+                            continue
                         for key in keys:
                             yield from self._field(key)
             with Vertical(id="side"):
@@ -329,8 +348,41 @@ class ComposeScreen(Screen[None]):
         self._keys_by_id[widget.id] = key
         return widget
 
+    @property
+    def built(self) -> bool:
+        """Whether every field of the form is mounted."""
+        return not self._unbuilt and not self._mounting
+
+    async def build_more(self, everything: bool = False) -> None:
+        """Mount the next BUILD_ROWS fields of a form built in the background (``everything``: all that are
+        left, as when it is opened before it is done), then the next ones after BUILD_PAUSE_S; once all
+        are, show the config that arrived meanwhile."""
+        if not self._unbuilt:
+            return
+        count = len(self._unbuilt) if everything else BUILD_ROWS
+        batch, self._unbuilt = self._unbuilt[:count], self._unbuilt[count:]
+        rows: dict[str, list[Widget]] = {}
+        for section_id, key in batch:
+            rows.setdefault(section_id, []).extend(compose_widgets(self, self._field(key)))
+        self._mounting += 1
+        try:
+            for section_id, widgets in rows.items():
+                await self.query_one("#" + section_id).mount_all(widgets)
+        finally:
+            self._mounting -= 1
+        if self._unbuilt:
+            if not everything:
+                self.set_timer(BUILD_PAUSE_S, self.build_more)
+        elif self.built:
+            self._list_picks()  # the init_from picks may have come while its field was being made
+            if self._pending_config is not None:
+                config, self._pending_config = self._pending_config, None
+                self._set_config(config)
+
     def on_mount(self) -> None:
         self.sub_title = "Compose"
+        if self._unbuilt:
+            self.set_timer(BUILD_PAUSE_S, self.build_more)
         self._start_inspector()
         self._list_init_sources()
         self._list_presets(load_default=self.initial is None)
@@ -348,6 +400,7 @@ class ComposeScreen(Screen[None]):
         self.inspector_state = "ready"
         self.inspector_failure = failed
         self._show_state()
+        self._lay_out_behind()
 
     @work(thread=True, exclusive=True, group="compose-presets")
     def _list_presets(self, load_default: bool) -> None:
@@ -367,7 +420,9 @@ class ComposeScreen(Screen[None]):
         if raw is not None:
             self._set_config(raw)
 
-    def on_screen_resume(self) -> None:
+    async def on_screen_resume(self) -> None:
+        if self.is_current and self._unbuilt:  # opened before its background build was done
+            await self.build_more(everything=True)
         if self.is_mounted:
             self._list_init_sources()  # runs may have finished since
 
@@ -388,11 +443,16 @@ class ComposeScreen(Screen[None]):
         if sources == self._init_sources:
             return
         self._init_sources = sources
+        if self.built:  # else build_more lists them once the form is whole
+            self._list_picks()
+        if self.loaded:
+            self._sync()
+            self._lay_out_behind()
+
+    def _list_picks(self) -> None:
         select = self.query_one("#" + wid("train.init_from") + "-pick", Select)
         with self.prevent(Select.Changed):
             select.set_options(self._pick_options("train.init_from"))
-        if self.loaded:
-            self._sync()
 
     @on(Select.Changed, "#preset")
     def _preset_chosen(self, event: Select.Changed) -> None:
@@ -416,10 +476,39 @@ class ComposeScreen(Screen[None]):
     # --- the config and the form --------------------------------------------------------
 
     def _set_config(self, raw: dict[str, Any]) -> None:
+        if not self.built:
+            self._pending_config = raw
+            return
         self.raw = copy.deepcopy(raw)
         self.loaded = True
         self._sync()
         self._changed()
+        self._lay_out_behind()
+
+    def _lay_out_behind(self) -> None:
+        """While another screen is in front, lay the form out (and draw it) again shortly after it changed:
+        the config shown, the inspector's verdict and counts, the picks."""
+        if self.is_current or not self.loaded:
+            return
+        if self._behind_timer is not None:
+            self._behind_timer.stop()
+        self._behind_timer = self.set_timer(LAY_OUT_AFTER_S, self._lay_out)
+
+    def _lay_out(self) -> None:
+        """Lay the form out while another screen is in front, as Textual does for the screens behind when the
+        terminal is resized (``Screen._refresh_layout``): the widgets' sizes and their resize and show
+        events are then dealt with before the first opening, not during it."""
+        refresh_layout = getattr(self, "_refresh_layout", None)
+        if refresh_layout is not None and not self.is_current and self.is_attached:
+            refresh_layout(self.app.size)
+            self.set_timer(0.1, self._draw_behind)  # once the events the layout posted are dealt with
+
+    def _draw_behind(self) -> None:
+        """Draw the form once while another screen is in front, for nothing but the widgets' line caches: the
+        first opening then draws what is on screen from them, as every later one does."""
+        compositor = getattr(self, "_compositor", None)
+        if compositor is not None and not self.is_current and self.is_attached:
+            compositor.render_update(full=True)
 
     def _value(self, key: str) -> Any:
         if key == "stage":
@@ -634,6 +723,7 @@ class ComposeScreen(Screen[None]):
         self._show_state()
         self._show_summary()
         self._show_error(answer)
+        self._lay_out_behind()
 
     def _show_summary(self) -> None:
         answer = self.last_ok

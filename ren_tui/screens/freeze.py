@@ -23,10 +23,11 @@ from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical
 from textual.screen import Screen
-from textual.widgets import Footer, Header, Static, Tree
+from textual.widgets import Header, Static, Tree
 from textual.widgets.tree import TreeNode
 
 from ren_tui.dialogs import Prompt
+from ren_tui.widgets.footer import Footer
 
 TOWERS = ("text", "vision", "backbone")
 """Top-level parts that read the inputs; the rest (fusion, pooler, heads) follow them."""

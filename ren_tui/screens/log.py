@@ -14,11 +14,12 @@ from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.message import Message
 from textual.screen import Screen
-from textual.widgets import Footer, Input, Static
+from textual.widgets import Input, Static
 
 from engine.errors import RenError
 from ren_tui.backend import LogChunk
 from ren_tui.text import markup, safe
+from ren_tui.widgets.footer import Footer
 from ren_tui.widgets.logview import LogView
 
 REFRESH_S = 1.0

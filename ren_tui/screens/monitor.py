@@ -19,7 +19,7 @@ from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.message import Message
 from textual.screen import Screen
-from textual.widgets import Footer, Log, Static
+from textual.widgets import Log, Static
 from textual.worker import Worker, get_current_worker
 
 from engine.display import format_compute, format_duration, format_eta, format_run_scores, format_steps
@@ -28,9 +28,11 @@ from engine.store import RunRecord
 from ren_tui import curves as _curves
 from ren_tui.backend import Series
 from ren_tui.curves import ChartKeys, parse_range  # noqa: F401  (parse_range: used from here by tests)
+from ren_tui.screens import KeepStyles
 from ren_tui.screens.log import shown_lines
 from ren_tui.text import markup
 from ren_tui.widgets.chart import Chart, Curve
+from ren_tui.widgets.footer import Footer
 
 REFRESH_S = 1.0
 LOG_LINES = 1000  # the log pane keeps the last this many lines (L shows them all)
@@ -67,7 +69,7 @@ def charts_of(record: RunRecord, keys: object) -> list[str]:
     return [name for name in CHARTS if name != "eval" or evaluated]
 
 
-class MonitorScreen(ChartKeys, Screen[None]):
+class MonitorScreen(ChartKeys, KeepStyles, Screen[None]):
     """One run, live: header, one chart at a time, the log following its newest line."""
 
     BINDINGS = [

@@ -24,14 +24,16 @@ from textual.containers import Vertical
 from textual.content import Content
 from textual.markup import escape
 from textual.screen import Screen
-from textual.widgets import DataTable, Footer, Header, Static
+from textual.widgets import DataTable, Header, Static
 from textual.worker import Worker
 
 from engine.display import format_duration, format_eta, format_steps
 from engine.errors import RenError
 from engine.store import END_STATUSES, RunRecord
 from ren_tui.dialogs import Confirm, Prompt
+from ren_tui.screens import KeepStyles
 from ren_tui.text import cell, markup, safe
+from ren_tui.widgets.footer import Footer
 from ren_tui.widgets.table import RunTable
 
 if TYPE_CHECKING:
@@ -152,7 +154,7 @@ def recent_runs(records: Sequence[RunRecord]) -> list[RunRecord]:
     return sorted(ended, key=lambda r: r.ended_at or r.queued_at or 0.0, reverse=True)[:RECENT]
 
 
-class QueueScreen(Screen[None]):
+class QueueScreen(KeepStyles, Screen[None]):
     """The queue of this store, and the GPUs (or CPU slots) it places runs on."""
 
     AUTO_FOCUS = "#queued"  # until the first read shows where the runs are (keep_focus_on_runs)

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from textual.binding import Binding
+from textual.strip import Strip
 from textual.widgets import DataTable
 
 
@@ -19,6 +22,14 @@ class RunTable(DataTable):
 
     def __init__(self, *, id: str | None = None, classes: str | None = None) -> None:
         super().__init__(id=id, classes=classes, cursor_type="row", zebra_stripes=True)
+        self.when_rows_drawn: Callable[[], object] | None = None
+        """Called once, after the first frame that draws rows of the table (the app's warm-up waits for it)."""
+
+    def render_line(self, y: int) -> Strip:
+        if self.when_rows_drawn is not None and self.row_count:
+            self.call_after_refresh(self.when_rows_drawn)
+            self.when_rows_drawn = None
+        return super().render_line(y)
 
     def cursor_key(self) -> str | None:
         """The key of the row under the cursor, None when the table is empty."""
