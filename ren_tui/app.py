@@ -151,6 +151,7 @@ class RenApp(App[None]):
         self.MODES = {mode: partial(self._mode_screen, make) for mode, make in self.MODES.items()}
         super().__init__()
         self.backend = backend
+        self.sub_title = str(backend.store.root)  # set before the first frame, which shows it
         # Make the Queue and Compose in the background once start-up is done (warm_up): by default where the
         # backend starts processes of its own, i.e. not in tests, which make them when they open them.
         self.prebuild_screens = backend.start_worker if prebuild is None else prebuild
@@ -174,7 +175,6 @@ class RenApp(App[None]):
             screen._css_update_count = self._css_update_count
 
     def on_mount(self) -> None:
-        self.sub_title = str(self.backend.store.root)
         # The first screen was styled by start-up's CSS refresh before it was mounted, so Textual left it
         # unmarked too: mark it once it is up, or the first return to it restyles the whole app.
         self.call_after_refresh(lambda: self._mark_styled(self.screen))
