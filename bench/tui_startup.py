@@ -6,7 +6,7 @@
 Builds two throw-away stores: an empty one, and one with ``--runs`` finished runs in its index of which
 the middle one holds ``--points`` metric points (segment files as the metrics writer writes them). The
 code measured is the checkout this script lives in (``--tree``: another one), launched as
-``python -c "from ren_tui.app import main; main()"`` with that checkout first on ``PYTHONPATH``, so an
+``python -c "from ren_tui.__main__ import main; main()"`` (what the ``ren-tui`` script runs) with that checkout first on ``PYTHONPATH``, so an
 installed ``ren-tui`` of another checkout is never what is timed. Every measurement starts a fresh
 process, in a pseudo-terminal of 120x40 (TERM=xterm-256color), and reads what it draws:
 
@@ -75,7 +75,7 @@ from bench._results import alternate, median, table, write_section  # noqa: E402
 COLS, ROWS = 120, 40
 PAINT_TIMEOUT_S = 60.0
 SETTLE_TIMEOUT_S = 90.0
-REN_MAIN = "from ren_tui.app import main; main()"
+REN_MAIN = "from ren_tui.__main__ import main; main()"  # what the ren-tui script runs
 REN_MARKER = "^p palette"  # the right end of the footer, the frame's last text
 BARE_LABEL = "bare-textual-label"
 BARE_APP = f"""
@@ -194,8 +194,11 @@ def children_cpu() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def ren_command(store: Path) -> list[str]:
-    return [sys.executable, "-c", REN_MAIN, "--store", str(store)]
+def ren_command(store: Path, tree: Path) -> list[str]:
+    """``ren-tui --store STORE`` as ``tree``'s script runs it (a checkout older than ren_tui/__main__.py:
+    ``ren_tui.app.main``, what its script ran)."""
+    entry = REN_MAIN if (tree / "ren_tui" / "__main__.py").exists() else "from ren_tui.app import main; main()"
+    return [sys.executable, "-c", entry, "--store", str(store)]
 
 
 def fresh(store: Path) -> Path:
@@ -334,7 +337,7 @@ def switches(runs: int) -> list[tuple[str, str, list[str]]]:
 def session(store: Path, tree: Path, runs: int, big_run: str) -> dict[str, tuple[float, float]]:
     """One fresh ren-tui on the big store: every switch's (seconds, CPU seconds), then the big run's
     Monitor; keys are sent once the process tree is quiet."""
-    term = Terminal(ren_command(fresh(store)), tree)
+    term = Terminal(ren_command(fresh(store), tree), tree)
     out: dict[str, tuple[float, float]] = {}
     unsettled = 0
     try:
@@ -362,7 +365,7 @@ def session(store: Path, tree: Path, runs: int, big_run: str) -> dict[str, tuple
 def compose_early(store: Path, tree: Path, runs: int) -> tuple[float, float]:
     """``2`` pressed as soon as the runs are on screen, before start-up has settled (the warm-up imports and
     the screens made behind have not run): seconds and CPU seconds until the default preset fills the form."""
-    term = Terminal(ren_command(fresh(store)), tree)
+    term = Terminal(ren_command(fresh(store), tree), tree)
     try:
         term.wait_for([REN_MARKER, f"run-{runs - 1:03d}"])
         times, cpu = term.press("2", ["start from", FORM_FILLED])
@@ -417,13 +420,13 @@ def measure(args: argparse.Namespace, trees: dict[str, Path], empty: Path, big: 
     for name, tree in trees.items():
         def paint_empty(name: str = name, tree: Path = tree) -> float:
             cpu: list[float] = []
-            t = first_paint(ren_command(fresh(empty)), tree, [REN_MARKER], cpu)[0]
+            t = first_paint(ren_command(fresh(empty), tree), tree, [REN_MARKER], cpu)[0]
             put(f"paint empty {name}", t, cpu[0])
             return t
 
         def paint_big(name: str = name, tree: Path = tree, bytecode: bool = True) -> float:
             cpu: list[float] = []
-            paint, shown = first_paint(ren_command(fresh(big)), tree, [REN_MARKER, newest], cpu, bytecode=bytecode)
+            paint, shown = first_paint(ren_command(fresh(big), tree), tree, [REN_MARKER, newest], cpu, bytecode=bytecode)
             key = "" if bytecode else " uncached"
             put(f"paint big{key} {name}", paint, cpu[0])
             put(f"shown big{key} {name}", shown)

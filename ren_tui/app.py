@@ -117,6 +117,7 @@ def _queue_screen() -> Screen:
 
 
 FREEZE_HEAP_AFTER_S = 3.0  # after the warm-up imports: the screens made behind are done by then (see freeze_heap)
+FREEZE_HEAP_AT_LATEST_S = 10.0  # freeze_heap's latest time, should warm-up never run
 INSPECTOR_AT_LATEST_S = 3.0  # the model inspector starts this long after start-up if nothing started it before
 
 
@@ -181,6 +182,7 @@ class RenApp(App[None]):
         if self.current_mode != "runs":  # Runs starts it once it shows the runs (warm_up)
             self.call_after_refresh(self.warm_inspector)  # after the first paint: it imports torch, a core's work
         self.set_timer(INSPECTOR_AT_LATEST_S, self.warm_inspector)  # a store Runs cannot read, say
+        self.set_timer(FREEZE_HEAP_AT_LATEST_S, self.freeze_heap)  # the same: the collector is not left off
 
     def warm_inspector(self) -> None:
         """Start Compose's model inspector with the app (it imports torch: seconds), so Compose answers at once;
@@ -248,12 +250,14 @@ class RenApp(App[None]):
         collection then looks only at what was made since: one took 0.2 s of the UI thread here before,
         at whatever moment an allocation burst (a series read, a screen made) set it off. What start-up
         made and later drops is freed by reference counting, unless it is in a cycle (widgets removed
-        later, a few): those stay. Done once start-up is over (warm-up, the screens made behind); undone
-        when the app ends."""
+        later, a few): those stay. Done once start-up is over (warm-up, the screens made behind), or
+        FREEZE_HEAP_AT_LATEST_S after mount whatever happened; undone when the app ends. The collector is
+        then on, whether or not start-up had it off."""
         if not self._frozen:
             gc.collect()
             gc.freeze()
             self._frozen = True
+        gc.enable()  # off from the start when launched as ren-tui (ren_tui.__main__)
 
     def prebuild(self, mode: str) -> None:
         """Make ``mode``'s screen now, behind the one in front, unless it exists, so that its first opening is

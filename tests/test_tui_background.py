@@ -4,14 +4,18 @@ These tests check that the result is the same as doing it all at once."""
 
 from __future__ import annotations
 
+import gc
 import time
 from pathlib import Path
 from typing import Any
 
 import pytest
+from textual.render import measure
 from textual.widgets import DataTable, Input
+from textual.widgets._data_table import default_cell_formatter
 
 from engine.store import Store
+from ren_tui import app as app_module
 from ren_tui.app import RenApp
 from ren_tui.backend import Backend
 from ren_tui.screens import compose as compose_module
@@ -114,10 +118,30 @@ async def test_the_runs_table_fills_in_batches_with_the_widths_it_would_measure(
         await until(pilot, lambda: table.row_count == 44, "every row")
         await pilot.pause(0.2)
         assert [k.value for k in table.rows] == [r.id for r in screen.view.apply(list(screen.records.values()))]
-        for column in table.columns.values():  # as wide as DataTable measured the widest cell or header
-            assert not column.auto_width and column.width == column.content_width, column.key
+        for column in table.columns.values():  # as wide as DataTable measures the widest cell or header
+            cells = [default_cell_formatter(value, wrap=False, height=1) for value in table.get_column(column.key)]
+            widest = max(measure(app.console, renderable, 1) for renderable in [column.label, *cells])
+            assert not column.auto_width and column.width == widest, column.key
         newest = screen.view.apply(list(screen.records.values()))[-1].id
         table.move_cursor(row=43)
         screen.action_reverse()  # a rebuild keeps the cursor's run, beyond the first batch
         await until(pilot, lambda: table.row_count == 44, "every row again")
         assert table.cursor_row == 0 and screen.current_id() == newest
+
+
+async def test_the_collector_ren_tui_starts_without_is_on_again_once_start_up_is_over(
+        ren_home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """ren-tui starts with the cyclic collector off (ren_tui.__main__); it comes back on, with start-up's heap
+    frozen, even where the warm-up never runs (as here: no worker, so no screens made behind)."""
+    monkeypatch.setattr(app_module, "FREEZE_HEAP_AT_LATEST_S", 0.3)
+    gc.disable()
+    try:
+        app = RenApp(Backend(Store(ren_home), start_worker=False))
+        async with app.run_test() as pilot:
+            assert not gc.isenabled()
+            await until(pilot, gc.isenabled, "the collector on again")
+            assert gc.get_freeze_count() > 0
+        assert gc.get_freeze_count() == 0  # unfrozen when the app ended
+    finally:
+        gc.enable()
+        gc.unfreeze()

@@ -40,7 +40,7 @@ from ren_tui.widgets.table import RunTable
 
 REFRESH_S = 2.0
 FIRST_ROWS = 20  # rows added at once beyond a screenful (and beyond the cursor's); then MORE_ROWS every MORE_ROWS_S
-MORE_ROWS = 100
+MORE_ROWS = 1000
 MORE_ROWS_S = 0.05
 ARCHIVED = "archived"
 STUDY_PREFIX = "study:"
