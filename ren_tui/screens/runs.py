@@ -272,8 +272,7 @@ class RunsScreen(KeepStyles, Screen[None]):
                 box.value = self.view.filter
             box.add_class("shown")
         self.columns: tuple[str, ...] = ()
-        self.set_columns(self.size.width)
-        self.refresh_runs()
+        self.set_columns(self.size.width)  # the runs are read when the screen shows (on_screen_resume)
         self.set_interval(REFRESH_S, self._tick)
 
     def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
@@ -735,4 +734,5 @@ class RunsScreen(KeepStyles, Screen[None]):
         self.app.call_from_thread(self.refresh_runs)
 
     def on_screen_resume(self) -> None:
+        """Read the runs whenever the screen comes to the front, the first time included."""
         self.refresh_runs()
