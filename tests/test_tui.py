@@ -29,6 +29,11 @@ def names(app: RenApp) -> list[str]:
 
 
 async def settle(app: RenApp, pilot) -> None:
+    """The workers done, and a Compose in front with its whole form mounted (it mounts a batch at a time)."""
+    await app.workers.wait_for_complete()
+    await pilot.pause()
+    while not getattr(app.screen, "built", True):
+        await pilot.pause(0.02)
     await app.workers.wait_for_complete()
     await pilot.pause()
 

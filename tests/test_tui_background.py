@@ -4,6 +4,8 @@ These tests check that the result is the same as doing it all at once."""
 
 from __future__ import annotations
 
+import asyncio
+import copy
 import gc
 import time
 from pathlib import Path
@@ -60,7 +62,8 @@ async def test_compose_and_the_queue_made_behind_runs_are_what_opening_them_make
     async with app.run_test(size=(120, 40)) as pilot:
         await until(pilot, lambda: isinstance(app.screen, RunsScreen) and app.screen.loaded, "runs")
         stacks = lambda mode: made(app, mode)  # noqa: E731
-        await until(pilot, lambda: stacks("compose") and stacks("compose")[0].loaded, "Compose made behind")
+        await until(pilot, lambda: stacks("compose") and stacks("compose")[0].loaded and stacks("compose")[0].built,
+                    "Compose made behind")
         assert stacks("queue") and isinstance(stacks("queue")[0], QueueScreen)
         behind = stacks("compose")[0]
         assert isinstance(app.screen, RunsScreen) and behind.built  # Runs stayed in front
@@ -70,7 +73,8 @@ async def test_compose_and_the_queue_made_behind_runs_are_what_opening_them_make
 
         await app.push_screen(ComposeScreen(app.backend.preset_config(app.backend.default_preset())))
         opened = app.screen
-        await until(pilot, lambda: opened.loaded and opened._init_sources == behind._init_sources, "the pushed Compose")
+        await until(pilot, lambda: opened.loaded and opened.built and opened._init_sources == behind._init_sources,
+                    "the pushed Compose")
         await pilot.pause(0.2)
         assert form(behind) == form(opened)  # the same fields, showing the same values
         await pilot.press("escape")
@@ -83,9 +87,11 @@ async def test_compose_and_the_queue_made_behind_runs_are_what_opening_them_make
         assert app.screen is stacks("queue")[0]
 
 
-async def test_compose_opened_while_it_is_made_behind_is_finished_at_once(ren_home: Path,
-                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(compose_module, "BUILD_PAUSE_S", 5.0)  # a batch of fields every 5 s: still building
+async def test_compose_opened_while_it_is_made_behind_takes_keys_at_once_and_fills_in(
+        ren_home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Opened before its form is whole, Compose is in front at once, its made fields take keys, and the rest
+    of the form comes a batch at a time, each field showing the preset as it is made; what was typed stays."""
+    monkeypatch.setattr(compose_module, "BUILD_PAUSE_S", 1.0)  # slow enough to act in between, even under load
     app = prebuilding_app(ren_home)
     async with app.run_test(size=(120, 40)) as pilot:
         await until(pilot, lambda: made(app, "compose"), "Compose started behind")
@@ -93,6 +99,34 @@ async def test_compose_opened_while_it_is_made_behind_is_finished_at_once(ren_ho
         assert isinstance(screen, ComposeScreen) and not screen.built
         await pilot.press("2")
         assert app.screen is screen
+        shown = lambda: (name := screen._made("#" + wid("run.name"))) and name.value == "quickstart"  # noqa: E731
+        await until(pilot, lambda: screen.loaded and shown(), "the preset in the name field")
+        assert not screen.built and screen._made("#" + wid("train.max_steps")) is None  # still coming
+        name = screen.query_one("#" + wid("run.name"), Input)
+        name.focus()
+        await pilot.press("end", "2")
+        assert screen.raw["run"]["name"] == "quickstart2"
+        monkeypatch.setattr(compose_module, "BUILD_PAUSE_S", 0.02)  # the rest quickly
+        await until(pilot, lambda: screen.built, "the whole form")
+        assert screen.query_one("#" + wid("train.max_steps"), Input).value == "1000"
+        assert name.value == "quickstart2" and screen.raw["run"]["name"] == "quickstart2"
+
+
+async def test_compose_opened_first_shows_its_top_fields_with_the_screen(ren_home: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """Opened in front (here the last screen of a previous session), the top FRONT_ROWS fields come with the
+    screen, the rest in batches; the preset fills every one of them."""
+    monkeypatch.setattr(compose_module, "BUILD_PAUSE_S", 0.3)
+    earlier = Backend(Store(ren_home), start_worker=False)
+    earlier.remember_tui_settings({"screen": "compose"})
+    earlier.flush_tui_settings()
+    app = RenApp(Backend(Store(ren_home), start_worker=False), prebuild=False)
+    app.backend.inspector = FakeInspector()
+    async with app.run_test(size=(120, 40)) as pilot:
+        screen = app.screen
+        assert isinstance(screen, ComposeScreen)
+        fields = [key for key in screen._keys_by_id.values() if screen._made("#row-" + wid(key))]
+        assert len(set(fields)) >= compose_module.FRONT_ROWS - 1 and not screen.built
         await until(pilot, lambda: screen.built and screen.loaded, "the whole form")
         assert screen.query_one("#" + wid("run.name"), Input).value == "quickstart"
         assert screen.query_one("#" + wid("train.max_steps"), Input).value == "1000"
@@ -145,3 +179,58 @@ async def test_the_collector_ren_tui_starts_without_is_on_again_once_start_up_is
     finally:
         gc.enable()
         gc.unfreeze()
+
+
+async def test_compose_keeps_what_is_typed_and_takes_configs_while_its_form_is_mounted(
+        ren_home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """While the batches of fields are being mounted, keys typed into a made field stay in it and in the
+    config (a batch shows the config in its own fields only, not in one being typed in), and a config
+    arriving at any moment, even while a batch is half mounted, is shown without error in every field."""
+    monkeypatch.setattr(compose_module, "BUILD_PAUSE_S", 0.03)
+    monkeypatch.setattr(compose_module, "BUILD_ROWS", 2)  # many batches: many moments to land in
+    app = RenApp(Backend(Store(ren_home), start_worker=False), prebuild=False)
+    app.backend.inspector = FakeInspector()
+    async with app.run_test(size=(120, 40)) as pilot:
+        await pilot.press("2")
+        screen = app.screen
+        assert isinstance(screen, ComposeScreen)
+        await until(pilot, lambda: screen.loaded, "the preset")
+        name = screen.query_one("#" + wid("run.name"), Input)
+        name.focus()
+        name.action_end()
+        typed, deadline = 0, time.monotonic() + 60
+        while not screen.built:  # (the pilot's press waits for the screen to be idle: the whole build)
+            assert time.monotonic() < deadline, "the form was never whole"
+            name.insert_text_at_cursor("x")  # as a typed key does; its Changed event comes next
+            typed += 1
+            await asyncio.sleep(0.005)
+            config = copy.deepcopy(screen.raw)  # a new config, as a preset picked: it names what was typed
+            config["run"]["name"], config["train"]["max_steps"] = name.value, 1000 + typed
+            screen._set_config(config)
+            await asyncio.sleep(0.005)
+        assert typed >= 5  # the form was still being made while this went on
+        await pilot.pause(0.2)
+        assert name.value == "quickstart" + "x" * typed == screen.raw["run"]["name"]
+        assert screen.query_one("#" + wid("train.max_steps"), Input).value == str(1000 + typed)
+
+
+async def test_a_key_typed_as_the_weights_from_picks_arrive_stays(ren_home: Path) -> None:
+    """The picks of train.init_from (finished runs, presets) come from a worker at any moment; showing them
+    touches that field only, so a key typed into another field just before (its change not handled yet)
+    is not put back to the config's older value."""
+    app = RenApp(Backend(Store(ren_home), start_worker=False), prebuild=False)
+    app.backend.inspector = FakeInspector()
+    async with app.run_test(size=(120, 40)) as pilot:
+        await pilot.press("2")
+        screen = app.screen
+        assert isinstance(screen, ComposeScreen)
+        await until(pilot, lambda: screen.loaded and screen.built, "the whole form")
+        await app.workers.wait_for_complete()
+        name = screen.query_one("#" + wid("run.name"), Input)
+        name.focus()
+        name.action_end()
+        name.insert_text_at_cursor("x")  # its Changed event is not handled yet...
+        sources = [*screen._init_sources, ("run abc: earlier (finished)", "run:abc")]
+        screen._init_sources_listed(sources, screen._runs)  # ...when the picks arrive
+        await pilot.pause(0.1)
+        assert name.value == "quickstartx" == screen.raw["run"]["name"]

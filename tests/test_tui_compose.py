@@ -52,13 +52,14 @@ class SlowInspector(FakeInspector):
 
 
 async def settle(app: RenApp, pilot: Any, screen: ComposeScreen, timeout: float = 90.0) -> dict[str, Any]:
-    """Wait for the inspector's answer to the config as it stands now."""
+    """Wait for the whole form (it is mounted a batch at a time) and the inspector's answer to the config as it
+    stands now."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         await pilot.pause(0.1)
         await app.workers.wait_for_complete()
         await pilot.pause()
-        if screen.answer is not None and screen._answered_generation == screen.generation:
+        if screen.built and screen.answer is not None and screen._answered_generation == screen.generation:
             return screen.answer
     raise AssertionError("no answer from the inspector")
 
@@ -177,7 +178,7 @@ async def test_the_inspector_starts_with_the_app_and_compose_never_waits_for_it(
             screen = app.screen
             assert isinstance(screen, ComposeScreen)
             deadline = time.monotonic() + 10
-            while not screen.loaded and time.monotonic() < deadline:
+            while not (screen.loaded and screen.built) and time.monotonic() < deadline:
                 await pilot.pause(0.05)
             assert screen.query_one("#" + wid("run.name"), Input).value == "quickstart"
             assert "starting model inspector" in str(screen.query_one("#inspect-state", Static).render())

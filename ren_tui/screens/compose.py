@@ -14,6 +14,7 @@ preset TOML, ``ctrl+r`` queues the run, ``f`` opens Freeze on the current config
 
 from __future__ import annotations
 
+import asyncio
 import copy
 import re
 import textwrap
@@ -45,8 +46,10 @@ from ren_tui.screens.freeze import FreezeScreen, by_part, format_flops
 from ren_tui.widgets.footer import Footer
 
 DEBOUNCE_S = 0.3
-BUILD_ROWS = 4  # fields mounted at a time when the form is built in the background (~10-40 ms of the UI thread)
-BUILD_PAUSE_S = 0.02  # between two such batches: keys and redraws of the screen in front go first
+FRONT_ROWS = 4  # fields made with the screen when it opens in front (the Run section); the rest follow in batches
+BUILD_ROWS = 4  # fields mounted at a time after those (~10-40 ms of the UI thread)
+BUILD_PAUSE_S = 0.02  # between two such batches: keys and redraws go first
+MOUNT_WAITS, MOUNT_WAIT_S = 200, 0.005  # how long a batch waits for its fields to be mounted: a second at most
 LAY_OUT_AFTER_S = 0.2  # a form changed behind another screen is laid out and drawn this long after the last change
 STAGES = ("pretrain", "finetune")
 KNOWN_TEXT = ("bert-base-uncased", "google/electra-small-discriminator", "google/electra-base-discriminator",
@@ -262,19 +265,19 @@ class ComposeScreen(KeepStyles, Screen[None]):
         self._runs: tuple[str, list[RunRecord]] = ("", [])
         """(this machine's host name, the store's finished runs): what the time estimate is measured on."""
         self._unbuilt: list[tuple[str, str]] = []
-        """(section id, key) of the fields not mounted yet: a form built in the background (see compose)."""
-        self._pending_config: dict[str, Any] | None = None
+        """(section id, key) of the fields not mounted yet, mounted a batch at a time (see compose)."""
         self._mounting = 0  # batches of fields being mounted (build_more)
         self._behind_timer: Timer | None = None  # _lay_out_behind's
-        """A config that arrived before every field was mounted: shown once they are."""
 
     # --- layout -------------------------------------------------------------------
 
     def compose(self) -> ComposeResult:
-        # Built while another screen is in front (RenApp.prebuild, after start-up): the fields are mounted a
-        # few rows at a time (build_more), so the screen in front stays responsive and Compose's first
-        # opening finds its form ready. Opened at once (or pushed), it is built whole, as before.
-        background = self.app.screen is not self
+        # The form's ~60 fields are ~370 widgets: made at once, a second of the UI thread on a slow machine.
+        # Made behind another screen (RenApp.prebuild, after start-up), they are mounted a few rows at a time
+        # (build_more), so the screen in front stays responsive and Compose's first opening finds its form
+        # ready. Opened in front (early, or pushed), the top FRONT_ROWS fields come with the screen and the
+        # rest follow the same way: it takes keys at once, and the config shows in each field once it is made.
+        front = FRONT_ROWS if self.app.screen is self else 0
         yield Header()
         with Horizontal(id="compose-top"):
             yield Label("start from")
@@ -286,11 +289,12 @@ class ComposeScreen(KeepStyles, Screen[None]):
                     self._section_tags[section_id] = tag
                     with Vertical(classes="section", id=section_id):
                         yield Static(title, classes="section-title")
-                        if background:
-                            self._unbuilt += [(section_id, key) for key in keys]
-                            continue
                         for key in keys:
-                            yield from self._field(key)
+                            if front > 0:
+                                front -= 1
+                                yield from self._field(key)
+                            else:
+                                self._unbuilt.append((section_id, key))
             with Vertical(id="side"):
                 yield Static("starting model inspector… (it imports torch: a few seconds)", id="inspect-state")
                 yield Static("", id="summary")
@@ -353,14 +357,12 @@ class ComposeScreen(KeepStyles, Screen[None]):
         """Whether every field of the form is mounted."""
         return not self._unbuilt and not self._mounting
 
-    async def build_more(self, everything: bool = False) -> None:
-        """Mount the next BUILD_ROWS fields of a form built in the background (``everything``: all that are
-        left, as when it is opened before it is done), then the next ones after BUILD_PAUSE_S; once all
-        are, show the config that arrived meanwhile."""
+    async def build_more(self) -> None:
+        """Mount the next BUILD_ROWS fields of the form, showing the config in them, then the next ones after
+        BUILD_PAUSE_S."""
         if not self._unbuilt:
             return
-        count = len(self._unbuilt) if everything else BUILD_ROWS
-        batch, self._unbuilt = self._unbuilt[:count], self._unbuilt[count:]
+        batch, self._unbuilt = self._unbuilt[:BUILD_ROWS], self._unbuilt[BUILD_ROWS:]
         rows: dict[str, list[Widget]] = {}
         for section_id, key in batch:
             rows.setdefault(section_id, []).extend(compose_widgets(self, self._field(key)))
@@ -370,14 +372,19 @@ class ComposeScreen(KeepStyles, Screen[None]):
                 await self.query_one("#" + section_id).mount_all(widgets)
         finally:
             self._mounting -= 1
+        keys = {key for _, key in batch}
+        made = {widget_id for widget_id, key in self._keys_by_id.items() if key in keys}
+        for _ in range(MOUNT_WAITS):  # mount_all returns once the rows are mounted, their fields a moment later
+            if all(self._made("#" + widget_id) for widget_id in made):
+                break
+            await asyncio.sleep(MOUNT_WAIT_S)
+        if self.loaded:  # the config in the new fields only: one being typed in keeps what it shows
+            self._sync(only=made)
+            self._lay_out_behind()
         if self._unbuilt:
-            if not everything:
-                self.set_timer(BUILD_PAUSE_S, self.build_more)
-        elif self.built:
-            self._list_picks()  # the init_from picks may have come while its field was being made
-            if self._pending_config is not None:
-                config, self._pending_config = self._pending_config, None
-                self._set_config(config)
+            self.set_timer(BUILD_PAUSE_S, self.build_more)
+        elif self.answer is not None and not self.answer.get("ok"):
+            self._show_error(self.answer)  # on its field now, if that came in this batch
 
     def on_mount(self) -> None:
         self.sub_title = "Compose"
@@ -420,9 +427,7 @@ class ComposeScreen(KeepStyles, Screen[None]):
         if raw is not None:
             self._set_config(raw)
 
-    async def on_screen_resume(self) -> None:
-        if self.is_current and self._unbuilt:  # opened before its background build was done
-            await self.build_more(everything=True)
+    def on_screen_resume(self) -> None:
         if self.is_mounted:
             self._list_init_sources()  # runs may have finished since
 
@@ -443,14 +448,15 @@ class ComposeScreen(KeepStyles, Screen[None]):
         if sources == self._init_sources:
             return
         self._init_sources = sources
-        if self.built:  # else build_more lists them once the form is whole
-            self._list_picks()
-        if self.loaded:
-            self._sync()
+        self._list_picks()
+        if self.loaded:  # the weights-from pick only: a field being typed in keeps its keys
+            self._sync(only={wid("train.init_from") + "-pick", wid("train.init_from")})
             self._lay_out_behind()
 
     def _list_picks(self) -> None:
-        select = self.query_one("#" + wid("train.init_from") + "-pick", Select)
+        select = self._made("#" + wid("train.init_from") + "-pick")
+        if not isinstance(select, Select):  # not made yet: it is made with the picks known then
+            return
         with self.prevent(Select.Changed):
             select.set_options(self._pick_options("train.init_from"))
 
@@ -475,10 +481,13 @@ class ComposeScreen(KeepStyles, Screen[None]):
 
     # --- the config and the form --------------------------------------------------------
 
+    def _made(self, selector: str) -> Widget | None:
+        """The widget ``selector`` names, or None while the form has not mounted it yet (or is mounting it: a
+        Select's value cannot be set before its own parts are made)."""
+        found = self.query(selector)
+        return found.first() if found and found.first().is_mounted else None
+
     def _set_config(self, raw: dict[str, Any]) -> None:
-        if not self.built:
-            self._pending_config = raw
-            return
         self.raw = copy.deepcopy(raw)
         self.loaded = True
         self._sync()
@@ -521,11 +530,16 @@ class ComposeScreen(KeepStyles, Screen[None]):
             value = None if field.is_required() else field.default
         return value
 
-    def _sync(self) -> None:
-        """Show the config in the widgets (without their change events) and the sections that apply."""
+    def _sync(self, only: set[str] | None = None) -> None:
+        """Show the config in the widgets (``only``: those with these ids; without their change events) and the
+        sections that apply."""
         with self.prevent(Input.Changed, Select.Changed, Switch.Changed):
             for widget_id, key in self._keys_by_id.items():
-                widget = self.query_one("#" + widget_id)
+                if only is not None and widget_id not in only:
+                    continue
+                widget = self._made("#" + widget_id)
+                if widget is None:  # made, not mounted yet: build_more syncs again once it is
+                    continue
                 if widget_id.endswith("-pick"):
                     value = get_in(self.raw, key)
                     value = FRESH if value is None and key == "train.init_from" else value
@@ -544,8 +558,9 @@ class ComposeScreen(KeepStyles, Screen[None]):
                     if parse_value(widget.value, kind, optional) != value:
                         widget.value = "" if value is None else str(value)
         groups = get_in(self.raw, "freeze.groups") or []
-        self.query_one("#" + wid("freeze.groups"), Static).update(
-            Text((", ".join(groups) if groups else "nothing") + "  (f to edit)"))
+        frozen = self._made("#" + wid("freeze.groups"))
+        if isinstance(frozen, Static):
+            frozen.update(Text((", ".join(groups) if groups else "nothing") + "  (f to edit)"))
         self._show_fields()
 
     def _show_fields(self) -> None:
@@ -553,8 +568,11 @@ class ComposeScreen(KeepStyles, Screen[None]):
             self.query_one("#" + section_id).display = section_shown(tag, self.raw)
         for *_, keys in SECTIONS:
             for key in keys:
+                row = self._made("#row-" + wid(key))
+                if row is None:
+                    continue
                 shown = field_shown(key, self.raw)
-                self.query_one("#row-" + wid(key)).display = shown
+                row.display = shown
                 if picked(key):
                     custom = self.query_one("#row-" + wid(key) + "-custom")
                     custom.display = shown and custom.has_class("-shown")
@@ -757,8 +775,8 @@ class ComposeScreen(KeepStyles, Screen[None]):
         if len(lines) > 1 and lines[0].endswith("invalid preset."):
             lines = lines[1:]
         field = field_for_error(answer.get("key"), message, self.shown_fields())
-        if field is not None:
-            label = self.query_one("#err-" + wid(field), Static)
+        label = self._made("#err-" + wid(field)) if field is not None else None
+        if isinstance(label, Static):
             label.update(Text(lines[0] if lines else message))
             label.display = True
             label.scroll_visible()
