@@ -4,6 +4,7 @@ training compute; ``z`` asks for a range, ``[``/``]`` move half a window, ``0`` 
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Callable
 
@@ -79,6 +80,13 @@ def time_unit(span_s: float) -> tuple[str, float]:
     return ("h", 3600.0) if span_s >= 7200 else ("min", 60.0) if span_s >= 120 else ("s", 1.0)
 
 
+def forwarded(binding: Binding) -> Binding:
+    """The chart's ``binding`` as a screen's: its action ``name(args)`` run on the chart (``chart('name', args)``)."""
+    name, _, args = binding.action.partition("(")
+    args = args.removesuffix(")")
+    return dataclasses.replace(binding, action=f"chart({name!r}{', ' + args if args else ''})")
+
+
 class ChartKeys:
     """The x-axis and zoom keys of a screen with a :class:`Chart` (``self.chart``) whose curves it
     computes for ``self.x_mode``: it redraws them in :meth:`x_mode_changed` and shows the state
@@ -93,18 +101,7 @@ class ChartKeys:
     ]
     # The chart's own keys (ren_tui.widgets.chart.Chart.BINDINGS) for a screen where they act without
     # the chart having focus: focusing it on opening would redraw the footer, which costs more than the chart.
-    CHART_WIDGET_BINDINGS = [
-        Binding("left,comma", "chart('move_cursor', -1)", "Cursor left", show=False),
-        Binding("right,full_stop", "chart('move_cursor', 1)", "Cursor right", show=False),
-        Binding("shift+left", "chart('move_cursor', -10)", "Cursor ten left", show=False),
-        Binding("shift+right", "chart('move_cursor', 10)", "Cursor ten right", show=False),
-        Binding("home", "chart('cursor_to_end', -1)", "Cursor to the first point", show=False),
-        Binding("end", "chart('cursor_to_end', 1)", "Cursor to the last point", show=False),
-        Binding("l", "chart('log_scale')", "Log y"),
-        Binding("up", "chart('select_series', -1)", "Previous series", show=False),
-        Binding("down", "chart('select_series', 1)", "Next series", show=False),
-        Binding("space", "chart('toggle_series')", "Show/hide series", show=False),
-    ]
+    CHART_WIDGET_BINDINGS = [forwarded(binding) for binding in Chart.BINDINGS]
     x_mode = "step"
     chart: Chart
 
