@@ -778,6 +778,9 @@ def train(cfg: RunConfig, store: Store, run_id: str, *, resume: bool = False,
     error = None
     try:
         status = fit(s, log)
+        if status == "cancelled":  # a cancel (SIGTERM) or one Ctrl-C, after a checkpoint: say so on the record
+            error = (f"stopped at step {s.state.step} when asked to (a cancel or Ctrl-C), after saving its "
+                     f"checkpoint; a retry or `ren run --resume {run_id}` continues it")
     except KeyboardInterrupt:
         status, error = "cancelled", "interrupted"
     except Exception as exc:  # record the failure, then re-raise for the caller

@@ -191,6 +191,7 @@ def test_one_slot_runs_in_order_and_cancel_starts_the_next(tmp_path: Path, ren_h
         started_after_s = time.monotonic() - t0
         cancelled = store.get_run(long_run)
         assert cancelled.status == "cancelled", cancelled.error
+        assert cancelled.error and "when asked to" in cancelled.error  # a reason, as every ended run has
         assert (store.run_dir(long_run) / "checkpoints" / "latest").exists()  # it checkpointed on SIGTERM
         assert group_members(cancelled.runner_pid) == []  # no orphans: the whole group is gone
 
