@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 from textual.render import measure
-from textual.widgets import DataTable, Input
+from textual.widgets import DataTable, Input, Select
 from textual.widgets._data_table import default_cell_formatter
 
 from engine.store import Store
@@ -29,10 +29,24 @@ from tests.helpers.tui import FakeInspector
 from tests.tui_fake import canned_run, preset_config
 
 
-def prebuilding_app(ren_home: Path) -> RenApp:
+def prebuilding_app(ren_home: Path, prebuild: bool = True) -> RenApp:
+    """The app on a fake inspector, making Compose and the Queue behind Runs after start-up (``prebuild``)."""
     backend = Backend(Store(ren_home), start_worker=False)
     backend.inspector = FakeInspector()
-    return RenApp(backend, prebuild=True)
+    return RenApp(backend, prebuild=prebuild)
+
+
+async def typing_in_compose(app: RenApp, pilot: Any, ready: Any) -> tuple[ComposeScreen, Input]:
+    """Compose opened with 2 (made then, in front), once ``ready(screen)``; its run name field focused, the
+    cursor at its end."""
+    await pilot.press("2")
+    screen = app.screen
+    assert isinstance(screen, ComposeScreen)
+    await until(pilot, lambda: ready(screen), "Compose")
+    name = screen.query_one("#" + wid("run.name"), Input)
+    name.focus()
+    name.action_end()
+    return screen, name
 
 
 async def until(pilot: Any, ready: Any, what: str, timeout: float = 60.0) -> None:
@@ -120,8 +134,7 @@ async def test_compose_opened_first_shows_its_top_fields_with_the_screen(ren_hom
     earlier = Backend(Store(ren_home), start_worker=False)
     earlier.remember_tui_settings({"screen": "compose"})
     earlier.flush_tui_settings()
-    app = RenApp(Backend(Store(ren_home), start_worker=False), prebuild=False)
-    app.backend.inspector = FakeInspector()
+    app = prebuilding_app(ren_home, prebuild=False)
     async with app.run_test(size=(120, 40)) as pilot:
         screen = app.screen
         assert isinstance(screen, ComposeScreen)
@@ -188,16 +201,9 @@ async def test_compose_keeps_what_is_typed_and_takes_configs_while_its_form_is_m
     arriving at any moment, even while a batch is half mounted, is shown without error in every field."""
     monkeypatch.setattr(compose_module, "BUILD_PAUSE_S", 0.03)
     monkeypatch.setattr(compose_module, "BUILD_ROWS", 2)  # many batches: many moments to land in
-    app = RenApp(Backend(Store(ren_home), start_worker=False), prebuild=False)
-    app.backend.inspector = FakeInspector()
+    app = prebuilding_app(ren_home, prebuild=False)
     async with app.run_test(size=(120, 40)) as pilot:
-        await pilot.press("2")
-        screen = app.screen
-        assert isinstance(screen, ComposeScreen)
-        await until(pilot, lambda: screen.loaded, "the preset")
-        name = screen.query_one("#" + wid("run.name"), Input)
-        name.focus()
-        name.action_end()
+        screen, name = await typing_in_compose(app, pilot, lambda screen: screen.loaded)
         typed, deadline = 0, time.monotonic() + 60
         while not screen.built:  # (the pilot's press waits for the screen to be idle: the whole build)
             assert time.monotonic() < deadline, "the form was never whole"
@@ -218,19 +224,28 @@ async def test_a_key_typed_as_the_weights_from_picks_arrive_stays(ren_home: Path
     """The picks of train.init_from (finished runs, presets) come from a worker at any moment; showing them
     touches that field only, so a key typed into another field just before (its change not handled yet)
     is not put back to the config's older value."""
-    app = RenApp(Backend(Store(ren_home), start_worker=False), prebuild=False)
-    app.backend.inspector = FakeInspector()
+    app = prebuilding_app(ren_home, prebuild=False)
     async with app.run_test(size=(120, 40)) as pilot:
-        await pilot.press("2")
-        screen = app.screen
-        assert isinstance(screen, ComposeScreen)
-        await until(pilot, lambda: screen.loaded and screen.built, "the whole form")
+        screen, name = await typing_in_compose(app, pilot, lambda screen: screen.loaded and screen.built)
         await app.workers.wait_for_complete()
-        name = screen.query_one("#" + wid("run.name"), Input)
-        name.focus()
-        name.action_end()
         name.insert_text_at_cursor("x")  # its Changed event is not handled yet...
         sources = [*screen._init_sources, ("run abc: earlier (finished)", "run:abc")]
         screen._init_sources_listed(sources, screen._runs)  # ...when the picks arrive
+        await pilot.pause(0.1)
+        assert name.value == "quickstartx" == screen.raw["run"]["name"]
+
+
+@pytest.mark.parametrize("select_id", [wid("train.init_from") + "-pick", wid("model.kind")])
+async def test_a_list_announcing_the_value_it_has_does_not_redo_the_form(ren_home: Path, select_id: str) -> None:
+    """A list just made posts a change with the value it shows (the config's): that changes nothing, so the
+    form is not shown again, which would put a field being typed in back to the config's older value (a
+    weights-from pick on fresh weights; the architecture, a key that reshapes the config)."""
+    app = prebuilding_app(ren_home, prebuild=False)
+    async with app.run_test(size=(120, 40)) as pilot:
+        screen, name = await typing_in_compose(app, pilot, lambda screen: screen.loaded and screen.built)
+        await app.workers.wait_for_complete()
+        select = screen.query_one("#" + select_id, Select)
+        name.insert_text_at_cursor("x")  # its Changed event is not handled yet...
+        screen._select_changed(Select.Changed(select, select.value))  # ...when the list's announcement is
         await pilot.pause(0.1)
         assert name.value == "quickstartx" == screen.raw["run"]["name"]

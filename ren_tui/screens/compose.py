@@ -619,6 +619,8 @@ class ComposeScreen(KeepStyles, Screen[None]):
     def _pick_name(self, key: str, name: str) -> None:
         custom = self.query_one("#row-" + wid(key) + "-custom")
         custom.set_class(name == CUSTOM, "-shown")
+        if name != CUSTOM and get_in(self.raw, key) == (name or None):
+            return  # the pick the config has (a pick list just made announces its first value): nothing to redo
         if name == CUSTOM:
             typed = self.query_one("#" + wid(key), Input)
             self._edit(key, typed.value.strip() or None)
@@ -631,7 +633,11 @@ class ComposeScreen(KeepStyles, Screen[None]):
         self._sync()
 
     def _edit(self, key: str, value: Any) -> None:
-        """Apply one field's new value to the config; structural keys reshape it."""
+        """Apply one field's new value to the config; structural keys reshape it (and show the form again).
+        A value the config has already changes nothing: a full sync then could put a field being typed in
+        back to the config's older value."""
+        if self._value(key) == value:  # the default counts as the value shown
+            return
         if key == "model.kind":
             self._set_kind(str(value))
         elif key == "stage":
@@ -643,8 +649,6 @@ class ComposeScreen(KeepStyles, Screen[None]):
         elif key == "model.vision.library":
             self._set_library(str(value))
         else:
-            if self._value(key) == value:  # the default counts as the value shown
-                return
             set_in(self.raw, key, value)
             self._changed()
             return
