@@ -6,9 +6,9 @@
 Builds two throw-away stores: an empty one, and one with ``--runs`` finished runs in its index of which
 the middle one holds ``--points`` metric points (segment files as the metrics writer writes them). The
 code measured is the checkout this script lives in (``--tree``: another one), launched as
-``python -c "from ren_tui.__main__ import main; main()"`` (what the ``ren-tui`` script runs) with that checkout first on ``PYTHONPATH``, so an
-installed ``ren-tui`` of another checkout is never what is timed. Every measurement starts a fresh
-process, in a pseudo-terminal of 120x40 (TERM=xterm-256color), and reads what it draws:
+``python -c "from ren_tui.__main__ import main; main()"`` (what the ``ren-tui`` script runs) with that
+checkout first on ``PYTHONPATH``, so an installed ``ren-tui`` of another checkout is never what is timed.
+Every measurement starts a fresh process, in a pseudo-terminal of 120x40 (TERM=xterm-256color), and reads what it draws:
 
 - **first paint**: the clock runs from ``Popen`` to the moment the terminal output (escape sequences
   stripped) holds the frame's last text: the footer's ``^p palette`` for ren-tui, the label for a bare
@@ -426,7 +426,8 @@ def measure(args: argparse.Namespace, trees: dict[str, Path], empty: Path, big: 
 
         def paint_big(name: str = name, tree: Path = tree, bytecode: bool = True) -> float:
             cpu: list[float] = []
-            paint, shown = first_paint(ren_command(fresh(big), tree), tree, [REN_MARKER, newest], cpu, bytecode=bytecode)
+            paint, shown = first_paint(ren_command(fresh(big), tree), tree, [REN_MARKER, newest], cpu,
+                                       bytecode=bytecode)
             key = "" if bytecode else " uncached"
             put(f"paint big{key} {name}", paint, cpu[0])
             put(f"shown big{key} {name}", shown)
