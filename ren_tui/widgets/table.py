@@ -56,15 +56,14 @@ class RunTable(DataTable):
         if row_index < 0 or column_index < 0 or row_index < self.fixed_rows or column_index < self.fixed_columns:
             return super()._render_cell(row_index, column_index, base_style, width, cursor, hover)
         row_key = self._row_locations.get_key(row_index)
-        column_key = self._column_locations.get_key(column_index)
-        row = self.rows.get(row_key)
-        cell = self._get_row_renderables(row_index).cells[column_index]
-        if row is None or row.height != 1 or not isinstance(cell, Text):
-            return super()._render_cell(row_index, column_index, base_style, width, cursor, hover)
-        key = (row_key, column_key, base_style, cursor, hover, self._show_hover_cursor, self._update_count,
-               self._pseudo_class_state)  # DataTable's own cache key
+        key = (row_key, self._column_locations.get_key(column_index), base_style, cursor, hover,
+               self._show_hover_cursor, self._update_count, self._pseudo_class_state)  # DataTable's own cache key
         lines = self._cell_render_cache.get(key)
         if lines is None:
+            row = self.rows.get(row_key)
+            cell = self._get_row_renderables(row_index).cells[column_index]
+            if row is None or row.height != 1 or not isinstance(cell, Text):
+                return super()._render_cell(row_index, column_index, base_style, width, cursor, hover)
             component_style, post_style = self._get_styles_to_render_cell(
                 False, False, False, hover, cursor, self.show_cursor, self._show_hover_cursor,
                 self.cursor_foreground_priority == "css", self.cursor_background_priority == "css")
