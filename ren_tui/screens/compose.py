@@ -366,21 +366,21 @@ class ComposeScreen(KeepStyles, Screen[None]):
         rows: dict[str, list[Widget]] = {}
         for section_id, key in batch:
             rows.setdefault(section_id, []).extend(compose_widgets(self, self._field(key)))
-        self._mounting += 1
+        keys = {key for _, key in batch}
+        made = {widget_id for widget_id, key in self._keys_by_id.items() if key in keys}
+        self._mounting += 1  # not built until the batch shows the config
         try:
             for section_id, widgets in rows.items():
                 await self.query_one("#" + section_id).mount_all(widgets)
+            for _ in range(MOUNT_WAITS):  # mount_all returns once the rows are mounted, their fields a moment later
+                if all(self._made("#" + widget_id) for widget_id in made):
+                    break
+                await asyncio.sleep(MOUNT_WAIT_S)
+            if self.loaded:  # the config in the new fields only: one being typed in keeps what it shows
+                self._sync(only=made)
+                self._lay_out_behind()
         finally:
             self._mounting -= 1
-        keys = {key for _, key in batch}
-        made = {widget_id for widget_id, key in self._keys_by_id.items() if key in keys}
-        for _ in range(MOUNT_WAITS):  # mount_all returns once the rows are mounted, their fields a moment later
-            if all(self._made("#" + widget_id) for widget_id in made):
-                break
-            await asyncio.sleep(MOUNT_WAIT_S)
-        if self.loaded:  # the config in the new fields only: one being typed in keeps what it shows
-            self._sync(only=made)
-            self._lay_out_behind()
         if self._unbuilt:
             self.set_timer(BUILD_PAUSE_S, self.build_more)
         elif self.answer is not None and not self.answer.get("ok"):
@@ -484,8 +484,8 @@ class ComposeScreen(KeepStyles, Screen[None]):
     def _made(self, selector: str) -> Widget | None:
         """The widget ``selector`` names, or None while the form has not mounted it yet (or is mounting it: a
         Select's value cannot be set before its own parts are made)."""
-        found = self.query(selector)
-        return found.first() if found and found.first().is_mounted else None
+        widget = next(iter(self.query(selector)), None)
+        return widget if widget is not None and widget.is_mounted else None
 
     def _set_config(self, raw: dict[str, Any]) -> None:
         self.raw = copy.deepcopy(raw)
