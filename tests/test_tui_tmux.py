@@ -65,14 +65,22 @@ class Terminal:
         return self.tmux("capture-pane", "-p", "-t", "ren")
 
     def wait(self, *texts: str, until: Callable[[str], bool] | None = None, what: str = "") -> str:
-        """The screen once it shows every one of ``texts`` (and ``until`` holds); fails with the
-        last screen when it does not within WAIT_S. Polls: no fixed sleeps."""
+        """The screen once it shows every one of ``texts`` (and ``until`` holds) and is still the same a poll
+        later; fails with the last screen when it does not within WAIT_S. Polls: no fixed sleeps.
+
+        The second look is there because tmux can be read between two writes of one frame: the CI once
+        caught a new screen's list under the old screen's header."""
         deadline = time.monotonic() + WAIT_S
+        seen = None
         while True:
             screen = self.screen()
             if all(t in screen for t in texts) and (until is None or until(screen)):
-                return screen
-            if EXITED in screen or time.monotonic() > deadline:
+                if screen == seen:
+                    return screen
+                seen = screen
+            else:
+                seen = None
+            if (EXITED in screen and EXITED not in texts) or time.monotonic() > deadline:
                 pytest.fail(f"waited {WAIT_S:.0f} s for {what or texts!r}; the terminal shows:\n{screen}")
             time.sleep(0.05)
 

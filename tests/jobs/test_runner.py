@@ -122,11 +122,20 @@ def test_describe_exit_reads_rank_signals_from_accelerate_output() -> None:
     assert describe_exit(-15, "", record) == "The training process was killed by SIGTERM."
 
 
-def until(predicate, what: str, timeout_s: float = 60.0) -> None:
+def until(predicate, what: str, timeout_s: float = 60.0, explain=lambda: "") -> None:
     deadline = time.monotonic() + timeout_s
     while not predicate():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        assert time.monotonic() < deadline, f"timed out waiting for {what}; {explain()}"
         time.sleep(0.01)
+
+
+def process_state(pid: str) -> str:
+    """What the kernel says a process is doing (to explain a wait that timed out)."""
+    proc = Path("/proc") / pid
+    if not proc.exists():
+        return f"process {pid} is gone"
+    state = next((line for line in (proc / "status").read_text().splitlines() if line.startswith("State:")), "")
+    return f"process {pid}: {state}, waiting in {(proc / 'wchan').read_text() or '-'}"
 
 
 def test_a_trainer_outlives_its_killed_runner_and_keeps_logging(store: Store, tmp_path: Path) -> None:
@@ -134,17 +143,22 @@ def test_a_trainer_outlives_its_killed_runner_and_keeps_logging(store: Store, tm
     BrokenPipeError at its next print, with nothing in `ren logs` saying why; it now goes on writing
     into the run's log, which says what happened."""
     record = running_run(store)
-    go, done = tmp_path / "go", tmp_path / "done"
+    go, done, died, pid = (tmp_path / name for name in ("go", "done", "died", "pid"))
     proc = supervise(record.id, f"""
-        import os, pathlib, time
-        from engine.jobs.runner import install_output_guard
-        install_output_guard()  # what engine.train's main does first
-        print('before the kill', flush=True)
-        while not os.path.exists({str(go)!r}):
-            time.sleep(0.01)
-        for i in range(3):
-            print(f'after the kill {{i}}', flush=True)
-        pathlib.Path({str(done)!r}).write_text('ok')
+        import os, pathlib, time, traceback
+        pathlib.Path({str(pid)!r}).write_text(str(os.getpid()))
+        try:
+            from engine.jobs.runner import install_output_guard
+            install_output_guard()  # what engine.train's main does first
+            print('before the kill', flush=True)
+            while not os.path.exists({str(go)!r}):
+                time.sleep(0.01)
+            for i in range(3):
+                print(f'after the kill {{i}}', flush=True)
+            pathlib.Path({str(done)!r}).write_text('ok')
+        except BaseException:  # its stderr may be the broken pipe: say what happened where the test looks
+            pathlib.Path({str(died)!r}).write_text(traceback.format_exc())
+            raise
     """, wait=False)
     log = store.run_dir(record.id) / "logs" / "run.log"
     try:
@@ -153,7 +167,9 @@ def test_a_trainer_outlives_its_killed_runner_and_keeps_logging(store: Store, tm
         proc.kill()  # the runner only: its trainer is another process
         proc.wait(timeout=10)
     go.write_text("")
-    until(done.exists, "the trainer to go on to its end")
+    until(lambda: done.exists() or died.exists(), "the trainer to go on to its end",
+          explain=lambda: f"{process_state(pid.read_text())}; the run's log:\n{log.read_text()}")
+    assert not died.exists(), died.read_text()
     lines = list(Q.follow_log(store, record.id))
     assert [line for line in lines if line.startswith("after the kill")] == [f"after the kill {i}" for i in range(3)]
     assert any(line.startswith("[ren trainer] the runner that copied this output is gone (killed)") for line in lines)
