@@ -32,8 +32,10 @@ def add(preset: Path, overrides: list[str], *, gpus: int, after: list[str], name
     order = [r.id for r in store.queued_runs()]
     for record in queued:
         waits = f", after {', '.join(record.after)}" if record.after else ""
-        console.print(f"queued [bold]{record.id}[/] at position {order.index(record.id) + 1} "
-                      f"(gpus {record.gpus}{waits})")
+        # the worker may have taken it already: it starts at once, and `ren queue add` starts the worker
+        where = (f"at position {order.index(record.id) + 1}" if record.id in order
+                 else f"and {store.get_run(record.id).status} already")
+        console.print(f"queued [bold]{record.id}[/] {where} (gpus {record.gpus}{waits})")
     _worker_line(store)
 
 

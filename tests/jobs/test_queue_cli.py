@@ -17,6 +17,26 @@ from tests.helpers.paths import REPO
 FIXTURE = REPO / "tests" / "fixtures" / "one_tower.toml"
 
 
+def test_queue_add_reports_a_run_the_worker_started_before_it_could_say_where_it_waits(
+        tmp_path: Path, ren_home: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+    """The worker that `queue add` starts can take the run before the command lists the queue: the command
+    said where the run waits and died of ValueError (seen in a CI run)."""
+    from engine.cli import queue as cli_queue
+    from engine.jobs import api as Q
+
+    add = Q.add
+
+    def add_then_start(store: Store, *args, **kwargs):
+        queued = add(store, *args, **{**kwargs, "start_worker": False})
+        store.transition(queued[-1].id, ("queued",), status="running")  # what the worker does first
+        return queued
+
+    monkeypatch.setattr(cli_queue.Q, "add", add_then_start)
+    monkeypatch.setattr(cli_queue, "worker_info", lambda store: None)
+    cli_queue.add(FIXTURE, [], gpus=1, after=[], name="fast")
+    assert re.search(r"queued \S+-fast-\S+ and running already \(gpus 1\)", capsys.readouterr().out)
+
+
 @pytest.mark.slow
 def test_queue_add_starts_a_worker_and_logs_follow_the_run(tmp_path: Path, ren_home: Path, data_cache: Path) -> None:
     preset = tmp_path / "tiny.toml"
@@ -25,7 +45,7 @@ def test_queue_add_starts_a_worker_and_logs_follow_the_run(tmp_path: Path, ren_h
     try:
         added = ren("queue", "add", str(preset), "--name", "cli-run")
         assert added.returncode == 0, added.stderr
-        run_id = re.search(r"queued (\S+) at position 1", added.stdout).group(1)
+        run_id = re.search(r"queued (\S+) (at position 1|and running already) ", added.stdout).group(1)
         listed = ren("queue", "ls")
         assert run_id in listed.stdout and "worker pid" in listed.stdout
         followed = ren("logs", run_id[:15], "-f", timeout=180)
