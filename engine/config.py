@@ -763,6 +763,52 @@ class DistributedConfig(_Section):
         return data
 
 
+class TensorBoardTracking(_Section):
+    logging_dir: str = ""
+    """Where the event files go, one folder per run id; empty: ``tensorboard/`` in the store, so
+    ``tensorboard --logdir ~/.ren/tensorboard`` shows every run of the store."""
+
+
+class MLflowTracking(_Section):
+    tracking_uri: str = ""
+    """The MLflow tracking server (``http://host:5000``) or store (``sqlite:///path.db``); empty:
+    ``$MLFLOW_TRACKING_URI``, else ``sqlite:///`` a ``mlflow.db`` in the store."""
+    experiment: str = ""
+    """The MLflow experiment; empty: ``tracking.project``."""
+
+
+class WandbTracking(_Section):
+    mode: Literal["online", "offline"] = "online"
+    """``offline`` writes the run under the run's folder for a later ``wandb sync``."""
+    entity: str = ""
+    """The W&B team or user; empty: the logged-in default."""
+
+
+class TrackingConfig(_Section):
+    """Experiment trackers that get a copy of what the store records, through accelerate's tracker API.
+    The store stays the source of truth: a tracker that is missing or cannot be reached gives one
+    warning and the run goes on without it."""
+
+    log_with: tuple[Literal["tensorboard", "mlflow", "wandb"], ...] = ()
+    """Trackers to feed, e.g. ``["tensorboard", "mlflow"]``; each needs its extra
+    (``pip install 'ren[tensorboard]'``, ``ren[mlflow]``, ``ren[wandb]``)."""
+    project: str = Field("ren", min_length=1)
+    """The project (TensorBoard: unused; MLflow: the default experiment; W&B: the project)."""
+    tensorboard: TensorBoardTracking = TensorBoardTracking()
+    """[tracking.tensorboard]: where the event files go."""
+    mlflow: MLflowTracking = MLflowTracking()
+    """[tracking.mlflow]: the tracking server and experiment."""
+    wandb: WandbTracking = WandbTracking()
+    """[tracking.wandb]: mode and entity."""
+
+    @field_validator("log_with")
+    @classmethod
+    def _once_each(cls, log_with: tuple[str, ...]) -> tuple[str, ...]:
+        if len(set(log_with)) != len(log_with):
+            raise ValueError(f"a tracker is named twice in {list(log_with)}; name each once")
+        return log_with
+
+
 class RunMeta(_Section):
     name: str = Field("run", min_length=1, max_length=80)
     """Human-readable run name (part of the run id)."""
@@ -795,6 +841,8 @@ class RunConfig(_Section):
     """[train]: steps, batch, precision, logging, checkpoints."""
     distributed: DistributedConfig = DistributedConfig()
     """[distributed]: how multi-process runs are sharded (passed to accelerate launch)."""
+    tracking: TrackingConfig = TrackingConfig()
+    """[tracking]: experiment trackers (TensorBoard, MLflow, W&B) that mirror the run's metrics."""
 
     @model_validator(mode="after")
     def _stage(self) -> "RunConfig":
@@ -1247,6 +1295,10 @@ _REFERENCE_SECTIONS: tuple[tuple[str, type[BaseModel]], ...] = (
     ("optim", OptimConfig),
     ("train", TrainConfig),
     ("distributed", DistributedConfig),
+    ("tracking", TrackingConfig),
+    ("tracking.tensorboard", TensorBoardTracking),
+    ("tracking.mlflow", MLflowTracking),
+    ("tracking.wandb", WandbTracking),
 )
 
 

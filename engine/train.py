@@ -25,7 +25,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -56,6 +56,16 @@ from engine.freeze import FreezeReport, apply_freeze
 from engine.models import VLModel, build_model
 from engine.runs import FINAL_WEIGHTS
 from engine.store import MetricsWriter, Store, atomic_write_text, follow_umask, json_text
+from engine.tracking import (
+    TAG_HOST,
+    TAG_RUN_ID,
+    Guarded,
+    RunIdentity,
+    TrackedWriter,
+    build_trackers,
+    hparams,
+    save_tracker_ids,
+)
 
 CHECKPOINTS = "checkpoints"
 LATEST = "latest"
@@ -262,18 +272,47 @@ def _micro_batch(cfg: RunConfig, world: int) -> tuple[int, int]:
     return micro, cfg.train.batch_size // (micro * world)
 
 
-def build_accelerator(cfg: RunConfig) -> tuple[Accelerator, int, int]:
+def build_accelerator(cfg: RunConfig, trackers: Callable[[], list[Guarded]] | None = None
+                      ) -> tuple[Accelerator, int, int]:
     """The run's Accelerator, built with the gradient accumulation that makes up the global batch over its
     processes, and (micro batch, accumulation steps). cpu=True without CUDA: processes started by
-    `accelerate launch` then train together over gloo instead of each alone."""
+    `accelerate launch` then train together over gloo instead of each alone. ``trackers`` makes the
+    main process's experiment trackers (``log_with``)."""
     cpu = not torch.cuda.is_available() or parse_flag_from_env("ACCELERATE_USE_CPU")  # as AcceleratorState reads it
-    world = PartialState(cpu=cpu).num_processes  # the process group, which the Accelerator then shares
-    micro, accum = _micro_batch(cfg, world)
+    state = PartialState(cpu=cpu)  # the process group, which the Accelerator then shares
+    micro, accum = _micro_batch(cfg, state.num_processes)
     # the plugin rather than gradient_accumulation_steps=: that one gives way to $ACCELERATE_GRADIENT_ACCUMULATION_STEPS
     accumulation = GradientAccumulationPlugin(num_steps=accum)
     accelerator = Accelerator(cpu=cpu, mixed_precision=cfg.train.mixed_precision,
-                              gradient_accumulation_plugin=accumulation)
+                              gradient_accumulation_plugin=accumulation,
+                              log_with=trackers() if trackers and state.is_main_process else None)
     return accelerator, micro, accum
+
+
+def _run_trackers(cfg: RunConfig, store: Store, run_id: str, reporter: Reporter, resume: bool
+                  ) -> Callable[[], list[Guarded]] | None:
+    """What makes the run's ``[tracking]`` trackers (main process only), or None without any."""
+    if not cfg.tracking.log_with:
+        return None
+    run_dir = store.run_dir(run_id)
+
+    def make() -> list[Guarded]:
+        identity = RunIdentity(run_id=run_id, name=cfg.run.name, host=socket.gethostname(),
+                               store=str(run_dir.resolve()), stage=cfg.stage, kind=cfg.model.kind,
+                               tags=cfg.run.tags, notes=cfg.run.notes)
+        step = _checkpoint_step(run_dir) if resume else None
+        return build_trackers(cfg.tracking, identity, run_dir, store.root, lambda text: reporter.message(
+            f"[ren] {text}"), resume_step=step)
+    return make
+
+
+def _start_trackers(cfg: RunConfig, accelerator: Accelerator, run_dir: Path, run_id: str,
+                    writer: MetricsWriter) -> TrackedWriter:
+    """Start the trackers with the resolved config as hyper-parameters; the writer that feeds them."""
+    identity = {TAG_RUN_ID: run_id, TAG_HOST: socket.gethostname()}
+    accelerator.init_trackers(cfg.tracking.project, config={**hparams(cfg.to_dict()), **identity})
+    save_tracker_ids(run_dir, accelerator.trackers)
+    return TrackedWriter(writer, accelerator)
 
 
 def init_weights_from(model: VLModel, source: str, store: Store) -> tuple[list[str], list[str], list[str]]:
@@ -330,6 +369,12 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
         return None
     path = run_dir / CHECKPOINTS / pointer.read_text().strip()
     return path if (path / "trainer_state.json").exists() else None
+
+
+def _checkpoint_step(run_dir: Path) -> int:
+    """The step of the run's latest checkpoint (0 without one): where a resume starts again."""
+    ckpt = latest_checkpoint(run_dir)
+    return json.loads((ckpt / "trainer_state.json").read_text())["step"] if ckpt else 0
 
 
 def _save_checkpoint(s: Session) -> None:
@@ -528,7 +573,7 @@ class Session:
     flops: FlopMeter
     timer: StepTimer
     info: DeviceInfo | None  # main process only
-    writer: MetricsWriter | None  # main process only
+    writer: MetricsWriter | TrackedWriter | None  # main process only
 
     @property
     def main(self) -> bool:
@@ -540,7 +585,7 @@ def setup(cfg: RunConfig, store: Store, run_id: str, *, resume: bool, reporter: 
     latest checkpoint when ``resume``, and mark it running."""
     if cfg.train.cpu_threads:
         torch.set_num_threads(cfg.train.cpu_threads)
-    accelerator, micro, accum = build_accelerator(cfg)
+    accelerator, micro, accum = build_accelerator(cfg, _run_trackers(cfg, store, run_id, reporter, resume))
     set_seed(cfg.run.seed)
     run_dir = store.run_dir(run_id)
     data = build_data(cfg, cache_dir=Path(cfg.data.cache_dir) if cfg.data.cache_dir else store.root / "cache")
@@ -563,9 +608,11 @@ def setup(cfg: RunConfig, store: Store, run_id: str, *, resume: bool, reporter: 
         store.mark_running(run_id, pid=os.getpid(), host=socket.gethostname(), device=_device_name(accelerator),
                            params=freeze_report.to_dict(), max_steps=cfg.train.max_steps,
                            compute=_compute(info, flops, timer, state, None, accelerator.device), versions=versions)
-    writer = store.metrics_writer(run_id) if main else None
+    writer: MetricsWriter | TrackedWriter | None = store.metrics_writer(run_id) if main else None
     if writer:
         writer.rewind(state.step)
+        if accelerator.log_with:
+            writer = _start_trackers(cfg, accelerator, run_dir, run_id, writer)
     return Session(cfg, store, run_id, run_dir, reporter, accelerator, micro, accum, data, model, optimizer, sampler,
                    train_dl, eval_dl, state, flops, timer, info, writer)
 
@@ -740,6 +787,8 @@ def finish(s: Session, log: StepLog, status: str, error: str | None) -> dict[str
         state_dict = s.accelerator.get_state_dict(s.model)  # every process: FSDP/DeepSpeed gather their shards
         if s.main:
             _save_weights(s.run_dir, {k: v.detach().cpu().contiguous() for k, v in state_dict.items()})
+    if isinstance(s.writer, TrackedWriter):
+        s.writer.summary(s.state.step, {f"test/{k}": v for k, v in test.items() if k != "eval_samples"})
     if s.writer:
         s.writer.close()
     if s.main:

@@ -1,0 +1,241 @@
+"""Experiment trackers (TensorBoard, MLflow, W&B) fed through accelerate's tracker API.
+
+The store is the source of truth; a tracker gets a copy. A run built with ``[tracking] log_with`` hands
+:func:`build_trackers`'s trackers to its ``Accelerator(log_with=...)``, calls ``init_trackers`` with the
+resolved config as hyper-parameters, and every point its metrics writer records also goes to
+``accelerator.log`` (:class:`TrackedWriter`). ``ren sync`` replays a stored run the same way.
+
+Each tracker is wrapped in :class:`Guarded`: a tracker that is not installed, cannot reach its server or
+fails later gives one warning and is off for the rest of the run, which goes on. MLflow is given short
+HTTP retries and asynchronous metric logging, so an unreachable or slow server never holds a step up.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import urllib.parse
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from accelerate.tracking import GeneralTracker, MLflowTracker, TensorBoardTracker, WandBTracker
+
+from engine.config import TrackingConfig
+
+TRACKERS_FILE = "trackers.json"  # in the run's folder: the tracker-side ids a resume continues
+EXTRA = {"tensorboard": "tensorboard", "mlflow": "mlflow", "wandb": "wandb"}
+CONNECT_TIMEOUT_S = 3.0
+# ren's own tags on an MLflow run (and W&B config): how the lab view finds a run's box and store
+TAG_RUN_ID, TAG_HOST, TAG_STORE, TAG_STAGE, TAG_KIND = "ren.run_id", "ren.host", "ren.store", "ren.stage", "ren.kind"
+
+
+@dataclass(frozen=True)
+class RunIdentity:
+    """What a tracker is told about the run it mirrors, so a shared view can link back to it."""
+
+    run_id: str
+    name: str
+    host: str
+    store: str  # the run's folder in its store, on its host
+    stage: str
+    kind: str
+    tags: tuple[str, ...] = ()
+    notes: str = ""
+
+    def tags_dict(self) -> dict[str, str]:
+        return {TAG_RUN_ID: self.run_id, TAG_HOST: self.host, TAG_STORE: self.store, TAG_STAGE: self.stage,
+                TAG_KIND: self.kind, **{f"ren.tag.{tag}": "1" for tag in self.tags}}
+
+
+def hparams(config: Mapping[str, Any]) -> dict[str, bool | int | float | str]:
+    """The resolved config flattened to dotted keys with scalar values (what every tracker takes as
+    hyper-parameters): lists, and tables inside lists, as JSON text."""
+    flat: dict[str, bool | int | float | str] = {}
+
+    def walk(prefix: str, value: Any) -> None:
+        if isinstance(value, Mapping):
+            for key, inner in value.items():
+                walk(f"{prefix}.{key}" if prefix else str(key), inner)
+        elif isinstance(value, (bool, int, float, str)):
+            flat[prefix] = value
+        else:  # lists, None
+            flat[prefix] = json.dumps(value)
+
+    walk("", config)
+    return flat
+
+
+class Guarded(GeneralTracker):
+    """One tracker that can neither fail nor stop a run: its first error is reported once through
+    ``warn`` and the tracker is off from then on."""
+
+    requires_logging_directory = False
+
+    def __init__(self, inner: GeneralTracker, warn: Callable[[str], None]) -> None:
+        self.inner, self.warn, self.off = inner, warn, False
+        super().__init__()
+
+    @property
+    def name(self) -> str:  # type: ignore[override]
+        return self.inner.name
+
+    @property
+    def tracker(self) -> Any:
+        return None if self.off else self.inner.tracker
+
+    def start(self) -> None:
+        self._call("start")
+
+    def store_init_configuration(self, values: dict) -> None:
+        self._call("store_init_configuration", values)
+
+    def log(self, values: dict, step: int | None = None, **kwargs: Any) -> None:
+        self._call("log", values, step=step, **kwargs)
+
+    def finish(self) -> None:
+        self._call("finish")
+
+    def _call(self, what: str, *args: Any, **kwargs: Any) -> None:
+        if self.off:
+            return
+        try:
+            getattr(self.inner, what)(*args, **kwargs)
+        except Exception as exc:  # noqa: BLE001 - any failure of a tracker must leave the run alone
+            self.off = True
+            self.warn(_failure_text(self.inner.name, what, exc))
+
+
+def _failure_text(name: str, what: str, exc: Exception) -> str:
+    if isinstance(exc, ImportError):
+        return (f"tracker {name} is off: its library is not installed ({exc}); `pip install 'ren[{EXTRA[name]}]'` "
+                "adds it. The run goes on; the store keeps every metric.")
+    reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return (f"tracker {name} is off: its {what} failed ({type(exc).__name__}: {reason[:300]}). The run goes on "
+            "without it; the store keeps every metric (`ren sync` can replay the run into it later).")
+
+
+class _MLflow(MLflowTracker):
+    """accelerate's MLflow tracker pointed at ``tracking_uri``, refusing at once a server that does not
+    answer, and remembering the MLflow run id (for a resume)."""
+
+    def __init__(self, tracking_uri: str, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.tracking_uri = tracking_uri
+
+    def start(self) -> None:
+        import mlflow
+
+        check_reachable(self.tracking_uri)
+        mlflow.set_tracking_uri(self.tracking_uri)
+        super().start()
+        self.run_id = self.active_run.info.run_id
+
+    def finish(self) -> None:
+        import mlflow
+
+        mlflow.flush_async_logging()
+        super().finish()
+
+
+def check_reachable(uri: str, timeout_s: float = CONNECT_TIMEOUT_S) -> None:
+    """ConnectionError naming ``uri`` when it is an HTTP server that does not accept a connection within
+    ``timeout_s`` (a local store always is)."""
+    parsed = urllib.parse.urlparse(uri)
+    if parsed.scheme not in ("http", "https"):
+        return
+    port = parsed.port or (443 if parsed.scheme == "https" else 80)
+    try:
+        socket.create_connection((parsed.hostname, port), timeout=timeout_s).close()
+    except OSError as exc:
+        raise ConnectionError(f"cannot connect to {uri}: {exc}") from None
+
+
+def mlflow_uri(cfg: TrackingConfig, store_root: Path) -> str:
+    """The MLflow tracking URI a run uses: its preset's, else ``$MLFLOW_TRACKING_URI``, else a SQLite
+    file in the store."""
+    return (cfg.mlflow.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+            or f"sqlite:///{(store_root / 'mlflow.db').resolve()}")
+
+
+def _quiet_mlflow_defaults() -> None:
+    """Bound how long MLflow may hold a step: few HTTP retries, a short timeout, metrics sent in the
+    background. A user's own settings win."""
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+    os.environ.setdefault("MLFLOW_ENABLE_ASYNC_LOGGING", "true")
+
+
+def build_trackers(cfg: TrackingConfig, identity: RunIdentity, run_dir: Path, store_root: Path,
+                   warn: Callable[[str], None], *, names: Iterable[str] | None = None,
+                   resume_step: int | None = None) -> list[Guarded]:
+    """Guarded trackers for ``names`` (default: ``cfg.log_with``). ``resume_step``: the run resumes
+    from the checkpoint at that step, so the trackers continue the runs they started (TensorBoard drops
+    what it logged after that step)."""
+    known = read_tracker_ids(run_dir) if resume_step is not None else {}
+    built: list[Guarded] = []
+    for name in names if names is not None else cfg.log_with:
+        if name == "tensorboard":
+            logdir = Path(cfg.tensorboard.logging_dir) if cfg.tensorboard.logging_dir else store_root / "tensorboard"
+            extra = {"purge_step": resume_step + 1} if resume_step is not None else {}
+            inner: GeneralTracker = TensorBoardTracker(identity.run_id, logdir, **extra)
+        elif name == "mlflow":
+            _quiet_mlflow_defaults()
+            inner = _MLflow(mlflow_uri(cfg, store_root), experiment_name=cfg.mlflow.experiment or cfg.project,
+                            run_id=known.get("mlflow"), tags=identity.tags_dict(), run_name=identity.name,
+                            description=identity.notes or None)
+        elif name == "wandb":
+            inner = WandBTracker(cfg.project, id=identity.run_id, resume="allow", name=identity.name,
+                                 dir=str(run_dir), mode=cfg.wandb.mode, entity=cfg.wandb.entity or None,
+                                 tags=list(identity.tags), notes=identity.notes or None,
+                                 config={TAG_RUN_ID: identity.run_id, TAG_HOST: identity.host,
+                                         TAG_STORE: identity.store})
+        else:
+            raise ValueError(f"unknown tracker {name!r}")
+        built.append(Guarded(inner, warn))
+    return built
+
+
+def read_tracker_ids(run_dir: Path) -> dict[str, str]:
+    try:
+        return json.loads((run_dir / TRACKERS_FILE).read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def save_tracker_ids(run_dir: Path, trackers: Iterable[Guarded]) -> None:
+    """Remember the tracker-side run ids (MLflow's), so a resume logs into the same tracker run."""
+    ids = {t.name: t.inner.run_id for t in trackers if not t.off and getattr(t.inner, "run_id", None)}
+    if ids:
+        (run_dir / TRACKERS_FILE).write_text(json.dumps({**read_tracker_ids(run_dir), **ids}))
+
+
+class TrackedWriter:
+    """A run's metrics writer whose every point also goes to the accelerator's trackers."""
+
+    def __init__(self, writer: Any, accelerator: Any) -> None:
+        self.writer, self.accelerator = writer, accelerator
+
+    def log(self, step: int, **values: float) -> None:
+        self.writer.log(step, **values)
+        self.accelerator.log(values, step=step)
+
+    def summary(self, step: int, values: Mapping[str, float]) -> None:
+        """Scores the store keeps on the run record rather than as points (the test split's)."""
+        if values:
+            self.accelerator.log(dict(values), step=step)
+
+    def flush(self) -> None:
+        self.writer.flush()
+
+    def rewind(self, step: int) -> None:
+        self.writer.rewind(step)
+
+    def close(self) -> None:
+        try:
+            self.writer.close()
+        finally:  # not accelerator.end_training(): that also ends the process group, which the run still uses
+            for tracker in self.accelerator.trackers:
+                tracker.finish()
