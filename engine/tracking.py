@@ -239,3 +239,85 @@ class TrackedWriter:
         finally:  # not accelerator.end_training(): that also ends the process group, which the run still uses
             for tracker in self.accelerator.trackers:
                 tracker.finish()
+
+
+def replay(store: Any, run_id: str, to: str, warn: Callable[[str], None], *, tracking_uri: str = "",
+           logging_dir: str = "") -> Guarded | None:
+    """Replay a stored run into tracker ``to`` (``ren sync``): its config as hyper-parameters, every
+    metric point, its test scores. TensorBoard replaces what it held for the run; MLflow skips a run it
+    already holds (None then). The tracker is returned ``off`` when it failed (``warn`` said why)."""
+    from engine.config import config_from_dict
+
+    record = store.get_run(run_id)
+    cfg = config_from_dict(record.config).tracking
+    cfg = cfg.model_copy(update={
+        "mlflow": cfg.mlflow.model_copy(update={"tracking_uri": tracking_uri or cfg.mlflow.tracking_uri}),
+        "tensorboard": cfg.tensorboard.model_copy(update={"logging_dir": logging_dir or cfg.tensorboard.logging_dir}),
+    })
+    run_dir = store.run_dir(record.id)
+    if to == "mlflow" and _in_mlflow(mlflow_uri(cfg, store.root), cfg.mlflow.experiment or cfg.project, record.id):
+        return None
+    identity = RunIdentity(run_id=record.id, name=record.name, host=record.host or "", store=str(run_dir.resolve()),
+                           stage=record.stage, kind=record.kind, tags=tuple(record.tags), notes=record.notes)
+    # TensorBoard: a purge from step 1 on, so a replay replaces what an earlier replay or the live run wrote
+    (tracker,) = build_trackers(cfg, identity, run_dir, store.root, warn, names=[to],
+                                resume_step=0 if to == "tensorboard" else None)
+    tracker.start()
+    tracker.store_init_configuration({**hparams(record.config), TAG_RUN_ID: record.id, TAG_HOST: identity.host})
+    for step, values in _points_by_step(store.read_metrics(record.id)):
+        tracker.log(values, step=step)
+    if record.test_scores:
+        tracker.log(dict(record.test_scores), step=record.step)
+    tracker.finish()
+    return tracker
+
+
+def _points_by_step(points: Iterable[Mapping[str, Any]]) -> list[tuple[int, dict[str, float]]]:
+    """Stored points merged per step, in step order (trackers such as W&B want each step once)."""
+    merged: dict[int, dict[str, float]] = {}
+    for point in points:
+        values = {k: v for k, v in point.items() if k not in ("step", "time") and v is not None}
+        merged.setdefault(point["step"], {}).update(values)
+    return sorted(merged.items())
+
+
+def _in_mlflow(uri: str, experiment: str, run_id: str) -> bool:
+    from mlflow.tracking import MlflowClient
+
+    check_reachable(uri)
+    client = MlflowClient(uri)
+    found = client.get_experiment_by_name(experiment)
+    return bool(found and client.search_runs([found.experiment_id], f"tags.`{TAG_RUN_ID}` = '{run_id}'",
+                                             max_results=1))
+
+
+@dataclass(frozen=True)
+class LabRun:
+    """A ren run as an MLflow server holds it (``ren runs --mlflow``)."""
+
+    run_id: str
+    name: str
+    host: str
+    store: str
+    stage: str
+    kind: str
+    experiment: str
+    status: str  # MLflow's: RUNNING, FINISHED, FAILED, KILLED
+    start_time: float | None  # Unix seconds
+    metrics: dict[str, float]
+
+
+def lab_runs(uri: str, limit: int = 1000) -> list[LabRun]:
+    """Every run with a ren run id on the MLflow server at ``uri``, newest first, from every experiment."""
+    from mlflow.tracking import MlflowClient
+
+    check_reachable(uri)
+    client = MlflowClient(uri)
+    experiments = {e.experiment_id: e.name for e in client.search_experiments()}
+    found = client.search_runs(list(experiments), f"tags.`{TAG_RUN_ID}` != ''", max_results=limit,
+                               order_by=["attributes.start_time DESC"])
+    return [LabRun(run_id=r.data.tags[TAG_RUN_ID], name=r.info.run_name or "", host=r.data.tags.get(TAG_HOST, ""),
+                   store=r.data.tags.get(TAG_STORE, ""), stage=r.data.tags.get(TAG_STAGE, ""),
+                   kind=r.data.tags.get(TAG_KIND, ""), experiment=experiments.get(r.info.experiment_id, ""),
+                   status=r.info.status, start_time=r.info.start_time / 1000 if r.info.start_time else None,
+                   metrics=dict(r.data.metrics)) for r in found]

@@ -8,6 +8,7 @@ import math
 import socket
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,7 @@ import pytest
 from engine.store import Store
 from engine.tracking import Guarded, hparams
 from engine.train import latest_checkpoint, train
+from tests.helpers.cli import ren
 from tests.helpers.trackers import free_port, mlflow_server, wandb_config, wandb_history
 from tests.helpers.training import start, tiny_finetune
 
@@ -105,17 +107,23 @@ def test_a_resumed_run_leaves_one_point_per_step_in_tensorboard(ren_home: Path, 
     assert close([(e.step, e.value) for e in events.Scalars("loss")], store.series(run_id, "loss"), rel=1e-6)
 
 
-def test_a_run_mirrors_into_a_real_mlflow_server(ren_home: Path, data_cache: Path, tmp_path: Path) -> None:
+@pytest.fixture(scope="module")
+def mlflow_uri(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """One real MLflow server for the module (it takes seconds to start)."""
+    with mlflow_server(tmp_path_factory.mktemp("mlflow")) as uri:
+        yield uri
+
+
+def test_a_run_mirrors_into_a_real_mlflow_server(ren_home: Path, data_cache: Path, mlflow_uri: str) -> None:
     from mlflow.tracking import MlflowClient
 
     store = Store(ren_home)
-    with mlflow_server(tmp_path) as uri:
-        run_id, messages = tracked_run(store, data_cache, {"log_with": ["mlflow"], "project": "lab",
-                                                           "mlflow": {"tracking_uri": uri}})
-        client = MlflowClient(uri)
-        (found,) = client.search_runs([client.get_experiment_by_name("lab").experiment_id])
-        history = {key: [(m.step, m.value) for m in client.get_metric_history(found.info.run_id, key)]
-                   for key in found.data.metrics}
+    run_id, messages = tracked_run(store, data_cache, {"log_with": ["mlflow"], "project": "live",
+                                                       "mlflow": {"tracking_uri": mlflow_uri}})
+    client = MlflowClient(mlflow_uri)
+    (found,) = client.search_runs([client.get_experiment_by_name("live").experiment_id])
+    history = {key: [(m.step, m.value) for m in client.get_metric_history(found.info.run_id, key)]
+               for key in found.data.metrics}
     assert messages.warnings() == []
     assert found.info.status == "FINISHED" and found.info.run_name == "tiny-ft"
     tags = found.data.tags
@@ -187,3 +195,70 @@ def test_a_run_writes_a_wandb_offline_run(ren_home: Path, data_cache: Path, monk
         assert close([(row["_step"], row[key]) for row in rows if key in row], points, rel=1e-12), key
     config = wandb_config(path)
     assert config["ren.run_id"] == run_id and config["train.max_steps"] == 10
+
+
+def finished_run(root: Path, cache: Path, host: str, name: str) -> tuple[Store, str]:
+    """A finished run in the store at ``root`` as its box recorded it (metric points, test scores), made
+    without training: what `ren sync` reads."""
+    store = Store(root)
+    raw = tiny_finetune(cache)
+    cfg, run_id = start(store, {**raw, "run": {**raw["run"], "name": name}})
+    with store.metrics_writer(run_id) as writer:
+        for step in (5, 10, 15, 20):
+            writer.log(step, loss=4.0 / step, lr=1e-3)
+        writer.log(20, **{"eval/vqa_score": 0.5 if host == "box-a" else 0.7})
+    store.update_run(run_id, host=host, step=20, test_scores={"test/vqa_score": 0.6})
+    store.mark_ended(run_id, "finished")
+    return store, run_id
+
+
+def test_two_boxes_mirror_into_one_mlflow_server_and_runs_lists_both(tmp_path: Path, data_cache: Path,
+                                                                     mlflow_uri: str) -> None:
+    """Two stores stand in for two GPU boxes: `ren sync` mirrors a run of each into one MLflow server, and
+    `ren runs --mlflow` on either lists both, with their hosts; a second sync replays nothing."""
+    from mlflow.tracking import MlflowClient
+
+    boxes = {host: finished_run(tmp_path / host, data_cache, host, f"on-{host}") for host in ("box-a", "box-b")}
+    for store, run_id in boxes.values():
+        synced = ren("sync", run_id, "--to", "mlflow", "--uri", mlflow_uri, env={"REN_HOME": str(store.root)})
+        assert synced.returncode == 0 and f"{run_id}: replayed into mlflow" in synced.stdout, synced.stderr
+    store_a, run_a = boxes["box-a"]
+    again = ren("sync", run_a, "--to", "mlflow", "--uri", mlflow_uri, env={"REN_HOME": str(store_a.root)})
+    assert again.returncode == 0 and "already in MLflow, nothing replayed" in again.stdout
+
+    listed = ren("runs", "--mlflow", mlflow_uri, env={"REN_HOME": str(tmp_path / "elsewhere"), "COLUMNS": "200"})
+    assert listed.returncode == 0, listed.stderr
+    rows = {line.split()[0]: line.split() for line in listed.stdout.splitlines()[1:] if line.strip()}
+    for host, (store, run_id) in boxes.items():
+        assert rows[run_id][1:3] == [host, "finished"]
+        assert str(store.run_dir(run_id).resolve()) in listed.stdout
+    assert "vqa_score=0.5000" in " ".join(rows[run_a]) and "vqa_score=0.7000" in " ".join(rows[boxes["box-b"][1]])
+
+    client = MlflowClient(mlflow_uri)
+    (mirrored,) = client.search_runs([client.get_experiment_by_name("ren").experiment_id],
+                                     f"tags.`ren.run_id` = '{run_a}'")
+    assert [(m.step, m.value) for m in client.get_metric_history(mirrored.info.run_id, "loss")] == [
+        (5, 0.8), (10, 0.4), (15, 4.0 / 15), (20, 0.2)]
+    assert mirrored.data.metrics["test/vqa_score"] == 0.6 and mirrored.data.params["train.max_steps"] == "20"
+
+
+def test_sync_to_tensorboard_replaces_what_it_wrote_before(tmp_path: Path, data_cache: Path) -> None:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    store, run_id = finished_run(tmp_path / "box", data_cache, "box-a", "tb")
+    logdir = tmp_path / "tb"
+    for _ in range(2):
+        synced = ren("sync", run_id[:15], "--to", "tensorboard", "--logdir", str(logdir),
+                     env={"REN_HOME": str(store.root)})
+        assert synced.returncode == 0, synced.stderr
+        time.sleep(1.1)  # TensorBoard names event files by the second
+    events = EventAccumulator(str(logdir / run_id))
+    events.Reload()
+    assert [(e.step, round(e.value, 6)) for e in events.Scalars("loss")] == [
+        (5, 0.8), (10, 0.4), (15, round(4.0 / 15, 6)), (20, 0.2)]
+
+
+def test_runs_from_an_unreachable_mlflow_server_is_a_clear_error(ren_home: Path) -> None:
+    down = f"http://127.0.0.1:{free_port()}"
+    listed = ren("runs", "--mlflow", down)
+    assert listed.returncode == 2 and f"cannot connect to {down}" in listed.stderr and "Traceback" not in listed.stderr

@@ -6,6 +6,7 @@ imports torch only inside the commands that need it, so ``ren --help`` is fast.
 
 from __future__ import annotations
 
+import enum
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
@@ -24,6 +25,12 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 err_console = Console(stderr=True)
+
+
+class Tracker(str, enum.Enum):
+    tensorboard = "tensorboard"
+    mlflow = "mlflow"
+    wandb = "wandb"
 
 SetOption = Annotated[
     Optional[list[str]],
@@ -65,11 +72,34 @@ def validate(
 @app.command()
 def runs(
     limit: Annotated[int, typer.Option(help="Show at most this many runs.")] = 50,
+    mlflow: Annotated[str | None, typer.Option(
+        "--mlflow", metavar="URI", help="List the runs an MLflow server holds (every box that mirrors to it) "
+        "instead of this store's.")] = None,
 ) -> None:
     """List runs: id, name, status, steps, best scores, duration."""
+    if mlflow:
+        from engine.cli import sync
+
+        sync.list_lab_runs(mlflow, limit)
+        return
     from engine.cli import commands
 
     commands.list_runs(limit)
+
+
+@app.command("sync")
+def sync_command(
+    run_ids: Annotated[list[str], typer.Argument(metavar="RUN...", help="Run ids or unique prefixes.")],
+    to: Annotated[Tracker, typer.Option("--to", help="The tracker to replay into.")],
+    uri: Annotated[str, typer.Option(help="MLflow tracking URI (default: the run's tracking.mlflow.tracking_uri, else "
+                                          "$MLFLOW_TRACKING_URI, else the store's mlflow.db).")] = "",
+    logdir: Annotated[str, typer.Option(help="TensorBoard log folder (default: the run's, else the store's "
+                                             "tensorboard/).")] = "",
+) -> None:
+    """Replay runs already in the store into an experiment tracker: config, every metric, test scores."""
+    from engine.cli import sync
+
+    sync.sync(run_ids, to.value, uri=uri, logdir=logdir)
 
 
 @app.command()
