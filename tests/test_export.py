@@ -1,5 +1,6 @@
 """`ren export`: the exported towers load with plain transformers and timm and compute what ren's towers
-compute, a finetune starts from the exported folder, and the model card."""
+compute, the whole model rebuilds from the folder and a finetune starts from it,
+the model card, and the refusals."""
 
 from __future__ import annotations
 
@@ -17,11 +18,12 @@ from engine.config import config_from_dict
 from engine.data.pipeline import num_answers
 from engine.errors import ConfigError
 from engine.evaluate import load_run_model
-from engine.export import buildable_config, export_run
+from engine.export import buildable_config, export_run, rebuild_config
 from engine.models import build_model
 from engine.runs import check_init_from
 from engine.store import Store
 from engine.train import FINAL_WEIGHTS, init_weights_from, train
+from tests.helpers.cli import cli
 from tests.helpers.training import finished_run, start, tiny_pretrain
 
 TOLERANCE = 1e-5
@@ -219,3 +221,63 @@ def test_the_model_card_names_data_scores_with_their_splits_compute_and_the_pape
     assert '[model.text]\nsource = "manual"' in body  # the preset, resolved
 
 
+def _one_paragraph(err: str) -> str:
+    assert err.startswith("error: ") and "Traceback" not in err
+    return " ".join(err.split())
+
+
+def test_an_unfinished_run_or_one_without_weights_is_refused(tmp_path: Path, ren_home: Path,
+                                                             monkeypatch: pytest.MonkeyPatch,
+                                                             capsys: pytest.CaptureFixture[str]) -> None:
+    store = Store(ren_home)
+    _, created = start(store, _config(*KINDS["two_tower"]))
+    store.mark_ended(created, "failed", error="boom")
+    code, err = cli(["export", created, "--out", str(tmp_path / "a")], monkeypatch, capsys)
+    assert code == 2 and f"run {created} is failed, not finished" in _one_paragraph(err)
+
+    gone = finished_run(store, _config(*KINDS["two_tower"]))
+    (store.run_dir(gone) / FINAL_WEIGHTS).unlink()
+    code, err = cli(["export", gone, "--out", str(tmp_path / "b")], monkeypatch, capsys)
+    assert code == 2 and f"run {gone} finished, but its final weights are gone" in _one_paragraph(err)
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_a_non_empty_out_is_refused_unless_forced(tmp_path: Path, ren_home: Path, monkeypatch: pytest.MonkeyPatch,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    store = Store(ren_home)
+    run_id = finished_run(store, _config(*KINDS["two_tower"]))
+    out = tmp_path / "export"
+    (out / "text").mkdir(parents=True)
+    (out / "text" / "stale.bin").write_text("old")
+    (out / "notes.txt").write_text("mine")
+    code, err = cli(["export", run_id, "--out", str(out)], monkeypatch, capsys)
+    assert code == 2 and f"--out {out} exists and is not empty (notes.txt, text)" in _one_paragraph(err)
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt", "text"]
+
+    code, err = cli(["export", run_id, "--out", str(out), "--force"], monkeypatch, capsys)
+    assert code == 0, err
+    assert (out / "notes.txt").read_text() == "mine"  # not the export's: left alone
+    assert not (out / "text" / "stale.bin").exists() and (out / "text" / FINAL_WEIGHTS).exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".export.")]  # no staging folder left
+
+
+def test_a_fresh_embedding_one_tower_is_exported_only_whole(tmp_path: Path, ren_home: Path,
+                                                            monkeypatch: pytest.MonkeyPatch,
+                                                            capsys: pytest.CaptureFixture[str]) -> None:
+    store = Store(ren_home)
+    model = {"kind": "one_tower", "backbone": {**TINY, "modality": "vision", "patch_size": 8, "image_size": 32,
+                                               "embeddings": "fresh"}}
+    run_id = finished_run(store, _config(model, VQA))
+    out = tmp_path / "export"
+    code, err = cli(["export", run_id, "--out", str(out)], monkeypatch, capsys)
+    message = _one_paragraph(err)
+    assert code == 2 and f"run {run_id} cannot be exported with its towers" in message
+    assert "model.backbone" in message and "--no-towers" in message and not out.exists()
+
+    code, err = cli(["export", run_id, "--out", str(out), "--no-towers"], monkeypatch, capsys)
+    assert code == 0, err
+    assert not (out / "backbone").exists()
+    meta = json.loads((out / "config.json").read_text())
+    assert meta["towers"] == {} and meta["answers"][:2] and meta["num_answers"] == 13
+    rebuilt = build_model(rebuild_config(out), vocab_size=meta["vocab_size"], num_answers=meta["num_answers"])
+    rebuilt.load_state_dict(load_file(str(out / FINAL_WEIGHTS)))  # strict: every tensor has its place
