@@ -1,10 +1,11 @@
 """`ren export`: the exported towers load with plain transformers and timm and compute what ren's towers
-compute, the whole model rebuilds from the folder and a finetune starts from it,
-the model card, and the refusals."""
+compute, the whole model rebuilds from the folder (docs/export.md's snippet, run as written) and a finetune
+starts from it, the model card, and the refusals."""
 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +25,7 @@ from engine.runs import check_init_from
 from engine.store import Store
 from engine.train import FINAL_WEIGHTS, init_weights_from, train
 from tests.helpers.cli import cli
+from tests.helpers.paths import REPO
 from tests.helpers.training import finished_run, start, tiny_pretrain
 
 TOLERANCE = 1e-5
@@ -130,6 +132,34 @@ def test_an_exported_timm_tower_loads_with_timm_and_matches_rens_tower(arch: str
         assert ours.abs().max() > 0.1
         for loaded in (by_folder, by_file):
             assert _max_diff(ours, loaded.forward_features(pixels)) <= TOLERANCE
+
+
+def _docs_snippet() -> str:
+    """The loading snippet of docs/export.md: the first Python block under "Loading the whole model"."""
+    page = (REPO / "docs" / "export.md").read_text(encoding="utf-8")
+    section = page.split("## Loading the whole model", 1)[1]
+    return re.search(r"```python\n(.*?)```", section, re.DOTALL).group(1)
+
+
+def test_the_docs_snippet_rebuilds_the_exported_model_from_the_folder_alone(tmp_path: Path, ren_home: Path) -> None:
+    store = Store(ren_home)
+    vision = {"library": "timm", "source": "random", "name": "test_resnet", "image_size": 32}
+    run_id = finished_run(store, _config({"kind": "two_tower", "text": TEXT, "vision": vision, "fusion": FUSION}, VQA))
+    export_run(store, run_id, tmp_path / "export")
+    _image(2).save(tmp_path / "shape.png")
+    snippet = _docs_snippet()
+    assert len(snippet.splitlines()) <= 25
+    code = snippet.replace('"exports/quickstart"', repr(str(tmp_path / "export")))
+    code = code.replace('"shape.png"', repr(str(tmp_path / "shape.png")))
+    names: dict = {}
+    exec(compile(code, "docs/export.md", "exec"), names)  # noqa: S102 - the documented code, as a reader runs it
+
+    _, model, _ = _ren_model(store, run_id)
+    with torch.no_grad():
+        ours = model(names["text"].input_ids, names["text"].attention_mask, names["image"].pixel_values, task=True)
+    theirs = names["out"].logits["task"]
+    assert theirs.shape == (1, 13)  # easy-VQA's answers
+    assert _max_diff(ours.logits["task"], theirs) <= TOLERANCE
 
 
 def test_a_finetune_starts_from_the_exported_folder(tmp_path: Path, ren_home: Path, data_cache: Path) -> None:
