@@ -24,6 +24,7 @@ CHECKPOINTS, LATEST = "checkpoints", "latest"  # as engine.train lays them out
 PRESET_PREFIX = "preset:"
 RUN_PREFIX = "run:"
 FINAL_WEIGHTS = "model.safetensors"  # a run's final weights; accelerate names a checkpoint's weights alike
+EXPORT_CONFIG, EXPORT_FORMAT = "config.json", "ren-export"  # `ren export`'s config beside FINAL_WEIGHTS, its "format"
 # keys that fix the shapes of a model's weights (what may differ: dropout, image_size, checkpointing, source)
 _SHAPE_KEYS = ("library", "modality", "hidden_size", "layers", "heads", "mlp_ratio", "patch_size", "projection_dim",
                "image_embedding", "embeddings")
@@ -173,11 +174,31 @@ def check_init_from(store: Store, cfg: RunConfig) -> None:
         return
     path = Path(source).expanduser()
     if path.is_dir():
+        _check_export(path, cfg, key)
         path = path / FINAL_WEIGHTS
     if not path.exists():
         raise ConfigError(f"{key}: {path} does not exist; give a run (\"run:<id>\"), a checkpoint directory or a "
                           ".safetensors file.", key="train.init_from")
     _check_weights_file(path, key)
+
+
+def _check_export(directory: Path, cfg: RunConfig, key: str) -> None:
+    """Refuse an export (``ren export``) of another architecture, as a run of one is refused; a directory
+    without an export's config (a checkpoint) is left to the weights check."""
+    try:
+        meta = json.loads((directory / EXPORT_CONFIG).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return
+    if not isinstance(meta, dict) or meta.get("format") != EXPORT_FORMAT:
+        return
+    theirs = meta.get("config", {}).get("model", {})
+    differences = _shape_differences(theirs if isinstance(theirs, dict) else {}, cfg.to_dict()["model"])
+    if differences:
+        run = meta.get("run", {}).get("id", "?")
+        raise ConfigError(
+            f"{key}: the export of run {run} in {directory} is another architecture ({'; '.join(differences)}), so "
+            "its weights do not fit this model. Start from an export of the same model, or remove init_from.",
+            key="train.init_from")
 
 
 def _shape_differences(theirs: dict, ours: dict) -> list[str]:

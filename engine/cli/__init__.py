@@ -367,6 +367,21 @@ def report_command(
     report.report(targets, out)
 
 
+@app.command("export")
+def export_command(
+    run_id: RunArg,
+    out: Annotated[Path, typer.Option("--out", help="Folder to write (created; it must be empty unless --force).")],
+    force: Annotated[bool, typer.Option("--force", help="Write into a non-empty --out, replacing the files and "
+                                        "folders an export writes.")] = False,
+    no_towers: Annotated[bool, typer.Option("--no-towers", help="Export the whole model only, without the "
+                                            "standalone towers.")] = False,
+) -> None:
+    """Export a finished run: its towers for transformers and timm, the whole model for ren, a model card."""
+    from engine.cli import export
+
+    export.export(run_id, out, force=force, towers=not no_towers)
+
+
 def main() -> None:
     """Entry point: user errors print one paragraph and exit with code 2."""
     try:

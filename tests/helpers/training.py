@@ -1,8 +1,10 @@
 """Tiny training runs that finish in seconds on a CPU: easy-VQA configs (a one-tower finetune, a two-tower
-pretraining, a one-tower preset file) and a run created in the store for them."""
+pretraining, a one-tower preset file) and a run created in the store for them; a run stored as finished
+without training, for code that reads finished runs."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 from pathlib import Path
@@ -47,6 +49,32 @@ def start(store: Store, raw: dict) -> tuple[RunConfig, str]:
     record = store.create_run(name=cfg.run.name, stage=cfg.stage, kind=cfg.model.kind,
                               config=cfg.to_dict(), max_steps=cfg.train.max_steps)
     return cfg, record.id
+
+
+def finished_run(store: Store, raw: dict, seed: int = 0) -> str:
+    """A run of config ``raw`` stored as finished without training: final weights of its model with every
+    tensor moved off its initial value (norms and biases too, so a tensor that failed to load shows), and the
+    meaning of its task head's outputs as training stores it. Returns its id."""
+    import torch
+    from safetensors.torch import save_file
+
+    from engine.data.pipeline import build_tokenizer, task_answers
+    from engine.models import build_model
+    from engine.train import ANSWERS, FINAL_WEIGHTS
+
+    cfg, run_id = start(store, raw)
+    answers = task_answers(cfg) if cfg.task is not None else None
+    torch.manual_seed(seed)
+    model = build_model(cfg, vocab_size=len(build_tokenizer(cfg)), num_answers=len(answers) if answers else None)
+    noise = torch.Generator().manual_seed(seed)
+    weights = {name: (t + 0.05 * torch.randn(t.shape, generator=noise) if t.is_floating_point() else t).contiguous()
+               for name, t in model.state_dict().items()}
+    run_dir = store.run_dir(run_id)
+    save_file(weights, str(run_dir / FINAL_WEIGHTS))
+    if answers is not None:
+        (run_dir / ANSWERS).write_text(json.dumps(answers))
+    store.mark_ended(run_id, "finished")
+    return run_id
 
 
 def tiny_preset(path: Path, cache: Path, **train: int) -> Path:
