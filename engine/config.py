@@ -766,7 +766,7 @@ class DistributedConfig(_Section):
 class TensorBoardTracking(_Section):
     logging_dir: str = ""
     """Where the event files go, one folder per run id; empty: ``tensorboard/`` in the store, so
-    ``tensorboard --logdir ~/.ren/tensorboard`` shows every run of the store."""
+    ``tensorboard --logdir $REN_HOME/tensorboard`` shows every run of the store."""
 
 
 class MLflowTracking(_Section):
