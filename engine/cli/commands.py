@@ -34,7 +34,7 @@ from engine.display import (
     si,
     terminal_safe,
 )
-from engine.errors import RenError
+from engine.errors import EXIT_FAILED_RUN, RenError
 from engine.inspector import model_summary
 from engine.runs import check_init_from, create_run, resolve_init_from, resume_point, stored_config, trained_now
 from engine.store import RunRecord, Store, process_start_time
@@ -200,7 +200,9 @@ def _refused_checkpoint(exc: Exception, store: Store, run_id: str) -> None:
 
 def _launch_distributed(cfg: RunConfig, owner: _Owner, run_id: str, gpus: int, *, resume: bool) -> None:
     """Train ``run_id`` in ``gpus`` processes through ``accelerate launch`` (this
-    interpreter's accelerate, so no activated environment is needed)."""
+    interpreter's accelerate, so no activated environment is needed). When they fail, exit 1, a failed run,
+    as a single process does: accelerate's own code says nothing more (it is 1 for any failure of a process,
+    and a launcher killed by a signal would exit with a negative code, which the shell reads as 2xx)."""
     from engine.jobs.launchers import free_port, launch_command
 
     owner.claim(run_id)  # until its rank 0 records itself
@@ -215,7 +217,7 @@ def _launch_distributed(cfg: RunConfig, owner: _Owner, run_id: str, gpus: int, *
     if code:
         owner.end("failed", lambda r: f"the training processes (accelerate launch) exited with code {code} before "
                                       "recording a result; their output above says why")
-        sys.exit(code)
+        sys.exit(EXIT_FAILED_RUN)
 
 
 def validate(preset: Path, overrides: list[str], *, as_json: bool, all_groups: bool, gpus: int = 1) -> None:
