@@ -5,6 +5,7 @@ from __future__ import annotations
 import _thread
 import contextlib
 import json
+import math
 import os
 import re
 import signal
@@ -23,6 +24,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from engine import faults
+from engine.cli import jsonout
 from engine.config import RunConfig, check_processes, config_from_dict, load_preset
 from engine.display import (
     eval_split_of,
@@ -230,7 +232,7 @@ def validate(preset: Path, overrides: list[str], *, as_json: bool, all_groups: b
     check_init_from(Store(read_only=True), cfg)  # what `ren run` would refuse before creating the run
     summary = model_summary(cfg)
     if as_json:
-        print(json.dumps({"config": cfg.to_dict(), "params": summary}, indent=2))
+        jsonout.emit("validate", {"config": cfg.to_dict(), "params": summary})
         return
     console.print(f"[bold]{preset}[/]: valid ({cfg.stage}, {cfg.model.kind})\n")
     console.print(tomli_w.dumps(cfg.to_dict()), highlight=False, markup=False)
@@ -263,10 +265,16 @@ def _collapse(name: str) -> str:
     return f"{head}[*]" if sep else name
 
 
-def list_runs(limit: int) -> None:
+def list_runs(limit: int, *, as_json: bool = False) -> None:
     store = Store()
-    records = store.list_runs()[:limit]
+    every = store.list_runs()
+    records = every[:limit]
     unreadable = store.unreadable_runs()  # shown whatever the limit: each needs a repair
+    if as_json:
+        jsonout.emit("runs", {"store": str(store.root), "total": len(every),
+                              "runs": [jsonout.run_summary(r) for r in records],
+                              "unreadable": [{"id": u.id, "reason": u.reason} for u in unreadable]})
+        return
     if not records and not unreadable:
         console.print("no runs yet: try `ren run presets/quickstart.toml`")
         return
@@ -293,9 +301,12 @@ def list_runs(limit: int) -> None:
             console.print(terminal_safe(f"  {u.id}: {u.reason}"), highlight=False, markup=False)
 
 
-def show(run_id: str) -> None:
+def show(run_id: str, *, as_json: bool = False) -> None:
     store = Store()
     r = store.get_run(run_id)
+    if as_json:
+        jsonout.emit("show", _show_document(store, r))
+        return
     console.print(f"[bold]{_shown(r.id)}[/]  {_shown(r.name)}  {_shown(f'{r.stage}/{r.kind}')}  {_status(r)}")
     console.print(f"steps {format_steps(r)}  duration {format_duration(r)}  "
                   f"device {_shown(r.device or '-')}  host {_shown(r.host or '-')}")
@@ -318,15 +329,47 @@ def show(run_id: str) -> None:
         console.print(f"tokenizer: {terminal_safe(tokenizer)}", highlight=False, markup=False)
     for line in format_versions(r):
         console.print(terminal_safe(line), highlight=False, markup=False)
-    points = store.read_metrics(r.id)
-    train_points = [p for p in points if "loss" in p]
-    if train_points:
-        last = train_points[-1]
+    last = _last_logged(store, r)
+    if last:
         console.print("last logged: " + "  ".join(
             f"{terminal_safe(k)} {v:.4g}" for k, v in last.items() if k != "time" and isinstance(v, (int, float))),
             markup=False)
     console.print(f"\nrun directory: {store.run_dir(r.id)}\nconfig:", markup=False)
     console.print(terminal_safe(tomli_w.dumps(r.config), lines=True), highlight=False, markup=False)
+
+
+def _last_logged(store: Store, r: RunRecord) -> dict[str, Any] | None:
+    """The run's last training metric point (the last one with a loss), or None before its first."""
+    return next((p for p in reversed(store.read_metrics(r.id)) if "loss" in p), None)
+
+
+def _show_document(store: Store, r: RunRecord) -> dict[str, Any]:
+    """What ``ren show --json`` prints (schema ``ren.show/1``): the whole record as stored, numbers as
+    numbers, plus where the run lives, its tokenizer and its last logged training point."""
+    last = _last_logged(store, r)
+    return {
+        "run": {
+            **jsonout.run_summary(r),
+            "preset_path": r.preset_path,
+            "notes": r.notes,
+            "host": r.host,
+            "device": r.device,
+            "params": r.params or None,
+            "compute": r.compute or None,
+            "versions": list(r.versions),
+            "loss_trace": list(r.loss_trace),
+            "log_tail": r.log_tail,
+            "study": r.study,
+            "gpus": r.gpus,
+            "after": list(r.after),
+            "config": r.config,
+        },
+        "run_dir": str(store.run_dir(r.id)),
+        "tokenizer": _tokenizer_of(r),
+        # a non-finite value is logged as such; standard JSON has no NaN, so it reads null here
+        "last_logged": None if last is None else {k: v if not isinstance(v, float) or math.isfinite(v) else None
+                                                  for k, v in last.items()},
+    }
 
 
 def _precision(compute: dict[str, Any]) -> str:
