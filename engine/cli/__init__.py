@@ -304,12 +304,13 @@ def eval_retrieval(
         Optional[str], typer.Option("--first-stage", help="Another run (ITC) picks the candidates; this run's ITM "
                                     "reranks them (for one_tower runs and two_tower runs without ITC).")
     ] = None,
+    as_json: JsonOption = False,
 ) -> None:
     """Image and text retrieval Recall@1/5/10: ITC first stage, top-k reranked by ITM."""
     from engine.cli import evaluate
 
     evaluate.retrieval(run_id, root=root, corpus=corpus, split=split, k=k, batch_size=batch_size,
-                       max_images=max_images, device=device, first_stage=first_stage)
+                       max_images=max_images, device=device, first_stage=first_stage, as_json=as_json)
 
 
 @eval_app.command("task")
@@ -325,11 +326,13 @@ def eval_task(
     batch_size: Annotated[int, typer.Option(help="Items per forward pass.")] = 64,
     device: Annotated[Optional[str], typer.Option(help="cpu, cuda or cuda:N (default: cuda if available).")]
     = None,
+    as_json: JsonOption = False,
 ) -> None:
     """A finetuned run's task score on any split of its data set (VQA score or accuracy)."""
     from engine.cli import evaluate
 
-    evaluate.task(run_id, split=split, root=root, submission=submission, batch_size=batch_size, device=device)
+    evaluate.task(run_id, split=split, root=root, submission=submission, batch_size=batch_size, device=device,
+                  as_json=as_json)
 
 
 @app.command("report")
@@ -350,7 +353,7 @@ def report_command(
 
 def main() -> None:
     """Entry point: user errors print one paragraph on stderr and exit with code 2, with --json too (its
-    document is printed only on success); a failed run exits 1 (docs/cli-json.md)."""
+    document is printed only on success); a failed run or evaluation exits 1 (docs/cli-json.md)."""
     try:
         app()
     except RenError as exc:

@@ -29,6 +29,8 @@ COMMANDS = {
     "worker status": "ren.worker-status/1",
     "study status": "ren.study-status/1",
     "report": "ren.report/1",
+    "eval task": "ren.eval-task/1",
+    "eval retrieval": "ren.eval-retrieval/1",
 }
 
 
