@@ -139,7 +139,8 @@ def test_show_json_gives_the_whole_record(ren_home: Path, tmp_path: Path) -> Non
 
 
 def test_a_bad_run_id_with_json_prints_its_paragraph_on_stderr_and_exits_2() -> None:
-    for args in (("show", "nope"), ("report", "nope"), ("worker", "stop"), ("study", "status", "no-such-study")):
+    for args in (("show", "nope"), ("report", "nope"), ("worker", "stop"), ("study", "status", "no-such-study"),
+                 ("eval", "task", "nope", "--device", "cpu")):
         result = ren(*args, "--json")
         assert result.returncode == 2, (args, result.stdout, result.stderr)
         assert result.stdout == "" and result.stderr.startswith("error: ") and "Traceback" not in result.stderr
