@@ -6,6 +6,7 @@ and where. The CLI prints it without a traceback and exits with code 2.
 
 from __future__ import annotations
 
+EXIT_FAILED_RUN = 1  # the run or evaluation failed on something other than bad input (docs/cli-json.md)
 EXIT_USER_ERROR = 2
 
 

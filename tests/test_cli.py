@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from engine.store import Store
 from tests.helpers.cli import HEAVY, modules_after, ren
 from tests.helpers.paths import PRESETS, REPO
 
@@ -112,6 +113,20 @@ def test_runs_on_empty_store() -> None:
     result = ren("runs")
     assert result.returncode == 0
     assert "no runs yet" in result.stdout
+
+
+def test_a_failed_distributed_run_exits_1_whatever_accelerate_returned(ren_home: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """accelerate exits 1 for a failed process; a launcher killed by a signal gave -9, which the shell read as
+    247. Either way `ren run --gpus N` reports a failed run: 1."""
+    from engine.cli import commands
+
+    monkeypatch.setattr(commands.subprocess, "call", lambda cmd: -9)
+    with pytest.raises(SystemExit) as exited:
+        commands.run(REPO / "tests" / "fixtures" / "one_tower.toml", [], resume=None, name="ddp", gpus=2)
+    assert exited.value.code == 1
+    (record,) = Store(ren_home).list_runs()
+    assert record.status == "failed" and "exited with code -9" in record.error
 
 
 def test_unreachable_hub_model_is_a_clear_error(tmp_path: Path) -> None:

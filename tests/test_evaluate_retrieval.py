@@ -21,7 +21,7 @@ from engine.models import build_model
 from engine.retrieval import evaluate_retrieval
 from engine.runs import create_run
 from engine.store import Store
-from tests.helpers.cli import ren
+from tests.helpers.cli import cli_streams, json_document, ren
 from tests.helpers.paths import PRESETS
 
 from .arrow_fixtures import WORDS, write_coco_caption, write_f30k_caption
@@ -319,6 +319,32 @@ def test_ren_eval_retrieval_end_to_end(tmp_path: Path, ren_home: Path, data_cach
     with pytest.raises(RenError, match=f"first-stage run {one_id} is a one_tower model"):
         retrieval(one_id, root=f30k_dir, corpus="f30k_caption", split="test", k=3, batch_size=8, max_images=None,
                   device="cpu", first_stage=one_id)
+
+
+def test_ren_eval_retrieval_json_prints_the_recalls_it_stored(ren_home: Path, data_cache: Path, f30k_dir: Path,
+                                                             monkeypatch: pytest.MonkeyPatch,
+                                                             capsys: pytest.CaptureFixture[str]) -> None:
+    """`ren eval retrieval --json` through the real entry point on a tiny two-tower pretraining trained here:
+    one document on stdout (schema ren.eval-retrieval/1) holding the recalls stored; the table on stderr."""
+    from engine.train import train
+    from tests.helpers.training import start, tiny_pretrain
+
+    store = Store(ren_home)
+    cfg, run_id = start(store, tiny_pretrain(data_cache))
+    train(cfg, store, run_id)
+    code, out, err = cli_streams(["eval", "retrieval", run_id, "--root", str(f30k_dir), "--k", "2", "--max-images",
+                                  "4", "--device", "cpu", "--json"], monkeypatch, capsys)
+    assert code == 0, err
+    doc = json_document(out)
+    assert doc["schema"] == "ren.eval-retrieval/1"
+    assert (doc["run_id"], doc["first_stage"], doc["corpus"], doc["split"]) == (run_id, None, "f30k_caption", "test")
+    assert (doc["n_images"], doc["n_texts"], doc["k"]) == (4, 20, 2) and doc["stored_as"] == "f30k_caption/test[:4]"
+    stored = store.get_run(run_id).final_scores
+    assert doc["recalls"] == {key: stored[f"f30k_caption/test[:4]/{key}"] for key in RECALL_KEYS}
+    assert doc["recalls"]["ir_r10"] == 100.0  # 4 images: every text finds its own within 10
+    assert doc["reranked"]["fused_pairs"] >= 20 * 2 and doc["reranked"]["full_passes"] == 0
+    assert [Path(f).name for f in doc["files"]] == ["f30k_caption_karpathy_test.arrow"]
+    assert "IR (text -> image)" in err and "stored in the run's final scores as f30k_caption/test[:4]/*" in err
 
 
 def test_ren_eval_retrieval_errors(tmp_path: Path, ren_home: Path, f30k_dir: Path) -> None:

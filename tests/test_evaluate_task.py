@@ -17,7 +17,7 @@ from engine.data.vqav2 import answer_vocabulary
 from engine.errors import RenError
 from engine.runs import create_run
 from engine.store import RunRecord, Store
-from tests.helpers.cli import ren
+from tests.helpers.cli import cli_streams, json_document, ren
 from tests.helpers.paths import REPO
 
 from .arrow_fixtures import write_nlvr2, write_refcoco, write_snli_ve, write_vqav2
@@ -265,3 +265,28 @@ def test_eval_task_scores_an_easy_vqa_run_on_each_split_as_training_did(ren_home
     with pytest.raises(RenError, match=rf"run {run_id} \(vqa on easy_vqa\): easy_vqa has the splits train, val, "
                                        "test; there is no split 'dev'"):
         _task(run_id, split="dev")
+
+
+def test_eval_task_json_prints_the_score_it_stored(ren_home: Path, data_cache: Path, monkeypatch: pytest.MonkeyPatch,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    """`ren eval task --json` through the real entry point: one document on stdout (schema ren.eval-task/1),
+    its score the one stored and the one training's final evaluation gave; what it says besides on stderr."""
+    from engine.train import train
+    from tests.helpers.training import start, tiny_finetune
+
+    store = Store(ren_home)
+    cfg, run_id = start(store, tiny_finetune(data_cache, max_steps=4, eval_every=4, checkpoint_every=4))
+    train(cfg, store, run_id)
+    code, out, err = cli_streams(["eval", "task", run_id[:20], "--json", "--batch-size", "512", "--device", "cpu"],
+                                 monkeypatch, capsys)
+    assert code == 0, err
+    doc = json_document(out)
+    assert doc["schema"] == "ren.eval-task/1"
+    assert (doc["run_id"], doc["task"], doc["dataset"], doc["split"]) == (run_id, "vqa", "easy_vqa", "val")
+    stored = store.get_run(run_id).final_scores
+    assert doc["stored_as"] == "easy_vqa/val/vqa_score" and doc["metric"] == "vqa_score"
+    assert doc["score"] == stored["easy_vqa/val/vqa_score"]
+    assert doc["score"] == pytest.approx(stored["vqa_score"], abs=1e-6)  # training's final evaluation
+    assert doc["samples"] == doc["items"] == stored["eval_samples"] and doc["files"] is None
+    assert doc["submission"] is None and doc["seconds"] > 0
+    assert "stored in the run's final scores as easy_vqa/val/vqa_score" in err

@@ -36,6 +36,9 @@ SetOption = Annotated[
     Optional[list[str]],
     typer.Option("--set", "-s", help="Override a preset key, e.g. --set optim.lr=3e-4 (repeatable)."),
 ]
+JsonOption = Annotated[
+    bool, typer.Option("--json", help="Print one JSON document instead (its schema: docs/cli-json.md).")
+]
 
 
 @app.command()
@@ -58,7 +61,7 @@ def run(
 def validate(
     preset: Annotated[Path, typer.Argument(help="Preset TOML file.")],
     set_: SetOption = None,
-    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+    as_json: JsonOption = False,
     groups: Annotated[bool, typer.Option("--groups", help="List every layer group.")] = False,
     gpus: Annotated[int, typer.Option(help="Check the batch splits over this many processes, as `ren run --gpus`.")]
     = 1,
@@ -75,16 +78,21 @@ def runs(
     mlflow: Annotated[str | None, typer.Option(
         "--mlflow", metavar="URI", help="List the runs an MLflow server holds (every box that mirrors to it) "
         "instead of this store's.")] = None,
+    as_json: JsonOption = False,
 ) -> None:
     """List runs: id, name, status, steps, best scores, duration."""
     if mlflow:
+        if as_json:
+            raise RenError("ren runs --mlflow has no --json document yet (docs/cli-json.md lists those that do); "
+                           "the MLflow server itself answers its REST API in JSON (runs/search), with the ren.* "
+                           "tags on each run.")
         from engine.cli import sync
 
         sync.list_lab_runs(mlflow, limit)
         return
     from engine.cli import commands
 
-    commands.list_runs(limit)
+    commands.list_runs(limit, as_json=as_json)
 
 
 @app.command("sync")
@@ -103,11 +111,12 @@ def sync_command(
 
 
 @app.command()
-def show(run_id: Annotated[str, typer.Argument(help="Run id or a unique prefix of it.")]) -> None:
+def show(run_id: Annotated[str, typer.Argument(help="Run id or a unique prefix of it.")],
+         as_json: JsonOption = False) -> None:
     """Show a run: its config, parameter report and scores."""
     from engine.cli import commands
 
-    commands.show(run_id)
+    commands.show(run_id, as_json=as_json)
 
 
 queue_app = typer.Typer(help="Queue runs for the local GPUs (or CPU slots); a worker starts them.",
@@ -133,11 +142,11 @@ def queue_add(
 
 
 @queue_app.command("ls")
-def queue_ls() -> None:
+def queue_ls(as_json: JsonOption = False) -> None:
     """Show running and queued runs, and why each queued run waits."""
     from engine.cli import queue
 
-    queue.ls()
+    queue.ls(as_json=as_json)
 
 
 @queue_app.command("mv")
@@ -208,11 +217,13 @@ def logs(
 def worker(
     action: Annotated[Optional[str], typer.Argument(help="start (detached), stop, status; none: serve here.")]
     = None,
+    as_json: Annotated[bool, typer.Option("--json", help="With status: print one JSON document instead (its "
+                                          "schema: docs/cli-json.md).")] = False,
 ) -> None:
     """The queue worker: one per store; `ren queue add` starts it when none runs."""
     from engine.cli import queue
 
-    queue.worker(action)
+    queue.worker(action, as_json=as_json)
 
 
 @app.command()
@@ -261,11 +272,12 @@ def study_run(
 @study_app.command("status")
 def study_status(
     study: Annotated[str, typer.Argument(help="Study TOML file or the study's name.", metavar="STUDY.toml|NAME")],
+    as_json: JsonOption = False,
 ) -> None:
     """A study's runs by variant: status, steps, scores, time, and why queued runs wait."""
     from engine.cli import study as study_cmd
 
-    study_cmd.status(study)
+    study_cmd.status(study, as_json=as_json)
 
 
 data_app = typer.Typer(help="Prepare data sets for training.", no_args_is_help=True)
@@ -326,12 +338,13 @@ def eval_retrieval(
         Optional[str], typer.Option("--first-stage", help="Another run (ITC) picks the candidates; this run's ITM "
                                     "reranks them (for one_tower runs and two_tower runs without ITC).")
     ] = None,
+    as_json: JsonOption = False,
 ) -> None:
     """Image and text retrieval Recall@1/5/10: ITC first stage, top-k reranked by ITM."""
     from engine.cli import evaluate
 
     evaluate.retrieval(run_id, root=root, corpus=corpus, split=split, k=k, batch_size=batch_size,
-                       max_images=max_images, device=device, first_stage=first_stage)
+                       max_images=max_images, device=device, first_stage=first_stage, as_json=as_json)
 
 
 @eval_app.command("task")
@@ -347,11 +360,13 @@ def eval_task(
     batch_size: Annotated[int, typer.Option(help="Items per forward pass.")] = 64,
     device: Annotated[Optional[str], typer.Option(help="cpu, cuda or cuda:N (default: cuda if available).")]
     = None,
+    as_json: JsonOption = False,
 ) -> None:
     """A finetuned run's task score on any split of its data set (VQA score or accuracy)."""
     from engine.cli import evaluate
 
-    evaluate.task(run_id, split=split, root=root, submission=submission, batch_size=batch_size, device=device)
+    evaluate.task(run_id, split=split, root=root, submission=submission, batch_size=batch_size, device=device,
+                  as_json=as_json)
 
 
 @app.command("report")
@@ -360,11 +375,14 @@ def report_command(
                                                  metavar="STUDY.toml | RUN_ID...")],
     out: Annotated[Optional[Path], typer.Option("--out", help="Directory to write into "
                                                 "(default: $REN_HOME/reports/<name>/).")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the report's data as one JSON document instead of "
+                                          "its table (the files are written all the same; its schema: "
+                                          "docs/cli-json.md).")] = False,
 ) -> None:
     """Compare a study's variants (or runs): scores, compute, savings; writes report.md, table.tex, figures."""
     from engine.cli import report
 
-    report.report(targets, out)
+    report.report(targets, out, as_json=as_json)
 
 
 @app.command("export")
@@ -383,7 +401,8 @@ def export_command(
 
 
 def main() -> None:
-    """Entry point: user errors print one paragraph and exit with code 2."""
+    """Entry point: user errors print one paragraph on stderr and exit with code 2, with --json too (its
+    document is printed only on success); a failed run or evaluation exits 1 (docs/cli-json.md)."""
     try:
         app()
     except RenError as exc:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import _thread
 import contextlib
 import json
+import math
 import os
 import re
 import signal
@@ -23,6 +24,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from engine import faults
+from engine.cli import jsonout
 from engine.config import RunConfig, check_processes, config_from_dict, load_preset
 from engine.display import (
     eval_split_of,
@@ -34,7 +36,7 @@ from engine.display import (
     si,
     terminal_safe,
 )
-from engine.errors import RenError
+from engine.errors import EXIT_FAILED_RUN, RenError
 from engine.inspector import model_summary
 from engine.runs import check_init_from, create_run, resolve_init_from, resume_point, stored_config, trained_now
 from engine.store import RunRecord, Store, process_start_time
@@ -200,7 +202,9 @@ def _refused_checkpoint(exc: Exception, store: Store, run_id: str) -> None:
 
 def _launch_distributed(cfg: RunConfig, owner: _Owner, run_id: str, gpus: int, *, resume: bool) -> None:
     """Train ``run_id`` in ``gpus`` processes through ``accelerate launch`` (this
-    interpreter's accelerate, so no activated environment is needed)."""
+    interpreter's accelerate, so no activated environment is needed). When they fail, exit 1, a failed run,
+    as a single process does: accelerate's own code says nothing more (it is 1 for any failure of a process,
+    and a launcher killed by a signal would exit with a negative code, which the shell reads as 2xx)."""
     from engine.jobs.launchers import free_port, launch_command
 
     owner.claim(run_id)  # until its rank 0 records itself
@@ -215,7 +219,7 @@ def _launch_distributed(cfg: RunConfig, owner: _Owner, run_id: str, gpus: int, *
     if code:
         owner.end("failed", lambda r: f"the training processes (accelerate launch) exited with code {code} before "
                                       "recording a result; their output above says why")
-        sys.exit(code)
+        sys.exit(EXIT_FAILED_RUN)
 
 
 def validate(preset: Path, overrides: list[str], *, as_json: bool, all_groups: bool, gpus: int = 1) -> None:
@@ -228,7 +232,7 @@ def validate(preset: Path, overrides: list[str], *, as_json: bool, all_groups: b
     check_init_from(Store(read_only=True), cfg)  # what `ren run` would refuse before creating the run
     summary = model_summary(cfg)
     if as_json:
-        print(json.dumps({"config": cfg.to_dict(), "params": summary}, indent=2))
+        jsonout.emit("validate", {"config": cfg.to_dict(), "params": summary})
         return
     console.print(f"[bold]{preset}[/]: valid ({cfg.stage}, {cfg.model.kind})\n")
     console.print(tomli_w.dumps(cfg.to_dict()), highlight=False, markup=False)
@@ -261,10 +265,16 @@ def _collapse(name: str) -> str:
     return f"{head}[*]" if sep else name
 
 
-def list_runs(limit: int) -> None:
+def list_runs(limit: int, *, as_json: bool = False) -> None:
     store = Store()
-    records = store.list_runs()[:limit]
+    every = store.list_runs()
+    records = every[:limit]
     unreadable = store.unreadable_runs()  # shown whatever the limit: each needs a repair
+    if as_json:
+        jsonout.emit("runs", {"store": str(store.root), "total": len(every),
+                              "runs": [jsonout.run_summary(r) for r in records],
+                              "unreadable": [{"id": u.id, "reason": u.reason} for u in unreadable]})
+        return
     if not records and not unreadable:
         console.print("no runs yet: try `ren run presets/quickstart.toml`")
         return
@@ -291,9 +301,12 @@ def list_runs(limit: int) -> None:
             console.print(terminal_safe(f"  {u.id}: {u.reason}"), highlight=False, markup=False)
 
 
-def show(run_id: str) -> None:
+def show(run_id: str, *, as_json: bool = False) -> None:
     store = Store()
     r = store.get_run(run_id)
+    if as_json:
+        jsonout.emit("show", _show_document(store, r))
+        return
     console.print(f"[bold]{_shown(r.id)}[/]  {_shown(r.name)}  {_shown(f'{r.stage}/{r.kind}')}  {_status(r)}")
     console.print(f"steps {format_steps(r)}  duration {format_duration(r)}  "
                   f"device {_shown(r.device or '-')}  host {_shown(r.host or '-')}")
@@ -316,15 +329,47 @@ def show(run_id: str) -> None:
         console.print(f"tokenizer: {terminal_safe(tokenizer)}", highlight=False, markup=False)
     for line in format_versions(r):
         console.print(terminal_safe(line), highlight=False, markup=False)
-    points = store.read_metrics(r.id)
-    train_points = [p for p in points if "loss" in p]
-    if train_points:
-        last = train_points[-1]
+    last = _last_logged(store, r)
+    if last:
         console.print("last logged: " + "  ".join(
             f"{terminal_safe(k)} {v:.4g}" for k, v in last.items() if k != "time" and isinstance(v, (int, float))),
             markup=False)
     console.print(f"\nrun directory: {store.run_dir(r.id)}\nconfig:", markup=False)
     console.print(terminal_safe(tomli_w.dumps(r.config), lines=True), highlight=False, markup=False)
+
+
+def _last_logged(store: Store, r: RunRecord) -> dict[str, Any] | None:
+    """The run's last training metric point (the last one with a loss), or None before its first."""
+    return next((p for p in reversed(store.read_metrics(r.id)) if "loss" in p), None)
+
+
+def _show_document(store: Store, r: RunRecord) -> dict[str, Any]:
+    """What ``ren show --json`` prints (schema ``ren.show/1``): the whole record as stored, numbers as
+    numbers, plus where the run lives, its tokenizer and its last logged training point."""
+    last = _last_logged(store, r)
+    return {
+        "run": {
+            **jsonout.run_summary(r),
+            "preset_path": r.preset_path,
+            "notes": r.notes,
+            "host": r.host,
+            "device": r.device,
+            "params": r.params or None,
+            "compute": r.compute or None,
+            "versions": list(r.versions),
+            "loss_trace": list(r.loss_trace),
+            "log_tail": r.log_tail,
+            "study": r.study,
+            "gpus": r.gpus,
+            "after": list(r.after),
+            "config": r.config,
+        },
+        "run_dir": str(store.run_dir(r.id)),
+        "tokenizer": _tokenizer_of(r),
+        # a non-finite value is logged as such; standard JSON has no NaN, so it reads null here
+        "last_logged": None if last is None else {k: v if not isinstance(v, float) or math.isfinite(v) else None
+                                                  for k, v in last.items()},
+    }
 
 
 def _precision(compute: dict[str, Any]) -> str:

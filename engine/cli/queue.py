@@ -10,16 +10,18 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 from rich.console import Console
 from rich.table import Table
 
+from engine.cli import jsonout
 from engine.config import RunConfig, check_processes, load_preset
 from engine.display import format_duration, format_steps
 from engine.errors import RenError
 from engine.jobs import api as Q
 from engine.jobs.gpus import visible_gpus
-from engine.jobs.worker import run_worker, start_worker, stop_worker, worker_info
+from engine.jobs.worker import WorkerInfo, run_worker, start_worker, stop_worker, worker_info
 from engine.runs import create_run, find_finished, resolve_init_from, retry_outcome, stored_config
 from engine.store import Store
 
@@ -39,9 +41,12 @@ def add(preset: Path, overrides: list[str], *, gpus: int, after: list[str], name
     _worker_line(store)
 
 
-def ls() -> None:
+def ls(*, as_json: bool = False) -> None:
     store = Store()
     v = Q.view(store)
+    if as_json:
+        jsonout.emit("queue ls", _queue_document(store, v))
+        return
     state = "[yellow]paused[/]" if v.settings.paused else "active"
     devices = (f"{len(v.gpus)} GPU(s): {', '.join(str(g.index) for g in v.gpus)}" if v.gpus
                else f"no GPUs, {v.settings.cpu_slots} CPU slot(s)")
@@ -69,6 +74,34 @@ def ls() -> None:
             note = ("resumes · " if r.resume else "") + v.reasons.get(r.id, "")
             table.add_row(str(pos), r.id, str(r.gpus), note)
         console.print(table)
+
+
+def _queue_document(store: Store, v: Q.QueueView) -> dict[str, Any]:
+    """What ``ren queue ls --json`` prints (schema ``ren.queue-ls/1``): the queue's state and devices, its
+    worker, the running runs and the queued ones in queue order with why each waits."""
+    return {
+        "store": str(store.root),
+        "paused": v.settings.paused,
+        "gpus": [{"index": g.index, "name": g.name, "memory_total_mb": g.memory_total_mb,
+                  "memory_used_mb": g.memory_used_mb, "utilization_pct": g.utilization_pct} for g in v.gpus],
+        "cpu_slots": v.settings.cpu_slots,
+        "worker": _worker_document(v.worker),
+        "running": [{"id": r.id, "name": r.name, "step": r.step, "max_steps": r.max_steps,
+                     "started_at": r.started_at, "duration_s": r.duration_s, "devices": list(r.devices),
+                     "pid": r.pid or r.runner_pid, "cancelling": r.cancel_requested_at is not None}
+                    for r in v.running],
+        "queued": [{"position": pos, "id": r.id, "name": r.name, "gpus": r.gpus, "after": list(r.after),
+                    "resume": r.resume, "queued_at": r.queued_at, "waits": v.reasons.get(r.id)}
+                   for pos, r in enumerate(v.queued, start=1)],
+    }
+
+
+def _worker_document(info: WorkerInfo | None) -> dict[str, Any] | None:
+    """The worker as JSON: None when none serves the store; its pid is None while it is starting (its lock
+    is held, its info file not written yet)."""
+    if info is None:
+        return None
+    return {"pid": info.pid or None, "host": info.host, "started_at": info.started}
 
 
 def _worker_line(store: Store, info=None) -> None:
@@ -120,8 +153,11 @@ def logs(run_id: str, *, follow: bool, lines: int | None) -> None:
         pass
 
 
-def worker(action: str | None) -> None:
+def worker(action: str | None, *, as_json: bool = False) -> None:
     store = Store()
+    if as_json and action != "status":
+        shown = f"ren worker {action}" if action else "ren worker"
+        raise RenError(f"--json goes with `ren worker status` only; `{shown}` prints no JSON document.")
     if action is None:
         sys.exit(run_worker(store))
     if action == "start":
@@ -136,7 +172,10 @@ def worker(action: str | None) -> None:
         info = stop_worker(store)
         console.print(f"stopped worker pid {info.pid}; running runs go on" if info else "no worker was running")
     elif action == "status":
-        _worker_line(store)
+        if as_json:
+            jsonout.emit("worker status", {"store": str(store.root), "worker": _worker_document(worker_info(store))})
+        else:
+            _worker_line(store)
     else:
         raise RenError(f"ren worker {action}: expected start, stop or status (or nothing, to serve here).")
 

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 from rich.console import Console
 from rich.table import Table
 
+from engine.cli import jsonout
 from engine.cli.queue import _worker_line
 from engine.display import format_seconds
 from engine.errors import RenError
@@ -134,24 +136,43 @@ def _print_plan(store: Store, steps: list[StudyStep], ids: list[str] | None = No
             console.print(f"    {', '.join(p.inherited)} from the pretraining", highlight=False, markup=False)
 
 
-def status(ref: str) -> None:
+def status(ref: str, *, as_json: bool = False) -> None:
     store = Store()
     study = find_study(store, ref)
     rows = study_table(store, study)
+    reasons = Q.view(store).reasons if any(r.status == "queued" for r in rows) else {}
+    if as_json:
+        jsonout.emit("study status", _status_document(study, rows, reasons))
+        return
     if isinstance(study, Study):
         _header(study, len(rows))
     else:
         console.print(f"[bold]study {study}[/]: {len(rows)} stored run(s) (its study file is gone or changed; "
                       "showing the runs as stored)", highlight=False)
-    counts: dict[str, int] = {}
-    for row in rows:
-        counts[row.status] = counts.get(row.status, 0) + 1
-    console.print(", ".join(f"{n} {s}" for s, n in counts.items()), highlight=False)
-    reasons = Q.view(store).reasons if any(r.status == "queued" for r in rows) else {}
+    console.print(", ".join(f"{n} {s}" for s, n in _counts(rows).items()), highlight=False)
     if console.width >= WIDE:
         console.print(_status_table(rows, reasons))
     else:
         _status_lines(rows, reasons)
+
+
+def _counts(rows: list[StudyRow]) -> dict[str, int]:
+    """Runs per status, in the order the statuses first appear."""
+    counts: dict[str, int] = {}
+    for row in rows:
+        counts[row.status] = counts.get(row.status, 0) + 1
+    return counts
+
+
+def _status_document(study: Study | str, rows: list[StudyRow], reasons: dict[str, str]) -> dict[str, Any]:
+    """What ``ren study status --json`` prints (schema ``ren.study-status/1``): the study, and a row per
+    planned run (the store's :class:`StudyRow`) with why a queued one waits."""
+    loaded = isinstance(study, Study)
+    about = {"name": study.name if loaded else study, "file": str(study.path) if loaded else None,
+             "description": study.description if loaded else None, "baseline": study.baseline if loaded else None}
+    return {"study": about, "counts": _counts(rows),
+            "runs": [{**row.to_dict(), "waits": reasons.get(row.run_id) if row.status == "queued" else None}
+                     for row in rows]}
 
 
 _COLOUR = {"finished": "green", "running": "cyan", "failed": "red", "crashed": "red", "cancelled": "yellow",

@@ -31,6 +31,25 @@ def spawn_ren(*args: str, env: dict[str, str] | None = None) -> subprocess.Popen
                             env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
 
 
+def json_document(stdout: str) -> dict:
+    """The one JSON document a ``--json`` command printed (stdout must hold nothing else), checked against
+    the schema it names (engine/cli/schemas)."""
+    from jsonschema import Draft202012Validator
+
+    from engine.cli.jsonout import schema_file
+
+    document = json.loads(stdout)
+    Draft202012Validator(json.loads(schema_file(document["schema"]).read_text())).validate(document)
+    return document
+
+
+def ren_json(*args: str, env: dict[str, str] | None = None, timeout: float = 120) -> dict:
+    """``ren ARGS --json`` in a subprocess: it exits 0 and prints one document valid under its schema."""
+    result = ren(*args, "--json", env=env, timeout=timeout)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return json_document(result.stdout)
+
+
 def modules_after(code: str) -> set[str]:
     """The names in ``sys.modules`` after a fresh interpreter runs ``code``."""
     out = subprocess.run(
