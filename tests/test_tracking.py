@@ -262,3 +262,8 @@ def test_runs_from_an_unreachable_mlflow_server_is_a_clear_error(ren_home: Path)
     down = f"http://127.0.0.1:{free_port()}"
     listed = ren("runs", "--mlflow", down)
     assert listed.returncode == 2 and f"cannot connect to {down}" in listed.stderr and "Traceback" not in listed.stderr
+
+
+def test_runs_from_mlflow_has_no_json_document_yet_and_says_so(ren_home: Path) -> None:
+    listed = ren("runs", "--mlflow", "http://127.0.0.1:1", "--json")
+    assert listed.returncode == 2 and listed.stdout == "" and "has no --json document yet" in listed.stderr
