@@ -17,6 +17,7 @@ from engine.models import VLModel, build_model
 from engine.models.resize import adapt_state_dict, resize_position_table
 from engine.store import Store
 from engine.train import FINAL_WEIGHTS, describe_init, init_weights_from, train
+from tests.helpers.training import Messages
 
 VOCAB = 60
 TINY = {"hidden_size": 32, "layers": 1, "heads": 2, "mlp_ratio": 2.0}
@@ -253,18 +254,6 @@ def test_init_from_names_encoder_tensors_that_did_not_load(ren_home: Path, tmp_p
     assert heads == "initialised from run:x (1 new, 1 skipped, 0 resized tensors)"
     many = describe_init("run:x", [f"encoder.t{i}" for i in range(9)], [], [])
     assert "9 encoder tensor(s)" in many and many.endswith("encoder.t5 and 3 more")
-
-
-class Messages:
-    def __init__(self) -> None:
-        self.lines: list[str] = []
-
-    def start(self, total: int, done: int) -> None: ...
-    def step(self, step: int, metrics: dict[str, float]) -> None: ...
-    def message(self, text: str) -> None:
-        self.lines.append(text)
-
-    def stop(self) -> None: ...
 
 
 def test_finetuning_at_a_larger_image_size_starts_from_the_resized_table(

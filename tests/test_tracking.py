@@ -16,23 +16,13 @@ import pytest
 from engine.store import Store
 from engine.tracking import Guarded, hparams
 from engine.train import latest_checkpoint, train
+from tests.helpers import training
 from tests.helpers.cli import ren
 from tests.helpers.trackers import free_port, mlflow_server, wandb_config, wandb_history
 from tests.helpers.training import start, tiny_finetune
 
 
-class Messages:
-    """A reporter that keeps its messages."""
-
-    def __init__(self) -> None:
-        self.lines: list[str] = []
-
-    def start(self, total: int, done: int) -> None: ...
-    def step(self, step: int, metrics: dict[str, float]) -> None: ...
-    def message(self, text: str) -> None:
-        self.lines.append(text)
-    def stop(self) -> None: ...
-
+class Messages(training.Messages):
     def warnings(self) -> list[str]:
         return [line for line in self.lines if line.startswith("[ren] tracker")]
 

@@ -103,3 +103,13 @@ class TermAt(SilentReporter):
     def step(self, step: int, metrics: dict[str, float]) -> None:
         if step == self.at:
             os.kill(os.getpid(), signal.SIGTERM)
+
+
+class Messages(SilentReporter):
+    """A reporter that keeps the messages a run reports."""
+
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+
+    def message(self, text: str) -> None:
+        self.lines.append(text)
