@@ -231,7 +231,9 @@ async def test_a_key_typed_as_the_weights_from_picks_arrive_stays(ren_home: Path
         name.insert_text_at_cursor("x")  # its Changed event is not handled yet...
         sources = [*screen._init_sources, ("run abc: earlier (finished)", "run:abc")]
         screen._init_sources_listed(sources, screen._runs)  # ...when the picks arrive
-        await pilot.pause(0.1)
+        # the name's change is handled once the loop gets to it (later under load): wait for it, then the
+        # field must still hold what was typed
+        await until(pilot, lambda: screen.raw["run"]["name"] != "quickstart", "the typed name in the config", 10)
         assert name.value == "quickstartx" == screen.raw["run"]["name"]
 
 
@@ -247,5 +249,7 @@ async def test_a_list_announcing_the_value_it_has_does_not_redo_the_form(ren_hom
         select = screen.query_one("#" + select_id, Select)
         name.insert_text_at_cursor("x")  # its Changed event is not handled yet...
         screen._select_changed(Select.Changed(select, select.value))  # ...when the list's announcement is
-        await pilot.pause(0.1)
+        # the name's change is handled once the loop gets to it (later under load): wait for it, then the
+        # field must still hold what was typed
+        await until(pilot, lambda: screen.raw["run"]["name"] != "quickstart", "the typed name in the config", 10)
         assert name.value == "quickstartx" == screen.raw["run"]["name"]
