@@ -1,6 +1,7 @@
 """What experiment trackers cost a run: training steps per second with trackers on against off.
 
     .venv/bin/python bench/trackers_overhead.py [--repeats 3] [--steps 60] [--log-every 1] [--quick]
+    .venv/bin/python bench/trackers_overhead.py --per-call [--calls 200]
 
 Each side trains the same easy-VQA two-tower finetune (``presets/base/easyvqa_two_tower.toml`` sizes,
 random init, no evaluation during training) in this process, in alternation: no tracker; TensorBoard;
@@ -9,6 +10,10 @@ training loop's steps per second (steps over the run's train seconds, which leav
 evaluation; a tracker's one-off start and finish are reported apart). ``--log-every 1`` is the worst
 case: every step's metrics go to the trackers (the quickstart logs every 25 steps).
 ``--quick``: a few steps, printed only (never writes RESULTS.md).
+
+``--per-call``: what one ``log`` of a step's metrics (9 values) costs the training thread, tracker by tracker
+(each started as a run starts it, through :class:`engine.tracking.Guarded`): the in-loop cost, free of the
+run-to-run spread of whole runs; background threads and processes are not in it.
 """
 
 from __future__ import annotations
@@ -66,6 +71,33 @@ def one_run(root: Path, cache: Path, side: str, args: argparse.Namespace, uri: s
     return args.steps / done.train_s
 
 
+def per_call(root: Path, uri: str, calls: int) -> str:
+    """Median and 90th percentile of one ``log`` call per tracker, in ms."""
+    from engine.config import TrackingConfig
+    from engine.tracking import RunIdentity, build_trackers
+
+    cfg = TrackingConfig(log_with=SIDES[1:], mlflow={"tracking_uri": uri}, wandb={"mode": "offline"})
+    identity = RunIdentity("bench-per-call", "bench", "bench", str(root), "finetune", "two_tower")
+    values = {f"metric_{i}": float(i) for i in range(9)}
+    rows = []
+    for tracker in build_trackers(cfg, identity, root, root, print):
+        tracker.start()
+        times = []
+        for step in range(1, calls + 1):
+            began = time.perf_counter()
+            tracker.log(values, step=step)
+            times.append((time.perf_counter() - began) * 1e3)
+        tracker.finish()
+        if tracker.off:
+            raise SystemExit(f"{tracker.name} failed")
+        times.sort()
+        rows.append([tracker.name, f"{median(times):.2f}", f"{sum(times) / len(times):.2f}",
+                     f"{times[int(0.9 * len(times))]:.2f}", calls])
+    return (f"One `log` call of 9 metrics on the training thread, {calls} calls per tracker (MLflow over HTTP to "
+            "a local server, asynchronous logging; W&B offline).\n\n"
+            + table(["tracker", "median ms", "mean ms", "p90 ms", "calls"], rows))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeats", type=int, default=3)
@@ -73,7 +105,16 @@ def main() -> None:
     parser.add_argument("--log-every", type=int, default=1)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--quick", action="store_true", help="a few steps; print only, never write RESULTS.md")
+    parser.add_argument("--per-call", action="store_true", help="time single log calls instead of whole runs")
+    parser.add_argument("--calls", type=int, default=200)
     args = parser.parse_args()
+    if args.per_call:
+        os.environ.setdefault("WANDB_SILENT", "true")
+        with tempfile.TemporaryDirectory(prefix="ren-bench-trackers-") as tmp, mlflow_server(Path(tmp)) as uri:
+            body = per_call(Path(tmp), uri, args.calls)
+        print(body)
+        write_section("trackers_per_call", "Experiment trackers: the cost of one log call", body)
+        return
     if args.quick:
         args.repeats, args.steps = 1, 6
     os.environ.setdefault("WANDB_SILENT", "true")
