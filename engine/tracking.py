@@ -45,6 +45,10 @@ class RunIdentity:
     tags: tuple[str, ...] = ()
     notes: str = ""
 
+    def hparams(self, config: Mapping[str, Any]) -> dict[str, bool | int | float | str]:
+        """What a tracker stores as the run's hyper-parameters: the config (:func:`hparams`), id and host."""
+        return {**hparams(config), TAG_RUN_ID: self.run_id, TAG_HOST: self.host}
+
     def tags_dict(self) -> dict[str, str]:
         return {TAG_RUN_ID: self.run_id, TAG_HOST: self.host, TAG_STORE: self.store, TAG_STAGE: self.stage,
                 TAG_KIND: self.kind, **{f"ren.tag.{tag}": "1" for tag in self.tags}}
@@ -263,7 +267,7 @@ def replay(store: Any, run_id: str, to: str, warn: Callable[[str], None], *, tra
     (tracker,) = build_trackers(cfg, identity, run_dir, store.root, warn, names=[to],
                                 resume_step=0 if to == "tensorboard" else None)
     tracker.start()
-    tracker.store_init_configuration({**hparams(record.config), TAG_RUN_ID: record.id, TAG_HOST: identity.host})
+    tracker.store_init_configuration(identity.hparams(record.config))
     for step, values in _points_by_step(store.read_metrics(record.id)):
         tracker.log(values, step=step)
     if record.test_scores:

@@ -57,13 +57,10 @@ from engine.models import VLModel, build_model
 from engine.runs import FINAL_WEIGHTS
 from engine.store import MetricsWriter, Store, atomic_write_text, follow_umask, json_text
 from engine.tracking import (
-    TAG_HOST,
-    TAG_RUN_ID,
     Guarded,
     RunIdentity,
     TrackedWriter,
     build_trackers,
-    hparams,
     save_tracker_ids,
 )
 
@@ -289,28 +286,27 @@ def build_accelerator(cfg: RunConfig, trackers: Callable[[], list[Guarded]] | No
     return accelerator, micro, accum
 
 
-def _run_trackers(cfg: RunConfig, store: Store, run_id: str, reporter: Reporter, resume: bool
-                  ) -> Callable[[], list[Guarded]] | None:
-    """What makes the run's ``[tracking]`` trackers (main process only), or None without any."""
-    if not cfg.tracking.log_with:
-        return None
-    run_dir = store.run_dir(run_id)
+def _run_identity(cfg: RunConfig, run_dir: Path, run_id: str) -> RunIdentity:
+    """What the run's trackers are told about it."""
+    return RunIdentity(run_id=run_id, name=cfg.run.name, host=socket.gethostname(), store=str(run_dir.resolve()),
+                       stage=cfg.stage, kind=cfg.model.kind, tags=cfg.run.tags, notes=cfg.run.notes)
+
+
+def _run_trackers(cfg: RunConfig, identity: RunIdentity, store: Store, reporter: Reporter, resume: bool
+                  ) -> Callable[[], list[Guarded]]:
+    """What makes the run's ``[tracking]`` trackers (called on the main process only)."""
+    run_dir = store.run_dir(identity.run_id)
 
     def make() -> list[Guarded]:
-        identity = RunIdentity(run_id=run_id, name=cfg.run.name, host=socket.gethostname(),
-                               store=str(run_dir.resolve()), stage=cfg.stage, kind=cfg.model.kind,
-                               tags=cfg.run.tags, notes=cfg.run.notes)
-        step = _checkpoint_step(run_dir) if resume else None
         return build_trackers(cfg.tracking, identity, run_dir, store.root, lambda text: reporter.message(
-            f"[ren] {text}"), resume_step=step)
+            f"[ren] {text}"), resume_step=_checkpoint_step(run_dir) if resume else None)
     return make
 
 
-def _start_trackers(cfg: RunConfig, accelerator: Accelerator, run_dir: Path, run_id: str,
+def _start_trackers(cfg: RunConfig, accelerator: Accelerator, identity: RunIdentity, run_dir: Path,
                     writer: MetricsWriter) -> TrackedWriter:
     """Start the trackers with the resolved config as hyper-parameters; the writer that feeds them."""
-    identity = {TAG_RUN_ID: run_id, TAG_HOST: socket.gethostname()}
-    accelerator.init_trackers(cfg.tracking.project, config={**hparams(cfg.to_dict()), **identity})
+    accelerator.init_trackers(cfg.tracking.project, config=identity.hparams(cfg.to_dict()))
     save_tracker_ids(run_dir, accelerator.trackers)
     return TrackedWriter(writer, accelerator)
 
@@ -585,9 +581,11 @@ def setup(cfg: RunConfig, store: Store, run_id: str, *, resume: bool, reporter: 
     latest checkpoint when ``resume``, and mark it running."""
     if cfg.train.cpu_threads:
         torch.set_num_threads(cfg.train.cpu_threads)
-    accelerator, micro, accum = build_accelerator(cfg, _run_trackers(cfg, store, run_id, reporter, resume))
-    set_seed(cfg.run.seed)
     run_dir = store.run_dir(run_id)
+    identity = _run_identity(cfg, run_dir, run_id) if cfg.tracking.log_with else None
+    accelerator, micro, accum = build_accelerator(
+        cfg, _run_trackers(cfg, identity, store, reporter, resume) if identity else None)
+    set_seed(cfg.run.seed)
     data = build_data(cfg, cache_dir=Path(cfg.data.cache_dir) if cfg.data.cache_dir else store.root / "cache")
     if cfg.task and data.answers is not None and accelerator.is_main_process:
         atomic_write_text(run_dir / ANSWERS, json_text(data.answers, run_dir / ANSWERS))
@@ -611,8 +609,8 @@ def setup(cfg: RunConfig, store: Store, run_id: str, *, resume: bool, reporter: 
     writer: MetricsWriter | TrackedWriter | None = store.metrics_writer(run_id) if main else None
     if writer:
         writer.rewind(state.step)
-        if accelerator.log_with:
-            writer = _start_trackers(cfg, accelerator, run_dir, run_id, writer)
+        if identity and accelerator.log_with:
+            writer = _start_trackers(cfg, accelerator, identity, run_dir, writer)
     return Session(cfg, store, run_id, run_dir, reporter, accelerator, micro, accum, data, model, optimizer, sampler,
                    train_dl, eval_dl, state, flops, timer, info, writer)
 
@@ -787,13 +785,14 @@ def finish(s: Session, log: StepLog, status: str, error: str | None) -> dict[str
         state_dict = s.accelerator.get_state_dict(s.model)  # every process: FSDP/DeepSpeed gather their shards
         if s.main:
             _save_weights(s.run_dir, {k: v.detach().cpu().contiguous() for k, v in state_dict.items()})
+    test_scores = {f"test/{k}": v for k, v in test.items() if k != "eval_samples"}
     if isinstance(s.writer, TrackedWriter):
-        s.writer.summary(s.state.step, {f"test/{k}": v for k, v in test.items() if k != "eval_samples"})
+        s.writer.summary(s.state.step, test_scores)
     if s.writer:
         s.writer.close()
     if s.main:
         trace = {"loss_trace": log.trace()} if log.losses else {}
-        tested = {"test_scores": {f"test/{k}": v for k, v in test.items() if k != "eval_samples"}} if test else {}
+        tested = {"test_scores": test_scores} if test_scores else {}
         s.store.update_run(s.run_id, step=s.state.step, **trace, **({"final_scores": final} if final else {}),
                            **tested, compute=_compute(s.info, s.flops, s.timer, s.state, log.samples_per_s,
                                                       s.accelerator.device))
