@@ -30,6 +30,7 @@ from engine.data.transforms import Normalization
 from engine.errors import ConfigError, RenError
 from engine.models import VLModel
 from engine.models.two_tower import TwoTower
+from engine.predictions import SplitPredictions
 from engine.retrieval import evaluate_retrieval
 from engine.store import RunRecord, Store
 
@@ -497,6 +498,37 @@ class TaskResult:
     seconds: float
     predictions: list[int] = field(default_factory=list)  # argmax output index per scored item (when kept)
     question_ids: list[int] = field(default_factory=list)  # VQA: the question id of each prediction
+    scored: ScoredItems | None = None  # with keep_items
+
+
+@dataclass
+class ScoredItems:
+    """Each scored item's index in the split, its predicted output, the model's probability of it, its score
+    and its right output (-1 where no output of the head is right: a VQA answer outside the vocabulary)."""
+
+    index: list[int] = field(default_factory=list)
+    predicted: list[int] = field(default_factory=list)
+    confidence: list[float] = field(default_factory=list)
+    score: list[float] = field(default_factory=list)
+    truth: list[int] = field(default_factory=list)
+
+    def add(self, batch: dict[str, Tensor], logits: Tensor, scores: Tensor, sigmoid: bool) -> None:
+        """One batch's items; ``sigmoid``: the head's outputs are independent (VQA trained with BCE) rather than
+        one softmax."""
+        logits = logits.float()
+        top, predicted = logits.max(dim=1)
+        confidence = top.sigmoid() if sigmoid else logits.softmax(dim=1).max(dim=1).values
+        targets = batch.get("official_scores", batch["labels"])
+        if targets.dim() == 2:  # soft targets: the most-agreed answer
+            best, truth = targets.max(dim=1)
+            truth = torch.where(best > 0, truth, -1)
+        else:
+            truth = targets
+        self.index += batch["items"].tolist()
+        self.predicted += predicted.tolist()
+        self.confidence += confidence.tolist()
+        self.score += scores.float().tolist()
+        self.truth += truth.tolist()
 
 
 def _autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
@@ -508,11 +540,14 @@ def _autocast(device: torch.device, precision: str) -> contextlib.AbstractContex
 
 @torch.no_grad()
 def task_scores(model: VLModel, dataset: torch.utils.data.Dataset, task: str, *, batch_size: int = 64,
-                num_workers: int = 0, mixed_precision: str = "no", keep_predictions: bool = False) -> TaskResult:
+                num_workers: int = 0, mixed_precision: str = "no", keep_predictions: bool = False,
+                keep_items: bool = False, vqa_loss: str = "bce") -> TaskResult:
     """Score ``model`` on ``dataset`` (a task dataset whose ``__getitems__`` returns a batch) on the
     model's device, batch by batch with the training loop's :func:`engine.train.score_batch`; the
     mean is what training's evaluation reports for the same split. ``keep_predictions`` keeps each
-    item's argmax output (and, for VQA batches, its question id). The model's mode is restored."""
+    item's argmax output (and, for VQA batches, its question id); ``keep_items`` each item's
+    :class:`ScoredItems` (the confidence of a VQA head trained with ``vqa_loss = "bce"`` is the sigmoid of
+    its top output, else the softmax probability). The model's mode is restored."""
     from torch.utils.data import DataLoader
 
     from engine.data.datasets import identity_collate
@@ -521,7 +556,7 @@ def task_scores(model: VLModel, dataset: torch.utils.data.Dataset, task: str, *,
 
     param = next(model.parameters())
     loader = DataLoader(dataset, batch_size=batch_size, collate_fn=identity_collate, num_workers=num_workers)
-    result = TaskResult(METRICS[task], 0.0, 0, len(dataset), 0.0)
+    result = TaskResult(METRICS[task], 0.0, 0, len(dataset), 0.0, scored=ScoredItems() if keep_items else None)
     total, t0 = 0.0, time.perf_counter()
     was_training = model.training
     official = True
@@ -535,6 +570,8 @@ def task_scores(model: VLModel, dataset: torch.utils.data.Dataset, task: str, *,
                 logits, scores = score_batch(model, batch, task)
             total += float(scores.sum())
             result.samples += scores.numel()
+            if result.scored is not None:
+                result.scored.add(batch, logits, scores, sigmoid=task == "vqa" and vqa_loss == "bce")
             if keep_predictions:
                 result.predictions += logits.argmax(dim=1).tolist()
                 if "question_ids" in batch:
@@ -545,3 +582,62 @@ def task_scores(model: VLModel, dataset: torch.utils.data.Dataset, task: str, *,
     result.metric = metric_name(task, official and result.samples > 0)
     result.seconds = time.perf_counter() - t0
     return result
+
+
+THUMBNAIL_SIDE = 256  # the longer side of a kept picture, at most
+
+
+def _thumbnail(pictures: tuple, side: int = THUMBNAIL_SIDE) -> bytes:
+    """The item's picture(s) as one PNG, no side longer than ``side`` (NLVR2's two images side by side)."""
+    import io
+
+    from PIL import Image
+
+    images = [p.convert("RGB") for p in pictures]
+    for image in images:
+        image.thumbnail((side // len(images), side))
+    sheet = Image.new("RGB", (sum(i.width for i in images) + 4 * (len(images) - 1), max(i.height for i in images)),
+                      "white")
+    x = 0
+    for image in images:
+        sheet.paste(image, (x, 0))
+        x += image.width + 4
+    out = io.BytesIO()
+    sheet.save(out, format="PNG")
+    return out.getvalue()
+
+
+def split_predictions(run: TaskEval, result: TaskResult, examples: int) -> tuple[SplitPredictions, dict[str, bytes]]:
+    """What ``ren eval task --examples`` keeps of ``result`` (scored with ``keep_items``): the score per
+    category of ``run``'s data set over every scored item, and ``examples`` items
+    (:func:`~engine.predictions.pick_examples`) with their pictures as PNG thumbnails by file name."""
+    from engine.predictions import CATEGORY_KINDS, Example, SplitPredictions, breakdown, category_of, pick_examples
+
+    items, dataset = result.scored, run.cfg.data.dataset
+    if items is None:
+        raise ValueError("split_predictions needs a TaskResult scored with keep_items=True")
+    answers = run.data.answers
+
+    def name(output: int) -> str:
+        if output < 0:
+            return ""
+        return answers[output] if answers is not None else f"box {output}"
+
+    truths = [name(t) for t in items.truth]
+    categories = [category_of(dataset, truth) for truth in truths]
+    kept: list[Example] = []
+    thumbnails: dict[str, bytes] = {}
+    for position, why in pick_examples(items.score, items.confidence, examples):
+        index = items.index[position]
+        view = run.data.dataset.describe(index)
+        thumbnail = f"{index}.png" if view.pictures else None
+        if thumbnail is not None:
+            thumbnails[thumbnail] = _thumbnail(view.pictures)
+        kept.append(Example(index, view.text, view.image, thumbnail, name(items.predicted[position]),
+                            truths[position] or "(no answer in the vocabulary)", items.score[position],
+                            items.confidence[position], categories[position], why))
+    has_categories = any(c is not None for c in categories)
+    return SplitPredictions(
+        run.record.id, run.cfg.task.name, dataset, run.split, result.metric, result.score, result.samples,
+        CATEGORY_KINDS.get(dataset) if has_categories else None, breakdown(categories, items.score), tuple(kept),
+        time.time()), thumbnails

@@ -357,16 +357,21 @@ def eval_task(
                                                  "(default: the run's data.root).")] = None,
     submission: Annotated[Optional[Path], typer.Option(help="VQAv2: write the result JSON for the evaluation "
                                                        "server (required for test and test-dev).")] = None,
+    examples: Annotated[Optional[int], typer.Option(
+        help="Scored examples kept with the run for `ren-tui` and `ren show` (half of them the most confident "
+             "errors), with the score per category; 0 keeps only the per-category scores. Default: 20, none for "
+             "a split without answers.")] = None,
     batch_size: Annotated[int, typer.Option(help="Items per forward pass.")] = 64,
     device: Annotated[Optional[str], typer.Option(help="cpu, cuda or cuda:N (default: cuda if available).")]
     = None,
     as_json: JsonOption = False,
 ) -> None:
-    """A finetuned run's task score on any split of its data set (VQA score or accuracy)."""
+    """A finetuned run's task score on any split of its data set (VQA score or accuracy), its score per
+    category of the data, and a few scored examples kept to look at."""
     from engine.cli import evaluate
 
     evaluate.task(run_id, split=split, root=root, submission=submission, batch_size=batch_size, device=device,
-                  as_json=as_json)
+                  examples=examples, as_json=as_json)
 
 
 @app.command("report")

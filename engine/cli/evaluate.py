@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from rich.console import Console
 from rich.table import Table
@@ -10,6 +12,9 @@ from rich.table import Table
 from engine.cli import jsonout
 from engine.errors import RenError
 from engine.store import Store
+
+if TYPE_CHECKING:
+    from engine.predictions import SplitPredictions
 
 console = Console()
 err_console = Console(stderr=True)
@@ -115,14 +120,17 @@ def _print_recalls(scores: dict[str, float], say: Console) -> None:
 
 
 def task(run_id: str, *, split: str | None, root: Path | None, submission: Path | None, batch_size: int,
-         device: str | None, as_json: bool = False) -> None:
+         device: str | None, examples: int | None = None, as_json: bool = False) -> None:
     """Evaluate finetuned run ``run_id`` on ``split`` of its data set (default: its eval split), print
-    the score and merge it into the run's final scores as ``{dataset}/{split}/{metric}``; with
-    ``submission``, write the VQAv2 result file of its predictions (required for answerless test splits).
-    ``as_json``: the score as one JSON document on stdout (schema ``ren.eval-task/1``), the rest on stderr."""
+    the score and merge it into the run's final scores as ``{dataset}/{split}/{metric}``; keep the score per
+    category and ``examples`` scored examples (default 20) with the run; with ``submission``, write the VQAv2
+    result file of its predictions (required for answerless test splits). ``as_json``: the score as one JSON
+    document on stdout (schema ``ren.eval-task/1``), the rest on stderr."""
     if batch_size < 1:
         raise RenError(f"--batch-size must be a positive integer, got {batch_size}.")
-    from engine.evaluate import load_task_eval, task_scores
+    if examples is not None and examples < 0:
+        raise RenError(f"--examples must be 0 or more, got {examples}.")
+    from engine.evaluate import load_task_eval, split_predictions, task_scores
 
     say = _output(as_json)
     store = Store()
@@ -140,9 +148,14 @@ def task(run_id: str, *, split: str | None, root: Path | None, submission: Path 
     files = ", ".join(p.name for p in source.paths) if source is not None else "embedded"
     say.print(f"[bold]{run.record.id}[/] ({cfg.task.name} on {cfg.data.dataset}, {cfg.model.kind}): "
               f"split {run.split} ({files}), {len(data.dataset)} items")
+    if examples and not data.labelled:
+        raise RenError(f"--examples {examples}: the {cfg.data.dataset} split {run.split!r} has no answers (a test "
+                       "split), so its predictions cannot be scored; keep examples of a split with answers, e.g. "
+                       f"--split {cfg.data.eval_split}, or drop --examples.")
     result = task_scores(run.model, data.dataset, cfg.task.name, batch_size=batch_size,
                          num_workers=cfg.data.num_workers, mixed_precision=cfg.train.mixed_precision,
-                         keep_predictions=submission is not None)
+                         keep_predictions=submission is not None, keep_items=data.labelled,
+                         vqa_loss=cfg.task.loss)
     left_out = result.items - result.samples
     note = f" ({left_out} left out: their images could not be decoded)" if left_out else ""
     if data.labelled:
@@ -151,6 +164,11 @@ def task(run_id: str, *, split: str | None, root: Path | None, submission: Path 
         current = store.get_run(run.record.id).final_scores
         store.update_run(run.record.id, final_scores={**current, run.score_key(result.metric): result.score})
         say.print(f"stored in the run's final scores as {run.score_key(result.metric)}")
+        kept, thumbnails = split_predictions(run, result, 20 if examples is None else examples)
+        folder = store.save_predictions(run.record.id, kept, thumbnails)
+        _print_breakdown(kept, say)
+        say.print(f"kept {len(kept.examples)} scored examples ({sum(e.error for e in kept.examples)} of them "
+                  f"errors) in {folder}: `ren-tui` shows them (Runs, x)", highlight=False)
     if submission is not None:
         if left_out:
             raise RenError(f"Not writing {submission}: {left_out} of {result.items} questions of split "
@@ -169,7 +187,23 @@ def task(run_id: str, *, split: str | None, root: Path | None, submission: Path 
             "metric": result.metric if data.labelled else None, "score": result.score if data.labelled else None,
             "stored_as": run.score_key(result.metric) if data.labelled else None,
             "submission": None if submission is None else {"path": str(submission),
-                                                           "answers": len(result.predictions)}})
+                                                           "answers": len(result.predictions)},
+            "breakdown": None if not data.labelled else {
+                "kind": kept.category_kind,
+                "categories": [dataclasses.asdict(row) for row in kept.breakdown]},
+            "examples": None if not data.labelled else {"kept": len(kept.examples), "path": str(folder)}})
+
+
+def _print_breakdown(kept: SplitPredictions, say: Console) -> None:
+    """The score per category, when the data has categories."""
+    if kept.category_kind is None:
+        return
+    table = Table(box=None, pad_edge=False, padding=(0, 2, 0, 0), header_style="bold")
+    for column in (kept.category_kind, "items", kept.metric, "errors"):
+        table.add_column(column, justify="left" if column == kept.category_kind else "right")
+    for row in kept.breakdown:
+        table.add_row(row.category, str(row.n), f"{row.score:.4f}", str(row.errors))
+    say.print(table)
 
 
 def _scorer(metric: str, dataset: str) -> str:

@@ -16,10 +16,12 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from torch import Tensor
 from torch.utils.data import Dataset
 from transformers import PreTrainedTokenizerBase
 
+from engine.data.items import ItemView
 from engine.data.transforms import HALF, Normalization
 
 _RESIZE_CHUNK = 256  # images resized per step, to bound the float32 working memory
@@ -71,6 +73,7 @@ class _ImageTextDataset(Dataset):
                 dtype=torch.int64,
             )
         self.lengths = encoding["attention_mask"].sum(dim=1)
+        self.texts = list(texts)
 
     def __len__(self) -> int:
         return len(self.image_index)
@@ -95,8 +98,9 @@ class VQADataset(_ImageTextDataset):
 
     Batch keys: ``input_ids``, ``attention_mask`` (int64, B x L),
     ``pixel_values`` (float32, B x 3 x S x S), ``labels`` (float32 soft targets,
-    B x num_answers; one-hot for easy-VQA), ``answer_ids`` (int64) and
-    ``image_ids`` (int64, the row in ``images_u8``).
+    B x num_answers; one-hot for easy-VQA), ``answer_ids`` (int64),
+    ``image_ids`` (int64, the row in ``images_u8``) and ``items`` (int64, the items' indices).
+    ``image_names``: where each image of ``images_u8`` comes from, for :meth:`describe`.
     """
 
     def __init__(
@@ -110,10 +114,14 @@ class VQADataset(_ImageTextDataset):
         max_text_len: int,
         image_size: int,
         norm: Normalization = HALF,
+        image_names: Sequence[str] | None = None,
     ) -> None:
         super().__init__(
             images_u8, image_index, questions, tokenizer, max_text_len, image_size, with_word_ids=False, norm=norm
         )
+        if image_names is not None and len(image_names) != len(self.images):
+            raise ValueError(f"{len(image_names)} image names for {len(self.images)} images")
+        self.image_names = list(image_names) if image_names is not None else None
         self.answer_ids = torch.as_tensor(np.asarray(answer_ids), dtype=torch.int64)
         if len(self.answer_ids) != len(questions):
             raise ValueError(f"{len(self.answer_ids)} answers for {len(questions)} questions")
@@ -126,7 +134,16 @@ class VQADataset(_ImageTextDataset):
         answer_ids = self.answer_ids[torch.as_tensor(indices, dtype=torch.int64)]
         batch["answer_ids"] = answer_ids
         batch["labels"] = F.one_hot(answer_ids, self.num_answers).float()
+        batch["items"] = torch.as_tensor(indices, dtype=torch.int64)
         return batch
+
+    def describe(self, index: int) -> ItemView:
+        """Question ``index``, the name of its image (its row when unnamed) and the image as the model sees it
+        (resized, before normalisation)."""
+        row = int(self.image_index[index])
+        name = self.image_names[row] if self.image_names is not None else f"image {row}"
+        picture = Image.fromarray(self.images[row].permute(1, 2, 0).numpy())
+        return ItemView(self.texts[index], name, (picture,))
 
 
 class CaptionDataset(_ImageTextDataset):

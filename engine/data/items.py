@@ -3,6 +3,9 @@ several items (questions, sentences, pairs), and item ``i`` is slot ``slots[i]``
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
+from PIL import Image
 from torch import Tensor
 from torch.utils.data import Dataset
 from transformers import PreTrainedTokenizerBase
@@ -11,6 +14,16 @@ from engine.data.arrow import ArrowSource, expand_items, list_lengths
 from engine.data.images import ImageTransform, ItemDraws
 from engine.data.transforms import Normalization
 from engine.errors import RenError
+
+
+@dataclass(frozen=True)
+class ItemView:
+    """One item as a person looks at it: its text, where its image is, and the image(s) (NLVR2: two; none when
+    unreadable)."""
+
+    text: str
+    image: str
+    pictures: tuple[Image.Image, ...]
 
 
 class ArrowItems(ItemDraws, Dataset):
@@ -25,6 +38,7 @@ class ArrowItems(ItemDraws, Dataset):
         self.paths = ", ".join(map(str, source.paths))
         if not len(source):
             raise RenError(f"{self.paths}: no rows.")
+        self.items_column = items_column
         self.counts = list_lengths(source.column(items_column))
         self.rows, self.slots = expand_items(self.counts)
         if not len(self.rows):
@@ -32,6 +46,20 @@ class ArrowItems(ItemDraws, Dataset):
 
     def __len__(self) -> int:
         return len(self.rows)
+
+    def item_text(self, cells: dict, slot: int) -> str:
+        """Item ``slot``'s text among its row's ``cells`` (subclasses whose items are not a list of strings
+        in ``items_column`` override it)."""
+        return cells[self.items_column][slot]
+
+    def describe(self, index: int) -> ItemView:
+        """Item ``index``: its text, its file and row, and its row's image(s) as stored."""
+        row, slot = int(self.rows[index]), int(self.slots[index])
+        path, local = self.source.locate(row)
+        text = self.item_text(self.source.row(row, (self.items_column,)), slot)
+        pictures = tuple(self.source.image(row, column) for column in self.source.kind.image_columns)
+        return ItemView(str(text), f"{path} row {local}",
+                        () if any(p is None for p in pictures) else pictures)
 
     def fail(self, row: int, problem: str) -> None:
         """Raise the error for a bad row, naming its file and its row in that file."""

@@ -93,4 +93,5 @@ class ArrowNLVR2Dataset(ArrowItems):
         return {**self.encode(texts),
                 "pixel_values_0": self.norm.apply(torch.stack(left)),
                 "pixel_values_1": self.norm.apply(torch.stack(right)),
-                "labels": torch.as_tensor(self.labels[kept], dtype=torch.int64), "identifiers": identifiers}
+                "labels": torch.as_tensor(self.labels[kept], dtype=torch.int64), "identifiers": identifiers,
+                "items": torch.as_tensor(kept, dtype=torch.int64)}

@@ -19,7 +19,7 @@ from transformers import PreTrainedTokenizerBase
 from engine.config import RunConfig
 from engine.data.datasets import CaptionDataset, VQADataset
 from engine.data.easyvqa import RUN_SPLITS as EASY_VQA_SPLITS
-from engine.data.easyvqa import EasyVQA, load_easy_vqa, run_split_captions
+from engine.data.easyvqa import EasyVQA, load_easy_vqa, run_split_captions, run_split_rows
 from engine.data.tokenizer import build_word_tokenizer, easy_vqa_word_tokenizer, load_tokenizer
 from engine.data.transforms import Normalization, resolve_normalization
 from engine.errors import ConfigError, RenError
@@ -190,9 +190,11 @@ def build_data(cfg: RunConfig, *, cache_dir: Path) -> DataBundle:
 
 def _easy_vqa_set(cfg: RunConfig, data: EasyVQA, split: str, tokenizer: PreTrainedTokenizerBase) -> VQADataset:
     """easy-VQA's run split ``split`` (``train``, ``val`` or ``test``) as a VQA data set."""
-    s = data.run_split(split, hold_out_val=_holds_out_val(cfg))
+    package, rows = run_split_rows(data, split, hold_out_val=_holds_out_val(cfg))
+    s = data.split(package).subset(rows)
+    names = [f"easy_vqa {package}/images/{row}.png" for row in rows.tolist()]  # the package's image ids are its rows
     return VQADataset(s.images, s.image_index, s.questions, s.answer_ids, len(data.answers), tokenizer,
-                      cfg.data.max_text_len, image_size_of(cfg), resolve_normalization(cfg))
+                      cfg.data.max_text_len, image_size_of(cfg), resolve_normalization(cfg), image_names=names)
 
 
 def _holds_out_val(cfg: RunConfig) -> bool:

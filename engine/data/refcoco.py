@@ -70,7 +70,7 @@ class ArrowRefCOCODataset(ArrowItems):
     def __getitems__(self, indices: list[int]) -> dict[str, Tensor]:
         images: dict[tuple[int, str], tuple[Tensor, tuple[int, int]] | None] = {}
         cells: dict[int, dict] = {}
-        texts, pixels, boxes, labels = [], [], [], []
+        texts, pixels, boxes, labels, kept = [], [], [], [], []
         for index in indices:
             row, slot = int(self.rows[index]), int(self.slots[index])
             decoded = self.item_image(self.source, row, index, self._image, images)
@@ -83,6 +83,7 @@ class ArrowRefCOCODataset(ArrowItems):
             pixels.append(pixel)
             boxes.append(normalized_boxes(cells[row]["bboxes"], width, height))
             labels.append(cells[row]["labels"])
+            kept.append(index)
         if not texts:
             raise self.unreadable(indices, "referring expressions")
         most = max(len(b) for b in boxes)
@@ -92,4 +93,5 @@ class ArrowRefCOCODataset(ArrowItems):
             padded[i, :len(b)] = b
             mask[i, :len(b)] = True
         return {**self.encode(texts), "pixel_values": self.norm.apply(torch.stack(pixels)), "boxes": padded,
-                "box_mask": mask, "labels": torch.as_tensor(labels, dtype=torch.int64)}
+                "box_mask": mask, "labels": torch.as_tensor(labels, dtype=torch.int64),
+                "items": torch.as_tensor(kept, dtype=torch.int64)}

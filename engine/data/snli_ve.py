@@ -55,6 +55,9 @@ class ArrowSNLIVEDataset(ArrowItems):
             raise RenError(f"{path} row {local}: {column}[{slot}] = {value!r} {problem}. Pairs with such a "
                            f"value: {len(bad)} of {len(self.rows)} in {self.paths}.")
 
+    def item_text(self, cells: dict, slot: int) -> str:
+        return cells["sentences"][slot][1].strip()  # the hypothesis
+
     def __getitems__(self, indices: list[int]) -> dict[str, Tensor]:
         images: dict[tuple[int, str], Tensor | None] = {}
         sentences: dict[int, list[list[str]]] = {}
@@ -73,4 +76,5 @@ class ArrowSNLIVEDataset(ArrowItems):
             raise self.unreadable(indices, "SNLI-VE pairs")
         return {**self.encode(texts),
                 "pixel_values": self.norm.apply(torch.stack(pixels)),
-                "labels": torch.as_tensor(self.labels[kept], dtype=torch.int64)}
+                "labels": torch.as_tensor(self.labels[kept], dtype=torch.int64),
+                "items": torch.as_tensor(kept, dtype=torch.int64)}

@@ -61,7 +61,7 @@ class ArrowVQADataset(ArrowItems):
 
     def __getitems__(self, indices: list[int]) -> dict[str, Tensor]:
         images: dict[tuple[int, str], Tensor | None] = {}
-        texts, targets, qids, pixels, official = [], [], [], [], []
+        texts, targets, qids, pixels, official, kept = [], [], [], [], [], []
         columns = ("questions", "answer_labels", "answer_scores", "question_id")
         columns += ("raw_answers",) if self.vocab is not None else ()
         for index in indices:
@@ -86,11 +86,13 @@ class ArrowVQADataset(ArrowItems):
             targets.append(target)
             qids.append(cells["question_id"][slot])
             pixels.append(pixel)
+            kept.append(index)
         if not texts:
             raise self.unreadable(indices, "questions")
         batch = {**self.encode(texts),
                  "pixel_values": self.norm.apply(torch.stack(pixels)), "labels": torch.stack(targets),
-                 "question_ids": torch.as_tensor(qids, dtype=torch.int64)}
+                 "question_ids": torch.as_tensor(qids, dtype=torch.int64),
+                 "items": torch.as_tensor(kept, dtype=torch.int64)}
         if self.vocab is not None:
             batch["official_scores"] = torch.stack(official)
         return batch
