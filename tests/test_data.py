@@ -288,7 +288,8 @@ def test_load_tokenizer_reports_a_missing_directory(tmp_path: Path) -> None:
 def test_vqa_batches(data: EasyVQA, vqa_test_set: VQADataset, tokenizer) -> None:
     loader = DataLoader(vqa_test_set, batch_size=16, shuffle=True, collate_fn=identity_collate)
     batch = next(iter(loader))
-    assert set(batch) == {"input_ids", "attention_mask", "pixel_values", "labels", "answer_ids", "image_ids"}
+    assert set(batch) == {"input_ids", "attention_mask", "pixel_values", "labels", "answer_ids", "image_ids",
+                          "items"}
     assert batch["pixel_values"].shape == (16, 3, 64, 64) and batch["pixel_values"].dtype == torch.float32
     assert batch["labels"].shape == (16, 13) and batch["labels"].dtype == torch.float32
     assert batch["input_ids"].dtype == batch["answer_ids"].dtype == batch["image_ids"].dtype == torch.int64

@@ -175,6 +175,11 @@ def test_eval_task_vqav2_scores_and_submissions(tmp_path: Path, ren_home: Path) 
                  "--batch-size", "2", "--device", "cpu")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "submission: 9 answers written" in result.stdout
+    with pytest.raises(RenError, match=r"--examples 3: the vqav2 split 'test-dev' has no answers .*--split rest_val"):
+        _task(record.id, root=moved, split="test-dev", submission=out, examples=3)
+    kept = Store().predictions(record.id)  # the rest_val evaluation above kept its breakdown by answer type
+    assert [(p.key, p.category_kind) for p in kept] == [("vqav2/rest_val", "answer type")]
+    assert kept[0].breakdown[-1].n == 9 and len(kept[0].examples) == 9  # the 20 asked for by default: all 9
     submitted = json.loads(out.read_text())
     assert all(set(entry) == {"question_id", "answer"} and type(entry["question_id"]) is int
                and isinstance(entry["answer"], str) for entry in submitted)

@@ -53,7 +53,7 @@ def test_snli_items_are_hypotheses_with_meter_labels(tmp_path: Path, tokenizer) 
     assert len(dataset) == 5 * 3  # three [premise, hypothesis] pairs per image
     indices = [0, 1, 2, 4, 14]
     batch = dataset.__getitems__(indices)
-    assert set(batch) == {"input_ids", "attention_mask", "pixel_values", "labels"}
+    assert set(batch) == {"input_ids", "attention_mask", "pixel_values", "labels", "items"}
     assert batch["pixel_values"].shape == (5, 3, SIZE, SIZE) and batch["pixel_values"].dtype == torch.float32
     assert batch["input_ids"].shape == batch["attention_mask"].shape and batch["input_ids"].shape[0] == 5
     assert batch["labels"].dtype == torch.int64
@@ -119,7 +119,8 @@ def test_nlvr2_items_are_sentences_about_two_images(tmp_path: Path, tokenizer) -
     dataset = ArrowNLVR2Dataset(source, tokenizer, 24, transform, HALF)
     assert len(dataset) == 4 * 2  # two sentences per image pair
     batch = dataset.__getitems__([1, 2, 3, 6])
-    assert set(batch) == {"input_ids", "attention_mask", "pixel_values_0", "pixel_values_1", "labels", "identifiers"}
+    assert set(batch) == {"input_ids", "attention_mask", "pixel_values_0", "pixel_values_1", "labels", "identifiers",
+                          "items"}
     for key in ("pixel_values_0", "pixel_values_1"):
         assert batch[key].shape == (4, 3, SIZE, SIZE) and batch[key].dtype == torch.float32
     places = [(0, 1), (1, 0), (1, 1), (3, 0)]
