@@ -101,6 +101,17 @@ class VariantRow:
 
 
 @dataclass(frozen=True)
+class CategoryRow:
+    """One category of a task's data (``all``: the whole split): each variant's score on it, over the seeds
+    whose finetune kept its per-category scores (``ren eval task``) on the split the report's scores are on."""
+
+    task: str
+    kind: str  # what the categories are: question type, answer type, gold label
+    category: str
+    scores: Mapping[str, Stat]  # variant -> its finetunes' scores on the category
+
+
+@dataclass(frozen=True)
 class ReportTable:
     """The report's data: one row per variant, with the formatted tables derived from it."""
 
@@ -114,6 +125,7 @@ class ReportTable:
     rows: tuple[VariantRow, ...]
     notes: tuple[str, ...]
     splits: Mapping[str, str] = field(default_factory=dict)  # task -> the split its scores were measured on
+    breakdown: tuple[CategoryRow, ...] = ()
 
     def score_label(self, task: str) -> str:
         """``"vqa_score on val"``: the task's metric and the split of its scores."""
@@ -159,6 +171,16 @@ class ReportTable:
                             format_stat(stat, _score, with_n=False), per_seed or DASH,
                             _signed(row.score_delta.get(task)), *_interval_cells(row.delta_ci.get(task))])
         return out
+
+    def breakdown_headers(self) -> list[str]:
+        """Columns of the per-category table: the task, the category, then one per variant."""
+        return ["task", "category", *(row.variant for row in self.rows)]
+
+    def breakdown_cells(self) -> list[list[str]]:
+        """The per-category table: each variant's mean ± std (n) of its finetunes' scores on the category."""
+        return [[row.task, f"{row.category} ({row.kind})" if row.category != "all" else "all",
+                 *(format_stat(row.scores.get(variant.variant, Stat()), _score) for variant in self.rows)]
+                for row in self.breakdown]
 
     def markdown(self) -> str:
         """The main table in GitHub-flavoured Markdown."""
@@ -537,7 +559,38 @@ def _against_baseline(rows: list[VariantRow], baseline: str, tasks: Sequence[str
     return tuple(out)
 
 
-def _table(name: str, title: str, description: str, compared: list[str], groups: list[_Group],
+def _breakdown(store: Store, groups: Sequence[_Group], tasks: Sequence[str], notes: list[str]
+               ) -> tuple[CategoryRow, ...]:
+    """Per task and category, each variant's scores: from the predictions each finished finetune kept on the
+    split its final score was measured on (:meth:`Store.predictions`)."""
+    rows = []
+    for task in tasks:
+        kind, values = None, {}  # category -> variant -> scores (categories in the order the runs give them)
+        missing = 0
+        for g in groups:
+            for _, t, r, _ in g.finetunes:
+                if t != task or r.status != "finished":
+                    continue
+                try:
+                    kept = {p.split: p for p in store.predictions(r.id)}.get(eval_split_of(r) or "")
+                except RenError as exc:
+                    notes.append(f"{g.name}: {task} finetune {r.id}: {exc}")
+                    continue
+                if kept is None or kept.category_kind is None:
+                    missing += kept is None
+                    continue
+                kind = kind or kept.category_kind
+                for row in kept.breakdown:
+                    values.setdefault(row.category, {}).setdefault(g.name, []).append(row.score)
+        if missing:
+            notes.append(f"{missing} finished {task} finetune(s) have no per-category scores on their eval split: "
+                         f"`ren eval task RUN --examples 0` keeps them.")
+        rows += [CategoryRow(task, kind or "", category, {v: Stat(tuple(x)) for v, x in by_variant.items()})
+                 for category, by_variant in sorted(values.items(), key=lambda item: item[0] == "all")]
+    return tuple(rows)
+
+
+def _table(store: Store, name: str, title: str, description: str, compared: list[str], groups: list[_Group],
            baseline: str, notes: list[str], planned_tasks: Sequence[str] = ()) -> ReportTable:
     tasks = list(dict.fromkeys([*planned_tasks, *(task for g in groups for _, task, _, _ in g.finetunes)]))
     metrics: dict[str, str] = {}
@@ -552,10 +605,11 @@ def _table(name: str, title: str, description: str, compared: list[str], groups:
         if task not in metrics:
             notes.append(f"No {task} finetune has been scored yet.")
     rows = [_variant_row(g, g.name == baseline, tasks, metrics, notes) for g in groups]
+    breakdown = _breakdown(store, groups, tasks, notes)
     return ReportTable(name=name, title=title, description=description, compared=tuple(compared),
                        baseline=baseline, tasks=tuple(tasks), metrics=metrics,
                        rows=_against_baseline(rows, baseline, tasks), notes=tuple(notes),
-                       splits={task: " + ".join(sorted(seen)) for task, seen in splits.items()})
+                       splits={task: " + ".join(sorted(seen)) for task, seen in splits.items()}, breakdown=breakdown)
 
 
 def _study_table(store: Store, name: str, *, baseline: str | None, description: str, variants: Sequence[str],
@@ -592,7 +646,8 @@ def _study_table(store: Store, name: str, *, baseline: str | None, description: 
             notes.append(f"{variant}: no pretraining run for seed {', '.join(missing)} yet.")
     if baseline not in groups:  # a study known by name only: its first variant
         baseline = order[0]
-    return _table(name, f"Study {name}", description, compared, list(groups.values()), baseline, notes, tasks)
+    return _table(store, name, f"Study {name}", description, compared, list(groups.values()), baseline, notes,
+                  tasks)
 
 
 def _plain_table(store: Store, runs: Sequence[RunRecord | str]) -> ReportTable:
@@ -633,7 +688,7 @@ def _plain_table(store: Store, runs: Sequence[RunRecord | str]) -> ReportTable:
                 for g, pool in zip(groups, pools)]
     title_names = [g.name for g in groups]
     title = "Runs " + ", ".join(title_names) if len(title_names) <= 4 else f"{len(title_names)} runs"
-    return _table(_runs_name(heads), title, "", compared, groups, groups[0].name, notes)
+    return _table(store, _runs_name(heads), title, "", compared, groups, groups[0].name, notes)
 
 
 def _without_seed(record: RunRecord) -> str:
@@ -871,6 +926,12 @@ def report_markdown(table: ReportTable, figures: Sequence[str] = ()) -> str:
     if table.tasks:
         parts.append("## Per task\n")
         parts.append(markdown_table(table.task_headers(), table.task_cells()))
+    if table.breakdown:
+        parts.append("## Per category\n")
+        parts.append(markdown_table(table.breakdown_headers(), table.breakdown_cells()))
+        parts.append("Each finetune's score on the items of one category of its eval split, over the whole split "
+                     "(`ren eval task` scores every item, so `all` can differ from a final score measured on "
+                     "`data.eval_max_samples` items), mean ± sample standard deviation over seeds (n finetunes).\n")
     parts.append("## Missing data\n")
     parts.append("".join(f"- {note}\n" for note in table.notes) or "Nothing is missing.\n")
     if figures:

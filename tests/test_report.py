@@ -397,3 +397,52 @@ def test_report_files_give_the_interval_and_say_which_differences_are_noise(ren_
             "within noise (the interval contains 0).") in section
     assert r"frozen & 0.7200 $\pm$ 0.0265 (n=3) & -0.1000 [-0.1248, -0.0752] & " in tex
     assert r"same & 0.7900 $\pm$ 0.0100 (n=3) & -0.0300 [-0.0730, +0.0130] within noise & " in tex
+
+
+def _keep_breakdown(store: Store, finetune: RunRecord, scores: dict[str, float], split: str | None = None) -> None:
+    """What `ren eval task` keeps of a finetune's split: its score per category (no examples)."""
+    from engine.display import eval_split_of
+    from engine.predictions import CategoryScore, SplitPredictions
+
+    split = split or eval_split_of(finetune)
+    rows = tuple(CategoryScore(category, 10, score, round(10 * (1 - score))) for category, score in scores.items())
+    store.save_predictions(finetune.id, SplitPredictions(
+        finetune.id, "vqa", "easy_vqa", split, "vqa_score", scores["all"], 30, "question type", rows, (), 0.0), {})
+
+
+def test_the_per_category_table_pools_seeds_per_variant(study, tmp_path: Path) -> None:
+    """Each variant's per-category scores come from the predictions its finetunes kept on their eval split;
+    a finetune without them is named in the notes, and `ren report` prints the table (and --json gives it)."""
+    store, file, runs = study
+    values = {("none", 0): (0.9, 0.6, 0.8), ("none", 1): (0.7, 0.4, 0.6), ("vision", 0): (0.5, 0.5, 0.5)}
+    for (variant, seed), (colour, shape, total) in values.items():
+        _keep_breakdown(store, runs[variant, seed][1], {"colour": colour, "shape": shape, "all": total})
+    _keep_breakdown(store, runs["vision", 1][1], {"colour": 0.0, "all": 0.0}, split="test")  # not its eval split
+
+    table = report_rows(store, STUDY)
+    assert [(r.task, r.kind, r.category) for r in table.breakdown] == [
+        ("easy-vqa", "question type", "colour"), ("easy-vqa", "question type", "shape"),
+        ("easy-vqa", "question type", "all")]
+    colour = table.breakdown[0]
+    assert colour.scores["none"].values == (0.9, 0.7) and colour.scores["vision"].values == (0.5,)
+    assert "both" not in colour.scores
+    assert table.breakdown_headers() == ["task", "category", "none", "vision", "both"]
+    assert table.breakdown_cells()[0] == ["easy-vqa", "colour (question type)", "0.8000 ± 0.1414 (n=2)",
+                                          "0.5000 (n=1)", DASH]
+    assert table.breakdown_cells()[2][:2] == ["easy-vqa", "all"]
+    assert any(note.startswith("2 finished easy-vqa finetune(s) have no per-category scores on their eval split")
+               for note in table.notes)  # both's seed 0 (its seed 1 is still running), vision's seed 1 (test only)
+
+    out = tmp_path / "r"
+    result = ren("report", str(file), "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    assert "Per category" in result.stdout and "0.8000 ± 0.1414 (n=2)" in result.stdout
+    md = (out / "report.md").read_text()
+    assert "## Per category" in md and "| easy-vqa | shape (question type) | 0.5000 ± 0.1414 (n=2) |" in md
+
+    from tests.helpers.cli import ren_json
+
+    doc = ren_json("report", str(file), "--out", str(out), "--json")
+    first = doc["breakdown"][0]
+    assert (first["task"], first["kind"], first["category"]) == ("easy-vqa", "question type", "colour")
+    assert first["scores"]["none"]["values"] == [0.9, 0.7] and set(first["scores"]) == {"none", "vision"}

@@ -358,7 +358,7 @@ def eval_task(
     submission: Annotated[Optional[Path], typer.Option(help="VQAv2: write the result JSON for the evaluation "
                                                        "server (required for test and test-dev).")] = None,
     examples: Annotated[Optional[int], typer.Option(
-        help="Scored examples kept with the run for `ren-tui` and `ren show` (half of them the most confident "
+        help="Scored examples kept with the run for `ren-tui` (x on a run) (half of them the most confident "
              "errors), with the score per category; 0 keeps only the per-category scores. Default: 20, none for "
              "a split without answers.")] = None,
     batch_size: Annotated[int, typer.Option(help="Items per forward pass.")] = 64,

@@ -10,6 +10,7 @@ from rich.console import Console
 from rich.markdown import Markdown
 
 from engine.cli import jsonout
+from engine.display import markdown_table
 from engine.errors import RenError, RunNotFound
 from engine.report import Interval, ReportTable, Stat, VariantRow, report_rows, report_series, write_report
 from engine.store import Store
@@ -41,10 +42,13 @@ def report(targets: list[str], out: Path | None, *, as_json: bool = False) -> No
     if as_json:
         jsonout.emit("report", _report_document(table, paths))
         return
+    text = f"# {table.title}\n\n{table.markdown()}"
+    if table.breakdown:
+        text += f"\n## Per category\n\n{markdown_table(table.breakdown_headers(), table.breakdown_cells())}"
     if console.is_terminal:
-        console.print(Markdown(f"# {table.title}\n\n{table.markdown()}"))
+        console.print(Markdown(text))
     else:  # piped: the Markdown itself, unwrapped
-        console.print(f"# {table.title}\n\n{table.markdown()}", markup=False, highlight=False, soft_wrap=True)
+        console.print(text, markup=False, highlight=False, soft_wrap=True)
     if table.notes:
         console.print(f"{len(table.notes)} note(s) on missing data: see report.md")
     for path in paths:
@@ -57,7 +61,11 @@ def _report_document(table: ReportTable, paths: list[Path]) -> dict[str, Any]:
     return {"name": table.name, "title": table.title, "description": table.description,
             "compared": list(table.compared), "baseline": table.baseline, "tasks": list(table.tasks),
             "metrics": dict(table.metrics), "splits": dict(table.splits), "notes": list(table.notes),
-            "variants": [_variant(row) for row in table.rows], "files": [str(path) for path in paths]}
+            "variants": [_variant(row) for row in table.rows],
+            "breakdown": [{"task": row.task, "kind": row.kind, "category": row.category,
+                           "scores": {variant: _stat(stat) for variant, stat in row.scores.items()}}
+                          for row in table.breakdown],
+            "files": [str(path) for path in paths]}
 
 
 def _variant(row: VariantRow) -> dict[str, Any]:
