@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import json
 import os
+import queue
 import socket
+import threading
 import urllib.parse
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -137,6 +139,10 @@ class _MLflow(MLflowTracker):
         super().start()
         self.run_id = self.active_run.info.run_id
 
+    def log(self, values: dict, step: int | None = None, **kwargs: Any) -> None:
+        # by run id: MLflow's active run is per thread, and TrackedWriter logs from a thread of its own
+        super().log(values, step=step, run_id=self.run_id, **kwargs)
+
     def finish(self) -> None:
         import mlflow
 
@@ -217,19 +223,36 @@ def save_tracker_ids(run_dir: Path, trackers: Iterable[Guarded]) -> None:
 
 
 class TrackedWriter:
-    """A run's metrics writer whose every point also goes to the accelerator's trackers."""
+    """A run's metrics writer whose every point also goes to the accelerator's trackers.
 
-    def __init__(self, writer: Any, accelerator: Any) -> None:
+    The store's writer is called on the training thread; the trackers are fed by one thread of their own
+    through a queue, in order, so a tracker's work (protobuf encoding, an HTTP request, a W&B record) is not
+    on the step's path: a log call costs the training loop a queue put. :meth:`close` waits up to
+    ``close_timeout_s`` for the queue to drain, then finishes the trackers."""
+
+    _DONE = object()
+
+    def __init__(self, writer: Any, accelerator: Any, *, close_timeout_s: float = 120.0,
+                 warn: Callable[[str], None] = print) -> None:
         self.writer, self.accelerator = writer, accelerator
+        self.close_timeout_s, self.warn = close_timeout_s, warn
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._feed, name="ren-trackers", daemon=True)
+        self._thread.start()
+
+    def _feed(self) -> None:
+        while (item := self._queue.get()) is not self._DONE:
+            values, step = item
+            self.accelerator.log(values, step=step)  # each tracker is Guarded: it cannot raise
 
     def log(self, step: int, **values: float) -> None:
         self.writer.log(step, **values)
-        self.accelerator.log(values, step=step)
+        self._queue.put((values, step))
 
     def summary(self, step: int, values: Mapping[str, float]) -> None:
         """Scores the store keeps on the run record rather than as points (the test split's)."""
         if values:
-            self.accelerator.log(dict(values), step=step)
+            self._queue.put((dict(values), step))
 
     def flush(self) -> None:
         self.writer.flush()
@@ -240,9 +263,16 @@ class TrackedWriter:
     def close(self) -> None:
         try:
             self.writer.close()
-        finally:  # not accelerator.end_training(): that also ends the process group, which the run still uses
-            for tracker in self.accelerator.trackers:
-                tracker.finish()
+        finally:
+            self._queue.put(self._DONE)
+            self._thread.join(self.close_timeout_s)
+            if self._thread.is_alive():
+                self.warn(f"trackers: gave up waiting after {self.close_timeout_s:g} s for them to take the last "
+                          "points (a slow tracker server?); the store has every metric, and `ren sync RUN --to "
+                          "TRACKER` replays them.")
+            else:  # not accelerator.end_training(): that also ends the process group, which the run still uses
+                for tracker in self.accelerator.trackers:
+                    tracker.finish()
 
 
 def replay(store: Any, run_id: str, to: str, warn: Callable[[str], None], *, tracking_uri: str = "",

@@ -304,11 +304,11 @@ def _run_trackers(cfg: RunConfig, identity: RunIdentity, store: Store, reporter:
 
 
 def _start_trackers(cfg: RunConfig, accelerator: Accelerator, identity: RunIdentity, run_dir: Path,
-                    writer: MetricsWriter) -> TrackedWriter:
+                    writer: MetricsWriter, reporter: Reporter) -> TrackedWriter:
     """Start the trackers with the resolved config as hyper-parameters; the writer that feeds them."""
     accelerator.init_trackers(cfg.tracking.project, config=identity.hparams(cfg.to_dict()))
     save_tracker_ids(run_dir, accelerator.trackers)
-    return TrackedWriter(writer, accelerator)
+    return TrackedWriter(writer, accelerator, warn=lambda text: reporter.message(f"[ren] {text}"))
 
 
 def init_weights_from(model: VLModel, source: str, store: Store) -> tuple[list[str], list[str], list[str]]:
@@ -610,7 +610,7 @@ def setup(cfg: RunConfig, store: Store, run_id: str, *, resume: bool, reporter: 
     if writer:
         writer.rewind(state.step)
         if identity and accelerator.log_with:
-            writer = _start_trackers(cfg, accelerator, identity, run_dir, writer)
+            writer = _start_trackers(cfg, accelerator, identity, run_dir, writer, reporter)
     return Session(cfg, store, run_id, run_dir, reporter, accelerator, micro, accum, data, model, optimizer, sampler,
                    train_dl, eval_dl, state, flops, timer, info, writer)
 

@@ -257,3 +257,61 @@ def test_runs_from_an_unreachable_mlflow_server_is_a_clear_error(ren_home: Path)
 def test_runs_from_mlflow_has_no_json_document_yet_and_says_so(ren_home: Path) -> None:
     listed = ren("runs", "--mlflow", "http://127.0.0.1:1", "--json")
     assert listed.returncode == 2 and listed.stdout == "" and "has no --json document yet" in listed.stderr
+
+
+class _BlockedTrackers:
+    """An accelerator whose trackers take a point only once ``release`` is set."""
+
+    def __init__(self) -> None:
+        import threading
+
+        self.release, self.points, self.finished = threading.Event(), [], 0
+        self.trackers = [self]
+
+    def log(self, values: dict, step: int) -> None:
+        self.release.wait()
+        self.points.append((step, values))
+
+    def finish(self) -> None:
+        self.finished += 1
+
+
+class _Points:
+    def __init__(self) -> None:
+        self.points, self.closed = [], False
+
+    def log(self, step: int, **values: float) -> None:
+        self.points.append((step, values))
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def test_a_slow_tracker_never_holds_the_training_thread() -> None:
+    """Points go to the store at once and to the trackers from a thread of their own: with every tracker
+    blocked, 200 log calls all return and the store has them; once the trackers move, they get every point in
+    order before they are finished."""
+    from engine.tracking import TrackedWriter
+
+    store, accelerator = _Points(), _BlockedTrackers()
+    tracked = TrackedWriter(store, accelerator)
+    for step in range(1, 201):
+        tracked.log(step, loss=1.0 / step)
+    tracked.summary(200, {"test/vqa_score": 0.5})
+    assert len(store.points) == 200 and accelerator.points == []
+    accelerator.release.set()
+    tracked.close()
+    assert store.closed and accelerator.finished == 1
+    assert accelerator.points == [*store.points, (200, {"test/vqa_score": 0.5})]
+
+
+def test_a_tracker_stuck_at_the_end_is_given_up_with_a_warning() -> None:
+    from engine.tracking import TrackedWriter
+
+    store, accelerator, warnings = _Points(), _BlockedTrackers(), []
+    tracked = TrackedWriter(store, accelerator, close_timeout_s=0.2, warn=warnings.append)
+    tracked.log(1, loss=2.0)
+    tracked.close()  # returns although the tracker never takes its point
+    assert store.closed and accelerator.finished == 0
+    assert len(warnings) == 1 and "gave up waiting after 0.2 s" in warnings[0] and "ren sync RUN" in warnings[0]
+    accelerator.release.set()
