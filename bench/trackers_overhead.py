@@ -11,15 +11,18 @@ evaluation; a tracker's one-off start and finish are reported apart). ``--log-ev
 case: every step's metrics go to the trackers (the quickstart logs every 25 steps).
 ``--quick``: a few steps, printed only (never writes RESULTS.md).
 
-``--per-call``: what one ``log`` of a step's metrics (9 values) costs the training thread, tracker by tracker
-(each started as a run starts it, through :class:`engine.tracking.Guarded`): the in-loop cost, free of the
-run-to-run spread of whole runs; background threads and processes are not in it.
+``--per-call``: what one ``log`` of a step's metrics (9 values) costs, tracker by tracker (each started as a
+run starts it, through :class:`engine.tracking.Guarded`), called directly: the work a tracker does per
+point, free of the run-to-run spread of whole runs. In a run that work is done by the trackers' own thread
+(:class:`engine.tracking.TrackedWriter`), so it is not on the step's path; background threads and
+processes of the trackers are not in it.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -69,6 +72,19 @@ def one_run(root: Path, cache: Path, side: str, args: argparse.Namespace, uri: s
     done = store.get_run(record.id)
     overheads[side].append(wall - done.train_s)
     return args.steps / done.train_s
+
+
+def paired_cost(rates: list[float], off: list[float]) -> tuple[float, float, float]:
+    """The mean over rounds of 1 - rate / the round's rate without trackers, in percent, and its 95% t
+    interval (none below two rounds)."""
+    from engine.report import t_quantile
+
+    costs = [(1 - r / o) * 100 for r, o in zip(rates, off)]
+    mean = sum(costs) / len(costs)
+    if len(costs) < 2:
+        return mean, float("nan"), float("nan")
+    half = t_quantile(0.975, len(costs) - 1) * statistics.stdev(costs) / len(costs) ** 0.5
+    return mean, mean - half, mean + half
 
 
 def per_call(root: Path, uri: str, calls: int) -> str:
@@ -126,16 +142,21 @@ def main() -> None:
         with mlflow_server(root) as uri:
             rates = alternate({side: lambda side=side: one_run(root, cache, side, args, uri, overheads)
                                for side in SIDES}, args.repeats)
-    off = median(rates["off"])
-    rows = [[side, f"{median(rates[side]):.3f}", f"{median(rates[side]) / off:.4f}",
-             f"{(1 - median(rates[side]) / off) * 100:+.1f}%", f"{median(overheads[side]):.1f}",
-             " ".join(f"{r:.3f}" for r in rates[side])] for side in SIDES]
+    rows = []
+    for side in SIDES:
+        cost, low, high = paired_cost(rates[side], rates["off"])
+        rows.append([side, f"{median(rates[side]):.3f}", f"{cost:+.2f}%",
+                     "—" if side == "off" else f"[{low:+.2f}%, {high:+.2f}%]", f"{median(overheads[side]):.1f}",
+                     " ".join(f"{r:.3f}" for r in rates[side])])
     body = (f"The easy-VQA two-tower finetune (presets/base/easyvqa_two_tower.toml), random init, {args.steps} "
             f"steps of batch 64 on {args.threads} thread(s), metrics to the trackers every {args.log_every} "
-            f"step(s); {args.repeats} alternating repeats, in one process. steps/s: steps over the run's train "
-            "seconds (set-up and evaluation left out); set-up + finish: the rest of the run's wall time, "
-            "where a tracker's start (its import, MLflow's first requests) and finish fall.\n\n"
-            + table(["tracker", "steps/s (median)", "on / off", "cost", "set-up + finish s (median)",
+            f"step(s); {args.repeats} rounds, each running every side once back to back (rotating which goes "
+            "first), in one process. steps/s: steps over the run's train seconds (set-up and evaluation left "
+            "out). cost: how much slower than the same round's run without trackers, mean over rounds, with the "
+            "95% t interval of that mean (paired by round, so load that drifts between rounds cancels); "
+            "set-up + finish: the rest of the run's wall time, where a tracker's start (its import, MLflow's "
+            "first requests) and finish fall.\n\n"
+            + table(["tracker", "steps/s (median)", "cost (mean)", "95% CI of the cost", "set-up + finish s (median)",
                      "steps/s each"], rows))
     print(body)
     if not args.quick:
