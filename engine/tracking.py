@@ -30,6 +30,7 @@ from engine.config import TrackingConfig
 TRACKERS_FILE = "trackers.json"  # in the run's folder: the tracker-side ids a resume continues
 EXTRA = {"tensorboard": "tensorboard", "mlflow": "mlflow", "wandb": "wandb"}
 CONNECT_TIMEOUT_S = 3.0
+MLFLOW_STATUS = {"finished": "FINISHED", "failed": "FAILED", "cancelled": "KILLED"}  # ren's end -> MLflow's
 # ren's own tags on an MLflow run (and W&B config): how the lab view finds a run's box and store
 TAG_RUN_ID, TAG_HOST, TAG_STORE, TAG_STAGE, TAG_KIND = "ren.run_id", "ren.host", "ren.store", "ren.stage", "ren.kind"
 
@@ -104,6 +105,14 @@ class Guarded(GeneralTracker):
     def finish(self) -> None:
         self._call("finish")
 
+    def finish_as(self, status: str) -> None:
+        """Finish, telling a tracker that records how a run ended (MLflow) that it ended ``status`` (ren's:
+        finished, failed, cancelled)."""
+        if hasattr(self.inner, "finish_as"):
+            self._call("finish_as", status)
+        else:
+            self._call("finish")
+
     def _call(self, what: str, *args: Any, **kwargs: Any) -> None:
         if self.off:
             return
@@ -144,10 +153,13 @@ class _MLflow(MLflowTracker):
         super().log(values, step=step, run_id=self.run_id, **kwargs)
 
     def finish(self) -> None:
+        self.finish_as("finished")
+
+    def finish_as(self, status: str) -> None:
         import mlflow
 
         mlflow.flush_async_logging()
-        super().finish()
+        mlflow.end_run(status=MLFLOW_STATUS.get(status, "FINISHED"))
 
 
 def check_reachable(uri: str, timeout_s: float = CONNECT_TIMEOUT_S) -> None:
@@ -260,7 +272,9 @@ class TrackedWriter:
     def rewind(self, step: int) -> None:
         self.writer.rewind(step)
 
-    def close(self) -> None:
+    def close(self, status: str = "finished") -> None:
+        """Close the store's writer, then let the trackers take the last points and finish them, saying how
+        the run ended (``status``: finished, failed, cancelled)."""
         try:
             self.writer.close()
         finally:
@@ -272,7 +286,7 @@ class TrackedWriter:
                           "TRACKER` replays them.")
             else:  # not accelerator.end_training(): that also ends the process group, which the run still uses
                 for tracker in self.accelerator.trackers:
-                    tracker.finish()
+                    tracker.finish_as(status) if isinstance(tracker, Guarded) else tracker.finish()
 
 
 def replay(store: Any, run_id: str, to: str, warn: Callable[[str], None], *, tracking_uri: str = "",

@@ -788,8 +788,7 @@ def finish(s: Session, log: StepLog, status: str, error: str | None) -> dict[str
     test_scores = {f"test/{k}": v for k, v in test.items() if k != "eval_samples"}
     if isinstance(s.writer, TrackedWriter):
         s.writer.summary(s.state.step, test_scores)
-    if s.writer:
-        s.writer.close()
+    _close_writer(s, status)
     if s.main:
         trace = {"loss_trace": log.trace()} if log.losses else {}
         tested = {"test_scores": test_scores} if test_scores else {}
@@ -876,6 +875,14 @@ def session_versions(earlier: tuple[dict[str, Any], ...], now: dict[str, str], s
     return (*earlier, {"from_step": step, **now})
 
 
+def _close_writer(s: Session, status: str) -> None:
+    """Close the main process's metrics writer; trackers hear how the run ended (``status``)."""
+    if isinstance(s.writer, TrackedWriter):
+        s.writer.close(status)
+    elif s.writer:
+        s.writer.close()
+
+
 def _record_failure(exc: Exception, s: Session, log: StepLog) -> None:
     """Mark the run failed with the reason, and record the step it reached and its loss trace. When the store
     itself refuses writes (a full disk), the points it cannot take are given up and the record, if it cannot
@@ -884,9 +891,8 @@ def _record_failure(exc: Exception, s: Session, log: StepLog) -> None:
     if isinstance(exc, torch.OutOfMemoryError):
         error = oom_message(batch_size=s.cfg.train.batch_size, micro_batch_size=s.micro,
                             processes=s.accelerator.num_processes, where=_device_name(s.accelerator))
-    if s.writer:
-        with contextlib.suppress(StoreError):
-            s.writer.close()
+    with contextlib.suppress(StoreError):
+        _close_writer(s, "failed")
     if s.main:
         with contextlib.suppress(StoreError):
             s.store.update_run(s.run_id, step=s.state.step, loss_trace=log.trace())

@@ -59,7 +59,8 @@ def test_every_json_command_has_a_schema_and_a_test() -> None:
     commands = _json_commands()
     assert {"runs", "show", "queue ls", "worker", "study status", "report", "eval task", "eval retrieval",
             "validate"} <= commands
-    assert {name.split()[0] if name.startswith("worker") else name for name in COMMANDS} == commands
+    # "runs --mlflow" is `ren runs` with an option that prints a document of its own
+    assert {name.split()[0] if name.startswith("worker") else name.split(" --")[0] for name in COMMANDS} == commands
     assert {schema_file(schema) for schema in COMMANDS.values()} == set(SCHEMA_DIR.glob("*.json"))
     tests = "\n".join(path.read_text() for path in (REPO / "tests").rglob("test_*.py"))
     untested = [schema for schema in COMMANDS.values() if f'"{schema}"' not in tests]

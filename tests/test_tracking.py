@@ -17,7 +17,7 @@ from engine.store import Store
 from engine.tracking import Guarded, hparams
 from engine.train import latest_checkpoint, train
 from tests.helpers import training
-from tests.helpers.cli import ren
+from tests.helpers.cli import ren, ren_json
 from tests.helpers.trackers import free_port, mlflow_server, wandb_config, wandb_history
 from tests.helpers.training import start, tiny_finetune
 
@@ -127,6 +127,43 @@ def test_a_run_mirrors_into_a_real_mlflow_server(ren_home: Path, data_cache: Pat
     assert json.loads((store.run_dir(run_id) / "trackers.json").read_text()) == {"mlflow": found.info.run_id}
 
 
+class _StopsAt(Messages):
+    """A reporter through which the training loop meets ``error`` at step ``at``."""
+
+    def __init__(self, at: int, error: BaseException) -> None:
+        super().__init__()
+        self.at, self.error = at, error
+
+    def step(self, step: int, metrics: dict) -> None:
+        if step == self.at:
+            raise self.error
+
+
+@pytest.mark.parametrize(("error", "status", "mlflow_status"), [
+    (RuntimeError("a bug at step 3"), "failed", "FAILED"), (KeyboardInterrupt(), "cancelled", "KILLED")])
+def test_mlflow_hears_how_a_run_ended(ren_home: Path, data_cache: Path, mlflow_uri: str, error: BaseException,
+                                      status: str, mlflow_status: str) -> None:
+    """A failed run ends its MLflow run FAILED, a cancelled one KILLED, with the points logged until then."""
+    from mlflow.tracking import MlflowClient
+
+    store = Store(ren_home)
+    experiment = f"ends-{status}"
+    raw = tiny_finetune(data_cache, max_steps=10, eval_every=5, checkpoint_every=5, log_every=1)
+    cfg, run_id = start(store, {**raw, "tracking": {"log_with": ["mlflow"], "project": experiment,
+                                                    "mlflow": {"tracking_uri": mlflow_uri}}})
+    reporter = _StopsAt(3, error)
+    if status == "failed":
+        with pytest.raises(RuntimeError, match="a bug at step 3"):
+            train(cfg, store, run_id, reporter=reporter)
+    else:
+        train(cfg, store, run_id, reporter=reporter)
+    assert store.get_run(run_id).status == status
+    client = MlflowClient(mlflow_uri)
+    (found,) = client.search_runs([client.get_experiment_by_name(experiment).experiment_id])
+    assert found.info.status == mlflow_status and found.data.tags["ren.run_id"] == run_id
+    assert [m.step for m in client.get_metric_history(found.info.run_id, "loss")] == [1, 2, 3]
+
+
 def test_a_run_goes_on_when_its_trackers_are_missing_or_unreachable(ren_home: Path, data_cache: Path,
                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     """TensorBoard not installed, MLflow's server down: one warning each, naming the fix, and the run
@@ -223,6 +260,14 @@ def test_two_boxes_mirror_into_one_mlflow_server_and_runs_lists_both(tmp_path: P
         assert rows[run_id][1:3] == [host, "finished"]
         assert str(store.run_dir(run_id).resolve()) in listed.stdout
     assert "vqa_score=0.5000" in " ".join(rows[run_a]) and "vqa_score=0.7000" in " ".join(rows[boxes["box-b"][1]])
+    doc = ren_json("runs", "--mlflow", mlflow_uri, "--json", env={"REN_HOME": str(tmp_path / "elsewhere")})
+    assert doc["schema"] == "ren.lab-runs/1" and doc["uri"] == mlflow_uri
+    listed = {run["run_id"]: run for run in doc["runs"]}
+    for host, (store, run_id) in boxes.items():
+        run = listed[run_id]
+        assert (run["host"], run["status"], run["store"]) == (host, "FINISHED", str(store.run_dir(run_id).resolve()))
+        assert run["stage"] == "finetune" and isinstance(run["start_time"], float)
+    assert listed[run_a]["metrics"]["eval/vqa_score"] == 0.5 and listed[run_a]["metrics"]["test/vqa_score"] == 0.6
 
     client = MlflowClient(mlflow_uri)
     (mirrored,) = client.search_runs([client.get_experiment_by_name("ren").experiment_id],
@@ -254,9 +299,10 @@ def test_runs_from_an_unreachable_mlflow_server_is_a_clear_error(ren_home: Path)
     assert listed.returncode == 2 and f"cannot connect to {down}" in listed.stderr and "Traceback" not in listed.stderr
 
 
-def test_runs_from_mlflow_has_no_json_document_yet_and_says_so(ren_home: Path) -> None:
-    listed = ren("runs", "--mlflow", "http://127.0.0.1:1", "--json")
-    assert listed.returncode == 2 and listed.stdout == "" and "has no --json document yet" in listed.stderr
+def test_runs_from_an_unreachable_mlflow_server_with_json_prints_no_document(ren_home: Path) -> None:
+    down = f"http://127.0.0.1:{free_port()}"
+    listed = ren("runs", "--mlflow", down, "--json")
+    assert listed.returncode == 2 and listed.stdout == "" and f"cannot connect to {down}" in listed.stderr
 
 
 class _BlockedTrackers:

@@ -82,13 +82,9 @@ def runs(
 ) -> None:
     """List runs: id, name, status, steps, best scores, duration."""
     if mlflow:
-        if as_json:
-            raise RenError("ren runs --mlflow has no --json document yet (docs/cli-json.md lists those that do); "
-                           "the MLflow server itself answers its REST API in JSON (runs/search), with the ren.* "
-                           "tags on each run.")
         from engine.cli import sync
 
-        sync.list_lab_runs(mlflow, limit)
+        sync.list_lab_runs(mlflow, limit, as_json=as_json)
         return
     from engine.cli import commands
 

@@ -24,6 +24,7 @@ SCHEMA_DIR = Path(__file__).with_name("schemas")
 COMMANDS = {
     "validate": "ren.validate/1",
     "runs": "ren.runs/1",
+    "runs --mlflow": "ren.lab-runs/1",
     "show": "ren.show/1",
     "queue ls": "ren.queue-ls/1",
     "worker status": "ren.worker-status/1",

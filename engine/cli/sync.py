@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 
 from rich.console import Console
 from rich.table import Table
 
+from engine.cli import jsonout
 from engine.errors import RenError
 from engine.store import Store
 from engine.tracking import lab_runs, replay
@@ -35,12 +37,17 @@ def sync(run_ids: list[str], to: str, *, uri: str, logdir: str) -> None:
         raise SystemExit(1)
 
 
-def list_lab_runs(uri: str, limit: int) -> None:
+def list_lab_runs(uri: str, limit: int, *, as_json: bool = False) -> None:
+    """The ren runs the MLflow server at ``uri`` holds, as a table or (``as_json``) the ``ren.lab-runs/1``
+    document."""
     try:
         runs = lab_runs(uri, limit)
     except ConnectionError as exc:
         raise RenError(f"ren runs --mlflow {uri}: {exc}. Check the address, or that `mlflow server` runs "
                        "there.") from None
+    if as_json:
+        jsonout.emit("runs --mlflow", {"uri": uri, "runs": [dataclasses.asdict(run) for run in runs]})
+        return
     if not runs:
         console.print(f"no ren runs on {uri} yet: a run mirrors there with [tracking] log_with = [\"mlflow\"], "
                       "or `ren sync RUN --to mlflow --uri URI`")
