@@ -27,6 +27,7 @@ from engine.store import RunRecord, Store
 
 if TYPE_CHECKING:
     from engine.jobs.api import QueueView
+    from engine.predictions import SplitPredictions
     from engine.report import ReportTable
     from ren_tui.inspector import Inspector
 
@@ -160,6 +161,11 @@ class Backend:
         from engine.report import report_rows
 
         return report_rows(self.store, list(run_ids))
+
+    def predictions(self, run_id: str) -> list[SplitPredictions]:
+        """The run's kept predictions (``ren eval task RUN --examples N``), one per evaluated split, by
+        ``dataset/split``; [] when it has none. Each one's ``thumbnail_path(example)`` is its picture's file."""
+        return self.store.predictions(run_id)
 
     def log_tail(self, run_id: str, lines: int = 20) -> list[str]:
         """The last lines of a queued run's log ([] for runs without one)."""
