@@ -1,7 +1,7 @@
 """``ren-tui``: the keyboard-driven workbench over a results store.
 
 Screens: Runs (home), Compose, Queue as switchable modes (keys 1-3); Monitor,
-Compare and Freeze open on top of them. Every screen reaches runs, metrics and
+Examples, Compare and Freeze open on top of them. Every screen reaches runs, metrics and
 the queue only through :class:`ren_tui.backend.Backend`. Screen modules are
 imported when first shown, so start-up pays only for the Runs screen.
 """
@@ -31,6 +31,7 @@ HELP = """\
 # ren-tui
 
 **Screens** — `1` Runs · `2` Compose · `3` Queue · `enter` on a run opens its Monitor ·
+`x` its kept predictions with their pictures (`X` in the Monitor; `e` there shows the errors only) ·
 `c` compares the marked runs · `f` in Compose opens Freeze.
 
 **Everywhere** — `?` this help · `ctrl+p` command palette · `escape` leaves a field, closes a
@@ -305,6 +306,12 @@ class RenApp(App[None]):
         from ren_tui.screens.monitor import MonitorScreen
 
         self.push_screen(MonitorScreen(run_id))
+
+    def open_examples(self, run_id: str) -> None:
+        """The run's kept predictions with their pictures (``ren eval task RUN --examples N``)."""
+        from ren_tui.screens.examples import ExamplesScreen
+
+        self.push_screen(ExamplesScreen(run_id))
 
     def open_compare(self, run_ids: list[str]) -> None:
         from ren_tui.screens.compare import CompareScreen

@@ -37,11 +37,15 @@ def test_tui_import_imports_no_torch() -> None:
     assert not [m for m in HEAVY if m in mods]
 
 
-def test_tui_start_up_leaves_the_help_screens_markdown_parser_unloaded() -> None:
-    """markdown-it (about a quarter of ren-tui's own import time) loads when help first opens."""
+def test_tui_start_up_leaves_the_help_screens_markdown_parser_and_the_picture_library_unloaded() -> None:
+    """markdown-it (about a quarter of ren-tui's own import time) loads when help first opens; textual-image
+    (a tenth of a second more, numpy's import) when the examples view first shows a picture, not when its
+    module or the Runs screen's is imported."""
     mods = modules_after("import ren_tui.app")
     assert "ren_tui.screens.runs" in mods or "ren_tui.backend" in mods
-    assert not [m for m in mods if m.startswith("markdown_it")]
+    assert not [m for m in mods if m.startswith(("markdown_it", "textual_image"))]
+    mods = modules_after("import ren_tui.app, ren_tui.screens.runs, ren_tui.screens.monitor, ren_tui.screens.examples")
+    assert "ren_tui.widgets.picture" in mods and not [m for m in mods if m.startswith("textual_image")]
 
 
 def test_engine_never_imports_textual() -> None:

@@ -225,5 +225,33 @@ def test_screen_keys_switch_screens_and_never_type_into_a_left_field(terminal: T
     assert f"{EXITED} 0" in screen, screen
 
 
+@pytest.mark.timeout(120)
+def test_the_examples_view_draws_its_picture_in_half_blocks_and_takes_keys_after(terminal: Terminal,
+                                                                                 ren_home: Path) -> None:
+    """x opens the kept predictions of the run under the cursor; in tmux (as over plain SSH) the picture is
+    drawn in half-block characters. textual-image is imported then, inside the running app: had it asked
+    the terminal what it supports, tmux's answers would have reached the app as keys."""
+    from engine.store import Store
+    from tests.test_tui_examples import TEST_PICKS, kept
+
+    store = Store(ren_home)
+    beta = next(r for r in store.list_runs() if r.name == "beta-run")
+    kept(store, beta.id, "test", TEST_PICKS, score=0.9838, samples=700)
+    terminal.wait("2 of 2 runs", what="the Runs screen")
+    terminal.keys("x")
+    screen = terminal.wait("picture · half-block characters", "what is the red shape?", "✗ wrong",
+                           until=lambda s: s.count("▀") > 200, what="the examples and the first picture")
+    assert "vqa on easy_vqa/test · vqa_score 0.9838 on 700 samples" in screen
+    terminal.keys("e")
+    screen = terminal.wait("errors only (e: all)", what="the errors only")
+    assert "what color is the circle?" not in screen and "what is the black shape?" in screen
+    terminal.keys("Escape")
+    screen = terminal.wait("2 of 2 runs", what="Runs again")
+    assert "beta-run" in screen and "Help" not in screen.splitlines()[0]
+    terminal.keys("q")
+    screen = terminal.wait(EXITED, what="the app to quit")
+    assert f"{EXITED} 0" in screen, screen
+
+
 if __name__ == "__main__":
     launch(sys.argv[1])

@@ -9,7 +9,8 @@ chart's width. Another reads the lines the log gained. Each posts a message that
 newer one of its kind merges into, so a stalled screen catches up in one redraw.
 ``s`` smoothing, ``x`` step, samples, wall time or training compute (PFLOPs),
 ``z`` / ``[`` / ``]`` / ``0`` zoom (kept across the charts); the chart's own keys
-(cursor, log scale, series) are in ren_tui.widgets.chart.
+(cursor, log scale, series) are in ren_tui.widgets.chart. ``X`` opens the run's kept
+predictions (ren_tui.screens.examples).
 """
 
 from __future__ import annotations
@@ -76,6 +77,8 @@ class MonitorScreen(ChartKeys, KeepStyles, Screen[None]):
         Binding("escape", "app.pop_screen", "Back"),
         Binding("c", "next_chart", "Chart"),
         Binding("L", "full_log", "Full log"),
+        Binding("X", "examples", "Examples", show=False,  # x is the X axis here; Runs opens them with x
+                tooltip="the run's kept predictions with their pictures (ren eval task RUN --examples N)"),
         Binding("s", "smoothing", "Smooth"),
         *ChartKeys.CHART_BINDINGS,
         *ChartKeys.CHART_WIDGET_BINDINGS,
@@ -270,3 +273,6 @@ class MonitorScreen(ChartKeys, KeepStyles, Screen[None]):
         from ren_tui.screens.log import LogScreen
 
         self.app.push_screen(LogScreen(self.run_id))
+
+    def action_examples(self) -> None:
+        self.app.open_examples(self.run_id)

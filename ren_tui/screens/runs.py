@@ -5,8 +5,8 @@ compare (``c``) and queue again (``R``) apply to the marked runs when there are 
 the run under the cursor. Filter (``/``: words, ``status:``, ``tag:``, ``name:``, a leading ``-``
 excludes), sort by any column (``s`` the next column, ``S`` reverses, or click a header),
 group by study (tags ``study:NAME``, ``g``), show archived runs (``A``) or the runs cancelled
-before they started (``H``), open one (``enter``), write its notes (``n``) or clone its
-config into Compose (``e``). Marks, sort, filter and these toggles are kept between
+before they started (``H``), open one (``enter``), look at its kept predictions (``x``), write its
+notes (``n``) or clone its config into Compose (``e``). Marks, sort, filter and these toggles are kept between
 launches (the store's TUI settings). The store is read in a worker thread every 2 s.
 """
 
@@ -230,6 +230,8 @@ class RunsScreen(KeepStyles, Screen[None]):
         Binding("R", "queue_again", "Queue again", show=False,
                 tooltip="queue the marked failed, cancelled or crashed runs again (resume or start over)"),
         Binding("e", "clone", "Clone to Compose", show=False, tooltip="edit a copy of the run's config in Compose"),
+        Binding("x", "examples", "Examples", show=False,
+                tooltip="the run's kept predictions with their pictures (ren eval task RUN --examples N)"),
         Binding("g", "group", "Group by study", show=False, tooltip="group runs by their study:NAME tag"),
         Binding("A", "show_archived", "Show archived", show=False),
         Binding("H", "show_never_started", "Show never-started", show=False,
@@ -509,6 +511,10 @@ class RunsScreen(KeepStyles, Screen[None]):
     def action_open(self) -> None:
         if (run_id := self.current_id()) is not None:
             self.app.open_monitor(run_id)
+
+    def action_examples(self) -> None:
+        if (run_id := self.current_id()) is not None:
+            self.app.open_examples(run_id)
 
     @on(DataTable.RowSelected)
     def _selected(self) -> None:
