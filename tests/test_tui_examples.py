@@ -1,6 +1,6 @@
 """The examples view (issue 18, part 5): a finetuned run's kept predictions with their pictures, drawn by
-textual-image, filtered to the errors, split by split. The predictions are made here as ``ren eval task
---examples`` stores them (engine.predictions), around real easy-VQA questions and pictures; one test
+textual-image, filtered to the errors, split by split. The predictions are made as ``ren eval task
+--examples`` stores them, around real easy-VQA questions and pictures (tests/tui_fake.py); one test
 trains a tiny easy-VQA run and evaluates it for real."""
 
 from __future__ import annotations
@@ -12,7 +12,6 @@ import sys
 import time
 from pathlib import Path
 
-import easy_vqa
 import pytest
 from PIL import Image
 from rich.text import Text
@@ -20,7 +19,6 @@ from textual.pilot import Pilot
 from textual.widgets import DataTable, Static
 
 import engine.store
-from engine.predictions import Example, SplitPredictions, breakdown
 from engine.store import Store
 from ren_tui.app import HelpScreen, RenApp
 from ren_tui.backend import Backend
@@ -30,16 +28,9 @@ from ren_tui.screens.runs import RunsScreen
 from ren_tui.widgets import picture
 from tests.helpers.paths import REPO
 
-from .tui_fake import canned_run
+from .tui_fake import TEST_PICKS, VAL_PICKS, canned_predictions, canned_run, easy_vqa_test
 
-QUESTIONS, ANSWERS, IMAGES = easy_vqa.get_test_questions()
-PICTURES = easy_vqa.get_test_image_paths()
-# (easy-VQA test question, the model's answer, its confidence, why it was kept), in the order
-# engine.predictions.pick_examples keeps them: the most confident errors, then a sample by position
-TEST_PICKS = [(0, "rectangle", 0.97, "confident error"), (41, "yes", 0.91, "confident error"),
-              (11, "green", 0.74, "confident error"), (27, "yellow", 0.99, "sample"),
-              (81, "red", 0.95, "sample"), (102, "triangle", 0.41, "sample")]
-VAL_PICKS = [(44, "circle", 0.98, "sample"), (115, "triangle", 0.93, "sample")]
+QUESTIONS, ANSWERS, IMAGES, PICTURES = easy_vqa_test()
 ERRORS = [QUESTIONS[i] for i, answer, _, _ in TEST_PICKS if answer != ANSWERS[i]]
 
 
@@ -48,36 +39,13 @@ def short(text: str) -> str:
     return text if len(text) <= TEXT_CELL else text[:TEXT_CELL - 1] + "…"
 
 
-def category(truth: str) -> str:
-    """easy-VQA's question type of an answer (engine.predictions.category_of, without its data import)."""
-    return "yes/no" if truth in ("yes", "no") else "shape" if truth in ("circle", "rectangle", "triangle") \
-        else "colour"
-
-
-def kept(store: Store, run_id: str, split: str, picks: list[tuple[int, str, float, str]], *, score: float,
-         samples: int) -> SplitPredictions:
-    """Keep ``picks`` as run ``run_id``'s predictions on easy-VQA's ``split``, each with its real picture."""
-    examples, thumbnails = [], {}
-    for i, answer, confidence, why in picks:
-        name = f"{i}.png"  # as ren eval task names them: by item
-        examples.append(Example(i, QUESTIONS[i], f"easy_vqa test image {IMAGES[i]}", name, answer, ANSWERS[i],
-                                float(answer == ANSWERS[i]), confidence, category(ANSWERS[i]), why))
-        thumbnails[name] = Path(PICTURES[IMAGES[i]]).read_bytes()
-    truths = ANSWERS[:samples]
-    scores = [0.0 if n % 7 == 0 else 1.0 for n in range(samples)]
-    predictions = SplitPredictions(run_id, "vqa", "easy_vqa", split, "vqa_score", score, samples, "question type",
-                                   breakdown([category(t) for t in truths], scores), tuple(examples), 0.0)
-    store.save_predictions(run_id, predictions, thumbnails)
-    return predictions
-
-
 def quickstart(store: Store, *, splits: tuple[str, ...] = ("test",)) -> str:
     """A finetuned run with kept predictions on ``splits`` (test: 6 examples, 4 errors; val: 2, no error)."""
     run = canned_run(store, "quickstart")
     if "test" in splits:
-        kept(store, run.id, "test", TEST_PICKS, score=0.9838, samples=700)
+        canned_predictions(store, run.id, "test", TEST_PICKS, score=0.9838, samples=700)
     if "val" in splits:
-        kept(store, run.id, "val", VAL_PICKS, score=0.9843, samples=389)
+        canned_predictions(store, run.id, "val", VAL_PICKS, score=0.9843, samples=389)
     return run.id
 
 

@@ -232,11 +232,11 @@ def test_the_examples_view_draws_its_picture_in_half_blocks_and_takes_keys_after
     drawn in half-block characters. textual-image is imported then, inside the running app: had it asked
     the terminal what it supports, tmux's answers would have reached the app as keys."""
     from engine.store import Store
-    from tests.test_tui_examples import TEST_PICKS, kept
+    from tests.tui_fake import TEST_PICKS, canned_predictions
 
     store = Store(ren_home)
     beta = next(r for r in store.list_runs() if r.name == "beta-run")
-    kept(store, beta.id, "test", TEST_PICKS, score=0.9838, samples=700)
+    canned_predictions(store, beta.id, "test", TEST_PICKS, score=0.9838, samples=700)
     terminal.wait("2 of 2 runs", what="the Runs screen")
     terminal.keys("x")
     screen = terminal.wait("picture · half-block characters", "what is the red shape?", "✗ wrong",

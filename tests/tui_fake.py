@@ -1,5 +1,6 @@
 """A fake engine for TUI tests: runs with canned metric streams, written into a real
-store through its façade (as a trainer would), and replayed step by step."""
+store through its façade (as a trainer would), and replayed step by step; kept predictions
+around real easy-VQA questions and pictures, as ``ren eval task --examples`` keeps them."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from engine.config import load_preset
+from engine.predictions import Example, SplitPredictions, breakdown
 from engine.store import RunRecord, Store
 
 REPO = Path(__file__).resolve().parents[1]
@@ -78,3 +80,46 @@ class Replay:
                 writer.log(int(point["step"]), **values)
         self.done += len(chunk)
         self.store.update_run(self.run_id, step=int(chunk[-1]["step"]))
+
+
+# (easy-VQA test question, the model's answer, its confidence, why it was kept), in the order
+# engine.predictions.pick_examples keeps them: the most confident errors, then a sample by position.
+TEST_PICKS = [(0, "rectangle", 0.97, "confident error"), (41, "yes", 0.91, "confident error"),
+              (11, "green", 0.74, "confident error"), (27, "yellow", 0.99, "sample"),
+              (81, "red", 0.95, "sample"), (102, "triangle", 0.41, "sample")]
+VAL_PICKS = [(44, "circle", 0.98, "sample"), (115, "triangle", 0.93, "sample")]
+
+
+def easy_vqa_test() -> tuple[list[str], list[str], list[int], dict[int, str]]:
+    """easy-VQA's test questions, their answers, their images' ids, and each image's PNG file by id."""
+    import easy_vqa
+
+    questions, answers, images = easy_vqa.get_test_questions()
+    return questions, answers, images, easy_vqa.get_test_image_paths()
+
+
+def question_type(answer: str) -> str:
+    """easy-VQA's category of an answer (engine.predictions.category_of, without its data import)."""
+    if answer in ("yes", "no"):
+        return "yes/no"
+    return "shape" if answer in ("circle", "rectangle", "triangle") else "colour"
+
+
+def canned_predictions(store: Store, run_id: str, split: str, picks: list[tuple[int, str, float, str]], *,
+                       score: float, samples: int) -> SplitPredictions:
+    """Keep ``picks`` as run ``run_id``'s predictions on easy-VQA's ``split``, each example with its real picture
+    (named by item, as ``ren eval task`` names them), and a score per question type over ``samples`` items of
+    which every seventh is wrong."""
+    questions, answers, images, pictures = easy_vqa_test()
+    examples, thumbnails = [], {}
+    for i, answer, confidence, why in picks:
+        name = f"{i}.png"
+        examples.append(Example(i, questions[i], f"easy_vqa test image {images[i]}", name, answer, answers[i],
+                                float(answer == answers[i]), confidence, question_type(answers[i]), why))
+        thumbnails[name] = Path(pictures[images[i]]).read_bytes()
+    scores = [0.0 if n % 7 == 0 else 1.0 for n in range(samples)]
+    predictions = SplitPredictions(run_id, "vqa", "easy_vqa", split, "vqa_score", score, samples, "question type",
+                                   breakdown([question_type(a) for a in answers[:samples]], scores),
+                                   tuple(examples), 0.0)
+    store.save_predictions(run_id, predictions, thumbnails)
+    return predictions
