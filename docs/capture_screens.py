@@ -6,6 +6,8 @@ Renders each screen headless over a throw-away store of canned runs (the test
 suite's fake engine) and prints what the terminal would show. Compose and
 Freeze ask the real model inspector (it starts in a few seconds). The Queue
 capture uses a simulated inventory of 4 GPUs, since the capture machine has none.
+The Examples capture shows canned predictions around real easy-VQA pictures, drawn
+in half-block characters (their colours are lost in text).
 """
 
 from __future__ import annotations
@@ -31,7 +33,8 @@ from engine.runs import create_run  # noqa: E402
 from engine.store import Store, process_start_time  # noqa: E402
 from ren_tui.app import RenApp  # noqa: E402
 from ren_tui.backend import Backend  # noqa: E402
-from tests.tui_fake import canned_run, preset_config  # noqa: E402
+from ren_tui.widgets import picture  # noqa: E402
+from tests.tui_fake import TEST_PICKS, canned_predictions, canned_run, preset_config  # noqa: E402
 
 GPUS = [GPU(index=i, uuid=f"GPU-{i}", name="NVIDIA H100 80GB HBM3", pci_bus_id=f"0000:{0x18 + i:02x}:00.0",
             memory_total_mb=81559, memory_used_mb=used, utilization_pct=util)
@@ -47,6 +50,7 @@ def fill(store: Store) -> list[str]:
                                                                else []))
         ids.append(canned_run(store, name, tags=("study:freeze",), seed=seed, config=config, steps=1000,
                               keys=("loss",), eval_every=250).id)
+    canned_predictions(store, ids[-1], "test", TEST_PICKS, score=0.9838, samples=700)
     running = canned_run(store, "deit-one-tower-mlm-itm", status="running", steps=4000, written=1500, seed=4,
                          stage="pretrain", kind="one_tower", keys=("loss", "loss_mlm", "loss_itm"), eval_every=0)
     store.update_run(running.id, devices=(0, 1), gpus=2, device="2x NVIDIA H100 80GB HBM3",
@@ -82,6 +86,12 @@ async def capture(size: tuple[int, int]) -> dict[str, str]:
         await settle(1.0)
         shots["Monitor"] = text(app)
         app.pop_screen()
+        app.open_examples(ids[2])
+        await settle(1.0)
+        await pilot.press("down", "down")
+        await settle()
+        shots["Examples"] = text(app)
+        app.pop_screen()
         app.open_compare(ids[:3])
         await settle(1.0)
         shots["Compare"] = text(app)
@@ -105,6 +115,8 @@ async def capture(size: tuple[int, int]) -> dict[str, str]:
 
 
 def main() -> None:
+    os.environ[picture.ENV] = "halfblock"  # whatever terminal runs this, as over plain SSH,
+    picture.cell_size = lambda: picture.DEFAULT_CELL  # with textual-image's default cell
     parser = argparse.ArgumentParser()
     parser.add_argument("--size", default="100x28")
     args = parser.parse_args()
