@@ -219,6 +219,30 @@ async def test_a_missing_or_unreadable_picture_is_said_and_the_rest_still_shows(
         assert shown_picture(screen) == pixels(27) and not screen.query_one("#picture-note").display
 
 
+async def test_unreadable_predictions_or_no_textual_image_are_said_not_raised(ren_home: Path,
+                                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    store = Store(ren_home)
+    broken = quickstart(store)
+    (store.predictions(broken)[0].directory / "examples.json").write_text("{")
+    run_id = quickstart(store)
+
+    def no_textual_image(renderer: str, cell: tuple[int, int]) -> type:
+        raise ImportError("No module named 'textual_image'")
+
+    monkeypatch.setattr(picture, "image_class", no_textual_image)
+    app = launch(ren_home)
+    async with app.run_test(size=(120, 36)) as pilot:
+        screen = await open_examples(app, pilot)  # the newest run: its predictions load, its pictures cannot
+        assert screen.run_id == run_id and len(rows(screen)) == 6 and screen.image is None
+        assert "pictures cannot be drawn here: No module named 'textual_image'" in text(screen, "#picture-note")
+        assert "what is the red shape?" in text(screen, "#example-detail")
+        await pilot.press("escape", "down", "x")
+        await settle(app, pilot)
+        assert app.is_running and app.screen.has_class("empty")
+        assert "cannot read its kept predictions" in text(app.screen, "#examples-header")
+        assert text(app.screen, "#examples-message").startswith("Cannot read the kept predictions")
+
+
 async def test_X_in_a_runs_monitor_opens_its_examples_and_escape_goes_back_there(ren_home: Path) -> None:
     run_id = quickstart(Store(ren_home))
     app = launch(ren_home)

@@ -91,12 +91,14 @@ class ExamplesScreen(KeepStyles, Screen[None]):
 
     class Loaded(Message):
         """What the worker read: the run, its kept predictions (one per split), the picture widget class
-        (None without pictures), or why they cannot be read."""
+        (None without pictures, or when textual-image cannot be imported: ``no_pictures`` says why), or why
+        the predictions cannot be read (``error``)."""
 
         def __init__(self, record: RunRecord | None, splits: list[SplitPredictions],
-                     image_class: type[Widget] | None, error: str = "") -> None:
+                     image_class: type[Widget] | None, error: str = "", no_pictures: str = "") -> None:
             super().__init__()
             self.record, self.splits, self.image_class, self.error = record, splits, image_class, error
+            self.no_pictures = no_pictures
 
     def __init__(self, run_id: str, renderer: str | None = None) -> None:
         super().__init__()
@@ -106,8 +108,8 @@ class ExamplesScreen(KeepStyles, Screen[None]):
         self.splits: list[SplitPredictions] = []
         self.split = 0  # which of self.splits is shown
         self.errors_only = False
-        self.shown: list[Example] = []  # the table's rows, in order
         self.image: Widget | None = None  # textual-image's widget, once loaded
+        self.no_pictures = ""  # why pictures cannot be drawn here, if they cannot
 
     def compose(self) -> ComposeResult:
         yield Static(markup("[b]$id[/b] · kept predictions · reading…", id=self.run_id), id="examples-header")
@@ -140,13 +142,16 @@ class ExamplesScreen(KeepStyles, Screen[None]):
         except RenError as exc:
             self.post_message(self.Loaded(None, [], None, str(exc)))
             return
-        image_class = None
+        image_class, no_pictures = None, ""
         if any(e.thumbnail for split in splits for e in split.examples):
-            image_class = picture.image_class(self.renderer, picture.cell_size())
-        self.post_message(self.Loaded(record, splits, image_class))
+            try:
+                image_class = picture.image_class(self.renderer, picture.cell_size())
+            except ImportError as exc:  # a broken install: the rest still shows
+                no_pictures = f"(pictures cannot be drawn here: {exc})"
+        self.post_message(self.Loaded(record, splits, image_class, no_pictures=no_pictures))
 
     def on_examples_screen_loaded(self, message: Loaded) -> None:
-        self.record, self.splits = message.record, message.splits
+        self.record, self.splits, self.no_pictures = message.record, message.splits, message.no_pictures
         if message.error or not message.splits:
             self.add_class("empty")
             header = f"[b]$id[/b] · {'cannot read its kept predictions' if message.error else 'no kept predictions'}"
@@ -189,7 +194,6 @@ class ExamplesScreen(KeepStyles, Screen[None]):
         rows = [example_cells(e) for e in p.examples]  # all of them size the columns: e keeps them put
         set_columns(table, [cell(c.format(category=p.category_kind or "category")) for c in COLUMNS], rows)
         positions = [i for i, e in enumerate(p.examples) if e.error or not self.errors_only]
-        self.shown = [p.examples[i] for i in positions]
         for i in positions:
             table.add_row(*rows[i], key=str(i))
         if keep in positions:
@@ -246,6 +250,8 @@ class ExamplesScreen(KeepStyles, Screen[None]):
         image, why = None, ""
         if example is not None and path is None:
             why = "(no picture was kept for this item)"
+        elif path is not None and self.image is None:
+            why = self.no_pictures
         elif path is not None:
             try:
                 image = picture.open_picture(path)
