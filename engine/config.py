@@ -682,6 +682,16 @@ class TrainConfig(_Section):
     of micro_batch_size x processes (`ren validate --gpus N` checks N processes)."""
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
     """Autocast precision (through accelerate)."""
+    compile: bool = False
+    """Run the model under ``torch.compile`` (through accelerate's dynamo plugin, inductor backend). The
+    first steps take longer while it compiles; the losses match eager training within rounding
+    (docs/presets-guide.md, "Compiled steps"). The step whose FLOPs are counted runs eagerly."""
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = "default"
+    """``torch.compile``'s mode: ``reduce-overhead`` adds CUDA graphs (GPU, static shapes), ``max-autotune``
+    also searches kernel configurations (longer compile)."""
+    compile_regions: bool = True
+    """Compile each repeated transformer block once and reuse it (accelerate's regional compilation): a
+    much shorter compile than the whole model's, for about the same speed."""
     log_every: int = Field(20, ge=1)
     """Write averaged training metrics every N optimizer steps."""
     eval_every: int = Field(500, ge=1)
@@ -709,7 +719,25 @@ class TrainConfig(_Section):
                              "micro batches, so pick a divisor of batch_size")
         return micro
 
+    @model_validator(mode="after")
+    def _compile_keys_need_compile(self) -> "TrainConfig":
+        stray = [k for k in _COMPILE_KEYS if k in self.model_fields_set]
+        if stray and not self.compile:
+            raise ValueError(f"{', '.join(stray)} only appl{'ies' if len(stray) == 1 else 'y'} with compile = true; "
+                             f"set train.compile = true, or remove {'it' if len(stray) == 1 else 'them'}")
+        return self
 
+    @model_serializer(mode="wrap")
+    def _resolved(self, handler: Any) -> dict[str, Any]:
+        """The stored config keeps the compile options only when it compiles, so it validates again."""
+        data = handler(self)
+        if not self.compile:
+            for key in _COMPILE_KEYS:
+                data.pop(key, None)
+        return data
+
+
+_COMPILE_KEYS = ("compile_mode", "compile_regions")
 _STRATEGY_KEYS = {"fsdp": ("fsdp_sharding", "fsdp_offload"), "deepspeed": ("zero_stage", "zero_offload")}
 
 

@@ -32,7 +32,7 @@ from typing import Any, Protocol
 
 import torch
 from accelerate import Accelerator, PartialState
-from accelerate.utils import GradientAccumulationPlugin, parse_flag_from_env, set_seed
+from accelerate.utils import GradientAccumulationPlugin, TorchDynamoPlugin, parse_flag_from_env, set_seed
 from safetensors import SafetensorError
 from torch.utils.data import DataLoader, Sampler
 
@@ -54,6 +54,7 @@ from engine.display import bucket_means
 from engine.errors import ConfigError, RenError, StoreBusy, StoreError, oom_message
 from engine.freeze import FreezeReport, apply_freeze
 from engine.models import VLModel, build_model
+from engine.models.compiling import compile_model
 from engine.runs import FINAL_WEIGHTS
 from engine.store import MetricsWriter, Store, atomic_write_text, follow_umask, json_text
 from engine.tracking import (
@@ -281,9 +282,16 @@ def build_accelerator(cfg: RunConfig, trackers: Callable[[], list[Guarded]] | No
     # the plugin rather than gradient_accumulation_steps=: that one gives way to $ACCELERATE_GRADIENT_ACCUMULATION_STEPS
     accumulation = GradientAccumulationPlugin(num_steps=accum)
     accelerator = Accelerator(cpu=cpu, mixed_precision=cfg.train.mixed_precision,
-                              gradient_accumulation_plugin=accumulation,
+                              gradient_accumulation_plugin=accumulation, dynamo_plugin=_dynamo_plugin(cfg),
                               log_with=trackers() if trackers and state.is_main_process else None)
     return accelerator, micro, accum
+
+
+def _dynamo_plugin(cfg: RunConfig) -> TorchDynamoPlugin:
+    """No compile by accelerate: ``train.compile`` compiles the model in place (:func:`compile_model`), keeping
+    its parameter names. Given explicitly, as accelerate would otherwise follow $ACCELERATE_DYNAMO_BACKEND, and
+    the preset says what the run does."""
+    return TorchDynamoPlugin(backend="no")
 
 
 def _run_identity(cfg: RunConfig, run_dir: Path, run_id: str) -> RunIdentity:
@@ -626,6 +634,10 @@ def _build_model(cfg: RunConfig, data: DataBundle, store: Store, run_dir: Path, 
     freeze_report = apply_freeze(model, cfg.freeze)
     if freeze_report.trainable == 0:
         raise ConfigError("freeze.groups freezes every parameter; nothing would train.")
+    if cfg.train.compile:
+        compiled = compile_model(model, mode=cfg.train.compile_mode, regions=cfg.train.compile_regions)
+        reporter.message(f"compiling {'the whole model' if compiled == [''] else f'{len(compiled)} blocks'} with "
+                         f"torch.compile (mode {cfg.train.compile_mode}): the first steps are slower")
     return model, freeze_report
 
 
