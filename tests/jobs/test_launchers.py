@@ -275,14 +275,27 @@ def _fake_tool(directory: Path, name: str, body: str) -> None:
     path.chmod(path.stat().st_mode | stat.S_IEXEC)
 
 
-def test_sbatch_script_runs_one_launch_per_node_with_its_own_rank(tmp_path: Path) -> None:
+# `scontrol show hostnames` lists the job's nodes; `scontrol show node NAME` describes one, NodeAddr included
+# (the format of SLURM 22.05, which a real cluster in test_slurm_real.py answers with).
+SCONTROL = """case "$2" in
+    hostnames) printf "node-a\\nnode-b\\n" ;;
+    node) printf "NodeName=%s Arch=x86_64 CoresPerSocket=2\\n   NodeAddr=%s NodeHostName=%s Version=22.05.8\\n" \\
+              "$3" "${NODE_ADDR-10.0.0.1}" "$3" ;;
+esac
+"""
+
+
+@pytest.mark.parametrize(("node_addr", "main_ip"), [("10.1.2.3", "10.1.2.3"), ("", "node-a")])
+def test_sbatch_script_runs_one_launch_per_node_with_its_own_rank(tmp_path: Path, node_addr: str,
+                                                                  main_ip: str) -> None:
     """The script under fake scontrol/srun (two nodes) and a fake python that records
-    its argv and REN_HOME: each node's launch gets its own rank, and REN_HOME with a
+    its argv and REN_HOME: each node's launch gets its own rank and the head node's
+    address (its NodeAddr; its name where scontrol gives none), and REN_HOME with a
     space arrives whole."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     calls = tmp_path / "calls.txt"
-    _fake_tool(bin_dir, "scontrol", 'printf "node-a\\nnode-b\\n"\n')
+    _fake_tool(bin_dir, "scontrol", SCONTROL)
     _fake_tool(bin_dir, "srun", 'while [ "$1" != bash ]; do shift; done\n'
                                 'for rank in 0 1; do SLURM_NODEID=$rank "$@"; done\n')
     _fake_tool(bin_dir, "python", f'echo "$REN_HOME|$*" >> {shlex.quote(str(calls))}\n')
@@ -290,7 +303,7 @@ def test_sbatch_script_runs_one_launch_per_node_with_its_own_rank(tmp_path: Path
     script = tmp_path / "job.sh"
     script.write_text(_script(tmp_path, python=str(bin_dir / "python")))
     env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_JOB_NODELIST": "node-[a-b]",
-           "SLURM_NNODES": "2", "SLURM_JOB_ID": "4242", "SLURM_NODEID": "9"}
+           "SLURM_NNODES": "2", "SLURM_JOB_ID": "4242", "SLURM_NODEID": "9", "NODE_ADDR": node_addr}
     result = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     lines = calls.read_text().splitlines()
@@ -298,7 +311,7 @@ def test_sbatch_script_runs_one_launch_per_node_with_its_own_rank(tmp_path: Path
     for rank, line in enumerate(lines):
         ren_home, argv = line.split("|")
         assert ren_home == str(home)
-        assert (f"--machine_rank {rank} --main_process_ip node-a --main_process_port {20000 + 4242}") in argv
+        assert (f"--machine_rank {rank} --main_process_ip {main_ip} --main_process_port {20000 + 4242}") in argv
         assert argv.endswith("-m engine.train 20250101-abc")
 
 
