@@ -7,8 +7,8 @@ init, no evaluation during training) in this process, in alternation: eager; com
 (``compile_regions = true``, the default); the whole model compiled. Throughput is the steady state: the median
 of the ``samples_per_s`` the run logged over its last half (every 10 steps), after the compile; the compile's
 cost is the run's wall time minus eager's for the same steps. Each compiled run starts with an empty inductor
-cache of its own (``TORCHINDUCTOR_CACHE_DIR``), so each pays its whole compile, as a first run on a machine does. ``--quick``: a few steps,
-printed only (never writes RESULTS.md).
+cache of its own (``TORCHINDUCTOR_CACHE_DIR``), so each pays its whole compile, as a first run on a machine
+does. ``--quick``: a few steps, printed only (never writes RESULTS.md).
 """
 
 from __future__ import annotations
