@@ -120,8 +120,17 @@ def write_section(name: str, title: str, body: str, *, device: str | None = None
     command = " ".join(shlex.quote(a) for a in [".venv/bin/python", *_relative_argv()])
     section = (f"<!-- bench:{name} -->\n## {title}\n\n`{command}`\n\nMachine: {machine(device)}\n\n"
                f"{body.strip()}\n<!-- /bench:{name} -->")
+    _put_section(path, name, section)
+
+
+def _section_pattern(name: str) -> re.Pattern[str]:
+    return re.compile(rf"<!-- bench:{re.escape(name)} -->.*?<!-- /bench:{re.escape(name)} -->", re.S)
+
+
+def _put_section(path: Path, name: str, section: str) -> None:
+    """Replace section ``name`` of ``path`` with ``section`` (whole, markers included), or append it."""
     text = path.read_text() if path.exists() else _HEADER
-    pattern = re.compile(rf"<!-- bench:{re.escape(name)} -->.*?<!-- /bench:{re.escape(name)} -->", re.S)
+    pattern = _section_pattern(name)
     if pattern.search(text):
         text = pattern.sub(lambda _: section, text)
     else:
@@ -129,6 +138,17 @@ def write_section(name: str, title: str, body: str, *, device: str | None = None
     tmp = path.with_suffix(".md.tmp")
     tmp.write_text(text)
     tmp.replace(path)
+
+
+def merge_sections(source: Path, target: Path = RESULTS) -> list[str]:
+    """Copy every section of ``source`` (a file the benchmarks wrote with ``--results``, e.g. the GPU
+    check's ``RESULTS.gpu.md``) into ``target``, each replacing its namesake or appended; returns their
+    names. Sections of ``target`` that ``source`` does not hold are left as they are."""
+    text = source.read_text()
+    names = re.findall(r"<!-- bench:([\w.-]+) -->", text)
+    for name in names:
+        _put_section(target, name, _section_pattern(name).search(text).group(0))
+    return names
 
 
 def _relative_argv() -> list[str]:
@@ -417,3 +437,11 @@ def training_steps(ren: Any, ren_loss: Callable[[], Any], ref: Any, ref_loss: Ca
     ren_opt = build_optimizer(ren, OptimConfig(lr=1e-4, weight_decay=0.0), rt.torch_device)
     ref_opt = torch.optim.AdamW(ref.parameters(), lr=1e-4, weight_decay=0.0, fused=True)
     return step_of(ren_loss, ren_opt), step_of(ref_loss, ref_opt)
+
+
+if __name__ == "__main__":
+    # python3 bench/_results.py merge SOURCE [TARGET]: SOURCE's sections into TARGET (default bench/RESULTS.md)
+    if len(sys.argv) not in (3, 4) or sys.argv[1] != "merge":
+        sys.exit("usage: python3 bench/_results.py merge SOURCE [TARGET]")
+    merged = merge_sections(Path(sys.argv[2]), Path(sys.argv[3]) if len(sys.argv) == 4 else RESULTS)
+    print(f"merged {len(merged)} section(s): {', '.join(merged) or '-'}")
