@@ -53,7 +53,7 @@ mkdir -p "$HF_HUB_CACHE" && cp -r "$REPO/tests/fixtures/hf_cache/." "$HF_HUB_CAC
 if [ "$DRY" = 1 ]; then
   declare -A LIMIT=([setup]=120 [a]=420 [b1]=120 [b2]=120 [c]=180 [d]=420)
 else
-  declare -A LIMIT=([setup]=40 [a]=130 [b1]=60 [b2]=60 [c]=60 [d]=180)
+  declare -A LIMIT=([setup]=40 [a]=130 [b1]=55 [b2]=55 [c]=55 [d]=175)
 fi
 
 # step NAME TITLE COMMAND...: run it under its limit, its output into OUT/NAME.log (and a short tail here)
