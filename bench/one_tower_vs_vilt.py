@@ -1,6 +1,7 @@
 """One-tower training-step throughput: ren's one-tower encoder against Hugging Face ``ViltForQuestionAnswering``.
 
     .venv/bin/python bench/one_tower_vs_vilt.py [--repeats 7] [--steps 1] [--threads 1] [--quick]
+    python3 bench/one_tower_vs_vilt.py --device cuda [--dtype bf16] [--batch N] [--results FILE] [--json FILE]
 
 Both sides are built at identical sizes with random weights: hidden size, layers, heads, MLP width,
 patch size, image size, text length, vocabulary, number of answers, dropout and batch. ren's side
@@ -24,6 +25,12 @@ see ``1 + (image/patch)^2`` image tokens plus the text tokens. ViLT in transform
 its eager attention (no SDPA); ren's backbone is HF's ViT with ``attn_implementation = "sdpa"``.
 ``--quick`` runs tiny sizes for a smoke check and prints only; otherwise the section
 ``one_tower_vs_vilt`` of ``bench/RESULTS.md`` is rewritten.
+
+``--device cuda`` (``bench/gpu_check.sh``) runs both sides on the GPU under bf16 autocast at ViLT-B/32's
+sizes (``GPU_SIZES``, batch 128), counts each side's FLOPs per step and reports achieved TFLOP/s and MFU
+against the bf16 matmul peak measured in the same process; it writes the section ``one_tower_vs_vilt_gpu``
+(of ``--results``, default ``bench/RESULTS.md``). On the GPU ViLT's eager attention still materialises the
+attention matrix while ren's runs in SDPA's fused kernels, dropout included.
 """
 
 from __future__ import annotations
@@ -36,8 +43,11 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from bench._results import (  # noqa: E402
+    Runtime,
     compared,
+    matmul_peak,
     params,
+    step_flops,
     step_result,
     throughput_main,
     throughput_table,
@@ -75,11 +85,15 @@ DEFAULT_SIZES = [
     Size(768, 12, 12, 4.0, 32, 384, 40, 30522, 3129, 16),  # ViLT-B/32's own sizes
 ]
 QUICK_SIZES = [Size(64, 2, 2, 4.0, 16, 64, 16, 1000, 50, 4), Size(64, 2, 2, 4.0, 16, 64, 16, 1000, 50, 4, 0.1)]
+# ViLT-B/32 at a per-GPU batch that fills an H100, at both dropouts (0.1 is what ViLT trained with)
+GPU_SIZES = [Size(768, 12, 12, 4.0, 32, 384, 40, 30522, 3129, 128),
+             Size(768, 12, 12, 4.0, 32, 384, 40, 30522, 3129, 128, dropout=0.1)]
 
 
-def make_inputs(size: Size, seed: int = 0):
-    return vqa_inputs(batch=size.batch, text_len=size.text_len, vocab=size.vocab, image=size.image,
-                      answers=size.answers, cls_id=101 if size.vocab > 101 else 1, seed=seed)
+def make_inputs(size: Size, seed: int = 0, rt: Runtime = Runtime()):
+    tensors = vqa_inputs(batch=size.batch, text_len=size.text_len, vocab=size.vocab, image=size.image,
+                         answers=size.answers, cls_id=101 if size.vocab > 101 else 1, seed=seed)
+    return tuple(t.to(rt.torch_device) for t in tensors)
 
 
 def build_ren(size: Size):
@@ -108,53 +122,59 @@ def build_vilt(size: Size):
     return ViltForQuestionAnswering(config).train()
 
 
-def step_fns(size: Size):
-    """(ren step, HF step, ren model, HF model): each step runs one full training step on the same inputs."""
+def step_fns(size: Size, rt: Runtime = Runtime()):
+    """(ren step, HF step, ren model, HF model): each step runs one full training step on the same inputs.
+    Both models are built on ``rt``'s device (initialised there: fast on a GPU)."""
     import torch
 
     from engine.tasks import task_loss
 
-    ids, mask, pixels, targets = make_inputs(size)
-    torch.manual_seed(0)
-    ren = build_ren(size)
-    torch.manual_seed(0)
-    vilt = build_vilt(size)
+    ids, mask, pixels, targets = make_inputs(size, rt=rt)
+    with rt.torch_device:
+        torch.manual_seed(0)
+        ren = build_ren(size)
+        torch.manual_seed(0)
+        vilt = build_vilt(size)
     ren_step, vilt_step = training_steps(
         ren, lambda: task_loss("vqa", ren(ids, mask, pixels, task=True).logits["task"], targets, "bce"),
-        vilt, lambda: vilt(input_ids=ids, attention_mask=mask, pixel_values=pixels, labels=targets).loss)
+        vilt, lambda: vilt(input_ids=ids, attention_mask=mask, pixel_values=pixels, labels=targets).loss, rt)
     return ren_step, vilt_step, ren, vilt
 
 
-def image_tokens(size: Size, ren, vilt) -> tuple[int, int]:
+def image_tokens(size: Size, ren, vilt, rt: Runtime = Runtime()) -> tuple[int, int]:
     """How many image tokens each side actually puts through its encoder (checked, not assumed)."""
     import torch
 
-    ids, mask, pixels, _ = make_inputs(size)
+    ids, mask, pixels, _ = make_inputs(size, rt=rt)
     with torch.no_grad():
         ren_tokens = ren.encoder.embed_image(pixels).shape[1]
         vilt_tokens = vilt.vilt(input_ids=ids, attention_mask=mask, pixel_values=pixels).last_hidden_state.shape[1]
     return ren_tokens, vilt_tokens - size.text_len
 
 
-def measure(size: Size, repeats: int, steps: int) -> dict:
-    ren_step, vilt_step, ren, vilt = step_fns(size)
-    ren_tokens, vilt_tokens = image_tokens(size, ren, vilt)
+def measure(size: Size, repeats: int, steps: int, rt: Runtime = Runtime()) -> dict:
+    ren_step, vilt_step, ren, vilt = step_fns(size, rt)
+    ren_tokens, vilt_tokens = image_tokens(size, ren, vilt, rt)
     if ren_tokens != vilt_tokens:
         raise SystemExit(f"image token counts differ: ren {ren_tokens}, ViLT {vilt_tokens}")
-    wall, cpu = time_steps({"ren": ren_step, "ref": vilt_step}, repeats, steps)
-    return {**step_result(size, ren, vilt, wall, cpu), "hf_pooler": params(vilt.vilt.pooler),
+    flops = {"ren": step_flops(ren_step), "ref": step_flops(vilt_step)} if rt.accounted else None
+    wall, cpu = time_steps({"ren": ren_step, "ref": vilt_step}, repeats, steps, rt.sync())
+    peak = matmul_peak(rt) if rt.accounted else None
+    return {**step_result(size, ren, vilt, wall, cpu, flops, peak), "hf_pooler": params(vilt.vilt.pooler),
             "hf_token_type": params(vilt.vilt.embeddings.text_embeddings.token_type_embeddings), "tokens": ren_tokens}
 
 
-def report(results: list[dict], threads: int, repeats: int, steps: int) -> str:
+def report(results: list[dict], threads: int, repeats: int, steps: int, rt: Runtime = Runtime()) -> str:
     body = throughput_table(results, "ren one_tower", "HF ViltForQuestionAnswering", "HF")
+    if rt.accounted and results[0].get("peak_flops"):
+        body += f"\n\nMeasured {rt.dtype} matmul peak: {results[0]['peak_flops'] / 1e12:.1f} TFLOP/s."
     diffs = ", ".join(sorted({f"D={r['size'].hidden}: HF {r['ref_params'] - r['ren_params']:+,}, token-type table "
                               f"{r['hf_token_type']:,}" for r in results}))
     r0_tokens = results[0]["tokens"] + results[0]["size"].text_len - 1
     r_layers_all = " / ".join(str(r["size"].layers) for r in results)
     return body + f"""
 
-{compared(threads, repeats, steps, "HF")}
+{compared(threads, repeats, steps, "HF", rt)}
 ren: `build_model` on a `one_tower` config with a manual
 `modality = "vision"` backbone (HF `ViTModel` layers with SDPA attention, ren's fresh text embeddings,
 modality-type embedding and pooler, task head with `head_hidden_mult = 2`). HF:
@@ -186,7 +206,7 @@ embedding, which ren's text embedding does not have.
 
 def main() -> None:
     throughput_main(__doc__, "one_tower_vs_vilt", "1. One-tower step throughput: ren vs HF ViltForQuestionAnswering",
-                    DEFAULT_SIZES, QUICK_SIZES, measure, report, "HF")
+                    DEFAULT_SIZES, QUICK_SIZES, measure, report, "HF", GPU_SIZES)
 
 if __name__ == "__main__":
     main()

@@ -1,6 +1,7 @@
 """Two-tower training-step throughput: ren's two-tower (METER-style) model against the seed's wiring.
 
     .venv/bin/python bench/two_tower_vs_lxmert.py [--repeats 7] [--steps 1] [--threads 1] [--quick]
+    python3 bench/two_tower_vs_lxmert.py --device cuda [--dtype bf16] [--batch N] [--results FILE] [--json FILE]
 
 The seed (the Renaissance code, bsu-slim/renaissance, ``TwoTowerEncoder``) builds its two-tower
 model from Hugging Face parts: a text tower and a vision tower from ``AutoModel.from_config``, a
@@ -21,6 +22,12 @@ alternate (``bench/_results.alternate``) for ``--repeats`` rounds after a warm-u
 table gives median step times, samples/s and the ratio ``ren / reference`` of samples/s.
 ``--quick`` runs tiny sizes and prints only; otherwise the section ``two_tower_vs_lxmert`` of
 ``bench/RESULTS.md`` is rewritten.
+
+``--device cuda`` (``bench/gpu_check.sh``) runs both sides on the GPU under bf16 autocast at ViLT-B/32's
+sizes for each tower with METER's fusion (6 co-attention layers of width 768, 12 heads; ``GPU_SIZES``,
+batch 128), counts each side's FLOPs per step and reports achieved TFLOP/s and MFU against the bf16 matmul
+peak measured in the same process; it writes the section ``two_tower_vs_lxmert_gpu`` (of ``--results``,
+default ``bench/RESULTS.md``).
 """
 
 from __future__ import annotations
@@ -33,8 +40,11 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from bench._results import (  # noqa: E402
+    Runtime,
     compared,
+    matmul_peak,
     params,
+    step_flops,
     step_result,
     table,
     throughput_main,
@@ -76,11 +86,14 @@ DEFAULT_SIZES = [
     Size(256, 4, 4, 256, 2, 4, 4.0, 16, 224, 40, 30522, 3129, 16, fusion_dropout=0.0),
 ]
 QUICK_SIZES = [Size(64, 2, 2, 64, 1, 2, 4.0, 16, 64, 16, 1000, 50, 4, fusion_dropout=0.1)]
+# ViLT-B/32's sizes for each tower, METER's fusion (6 layers of 768, 12 heads), at a per-GPU batch of 128
+GPU_SIZES = [Size(768, 12, 12, 768, 6, 12, 4.0, 32, 384, 40, 30522, 3129, 128, fusion_dropout=0.1)]
 
 
-def make_inputs(size: Size, seed: int = 0):
-    return vqa_inputs(batch=size.batch, text_len=size.text_len, vocab=size.vocab, image=size.image,
-                      answers=size.answers, seed=seed)
+def make_inputs(size: Size, seed: int = 0, rt: Runtime = Runtime()):
+    tensors = vqa_inputs(batch=size.batch, text_len=size.text_len, vocab=size.vocab, image=size.image,
+                         answers=size.answers, seed=seed)
+    return tuple(t.to(rt.torch_device) for t in tensors)
 
 
 def build_ren(size: Size):
@@ -156,20 +169,22 @@ def build_reference(size: Size):
     return SeedTwoTower().train()
 
 
-def step_fns(size: Size):
-    """(ren step, reference step, ren model, reference model), each one full training step on the same inputs."""
+def step_fns(size: Size, rt: Runtime = Runtime()):
+    """(ren step, reference step, ren model, reference model), each one full training step on the same inputs.
+    Both models are built on ``rt``'s device (initialised there: fast on a GPU)."""
     import torch
 
     from engine.tasks import task_loss
 
-    ids, mask, pixels, targets = make_inputs(size)
-    torch.manual_seed(0)
-    ren = build_ren(size)
-    torch.manual_seed(0)
-    ref = build_reference(size)
+    ids, mask, pixels, targets = make_inputs(size, rt=rt)
+    with rt.torch_device:
+        torch.manual_seed(0)
+        ren = build_ren(size)
+        torch.manual_seed(0)
+        ref = build_reference(size)
     ren_step, ref_step = training_steps(
         ren, lambda: task_loss("vqa", ren(ids, mask, pixels, task=True).logits["task"], targets, "bce"),
-        ref, lambda: task_loss("vqa", ref(ids, mask, pixels), targets, "bce"))
+        ref, lambda: task_loss("vqa", ref(ids, mask, pixels), targets, "bce"), rt)
     return ren_step, ref_step, ren, ref
 
 
@@ -189,19 +204,23 @@ def param_breakdown(ren, ref) -> dict[str, tuple[int, int]]:
     }
 
 
-def measure(size: Size, repeats: int, steps: int) -> dict:
-    ren_step, ref_step, ren, ref = step_fns(size)
-    wall, cpu = time_steps({"ren": ren_step, "ref": ref_step}, repeats, steps)
-    return {**step_result(size, ren, ref, wall, cpu), "breakdown": param_breakdown(ren, ref)}
+def measure(size: Size, repeats: int, steps: int, rt: Runtime = Runtime()) -> dict:
+    ren_step, ref_step, ren, ref = step_fns(size, rt)
+    flops = {"ren": step_flops(ren_step), "ref": step_flops(ref_step)} if rt.accounted else None
+    wall, cpu = time_steps({"ren": ren_step, "ref": ref_step}, repeats, steps, rt.sync())
+    peak = matmul_peak(rt) if rt.accounted else None
+    return {**step_result(size, ren, ref, wall, cpu, flops, peak), "breakdown": param_breakdown(ren, ref)}
 
 
-def report(results: list[dict], threads: int, repeats: int, steps: int) -> str:
+def report(results: list[dict], threads: int, repeats: int, steps: int, rt: Runtime = Runtime()) -> str:
     body = throughput_table(results, "ren two_tower", "seed wiring (HF towers + LxmertXLayer)", "seed")
+    if rt.accounted and results[0].get("peak_flops"):
+        body += f"\n\nMeasured {rt.dtype} matmul peak: {results[0]['peak_flops'] / 1e12:.1f} TFLOP/s."
     parts = table(["part", "ren", "seed wiring", "difference"],
                   [[name, f"{a:,}", f"{b:,}", f"{a - b:+,}"] for name, (a, b) in results[0]["breakdown"].items()])
     return body + f"""
 
-{compared(threads, repeats, steps, "seed")}
+{compared(threads, repeats, steps, "seed", rt)}
 Both sides run the same towers: HF `BertModel` and `ViTModel` built from configs of the same
 sizes with SDPA attention (ren builds them itself; the seed's `AutoModel.from_config` picks SDPA too,
 and keeps the unused BERT/ViT poolers), so the difference is in the fusion: ren's `FusionLayer`s
@@ -244,7 +263,7 @@ can differ):
 def main() -> None:
     throughput_main(__doc__, "two_tower_vs_lxmert",
                     "2. Two-tower step throughput: ren vs the seed's LxmertXLayer wiring", DEFAULT_SIZES, QUICK_SIZES,
-                    measure, report, "seed")
+                    measure, report, "seed", GPU_SIZES)
 
 if __name__ == "__main__":
     main()

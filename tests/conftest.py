@@ -44,3 +44,19 @@ def data_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     cache = tmp_path_factory.mktemp("easyvqa_cache")
     load_easy_vqa(cache)
     return cache
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests marked ``gpu`` are collected everywhere and skipped where CUDA is absent (CI); with
+    ``REN_GPU_TESTS_ON_CPU=1`` (bench/gpu_check.sh --dry-run) those that can also run on a CPU do, so their
+    own logic is checked before a GPU box runs them."""
+    gpu = [item for item in items if item.get_closest_marker("gpu")]
+    if not gpu or os.environ.get("REN_GPU_TESTS_ON_CPU") == "1":
+        return
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (bench/gpu_check.sh runs these on one; docs/gpu.md)")
+    for item in gpu:
+        item.add_marker(skip)

@@ -214,3 +214,28 @@ def test_two_processes_train_like_one_with_the_same_global_batch(tmp_path: Path,
     worst = max(abs(a - b) / max(abs(b), 1.0) for (_, a), (_, b) in zip(loss_two, loss_one))
     print(f"2 processes vs 1: largest relative loss difference {worst:.2e}")
     assert worst <= 1e-4, (loss_two, loss_one)
+
+
+def test_a_run_out_of_cuda_memory_says_what_to_change_without_a_traceback(
+        tmp_path: Path, ren_home: Path, data_cache: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    # what torch raises when a batch does not fit on the GPU, raised here by the trainer's step on a CPU
+    # (tests/gpu/test_gpu.py makes a real one on a GPU)
+    import torch
+
+    import engine.train
+    from tests.helpers.cli import cli
+    from tests.helpers.training import tiny_preset
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+    monkeypatch.setattr(engine.train, "_finetune_step", out_of_memory)
+    code, err = cli(["run", str(tiny_preset(tmp_path / "p.toml", data_cache))], monkeypatch, capsys)
+    assert code == 2, err
+    assert "Traceback" not in err
+    text = " ".join(err.split())
+    assert "error: run " in text and "failed: CUDA out of memory on cpu" in text
+    assert "train.batch_size 16 (micro batch 16 per process)" in text and "train.micro_batch_size" in text
+    record = Store(ren_home).list_runs()[0]
+    assert record.status == "failed" and record.error.startswith("CUDA out of memory on cpu")

@@ -36,7 +36,7 @@ from engine.display import (
     si,
     terminal_safe,
 )
-from engine.errors import EXIT_FAILED_RUN, RenError
+from engine.errors import EXIT_FAILED_RUN, RenError, oom_message
 from engine.inspector import model_summary
 from engine.runs import check_init_from, create_run, resolve_init_from, resume_point, stored_config, trained_now
 from engine.store import RunRecord, Store, process_start_time
@@ -167,12 +167,29 @@ def _train_here(cfg: RunConfig, owner: _Owner, run_id: str, *, resume: bool) -> 
         owner.end("failed", _failure(exc))  # the trainer records its own failures; this is for the rest
         if resume:
             _refused_checkpoint(exc, store, run_id)
+        _out_of_memory(exc, cfg, store, run_id)
         raise
     final = store.get_run(run_id)
     named = [format_scores(scores, split=eval_split_of(final))] if scores else []
     named += [format_scores(final.test_scores)] if final.test_scores else []
     console.print(f"[bold]{final.status}[/] {final.id} in {time.time() - t0:.0f}s" + "".join(f"  {s}" for s in named),
                   soft_wrap=True)  # one line, whatever the terminal's width, for scripts that read it
+
+
+def _out_of_memory(exc: Exception, cfg: RunConfig, store: Store, run_id: str) -> None:
+    """A :class:`RenError` saying what to change when ``exc`` is a CUDA out-of-memory failure: the batch does
+    not fit, which a setting fixes, so the user gets the paragraph the run was recorded with, not a traceback."""
+    import torch
+
+    if not isinstance(exc, torch.OutOfMemoryError):
+        return
+    recorded = store.get_run(run_id).error or ""
+    if not recorded.startswith("CUDA out of memory on"):  # it failed before the trainer's loop (moving the model)
+        where = torch.cuda.get_device_name() if torch.cuda.is_available() else "the device"
+        recorded = oom_message(batch_size=cfg.train.batch_size, micro_batch_size=cfg.train.micro_batch_size,
+                               processes=1, where=where)
+        store.update_run(run_id, error=recorded)
+    raise RenError(f"run {run_id} failed: {recorded}") from None
 
 
 def _refused_checkpoint(exc: Exception, store: Store, run_id: str) -> None:
