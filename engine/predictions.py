@@ -1,9 +1,10 @@
 """A finetuned run's predictions on one split, kept for people to look at: a few scored examples (the
 model's most confident errors and a sample of the rest) and the score per category of the data.
 
-``ren eval task RUN --examples N`` (:func:`engine.evaluate.collect_predictions`) fills a
-:class:`SplitPredictions`; :func:`save_predictions` writes it into the run's directory and
-:func:`load_predictions` reads it back for ``ren report`` and the TUI's examples view. This module is
+``ren eval task RUN --examples N`` (:func:`engine.evaluate.split_predictions`) fills a
+:class:`SplitPredictions`; :func:`keep_predictions` writes it into the run's directory and
+:func:`kept_predictions` reads it back for ``ren report`` and the TUI's examples view (the store's façade for
+predictions: the store itself never imports this module). This module is
 plain data (no torch), so the TUI may import it. The rules (what an error is, which examples are kept,
 where categories come from): docs/tasks-and-data.md, "Looking at the predictions".
 """
@@ -22,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from engine.errors import RenError
+from engine.store import Store, StoreError, _atomic_write_json
 
 SCHEMA = "ren.predictions/1"
 DIRECTORY = "predictions"  # in the run's directory
@@ -187,8 +189,6 @@ def save_predictions(run_dir: Path, predictions: SplitPredictions, thumbnails: M
     earlier evaluation kept for the same split. The images go into a fresh folder first; ``examples.json``
     there, written last (atomically), is what makes the folder count, and the previous folder is then
     removed, so a kill at any point leaves the old predictions or the new ones, whole. Returns the folder."""
-    from engine.store import StoreError, _atomic_write_json
-
     final = _split_directory(run_dir, predictions.dataset, predictions.split)
     fresh = final.with_name(f".{final.name}.{secrets.token_hex(4)}")
     try:
@@ -224,3 +224,16 @@ def load_predictions(run_dir: Path) -> list[SplitPredictions]:
             raise RenError(f"Cannot read the kept predictions {path}: {exc}. Evaluate again with "
                            "`ren eval task RUN --split SPLIT --examples N` to rewrite them.") from exc
     return sorted(found, key=lambda p: p.key)
+
+
+def keep_predictions(store: Store, run_id: str, predictions: SplitPredictions, thumbnails: Mapping[str, bytes]
+                     ) -> Path:
+    """Keep a split's scored examples and per-category scores (and the examples' pictures, PNG bytes by file
+    name) with run ``run_id`` of ``store``, replacing what was kept for that split before; returns their
+    folder (:func:`save_predictions`)."""
+    return save_predictions(store.run_dir(run_id), predictions, thumbnails)
+
+
+def kept_predictions(store: Store, run_id: str) -> list[SplitPredictions]:
+    """Run ``run_id``'s kept predictions, one per evaluated split (``ren eval task``), by ``dataset/split``."""
+    return load_predictions(store.run_dir(run_id))

@@ -24,6 +24,7 @@ from typing import Any
 
 from engine.display import eval_split_of, format_count, format_seconds, latex_escape, markdown_table
 from engine.errors import RenError, RunNotFound
+from engine.predictions import kept_predictions
 from engine.store import RunRecord, Store, atomic_write_text
 from engine.study import Study, flatten, study_runs
 
@@ -572,7 +573,7 @@ def _breakdown(store: Store, groups: Sequence[_Group], tasks: Sequence[str], not
                 if t != task or r.status != "finished":
                     continue
                 try:
-                    kept = {p.split: p for p in store.predictions(r.id)}.get(eval_split_of(r) or "")
+                    kept = {p.split: p for p in kept_predictions(store, r.id)}.get(eval_split_of(r) or "")
                 except RenError as exc:
                     notes.append(f"{g.name}: {task} finetune {r.id}: {exc}")
                     continue

@@ -27,16 +27,13 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Literal, Union, get_args, get_origin
+from typing import Any, Literal, Union, get_args, get_origin
 
 from tinydb import Query, TinyDB
 from tinydb.storages import Storage
 from tinydb.table import Table
 
 from engine.errors import RunNotFound, StoreBusy, StoreError
-
-if TYPE_CHECKING:
-    from engine.predictions import SplitPredictions
 
 Stage = Literal["pretrain", "finetune"]
 Status = Literal["created", "queued", "running", "finished", "failed", "cancelled", "crashed"]
@@ -1122,20 +1119,6 @@ class Store:
     def run_dir(self, run_id: str) -> Path:
         """The directory of the run with this id or unique id prefix."""
         return self._run_path(self._find(self._index_docs()[1], run_id).id)
-
-    def save_predictions(self, run_id: str, predictions: SplitPredictions, thumbnails: Mapping[str, bytes]) -> Path:
-        """Keep a split's scored examples and per-category scores (and the examples' pictures, PNG bytes by
-        file name) with the run, replacing what was kept for that split before; returns their folder."""
-        from engine.predictions import save_predictions
-
-        self._check_writable()
-        return save_predictions(self.run_dir(run_id), predictions, thumbnails)
-
-    def predictions(self, run_id: str) -> list[SplitPredictions]:
-        """The run's kept predictions, one per evaluated split (``ren eval task``), by ``dataset/split``."""
-        from engine.predictions import load_predictions
-
-        return load_predictions(self.run_dir(run_id))
 
     def metrics_writer(
         self, run_id: str, flush_every_s: float = 2.0, segment_points: int = 5000

@@ -165,7 +165,9 @@ class Backend:
     def predictions(self, run_id: str) -> list[SplitPredictions]:
         """The run's kept predictions (``ren eval task RUN --examples N``), one per evaluated split, by
         ``dataset/split``; [] when it has none. Each one's ``thumbnail_path(example)`` is its picture's file."""
-        return self.store.predictions(run_id)
+        from engine.predictions import kept_predictions
+
+        return kept_predictions(self.store, run_id)
 
     def log_tail(self, run_id: str, lines: int = 20) -> list[str]:
         """The last lines of a queued run's log ([] for runs without one)."""

@@ -15,6 +15,7 @@ from engine.config import config_from_dict, load_preset
 from engine.data.arrow import open_split
 from engine.data.vqav2 import answer_vocabulary
 from engine.errors import RenError
+from engine.predictions import kept_predictions
 from engine.runs import create_run
 from engine.store import RunRecord, Store
 from tests.helpers.cli import cli_streams, json_document, ren
@@ -177,7 +178,7 @@ def test_eval_task_vqav2_scores_and_submissions(tmp_path: Path, ren_home: Path) 
     assert "submission: 9 answers written" in result.stdout
     with pytest.raises(RenError, match=r"--examples 3: the vqav2 split 'test-dev' has no answers .*--split rest_val"):
         _task(record.id, root=moved, split="test-dev", submission=out, examples=3)
-    kept = Store().predictions(record.id)  # the rest_val evaluation above kept its breakdown by answer type
+    kept = kept_predictions(Store(), record.id)  # the rest_val evaluation above kept its breakdown by answer type
     assert [(p.key, p.category_kind) for p in kept] == [("vqav2/rest_val", "answer type")]
     assert kept[0].breakdown[-1].n == 9 and len(kept[0].examples) == 9  # the 20 asked for by default: all 9
     submitted = json.loads(out.read_text())

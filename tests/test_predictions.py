@@ -20,6 +20,7 @@ from engine.predictions import (
     SplitPredictions,
     breakdown,
     category_of,
+    kept_predictions,
     load_predictions,
     pick_examples,
     save_predictions,
@@ -267,7 +268,7 @@ def test_eval_task_keeps_the_breakdown_and_the_most_confident_errors(
         assert got[name][0] == n and got[name][2] == errors and got[name][1] == pytest.approx(score, abs=1e-9)
     assert got["all"][1] == pytest.approx(doc["score"], abs=1e-9)
 
-    (kept,) = store.predictions(run_id)
+    (kept,) = kept_predictions(store, run_id)
     assert doc["examples"] == {"kept": 6, "path": str(kept.directory)}
     assert (kept.key, kept.metric, kept.samples) == ("easy_vqa/val", "vqa_score", len(dataset))
     errors = [i for i in range(len(dataset)) if right[i] == 0]
@@ -292,7 +293,7 @@ def test_eval_task_keeps_the_breakdown_and_the_most_confident_errors(
                                  monkeypatch, capsys)
     assert code == 0, err
     assert "question type" in out and "yes/no" in out
-    (kept,) = store.predictions(run_id)
+    (kept,) = kept_predictions(store, run_id)
     assert kept.examples == () and [p.name for p in kept.directory.iterdir()] == ["examples.json"]
     assert [row.category for row in kept.breakdown] == ["colour", "shape", "yes/no", "all"]
 

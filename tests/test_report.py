@@ -402,11 +402,11 @@ def test_report_files_give_the_interval_and_say_which_differences_are_noise(ren_
 def _keep_breakdown(store: Store, finetune: RunRecord, scores: dict[str, float], split: str | None = None) -> None:
     """What `ren eval task` keeps of a finetune's split: its score per category (no examples)."""
     from engine.display import eval_split_of
-    from engine.predictions import CategoryScore, SplitPredictions
+    from engine.predictions import CategoryScore, SplitPredictions, keep_predictions
 
     split = split or eval_split_of(finetune)
     rows = tuple(CategoryScore(category, 10, score, round(10 * (1 - score))) for category, score in scores.items())
-    store.save_predictions(finetune.id, SplitPredictions(
+    keep_predictions(store, finetune.id, SplitPredictions(
         finetune.id, "vqa", "easy_vqa", split, "vqa_score", scores["all"], 30, "question type", rows, (), 0.0), {})
 
 

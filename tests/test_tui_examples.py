@@ -19,6 +19,7 @@ from textual.pilot import Pilot
 from textual.widgets import DataTable, Static
 
 import engine.store
+from engine.predictions import kept_predictions
 from engine.store import Store
 from ren_tui.app import HelpScreen, RenApp
 from ren_tui.backend import Backend
@@ -204,7 +205,7 @@ async def test_a_run_without_kept_predictions_says_how_to_get_them(ren_home: Pat
 async def test_a_missing_or_unreadable_picture_is_said_and_the_rest_still_shows(ren_home: Path) -> None:
     store = Store(ren_home)
     run_id = quickstart(store)
-    folder = store.predictions(run_id)[0].directory
+    folder = kept_predictions(store, run_id)[0].directory
     (folder / "41.png").write_bytes(b"not a png")
     (folder / "11.png").unlink()
     app = launch(ren_home)
@@ -223,7 +224,7 @@ async def test_unreadable_predictions_or_no_textual_image_are_said_not_raised(re
                                                                                monkeypatch: pytest.MonkeyPatch) -> None:
     store = Store(ren_home)
     broken = quickstart(store)
-    (store.predictions(broken)[0].directory / "examples.json").write_text("{")
+    (kept_predictions(store, broken)[0].directory / "examples.json").write_text("{")
     run_id = quickstart(store)
 
     def no_textual_image(renderer: str, cell: tuple[int, int]) -> type:
@@ -355,7 +356,7 @@ async def test_a_trained_runs_kept_predictions_show_with_their_pictures(ren_home
     cfg, run_id = start(store, tiny_finetune(data_cache, max_steps=4, eval_every=4, checkpoint_every=4))
     train(cfg, store, run_id)
     task(run_id, split=None, root=None, submission=None, batch_size=512, device="cpu", examples=6)
-    (stored,) = store.predictions(run_id)
+    (stored,) = kept_predictions(store, run_id)
     app = launch(ren_home)
     async with app.run_test(size=(120, 36)) as pilot:
         screen = await open_examples(app, pilot)

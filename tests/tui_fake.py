@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from engine.config import load_preset
-from engine.predictions import Example, SplitPredictions, breakdown
+from engine.predictions import Example, SplitPredictions, breakdown, keep_predictions
 from engine.store import RunRecord, Store
 
 REPO = Path(__file__).resolve().parents[1]
@@ -122,5 +122,5 @@ def canned_predictions(store: Store, run_id: str, split: str, picks: list[tuple[
                                    "question type",
                                    breakdown([question_type(a) for a in answers[:samples]], scores),
                                    tuple(examples), 0.0)
-    store.save_predictions(run_id, predictions, thumbnails)
+    keep_predictions(store, run_id, predictions, thumbnails)
     return predictions

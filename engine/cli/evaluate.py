@@ -131,6 +131,7 @@ def task(run_id: str, *, split: str | None, root: Path | None, submission: Path 
     if examples is not None and examples < 0:
         raise RenError(f"--examples must be 0 or more, got {examples}.")
     from engine.evaluate import load_task_eval, split_predictions, task_scores
+    from engine.predictions import keep_predictions
 
     say = _output(as_json)
     store = Store()
@@ -165,7 +166,7 @@ def task(run_id: str, *, split: str | None, root: Path | None, submission: Path 
         store.update_run(run.record.id, final_scores={**current, run.score_key(result.metric): result.score})
         say.print(f"stored in the run's final scores as {run.score_key(result.metric)}")
         kept, thumbnails = split_predictions(run, result, 20 if examples is None else examples)
-        folder = store.save_predictions(run.record.id, kept, thumbnails)
+        folder = keep_predictions(store, run.record.id, kept, thumbnails)
         _print_breakdown(kept, say)
         say.print(f"kept {len(kept.examples)} scored examples ({sum(e.error for e in kept.examples)} of them "
                   f"errors) in {folder}: `ren-tui` shows them (Runs, x)", highlight=False)
