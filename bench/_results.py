@@ -415,6 +415,19 @@ def throughput_main(doc: str, name: str, title: str, sizes: tuple[Any, ...], qui
     print(body)
 
 
+def seeded_pair(rt: Runtime, build_ren: Callable[[], Any], build_ref: Callable[[], Any]) -> tuple[Any, Any]:
+    """ren's model and the reference, each built from seed 0 on ``rt``'s device (initialised there: fast on
+    a GPU)."""
+    import torch
+
+    with rt.torch_device:
+        torch.manual_seed(0)
+        ren = build_ren()
+        torch.manual_seed(0)
+        ref = build_ref()
+    return ren, ref
+
+
 def training_steps(ren: Any, ren_loss: Callable[[], Any], ref: Any, ref_loss: Callable[[], Any],
                    rt: Runtime = Runtime()) -> tuple[Callable[[], None], Callable[[], None]]:
     """One full training step each (loss under ``rt``'s autocast, backward, optimizer step, zero_grad), with

@@ -47,6 +47,7 @@ from bench._results import (  # noqa: E402
     compared,
     matmul_peak,
     params,
+    seeded_pair,
     step_flops,
     step_result,
     throughput_main,
@@ -125,16 +126,11 @@ def build_vilt(size: Size):
 def step_fns(size: Size, rt: Runtime = Runtime()):
     """(ren step, HF step, ren model, HF model): each step runs one full training step on the same inputs.
     Both models are built on ``rt``'s device (initialised there: fast on a GPU)."""
-    import torch
 
     from engine.tasks import task_loss
 
     ids, mask, pixels, targets = make_inputs(size, rt=rt)
-    with rt.torch_device:
-        torch.manual_seed(0)
-        ren = build_ren(size)
-        torch.manual_seed(0)
-        vilt = build_vilt(size)
+    ren, vilt = seeded_pair(rt, lambda: build_ren(size), lambda: build_vilt(size))
     ren_step, vilt_step = training_steps(
         ren, lambda: task_loss("vqa", ren(ids, mask, pixels, task=True).logits["task"], targets, "bce"),
         vilt, lambda: vilt(input_ids=ids, attention_mask=mask, pixel_values=pixels, labels=targets).loss, rt)

@@ -44,6 +44,7 @@ from bench._results import (  # noqa: E402
     compared,
     matmul_peak,
     params,
+    seeded_pair,
     step_flops,
     step_result,
     table,
@@ -172,16 +173,11 @@ def build_reference(size: Size):
 def step_fns(size: Size, rt: Runtime = Runtime()):
     """(ren step, reference step, ren model, reference model), each one full training step on the same inputs.
     Both models are built on ``rt``'s device (initialised there: fast on a GPU)."""
-    import torch
 
     from engine.tasks import task_loss
 
     ids, mask, pixels, targets = make_inputs(size, rt=rt)
-    with rt.torch_device:
-        torch.manual_seed(0)
-        ren = build_ren(size)
-        torch.manual_seed(0)
-        ref = build_reference(size)
+    ren, ref = seeded_pair(rt, lambda: build_ren(size), lambda: build_reference(size))
     ren_step, ref_step = training_steps(
         ren, lambda: task_loss("vqa", ren(ids, mask, pixels, task=True).logits["task"], targets, "bce"),
         ref, lambda: task_loss("vqa", ref(ids, mask, pixels), targets, "bce"), rt)
