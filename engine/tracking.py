@@ -147,10 +147,23 @@ class _MLflow(MLflowTracker):
         mlflow.set_tracking_uri(self.tracking_uri)
         super().start()
         self.run_id = self.active_run.info.run_id
+        from mlflow.tracking import MlflowClient
+
+        self.client = MlflowClient(self.tracking_uri)
 
     def log(self, values: dict, step: int | None = None, **kwargs: Any) -> None:
-        # by run id: MLflow's active run is per thread, and TrackedWriter logs from a thread of its own
-        super().log(values, step=step, run_id=self.run_id, **kwargs)
+        """Numbers as metrics of this tracker's run, by run id (MLflow's active run is per thread, and
+        TrackedWriter logs from a thread of its own) through the client, which queues them when asynchronous
+        logging is on; ``mlflow.log_metrics(run_id=...)`` would wait for the server on every call."""
+        import time
+
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        metrics = [Metric(key, float(value), now, step or 0) for key, value in values.items()
+                   if isinstance(value, (int, float)) and not isinstance(value, bool)]
+        if metrics:
+            self.client.log_batch(self.run_id, metrics=metrics)
 
     def finish(self) -> None:
         self.finish_as("finished")
