@@ -109,8 +109,9 @@ def per_call(root: Path, uri: str, calls: int) -> str:
         times.sort()
         rows.append([tracker.name, f"{median(times):.2f}", f"{sum(times) / len(times):.2f}",
                      f"{times[int(0.9 * len(times))]:.2f}", calls])
-    return (f"One `log` call of 9 metrics on the training thread, {calls} calls per tracker (MLflow over HTTP to "
-            "a local server, asynchronous logging; W&B offline).\n\n"
+    return (f"One `log` call of 9 metrics, called directly, {calls} calls per tracker (MLflow over HTTP to a local "
+            "server, asynchronous logging; W&B offline): the work each tracker does per point. In a run the "
+            "trackers' own thread does it; the training thread only queues the point.\n\n"
             + table(["tracker", "median ms", "mean ms", "p90 ms", "calls"], rows))
 
 
