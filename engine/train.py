@@ -282,16 +282,12 @@ def build_accelerator(cfg: RunConfig, trackers: Callable[[], list[Guarded]] | No
     # the plugin rather than gradient_accumulation_steps=: that one gives way to $ACCELERATE_GRADIENT_ACCUMULATION_STEPS
     accumulation = GradientAccumulationPlugin(num_steps=accum)
     accelerator = Accelerator(cpu=cpu, mixed_precision=cfg.train.mixed_precision,
-                              gradient_accumulation_plugin=accumulation, dynamo_plugin=_dynamo_plugin(cfg),
+                              gradient_accumulation_plugin=accumulation,
+                              # no compile by accelerate (it would follow $ACCELERATE_DYNAMO_BACKEND): train.compile
+                              # compiles in place (compile_model), keeping the parameter names
+                              dynamo_plugin=TorchDynamoPlugin(backend="no"),
                               log_with=trackers() if trackers and state.is_main_process else None)
     return accelerator, micro, accum
-
-
-def _dynamo_plugin(cfg: RunConfig) -> TorchDynamoPlugin:
-    """No compile by accelerate: ``train.compile`` compiles the model in place (:func:`compile_model`), keeping
-    its parameter names. Given explicitly, as accelerate would otherwise follow $ACCELERATE_DYNAMO_BACKEND, and
-    the preset says what the run does."""
-    return TorchDynamoPlugin(backend="no")
 
 
 def _run_identity(cfg: RunConfig, run_dir: Path, run_id: str) -> RunIdentity:

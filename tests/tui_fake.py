@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from engine.config import load_preset
-from engine.predictions import Example, SplitPredictions, breakdown, keep_predictions
+from engine.predictions import Example, SplitPredictions, breakdown, category_of, keep_predictions
 from engine.store import RunRecord, Store
 
 REPO = Path(__file__).resolve().parents[1]
@@ -98,13 +98,6 @@ def easy_vqa_test() -> tuple[list[str], list[str], list[int], dict[int, str]]:
     return questions, answers, images, easy_vqa.get_test_image_paths()
 
 
-def question_type(answer: str) -> str:
-    """easy-VQA's category of an answer (engine.predictions.category_of, without its data import)."""
-    if answer in ("yes", "no"):
-        return "yes/no"
-    return "shape" if answer in ("circle", "rectangle", "triangle") else "colour"
-
-
 def canned_predictions(store: Store, run_id: str, split: str, picks: list[tuple[int, str, float, str]], *,
                        samples: int) -> SplitPredictions:
     """Keep ``picks`` as run ``run_id``'s predictions on easy-VQA's ``split``, each example with its real picture
@@ -115,12 +108,12 @@ def canned_predictions(store: Store, run_id: str, split: str, picks: list[tuple[
     for i, answer, confidence, why in picks:
         name = f"{i}.png"
         examples.append(Example(i, questions[i], f"easy_vqa test image {images[i]}", name, answer, answers[i],
-                                float(answer == answers[i]), confidence, question_type(answers[i]), why))
+                                float(answer == answers[i]), confidence, category_of("easy_vqa", answers[i]), why))
         thumbnails[name] = Path(pictures[images[i]]).read_bytes()
     scores = [0.0 if n % 64 == 0 else 1.0 for n in range(samples)]
     predictions = SplitPredictions(run_id, "vqa", "easy_vqa", split, "vqa_score", sum(scores) / samples, samples,
                                    "question type",
-                                   breakdown([question_type(a) for a in answers[:samples]], scores),
+                                   breakdown([category_of("easy_vqa", a) for a in answers[:samples]], scores),
                                    tuple(examples), 0.0)
     keep_predictions(store, run_id, predictions, thumbnails)
     return predictions
